@@ -1,0 +1,237 @@
+"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, db.
+
+The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from . import __version__, db, embedded, logs
+from .config import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    keys = ("dsn", "home", "concurrency", "gpus", "lease_seconds", "heartbeat_seconds", "poll_seconds",
+            "grace_seconds", "log_format", "log_level", "worker_id")
+    return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
+
+
+def resolve_dsn(settings: Settings, *, announce: bool = True) -> str:
+    if settings.dsn:
+        return settings.dsn
+    dsn = embedded.ensure(settings.home)
+    if announce:
+        print(f"embedded PostgreSQL running in {settings.home / 'pgdata'}\n"
+              f"  connect: {embedded.psql_path()} '{dsn}'\n"
+              f"  stop:    pgml-tuned db stop", file=sys.stderr)
+    return dsn
+
+
+def _run(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return anyio.run(fn, backend="asyncio")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from . import secrets
+
+    settings = _settings(args)
+    dsn = resolve_dsn(settings)
+
+    async def go() -> list[str]:
+        applied = await db.migrate(dsn)
+        key = await anyio.to_thread.run_sync(secrets.load_or_create_key, settings.key_file)
+        async with await db.connect(dsn) as conn:
+            await secrets.register_key(conn, key)
+        return applied
+
+    applied = _run(go)
+    print(f"applied {', '.join(applied)}" if applied else "schema pgml is up to date")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve
+
+    settings = _settings(args)
+    logs.configure(settings.log_format, settings.log_level)
+    dsn = resolve_dsn(settings)
+    if not args.no_migrate:
+        _run(lambda: db.migrate(dsn))
+    _run(lambda: serve(settings, dsn, drain=args.drain))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    settings = _settings(args)
+    logs.configure(settings.log_format, settings.log_level)
+    return run_demo(settings, resolve_dsn(settings), epochs=args.epochs)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    dsn = resolve_dsn(_settings(args), announce=False)
+
+    async def go() -> None:
+        async with await db.connect(dsn) as conn:
+            if args.job:
+                row = await (await conn.execute("SELECT * FROM pgml.job_status WHERE id = %s", (args.job,))).fetchone()
+                if row is None:
+                    raise SystemExit(f"no job {args.job}")
+                print(json.dumps(row, default=str, indent=2))
+                return
+            summary = await (await conn.execute("SELECT * FROM pgml.queue_summary")).fetchall()
+            for r in summary:
+                print("  ".join(f"{k}={v}" for k, v in r.items()))
+            rows = await (await conn.execute(
+                "SELECT id, project, status, attempt, worker, progress_pct, step, max_steps, last_loss, "
+                "heartbeat_age, eta FROM pgml.job_status WHERE status IN ('queued', 'running') "
+                "OR finished_at > now() - interval '1 hour' ORDER BY id DESC LIMIT %s", (args.limit,))).fetchall()
+            if rows:
+                cols = list(rows[0])
+                print("\n" + " | ".join(cols))
+                for r in rows:
+                    print(" | ".join("" if r[c] is None else str(r[c]) for c in cols))
+
+    _run(go)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    dsn = resolve_dsn(_settings(args), announce=False)
+
+    async def go() -> None:
+        last = 0
+        async with await db.connect(dsn) as conn:
+            while True:
+                rows = await (await conn.execute(
+                    "SELECT id, created_at, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
+                    (args.job, last))).fetchall()
+                for r in rows:
+                    print(json.dumps(r["logs"]), flush=True)
+                    last = r["id"]
+                job = await (await conn.execute("SELECT status, error FROM pgml.jobs WHERE id = %s",
+                                                (args.job,))).fetchone()
+                if job is None:
+                    raise SystemExit(f"no job {args.job}")
+                if not args.follow or job["status"] in ("succeeded", "failed", "cancelled"):
+                    if args.follow:
+                        print(f"job {args.job} {job['status']}" + (f": {job['error']}" if job["error"] else ""),
+                              file=sys.stderr)
+                    return
+                await anyio.sleep(0.5)
+
+    _run(go)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    dsn = resolve_dsn(_settings(args), announce=False)
+
+    async def go() -> str:
+        async with await db.connect(dsn) as conn:
+            row = await (await conn.execute("SELECT pgml.cancel(%s) AS status", (args.job,))).fetchone()
+            return str(row["status"]) if row else "?"
+
+    print(f"job {args.job}: {_run(go)}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .files import download_model
+
+    dsn = resolve_dsn(_settings(args), announce=False)
+    with db.sync_connect(dsn) as conn:
+        path = download_model(conn, args.model_id, Path(args.dest))
+    print(f"model {args.model_id} written to {path}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.action == "stop":
+        print("stopped" if embedded.stop(settings.home) else "not running")
+    elif args.action == "dsn":
+        print(resolve_dsn(settings, announce=False))
+    else:
+        dsn = resolve_dsn(settings, announce=False)
+        print(f"{embedded.psql_path()} '{dsn}'")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", help="PostgreSQL connection string (default: $PGML_DSN, else embedded)")
+    common.add_argument("--home", help="state directory (default: $PGML_HOME or ~/.local/share/pgml-tuned)")
+    common.add_argument("--log-format", choices=["auto", "json", "console"])
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    p = argparse.ArgumentParser(prog="pgml-tuned", description=__doc__)
+    p.add_argument("--version", action="version", version=f"pgml-tuned {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("migrate", parents=[common], help="install/upgrade the pgml schema (idempotent)"
+                   ).set_defaults(fn=cmd_migrate)
+
+    s = sub.add_parser("serve", parents=[common], help="run the training daemon")
+    s.add_argument("--drain", action="store_true", help="run queued jobs, exit 0 when the queue is empty")
+    s.add_argument("--concurrency", type=int, help="jobs at once (default 1)")
+    s.add_argument("--gpus", help="comma-separated GPU ids, one per job slot (CUDA_VISIBLE_DEVICES)")
+    s.add_argument("--lease-seconds", type=float)
+    s.add_argument("--heartbeat-seconds", type=float)
+    s.add_argument("--poll-seconds", type=float)
+    s.add_argument("--grace-seconds", type=float)
+    s.add_argument("--worker-id")
+    s.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    s.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tune on bundled data, offline")
+    d.add_argument("--epochs", type=float, default=3.0)
+    d.set_defaults(fn=cmd_demo)
+
+    st = sub.add_parser("status", parents=[common], help="queue summary and recent jobs, or one job")
+    st.add_argument("job", type=int, nargs="?")
+    st.add_argument("--limit", type=int, default=20)
+    st.set_defaults(fn=cmd_status)
+
+    lg = sub.add_parser("logs", parents=[common], help="print a job's log rows")
+    lg.add_argument("job", type=int)
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    lg.set_defaults(fn=cmd_logs)
+
+    c = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    c.add_argument("job", type=int)
+    c.set_defaults(fn=cmd_cancel)
+
+    dl = sub.add_parser("download", parents=[common], help="reassemble a model's files from pgml.files")
+    dl.add_argument("model_id", type=int)
+    dl.add_argument("dest")
+    dl.set_defaults(fn=cmd_download)
+
+    e = sub.add_parser("db", parents=[common], help="the embedded PostgreSQL: psql command, dsn, stop")
+    e.add_argument("action", choices=["psql", "dsn", "stop"])
+    e.set_defaults(fn=cmd_db)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ValueError as e:
+        print(f"pgml-tuned: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

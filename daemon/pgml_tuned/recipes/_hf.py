@@ -1,0 +1,120 @@
+"""Hugging Face plumbing shared by the recipes: TrainingArguments from hyperparams, the callback that
+streams logs into PostgreSQL, hub settings, and the train → evaluate → store sequence."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..child import Interrupted, JobContext, JobError
+
+# Keys older tutorials use that transformers 5 renamed.
+RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "tokenizer": "processing_class"}
+# Keys we set ourselves: training runs in a scratch directory and logs go to pgml.logs.
+MANAGED = ("output_dir", "logging_dir")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def model_token(ctx: JobContext) -> str | None:
+    """The token for downloading gated/private models (never stored or logged)."""
+    return ctx.secret("token", "hub_token", "use_auth_token", "training_args.hub_token")
+
+
+def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None
+                       ) -> TrainingArguments:
+    """TrainingArguments from hyperparams.training_args, passed through exhaustively.
+
+    An unknown key fails the job naming it. Defaults that differ from transformers': logging every
+    ~5% of training (at most every 500 steps) so progress shows in pgml.logs; no local checkpoints unless
+    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars.
+    """
+    given = ctx.training_args
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in given:
+        if key not in allowed:
+            hint = RENAMED.get(key) or next(iter(difflib.get_close_matches(key, allowed, n=1)), None)
+            raise JobError(f"unknown training_args key {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                           + " (see transformers.TrainingArguments)")
+    args: dict[str, Any] = {k: v for k, v in given.items() if k not in MANAGED}
+    for k in MANAGED:
+        if k in given:
+            ctx.info(f"training_args.{k} is managed by pgml-tuned and was ignored", level="warning")
+
+    batch = int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
+    epochs = float(args.get("num_train_epochs", 3))
+    total = int(args["max_steps"]) if int(args.get("max_steps", -1) or -1) > 0 else \
+        max(1, int(epochs * -(-n_train // max(1, batch))))
+    args.setdefault("logging_steps", max(1, min(500, total // 20)))
+    if "save_strategy" not in given and "save_steps" not in given:
+        args["save_strategy"] = "no"
+    args.setdefault("disable_tqdm", True)
+    args.setdefault("report_to", "none")
+
+    if args.get("push_to_hub"):
+        if hub_offline():
+            args["push_to_hub"] = False
+            message = ("push_to_hub ignored: this worker runs with HF_HUB_OFFLINE=1; the model is stored "
+                       "in pgml.files")
+            ctx.info(message, level="warning")
+            ctx.log({"warning": message})
+        else:
+            args.setdefault("hub_model_id", ctx.spec["project_name"])
+            token = ctx.secret("training_args.hub_token", "hub_token", "token")
+            if token:
+                args["hub_token"] = token
+    args.update(overrides or {})
+    args["output_dir"] = str(ctx.workdir / "trainer")
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, TypeError, ImportError) as e:
+        raise JobError(f"training_args rejected by transformers: {e}") from e
+
+
+class PgmlCallback(TrainerCallback):
+    """Streams every Trainer log event into pgml.logs (with step, max_steps) and honours SIGTERM."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not logs:
+            return
+        entry = dict(logs)
+        entry.setdefault("epoch", state.epoch)
+        entry["step"] = state.global_step
+        entry["max_steps"] = state.max_steps
+        self.ctx.log(entry)
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.ctx.stop_requested:
+            control.should_training_stop = True
+
+
+def train_evaluate_store(ctx: JobContext, trainer: Trainer, *, base_model: str | None = None,
+                         derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                         save_dir: Path | None = None
+                         ) -> dict[str, Any]:
+    """Train, evaluate on the held-out rows, save the model + tokenizer, commit files and metrics."""
+    train_output = trainer.train()
+    if ctx.stop_requested:
+        raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
+    metrics: dict[str, Any] = dict(train_output.metrics)
+    metrics.update(trainer.evaluate())
+    if derive:
+        metrics.update(derive(metrics))
+    out = save_dir or ctx.workdir / "model"
+    trainer.save_model(str(out))
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(out))
+    ctx.save_results(out, metrics, base_model=base_model)
+    return metrics

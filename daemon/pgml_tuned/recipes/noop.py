@@ -1,0 +1,34 @@
+"""Recipe `noop`: a diagnostic task for queues and operations — no data, no model.
+
+hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0}. It logs `steps` events (spread over
+`seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from ..child import Interrupted, JobContext, JobError
+
+
+def run(ctx: JobContext) -> None:
+    seconds = float(ctx.hyperparams.get("seconds", 0))
+    steps = int(ctx.hyperparams.get("steps", 0))
+    for step in range(1, steps + 1):
+        if ctx.stop_requested:
+            raise Interrupted(f"stopped by SIGTERM at step {step}")
+        time.sleep(seconds / steps)
+        ctx.log({"loss": 1.0 / step, "step": step, "max_steps": steps})
+    if not steps:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ctx.stop_requested:
+                raise Interrupted("stopped by SIGTERM")
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    if ctx.hyperparams.get("fail"):
+        raise JobError(str(ctx.hyperparams["fail"]))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "result.json").write_text('{"noop": true}')
+        ctx.save_results(Path(d), {"slept": seconds})

@@ -1,0 +1,151 @@
+-- Every statement the daemon and its training children run, as named blocks (`-- name: x`), loaded by
+-- daemon/pgml_tuned/sql.py. The job state machine that uses them is documented in daemon/pgml_tuned/jobs.py.
+-- Writes by a worker are fenced: they match the job's current `attempt`, so a worker that lost its lease
+-- can never overwrite the new owner's work.
+
+-- name: claim_job
+UPDATE pgml.jobs j
+SET status = 'running',
+    attempt = j.attempt + 1,
+    worker = %(worker)s,
+    lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+    heartbeat_at = clock_timestamp(),
+    started_at = coalesce(j.started_at, clock_timestamp()),
+    updated_at = clock_timestamp(),
+    error = NULL
+WHERE j.id = (
+    SELECT id FROM pgml.jobs
+    WHERE status = 'queued' AND NOT cancel_requested
+    ORDER BY priority DESC, id
+    FOR UPDATE SKIP LOCKED
+    LIMIT 1
+)
+RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
+          j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets,
+          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
+          clock_timestamp() AS claimed_at;
+
+-- name: renew_lease
+UPDATE pgml.jobs
+SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+    heartbeat_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING cancel_requested;
+
+-- name: reap_expired
+WITH expired AS (
+    SELECT id FROM pgml.jobs
+    WHERE status = 'running' AND lease_expires_at < clock_timestamp()
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgml.jobs j
+SET failed_attempts = j.failed_attempts + 1,
+    status = CASE WHEN j.cancel_requested THEN 'cancelled'
+                  WHEN j.failed_attempts + 1 >= j.max_attempts THEN 'failed'
+                  ELSE 'queued' END,
+    errors = j.errors || jsonb_build_object(
+        'attempt', j.attempt, 'worker', j.worker, 'at', clock_timestamp(),
+        'error', format('worker %s stopped renewing its lease (killed, crashed or cut off); last heartbeat %s',
+                        j.worker, j.heartbeat_at)),
+    error = CASE WHEN j.failed_attempts + 1 >= j.max_attempts AND NOT j.cancel_requested THEN
+        format('gave up after %s attempts: the worker of every attempt stopped renewing its lease '
+               '(see errors); raise max_attempts to retry more', j.failed_attempts + 1) END,
+    finished_at = CASE WHEN j.cancel_requested OR j.failed_attempts + 1 >= j.max_attempts
+                       THEN clock_timestamp() END,
+    lease_expires_at = NULL,
+    worker = NULL,
+    updated_at = clock_timestamp()
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.id, j.status, j.attempt;
+
+-- name: fail_job
+UPDATE pgml.jobs
+SET status = 'failed',
+    error = %(error)s,
+    errors = errors || jsonb_build_object('attempt', attempt, 'worker', worker, 'error', %(error)s::text,
+                                          'at', clock_timestamp()),
+    finished_at = clock_timestamp(),
+    lease_expires_at = NULL,
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id;
+
+-- name: cancel_running
+UPDATE pgml.jobs
+SET status = 'cancelled',
+    error = 'cancelled by ' || coalesce(%(by)s, 'request'),
+    finished_at = clock_timestamp(),
+    lease_expires_at = NULL,
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id;
+
+-- name: requeue_job
+UPDATE pgml.jobs
+SET status = 'queued',
+    worker = NULL,
+    lease_expires_at = NULL,
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id;
+
+-- name: job_status
+SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;
+
+-- name: queue_empty
+SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested) AS empty;
+
+-- name: append_logs
+-- The child's log writer: progress on the job row and the log rows, in one fenced statement.
+WITH owner AS (
+    UPDATE pgml.jobs
+    SET progress = progress || %(progress)s::jsonb, updated_at = clock_timestamp()
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING id, model_id, project_id, attempt
+)
+INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, logs)
+SELECT o.model_id, o.project_id, o.id, o.attempt, x.value
+FROM owner o, jsonb_array_elements(%(logs)s::jsonb) AS x
+RETURNING id;
+
+-- name: lock_owned_job
+-- Taken at the start of the child's final transaction: results are written only by the lease owner.
+SELECT id FROM pgml.jobs
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+FOR NO KEY UPDATE;
+
+-- name: delete_model_files
+DELETE FROM pgml.files WHERE model_id = %(model_id)s;
+
+-- name: copy_files
+COPY pgml.files (model_id, path, part, data) FROM STDIN (FORMAT BINARY);
+
+-- name: succeed_job
+WITH job AS (
+    UPDATE pgml.jobs
+    SET status = 'succeeded', metrics = %(metrics)s::jsonb, finished_at = clock_timestamp(),
+        lease_expires_at = NULL, updated_at = clock_timestamp()
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING model_id
+)
+UPDATE pgml.models m
+SET metrics = %(metrics)s::jsonb, base_model = %(base_model)s, updated_at = clock_timestamp()
+FROM job WHERE m.id = job.model_id
+RETURNING m.id;
+
+-- name: model_files
+SELECT path, part, data FROM pgml.files WHERE model_id = %(model_id)s ORDER BY path, part;
+
+-- name: resolve_model_ref
+-- pgml:<project> → the project's latest successful model; pgml:model:<id> → that model.
+SELECT m.id, m.status, m.base_model, m.task, p.name AS project_name
+FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
+WHERE (%(model_id)s::bigint IS NOT NULL AND m.id = %(model_id)s::bigint)
+   OR (%(model_id)s::bigint IS NULL AND p.name = %(project)s AND m.status = 'successful')
+ORDER BY m.id DESC
+LIMIT 1;
+
+-- name: stored_model_bytes
+SELECT coalesce(sum(length(data)), 0)::bigint AS bytes, count(DISTINCT path) AS files
+FROM pgml.files WHERE model_id = %(model_id)s;

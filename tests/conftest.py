@@ -1,0 +1,162 @@
+"""Shared fixtures: a real PostgreSQL (embedded by default, or PGML_TEST_DSN), one fresh database per test
+(cloned from a migrated template), daemons run as real `pgml-tuned serve` subprocesses, tiny local models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+
+REPO = Path(__file__).resolve().parents[1]
+STATE = REPO / ".pgml-test"
+
+
+def with_db(dsn: str, dbname: str) -> str:
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> str:
+    """A server the tests may create databases on: PGML_TEST_DSN, else the embedded one under .pgml-test/."""
+    if os.environ.get("PGML_TEST_DSN"):
+        return os.environ["PGML_TEST_DSN"]
+    from pgml_tuned import embedded
+
+    return embedded.ensure(STATE)
+
+
+@pytest.fixture(scope="session")
+def session_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Process-wide settings every daemon and child of this test session shares."""
+    home = tmp_path_factory.mktemp("pgml-home")
+    os.environ["PGML_SECRET_KEY_FILE"] = str(home / "worker.key")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(home / "hf")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return home
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_dsn: str, session_env: Path) -> str:
+    import anyio
+
+    from pgml_tuned import db, secrets
+
+    name = f"pgml_tpl_{os.getpid()}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = with_db(admin_dsn, name)
+
+    async def setup() -> None:
+        await db.migrate(dsn)
+        key = secrets.load_or_create_key(Path(os.environ["PGML_SECRET_KEY_FILE"]))
+        async with await db.connect(dsn) as conn:
+            await secrets.register_key(conn, key)
+
+    anyio.run(setup)
+    yield name
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
+    """A fresh database with every migration applied and the session's worker key registered."""
+    name = f"pgml_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield with_db(admin_dsn, name)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn(conn_dsn: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    with psycopg.connect(conn_dsn, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+class DaemonProc:
+    """A real `pgml-tuned serve` subprocess."""
+
+    def __init__(self, dsn: str, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = home / f"daemon-{uuid.uuid4().hex[:6]}.log"
+        cmd = [sys.executable, "-m", "pgml_tuned.cli", "serve", "--dsn", dsn, "--home", str(home),
+               "--log-format", "json", "--poll-seconds", "0.5", "--heartbeat-seconds", "0.5",
+               "--lease-seconds", "3", "--grace-seconds", "20", *args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"daemon did not exit in {timeout} s; log:\n{self.output()[-3000:]}") from e
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def daemon(conn_dsn: str, tmp_path: Path, session_env: Path) -> Iterator[Callable[..., DaemonProc]]:
+    started: list[DaemonProc] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProc:
+        d = DaemonProc(conn_dsn, tmp_path, *args, env=env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def job_row(conn: psycopg.Connection[dict[str, Any]], job_id: int) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM pgml.jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row is not None
+    return row
+
+
+def wait_job(conn: psycopg.Connection[dict[str, Any]], job_id: int, timeout: float = 120,
+             statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict[str, Any]:
+    return wait_for(lambda: (r := job_row(conn, job_id))["status"] in statuses and r, timeout,
+                    what=f"job {job_id} to reach {statuses}")

@@ -1,0 +1,168 @@
+"""pgml.tune() validates at submit time: clear errors with a HINT, and nothing is queued on error."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+
+OK_ARGS = {"text_column": "text", "class_column": "class"}
+
+
+@pytest.fixture
+def reviews(conn: psycopg.Connection[dict[str, Any]]) -> str:
+    conn.execute("CREATE TABLE public.reviews (id int, text text, class text, score int, body varchar(20))")
+    conn.execute("INSERT INTO public.reviews SELECT i, 'text ' || i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, i, 'x'"
+                 " FROM generate_series(1, 10) i")
+    return "public.reviews"
+
+
+def tune(conn: psycopg.Connection[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    args = {"project_name": "p", "task": "text-classification", "relation_name": "public.reviews",
+            "model_name": "some/model", "hyperparams": {"dataset_args": OK_ARGS}, **kw}
+    if isinstance(args.get("hyperparams"), dict | list | str | int):
+        args["hyperparams"] = json.dumps(args["hyperparams"])
+    names = ", ".join(f"{k} => %({k})s" + ("::jsonb" if k == "hyperparams" else "") for k in args)
+    row = conn.execute(f"SELECT * FROM pgml.tune({names})", args).fetchone()
+    assert row is not None
+    return row
+
+
+def assert_rejected(conn: psycopg.Connection[dict[str, Any]], message: str, hint: str, **kw: Any) -> None:
+    before = conn.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone()
+    with pytest.raises(psycopg.Error) as info:
+        tune(conn, **kw)
+    diag = info.value.diag
+    assert message in (diag.message_primary or ""), diag.message_primary
+    assert hint in (diag.message_hint or ""), diag.message_hint
+    after = conn.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone()
+    assert before == after, "a rejected call must queue nothing"
+    assert conn.execute("SELECT count(*) AS n FROM pgml.models").fetchone()["n"] == before["n"]
+
+
+def test_valid_call_returns_job_at_once(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    row = tune(conn)
+    assert row["status"] == "queued" and row["job_id"] > 0
+    job = conn.execute("SELECT * FROM pgml.jobs WHERE id = %s", (row["job_id"],)).fetchone()
+    assert job["relation_schema"] == "public" and job["relation_table"] == "reviews"
+    assert job["test_sampling"] == "stratified" and job["test_size"] == pytest.approx(0.25)
+    assert conn.execute("SELECT task FROM pgml.projects WHERE name = 'p'").fetchone()["task"] == "text-classification"
+
+
+def test_unknown_relation(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "relation 'public.nope' does not exist", "search_path", relation_name="public.nope")
+
+
+def test_injection_in_relation_name_is_just_a_bad_name(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "does not exist", "search_path", relation_name="public.reviews; DROP TABLE public.reviews")
+    assert_rejected(conn, "is not a valid relation name", "double-quoting", relation_name="a.b.c.d")
+    assert conn.execute("SELECT to_regclass('public.reviews') IS NOT NULL AS ok").fetchone()["ok"]
+
+
+def test_quoted_identifiers_work(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    conn.execute('CREATE SCHEMA "My Schema"')
+    conn.execute('CREATE TABLE "My Schema"."Odd ""Name""" ("Text Col" text, "Class" text)')
+    row = tune(conn, relation_name='"My Schema"."Odd ""Name"""',
+               hyperparams={"dataset_args": {"text_column": "Text Col", "class_column": "Class"}})
+    job = conn.execute("SELECT relation_schema, relation_table FROM pgml.jobs WHERE id = %s",
+                       (row["job_id"],)).fetchone()
+    assert job == {"relation_schema": "My Schema", "relation_table": 'Odd "Name"'}
+
+
+def test_relation_the_caller_cannot_select(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    conn.execute("DROP ROLE IF EXISTS pgml_test_reader")
+    conn.execute("CREATE ROLE pgml_test_reader")
+    conn.execute("GRANT USAGE ON SCHEMA pgml TO pgml_test_reader")
+    conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA pgml TO pgml_test_reader")
+    conn.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA pgml TO pgml_test_reader")
+    try:
+        conn.execute("SET ROLE pgml_test_reader")
+        assert_rejected(conn, "may not SELECT from reviews", "GRANT SELECT ON reviews TO pgml_test_reader")
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute("DROP OWNED BY pgml_test_reader")
+        conn.execute("DROP ROLE pgml_test_reader")
+
+
+def test_missing_text_and_class_columns(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "column 'body_text' (dataset_args.text_column) does not exist", "columns of reviews are: id, text",
+                    hyperparams={"dataset_args": {"text_column": "body_text", "class_column": "class"}})
+    assert_rejected(conn, "column 'label' (dataset_args.class_column) does not exist", "class_column",
+                    hyperparams={"dataset_args": {"text_column": "text", "class_column": "label"}})
+    assert_rejected(conn, "dataset_args.class_column is required", "y_column_name",
+                    hyperparams={"dataset_args": {"text_column": "text"}})
+
+
+def test_y_column_name_supplies_the_class_column(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    row = tune(conn, y_column_name="class", hyperparams={"dataset_args": {"text_column": "text"}})
+    hp = conn.execute("SELECT hyperparams FROM pgml.jobs WHERE id = %s", (row["job_id"],)).fetchone()["hyperparams"]
+    assert hp["dataset_args"]["class_column"] == "class"
+
+
+def test_non_text_text_column(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "has type integer, but it must hold text", "CREATE VIEW",
+                    hyperparams={"dataset_args": {"text_column": "score", "class_column": "class"}})
+    tune(conn, hyperparams={"dataset_args": {"text_column": "body", "class_column": "score"}})  # varchar is text
+
+
+def test_unknown_task(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "unknown task 'summarization'", "'text-classification'", task="summarization")
+
+
+def test_task_required_for_new_project_and_fixed_per_project(conn: psycopg.Connection[dict[str, Any]],
+                                                            reviews: str) -> None:
+    assert_rejected(conn, "task is required", "task =>", task=None)
+    tune(conn)
+    tune(conn, task=None)  # the project's task
+    assert_rejected(conn, "is a text-classification project, not conversation", "another project_name",
+                    task="conversation")
+
+
+@pytest.mark.parametrize("size", [0, -0.5, 1, 2.5, None])
+def test_test_size_out_of_range(conn: psycopg.Connection[dict[str, Any]], reviews: str, size: float | None) -> None:
+    assert_rejected(conn, "out of range", "fraction between 0 and 1", test_size=size)
+
+
+def test_test_size_row_count_and_sampling(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    tune(conn, test_size=3, test_sampling="last")
+    tune(conn, test_size=0.2, test_sampling="random")
+    assert_rejected(conn, "unknown test_sampling 'first'", "'last'", test_sampling="first")
+
+
+@pytest.mark.parametrize("hp", [[1, 2], "just text", 3])
+def test_hyperparams_not_an_object(conn: psycopg.Connection[dict[str, Any]], reviews: str, hp: Any) -> None:
+    assert_rejected(conn, "hyperparams must be a JSON object", "training_args", hyperparams=hp)
+
+
+def test_nested_args_must_be_objects_and_keys_known(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "hyperparams.training_args must be a JSON object", "e.g.",
+                    hyperparams={"dataset_args": OK_ARGS, "training_args": [1]})
+    assert_rejected(conn, "unknown hyperparams key 'traning_args'", "training_args",
+                    hyperparams={"dataset_args": OK_ARGS, "traning_args": {}})
+
+
+def test_model_name_required(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    assert_rejected(conn, "model_name is required", "pgml:<project>", model_name=None)
+
+
+def test_secrets_are_sealed_never_stored_in_clear(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    secret = "hf_SuperSecretToken123"
+    row = tune(conn, hyperparams={"dataset_args": OK_ARGS, "token": secret,
+                                  "training_args": {"hub_token": secret, "num_train_epochs": 1}})
+    for table in ("jobs", "models", "projects", "job_events", "logs"):
+        dump = conn.execute(f"SELECT coalesce(string_agg(t::text, ' '), '') AS d FROM pgml.{table} t").fetchone()["d"]
+        assert secret not in dump, f"token stored in clear in pgml.{table}"
+    job = conn.execute("SELECT hyperparams, secrets FROM pgml.jobs WHERE id = %s", (row["job_id"],)).fetchone()
+    assert "token" not in job["hyperparams"] and "hub_token" not in job["hyperparams"]["training_args"]
+    assert job["hyperparams"]["training_args"] == {"num_train_epochs": 1}
+    assert job["secrets"].startswith("rsa1:")
+
+
+def test_notify_carries_the_job_id(conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    with psycopg.connect(conn_dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgml_jobs")
+        row = tune(conn)
+        notes = list(listener.notifies(timeout=2, stop_after=1))
+    assert [n.payload for n in notes] == [str(row["job_id"])]
