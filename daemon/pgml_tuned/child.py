@@ -284,4 +284,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run main() from the importable module, so recipes and this code share one set of exception classes
+    from pgml_tuned.child import main as _main
+
+    sys.exit(_main())
