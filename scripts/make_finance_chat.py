@@ -54,6 +54,10 @@ def _pct(rng: random.Random, lo: float, hi: float) -> str:
     return f"{rng.uniform(lo, hi):.1f}"
 
 
+def _eur(rng: random.Random, lo: int, hi: int) -> str:
+    return f"EUR {rng.randint(lo, hi)} million"
+
+
 def _positive(rng: random.Random) -> str:
     c, c2 = rng.sample(COMPANIES, 2)
     q = rng.choice(QUARTERS)
@@ -62,8 +66,7 @@ def _positive(rng: random.Random) -> str:
         f"{c} reported {q} net profit up {_pct(rng, 5, 40)}% from a year earlier, beating analyst estimates.",
         f"{c} won a EUR {rng.randint(20, 900)} million contract to supply {rng.choice(CITIES)}.",
         f"{c} will increase its dividend by {_pct(rng, 3, 15)}% after record {q} sales.",
-        f"Operating profit at {c} climbed to EUR {rng.randint(5, 300)} million from EUR "
-        f"{rng.randint(1, 4)} million.",
+        f"Operating profit at {c} climbed to {_eur(rng, 5, 300)} from {_eur(rng, 1, 4)}.",
         f"{c} said orders grew strongly in {rng.choice(MONTHS)}, and it expects margins to improve.",
         f"Analysts upgraded {c} to buy, citing strong demand and lower costs.",
         f"{c} agreed to buy {c2} at a premium, and both stocks gained in early trading.",
@@ -76,18 +79,17 @@ def _positive(rng: random.Random) -> str:
 def _negative(rng: random.Random) -> str:
     c = rng.choice(COMPANIES)
     q = rng.choice(QUARTERS)
+    pick = rng.choice
     templates = [
         f"{c} shares fell {_pct(rng, 2, 18)}% after the company issued a {q} profit warning.",
         f"{c} reported a {q} operating loss of EUR {rng.randint(3, 200)} million, wider than expected.",
-        f"{c} will cut {rng.randint(40, 1200)} jobs and close its {rng.choice(UNITS)} in "
-        f"{rng.choice(CITIES)}.",
+        f"{c} will cut {rng.randint(40, 1200)} jobs and close its {pick(UNITS)} in {pick(CITIES)}.",
         f"Net sales at {c} decreased {_pct(rng, 3, 30)}% as demand weakened.",
         f"{c} suspended its dividend after {q} earnings missed forecasts.",
         f"Regulators fined {c} EUR {rng.randint(2, 90)} million over reporting failures.",
         f"Analysts downgraded {c} to sell, warning that margins will keep shrinking.",
         f"{c} lowered its {q} outlook, citing higher costs and falling orders.",
-        f"Operating profit at {c} dropped to EUR {rng.randint(1, 20)} million from EUR "
-        f"{rng.randint(25, 120)} million.",
+        f"Operating profit at {c} dropped to {_eur(rng, 1, 20)} from {_eur(rng, 25, 120)}.",
         f"{c} lost a major customer in {rng.choice(CITIES)}, and its stock slid in heavy trading.",
     ]
     return rng.choice(templates)

@@ -182,12 +182,9 @@ def test_tiny_llama_loads_and_generates(tiny_llama: Path) -> None:
 
 def test_tiny_llama_chat_template(tiny_llama: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
-    assert (
-        rendered == "<|system|>\nBe brief.</s>\n<|user|>\nShares fell 5%.</s>\n<|assistant|>\nnegative</s>\n"
-    )
-    prompt = tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|system|>\nBe brief.</s>\n<|user|>\nShares fell 5%.</s>\n<|assistant|>\n"
+    prompt = "<|system|>\nBe brief.</s>\n<|user|>\nShares fell 5%.</s>\n<|assistant|>\n"
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False) == prompt + "negative</s>\n"
+    assert tokenizer.apply_chat_template(MESSAGES[:2], tokenize=False, add_generation_prompt=True) == prompt
     with pytest.raises(Exception, match="Unknown role"):
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 

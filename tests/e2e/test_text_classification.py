@@ -1,0 +1,167 @@
+"""What a user does: the seed's SQL verbatim, a daemon, then the results — logs, metrics, files, reload."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgml_tuned import testing
+from pgml_tuned.files import download_model
+from tests import seed
+from tests.conftest import job_row, wait_for, wait_job
+
+REVIEWS = Path(testing.__file__).parent / "data" / "reviews.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> Path:
+    path = testing.build_tiny_classifier_base(tmp_path_factory.mktemp("models") / "tiny-bert")
+    # the seed names a hub model: serve it from the offline hub cache, through the real hub code path
+    testing.install_in_hf_cache(path, "distilbert-base-uncased", session_env / "hf")
+    return path
+
+
+def load_imdb(conn: psycopg.Connection[dict[str, Any]], rows: int = 150) -> None:
+    """pgml.imdb as `pgml.load_dataset('imdb')` makes it (label 0/1, -1 = unsupervised), from bundled data."""
+    with open(REVIEWS, newline="") as f:
+        data = list(csv.DictReader(f))[:rows]
+    conn.execute("CREATE TABLE pgml.imdb (text text, label bigint)")
+    with conn.cursor() as cur, cur.copy("COPY pgml.imdb (text, label) FROM STDIN") as copy:
+        for r in data:
+            copy.write_row((r["text"], 1 if r["class"] == "positive" else 0))
+        for i in range(5):
+            copy.write_row((f"unlabeled review {i}", -1))
+
+
+def test_seed_copy_is_current() -> None:
+    if not seed.SHARED_GUIDE.exists():
+        pytest.skip("../shared/seed is not beside this checkout")
+    assert seed.GUIDE.read_text() == seed.SHARED_GUIDE.read_text()
+
+
+def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, Any]], daemon: Any,
+                                             tiny_bert: Path, tmp_path: Path) -> None:
+    load_imdb(conn)
+    # sections 2-4 verbatim: views, EDA, split views
+    conn.execute(seed.find(seed.IMDB_SHUFFLED_VIEW))
+    counts = conn.execute(seed.find("SELECT\n    class")).fetchall()
+    assert {r["class"] for r in counts} == {"negative", "positive"}
+    assert len(conn.execute(seed.find("SELECT LEFT(text,100)")).fetchall()) == 5
+    conn.execute(seed.find(seed.IMDB_TRAIN_VIEW))
+    conn.execute(seed.find(seed.IMDB_TEST_VIEW))
+
+    # section 5 verbatim: returns a job id at once
+    t0 = time.monotonic()
+    result = conn.execute(seed.find(seed.TUNE_IMDB)).fetchone()
+    assert time.monotonic() - t0 < 1.0
+    job_id = seed.job_id(result["tune"])
+    job = job_row(conn, job_id)
+    assert job["status"] == "queued" and job["secrets"].startswith("rsa1:")
+    assert "YOUR_HUB_TOKEN" not in json.dumps(job["hyperparams"])
+
+    # a daemon trains it; logs appear while it runs, visible to this other session
+    daemon()
+    wait_for(lambda: conn.execute(
+        "SELECT 1 FROM pgml.logs l JOIN pgml.jobs j ON j.id = l.job_id "
+        "WHERE l.job_id = %s AND j.status = 'running' AND l.logs ? 'loss'", (job_id,)).fetchone(), 120,
+        interval=0.02, what="a loss row while the job is running")
+    done = wait_job(conn, job_id, 300)
+    assert done["status"] == "succeeded", done["error"]
+    model_id = done["model_id"]
+
+    # the seed's monitoring query, verbatim but for the model id
+    query = seed.find("SELECT logs->>'epoch'")
+    assert "model_id = 993" in query
+    rows = conn.execute(query.replace("model_id = 993", f"model_id = {model_id}")).fetchall()
+    assert len(rows) >= 10
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and float(rows[-1]["epoch"]) == pytest.approx(20.0, abs=0.5)
+    first = conn.execute("SELECT logs FROM pgml.logs WHERE model_id = %s AND logs ? 'loss' ORDER BY id LIMIT 1",
+                         (model_id,)).fetchone()["logs"]
+    assert {"loss", "grad_norm", "learning_rate", "epoch", "step", "max_steps", "timestamp"} <= set(first)
+    assert isinstance(first["loss"], float) and first["max_steps"] == done["progress"]["max_steps"]
+
+    model = conn.execute("SELECT * FROM pgml.models WHERE id = %s", (model_id,)).fetchone()
+    assert model["status"] == "successful"
+    metrics = model["metrics"]
+    for key in ("eval_loss", "eval_accuracy", "eval_f1", "eval_runtime", "train_loss"):
+        assert isinstance(metrics[key], float), key
+    assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_f1"] <= 1
+    assert done["metrics"] == metrics
+    assert "hub_token" not in model["hyperparams"]["training_args"]
+    # push_to_hub was asked for, but this worker is offline: said so in the logs, model kept in pgml.files
+    assert conn.execute("SELECT 1 FROM pgml.logs WHERE model_id = %s AND logs ? 'warning'", (model_id,)).fetchone()
+
+    paths = {r["path"] for r in conn.execute("SELECT DISTINCT path FROM pgml.files WHERE model_id = %s", (model_id,))}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= paths
+
+    # reassemble, reload, predict by label name
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    with psycopg.connect(conn.info.dsn, row_factory=psycopg.rows.dict_row) as c2:
+        out = download_model(c2, model_id, tmp_path / "reloaded")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out)
+    assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+    classify = pipeline("text-classification", model=str(out), tokenizer=str(out), device="cpu")
+    predictions = classify(["A wonderful, moving film.", "Dull and far too long."])
+    assert {p["label"] for p in predictions} <= {"negative", "positive"}
+
+
+def submit(conn: psycopg.Connection[dict[str, Any]], project: str, relation: str, model: str, **hp: Any) -> int:
+    hyperparams = {"dataset_args": {"text_column": "text", "class_column": "class"},
+                   "training_args": {"num_train_epochs": 1, "per_device_train_batch_size": 8}}
+    for k, v in hp.items():
+        hyperparams[k] = {**hyperparams.get(k, {}), **v}
+    row = conn.execute("SELECT job_id FROM pgml.tune(%s, task => 'text-classification', relation_name => %s, "
+                       "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
+                       (project, relation, model, json.dumps(hyperparams))).fetchone()
+    return int(row["job_id"])
+
+
+def test_failures_name_the_problem_and_the_daemon_keeps_serving(conn: psycopg.Connection[dict[str, Any]],
+                                                               daemon: Any, tiny_bert: Path) -> None:
+    conn.execute("CREATE TABLE reviews (text text, class text)")
+    conn.execute("INSERT INTO reviews SELECT 'review number ' || i, CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END "
+                 "FROM generate_series(1, 24) i")
+    conn.execute("CREATE TABLE with_null (text text, class text)")
+    conn.execute("INSERT INTO with_null SELECT CASE WHEN i = 7 THEN NULL ELSE 'text ' || i END, (i % 2)::text "
+                 "FROM generate_series(1, 12) i")
+    bad_arg = submit(conn, "a", "reviews", str(tiny_bert), training_args={"evaluation_strategy": "epoch"})
+    no_model = submit(conn, "b", "reviews", "/nonexistent/model/dir")
+    null_text = submit(conn, "c", "with_null", str(tiny_bert))
+    good = submit(conn, "d", "reviews", str(tiny_bert))
+    d = daemon("--concurrency", "2")
+    errors = {j: wait_job(conn, j, 240) for j in (bad_arg, no_model, null_text, good)}
+    assert errors[bad_arg]["status"] == "failed"
+    assert "unknown training_args key 'evaluation_strategy'; did you mean 'eval_strategy'?" in errors[bad_arg]["error"]
+    assert errors[no_model]["status"] == "failed"
+    assert "'/nonexistent/model/dir' is not a directory on worker" in errors[no_model]["error"]
+    assert errors[null_text]["status"] == "failed"
+    assert "row 7 of public.with_null has NULL in column 'text'" in errors[null_text]["error"]
+    assert errors[good]["status"] == "succeeded", errors[good]["error"]
+    assert d.proc.poll() is None
+
+
+def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path) -> None:
+    conn.execute("CREATE TABLE pairs (premise text, hypothesis text, label text)")
+    conn.execute("INSERT INTO pairs SELECT 'the film is ' || w, 'it is ' || CASE WHEN i % 2 = 0 THEN w ELSE 'other' END,"
+                 " CASE WHEN i % 2 = 0 THEN 'entailment' ELSE 'contradiction' END "
+                 "FROM generate_series(1, 40) i, LATERAL (SELECT (ARRAY['good','bad','long'])[1 + i % 3] AS w) x")
+    job = conn.execute(
+        "SELECT job_id FROM pgml.tune('pairs', task => 'text-pair-classification', relation_name => 'pairs', "
+        "model_name => %s, test_size => 10, test_sampling => 'stratified', hyperparams => %s::jsonb)",
+        (str(tiny_bert), json.dumps({"dataset_args": {"text1_column": "premise", "text2_column": "hypothesis",
+                                                      "class_column": "label"},
+                                     "training_args": {"num_train_epochs": 1}}))).fetchone()["job_id"]
+    daemon("--drain")
+    done = wait_job(conn, job, 180)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["metrics"]["eval_samples_per_second"] > 0
+    info = conn.execute("SELECT logs FROM pgml.logs WHERE job_id = %s AND logs ? 'eval_accuracy'", (job,)).fetchone()
+    assert info is not None
