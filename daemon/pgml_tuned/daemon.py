@@ -22,6 +22,7 @@ from .config import Settings
 from .db import RETRYABLE, Db, backoff_delays, connect
 from .jobs import EXIT_LEASE_LOST, EXIT_OK, EXIT_REQUEUE, Claim
 from .runner import Child, child_env
+from .sql import q
 
 log = logs.get("pgml_tuned.daemon")
 
@@ -203,7 +204,11 @@ class Daemon:
             await anyio.sleep(self.settings.heartbeat_seconds)
             cancel = await jobs.renew(self.db, job, self.settings.lease_seconds)
             if cancel is None:
-                log.error("job.lease_lost", note="another worker owns this job now; stopping the child")
+                row = await self.db.one(q("job_status"), {"id": job.id})
+                if row and row["attempt"] == job.attempt and row["status"] == jobs.Status.SUCCEEDED:
+                    return  # the child committed its results and is exiting
+                log.error("job.lease_lost", note="another worker owns this job now; stopping the child",
+                          status=row and row["status"], current_attempt=row and row["attempt"])
                 child.kill("lease_lost")
                 return
             if cancel:

@@ -139,3 +139,11 @@ async def migrate(dsn: str) -> list[str]:
 def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[dict[str, Any]]:
     """A blocking connection (used by child processes, which are synchronous)."""
     return psycopg.connect(dsn, row_factory=dict_row, application_name=app, connect_timeout=10)
+
+
+def fetch_one(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> dict[str, Any]:
+    """The single row a blocking query must return."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {str(query)[:80]!r}")
+    return dict(row)

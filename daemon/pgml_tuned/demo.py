@@ -1,0 +1,91 @@
+"""`pgml-tuned demo`: an end-to-end fine-tune with no network and no GPU.
+
+Loads the bundled movie-review dataset into a table, queues `pgml.tune(...)` exactly as a SQL user would,
+runs the daemon until the queue is empty, then shows the logs, the metrics and where the model files are,
+and reloads the model from pgml.files to classify a few sentences.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+import anyio
+
+from . import db, testing
+from .config import Settings
+from .daemon import serve
+from .files import download_model
+
+DATA = Path(__file__).parent / "data" / "reviews.csv"
+
+TUNE_SQL = """SELECT job_id FROM pgml.tune(
+    'demo_review_sentiment',
+    task => 'text-classification',
+    relation_name => 'public.pgml_demo_reviews',
+    model_name => %(model)s,
+    test_size => 0.2,
+    test_sampling => 'stratified',
+    hyperparams => %(hyperparams)s::jsonb
+)"""
+
+
+def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
+    model = str(testing.minilm_path())
+    hyperparams = {
+        "training_args": {"learning_rate": 5e-5, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
+                          "num_train_epochs": epochs, "weight_decay": 0.01, "logging_steps": 5, "seed": 42},
+        "dataset_args": {"text_column": "text", "class_column": "class"},
+    }
+    anyio.run(db.migrate, dsn, backend="asyncio")
+    with db.sync_connect(dsn) as conn:
+        conn.execute("DROP TABLE IF EXISTS public.pgml_demo_reviews")
+        conn.execute("CREATE TABLE public.pgml_demo_reviews (id serial PRIMARY KEY, text text NOT NULL, class text)")
+        with conn.cursor() as cur, cur.copy("COPY public.pgml_demo_reviews (text, class) FROM STDIN") as copy, \
+                open(DATA, newline="") as fh:
+            for row in csv.DictReader(fh):
+                copy.write_row((row["text"], row["class"]))
+        n = db.fetch_one(conn, "SELECT count(*) AS n FROM public.pgml_demo_reviews")["n"]
+        print(f"\n== loaded {n} labeled movie reviews into public.pgml_demo_reviews")
+        print("== queueing, as any SQL client would:\n" + TUNE_SQL.replace("%(model)s", repr(model)).replace(
+            "%(hyperparams)s", repr(json.dumps(hyperparams))))
+        job_id = db.fetch_one(conn, TUNE_SQL, {"model": model, "hyperparams": json.dumps(hyperparams)})["job_id"]
+        conn.commit()
+    print(f"== job {job_id} queued; running the daemon until the queue is empty (pgml-tuned serve --drain)\n")
+
+    anyio.run(lambda: serve(settings, dsn, drain=True), backend="asyncio")
+
+    with db.sync_connect(dsn) as conn:
+        job = db.fetch_one(conn, "SELECT * FROM pgml.jobs WHERE id = %s", (job_id,))
+        print(f"\n== job {job_id}: {job['status']}" + (f" — {job['error']}" if job["error"] else ""))
+        if job["status"] != "succeeded":
+            return 1
+        model_id = job["model_id"]
+        rows = conn.execute(
+            "SELECT logs->>'epoch' AS epoch, logs->>'step' AS step, logs->>'loss' AS loss FROM pgml.logs "
+            "WHERE model_id = %s AND jsonb_exists(logs, 'loss') ORDER BY id", (model_id,)).fetchall()
+        print(f"== {len(rows)} training log rows in pgml.logs (model_id {model_id}); first and last:")
+        for r in [*rows[:3], *rows[-3:]]:
+            print(f"   epoch {float(r['epoch']):5.2f}  step {r['step']:>4}  loss {float(r['loss']):.4f}")
+        m = job["metrics"]
+        print(f"== metrics (pgml.models.metrics): eval_accuracy {m['eval_accuracy']:.3f}  eval_f1 {m['eval_f1']:.3f}  "
+              f"eval_loss {m['eval_loss']:.4f}  train_runtime {m['train_runtime']:.1f} s")
+        files = conn.execute("SELECT path, count(*) AS parts, sum(length(data)) AS bytes FROM pgml.files "
+                             "WHERE model_id = %s GROUP BY path ORDER BY path", (model_id,)).fetchall()
+        print(f"== {len(files)} model files in pgml.files:")
+        for f in files:
+            print(f"   {f['path']:<28} {int(f['bytes']) / 1e6:8.2f} MB in {f['parts']} part(s)")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = download_model(conn, model_id, Path(tmp) / "model")
+            from transformers import pipeline
+
+            classify = pipeline("text-classification", model=str(path), tokenizer=str(path), device="cpu")
+            samples = ["An absolute delight from start to finish, with a moving lead performance.",
+                       "A tedious, lifeless mess; I wanted my two hours back."]
+            print("== reloaded from pgml.files with from_pretrained; predictions:")
+            for text, pred in zip(samples, classify(samples), strict=True):
+                print(f"   {pred['label']:<9} {pred['score']:.3f}  {text}")
+    print(f"\nReassemble the model yourself: pgml-tuned download {model_id} ./model   "
+          f"(then AutoModelForSequenceClassification.from_pretrained('./model'))")
+    return 0
