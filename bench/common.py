@@ -43,7 +43,6 @@ def with_db(dsn: str, dbname: str) -> str:
 def fresh_database(admin: str, prefix: str) -> Iterator[str]:
     """A new database with every migration applied (pgml_tuned.db.migrate); dropped afterwards."""
     import anyio
-
     from pgml_tuned import db
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"

@@ -21,7 +21,6 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import psycopg
-
 from pgml_tuned import cli, jobs
 from pgml_tuned.db import Db
 

@@ -149,3 +149,32 @@ LIMIT 1;
 -- name: stored_model_bytes
 SELECT coalesce(sum(length(data)), 0)::bigint AS bytes, count(DISTINCT path) AS files
 FROM pgml.files WHERE model_id = %(model_id)s;
+
+-- name: delete_checkpoint_step
+-- Inside the child's fenced transaction (lock_owned_job first): a re-run step replaces its checkpoint.
+DELETE FROM pgml.checkpoints WHERE job_id = %(id)s AND step = %(step)s;
+
+-- name: insert_checkpoint
+INSERT INTO pgml.checkpoints (job_id, attempt, step) VALUES (%(id)s, %(attempt)s, %(step)s)
+RETURNING id;
+
+-- name: copy_checkpoint_files
+COPY pgml.checkpoint_files (checkpoint_id, path, part, data) FROM STDIN (FORMAT BINARY);
+
+-- name: finish_checkpoint
+UPDATE pgml.checkpoints c
+SET files = s.files, bytes = s.bytes
+FROM (SELECT count(DISTINCT path) AS files, coalesce(sum(length(data)), 0) AS bytes
+      FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s) s
+WHERE c.id = %(checkpoint_id)s;
+
+-- name: prune_checkpoints
+DELETE FROM pgml.checkpoints
+WHERE job_id = %(id)s
+  AND id NOT IN (SELECT id FROM pgml.checkpoints WHERE job_id = %(id)s ORDER BY step DESC LIMIT %(keep)s);
+
+-- name: latest_checkpoint
+SELECT id, step, attempt, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDER BY step DESC LIMIT 1;
+
+-- name: checkpoint_files
+SELECT path, part, data FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s ORDER BY path, part;

@@ -32,6 +32,7 @@ from psycopg.types.json import Jsonb
 
 from . import files, jobs
 from .db import RETRYABLE, backoff_delays, sync_connect
+from .db import fetch_one as db_one
 from .recipes import RECIPES
 from .sql import q
 
@@ -43,6 +44,8 @@ class JobError(Exception):
 class Interrupted(Exception):
     """SIGTERM arrived: the job goes back to the queue (after a checkpoint when one could be saved)."""
 
+
+SNAPSHOT_FILE = "pgml_rows.json"  # the job's data, stored with each checkpoint
 
 # How long the child keeps retrying the database (server restarts, lost connections) before giving up.
 DB_RETRY_SECONDS = float(os.environ.get("PGML_DB_RETRY_SECONDS", "300"))
@@ -89,6 +92,8 @@ class JobContext:
         self._progress: dict[str, Any] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-",
                                              dir=os.environ.get("PGML_WORK_DIR") or None))
+        self._resume: Path | None | bool = False  # False: not looked up yet
+        self._rows_file = self.workdir / "rows.json"
 
     # ---- plumbing ----
     def conn(self) -> psycopg.Connection[Any]:
@@ -135,8 +140,18 @@ class JobContext:
         return None
 
     def read_relation(self, columns: list[str]) -> list[tuple[str | None, ...]]:
-        """Read the named columns of the job's relation once, with COPY (one consistent snapshot)."""
+        """Read the named columns of the job's relation once, with COPY (one consistent snapshot).
+
+        A job resumed from a checkpoint gets the rows the first attempt read (stored in the checkpoint), so
+        a view that reshuffles on every read (ORDER BY random()) cannot change the data under it.
+        """
         schema, table = self.spec["relation_schema"], self.spec["relation_table"]
+        resume = self.resume_checkpoint()
+        if resume is not None and (resume / SNAPSHOT_FILE).exists():
+            rows = [tuple(r) for r in json.loads((resume / SNAPSHOT_FILE).read_text())]
+            self._rows_file.write_text(json.dumps(rows))
+            self.info(f"resuming with the {len(rows)} rows read by the first attempt", rows=len(rows))
+            return rows
         copy = sql.SQL("COPY (SELECT {cols} FROM {schema}.{table}) TO STDOUT").format(
             cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
             schema=sql.Identifier(schema), table=sql.Identifier(table))
@@ -154,8 +169,49 @@ class JobContext:
                                f"{e.diag.message_primary}; GRANT SELECT ON {schema}.{table} to it") from e
 
         rows = self.with_retry("reading the training data", read)
+        self._rows_file.write_text(json.dumps(rows))
         self.info(f"read {len(rows)} rows from {schema}.{table}", rows=len(rows))
         return rows
+
+    # ---- checkpoints in PostgreSQL ----
+    def resume_checkpoint(self) -> Path | None:
+        """The latest stored checkpoint of this job (any earlier attempt), downloaded; None if there is none."""
+        if self._resume is False:
+            self._resume = None
+            row = self.with_retry("looking for a checkpoint",
+                                  lambda c: c.execute(q("latest_checkpoint"), {"id": self.job_id}).fetchone())
+            if row is not None:
+                dest = self.workdir / "resume" / f"checkpoint-{row['step']}"
+                self.with_retry("downloading the checkpoint", lambda c: files.copy_dir_out(
+                    c, q("checkpoint_files"), {"checkpoint_id": row["id"]}, dest))
+                self._resume = dest
+                self.info(f"resuming from the checkpoint at step {row['step']} (attempt {row['attempt']})",
+                          step=row["step"], bytes=row["bytes"])
+        return self._resume if isinstance(self._resume, Path) else None
+
+    def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
+        """Store checkpoint directory `src` (and the data snapshot) in one fenced transaction; keep `keep`."""
+        if self._rows_file.exists() and not (src / SNAPSHOT_FILE).exists():
+            shutil.copyfile(self._rows_file, src / SNAPSHOT_FILE)
+        self.flush_logs()
+        t0 = time.monotonic()
+
+        def store(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            params = {"id": self.job_id, "attempt": self.attempt, "step": step, "keep": max(1, keep)}
+            with conn.transaction():
+                if conn.execute(q("lock_owned_job"), params).fetchone() is None:
+                    raise jobs.LeaseLost(f"job {self.job_id} attempt {self.attempt} lost its lease")
+                conn.execute(q("delete_checkpoint_step"), params)
+                checkpoint_id = db_one(conn, q("insert_checkpoint"), params)["id"]
+                stored = files.copy_dir_in(conn, q("copy_checkpoint_files"), checkpoint_id, src)
+                conn.execute(q("finish_checkpoint"), {"checkpoint_id": checkpoint_id})
+                conn.execute(q("prune_checkpoints"), params)
+            return stored
+
+        n_files, n_bytes = self.with_retry("storing a checkpoint", store)
+        seconds = time.monotonic() - t0
+        self.info(f"checkpoint at step {step} stored in PostgreSQL: {n_files} files, {n_bytes / 1e6:.1f} MB "
+                  f"in {seconds:.2f} s", step=step, bytes=n_bytes, seconds=round(seconds, 3))
 
     def resolve_model(self, model_name: str) -> tuple[str, dict[str, Any] | None]:
         """A loadable model path or hub id for `model_name`, and the stored model row if it came from pgml.

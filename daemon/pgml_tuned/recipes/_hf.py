@@ -96,8 +96,15 @@ class PgmlCallback(TrainerCallback):
         self.ctx.log(entry)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.ctx.stop_requested:
+        if self.ctx.stop_requested:  # SIGTERM: checkpoint now, stop, and let another attempt resume
+            control.should_save = True
             control.should_training_stop = True
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2)."""
+        src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if src.is_dir():
+            self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
 
 
 def train_evaluate_store(ctx: JobContext, trainer: Trainer, *, base_model: str | None = None,
@@ -105,7 +112,8 @@ def train_evaluate_store(ctx: JobContext, trainer: Trainer, *, base_model: str |
                          save_dir: Path | None = None
                          ) -> dict[str, Any]:
     """Train, evaluate on the held-out rows, save the model + tokenizer, commit files and metrics."""
-    train_output = trainer.train()
+    resume = ctx.resume_checkpoint()
+    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if ctx.stop_requested:
         raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
     metrics: dict[str, Any] = dict(train_output.metrics)
