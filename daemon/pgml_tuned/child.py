@@ -92,7 +92,7 @@ class JobContext:
         self._progress: dict[str, Any] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-",
                                              dir=os.environ.get("PGML_WORK_DIR") or None))
-        self._resume: Path | None | bool = False  # False: not looked up yet
+        self._resume: Path | bool | None = False  # False: not looked up yet
         self._rows_file = self.workdir / "rows.json"
 
     # ---- plumbing ----

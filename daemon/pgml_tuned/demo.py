@@ -11,6 +11,7 @@ import csv
 import json
 import tempfile
 from pathlib import Path
+
 import anyio
 
 from . import db, testing

@@ -66,7 +66,7 @@ def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, 
     assert "YOUR_HUB_TOKEN" not in json.dumps(job["hyperparams"])
 
     # a daemon trains it; logs appear while it runs, visible to this other session
-    daemon()
+    d = daemon()
     wait_for(lambda: conn.execute(
         "SELECT 1 FROM pgml.logs l JOIN pgml.jobs j ON j.id = l.job_id "
         "WHERE l.job_id = %s AND j.status = 'running' AND l.logs ? 'loss'", (job_id,)).fetchone(), 120,
@@ -74,6 +74,7 @@ def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, 
     done = wait_job(conn, job_id, 300)
     assert done["status"] == "succeeded", done["error"]
     model_id = done["model_id"]
+    assert "YOUR_HUB_TOKEN" not in d.output(), "the token must never be logged"
 
     # the seed's monitoring query, verbatim but for the model id
     query = seed.find("SELECT logs->>'epoch'")
@@ -150,7 +151,8 @@ def test_failures_name_the_problem_and_the_daemon_keeps_serving(conn: psycopg.Co
 
 def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path) -> None:
     conn.execute("CREATE TABLE pairs (premise text, hypothesis text, label text)")
-    conn.execute("INSERT INTO pairs SELECT 'the film is ' || w, 'it is ' || CASE WHEN i % 2 = 0 THEN w ELSE 'other' END,"
+    conn.execute("INSERT INTO pairs SELECT 'the film is ' || w, "
+                 "'it is ' || CASE WHEN i % 2 = 0 THEN w ELSE 'other' END,"
                  " CASE WHEN i % 2 = 0 THEN 'entailment' ELSE 'contradiction' END "
                  "FROM generate_series(1, 40) i, LATERAL (SELECT (ARRAY['good','bad','long'])[1 + i % 3] AS w) x")
     job = conn.execute(

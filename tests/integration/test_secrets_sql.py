@@ -16,8 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgml_tuned.secrets import WorkerKey, generate_key, register_key, seal, unseal
 from psycopg.types.json import Jsonb
+
+from pgml_tuned.secrets import WorkerKey, generate_key, register_key, seal, unseal
 
 NO_KEY_MESSAGE = "cannot store the Hugging Face token: no worker key is registered"
 NO_KEY_HINT = (

@@ -87,7 +87,8 @@ def test_relation_the_caller_cannot_select(conn: psycopg.Connection[dict[str, An
 
 
 def test_missing_text_and_class_columns(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
-    assert_rejected(conn, "column 'body_text' (dataset_args.text_column) does not exist", "columns of reviews are: id, text",
+    assert_rejected(conn, "column 'body_text' (dataset_args.text_column) does not exist",
+                    "columns of reviews are: id, text",
                     hyperparams={"dataset_args": {"text_column": "body_text", "class_column": "class"}})
     assert_rejected(conn, "column 'label' (dataset_args.class_column) does not exist", "class_column",
                     hyperparams={"dataset_args": {"text_column": "text", "class_column": "label"}})
