@@ -45,9 +45,14 @@ class Daemon:
     # ---- lifecycle ----
     async def serve(self) -> None:
         self.key = await anyio.to_thread.run_sync(secrets.load_or_create_key, self.settings.key_file)
-        conn = await connect(self.dsn)
-        async with conn:
-            await secrets.register_key(conn, self.key)
+        for delay in backoff_delays(first=0.2, cap=10.0):
+            try:
+                async with await connect(self.dsn) as conn:
+                    await secrets.register_key(conn, self.key)
+                break
+            except RETRYABLE as e:
+                log.warning("daemon.db_unavailable", error=str(e).strip(), retry_in=round(delay, 2))
+                await anyio.sleep(delay)
         self.settings.scratch.mkdir(parents=True, exist_ok=True)
         log.info("daemon.start", worker=self.settings.worker_id, concurrency=self.settings.concurrency,
                  drain=self.drain, lease_seconds=self.settings.lease_seconds)
@@ -147,9 +152,8 @@ class Daemon:
                 self.running[job.id] = (job, None)
                 tg.start_soon(self._run_job, job, slot)
             if self.drain and not self.running and not self.stopping:
-                row = await self.db.one("SELECT 1 AS x WHERE NOT EXISTS "
-                                        "(SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested)")
-                if row:
+                row = await self.db.one(q("queue_empty"))
+                if row and row["empty"]:
                     log.info("daemon.drained", jobs_claimed=self.claimed)
                     self.stopping = True
                     self._finish_if_idle()
@@ -161,6 +165,10 @@ class Daemon:
         with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=job.attempt):
             try:
                 await self._run_job_inner(job, slot)
+            except Exception as e:  # a bug or an OS error here fails this job, never the daemon
+                log.exception("job.runner_error")
+                with anyio.CancelScope(shield=True):
+                    await jobs.fail(self.db, job, f"pgml-tuned worker error: {type(e).__name__}: {e}")
             finally:
                 self.running.pop(job.id, None)
                 self.free_slots.append(slot)
