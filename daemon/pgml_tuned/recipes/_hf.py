@@ -70,7 +70,9 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
             args.setdefault("hub_model_id", ctx.spec["project_name"])
             token = ctx.secret("training_args.hub_token", "hub_token", "token")
             if token:
-                args["hub_token"] = token
+                # through this process's environment, not TrainingArguments: the Trainer pickles its arguments
+                # into training_args.bin, which is stored with the model and every checkpoint
+                os.environ["HF_TOKEN"] = token
     args.update(overrides or {})
     args["output_dir"] = str(ctx.workdir / "trainer")
     try:
