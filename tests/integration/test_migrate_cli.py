@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,17 +15,13 @@ import pytest
 
 from pgml_tuned import embedded
 from pgml_tuned.sql import SQL_DIR
-from tests.conftest import wait_job, with_db
+from tests.conftest import scratch_database, wait_job
 
 
 @pytest.fixture
 def empty_db(admin_dsn: str) -> Iterator[str]:
-    name = f"pgml_empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    yield with_db(admin_dsn, name)
-    with psycopg.connect(admin_dsn, autocommit=True) as c:
-        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with scratch_database(admin_dsn) as dsn:
+        yield dsn
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
