@@ -33,9 +33,12 @@ WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 RETURNING cancel_requested;
 
 -- name: reap_expired
+-- A lease that ran out while the server itself was down is no sign of a dead worker: after a restart, every
+-- worker gets one full lease (its lease_seconds) of server uptime to reconnect and renew before its job is reaped.
 WITH expired AS (
     SELECT id FROM pgml.jobs
     WHERE status = 'running' AND lease_expires_at < clock_timestamp()
+      AND pg_postmaster_start_time() + coalesce(lease_expires_at - heartbeat_at, interval '0') < clock_timestamp()
     FOR UPDATE SKIP LOCKED
 )
 UPDATE pgml.jobs j

@@ -104,12 +104,14 @@ class Daemon:
 
     # ---- listening and polling ----
     async def _listener(self) -> None:
-        for delay in backoff_delays(first=0.05, cap=5.0):
+        delays = backoff_delays(first=0.05, cap=5.0)
+        while True:
             try:
                 conn = await connect(self.dsn, app=f"pgml-tuned listen {self.settings.worker_id}")
                 async with conn:
                     await conn.execute("LISTEN pgml_jobs")
                     await conn.execute("LISTEN pgml_control")
+                    delays = backoff_delays(first=0.05, cap=5.0)  # listening again: the next outage starts over
                     self.wake.set()  # anything queued while we were not listening
                     while True:
                         async for note in conn.notifies(timeout=max(5.0, self.settings.poll_seconds * 5)):
@@ -119,6 +121,7 @@ class Daemon:
                                 self._control(note.payload)
                         await conn.execute("SELECT 1")  # quiet for a while: check the connection
             except RETRYABLE as e:
+                delay = next(delays)
                 log.warning("listener.reconnect", error=str(e).strip(), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
 

@@ -85,7 +85,8 @@ class Db:
         return rows[0] if rows else None
 
     async def named(self, name: str, **params: Any) -> list[dict[str, Any]]:
-        return await self.fetch(q(name), params)
+        # no parameters: send the text as is (with {} psycopg would turn the %s of format() into $1)
+        return await self.fetch(q(name), params or None)
 
     async def _drop(self) -> None:
         if self._conn is not None:
