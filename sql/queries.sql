@@ -100,16 +100,27 @@ SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;
 SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested) AS empty;
 
 -- name: append_logs
--- The child's log writer: progress on the job row and the log rows, in one fenced statement.
+-- The child's log writer: progress on the job row and the log rows, in one fenced statement. %(logs)s is a
+-- JSON array of {"seq": n, "entry": {...}}: a batch retried after a lost reply inserts nothing twice.
 WITH owner AS (
     UPDATE pgml.jobs
     SET progress = progress || %(progress)s::jsonb, updated_at = clock_timestamp()
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
     RETURNING id, model_id, project_id, attempt
+), inserted AS (
+    INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, seq, logs)
+    SELECT o.model_id, o.project_id, o.id, o.attempt, (x.value ->> 'seq')::integer, x.value -> 'entry'
+    FROM owner o, jsonb_array_elements(%(logs)s::jsonb) AS x
+    ON CONFLICT (job_id, attempt, seq) DO NOTHING
+    RETURNING 1
 )
-INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, logs)
-SELECT o.model_id, o.project_id, o.id, o.attempt, x.value
-FROM owner o, jsonb_array_elements(%(logs)s::jsonb) AS x
+SELECT (SELECT count(*) FROM owner) AS owned, (SELECT count(*) FROM inserted) AS inserted;
+
+-- name: release_orphans
+-- After a claim whose reply was lost: jobs this worker claimed but does not run go back to the queue.
+UPDATE pgml.jobs
+SET status = 'queued', worker = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
+WHERE worker = %(worker)s AND status = 'running' AND NOT (id = ANY (%(running)s::bigint[]))
 RETURNING id;
 
 -- name: lock_owned_job

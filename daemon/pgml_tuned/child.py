@@ -87,7 +87,8 @@ class JobContext:
         self.hyperparams: dict[str, Any] = spec.get("hyperparams") or {}
         self.stop_requested = False
         self._conn: psycopg.Connection[Any] | None = None
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[tuple[int, dict[str, Any]]] = []
+        self._seq = 0
         self._rate_origin: tuple[float, float] | None = None  # (step, time) of this attempt's first log
         self._progress: dict[str, Any] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-",
@@ -255,7 +256,8 @@ class JobContext:
                 rate = (step - self._rate_origin[0]) / (now - self._rate_origin[1])
                 self._progress["steps_per_second"] = round(rate, 4)
         self.emit({"event": "log", "logs": entry})
-        self._pending.append(entry)
+        self._seq += 1
+        self._pending.append((self._seq, entry))
         self.flush_logs(wait=False)
 
     def flush_logs(self, wait: bool = True) -> None:

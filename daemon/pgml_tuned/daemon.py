@@ -147,7 +147,15 @@ class Daemon:
             await self.wake.wait()
             self.wake = anyio.Event()
             while self.free_slots and not self.stopping:
-                job = await jobs.claim(self.db, self.settings.worker_id, self.settings.lease_seconds)
+                try:
+                    job = await jobs.claim(self.db, self.settings.worker_id, self.settings.lease_seconds)
+                except RETRYABLE as e:
+                    # the claim may have committed without us hearing back: put such a job back at once
+                    log.warning("claim.connection_lost", error=str(e).strip())
+                    released = await jobs.release_orphans(self.db, self.settings.worker_id, list(self.running))
+                    if released:
+                        log.warning("claim.released_orphans", jobs=released)
+                    continue
                 if job is None:
                     break
                 self.claimed += 1

@@ -89,8 +89,10 @@ class Claim:
 
 
 async def claim(db: Db, worker: str, lease_seconds: float) -> Claim | None:
-    row = await db.one(q("claim_job"), {"worker": worker, "lease_seconds": lease_seconds})
-    return Claim.from_row(row) if row else None
+    """Claim the next queued job. Not retried: a claim whose reply was lost may have committed (the
+    caller then runs release_orphans)."""
+    rows = await db.fetch(q("claim_job"), {"worker": worker, "lease_seconds": lease_seconds}, retry=False)
+    return Claim.from_row(rows[0]) if rows else None
 
 
 async def renew(db: Db, job: Claim, lease_seconds: float) -> bool | None:
@@ -115,6 +117,11 @@ async def reap_expired(db: Db) -> list[dict[str, Any]]:
     return await db.named("reap_expired")
 
 
+async def release_orphans(db: Db, worker: str, running: list[int]) -> list[int]:
+    """Requeue jobs claimed by `worker` that it does not run (a claim whose reply was lost)."""
+    return [r["id"] for r in await db.named("release_orphans", worker=worker, running=running)]
+
+
 async def status(db: Db, job_id: int) -> Status | None:
     row = await db.one(q("job_status"), {"id": job_id})
     return Status(row["status"]) if row else None
@@ -127,15 +134,23 @@ class LeaseLost(RuntimeError):
     """A fenced write matched no row: this attempt no longer owns the job."""
 
 
-def append_logs(conn: Any, job_id: int, attempt: int, entries: list[dict[str, Any]],
+def append_logs(conn: Any, job_id: int, attempt: int, entries: list[tuple[int, dict[str, Any]]],
                 extra_progress: dict[str, Any] | None = None) -> None:
+    """Store (seq, entry) log events of this attempt; raise LeaseLost if the attempt no longer owns the job."""
+    progress = _progress([e for _, e in entries], extra_progress)
+    with conn.transaction():
+        row = conn.execute(q("append_logs"), {
+            "id": job_id, "attempt": attempt, "progress": Jsonb(progress),
+            "logs": json.dumps([{"seq": seq, "entry": e} for seq, e in entries])}).fetchone()
+        owned = row["owned"] if isinstance(row, dict) else row[0]
+        if not owned:
+            raise LeaseLost(f"job {job_id} attempt {attempt} is no longer owned by this worker")
+
+
+def _progress(entries: list[dict[str, Any]], extra_progress: dict[str, Any] | None) -> dict[str, Any]:
     progress = {k: v for k, v in entries[-1].items() if k in ("step", "max_steps", "epoch", "loss", "eval_loss")}
     for e in entries:
         if "loss" in e:
             progress["loss"] = e["loss"]
     progress.update(extra_progress or {})
-    with conn.transaction():
-        cur = conn.execute(q("append_logs"), {"id": job_id, "attempt": attempt, "progress": Jsonb(progress),
-                                              "logs": json.dumps(entries)})
-        if cur.rowcount == 0:
-            raise LeaseLost(f"job {job_id} attempt {attempt} is no longer owned by this worker")
+    return progress

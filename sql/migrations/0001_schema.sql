@@ -69,7 +69,10 @@ CREATE TABLE IF NOT EXISTS pgml.jobs (
     updated_at       timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS jobs_queued_idx ON pgml.jobs (priority DESC, id) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS jobs_running_idx ON pgml.jobs (lease_expires_at) WHERE status = 'running';
+-- no lease column in any index: a heartbeat (lease_expires_at, heartbeat_at) is then a HOT update
+CREATE INDEX IF NOT EXISTS jobs_running_idx ON pgml.jobs (id) WHERE status = 'running';
+-- heartbeats are not data changes worth re-ANALYZEing for (they were ~90 % of the heartbeat WAL)
+ALTER TABLE pgml.jobs SET (fillfactor = 80, autovacuum_analyze_threshold = 5000);
 CREATE INDEX IF NOT EXISTS jobs_model_idx ON pgml.jobs (model_id);
 
 -- One row per Trainer log event, committed as it happens.
@@ -79,11 +82,13 @@ CREATE TABLE IF NOT EXISTS pgml.logs (
     project_id bigint NOT NULL REFERENCES pgml.projects (id) ON DELETE CASCADE,
     job_id     bigint REFERENCES pgml.jobs (id) ON DELETE CASCADE,
     attempt    integer,
+    seq        integer,  -- the writer's sequence number within its attempt: a retried write never duplicates
     created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     logs       jsonb NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_model_idx ON pgml.logs (model_id, id);
 CREATE INDEX IF NOT EXISTS logs_job_idx ON pgml.logs (job_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS logs_seq_idx ON pgml.logs (job_id, attempt, seq);
 
 -- Every file of a trained model, in parts of at most a few MB (reassemble ordered by part).
 CREATE TABLE IF NOT EXISTS pgml.files (
