@@ -145,3 +145,32 @@ def test_status_view_and_queue_summary(conn: psycopg.Connection[dict[str, Any]],
     summary = {r["status"]: r for r in conn.execute("SELECT * FROM pgml.queue_summary")}
     assert summary["running"]["jobs"] == 1 and summary["running"]["workers"] == 1
     wait_job(conn, job)
+
+
+def test_lora_adapter_checkpoint_resumes_after_sigterm(conn: psycopg.Connection[dict[str, Any]], daemon: Any,
+                                                        tmp_path: Path) -> None:
+    llama = testing.build_tiny_llama(tmp_path / "llama")
+    conn.execute("CREATE TABLE chats (q text, a text)")
+    conn.execute("INSERT INTO chats SELECT 'what is ' || i || ' plus one?', (i + 1)::text "
+                 "FROM generate_series(1, 48) i")
+    hp = {"dataset_args": {"user_column": "q", "assistant_column": "a"},
+          "lora_config": {"r": 4, "lora_alpha": 8},
+          "training_args": {"max_steps": 60, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 5,
+                            "learning_rate": 1e-3}}
+    job = conn.execute("SELECT job_id FROM pgml.tune('chat', task => 'conversation', relation_name => 'chats', "
+                       "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
+                       (str(llama), json.dumps(hp))).fetchone()["job_id"]
+    d = daemon()
+    wait_for(lambda: checkpoint_steps(conn, job), 120, interval=0.02, what="a stored adapter checkpoint")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    files = {r["path"] for r in conn.execute(
+        "SELECT DISTINCT f.path FROM pgml.checkpoint_files f JOIN pgml.checkpoints c ON c.id = f.checkpoint_id "
+        "WHERE c.job_id = %s", (job,))}
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
+    assert "model.safetensors" not in files  # the adapter, not the base weights
+    last = checkpoint_steps(conn, job)[-1]
+    daemon("--drain")
+    done = wait_job(conn, job, 180)
+    assert done["status"] == "succeeded", done["error"]
+    assert logged_steps(conn, job, 2)[0] == last + 1 and logged_steps(conn, job, 2)[-1] == 60

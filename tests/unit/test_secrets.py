@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from pgml_tuned import secrets as sec
 from pgml_tuned.secrets import SecretError, WorkerKey, generate_key, load_or_create_key, seal, unseal
 

@@ -17,6 +17,8 @@ from types import ModuleType
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
 from pgml_tuned import testing
 from pgml_tuned.testing import (
     DEFAULT_WORDS,
@@ -25,7 +27,6 @@ from pgml_tuned.testing import (
     install_in_hf_cache,
     minilm_path,
 )
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "daemon" / "pgml_tuned" / "data"

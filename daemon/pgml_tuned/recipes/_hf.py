@@ -109,16 +109,22 @@ class PgmlCallback(TrainerCallback):
             self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
 
 
+def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
+    """trainer.train(), resuming from this job's latest checkpoint in PostgreSQL if an earlier attempt left one;
+    raises Interrupted when SIGTERM stopped it (the checkpoint it saved lets the next attempt resume)."""
+    resume = ctx.resume_checkpoint()
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if ctx.stop_requested:
+        raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
+    return dict(output.metrics)
+
+
 def train_evaluate_store(ctx: JobContext, trainer: Trainer, *, base_model: str | None = None,
                          derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                          save_dir: Path | None = None
                          ) -> dict[str, Any]:
     """Train, evaluate on the held-out rows, save the model + tokenizer, commit files and metrics."""
-    resume = ctx.resume_checkpoint()
-    train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if ctx.stop_requested:
-        raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
-    metrics: dict[str, Any] = dict(train_output.metrics)
+    metrics = train(ctx, trainer)
     metrics.update(trainer.evaluate())
     if derive:
         metrics.update(derive(metrics))

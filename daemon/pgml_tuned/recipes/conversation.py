@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from ..child import Interrupted, JobContext, JobError
+from ..child import JobContext, JobError
 from ..splits import split
-from ._hf import PgmlCallback, model_token, training_arguments
+from ._hf import PgmlCallback, model_token, train, training_arguments
 
 IGNORE = -100  # label of a token the loss skips
 TRAIN_ON = ("assistant", "all")
@@ -256,14 +256,11 @@ def run(ctx: JobContext) -> None:
 
     # 6. train
     trainer = make_trainer(model, tokenizer, args, train_set, test_set, callbacks=[PgmlCallback(ctx)])
-    train_output = trainer.train()
-    if ctx.stop_requested:
-        raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
+    metrics: dict[str, Any] = train(ctx, trainer)  # resumes from a stored checkpoint after a takeover
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     ctx.info(f"trained with optimizer {type(optimizer).__module__}.{type(optimizer).__qualname__}")
 
     # 7. evaluate and store
-    metrics: dict[str, Any] = dict(train_output.metrics)
     metrics.update(trainer.evaluate())
     metrics["perplexity"] = perplexity(metrics.get("eval_loss"))
     metrics.update(
