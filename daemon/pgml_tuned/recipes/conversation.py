@@ -41,7 +41,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from ..child import JobContext, JobError
 from ..splits import split
@@ -240,6 +247,7 @@ def run(ctx: JobContext) -> None:
         overrides["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     args = training_arguments(ctx, n_train=len(train_set), overrides=overrides)
     ctx.check_stop()
+    set_seed(seed)  # LoRA weights are initialised while loading, before the Trainer seeds anything
     model = load_model(
         source,
         opts,

@@ -25,6 +25,7 @@ from transformers import (
     DataCollatorWithPadding,
     EvalPrediction,
     Trainer,
+    set_seed,
 )
 
 from ..child import JobContext, JobError
@@ -73,6 +74,7 @@ def run(ctx: JobContext) -> None:
     ctx.check_stop()
     source, stored = ctx.resolve_model(ctx.spec["model_name"])
     token = model_token(ctx)
+    set_seed(seed)  # the new classifier head is initialised here, before the Trainer seeds anything
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=token)
         model = AutoModelForSequenceClassification.from_pretrained(
