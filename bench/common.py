@@ -43,6 +43,7 @@ def with_db(dsn: str, dbname: str) -> str:
 def fresh_database(admin: str, prefix: str) -> Iterator[str]:
     """A new database with every migration applied (pgml_tuned.db.migrate); dropped afterwards."""
     import anyio
+
     from pgml_tuned import db
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -160,3 +161,39 @@ def summary_ms(values: list[float]) -> dict[str, float]:
     return {"p50": percentile(values, 50) * 1e3, "p90": percentile(values, 90) * 1e3,
             "p99": percentile(values, 99) * 1e3, "max": max(values) * 1e3,
             "mean": sum(values) / len(values) * 1e3, "n": len(values)}
+
+
+# ---- a shared, noisy machine: how busy it was while something ran ----
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all CPUs have spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / _TICK
+
+
+def children_cpu_seconds() -> float:
+    """CPU-seconds (user + system) of this process's waited-for descendants (whole process trees)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3, window: float = 2.0) -> float:
+    """Wait (at most max_wait s) until the machine's busy CPUs over `window` s are below `threshold` cores.
+
+    Returns the last busy level seen (cores). Other people's test runs on a shared machine are the noise this
+    avoids starting into; what ran during a measurement is reported separately.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(window)
+        busy = (machine_busy_seconds() - b0) / window
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy

@@ -1,6 +1,8 @@
 """NOTIFY → claimed: how long an idle daemon takes to claim a job after the submitting transaction commits.
 
-    python bench/pickup.py [--dsn DSN] [--jobs 200] [--warmup 10] [--profile-jobs 100] [--json out.json]
+    python bench/pickup.py [--dsn DSN] [--jobs 200] [--warmup 10] [--profile-jobs 100]
+                           [--profile-variants baseline,fast-lock,inline-claim,fast-lock+inline-claim]
+                           [--synchronous-commit on|off] [--json out.json]
 
 Without --dsn it starts (or reuses) the embedded PostgreSQL under .pgml-bench/. Either way it creates a fresh
 database, migrates it (pgml_tuned.db.migrate), starts `python -m pgml_tuned.cli serve --log-format json
@@ -22,16 +24,23 @@ References, measured in the same run and interleaved with the jobs (random order
   time is the floor for "notified, then one statement on the command connection" (what a claim is).
 - COMMIT duration: COMMIT sent → acknowledged, for both kinds of transaction (WAL flush).
 
---profile-jobs N then runs N more jobs against bench/traced_daemon.py (the same daemon with timestamps on the
-listener → claimer → claim path, daemon.py unchanged) and prints where the pickup time goes.
+--profile-jobs N then runs N more jobs per variant against bench/traced_daemon.py (the same daemon with
+timestamps on the listener → claimer → claim path, daemon.py unchanged) and prints where the pickup time goes.
+Variants other than `baseline` prototype daemon changes by patching them in (see traced_daemon.py); each runs on
+its own database with its own idle daemon, samples interleaved, so they compare side by side.
+
+--synchronous-commit off is a diagnostic only: the submitting session's COMMIT then returns (and NOTIFYs)
+without waiting for its WAL flush, which shows the daemon's part without the disk's fsync latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -159,16 +168,16 @@ def gap() -> None:
     time.sleep(random.uniform(0.02, 0.10))
 
 
-def start_daemon(dsn: str, home: Path, traced: bool) -> DaemonProc:
+def start_daemon(dsn: str, home: Path, traced: bool, env: dict[str, str] | None = None) -> DaemonProc:
     argv0 = [sys.executable, str(HERE / "traced_daemon.py")] if traced else None
-    d = DaemonProc(dsn, home, "--poll-seconds", "30", argv0=argv0)
+    d = DaemonProc(dsn, home, "--poll-seconds", "30", argv0=argv0, env=env)
     d.wait_event(lambda e: e.get("event") == "daemon.start", 60)
     time.sleep(1.0)  # listening, idle
     return d
 
 
 def fmt(name: str, s: dict[str, float]) -> str:
-    return (f"  {name:<44} p50 {s['p50']:7.3f}  p90 {s['p90']:7.3f}  p99 {s['p99']:7.3f}  max {s['max']:7.3f}  "
+    return (f"  {name:<54} p50 {s['p50']:7.3f}  p90 {s['p90']:7.3f}  p99 {s['p99']:7.3f}  max {s['max']:7.3f}  "
             f"mean {s['mean']:7.3f}  (n={s['n']})")
 
 
@@ -179,9 +188,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pgml_tuned import secrets
 
     secrets.load_or_create_key(home / "worker.key")  # the daemon's key exists, as on any worker after day one
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"home": str(home)}
     with fresh_database(admin, "pgml_bench_pickup") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE bench_notify_ref (n int, at timestamptz DEFAULT clock_timestamp())")
+        if args.synchronous_commit != "on":  # diagnostic: the submitting session's COMMIT skips the WAL flush wait
+            conn.execute(f"SET synchronous_commit = {args.synchronous_commit}")
+        results["synchronous_commit"] = args.synchronous_commit
         listeners = [Listener("sync", dsn, "bench_raw_sync", env), Listener("async", dsn, "bench_raw_async", env)]
         daemon = start_daemon(dsn, home, traced=False)
         jobs: list[dict[str, float]] = []
@@ -223,40 +235,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["pickup_after_ack"] = summary_ms([s["pickup"] - s["commit"] for s in jobs])
         results["raw_sync_after_ack"] = summary_ms([r["recv"] - r["commit"] for r in raw["sync"]])
 
-        if args.profile_jobs:
-            results["profile"] = profile(conn, dsn, home, args.profile_jobs)
+    if args.profile_jobs:
+        variants = [v.strip() for v in args.profile_variants.split(",") if v.strip()]
+        results["profile"] = profile(admin, home, env, variants, args.profile_jobs, args.synchronous_commit)
     return results
 
 
-def profile(conn: psycopg.Connection[Any], dsn: str, home: Path, n: int) -> dict[str, Any]:
-    """Pickups against the traced daemon: split each into phases on one clock."""
-    daemon = start_daemon(dsn, home, traced=True)
-    rows: list[dict[str, float]] = []
-    try:
+def profile(admin: str, home: Path, env: dict[str, str], variants: list[str], n: int, sync_commit: str
+            ) -> dict[str, Any]:
+    """Pickups against traced daemons, one per variant (each on its own database, all idle, samples
+    interleaved in random order): each pickup split into phases on one clock."""
+    rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    with contextlib.ExitStack() as stack:
+        setups = []
+        for v in variants:
+            dsn = stack.enter_context(fresh_database(admin, "pgml_bench_pickup_prof"))
+            conn = stack.enter_context(psycopg.connect(dsn, autocommit=True))
+            if sync_commit != "on":
+                conn.execute(f"SET synchronous_commit = {sync_commit}")
+            venv = {**env, "PGML_BENCH_VARIANT": "" if v == "baseline" else v.replace("+", ",")}
+            daemon = start_daemon(dsn, home, traced=True, env=venv)
+            stack.callback(daemon.stop)
+            setups.append((v, conn, daemon))
         for i in range(10 + n):
-            s = sample_job(conn, daemon)
-            tr = daemon.wait_event(lambda e, j=s["job_id"]: e.get("event") == "trace.claim" and e.get("job_id") == j,
-                                   10)
-            if i >= 10:
-                rows.append({**s, **{k: v for k, v in tr.items() if k.startswith("t_")}})
-            gap()
-    finally:
-        daemon.stop()
-    phases = {
-        "commit sent → daemon listener has the notify": [r["t_notify"] - r["t_commit"] for r in rows],
-        "  of which COMMIT sent → acknowledged (client)": [r["commit"] for r in rows],
-        "listener notify → claimer task calls claim()": [r["t_claim_call"] - r["t_notify"] for r in rows],
-        "claim() → Db lock held (statement sent)": [r["t_locked"] - r["t_claim_call"] for r in rows],
-        "statement sent → claim UPDATE's trigger (server)": [r["claimed"] - r["t_locked"] for r in rows],
-        "trigger → claim() returns in the daemon": [r["t_claim_return"] - r["claimed"] for r in rows],
-        "total: commit sent → claimed (server)": [r["pickup"] for r in rows],
-    }
-    return {name: summary_ms(v) for name, v in phases.items()}
+            random.shuffle(setups)
+            for v, conn, daemon in setups:
+                s = sample_job(conn, daemon)
+                tr = daemon.wait_event(
+                    lambda e, j=s["job_id"]: e.get("event") == "trace.claim" and e.get("job_id") == j, 10)
+                if i >= 10:
+                    rows[v].append({**s, **{k: x for k, x in tr.items() if k.startswith("t_")}})
+                gap()
+    out: dict[str, Any] = {}
+    for v, rs in rows.items():
+        phases = {
+            "commit sent → daemon listener has the notify": [r["t_notify"] - r["t_commit"] for r in rs],
+            "  (COMMIT sent → acknowledged, client)": [r["commit"] for r in rs],
+            "listener has the notify → claim() called": [r["t_claim_call"] - r["t_notify"] for r in rs],
+            "claim() called → Db lock held (statement sent)": [r["t_locked"] - r["t_claim_call"] for r in rs],
+            "statement sent → claim's trigger runs (server)": [r["claimed"] - r["t_locked"] for r in rs],
+            "total: commit sent → claimed": [r["pickup"] for r in rs],
+            "daemon's part: listener has the notify → claimed": [r["claimed"] - r["t_notify"] for r in rs],
+            "(after: trigger → claim() returns, incl. its commit)": [r["t_claim_return"] - r["claimed"] for r in rs],
+        }
+        out[v] = {name: summary_ms(x) for name, x in phases.items()}
+    return out
 
 
 def report(results: dict[str, Any]) -> None:
     st = results["stats"]
     print("\nNOTIFY → claimed, idle daemon (milliseconds; timestamp before COMMIT → job_events 'running'.at)")
+    if results["synchronous_commit"] != "on":
+        print(f"DIAGNOSTIC RUN: the submitting session has synchronous_commit = {results['synchronous_commit']}")
     print(fmt("pgml-tuned pickup (commit → claimed)", st["pickup"]))
     print("reference, same run, interleaved:")
     print(fmt("raw NOTIFY → psycopg sync listener", st["raw_sync"]))
@@ -271,14 +301,25 @@ def report(results: dict[str, Any]) -> None:
     print("ratios (pickup / reference):")
     for name, ref in (("raw NOTIFY, sync listener", r), ("raw NOTIFY, async listener", ra),
                       ("raw NOTIFY + 1 statement, async", rs)):
-        print(f"  {name:<44} p50 {p['p50'] / ref['p50']:5.2f}x  p99 {p['p99'] / ref['p99']:5.2f}x")
+        print(f"  {name:<54} p50 {p['p50'] / ref['p50']:5.2f}x  p99 {p['p99'] / ref['p99']:5.2f}x")
     ok50, ok99 = p["p50"] <= P50_TARGET_MS, p["p99"] <= P99_TARGET_MS
     print(f"target p50 ≤ {P50_TARGET_MS} ms: {'met' if ok50 else 'MISSED'} ({p['p50']:.3f} ms); "
           f"p99 ≤ {P99_TARGET_MS} ms: {'met' if ok99 else 'MISSED'} ({p['p99']:.3f} ms)")
-    if "profile" in results:
-        print("\nwhere the pickup time goes (traced daemon, bench/traced_daemon.py; milliseconds):")
-        for name, s in results["profile"].items():
+    for variant, phases in results.get("profile", {}).items():
+        print(f"\nwhere the pickup time goes: traced daemon (bench/traced_daemon.py), variant {variant} (ms):")
+        for name, s in phases.items():
             print(fmt(name, s))
+    prof = results.get("profile", {})
+    if "baseline" in prof and len(prof) > 1:
+        print("\nvariants vs baseline (same run, interleaved; ms):")
+        for key in ("daemon's part: listener has the notify → claimed", "total: commit sent → claimed"):
+            base = prof["baseline"][key]
+            print(f"  {key}")
+            for variant, phases in prof.items():
+                t = phases[key]
+                print(f"    {variant:<26} p50 {t['p50']:7.3f} ({t['p50'] - base['p50']:+.3f})  "
+                      f"p90 {t['p90']:7.3f} ({t['p90'] - base['p90']:+.3f})  "
+                      f"p99 {t['p99']:7.3f} ({t['p99'] - base['p99']:+.3f})")
 
 
 def main() -> int:
@@ -287,8 +328,15 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=200, help="measured jobs (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="unmeasured rounds first (default 10)")
     ap.add_argument("--profile-jobs", type=int, default=100,
-                    help="jobs against the traced daemon afterwards, for the phase breakdown (0: skip)")
+                    help="jobs per variant against traced daemons afterwards, for the phase breakdown (0: skip)")
+    ap.add_argument("--profile-variants", default="baseline",
+                    help="comma-separated: baseline, fast-lock, inline-claim, fast-lock+inline-claim "
+                         "(prototypes of daemon changes, see bench/traced_daemon.py; default baseline)")
+    ap.add_argument("--synchronous-commit", choices=["on", "off"], default="on",
+                    help="DIAGNOSTIC: synchronous_commit of the submitting session (default on, the real case); "
+                         "off shows the pickup without the WAL flush a COMMIT waits for")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder (daemon logs) after a good run")
     ap.add_argument("--listener", choices=["sync", "async"], help=argparse.SUPPRESS)
     ap.add_argument("--channel", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,6 +346,8 @@ def main() -> int:
         ap.error("--jobs must be at least 1")
     results = run(args)
     report(results)
+    if not args.keep:
+        shutil.rmtree(results.pop("home"), ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
