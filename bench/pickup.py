@@ -2,7 +2,7 @@
 
     python bench/pickup.py [--dsn DSN] [--jobs 200] [--warmup 10] [--profile-jobs 100]
                            [--profile-variants baseline,fast-lock,inline-claim,fast-lock+inline-claim]
-                           [--synchronous-commit on|off] [--json out.json]
+                           [--synchronous-commit on|off] [--json out.json] [--keep]
 
 Without --dsn it starts (or reuses) the embedded PostgreSQL under .pgml-bench/. Either way it creates a fresh
 database, migrates it (pgml_tuned.db.migrate), starts `python -m pgml_tuned.cli serve --log-format json
