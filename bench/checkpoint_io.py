@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import random
 import shutil
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import admin_dsn, fresh_database
+from common import admin_dsn, fresh_database, main_with_json
 from psycopg.rows import dict_row
 
 from pgml_tuned import files
@@ -252,11 +251,7 @@ def main() -> None:
     p.add_argument("--mb", type=float, default=200)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--json", type=Path)
-    args = p.parse_args()
-    result = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    main_with_json(p, run)
 
 
 if __name__ == "__main__":

@@ -197,3 +197,12 @@ def wait_quiet(max_wait: float, threshold: float = 0.3, window: float = 2.0) -> 
         busy = (machine_busy_seconds() - b0) / window
         if busy < threshold or time.monotonic() >= deadline:
             return busy
+
+
+def main_with_json(parser: Any, run: Any) -> None:
+    """Parse the command line (adding --json), run the benchmark, write its result as JSON when asked."""
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    result = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import re
 import shlex
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import BENCH_HOME, DaemonProc, bench_env, fresh_database
+from common import BENCH_HOME, DaemonProc, bench_env, fresh_database, main_with_json
 from psycopg.rows import dict_row
 
 
@@ -190,11 +189,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--window", type=float, default=60)
     p.add_argument("--serve-args", default="", help="extra `serve` flags, e.g. '--heartbeat-seconds 1'")
-    p.add_argument("--json", type=Path)
-    args = p.parse_args()
-    result = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    main_with_json(p, run)
 
 
 if __name__ == "__main__":

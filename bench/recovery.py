@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import random
 import signal
 import statistics
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import DaemonProc, admin_dsn, bench_env, fresh_database
+from common import DaemonProc, admin_dsn, bench_env, fresh_database, main_with_json
 from psycopg.rows import dict_row
 
 SETTINGS_DEFAULT = {"lease": 30.0, "heartbeat": 5.0, "poll": 2.0}
@@ -137,11 +136,7 @@ def main() -> None:
     p.add_argument("--short-heartbeat", type=float, default=1.0)
     p.add_argument("--short-poll", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--json", type=Path, help="write the samples and the summary here")
-    args = p.parse_args()
-    result = run(args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    main_with_json(p, run)
 
 
 if __name__ == "__main__":
