@@ -239,8 +239,6 @@ class Daemon:
         reason = child.stop_reason
         if reason == "lease_lost" or rc == EXIT_LEASE_LOST or child.lease_lost_event:
             log.warning("job.abandoned", reason="lease lost", rc=rc)
-        elif reason == "exit":
-            log.warning("job.abandoned", reason="daemon exiting at once; the lease will expire", rc=rc)
         elif reason == "cancelled":
             await jobs.cancel_running(self.db, job, by="pgml.cancel")
             log.info("job.cancelled", rc=rc)
