@@ -47,8 +47,9 @@ from common import admin_dsn, fresh_database, main_with_json
 from psycopg.rows import dict_row
 
 from pgml_tuned import files
-from pgml_tuned.child import JobContext
-from pgml_tuned.sql import q
+from pgml_tuned.child.context import JobContext
+from pgml_tuned.child.events import Events
+from pgml_tuned.db import q
 
 FILES = [("model.safetensors", 0.60), ("optimizer.pt", 0.38), ("scheduler.pt", 0.0002), ("rng_state.pth", 0.0004),
          ("trainer_state.json", 0.0001), ("training_args.bin", 0.0001)]
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             conn.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1, worker = 'bench', "
                          "lease_expires_at = now() + interval '1 day', heartbeat_at = now() WHERE id = %s", (job,))
             spec = {"id": job, "attempt": 1, "model_id": model, "hyperparams": {}}
-            sink = open(os.devnull, "w")
+            sink = Events(open(os.devnull, "w"))
             writer = JobContext(spec, {}, dsn, sink)
             plain_conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
             storage = conn.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = 'bench_plain'::regclass "
@@ -193,8 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         got = reader.resume_checkpoint()
                         assert got is not None and (got / "model.safetensors").stat().st_size > 0
                     finally:
-                        if reader._conn is not None:
-                            reader._conn.close()
+                        if reader.store._conn is not None:
+                            reader.store._conn.close()
                         shutil.rmtree(reader.workdir, ignore_errors=True)
 
                 ck = {"checkpoint_id": ckpt["id"]}

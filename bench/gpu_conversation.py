@@ -8,7 +8,7 @@ No PostgreSQL: our side runs the recipe's own pieces (options_from, check_machin
 make_trainer) exactly as `run(ctx)` strings them together; the plain side is what a user would write by hand
 (apply_chat_template with the assistant mask, DataCollatorForSeq2Seq, get_peft_model, Trainer). Both train the
 same random-init Llama-architecture model (hidden 2048, 16 layers, intermediate 8192: 1.07B parameters with the
-tiny byte-level tokenizer of pgml_tuned.testing) on the bundled finance chat rows with the same
+tiny byte-level tokenizer of tests/support/models.py) on the bundled finance chat rows with the same
 TrainingArguments, alternating ours / plain, once with the base in bf16 and once with load_in_4bit (nf4, double
 quantization, bf16 compute). Each run prints tokens/s (non-padding tokens through the model per second of
 train_runtime) and torch.cuda.max_memory_allocated; the summary gives the ratios ours/plain (medians over
@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "daemon"))
+sys.path[:0] = [str(ROOT / "daemon"), str(ROOT)]
 
-from pgml_tuned import testing  # noqa: E402
+from pgml_tuned.models import load_tokenizer  # noqa: E402
 from pgml_tuned.recipes import conversation as cv  # noqa: E402
+from tests.support import models as testing  # noqa: E402
 
 FINANCE = ROOT / "daemon" / "pgml_tuned" / "data" / "finance_chat.csv"
 LORA = {
@@ -125,7 +126,7 @@ def ours(model_dir: Path, data: list[Any], quant: bool, a: argparse.Namespace, a
         hp["torch_dtype"] = "bfloat16"
     opts = cv.options_from(hp)
     cv.check_machine(opts, args)
-    tokenizer = cv.load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))
     examples, _ = cv.build_examples(data, tokenizer, opts, a.seq)
     train_set = cv.pack(examples, a.seq) if opts.packing else examples
     targs = TrainingArguments(**args)

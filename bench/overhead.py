@@ -2,7 +2,7 @@
 
     python bench/overhead.py [--dsn DSN] [--rounds 2] [--json out.json]
 
-The same model (the real all-MiniLM-L6-v2 weights, pgml_tuned.testing.minilm_path()), the same rows
+The same model (the real all-MiniLM-L6-v2 weights, pgml_tuned.demo.minilm_path()), the same rows
 (daemon/pgml_tuned/data/reviews.csv, loaded in file order into a table of a fresh database), the same split
 (test_size 0.2, test_sampling 'last') and training_args {"num_train_epochs": 1, "per_device_train_batch_size":
 16, "learning_rate": 5e-5, "seed": 42}, trained in one run, alternating:
@@ -81,9 +81,9 @@ WARM = ("import sys\nfrom transformers import AutoModelForSequenceClassification
 
 
 def reviews_csv() -> Path:
-    from pgml_tuned import testing
+    import pgml_tuned
 
-    return Path(testing.__file__).parent / "data" / "reviews.csv"
+    return Path(pgml_tuned.__file__).parent / "data" / "reviews.csv"
 
 
 def load_table(conn: psycopg.Connection[Any], path: Path) -> int:
@@ -283,9 +283,10 @@ def main() -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 
-    from pgml_tuned import secrets, testing
+    from pgml_tuned import secrets
+    from pgml_tuned.demo import minilm_path
 
-    model = testing.minilm_path()
+    model = minilm_path()
     csv_path = reviews_csv()
     admin = admin_dsn(args.dsn)
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-overhead-"))

@@ -1,7 +1,7 @@
 """NOTIFY → claimed: how long an idle daemon takes to claim a job after the submitting transaction commits.
 
     python bench/pickup.py [--dsn DSN] [--jobs 200] [--warmup 10] [--profile-jobs 100]
-                           [--profile-variants baseline,fast-lock,inline-claim,fast-lock+inline-claim]
+                           [--profile-variants baseline,inline-claim]
                            [--synchronous-commit on|off] [--json out.json] [--keep]
 
 Without --dsn it starts (or reuses) the embedded PostgreSQL under .pgml-bench/. Either way it creates a fresh

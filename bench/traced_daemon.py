@@ -1,23 +1,21 @@
 """`pgml-tuned` with timestamps on the pickup path, for bench/pickup.py's profile.
 
-    [PGML_BENCH_VARIANT=fast-lock,inline-claim] python bench/traced_daemon.py serve --dsn ... (as `pgml-tuned`)
+    [PGML_BENCH_VARIANT=inline-claim] python bench/traced_daemon.py serve --dsn ... (as `pgml-tuned`)
 
-daemon.py is not changed: this wrapper patches, in this process only,
+The daemon is not changed: this wrapper patches, in this process only,
 
-- psycopg.AsyncConnection.notifies: when the listener task receives a `pgml_jobs` notification
-- pgml_tuned.jobs.claim:            when it is called (the claimer task has woken up) and when it returns
-- pgml_tuned.db.Db._connection:     when the statement holds the Db lock (the statement is sent right after)
+- psycopg.AsyncConnection.notifies:  when the listener receives a `pgml_jobs` notification
+- pgml_tuned.jobs.claim:             when it is called (the claimer task has woken up) and when it returns
+- AsyncConnectionPool.getconn:       when the claim holds a pooled connection (the statement is sent right after)
 
 and prints one JSON line per claimed job to stderr (`trace.claim`), after the claim has returned, so no
 printing happens inside the measured interval.
 
 PGML_BENCH_VARIANT prototypes proposed daemon changes, to measure them side by side (bench only):
 
-- fast-lock:    Db's lock is anyio.Lock(fast_acquire=True): an uncontended statement does not first yield to
-                the event loop (db.py, Db.__init__).
-- inline-claim: the listener claims as soon as a `pgml_jobs` notification arrives, in its own task, instead of
-                setting the wake event and leaving the claim to the claimer task's next turn (daemon.py,
-                Daemon._listener / _claimer; a claim lock keeps the two from over-filling the slots).
+- inline-claim: the listener claims as soon as a `pgml_jobs` notice arrives, in a task of its own, instead of
+                setting the wake event and leaving the claim to the claimer task's next turn
+                (worker/daemon.py, Daemon.dispatch; a lock keeps the two from over-filling the slots).
 """
 
 from __future__ import annotations
@@ -31,42 +29,42 @@ from typing import Any
 
 import anyio
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from pgml_tuned import cli, jobs
-from pgml_tuned.daemon import Daemon
-from pgml_tuned.db import Db
-from pgml_tuned.sql import q
+from pgml_tuned.db import Pool
+from pgml_tuned.states import Claim
+from pgml_tuned.worker.backend import Notice
+from pgml_tuned.worker.daemon import Daemon
 
 VARIANT = {v.strip() for v in os.environ.get("PGML_BENCH_VARIANT", "").split(",") if v.strip()}
 _last: dict[str, float] = {}
-_daemons: list[Daemon] = []
 
 _orig_notifies = psycopg.AsyncConnection.notifies
 
 
-async def _notifies(self: psycopg.AsyncConnection, **kwargs: Any) -> AsyncGenerator[psycopg.Notify]:
+async def _notifies(self: psycopg.AsyncConnection[Any], **kwargs: Any) -> AsyncGenerator[psycopg.Notify]:
     async for note in _orig_notifies(self, **kwargs):
         if note.channel == "pgml_jobs":
             _last["notify"] = time.time()
-            if "inline-claim" in VARIANT and _daemons:
-                await _claim_now(_daemons[0])
         yield note
 
 
-_orig_connection = Db._connection
+_orig_getconn = AsyncConnectionPool.getconn
 
 
-async def _connection(self: Db) -> psycopg.AsyncConnection:
+async def _getconn(self: AsyncConnectionPool[Any], timeout: float | None = None) -> Any:  # noqa: ASYNC109
+    conn = await _orig_getconn(self, timeout)
     _last["locked"] = time.time()
-    return await _orig_connection(self)
+    return conn
 
 
 _orig_claim = jobs.claim
 
 
-async def _claim(db: Db, worker: str, lease_seconds: float) -> jobs.Claim | None:
+async def _claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
     t_call = time.time()
-    job = await _orig_claim(db, worker, lease_seconds)
+    job = await _orig_claim(pool, worker, lease_seconds)
     t_return = time.time()
     if job is not None:
         print(json.dumps({"event": "trace.claim", "job_id": job.id, "t_notify": _last.get("notify"),
@@ -76,55 +74,33 @@ async def _claim(db: Db, worker: str, lease_seconds: float) -> jobs.Claim | None
     return job
 
 
-# ---- inline-claim: the claimer's loop body, shared by the listener and the claimer under one lock ----
+# ---- inline-claim: the listener claims at once, under one lock shared with the claimer ----
 
-async def _claim_now(self: Any) -> None:
-    if self._tg is None:
-        return
-    async with self._claim_lock:
-        while self.free_slots and not self.stopping:
-            job = await jobs.claim(self.db, self.settings.worker_id, self.settings.lease_seconds)
-            if job is None:
-                break
-            self.claimed += 1
-            slot = self.free_slots.pop(0)
-            self.running[job.id] = (job, None)
-            self._tg.start_soon(self._run_job, job, slot)
+_orig_dispatch = Daemon.dispatch
+_orig_claim_while_free = Daemon.claim_while_free
+_lock: anyio.Lock | None = None
 
 
-async def _claimer_inline(self: Any, tg: anyio.abc.TaskGroup) -> None:
-    self._tg = tg
-    self._claim_lock = anyio.Lock(fast_acquire=True)
-    _daemons.append(self)
-    while True:
-        await self.wake.wait()
-        self.wake = anyio.Event()
-        await _claim_now(self)
-        if self.drain and not self.running and not self.stopping:
-            row = await self.db.one(q("queue_empty"))
-            if row and row["empty"]:
-                self.stopping = True
-                self._finish_if_idle()
-        if self.stopping:
-            self._finish_if_idle()
+async def _claim_locked(self: Daemon, tg: Any) -> None:
+    global _lock
+    _lock = _lock or anyio.Lock(fast_acquire=True)
+    async with _lock:
+        await _orig_claim_while_free(self, tg)
 
 
-_orig_db_init = Db.__init__
-
-
-def _db_init(self: Db, *args: Any, **kwargs: Any) -> None:
-    _orig_db_init(self, *args, **kwargs)
-    self._lock = anyio.Lock(fast_acquire=True)
+def _dispatch_inline(self: Daemon, notice: Notice) -> None:
+    if notice.type == "job_queued" and self._tg is not None:
+        self._tg.start_soon(_claim_locked, self, self._tg)
+    else:
+        _orig_dispatch(self, notice)
 
 
 psycopg.AsyncConnection.notifies = _notifies  # type: ignore[method-assign]
-Db._connection = _connection  # type: ignore[method-assign]
+AsyncConnectionPool.getconn = _getconn  # type: ignore[method-assign]
 jobs.claim = _claim
-if "fast-lock" in VARIANT:
-    Db.__init__ = _db_init  # type: ignore[method-assign]
 if "inline-claim" in VARIANT:
-    Daemon._tg = None  # type: ignore[attr-defined]
-    Daemon._claimer = _claimer_inline  # type: ignore[method-assign]
+    Daemon.claim_while_free = _claim_locked  # type: ignore[method-assign]
+    Daemon.dispatch = _dispatch_inline  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(cli.main())

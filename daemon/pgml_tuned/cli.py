@@ -9,19 +9,31 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from . import __version__, db, embedded, logs
-from .config import Settings
+from . import __version__, db, embedded, logconfig
+from .config import Settings, field_type
+
+COMMON_SETTINGS = ("dsn", "home", "log_format", "log_level")  # every command takes these; serve takes all
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ("dsn", "home", "concurrency", "gpus", "lease_seconds", "heartbeat_seconds", "poll_seconds",
-            "grace_seconds", "log_format", "log_level", "worker_id")
-    return Settings.from_env(**{k: getattr(args, k, None) for k in keys})
+    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """A --flag for each named Settings field (all that have one when names is None), typed and helped by it."""
+    for f in fields(Settings):
+        if not f.metadata.get("flag", True) or (names is not None and f.name not in names):
+            continue
+        kind = field_type(f)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind if kind in (int, float) else str,
+                            choices=f.metadata.get("choices"), help=f.metadata.get("help"),
+                            metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper())
 
 
 def resolve_dsn(settings: Settings, *, announce: bool = True) -> str:
@@ -58,10 +70,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import serve
+    from .worker.daemon import serve
 
     settings = _settings(args)
-    logs.configure(settings.log_format, settings.log_level)
+    logconfig.configure(settings.log_format, settings.log_level)
     dsn = resolve_dsn(settings)
     if not args.no_migrate:
         _run(lambda: db.migrate(dsn))
@@ -73,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     settings = _settings(args)
-    logs.configure(settings.log_format, settings.log_level)
+    logconfig.configure(settings.log_format, settings.log_level)
     return run_demo(settings, resolve_dsn(settings), epochs=args.epochs)
 
 
@@ -169,10 +181,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="PostgreSQL connection string (default: $PGML_DSN, else embedded)")
-    common.add_argument("--home", help="state directory (default: $PGML_HOME or ~/.local/share/pgml-tuned)")
-    common.add_argument("--log-format", choices=["auto", "json", "console"])
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_setting_flags(common, COMMON_SETTINGS)
 
     p = argparse.ArgumentParser(prog="pgml-tuned", description=__doc__)
     p.add_argument("--version", action="version", version=f"pgml-tuned {__version__}")
@@ -183,13 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", parents=[common], help="run the training daemon")
     s.add_argument("--drain", action="store_true", help="run queued jobs, exit 0 when the queue is empty")
-    s.add_argument("--concurrency", type=int, help="jobs at once (default 1)")
-    s.add_argument("--gpus", help="comma-separated GPU ids, one per job slot (CUDA_VISIBLE_DEVICES)")
-    s.add_argument("--lease-seconds", type=float)
-    s.add_argument("--heartbeat-seconds", type=float)
-    s.add_argument("--poll-seconds", type=float)
-    s.add_argument("--grace-seconds", type=float)
-    s.add_argument("--worker-id")
+    add_setting_flags(s, tuple(f.name for f in fields(Settings) if f.name not in COMMON_SETTINGS))
     s.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
     s.set_defaults(fn=cmd_serve)
 

@@ -1,10 +1,16 @@
-"""One typed Settings object: command-line flags > environment (PGML_*) > defaults."""
+"""One typed Settings object: command-line flags > environment (PGML_<FIELD>) > defaults.
+
+Each field's type (from its annotation) parses its value, wherever it comes from; each field's help text
+is its `--flag`'s help (cli.py builds the flags from these fields).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
+import types
+import typing
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +23,40 @@ def _default_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def setting(default: Any = MISSING, *, help: str, factory: Any = MISSING, choices: tuple[str, ...] | None = None,
+            flag: bool = True) -> Any:
+    """A Settings field with its help text (and choices); `flag=False`: environment only, no --flag."""
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the daemon and the CLI can be configured with.
+    """Everything the daemon and the CLI can be configured with."""
 
-    Each field can be set from the environment as PGML_<FIELD> (upper case) and most from a flag of the
-    same name (``--lease-seconds 30``).
-    """
-
-    dsn: str | None = None  # None: the embedded PostgreSQL under `home`
-    home: Path = field(default_factory=_default_home)
-    worker_id: str = field(default_factory=_default_worker)
-    concurrency: int = 1  # jobs one daemon runs at once (one child process each)
-    gpus: str | None = None  # "0,1": job slot i gets CUDA_VISIBLE_DEVICES=gpus[i]
-    lease_seconds: float = 30.0  # a job whose lease is older than this is taken over
-    heartbeat_seconds: float = 5.0  # how often a running job's lease is renewed
-    poll_seconds: float = 2.0  # fallback poll (a lost NOTIFY never stalls the queue)
-    grace_seconds: float = 60.0  # SIGTERM: time children get to checkpoint before SIGKILL
-    log_format: str = "auto"  # auto | json | console
-    log_level: str = "info"
-    secret_key_file: Path | None = None  # default: <home>/worker.key
-    work_dir: Path | None = None  # scratch space for children; default: <home>/work
+    dsn: str | None = setting(None, help="PostgreSQL connection string (default: $PGML_DSN, else the embedded "
+                                         "server under --home)")
+    home: Path = setting(factory=_default_home, help="state directory: embedded server, worker key, scratch space "
+                                                     "(default: $PGML_HOME or ~/.local/share/pgml-tuned)")
+    worker_id: str = setting(factory=_default_worker, help="this worker's name in pgml.jobs.worker "
+                                                           "(default: host:pid)")
+    concurrency: int = setting(1, help="jobs this daemon runs at once, one child process each")
+    gpus: str | None = setting(None, help="comma-separated GPU ids, one per job slot (CUDA_VISIBLE_DEVICES)")
+    lease_seconds: float = setting(30.0, help="a running job whose lease is older than this is taken over by "
+                                              "another worker")
+    heartbeat_seconds: float = setting(5.0, help="how often the leases of running jobs are renewed")
+    poll_seconds: float = setting(2.0, help="how often to look for work without a NOTIFY (a lost NOTIFY never "
+                                            "stalls the queue) and reap expired leases")
+    grace_seconds: float = setting(60.0, help="on SIGTERM: how long children get to checkpoint before SIGKILL")
+    log_format: str = setting("auto", help="log lines as JSON (services) or pretty (a terminal); auto: JSON "
+                                           "unless stderr is a terminal", choices=("auto", "json", "console"))
+    log_level: str = setting("info", help="the least important log lines shown",
+                             choices=("debug", "info", "warning", "error"))
+    secret_key_file: Path | None = setting(None, help="the worker's private key (default: <home>/worker.key)",
+                                           flag=False)
+    work_dir: Path | None = setting(None, help="scratch space for children (default: <home>/work)", flag=False)
 
     @property
     def key_file(self) -> Path:
@@ -47,19 +66,24 @@ class Settings:
     def scratch(self) -> Path:
         return self.work_dir or self.home / "work"
 
+    @property
+    def gpu_list(self) -> list[str]:
+        return [g.strip() for g in (self.gpus or "").split(",") if g.strip()]
+
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, env: typing.Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from PGML_* variables, then `overrides` (flags; None means "not given")."""
-        env = dict(os.environ if env is None else env)
+        env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"PGML_{f.name.upper()}")
-            if raw is not None and raw != "":
-                values[f.name] = _coerce(f.name, f.type, raw)
-        settings = cls(**values)
-        given = {k: _coerce(k, _type_of(k), v) if isinstance(v, str) else v
-                 for k, v in overrides.items() if v is not None}
-        settings = replace(settings, **given)
+            if raw:
+                values[f.name] = parse(f, raw, f"PGML_{f.name.upper()}")
+        for name, value in overrides.items():
+            if value is not None:
+                f = next(x for x in fields(cls) if x.name == name)
+                values[name] = parse(f, value, "--" + name.replace("_", "-")) if isinstance(value, str) else value
+        settings = replace(cls(), **values) if values else cls()
         settings.validate()
         return settings
 
@@ -71,29 +95,34 @@ class Settings:
                 f"lease_seconds ({self.lease_seconds}) must be more than twice heartbeat_seconds "
                 f"({self.heartbeat_seconds}): a lease must survive one missed heartbeat"
             )
-        if self.log_format not in ("auto", "json", "console"):
-            raise ValueError(f"log_format must be auto, json or console, got {self.log_format!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if self.gpus is not None and len(self.gpu_list) < self.concurrency:
             raise ValueError(f"--gpus {self.gpus!r} names fewer GPUs than --concurrency {self.concurrency}")
 
-    @property
-    def gpu_list(self) -> list[str]:
-        return [g.strip() for g in (self.gpus or "").split(",") if g.strip()]
+
+def field_type(f: Field[Any]) -> type:
+    """The field's value type, without `| None`."""
+    hint = typing.get_type_hints(Settings)[f.name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.cast(type, hint)
 
 
-def _type_of(name: str) -> str:
-    return next(str(f.type) for f in fields(Settings) if f.name == name)
-
-
-def _coerce(name: str, typ: Any, raw: str) -> Any:
-    t = str(typ)
+def parse(f: Field[Any], raw: str, where: str) -> Any:
+    """`raw` as the field's type; a clear error naming where the value came from."""
+    kind = field_type(f)
     try:
-        if t.startswith("int"):
-            return int(raw)
-        if t.startswith("float"):
-            return float(raw)
-        if "Path" in t:
+        if kind is bool:
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is Path:
             return Path(raw).expanduser()
-    except ValueError as e:
-        raise ValueError(f"PGML_{name.upper()}={raw!r} is not a valid {t.split(' ')[0]}") from e
-    return raw
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{where}={raw!r} is not a valid {kind.__name__}") from None

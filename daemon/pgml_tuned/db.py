@@ -1,38 +1,99 @@
-"""Connections, migrations and COPY helpers.
+"""Connections, the SQL files, migrations and the one retry helper.
 
-The daemon talks to PostgreSQL through `Db`: one autocommit command connection that reconnects with
-backoff when the server restarts or a backend is terminated, and retries the statement that failed.
-Every statement it runs is a short transaction of its own.
+- `q(name)`: a named statement of sql/queries.sql (`-- name: claim_job` blocks); `migrations()`: the files of
+  sql/migrations in order. SQL lives in those files, never in Python strings that build schema.
+- `Pool`: the worker's connection pool (psycopg_pool). Every statement is a short autocommit transaction of
+  its own; a connection found broken is replaced; `retrying()` retries a statement through server restarts.
+  LISTEN keeps a dedicated connection of its own (worker/backend.py), never a pooled one.
+- Every connection pins `search_path` to pg_catalog, pg_temp: the worker's statements name every object with
+  its schema, so nothing a user creates in another schema can be called by them by accident.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
-from collections.abc import AsyncIterator, Iterable
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
 
-from . import logs
-from .sql import migrations, q
+from . import logconfig
 
-log = logs.get("pgml_tuned.db")
+log = logconfig.get("pgml_tuned.db")
 
-# Errors after which a fresh connection may succeed: server restarts, terminated backends, network loss.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
+SEARCH_PATH = "pg_catalog, pg_temp"
+
+# Errors after which a fresh connection may succeed: server restarts, terminated backends, network loss
+# (psycopg_pool.PoolTimeout is an OperationalError too).
 RETRYABLE = (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow)
 
-
-async def connect(dsn: str, *, autocommit: bool = True, app: str = "pgml-tuned") -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(
-        dsn, autocommit=autocommit, row_factory=dict_row, application_name=app, connect_timeout=10
-    )
+T = TypeVar("T")
+Row = dict[str, Any]
 
 
-def backoff_delays(first: float = 0.05, cap: float = 5.0) -> Iterable[float]:
+# ---- the SQL files ----
+
+
+@cache
+def queries() -> dict[str, str]:
+    parts = _NAME.split((SQL_DIR / "queries.sql").read_text())
+    return {parts[i]: parts[i + 1].strip().rstrip(";") for i in range(1, len(parts), 2)}
+
+
+def q(name: str) -> str:
+    """The named statement `name` of sql/queries.sql."""
+    try:
+        return queries()[name]
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in {SQL_DIR / 'queries.sql'}") from None
+
+
+def migrations() -> list[tuple[str, str]]:
+    """(version, sql) of every migration, in order."""
+    files = sorted((SQL_DIR / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    return [(f.stem, f.read_text()) for f in files]
+
+
+# ---- connections ----
+
+
+def conn_kwargs(app: str) -> dict[str, Any]:
+    return {
+        "row_factory": dict_row,
+        "application_name": app,
+        "connect_timeout": 10,
+        "options": f"-c search_path={SEARCH_PATH.replace(' ', '')}",
+    }
+
+
+async def connect(dsn: str, *, autocommit: bool = True, app: str = "pgml-tuned") -> psycopg.AsyncConnection[DictRow]:
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit, **conn_kwargs(app))
+
+
+def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[DictRow]:
+    """A blocking connection (child processes are synchronous)."""
+    return psycopg.connect(dsn, **conn_kwargs(app))
+
+
+def fetch_one(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Row:
+    """The single row a blocking query must return."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {str(query)[:80]!r}")
+    return dict(row)
+
+
+def backoff_delays(first: float = 0.05, cap: float = 5.0) -> Iterator[float]:
     """Exponential backoff with full jitter, forever."""
     delay = first
     while True:
@@ -40,72 +101,77 @@ def backoff_delays(first: float = 0.05, cap: float = 5.0) -> Iterable[float]:
         delay = min(cap, delay * 2)
 
 
-class Db:
-    """A self-healing autocommit connection shared by the daemon's tasks (one statement at a time)."""
-
-    def __init__(self, dsn: str, app: str = "pgml-tuned") -> None:
-        self.dsn = dsn
-        self.app = app
-        self._conn: psycopg.AsyncConnection | None = None
-        self._lock = anyio.Lock()
-        self.reconnects = 0
-
-    async def _connection(self) -> psycopg.AsyncConnection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            for delay in backoff_delays():
-                try:
-                    self._conn = await connect(self.dsn, app=self.app)
-                    break
-                except RETRYABLE as e:
-                    log.warning("db.connect_failed", error=str(e).strip(), retry_in=round(delay, 2))
-                    await anyio.sleep(delay)
-            self.reconnects += 1
-        assert self._conn is not None
-        return self._conn
-
-    async def fetch(self, query: str, params: dict[str, Any] | None = None, *, retry: bool = True
-                    ) -> list[dict[str, Any]]:
-        """Run one statement (its own transaction) and return its rows; reconnect and retry on loss."""
-        for delay in backoff_delays():
-            async with self._lock:
-                conn = await self._connection()
-                try:
-                    cur = await conn.execute(query, params)
-                    return await cur.fetchall() if cur.description else []
-                except RETRYABLE as e:
-                    if not retry:
-                        raise
-                    log.warning("db.statement_failed", error=str(e).strip(), retry_in=round(delay, 2))
-                    await self._drop()
+async def retrying(what: str, fn: Callable[[], Awaitable[T]], *, first: float = 0.05, cap: float = 5.0,
+                   deadline: float | None = None) -> T:
+    """Await fn() until it does not raise a RETRYABLE error (backoff between tries); give up at `deadline`
+    (time.monotonic()) if one is given, raising the last error."""
+    for delay in backoff_delays(first, cap):
+        try:
+            return await fn()
+        except RETRYABLE as e:
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise
+            log.warning("db.retry", what=what, error=str(e).strip(), retry_in=round(delay, 2))
             await anyio.sleep(delay)
-        raise AssertionError("unreachable")
+    raise AssertionError("unreachable")
 
-    async def one(self, query: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+
+class Pool:
+    """The worker's pool of autocommit connections: one statement, one transaction, any free connection."""
+
+    def __init__(self, dsn: str, app: str = "pgml-tuned", *, max_size: int = 4) -> None:
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=min(2, max_size),
+            max_size=max_size,
+            kwargs={"autocommit": True, **conn_kwargs(app)},
+            check=self._check,  # a connection broken while idle is replaced, not used
+            open=False,
+            name=app,
+        )
+
+    @staticmethod
+    async def _check(conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception as e:
+            log.warning("db.connection_lost", error=str(e).strip() or type(e).__name__, note="replacing it")
+            raise
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._pool.close()
+
+    async def fetch(self, query: str, params: dict[str, Any] | None = None, *, retry: bool = True) -> list[Row]:
+        """Run one statement and return its rows; through a server restart when `retry` (the default)."""
+
+        async def once() -> list[Row]:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                return list(await cur.fetchall()) if cur.description else []
+
+        return await retrying("statement", once) if retry else await once()
+
+    async def one(self, query: str, params: dict[str, Any] | None = None) -> Row | None:
         rows = await self.fetch(query, params)
         return rows[0] if rows else None
 
-    async def named(self, name: str, **params: Any) -> list[dict[str, Any]]:
+    async def named(self, name: str, *, retry: bool = True, **params: Any) -> list[Row]:
         # no parameters: send the text as is (with {} psycopg would turn the %s of format() into $1)
-        return await self.fetch(q(name), params or None)
-
-    async def _drop(self) -> None:
-        if self._conn is not None:
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # already broken
-                await self._conn.close()
-        self._conn = None
-
-    async def close(self) -> None:
-        async with self._lock:
-            await self._drop()
+        return await self.fetch(q(name), params or None, retry=retry)
 
 
 @asynccontextmanager
-async def session(dsn: str, app: str = "pgml-tuned") -> AsyncIterator[Db]:
-    db = Db(dsn, app)
+async def pool(dsn: str, app: str = "pgml-tuned", *, max_size: int = 4) -> AsyncIterator[Pool]:
+    p = Pool(dsn, app, max_size=max_size)
+    await p.open()
     try:
-        yield db
+        yield p
     finally:
-        await db.close()
+        await p.close()
 
 
 async def migrate(dsn: str) -> list[str]:
@@ -115,9 +181,10 @@ async def migrate(dsn: str) -> list[str]:
     """
     applied: list[str] = []
     async with await connect(dsn, autocommit=True, app="pgml-tuned migrate") as conn:
-        await conn.execute("SELECT pg_advisory_lock(hashtext('pgml-tuned migrate'))")
+        await conn.execute("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pgml-tuned migrate'))")
         try:
-            exists = await (await conn.execute("SELECT to_regclass('pgml.schema_migrations') AS t")).fetchone()
+            exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.schema_migrations') AS t")
+                            ).fetchone()
             done: set[str] = set()
             if exists and exists["t"]:
                 rows = await (await conn.execute("SELECT version FROM pgml.schema_migrations")).fetchall()
@@ -133,18 +200,5 @@ async def migrate(dsn: str) -> list[str]:
                     )
                 applied.append(version)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtext('pgml-tuned migrate'))")
+            await conn.execute("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgml-tuned migrate'))")
     return applied
-
-
-def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[dict[str, Any]]:
-    """A blocking connection (used by child processes, which are synchronous)."""
-    return psycopg.connect(dsn, row_factory=dict_row, application_name=app, connect_timeout=10)
-
-
-def fetch_one(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> dict[str, Any]:
-    """The single row a blocking query must return."""
-    row = conn.execute(query, params).fetchone()
-    if row is None:
-        raise LookupError(f"no row from {str(query)[:80]!r}")
-    return dict(row)

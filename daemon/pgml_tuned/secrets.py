@@ -41,7 +41,6 @@ __all__ = [
     "SECRET_KEYS",
     "SecretError",
     "WorkerKey",
-    "default_key_path",
     "generate_key",
     "load_or_create_key",
     "register_key",
@@ -50,7 +49,7 @@ __all__ = [
 ]
 
 #: Hyperparameter keys whose values are secrets (at the top level and inside ``training_args``).
-SECRET_KEYS = ("token", "hub_token", "use_auth_token")
+SECRET_KEYS = ("token", "hub_token", "use_auth_token")  # as pgml._secret_keys() in SQL
 
 #: Environment variable naming the worker's key file.
 KEY_FILE_ENV = "PGML_SECRET_KEY_FILE"
@@ -156,15 +155,6 @@ def generate_key(bits: int = 2048) -> WorkerKey:
 
 
 # -- the key file --------------------------------------------------------------------------------------------
-
-
-def default_key_path() -> Path:
-    """``$PGML_SECRET_KEY_FILE``, else ``$XDG_CONFIG_HOME/pgml-tuned/worker_key.json`` (``~/.config``)."""
-    explicit = os.environ.get(KEY_FILE_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "pgml-tuned" / "worker_key.json"
 
 
 def _check_key(key: WorkerKey) -> None:

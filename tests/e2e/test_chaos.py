@@ -226,7 +226,7 @@ def test_postgres_restart_mid_job_nothing_lost(dedicated_pg: tuple[Any, str], tm
             assert d.proc.poll() is None, "the daemon survived the restart"
             names = {e.get("event") for e in log_events(d)}
             assert "listener.reconnect" in names, names
-            assert names & {"db.statement_failed", "db.connect_failed"}, names
+            assert names & {"db.retry", "db.connection_lost"}, names
             assert "Traceback" not in d.output()
     finally:
         for d in daemons:

@@ -15,14 +15,14 @@ import pytest
 import torch
 from psycopg.rows import dict_row
 
-from pgml_tuned import testing
 from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import DaemonProc, wait_job
+from tests.support import models as testing
 
 pytestmark = pytest.mark.slow
 
-FINANCE = Path(testing.__file__).parent / "data" / "finance_chat.csv"
+FINANCE = testing.DATA / "finance_chat.csv"
 LLAMA_HUB_ID = "meta-llama/Llama-2-7b-chat-hf"
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}

@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgml_tuned import testing
 from tests.conftest import job_row, wait_for, wait_job
+from tests.support import models as testing
 
 STEPS = 100
 

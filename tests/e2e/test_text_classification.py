@@ -11,12 +11,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgml_tuned import testing
 from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import job_row, wait_for, wait_job
+from tests.support import models as testing
 
-REVIEWS = Path(testing.__file__).parent / "data" / "reviews.csv"
+REVIEWS = testing.DATA / "reviews.csv"
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from pgml_tuned import embedded
-from pgml_tuned.sql import SQL_DIR
+from pgml_tuned.db import SQL_DIR
 from tests.conftest import scratch_database, wait_job
 
 

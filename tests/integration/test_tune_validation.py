@@ -166,4 +166,9 @@ def test_notify_carries_the_job_id(conn_dsn: str, conn: psycopg.Connection[dict[
         listener.execute("LISTEN pgml_jobs")
         row = tune(conn)
         notes = list(listener.notifies(timeout=2, stop_after=1))
-    assert [n.payload for n in notes] == [str(row["job_id"])]
+        assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]
+        # a job put back in the queue (requeue, reaped lease) wakes the workers too
+        conn.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1 WHERE id = %s", (row["job_id"],))
+        conn.execute("UPDATE pgml.jobs SET status = 'queued' WHERE id = %s", (row["job_id"],))
+        notes = list(listener.notifies(timeout=2, stop_after=1))
+        assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]

@@ -10,9 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from pgml_tuned import testing
-from pgml_tuned.child import JobError
+from pgml_tuned.errors import JobError
+from pgml_tuned.models import is_peft
 from pgml_tuned.recipes import conversation as cv
+from pgml_tuned.recipes.conversation import data as cv_data
+from tests.support import models as testing
 
 ROWS = [
     ("Be brief.", "Sentiment of: shares fell 8.4% after a profit warning.", "negative"),
@@ -65,7 +67,7 @@ def test_labels_mask_exactly_the_non_assistant_tokens(tok: PreTrainedTokenizerBa
 
 def test_templates_without_generation_markers_use_the_prompt_prefix(tok: PreTrainedTokenizerBase) -> None:
     tok.chat_template = testing.LLAMA_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    assert not cv._GENERATION_MARKER.search(tok.chat_template)
+    assert not cv_data._GENERATION_MARKER.search(tok.chat_template)
     examples, _ = cv.build_examples(ROWS, tok, cv.Options(), 256)
     for (system, user, assistant), ex in zip(ROWS, examples, strict=True):
         prompt = tok.apply_chat_template(cv.messages_of(system, user), tokenize=False, add_generation_prompt=True)
@@ -217,7 +219,7 @@ def test_lora_config_keys_and_default_targets(llama_dir: Path) -> None:
         cv.load_model(str(llama_dir), cv.Options(lora_config={"r": 0}))
     model = cv.load_model(str(llama_dir), cv.Options(lora_config={"r": 2, "lora_alpha": 4}))
     trainable, total = cv.count_parameters(model)
-    assert 0 < trainable < total / 10 and cv.is_peft(model)
+    assert 0 < trainable < total / 10 and is_peft(model)
     assert not model.get_base_model().config.use_cache
 
 

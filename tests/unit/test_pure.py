@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from pgml_tuned.config import Settings
+from pgml_tuned.db import migrations, q, queries
 from pgml_tuned.recipes.text_classification import macro_f1
 from pgml_tuned.splits import split
 from pgml_tuned.splits import test_count as rows_to_hold_out
-from pgml_tuned.sql import migrations, q, queries
 
 
 def test_test_count_fraction_and_rows() -> None:
@@ -93,7 +93,7 @@ def test_named_queries_and_migrations_load() -> None:
 
 
 def test_exit_descriptions() -> None:
-    from pgml_tuned.runner import Child
+    from pgml_tuned.worker.process import ChildProcess as Child
 
     child = Child.__new__(Child)
     child.error, child.stderr_tail = None, __import__("collections").deque(["Traceback", "MemoryError"])

@@ -235,12 +235,11 @@ def test_load_refuses_mismatched_key_pair(tmp_path: Path, key: WorkerKey, other_
     assert format(other_key.d, "x") not in str(info.value)
 
 
-def test_default_key_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PGML_SECRET_KEY_FILE", str(tmp_path / "k.json"))
-    assert sec.default_key_path() == tmp_path / "k.json"
-    monkeypatch.delenv("PGML_SECRET_KEY_FILE")
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert sec.default_key_path() == tmp_path / "pgml-tuned" / "worker_key.json"
+def test_key_file_setting(tmp_path: Path) -> None:
+    from pgml_tuned.config import Settings
+
+    assert Settings.from_env({"PGML_SECRET_KEY_FILE": str(tmp_path / "k.json")}).key_file == tmp_path / "k.json"
+    assert Settings.from_env({"PGML_HOME": str(tmp_path)}, home=str(tmp_path)).key_file == tmp_path / "worker.key"
 
 
 def test_secret_keys() -> None:

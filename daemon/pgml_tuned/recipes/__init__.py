@@ -1,8 +1,2 @@
-"""One readable module per task. RECIPES maps pgml.tasks names to modules here; each has run(ctx)."""
-
-RECIPES = {
-    "text-classification": "text_classification",
-    "text-pair-classification": "text_classification",
-    "conversation": "conversation",
-    "noop": "noop",
-}
+"""One module (or small package) per task, each with run(ctx): options → data → model → train → store.
+Which module runs which task is pgml_tuned.tasks; hf.py holds the Hugging Face plumbing they share."""

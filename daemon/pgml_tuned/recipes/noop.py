@@ -10,7 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..child import Interrupted, JobContext, JobError
+from ..child.context import JobContext
+from ..errors import Interrupted, JobError
 
 
 def run(ctx: JobContext) -> None:

@@ -20,17 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
     Trainer,
     set_seed,
 )
 
-from ..child import JobContext, JobError
+from ..child.context import JobContext
+from ..errors import JobError
+from ..models import load_sequence_classifier, load_tokenizer
 from ..splits import split
-from ._hf import PgmlCallback, model_token, train_evaluate_store, training_arguments
+from .hf import PgmlCallback, model_token, train_evaluate_store, training_arguments
+from .rows import check_rows
 
 
 def run(ctx: JobContext) -> None:
@@ -43,23 +44,14 @@ def run(ctx: JobContext) -> None:
     if not class_column:
         raise JobError("dataset_args.class_column is required")
     rows = ctx.read_relation([*text_columns, class_column])
-    relation = f"{ctx.spec['relation_schema']}.{ctx.spec['relation_table']}"
-    if len(rows) < 2:
-        raise JobError(f"{relation} has {len(rows)} rows; at least 2 are needed (one to train, one to test)")
-    for i, row in enumerate(rows, start=1):
-        for column, value in zip([*text_columns, class_column], row, strict=True):
-            if value is None or (column != class_column and not value.strip()):
-                what = "NULL" if value is None else "empty text"
-                raise JobError(f"row {i} of {relation} has {what} in column {column!r}; filter such rows out "
-                               f"in a view (WHERE {column} IS NOT NULL AND {column} <> '')")
+    check_rows(rows, [*text_columns, class_column], ctx.relation, non_empty=text_columns)
 
     # 2. labels: sorted class names → ids
     classes = [str(r[-1]) for r in rows]
     label_names = sorted(set(classes))
     if len(label_names) < 2:
-        raise JobError(f"column {class_column!r} of {relation} has a single class {label_names}: nothing to learn")
+        raise JobError(f"column {class_column!r} of {ctx.relation} has a single class {label_names}: nothing to learn")
     label2id = {name: i for i, name in enumerate(label_names)}
-    id2label = dict(enumerate(label_names))
 
     # 3. split the snapshot
     seed = int(ctx.training_args.get("seed", 42))
@@ -72,16 +64,11 @@ def run(ctx: JobContext) -> None:
 
     # 4. model and tokenizer
     ctx.check_stop()
-    source, stored = ctx.resolve_model(ctx.spec["model_name"])
+    start = ctx.resolve_model(ctx.spec["model_name"])
     token = model_token(ctx)
     set_seed(seed)  # the new classifier head is initialised here, before the Trainer seeds anything
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=token)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(label_names), id2label=id2label, label2id=label2id, token=token,
-            ignore_mismatched_sizes=True)
-    except OSError as e:
-        raise JobError(f"cannot load model {ctx.spec['model_name']!r}: {e}") from e
+    tokenizer = load_tokenizer(start.source, token=token)
+    model = load_sequence_classifier(start.source, start.name, label_names=label_names, token=token)
     max_length = int(ctx.hyperparams.get("max_seq_length") or min(512, tokenizer.model_max_length or 512))
 
     def encode(ix: list[int]) -> list[dict[str, Any]]:
@@ -104,7 +91,7 @@ def run(ctx: JobContext) -> None:
     )
 
     # 6. evaluate and store
-    train_evaluate_store(ctx, trainer, base_model=(stored or {}).get("base_model"))
+    train_evaluate_store(ctx, trainer, base_model=(start.stored or {}).get("base_model"))
 
 
 def accuracy_and_macro_f1(pred: EvalPrediction) -> dict[str, float]:

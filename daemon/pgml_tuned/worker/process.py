@@ -1,8 +1,9 @@
-"""Child process lifecycle: start one training process per job attempt, stream its events, stop it.
+"""The handle of a job's child process: start it, forward its events, signal it, describe how it ended.
 
 The child gets the job spec and its (unsealed) secrets on stdin — never on its command line or in its
-environment — and the DSN in PGML_DSN. It runs in its own session, so a Ctrl-C in the daemon's terminal
-reaches it only through the daemon; it dies with the daemon (PR_SET_PDEATHSIG).
+environment — and the DSN in PGML_DSN. It runs in its own session, so a Ctrl-C in the worker's terminal
+reaches it only through the worker; it dies with the worker (PR_SET_PDEATHSIG). Why the worker stops a child
+is the Attempt's business (attempt.py); this module only sends the signals.
 """
 
 from __future__ import annotations
@@ -19,25 +20,24 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
-from . import logs
+from .. import logconfig
 
-log = logs.get("pgml_tuned.runner")
+log = logconfig.get("pgml_tuned.worker.process")
 
 STDERR_TAIL = 40
 
 
-class Child:
-    """One running training process."""
+class ChildProcess:
+    """One running child process (`python -m pgml_tuned.child`)."""
 
     def __init__(self, process: Process) -> None:
         self.process = process
         self.error: str | None = None  # the message of the child's error event
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
-        self.stop_reason: str | None = None  # cancelled | lease_lost | shutdown
-        self.lease_lost_event = False
+        self.lease_lost_reported = False
 
     @classmethod
-    async def start(cls, payload: dict[str, Any], env: dict[str, str]) -> Child:
+    async def start(cls, payload: dict[str, Any], env: dict[str, str]) -> ChildProcess:
         process = await anyio.open_process(
             [sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True)
         child = cls(process)
@@ -65,7 +65,7 @@ class Child:
             if event.get("event") == "error":
                 self.error = event.get("error")
             elif event.get("event") == "lease_lost":
-                self.lease_lost_event = True
+                self.lease_lost_reported = True
             on_event(event)
 
     async def _read_stderr(self) -> None:
@@ -81,12 +81,11 @@ class Child:
             except ProcessLookupError:
                 pass
 
-    def terminate(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
+    def terminate(self) -> None:
+        """Ask it to stop: it checkpoints what it can and exits with ExitCode.REQUEUE."""
         self.signal(signal.SIGTERM)
 
-    def kill(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
+    def kill(self) -> None:
         self.signal(signal.SIGKILL)
 
     def describe_exit(self, rc: int) -> str:

@@ -1,5 +1,5 @@
 -- Every statement the daemon and its training children run, as named blocks (`-- name: x`), loaded by
--- daemon/pgml_tuned/sql.py. The job state machine that uses them is documented in daemon/pgml_tuned/jobs.py.
+-- pgml_tuned/db.py and run through pgml_tuned/jobs.py. The job state machine is documented in pgml_tuned/states.py.
 -- Writes by a worker are fenced: they match the job's current `attempt`, so a worker that lost its lease
 -- can never overwrite the new owner's work.
 
@@ -22,15 +22,17 @@ WHERE j.id = (
 )
 RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
           j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets,
-          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
-          clock_timestamp() AS claimed_at;
+          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name;
 
--- name: renew_lease
-UPDATE pgml.jobs
+-- name: renew_leases
+-- One statement renews every running attempt of a worker (parallel arrays of job ids and attempts); a job that
+-- is missing from the result has lost its lease.
+UPDATE pgml.jobs j
 SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
     heartbeat_at = clock_timestamp()
-WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-RETURNING cancel_requested;
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS a (id, attempt)
+WHERE j.id = a.id AND j.attempt = a.attempt AND j.status = 'running'
+RETURNING j.id, j.cancel_requested;
 
 -- name: reap_expired
 -- A lease that ran out while the server itself was down is no sign of a dead worker: after a restart, every
@@ -159,10 +161,6 @@ WHERE (%(model_id)s::bigint IS NOT NULL AND m.id = %(model_id)s::bigint)
    OR (%(model_id)s::bigint IS NULL AND p.name = %(project)s AND m.status = 'successful')
 ORDER BY m.id DESC
 LIMIT 1;
-
--- name: stored_model_bytes
-SELECT coalesce(sum(length(data)), 0)::bigint AS bytes, count(DISTINCT path) AS files
-FROM pgml.files WHERE model_id = %(model_id)s;
 
 -- name: delete_checkpoint_step
 -- Inside the child's fenced transaction (lock_owned_job first): a re-run step replaces its checkpoint.

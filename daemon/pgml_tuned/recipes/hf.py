@@ -1,5 +1,5 @@
 """Hugging Face plumbing shared by the recipes: TrainingArguments from hyperparams, the callback that
-streams logs into PostgreSQL, hub settings, and the train → evaluate → store sequence."""
+streams logs into PostgreSQL, hub settings, and the train → evaluate → save → store sequence."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..child import Interrupted, JobContext, JobError
+from ..child.context import JobContext
+from ..errors import Interrupted, JobError
+from ..secrets import SECRET_KEYS
 
 # Keys older tutorials use that transformers 5 renamed.
 RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "tokenizer": "processing_class"}
@@ -26,7 +28,7 @@ def hub_offline() -> bool:
 
 def model_token(ctx: JobContext) -> str | None:
     """The token for downloading gated/private models (never stored or logged)."""
-    return ctx.secret("token", "hub_token", "use_auth_token", "training_args.hub_token")
+    return ctx.secret(*SECRET_KEYS, "training_args.hub_token")
 
 
 def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None
@@ -104,7 +106,7 @@ class PgmlCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2)."""
-        src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        src = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
         if src.is_dir():
             self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
 
@@ -119,18 +121,32 @@ def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
     return dict(output.metrics)
 
 
-def train_evaluate_store(ctx: JobContext, trainer: Trainer, *, base_model: str | None = None,
-                         derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                         save_dir: Path | None = None
-                         ) -> dict[str, Any]:
-    """Train, evaluate on the held-out rows, save the model + tokenizer, commit files and metrics."""
-    metrics = train(ctx, trainer)
-    metrics.update(trainer.evaluate())
-    if derive:
-        metrics.update(derive(metrics))
-    out = save_dir or ctx.workdir / "model"
+def save_model(trainer: Trainer, out: Path) -> None:
+    """The model (or LoRA adapter) and its tokenizer, as from_pretrained loads them.
+
+    Trainer.save_model also writes training_args.bin (a pickle that can hold hub_token) and peft a README
+    model card: neither is stored.
+    """
     trainer.save_model(str(out))
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(str(out))
+    for name in ("training_args.bin", "README.md"):
+        (out / name).unlink(missing_ok=True)
+
+
+def evaluate_and_store(ctx: JobContext, trainer: Trainer, metrics: dict[str, Any], *, base_model: str | None = None,
+                       derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                       save: Callable[[Trainer, Path], None] = save_model) -> dict[str, Any]:
+    """Evaluate on the held-out rows, add derived metrics, save the model, commit files and metrics."""
+    metrics = {**metrics, **trainer.evaluate()}
+    if derive:
+        metrics.update(derive(metrics))
+    out = ctx.workdir / "model"
+    save(trainer, out)
     ctx.save_results(out, metrics, base_model=base_model)
     return metrics
+
+
+def train_evaluate_store(ctx: JobContext, trainer: Trainer, *, base_model: str | None = None) -> dict[str, Any]:
+    """Train (resuming from a stored checkpoint), evaluate, save and store."""
+    return evaluate_and_store(ctx, trainer, train(ctx, trainer), base_model=base_model)

@@ -1,0 +1,80 @@
+"""The child process of one job attempt, started by the worker (worker/process.py):
+
+    python -m pgml_tuned.child      (the job spec and its secrets arrive as JSON on stdin, the DSN in PGML_DSN)
+
+It opens its own connection (children never inherit one), runs the task's recipe (imported by name from the
+task registry), streams log events into pgml.logs as they happen and commits the results in one fenced
+transaction. Its stdout is the event channel to the worker (events.py); exit codes are states.ExitCode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import json
+import os
+import shutil
+import signal
+import sys
+import traceback
+from typing import Any
+
+from ..errors import Interrupted, JobError, LeaseLost
+from ..states import ExitCode
+from ..tasks import recipe_module
+from .context import JobContext
+from .events import Events
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the worker dies, so an orphan never trains on (its writes are fenced anyway)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() == 1:
+        os._exit(ExitCode.LEASE_LOST)
+
+
+def main() -> int:
+    die_with_parent()
+    # our stdout is the event channel; everything else that prints goes to stderr
+    events = Events(os.fdopen(os.dup(1), "w", buffering=1))
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    payload = json.loads(sys.stdin.read())
+    spec, secrets = payload["spec"], payload.get("secrets") or {}
+    ctx = JobContext(spec, secrets, os.environ["PGML_DSN"], events)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        ctx.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        importlib.import_module(recipe_module(spec["task"])).run(ctx)
+        return ExitCode.OK
+    except Interrupted as e:
+        ctx.store.flush_logs(wait=False)
+        ctx.info(str(e))
+        return ExitCode.REQUEUE
+    except LeaseLost as e:
+        events.emit({"event": "lease_lost", "message": str(e)})
+        return ExitCode.LEASE_LOST
+    except JobError as e:
+        events.emit({"event": "error", "error": str(e)})
+        return ExitCode.ERROR
+    except Exception as e:
+        tb = traceback.format_exc()
+        sys.stderr.write(tb)
+        events.emit({"event": "error", "error": f"{type(e).__name__}: {e}", "traceback": tb[-4000:]})
+        return ExitCode.ERROR
+    finally:
+        with contextlib.suppress(Exception):  # best effort; the worker records the outcome
+            ctx.store.flush_logs(wait=False)
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""JobContext: everything a recipe needs from the outside world — the job spec, the data, the starting model,
+logging, checkpoints and the final commit. Recipes see only this (and pgml_tuned.models for loading)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .. import models
+from ..errors import Interrupted
+from .events import Events
+from .store import JobStore
+
+
+class JobContext:
+    def __init__(self, spec: dict[str, Any], secrets: dict[str, Any], dsn: str, events: Events) -> None:
+        self.spec = spec
+        self.secrets = secrets
+        self.events = events
+        self.job_id: int = spec["id"]
+        self.attempt: int = spec["attempt"]
+        self.model_id: int = spec["model_id"]
+        self.hyperparams: dict[str, Any] = spec.get("hyperparams") or {}
+        self.stop_requested = False
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-",
+                                             dir=os.environ.get("PGML_WORK_DIR") or None))
+        self.store = JobStore(dsn, self.job_id, self.attempt, self.model_id, events, self.workdir)
+        self._resume: Path | None = None
+        self._resume_looked_up = False
+
+    # ---- inputs ----
+    @property
+    def training_args(self) -> dict[str, Any]:
+        return dict(self.hyperparams.get("training_args") or {})
+
+    @property
+    def dataset_args(self) -> dict[str, Any]:
+        return dict(self.hyperparams.get("dataset_args") or {})
+
+    @property
+    def relation(self) -> str:
+        return f"{self.spec['relation_schema']}.{self.spec['relation_table']}"
+
+    def secret(self, *names: str) -> str | None:
+        for n in names:
+            if self.secrets.get(n):
+                return str(self.secrets[n])
+        return None
+
+    def read_relation(self, columns: list[str]) -> list[tuple[str | None, ...]]:
+        """The named columns of the job's relation, read once (a resumed job gets the first attempt's rows)."""
+        return self.store.read_relation(self.spec["relation_schema"], self.spec["relation_table"], columns,
+                                        self.resume_checkpoint())
+
+    def resolve_model(self, model_name: str) -> models.Resolved:
+        return models.resolve(model_name, self.store, self.workdir, self.info)
+
+    def resume_checkpoint(self) -> Path | None:
+        """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none."""
+        if not self._resume_looked_up:
+            self._resume_looked_up = True
+            self._resume = self.store.latest_checkpoint(self.workdir / "resume")
+        return self._resume
+
+    # ---- outputs ----
+    def info(self, message: str, level: str = "info", **fields: Any) -> None:
+        self.events.info(message, level, **fields)
+
+    def log(self, entry: dict[str, Any]) -> None:
+        """One log row in pgml.logs (a Trainer log event, or a warning the user should see with the curve)."""
+        self.store.log(entry)
+
+    def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
+        self.store.store_checkpoint(step, src, keep)
+
+    def save_results(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None = None) -> None:
+        """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
+        self.store.succeed(model_dir, metrics, base_model)
+
+    def check_stop(self) -> None:
+        if self.stop_requested:
+            raise Interrupted("stopped by SIGTERM before training started")

@@ -1,0 +1,208 @@
+"""The child's one door to PostgreSQL: its own connection, retried through server restarts, and every read
+and fenced write a job makes — the training rows, log rows, checkpoints, stored models, the final commit.
+
+Writes go through jobs.py (fenced on the attempt: LeaseLost when another attempt owns the job now).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+
+from .. import files, jobs
+from ..db import RETRYABLE, Row, backoff_delays, q, sync_connect
+from ..errors import JobError
+from .events import Events
+
+T = TypeVar("T")
+
+SNAPSHOT_FILE = "pgml_rows.json"  # the job's data, stored with each checkpoint
+
+# How long the child keeps retrying the database (server restarts, lost connections) before giving up.
+DB_RETRY_SECONDS = float(os.environ.get("PGML_DB_RETRY_SECONDS", "300"))
+
+
+def number(v: Any) -> Any:
+    """Trainer log values may arrive as strings; store numbers as numbers."""
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+        return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+    return v
+
+
+class JobStore:
+    def __init__(self, dsn: str, job_id: int, attempt: int, model_id: int, events: Events, workdir: Path) -> None:
+        self.dsn = dsn
+        self.job_id = job_id
+        self.attempt = attempt
+        self.model_id = model_id
+        self.events = events
+        self.workdir = workdir
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pending: list[tuple[int, dict[str, Any]]] = []
+        self._seq = 0
+        self._rate_origin: tuple[float, float] | None = None  # (step, time) of this attempt's first log
+        self._progress: dict[str, Any] = {}
+        self._rows_file = workdir / "rows.json"
+
+    # ---- the connection ----
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = sync_connect(self.dsn, app=f"pgml-tuned job {self.job_id}")
+            self._conn.autocommit = True
+        return self._conn
+
+    def with_retry(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """Run fn(conn), reconnecting through server restarts and killed backends for DB_RETRY_SECONDS."""
+        deadline = time.monotonic() + DB_RETRY_SECONDS
+        for delay in backoff_delays(first=0.1, cap=5.0):
+            try:
+                return fn(self.conn())
+            except RETRYABLE as e:
+                self._conn = None
+                if time.monotonic() + delay > deadline:
+                    raise JobError(f"lost the database while {what} and could not reconnect for "
+                                   f"{DB_RETRY_SECONDS:.0f} s: {e}") from e
+                self.events.info(f"database connection lost while {what}; retrying in {delay:.1f} s",
+                                 level="warning")
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def fetch_row(self, what: str, name: str, params: dict[str, Any]) -> Row | None:
+        """One row of the named query (or None)."""
+        return self.with_retry(what, lambda c: c.execute(q(name), params).fetchone())
+
+    # ---- the training rows ----
+    def read_relation(self, schema: str, table: str, columns: list[str], resume: Path | None
+                      ) -> list[tuple[str | None, ...]]:
+        """The named columns of schema.table, read once with COPY (one consistent snapshot).
+
+        A job resumed from a checkpoint gets the rows the first attempt read (stored in the checkpoint), so
+        a view that reshuffles on every read (ORDER BY random()) cannot change the data under it.
+        """
+        if resume is not None and (resume / SNAPSHOT_FILE).exists():
+            rows = [tuple(r) for r in json.loads((resume / SNAPSHOT_FILE).read_text())]
+            self._rows_file.write_text(json.dumps(rows))
+            self.events.info(f"resuming with the {len(rows)} rows read by the first attempt", rows=len(rows))
+            return rows
+        copy = sql.SQL("COPY (SELECT {cols} FROM {schema}.{table}) TO STDOUT").format(
+            cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
+            schema=sql.Identifier(schema), table=sql.Identifier(table))
+
+        def read(conn: psycopg.Connection[Any]) -> list[tuple[str | None, ...]]:
+            try:
+                with conn.cursor() as cur, cur.copy(copy) as cp:
+                    return [tuple(row) for row in cp.rows()]
+            except psycopg.errors.UndefinedTable as e:
+                raise JobError(f"relation {schema}.{table} no longer exists: {e.diag.message_primary}") from e
+            except psycopg.errors.UndefinedColumn as e:
+                raise JobError(f"{schema}.{table} changed since the job was queued: {e.diag.message_primary}") from e
+            except psycopg.errors.InsufficientPrivilege as e:
+                raise JobError(f"the worker's database role may not read {schema}.{table}: "
+                               f"{e.diag.message_primary}; GRANT SELECT ON {schema}.{table} to it") from e
+
+        rows = self.with_retry("reading the training data", read)
+        self._rows_file.write_text(json.dumps(rows))
+        self.events.info(f"read {len(rows)} rows from {schema}.{table}", rows=len(rows))
+        return rows
+
+    # ---- stored models ----
+    def find_model(self, model_id: int | None, project: str) -> Row | None:
+        return self.fetch_row("resolving the model", "resolve_model_ref", {"model_id": model_id, "project": project})
+
+    def download_model(self, model_id: int, dest: Path) -> Path:
+        return self.with_retry("downloading a stored model", lambda c: files.download_model(c, model_id, dest))
+
+    # ---- checkpoints ----
+    def latest_checkpoint(self, dest_root: Path) -> Path | None:
+        """The latest stored checkpoint of this job (any earlier attempt), downloaded under dest_root."""
+        row = self.fetch_row("looking for a checkpoint", "latest_checkpoint", {"id": self.job_id})
+        if row is None:
+            return None
+        dest = dest_root / f"checkpoint-{row['step']}"
+        self.with_retry("downloading the checkpoint", lambda c: files.copy_dir_out(
+            c, q("checkpoint_files"), {"checkpoint_id": row["id"]}, dest))
+        self.events.info(f"resuming from the checkpoint at step {row['step']} (attempt {row['attempt']})",
+                         step=row["step"], bytes=row["bytes"])
+        return dest
+
+    def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
+        """Store checkpoint directory `src` (and the data snapshot) in one fenced transaction; keep `keep`."""
+        if self._rows_file.exists() and not (src / SNAPSHOT_FILE).exists():
+            shutil.copyfile(self._rows_file, src / SNAPSHOT_FILE)
+        self.flush_logs()
+        t0 = time.monotonic()
+        n_files, n_bytes = self.with_retry("storing a checkpoint", lambda c: jobs.store_checkpoint(
+            c, self.job_id, self.attempt, step, src, keep))
+        seconds = time.monotonic() - t0
+        self.events.info(f"checkpoint at step {step} stored in PostgreSQL: {n_files} files, {n_bytes / 1e6:.1f} MB "
+                         f"in {seconds:.2f} s", step=step, bytes=n_bytes, seconds=round(seconds, 3))
+
+    # ---- log rows ----
+    def log(self, entry: dict[str, Any]) -> None:
+        """Store one log event in pgml.logs now (buffered and retried if the database is away)."""
+        entry = {k: number(v) for k, v in entry.items()}
+        entry.setdefault("timestamp", str(dt.datetime.now()))
+        step = entry.get("step")
+        if isinstance(step, int | float):
+            now = time.monotonic()
+            if self._rate_origin is None:
+                self._rate_origin = (step, now)
+            elif step > self._rate_origin[0] and now > self._rate_origin[1]:
+                rate = (step - self._rate_origin[0]) / (now - self._rate_origin[1])
+                self._progress["steps_per_second"] = round(rate, 4)
+        self.events.emit({"event": "log", "logs": entry})
+        self._seq += 1
+        self._pending.append((self._seq, entry))
+        self.flush_logs(wait=False)
+
+    def flush_logs(self, wait: bool = True) -> None:
+        if not self._pending:
+            return
+        batch = list(self._pending)
+        progress = progress_of([e for _, e in batch], self._progress)
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            jobs.append_logs(conn, self.job_id, self.attempt, batch, progress)
+
+        if wait:
+            self.with_retry("writing logs", write)
+        else:
+            try:
+                write(self.conn())
+            except RETRYABLE:
+                self._conn = None  # keep them; the next log or the final flush retries
+                return
+        del self._pending[: len(batch)]
+
+    # ---- the final commit ----
+    def succeed(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None) -> None:
+        """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
+        self.flush_logs()
+        metrics = {k: number(v) for k, v in metrics.items()}
+        n_files, n_bytes = self.with_retry("storing the model", lambda c: jobs.succeed(
+            c, self.job_id, self.attempt, self.model_id, model_dir, metrics, base_model))
+        self.events.info(f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}",
+                         files=n_files, bytes=n_bytes)
+
+
+def progress_of(entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """The job's progress after these log entries: the last step/epoch/losses, and `extra` (steps/s)."""
+    progress = {k: v for k, v in entries[-1].items() if k in ("step", "max_steps", "epoch", "loss", "eval_loss")}
+    for e in entries:
+        if "loss" in e:
+            progress["loss"] = e["loss"]
+    progress.update(extra)
+    return progress

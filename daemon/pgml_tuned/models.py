@@ -1,0 +1,168 @@
+"""Models by name: resolve a `model_name` to something loadable, and load it.
+
+A model_name is one of
+- `pgml:model:<id>`  model <id> of pgml.models (its files come from pgml.files),
+- `pgml:<project>`   that project's latest successful model,
+- a directory on the worker (`/…`, `./…`, `~/…`), or
+- a Hugging Face hub id (the worker's hub cache; HF_HUB_OFFLINE=1 keeps it offline).
+A stored LoRA adapter loads onto its recorded base model (itself any of the above).
+
+Training recipes and (next) the inference lane load through here, so both see the same models the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import JobError
+
+# torch_dtype names users may write → the canonical name (torch is imported only when a model is loaded: a
+# child that needs no model, and the worker, never import it)
+DTYPES: dict[str, str] = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def torch_dtype(name: str) -> Any:
+    """torch's dtype for a DTYPES name ("auto" stays "auto")."""
+    import torch
+
+    canonical = DTYPES[name]
+    return canonical if canonical == "auto" else getattr(torch, canonical)
+
+
+class ModelStore(Protocol):
+    """Where stored models come from (the child's JobStore)."""
+
+    def find_model(self, model_id: int | None, project: str) -> dict[str, Any] | None: ...
+
+    def download_model(self, model_id: int, dest: Path) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str  # as given
+    source: str  # a directory or hub id from_pretrained loads
+    stored: dict[str, Any] | None  # the pgml.models row when it came from pgml
+
+    @property
+    def adapter_dir(self) -> str | None:
+        """The directory of a LoRA adapter (adapter_config.json, no base weights), else None."""
+        return self.source if (Path(self.source) / "adapter_config.json").is_file() else None
+
+    def adapter_base(self) -> str | None:
+        """What a LoRA adapter loads onto: the base recorded with the stored model, else the adapter's own."""
+        if self.adapter_dir is None:
+            return None
+        recorded = (self.stored or {}).get("base_model")
+        config = json.loads((Path(self.source) / "adapter_config.json").read_text())
+        return recorded or config.get("base_model_name_or_path")
+
+
+def resolve(model_name: str, store: ModelStore, workdir: Path, info: Callable[..., None]) -> Resolved:
+    """A loadable source for `model_name`; stored models are downloaded under workdir."""
+    if not model_name.startswith("pgml:"):
+        if model_name.startswith(("/", "./", "~")) and not Path(model_name).expanduser().is_dir():
+            raise JobError(f"model_name {model_name!r} is not a directory on worker {os.uname().nodename}; "
+                           "pass a directory that exists on every worker, a hub id, or pgml:<project>")
+        source = str(Path(model_name).expanduser()) if model_name.startswith("~") else model_name
+        return Resolved(model_name, source, None)
+    ref = model_name.removeprefix("pgml:")
+    if ref.startswith("model:") and not ref.removeprefix("model:").isdigit():
+        raise JobError(f"model_name {model_name!r}: write pgml:model:<id> with a numeric id")
+    model_id = int(ref.removeprefix("model:")) if ref.startswith("model:") else None
+    row = store.find_model(model_id, ref)
+    if row is None:
+        what = f"model {model_id}" if model_id else f"a successful model in project {ref!r}"
+        raise JobError(f"model_name {model_name!r}: there is no {what}")
+    if row["status"] != "successful":
+        raise JobError(f"model_name {model_name!r}: model {row['id']} is {row['status']}, not successful")
+    dest = workdir / f"start-model-{row['id']}"
+    store.download_model(row["id"], dest)
+    info(f"starting from stored model {row['id']} (project {row['project_name']})", model_id=row["id"])
+    return Resolved(model_name, str(dest), dict(row))
+
+
+def load_tokenizer(source: str, *, token: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, token=token)
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot load the tokenizer of {source!r}: {e}") from e
+
+
+def load_sequence_classifier(source: str, name: str, *, label_names: list[str], token: str | None = None) -> Any:
+    """AutoModelForSequenceClassification with a head for `label_names` (ids in that order)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)}, token=token, ignore_mismatched_sizes=True)
+    except OSError as e:
+        raise JobError(f"cannot load model {name!r}: {e}") from e
+
+
+def load_causal_lm(source: str, *, token: str | None = None, dtype: str | None = None,
+                   attn_implementation: str | None = None, quantize: str | None = None, device: str = "cpu") -> Any:
+    """AutoModelForCausalLM; `quantize` "8bit" or "4bit" (nf4, double quantization) through bitsandbytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"token": token}
+    if dtype:
+        kwargs["dtype"] = torch_dtype(dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        if quantize == "4bit":
+            compute = torch.float16 if DTYPES.get(dtype or "") == "float16" else torch.bfloat16
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            )
+            kwargs.setdefault("dtype", compute)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot load model {source!r} as a causal LM: {e}") from e
+
+
+def peft_module() -> Any:
+    try:
+        import peft
+    except ImportError as e:
+        raise JobError("LoRA needs peft on the worker: pip install 'pgml-tuned[lora]'") from e
+    return peft
+
+
+def attach_adapter(model: Any, adapter_dir: str, *, trainable: bool) -> Any:
+    """A stored LoRA adapter on its (already loaded) base model."""
+    return peft_module().PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def is_peft(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)

@@ -1,0 +1,107 @@
+"""One attempt at one job on this worker: unseal its secrets, start its child, forward the child's events,
+stop the child when asked (cancel, lost lease, shutdown), then settle how it ended (states.settle) and
+write that transition through the Backend. Leases are renewed for all attempts at once by the daemon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+from .. import logconfig, secrets
+from ..states import Action, Claim, StopReason, settle
+from .backend import Backend
+
+log = logconfig.get("pgml_tuned.worker")
+
+
+class Child(Protocol):
+    """What an attempt needs of its child process (process.ChildProcess; a fake one in unit tests)."""
+
+    error: str | None
+    lease_lost_reported: bool
+
+    async def run(self, on_event: Callable[[dict[str, Any]], None]) -> int: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def describe_exit(self, rc: int) -> str: ...
+
+
+Launcher = Callable[[dict[str, Any], dict[str, str]], Awaitable[Child]]
+
+
+class Attempt:
+    def __init__(self, claim: Claim, slot: int) -> None:
+        self.claim = claim
+        self.slot = slot
+        self.child: Child | None = None
+        self.stop_reason: StopReason | None = None
+        self._kill = False
+
+    def stop(self, reason: StopReason, *, kill: bool) -> None:
+        """Stop the child (SIGTERM: it checkpoints and exits; kill: SIGKILL). The first reason is the one
+        settled on; a stop that comes before the child started is applied as soon as it has."""
+        self.stop_reason = self.stop_reason or reason
+        self._kill = self._kill or kill
+        if self.child is not None:
+            self.child.kill() if self._kill else self.child.terminate()
+
+    async def run(self, backend: Backend, launch: Launcher, env: dict[str, str]) -> None:
+        job = self.claim
+        with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=job.attempt):
+            try:
+                await self._run(backend, launch, env)
+            except Exception as e:  # a bug or an OS error here fails this job, never the worker
+                log.exception("job.runner_error")
+                with anyio.CancelScope(shield=True):
+                    await backend.fail(job, f"pgml-tuned worker error: {type(e).__name__}: {e}")
+
+    async def _run(self, backend: Backend, launch: Launcher, env: dict[str, str]) -> None:
+        job = self.claim
+        log.info("job.claimed", task=job.task, project=job.project_name, model=job.model_name)
+        try:
+            unsealed = backend.unseal(job)
+        except secrets.SecretError as e:
+            await backend.fail(job, str(e))
+            log.error("job.failed", error=str(e))
+            return
+        child = await launch({"spec": job.spec(), "secrets": unsealed}, env)
+        self.child = child
+        if self.stop_reason is not None:
+            self.stop(self.stop_reason, kill=self._kill)
+        rc = await child.run(on_child_event)
+        with anyio.CancelScope(shield=True):
+            status = await backend.status(job.id, job.attempt)
+            description = child.describe_exit(rc)
+            transition = settle(rc, self.stop_reason, status, error_reported=child.error is not None,
+                                lease_lost_reported=child.lease_lost_reported, description=description)
+            if transition.action == Action.DONE:
+                log.info("job.succeeded")
+            elif transition.action == Action.CANCEL:
+                await backend.cancel(job, by="pgml.cancel")
+                log.info("job.cancelled", rc=rc)
+            elif transition.action == Action.REQUEUE:
+                await backend.requeue(job)
+                log.info("job.requeued", rc=rc)
+            elif transition.action == Action.FAIL:
+                await backend.fail(job, transition.error or description)
+                log.error("job.failed", rc=rc, error=transition.error)
+            else:
+                log.warning("job.abandoned", reason="the job is no longer this attempt's", rc=rc,
+                            stop_reason=self.stop_reason, status=status)
+
+
+def on_child_event(event: dict[str, Any]) -> None:
+    kind = event.get("event")
+    if kind == "log":
+        log.info("train.log", **event["logs"])
+    elif kind == "info":
+        getattr(log, event.get("level", "info"), log.info)("job.info", message=event.get("message"))
+    elif kind == "error":
+        log.error("job.error", error=event.get("error"))

@@ -1,0 +1,164 @@
+"""What the worker needs from the queue, as one interface (Backend), and its PostgreSQL implementation.
+
+The daemon (daemon.py) and its attempts (attempt.py) talk only to a Backend; PgBackend carries it out with
+the named statements of jobs.py over a connection pool, plus one dedicated LISTEN connection. Unit tests
+drive the real daemon against an in-memory Backend (tests/support/memory.py) in milliseconds.
+
+Notifications are typed (Notice): a NOTIFY only wakes the worker or makes it look at rows sooner; what it
+does is decided from the rows it reads (a cancel request is read from pgml.jobs by the lease renewal, never
+taken from a payload).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+
+from .. import jobs, logconfig, secrets
+from ..config import Settings
+from ..db import RETRYABLE, Pool, backoff_delays, connect
+from ..states import Claim, Status
+
+log = logconfig.get("pgml_tuned.worker.backend")
+
+JOBS_CHANNEL = "pgml_jobs"  # {"type": "job_queued", "id": N}: a job became queued
+CONTROL_CHANNEL = "pgml_control"  # {"type": "cancel_requested", "id": N}: look at that job's row now
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A typed wake-up: "job_queued", "cancel_requested", or "listening" (LISTEN (re)established)."""
+
+    type: str
+    id: int | None = None
+
+
+def parse_notice(channel: str, payload: str) -> Notice | None:
+    """The Notice a NOTIFY carries; None for one that is not ours (it is ignored)."""
+    try:
+        data = json.loads(payload) if payload else {}
+    except json.JSONDecodeError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    job_id = data.get("id") if isinstance(data.get("id"), int) else None
+    if channel == JOBS_CHANNEL:
+        return Notice("job_queued", job_id)  # any payload: it only wakes the claimer
+    if channel == CONTROL_CHANNEL and data.get("type") == "cancel_requested":
+        return Notice("cancel_requested", job_id)
+    return None
+
+
+class Backend(Protocol):
+    async def prepare(self) -> None:
+        """Connect (waiting for the database) and get ready to claim."""
+
+    def notices(self) -> AsyncIterator[Notice]: ...
+
+    async def claim(self, lease_seconds: float) -> Claim | None:
+        """The next queued job, now this worker's; raises a RETRYABLE error when the reply was lost."""
+
+    async def release_orphans(self, running: list[int]) -> list[int]: ...
+
+    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, bool]:
+        """{job id: cancel requested} of the attempts still owned (see jobs.renew_leases)."""
+
+    async def status(self, job_id: int, attempt: int) -> Status | None: ...
+
+    async def fail(self, claim: Claim, error: str) -> None: ...
+
+    async def cancel(self, claim: Claim, by: str) -> None: ...
+
+    async def requeue(self, claim: Claim) -> None: ...
+
+    async def reap(self) -> list[dict[str, Any]]: ...
+
+    async def queue_empty(self) -> bool: ...
+
+    def unseal(self, claim: Claim) -> dict[str, Any]:
+        """The job's secrets in clear (raises secrets.SecretError)."""
+
+    async def close(self) -> None: ...
+
+
+class PgBackend:
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.worker = settings.worker_id
+        # claimer, poller, heartbeat and each settling attempt: a few statements at once at most
+        self.pool = Pool(dsn, app=f"pgml-tuned {self.worker}", max_size=3 + settings.concurrency)
+        self.key: secrets.WorkerKey | None = None
+
+    async def prepare(self) -> None:
+        self.key = await anyio.to_thread.run_sync(secrets.load_or_create_key, self.settings.key_file)
+        for delay in backoff_delays(first=0.2, cap=10.0):
+            try:
+                async with await connect(self.dsn) as conn:
+                    await secrets.register_key(conn, self.key)
+                break
+            except RETRYABLE as e:
+                log.warning("daemon.db_unavailable", error=str(e).strip(), retry_in=round(delay, 2))
+                await anyio.sleep(delay)
+        await self.pool.open()
+
+    async def notices(self) -> AsyncIterator[Notice]:
+        """LISTEN on a dedicated connection, forever: re-LISTENs (and says "listening") after every reconnect."""
+        delays = backoff_delays(first=0.05, cap=5.0)
+        while True:
+            try:
+                conn = await connect(self.dsn, app=f"pgml-tuned listen {self.worker}")
+                async with conn:
+                    await conn.execute(f"LISTEN {JOBS_CHANNEL}")
+                    await conn.execute(f"LISTEN {CONTROL_CHANNEL}")
+                    delays = backoff_delays(first=0.05, cap=5.0)  # listening again: the next outage starts over
+                    yield Notice("listening")  # anything queued while we were not listening
+                    while True:
+                        async for note in conn.notifies(timeout=max(5.0, self.settings.poll_seconds * 5)):
+                            notice = parse_notice(note.channel, note.payload)
+                            if notice is not None:
+                                yield notice
+                        await conn.execute("SELECT 1")  # quiet for a while: check the connection
+            except RETRYABLE as e:
+                delay = next(delays)
+                log.warning("listener.reconnect", error=str(e).strip(), retry_in=round(delay, 2))
+                await anyio.sleep(delay)
+
+    async def claim(self, lease_seconds: float) -> Claim | None:
+        return await jobs.claim(self.pool, self.worker, lease_seconds)
+
+    async def release_orphans(self, running: list[int]) -> list[int]:
+        return await jobs.release_orphans(self.pool, self.worker, running)
+
+    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, bool]:
+        return await jobs.renew_leases(self.pool, attempts, lease_seconds)
+
+    async def status(self, job_id: int, attempt: int) -> Status | None:
+        return await jobs.status(self.pool, job_id, attempt)
+
+    async def fail(self, claim: Claim, error: str) -> None:
+        await jobs.fail(self.pool, claim, error)
+
+    async def cancel(self, claim: Claim, by: str) -> None:
+        await jobs.cancel_running(self.pool, claim, by)
+
+    async def requeue(self, claim: Claim) -> None:
+        await jobs.requeue(self.pool, claim)
+
+    async def reap(self) -> list[dict[str, Any]]:
+        return await jobs.reap_expired(self.pool)
+
+    async def queue_empty(self) -> bool:
+        return await jobs.queue_empty(self.pool)
+
+    def unseal(self, claim: Claim) -> dict[str, Any]:
+        if not claim.secrets or self.key is None:
+            return {}
+        return secrets.unseal(claim.secrets, self.key)
+
+    async def close(self) -> None:
+        await self.pool.close()

@@ -1,0 +1,201 @@
+"""The worker's daemon: one root anyio task group with
+
+- listener   typed notices from the Backend (LISTEN pgml_jobs / pgml_control), routed by one dispatcher
+- poller     every poll_seconds: reap expired leases, then wake the claimer (a lost NOTIFY never stalls)
+- claimer    claims queued jobs while job slots are free (FOR UPDATE SKIP LOCKED, one short statement)
+- heartbeat  every heartbeat_seconds (or at once on a cancel notice): one statement renews the leases of
+             all running attempts and reads their cancel requests
+- one task per running attempt (attempt.py): child process, then settle
+- signals    SIGTERM/SIGINT: stop claiming, SIGTERM children (they checkpoint), requeue, exit within
+             grace_seconds; a second signal exits at once (leases then expire as after a crash)
+
+`--drain` stops once the queue is empty and nothing runs. The daemon talks only to a Backend and a
+launcher, so tests drive it without PostgreSQL or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .. import logconfig
+from ..config import Settings
+from ..db import RETRYABLE
+from ..states import Status, StopReason
+from .attempt import Attempt, Launcher
+from .backend import Backend, Notice, PgBackend
+from .process import ChildProcess, child_env
+
+log = logconfig.get("pgml_tuned.daemon")
+
+
+class Daemon:
+    def __init__(self, settings: Settings, backend: Backend, launch: Launcher, *, dsn: str = "",
+                 drain: bool = False) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.launch = launch
+        self.dsn = dsn
+        self.drain = drain
+        self.wake = anyio.Event()  # the claimer looks for work
+        self.beat = anyio.Event()  # the heartbeat renews now
+        self.stopping = False
+        self.attempts: dict[int, Attempt] = {}
+        self.free_slots = list(range(settings.concurrency))
+        self.claimed = 0
+        self._root: anyio.CancelScope | None = None
+        self._tg: TaskGroup | None = None
+
+    # ---- lifecycle ----
+    async def serve(self) -> None:
+        await self.backend.prepare()
+        self.settings.scratch.mkdir(parents=True, exist_ok=True)
+        log.info("daemon.start", worker=self.settings.worker_id, concurrency=self.settings.concurrency,
+                 drain=self.drain, lease_seconds=self.settings.lease_seconds)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._root, self._tg = tg.cancel_scope, tg
+                tg.start_soon(self._signals)
+                tg.start_soon(self._listener)
+                tg.start_soon(self._poller)
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._claimer, tg)
+        finally:
+            await self.backend.close()
+            log.info("daemon.stop", worker=self.settings.worker_id, jobs_claimed=self.claimed)
+
+    def _finish_if_idle(self) -> None:
+        if self.stopping and not self.attempts and self._root is not None:
+            self._root.cancel()
+
+    def shutdown(self, why: str) -> None:
+        """Stop claiming; SIGTERM every child (they checkpoint and are requeued); SIGKILL after the grace."""
+        if self.stopping or self._tg is None:
+            return
+        log.info("daemon.shutdown", signal=why, running=len(self.attempts),
+                 grace_seconds=self.settings.grace_seconds)
+        self.stopping = True
+        for attempt in self.attempts.values():
+            attempt.stop(StopReason.SHUTDOWN, kill=False)
+        self._tg.start_soon(self._grace_then_kill)
+        self._finish_if_idle()
+
+    # ---- signals ----
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for sig in received:
+                if not self.stopping:
+                    self.shutdown(sig.name)
+                else:
+                    log.warning("daemon.exit_now", signal=sig.name, running=len(self.attempts))
+                    self._kill_all()
+                    if self._root is not None:
+                        self._root.cancel()
+
+    async def _grace_then_kill(self) -> None:
+        await anyio.sleep(self.settings.grace_seconds)
+        if self.attempts:
+            log.warning("daemon.grace_expired", running=len(self.attempts))
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for attempt in self.attempts.values():
+            attempt.stop(StopReason.SHUTDOWN, kill=True)
+
+    # ---- notices and polling ----
+    async def _listener(self) -> None:
+        async for notice in self.backend.notices():
+            self.dispatch(notice)
+
+    def dispatch(self, notice: Notice) -> None:
+        """Route one notice. None carries an order: each only makes the daemon read rows sooner."""
+        if notice.type in ("job_queued", "listening"):
+            self.wake.set()
+        elif notice.type == "cancel_requested" and notice.id in self.attempts:
+            self.beat.set()  # the lease renewal reads cancel_requested from the job's row
+
+    async def _poller(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.poll_seconds)
+            with contextlib.suppress(*RETRYABLE):
+                for row in await self.backend.reap():
+                    log.warning("job.lease_expired", job_id=row["id"], attempt=row["attempt"], now=row["status"])
+            self.wake.set()
+
+    # ---- leases ----
+    async def _heartbeat(self) -> None:
+        while True:
+            with anyio.move_on_after(self.settings.heartbeat_seconds):
+                await self.beat.wait()
+            self.beat = anyio.Event()
+            if self.attempts:
+                await self.renew_leases()
+
+    async def renew_leases(self) -> None:
+        attempts = dict(self.attempts)
+        owned = await self.backend.renew({i: a.claim.attempt for i, a in attempts.items()},
+                                         self.settings.lease_seconds)
+        for job_id, attempt in attempts.items():
+            if job_id in owned:
+                if owned[job_id]:
+                    log.info("job.cancel", job_id=job_id)
+                    attempt.stop(StopReason.CANCELLED, kill=True)
+                continue
+            status = await self.backend.status(job_id, attempt.claim.attempt)
+            if status == Status.SUCCEEDED:
+                continue  # the child committed its results and is exiting
+            log.error("job.lease_lost", job_id=job_id, status=status,
+                      note="another worker owns this job now; stopping the child")
+            attempt.stop(StopReason.LEASE_LOST, kill=True)
+
+    # ---- claiming ----
+    async def _claimer(self, tg: TaskGroup) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake = anyio.Event()
+            await self.claim_while_free(tg)
+            if self.drain and not self.attempts and not self.stopping and await self.backend.queue_empty():
+                log.info("daemon.drained", jobs_claimed=self.claimed)
+                self.stopping = True
+            self._finish_if_idle()
+
+    async def claim_while_free(self, tg: TaskGroup) -> None:
+        """Claim queued jobs until the slots are full or the queue is empty; start an attempt for each."""
+        while self.free_slots and not self.stopping:
+            try:
+                claim = await self.backend.claim(self.settings.lease_seconds)
+            except RETRYABLE as e:
+                # the claim may have committed without us hearing back: put such a job back at once
+                log.warning("claim.connection_lost", error=str(e).strip())
+                released = await self.backend.release_orphans(list(self.attempts))
+                if released:
+                    log.warning("claim.released_orphans", jobs=released)
+                continue
+            if claim is None:
+                return
+            self.claimed += 1
+            attempt = Attempt(claim, self.free_slots.pop(0))
+            self.attempts[claim.id] = attempt
+            tg.start_soon(self._run_attempt, attempt)
+
+    async def _run_attempt(self, attempt: Attempt) -> None:
+        gpus = self.settings.gpu_list
+        env = child_env(self.dsn, str(self.settings.scratch), gpus[attempt.slot] if gpus else None)
+        try:
+            await attempt.run(self.backend, self.launch, env)
+        finally:
+            self.attempts.pop(attempt.claim.id, None)
+            self.free_slots.append(attempt.slot)
+            self.free_slots.sort()
+            self.wake.set()
+            self._finish_if_idle()
+
+
+async def serve(settings: Settings, dsn: str, *, drain: bool = False) -> Daemon:
+    """Run the daemon against PostgreSQL at `dsn` until it is stopped (or drained)."""
+    daemon = Daemon(settings, PgBackend(settings, dsn), ChildProcess.start, dsn=dsn, drain=drain)
+    await daemon.serve()
+    return daemon

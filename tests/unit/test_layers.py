@@ -1,0 +1,96 @@
+"""The package's layers: every import points down. A module may import only modules of a lower rank, so
+there is no import cycle and no module reaches up (the worker never imports the child or the recipes; the
+child loads recipes by name through the task registry). A new module needs a rank here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pgml_tuned
+
+PACKAGE = Path(pgml_tuned.__file__).parent
+
+RANKS = {
+    # the bottom: pure vocabulary and setup, importing nothing of ours (or only each other's names)
+    "pgml_tuned": 0, "errors": 0, "states": 0, "tasks": 0, "splits": 0, "logconfig": 0, "config": 0,
+    "secrets": 0, "embedded": 0,
+    "db": 1, "files": 2, "jobs": 3, "models": 4,
+    # the child process
+    "child": 4, "child.events": 4, "child.store": 5, "child.context": 6, "child.__main__": 7,
+    # the recipes (above the child: they run inside it)
+    "recipes": 7, "recipes.hf": 7, "recipes.rows": 7, "recipes.noop": 8, "recipes.text_classification": 8,
+    "recipes.conversation.options": 8, "recipes.conversation.data": 9, "recipes.conversation.model": 10,
+    "recipes.conversation.recipe": 11, "recipes.conversation": 12,
+    # the worker (beside the child: it never imports it)
+    "worker": 4, "worker.process": 4, "worker.backend": 4, "worker.attempt": 5, "worker.daemon": 6,
+    # the front
+    "demo": 8, "cli": 9,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) or "pgml_tuned"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Our modules that `path` imports (relative or absolute), as RANKS keys."""
+    name = module_name(path)
+    package = name.split(".") if path.name == "__init__.py" and name != "pgml_tuned" else name.split(".")[:-1]
+    if name == "pgml_tuned":
+        package = []
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else list(package)
+                mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            elif node.module and node.module.startswith("pgml_tuned"):
+                mod = node.module.removeprefix("pgml_tuned").lstrip(".")
+            else:
+                continue
+            for alias in node.names:
+                sub = f"{mod}.{alias.name}" if mod else alias.name
+                targets.append(sub if sub in RANKS else mod or "pgml_tuned")
+        elif isinstance(node, ast.Import):
+            targets += [a.name.removeprefix("pgml_tuned").lstrip(".") or "pgml_tuned"
+                        for a in node.names if a.name.startswith("pgml_tuned")]
+        found.update(targets)
+    found.discard(name)
+    return found
+
+
+def test_every_module_has_a_rank() -> None:
+    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    assert modules == set(RANKS), f"unranked: {sorted(modules - set(RANKS))}, gone: {sorted(set(RANKS) - modules)}"
+
+
+def test_imports_point_down() -> None:
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        for target in imports_of(path):
+            assert target in RANKS, f"{name} imports {target!r}, which is not a module of the package"
+            if RANKS[target] >= RANKS[name]:
+                upward.append(f"{name} (rank {RANKS[name]}) imports {target} (rank {RANKS[target]})")
+    assert not upward, "imports that do not point down:\n" + "\n".join(upward)
+
+
+def test_the_worker_never_imports_the_child_or_the_recipes() -> None:
+    for path in (PACKAGE / "worker").rglob("*.py"):
+        assert not {t for t in imports_of(path) if t.startswith(("child", "recipes", "models"))}, path
+
+
+def test_the_worker_and_a_noop_child_start_without_torch() -> None:
+    """The daemon, the CLI and a child that needs no model never pay for importing torch (seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pgml_tuned.cli, pgml_tuned.worker.daemon, pgml_tuned.child.__main__, "
+            "pgml_tuned.recipes.noop; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
