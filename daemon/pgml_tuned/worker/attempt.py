@@ -93,7 +93,7 @@ class Attempt:
                 await backend.fail(job, transition.error or description)
                 log.error("job.failed", rc=rc, error=transition.error)
             else:
-                log.warning("job.abandoned", reason="the job is no longer this attempt's", rc=rc,
+                log.warning("job.abandoned", reason="lease lost", rc=rc,
                             stop_reason=self.stop_reason, status=status)
 
 
