@@ -51,8 +51,14 @@ from pgml_tuned.child.context import JobContext
 from pgml_tuned.child.events import Events
 from pgml_tuned.db import q
 
-FILES = [("model.safetensors", 0.60), ("optimizer.pt", 0.38), ("scheduler.pt", 0.0002), ("rng_state.pth", 0.0004),
-         ("trainer_state.json", 0.0001), ("training_args.bin", 0.0001)]
+FILES = [
+    ("model.safetensors", 0.60),
+    ("optimizer.pt", 0.38),
+    ("scheduler.pt", 0.0002),
+    ("rng_state.pth", 0.0004),
+    ("trainer_state.json", 0.0001),
+    ("training_args.bin", 0.0001),
+]
 
 
 def make_checkpoint(root: Path, total_bytes: int) -> int:
@@ -82,9 +88,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 # ---- plain COPY, the reference ----
 
+
 def plain_store(conn: psycopg.Connection[Any], src: Path) -> None:
-    with conn.transaction(), conn.cursor() as cur, \
-            cur.copy("COPY bench_plain (path, part, data) FROM STDIN (FORMAT BINARY)") as cp:
+    with (
+        conn.transaction(),
+        conn.cursor() as cur,
+        cur.copy("COPY bench_plain (path, part, data) FROM STDIN (FORMAT BINARY)") as cp,
+    ):
         cp.set_types(["text", "int4", "bytea"])
         for rel, path in files.walk(src):
             with open(path, "rb") as fh:
@@ -104,8 +114,11 @@ def copy_out(conn: psycopg.Connection[Any], query: str, params: dict[str, Any] |
     dest.mkdir(parents=True, exist_ok=True)
     n = 0
     current, out = None, None
-    with contextlib.ExitStack() as stack, conn.cursor() as cur, \
-            cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)", params) as cp:
+    with (
+        contextlib.ExitStack() as stack,
+        conn.cursor() as cur,
+        cur.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)", params) as cp,
+    ):
         cp.set_types(["text", "int4", "bytea"])
         for path, _part, data in cp.rows():
             if path != current:
@@ -124,8 +137,7 @@ def cursor_out(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]
     dest.mkdir(parents=True, exist_ok=True)
     n = 0
     current, out = None, None
-    with contextlib.ExitStack() as stack, conn.transaction(), \
-            conn.cursor(name="bench_out", binary=binary) as cur:
+    with contextlib.ExitStack() as stack, conn.transaction(), conn.cursor(name="bench_out", binary=binary) as cur:
         cur.itersize = 4
         cur.execute(query, params)
         for row in cur:
@@ -154,31 +166,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         src = work / "checkpoint-src"
         nbytes = make_checkpoint(src, int(args.mb * 1e6))
         mb = nbytes / 1e6
-        with fresh_database(admin, "pgml_bench_ckpt") as dsn, \
-                psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        with (
+            fresh_database(admin, "pgml_bench_ckpt") as dsn,
+            psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
+        ):
             conn.execute("CREATE TABLE bench_plain (path text, part int, data bytea)")
-            job_row = conn.execute("SELECT job_id, model_id FROM pgml.tune('ckpt', task => 'noop', "
-                                   "model_name => 'none')").fetchone()
+            job_row = conn.execute(
+                "SELECT job_id, model_id FROM pgml.tune('ckpt', task => 'noop', model_name => 'none')"
+            ).fetchone()
             job, model = job_row["job_id"], job_row["model_id"]
-            conn.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1, worker = 'bench', "
-                         "lease_expires_at = now() + interval '1 day', heartbeat_at = now() WHERE id = %s", (job,))
+            conn.execute(
+                "UPDATE pgml.jobs SET status = 'running', attempt = 1, worker = 'bench', "
+                "lease_expires_at = now() + interval '1 day', heartbeat_at = now() WHERE id = %s",
+                (job,),
+            )
             spec = {"id": job, "attempt": 1, "model_id": model, "hyperparams": {}}
             sink = Events(open(os.devnull, "w"))
             writer = JobContext(spec, {}, dsn, sink)
             plain_conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
-            storage = conn.execute("SELECT attstorage FROM pg_attribute WHERE attrelid = 'bench_plain'::regclass "
-                                   "AND attname = 'data'").fetchone()["attstorage"]
-            t: dict[str, list[float]] = {k: [] for k in (
-                "pgml store", "plain store", "pgml restore", "plain restore", "restore: copy_dir_out text cursor",
-                "restore: same cursor, binary", "restore: COPY binary of checkpoint_files", "prune 1 checkpoint")}
+            storage = conn.execute(
+                "SELECT attstorage FROM pg_attribute WHERE attrelid = 'bench_plain'::regclass AND attname = 'data'"
+            ).fetchone()["attstorage"]
+            t: dict[str, list[float]] = {
+                k: []
+                for k in (
+                    "pgml store",
+                    "plain store",
+                    "pgml restore",
+                    "plain restore",
+                    "restore: copy_dir_out text cursor",
+                    "restore: same cursor, binary",
+                    "restore: COPY binary of checkpoint_files",
+                    "prune 1 checkpoint",
+                )
+            }
             wal: dict[str, list[int]] = {"pgml store": [], "plain store": []}
-            print(f"{mb:.0f} MB in {len(FILES)} files, {args.reps} reps; bench_plain.data storage {storage!r}",
-                  flush=True)
+            print(
+                f"{mb:.0f} MB in {len(FILES)} files, {args.reps} reps; bench_plain.data storage {storage!r}", flush=True
+            )
             for rep in range(args.reps):
                 empty_tables(conn, job)
                 step = rep + 1
-                stores = [("pgml store", lambda step=step: writer.store_checkpoint(step, src, keep=1000)),
-                          ("plain store", lambda: plain_store(plain_conn, src))]
+                stores = [
+                    ("pgml store", lambda step=step: writer.store_checkpoint(step, src, keep=1000)),
+                    ("plain store", lambda: plain_store(plain_conn, src)),
+                ]
                 rng.shuffle(stores)
                 for name, fn in stores:
                     w0 = wal_lsn(conn)
@@ -201,14 +233,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ck = {"checkpoint_id": ckpt["id"]}
                 restores: list[tuple[str, Callable[[], Any]]] = [
                     ("pgml restore", pgml_restore),
-                    ("plain restore", lambda: copy_out(plain_conn, "SELECT path, part, data FROM bench_plain "
-                                                                   "ORDER BY path, part", None, work / "o1")),
-                    ("restore: copy_dir_out text cursor",
-                     lambda ck=ck: cursor_out(plain_conn, q("checkpoint_files"), ck, work / "o2", binary=False)),
-                    ("restore: same cursor, binary",
-                     lambda ck=ck: cursor_out(plain_conn, q("checkpoint_files"), ck, work / "o3", binary=True)),
-                    ("restore: COPY binary of checkpoint_files",
-                     lambda ck=ck: copy_out(plain_conn, q("checkpoint_files"), ck, work / "o4")),
+                    (
+                        "plain restore",
+                        lambda: copy_out(
+                            plain_conn,
+                            "SELECT path, part, data FROM bench_plain ORDER BY path, part",
+                            None,
+                            work / "o1",
+                        ),
+                    ),
+                    (
+                        "restore: copy_dir_out text cursor",
+                        lambda ck=ck: cursor_out(plain_conn, q("checkpoint_files"), ck, work / "o2", binary=False),
+                    ),
+                    (
+                        "restore: same cursor, binary",
+                        lambda ck=ck: cursor_out(plain_conn, q("checkpoint_files"), ck, work / "o3", binary=True),
+                    ),
+                    (
+                        "restore: COPY binary of checkpoint_files",
+                        lambda ck=ck: copy_out(plain_conn, q("checkpoint_files"), ck, work / "o4"),
+                    ),
                 ]
                 rng.shuffle(restores)
                 for name, fn in restores:
@@ -219,8 +264,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # what keep=N costs the next store: deleting one stored checkpoint (cascade, TOAST chunks)
                 secs, _ = timed(lambda c=ckpt["id"]: conn.execute("DELETE FROM pgml.checkpoints WHERE id = %s", (c,)))
                 t["prune 1 checkpoint"].append(secs)
-                print(f"  rep {rep + 1}: " + ", ".join(f"{k} {mb / v[-1]:.0f}" for k, v in t.items()
-                                                       if k != "prune 1 checkpoint") + " MB/s", flush=True)
+                print(
+                    f"  rep {rep + 1}: "
+                    + ", ".join(f"{k} {mb / v[-1]:.0f}" for k, v in t.items() if k != "prune 1 checkpoint")
+                    + " MB/s",
+                    flush=True,
+                )
             empty_tables(conn, job)
             plain_conn.close()
             writer.conn().close()
@@ -236,14 +285,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r = rate[f"pgml {what}"] / rate[f"plain {what}"]
         print(f"{what:10s} {rate[f'pgml {what}']:8.0f} {rate[f'plain {what}']:11.0f} {r:7.2f}")
     print("\nrestore variants (MB/s):")
-    for k in ("restore: copy_dir_out text cursor", "restore: same cursor, binary",
-              "restore: COPY binary of checkpoint_files"):
+    for k in (
+        "restore: copy_dir_out text cursor",
+        "restore: same cursor, binary",
+        "restore: COPY binary of checkpoint_files",
+    ):
         print(f"  {k[9:]:40s} {rate[k]:6.0f}")
     print(f"\nprune 1 checkpoint (keep=N, inside the next store's transaction): {med['prune 1 checkpoint']:.2f} s")
     print("WAL per store (MB): " + ", ".join(f"{k} {statistics.median(v) / 1e6:.0f}" for k, v in wal.items()))
-    return {"mb": mb, "reps": args.reps, "at": dt.datetime.now().isoformat(), "seconds": t, "median_mb_s": rate,
-            "ratio": {w: rate[f"pgml {w}"] / rate[f"plain {w}"] for w in ("store", "restore")},
-            "wal_bytes": wal, "plain_storage": storage}
+    return {
+        "mb": mb,
+        "reps": args.reps,
+        "at": dt.datetime.now().isoformat(),
+        "seconds": t,
+        "median_mb_s": rate,
+        "ratio": {w: rate[f"pgml {w}"] / rate[f"plain {w}"] for w in ("store", "restore")},
+        "wal_bytes": wal,
+        "plain_storage": storage,
+    }
 
 
 def main() -> None:

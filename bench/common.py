@@ -60,8 +60,13 @@ def fresh_database(admin: str, prefix: str) -> Iterator[str]:
 
 def bench_env(home: Path) -> dict[str, str]:
     """The environment of every process a benchmark starts (offline, no tokenizer threads)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf"), "TOKENIZERS_PARALLELISM": "false",
-            "PGML_SECRET_KEY_FILE": str(home / "worker.key")}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(home / "hf"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PGML_SECRET_KEY_FILE": str(home / "worker.key"),
+    }
 
 
 def iso_epoch(stamp: str) -> float:
@@ -76,14 +81,23 @@ class DaemonProc:
     written to `log_path`.
     """
 
-    def __init__(self, dsn: str, home: Path, *args: str, env: dict[str, str] | None = None,
-                 argv0: list[str] | None = None) -> None:
+    def __init__(
+        self, dsn: str, home: Path, *args: str, env: dict[str, str] | None = None, argv0: list[str] | None = None
+    ) -> None:
         self.log_path = home / f"daemon-{uuid.uuid4().hex[:6]}.log"
-        cmd = [*(argv0 or [sys.executable, "-m", "pgml_tuned.cli"]), "serve", "--dsn", dsn, "--home", str(home),
-               "--log-format", "json", *args]
+        cmd = [
+            *(argv0 or [sys.executable, "-m", "pgml_tuned.cli"]),
+            "serve",
+            "--dsn",
+            dsn,
+            "--home",
+            str(home),
+            "--log-format",
+            "json",
+            *args,
+        ]
         self.started_at = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env or bench_env(home))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or bench_env(home))
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -108,8 +122,7 @@ class DaemonProc:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float, start: int = 0
-                   ) -> dict[str, Any]:
+    def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float, start: int = 0) -> dict[str, Any]:
         """The first logged event (from index `start`) that `match`es; fails after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         i = start
@@ -120,12 +133,10 @@ class DaemonProc:
                         return self.events[i]
                     i += 1
                 if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"daemon exited ({self.proc.returncode}); log: {self.log_path}\n"
-                                       + self.tail())
+                    raise RuntimeError(f"daemon exited ({self.proc.returncode}); log: {self.log_path}\n" + self.tail())
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no matching daemon event in {timeout} s; log: {self.log_path}\n"
-                                       + self.tail())
+                    raise TimeoutError(f"no matching daemon event in {timeout} s; log: {self.log_path}\n" + self.tail())
                 self._cond.wait(min(left, 0.5))
 
     def tail(self, n: int = 20) -> str:
@@ -158,9 +169,14 @@ def percentile(values: list[float], p: float) -> float:
 
 def summary_ms(values: list[float]) -> dict[str, float]:
     """p50/p90/p99/max/mean of seconds, in milliseconds."""
-    return {"p50": percentile(values, 50) * 1e3, "p90": percentile(values, 90) * 1e3,
-            "p99": percentile(values, 99) * 1e3, "max": max(values) * 1e3,
-            "mean": sum(values) / len(values) * 1e3, "n": len(values)}
+    return {
+        "p50": percentile(values, 50) * 1e3,
+        "p90": percentile(values, 90) * 1e3,
+        "p99": percentile(values, 99) * 1e3,
+        "max": max(values) * 1e3,
+        "mean": sum(values) / len(values) * 1e3,
+        "n": len(values),
+    }
 
 
 # ---- a shared, noisy machine: how busy it was while something ran ----

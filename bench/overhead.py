@@ -57,8 +57,10 @@ TRAINING_ARGS = {"num_train_epochs": 1, "per_device_train_batch_size": 16, "lear
 TEST_SIZE, TEST_SAMPLING = 0.2, "last"
 TARGET = 1.10
 BUSY_CORES = 0.25  # others using more than this many cores on average during a run: flagged as disturbed
-TUNE = ("SELECT job_id FROM pgml.tune('bench_overhead', task => 'text-classification', relation_name => "
-        "'public.reviews', model_name => %s, test_size => %s, test_sampling => %s, hyperparams => %s::jsonb)")
+TUNE = (
+    "SELECT job_id FROM pgml.tune('bench_overhead', task => 'text-classification', relation_name => "
+    "'public.reviews', model_name => %s, test_size => %s, test_sampling => %s, hyperparams => %s::jsonb)"
+)
 PHASES = [  # the order of the phase table
     "start → data ready",
     "  tune() call",
@@ -72,12 +74,19 @@ PHASES = [  # the order of the phase table
     "other (between the phases above)",
     "(after: result → process exited)",
 ]
-TOP_PHASES = ["start → data ready", "data ready → train starts (load, tokenize, Trainer)",
-              "train (Trainer train_runtime)", "evaluate (eval_runtime)", "save model (+ store)"]
+TOP_PHASES = [
+    "start → data ready",
+    "data ready → train starts (load, tokenize, Trainer)",
+    "train (Trainer train_runtime)",
+    "evaluate (eval_runtime)",
+    "save model (+ store)",
+]
 OTHER = "other (between the phases above)"
-WARM = ("import sys\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer\n"
-        "AutoTokenizer.from_pretrained(sys.argv[1])\n"
-        "AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2)\n")
+WARM = (
+    "import sys\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer\n"
+    "AutoTokenizer.from_pretrained(sys.argv[1])\n"
+    "AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2)\n"
+)
 
 
 def reviews_csv() -> Path:
@@ -104,9 +113,24 @@ def load_table(conn: psycopg.Connection[Any], path: Path) -> int:
 def run_plain(model: Path, csv_path: Path, home: Path, env: dict[str, str]) -> dict[str, Any]:
     result = home / "plain-result.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(HERE / "plain_trainer.py"), "--csv", str(csv_path), "--model", str(model),
-           "--training-args", json.dumps(TRAINING_ARGS), "--test-size", str(TEST_SIZE),
-           "--test-sampling", TEST_SAMPLING, "--work-dir", str(home / "work"), "--result", str(result)]
+    cmd = [
+        sys.executable,
+        str(HERE / "plain_trainer.py"),
+        "--csv",
+        str(csv_path),
+        "--model",
+        str(model),
+        "--training-args",
+        json.dumps(TRAINING_ARGS),
+        "--test-size",
+        str(TEST_SIZE),
+        "--test-sampling",
+        TEST_SAMPLING,
+        "--work-dir",
+        str(home / "work"),
+        "--result",
+        str(result),
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
     t_exit = time.time()
@@ -125,14 +149,23 @@ def run_plain(model: Path, csv_path: Path, home: Path, env: dict[str, str]) -> d
     }
     phases[OTHER] = k["result"] - t0 - sum(phases[n] for n in TOP_PHASES)
     phases["(after: result → process exited)"] = t_exit - k["result"]
-    return {"seconds": k["result"] - t0, "exit_seconds": t_exit - t0, "accuracy": m["eval_accuracy"],
-            "f1": m["eval_f1"], "eval_loss": m["eval_loss"], "train_loss": m["train_loss"], "phases": phases,
-            "train_rows": out["train_rows"], "test_rows": out["test_rows"], "max_steps": out["max_steps"],
-            "logging_steps": out["logging_steps"], "saved_bytes": out["saved_bytes"]}
+    return {
+        "seconds": k["result"] - t0,
+        "exit_seconds": t_exit - t0,
+        "accuracy": m["eval_accuracy"],
+        "f1": m["eval_f1"],
+        "eval_loss": m["eval_loss"],
+        "train_loss": m["train_loss"],
+        "phases": phases,
+        "train_rows": out["train_rows"],
+        "test_rows": out["test_rows"],
+        "max_steps": out["max_steps"],
+        "logging_steps": out["logging_steps"],
+        "saved_bytes": out["saved_bytes"],
+    }
 
 
-def run_ours(conn: psycopg.Connection[Any], model: Path, dsn: str, home: Path, env: dict[str, str]
-             ) -> dict[str, Any]:
+def run_ours(conn: psycopg.Connection[Any], model: Path, dsn: str, home: Path, env: dict[str, str]) -> dict[str, Any]:
     hyperparams = {"dataset_args": {"text_column": "text", "class_column": "class"}, "training_args": TRAINING_ARGS}
     t0 = time.time()
     row = conn.execute(TUNE, (str(model), TEST_SIZE, TEST_SAMPLING, json.dumps(hyperparams))).fetchone()
@@ -152,10 +185,15 @@ def run_ours(conn: psycopg.Connection[Any], model: Path, dsn: str, home: Path, e
     if job[0] != "succeeded":
         raise RuntimeError(f"job {job_id} {job[0]}: {job[1]}; daemon log {daemon.log_path}")
     m = job[2]
-    ev = {r[0]: r[1].timestamp() for r in conn.execute(
-        "SELECT new_status, at FROM pgml.job_events WHERE job_id = %s", (job_id,))}
-    stored = conn.execute("SELECT coalesce(sum(length(data)), 0) FROM pgml.files f JOIN pgml.jobs j "
-                          "ON j.model_id = f.model_id WHERE j.id = %s", (job_id,)).fetchone()
+    ev = {
+        r[0]: r[1].timestamp()
+        for r in conn.execute("SELECT new_status, at FROM pgml.job_events WHERE job_id = %s", (job_id,))
+    }
+    stored = conn.execute(
+        "SELECT coalesce(sum(length(data)), 0) FROM pgml.files f JOIN pgml.jobs j "
+        "ON j.model_id = f.model_id WHERE j.id = %s",
+        (job_id,),
+    ).fetchone()
     n_logs = conn.execute("SELECT count(*) FROM pgml.logs WHERE job_id = %s", (job_id,)).fetchone()
 
     def at(pred: Any) -> float:
@@ -181,10 +219,19 @@ def run_ours(conn: psycopg.Connection[Any], model: Path, dsn: str, home: Path, e
     }
     phases[OTHER] = t_done - t0 - sum(phases[n] for n in TOP_PHASES)
     phases["(after: result → process exited)"] = t_exit - t_done
-    return {"seconds": t_done - t0, "exit_seconds": t_exit - t0, "accuracy": m["eval_accuracy"], "f1": m["eval_f1"],
-            "eval_loss": m["eval_loss"],
-            "train_loss": m["train_loss"], "phases": phases, "job_id": job_id, "stored_bytes": int(stored[0]),
-            "log_rows": int(n_logs[0]), "daemon_log": str(daemon.log_path)}
+    return {
+        "seconds": t_done - t0,
+        "exit_seconds": t_exit - t0,
+        "accuracy": m["eval_accuracy"],
+        "f1": m["eval_f1"],
+        "eval_loss": m["eval_loss"],
+        "train_loss": m["train_loss"],
+        "phases": phases,
+        "job_id": job_id,
+        "stored_bytes": int(stored[0]),
+        "log_rows": int(n_logs[0]),
+        "daemon_log": str(daemon.log_path),
+    }
 
 
 def measured(run: Any, quiet_wait: float) -> dict[str, Any]:
@@ -213,18 +260,24 @@ def _outside_training(run: dict[str, Any]) -> float:
 
 def report(rounds: list[dict[str, Any]]) -> float:
     print("\nend to end, same model / data / split / training_args (seconds)")
-    print("  cpu: user+sys CPU-seconds of the timed process tree (plain: the script; ours: daemon + training "
-          "child);\n  others: CPU-seconds of everything else on the machine meanwhile (ours: includes the "
-          "PostgreSQL backends serving the job)")
-    print(f"  {'round':<6} {'plain':>8} {'ours':>8} {'ours/plain':>11}   {'cpu plain':>9} {'cpu ours':>9} "
-          f"{'ratio':>6}   {'others plain':>12} {'others ours':>11}   accuracy plain / ours")
+    print(
+        "  cpu: user+sys CPU-seconds of the timed process tree (plain: the script; ours: daemon + training "
+        "child);\n  others: CPU-seconds of everything else on the machine meanwhile (ours: includes the "
+        "PostgreSQL backends serving the job)"
+    )
+    print(
+        f"  {'round':<6} {'plain':>8} {'ours':>8} {'ours/plain':>11}   {'cpu plain':>9} {'cpu ours':>9} "
+        f"{'ratio':>6}   {'others plain':>12} {'others ours':>11}   accuracy plain / ours"
+    )
     for i, r in enumerate(rounds, start=1):
         p, o = r["plain"], r["ours"]
         busy = max(busy_cores(p), busy_cores(o))
-        print(f"  {i:<6} {p['seconds']:8.2f} {o['seconds']:8.2f} {o['seconds'] / p['seconds']:10.3f}x   "
-              f"{p['cpu']:9.2f} {o['cpu']:9.2f} {o['cpu'] / p['cpu']:5.3f}x   {p['others_cpu']:12.2f} "
-              f"{o['others_cpu']:11.2f}   {p['accuracy']:.4f} / {o['accuracy']:.4f}"
-              + (f"   DISTURBED (others used {busy:.2f} cores)" if disturbed(r) else ""))
+        print(
+            f"  {i:<6} {p['seconds']:8.2f} {o['seconds']:8.2f} {o['seconds'] / p['seconds']:10.3f}x   "
+            f"{p['cpu']:9.2f} {o['cpu']:9.2f} {o['cpu'] / p['cpu']:5.3f}x   {p['others_cpu']:12.2f} "
+            f"{o['others_cpu']:11.2f}   {p['accuracy']:.4f} / {o['accuracy']:.4f}"
+            + (f"   DISTURBED (others used {busy:.2f} cores)" if disturbed(r) else "")
+        )
     clean = [r for r in rounds if not disturbed(r)]
     med = float("nan")
     for label, rs in (("undisturbed rounds", clean), ("all rounds", rounds)):
@@ -238,22 +291,31 @@ def report(rounds: list[dict[str, Any]]) -> float:
         m = statistics.median(ratios)
         if med != med:  # the first list that has rounds: undisturbed ones when there are any
             med = m
-        print(f"  {label} ({len(rs)}): median ours/plain {m:.3f}x wall clock (target ≤ {TARGET:.2f}x: "
-              f"{'met' if m <= TARGET else 'MISSED'}); CPU-time ratio median {statistics.median(cpu):.3f}x")
-        print(f"    ours - plain outside Trainer.train/evaluate (the same work in both, so their run-to-run noise "
-              f"is left out): median {statistics.median(fixed):+.2f} s {[round(f, 2) for f in fixed]}\n"
-              f"    → on the median plain run ({plain_med:.2f} s): "
-              f"{(plain_med + statistics.median(fixed)) / plain_med:.3f}x")
+        print(
+            f"  {label} ({len(rs)}): median ours/plain {m:.3f}x wall clock (target ≤ {TARGET:.2f}x: "
+            f"{'met' if m <= TARGET else 'MISSED'}); CPU-time ratio median {statistics.median(cpu):.3f}x"
+        )
+        print(
+            f"    ours - plain outside Trainer.train/evaluate (the same work in both, so their run-to-run noise "
+            f"is left out): median {statistics.median(fixed):+.2f} s {[round(f, 2) for f in fixed]}\n"
+            f"    → on the median plain run ({plain_med:.2f} s): "
+            f"{(plain_med + statistics.median(fixed)) / plain_med:.3f}x"
+        )
     print("\nsame work? (last round)  plain / ours")
     p, o = rounds[-1]["plain"], rounds[-1]["ours"]
     for key in ("accuracy", "f1", "eval_loss", "train_loss"):
         print(f"  {key:<11} {p[key]:.6f} / {o[key]:.6f}")
     same = all(r["plain"][k] == r["ours"][k] for r in rounds for k in ("accuracy", "f1", "eval_loss", "train_loss"))
-    print("  identical in every round: the same computation" if same else
-          "  NOT identical in every round: the two runs did not do the same computation (or it is not deterministic)")
-    print(f"  rows: {p['train_rows']} train, {p['test_rows']} test; {p['max_steps']} steps, logging_steps "
-          f"{p['logging_steps']}; ours wrote {o['log_rows']} pgml.logs rows and stored {o['stored_bytes'] / 1e6:.1f}"
-          f" MB in pgml.files (plain saved {p['saved_bytes'] / 1e6:.1f} MB to disk)")
+    print(
+        "  identical in every round: the same computation"
+        if same
+        else "  NOT identical in every round: the two runs did not do the same computation (or it is not deterministic)"
+    )
+    print(
+        f"  rows: {p['train_rows']} train, {p['test_rows']} test; {p['max_steps']} steps, logging_steps "
+        f"{p['logging_steps']}; ours wrote {o['log_rows']} pgml.logs rows and stored {o['stored_bytes'] / 1e6:.1f}"
+        f" MB in pgml.files (plain saved {p['saved_bytes'] / 1e6:.1f} MB to disk)"
+    )
     rounds = clean or rounds
     print(f"\nphases (seconds; median over the {len(rounds)} {'undisturbed ' if clean else ''}rounds)")
     names = list(dict.fromkeys([*PHASES, *rounds[0]["plain"]["phases"], *rounds[0]["ours"]["phases"]]))
@@ -272,11 +334,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dsn", help="a server to create the bench database on (default: embedded, .pgml-bench/)")
     ap.add_argument("--rounds", type=int, default=2, help="plain + ours pairs (default 2)")
-    ap.add_argument("--quiet-wait", type=float, default=120,
-                    help="before each timed run, wait up to this many seconds for the machine to be idle (default 120)")
-    ap.add_argument("--extra-rounds", type=int, default=2,
-                    help="rounds added, at most, to replace rounds that other work on the machine disturbed "
-                         f"(others using > {BUSY_CORES} cores on average; default 2)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120,
+        help="before each timed run, wait up to this many seconds for the machine to be idle (default 120)",
+    )
+    ap.add_argument(
+        "--extra-rounds",
+        type=int,
+        default=2,
+        help="rounds added, at most, to replace rounds that other work on the machine disturbed "
+        f"(others using > {BUSY_CORES} cores on average; default 2)",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (daemon logs) after a good run")
     args = ap.parse_args()

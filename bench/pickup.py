@@ -59,6 +59,7 @@ P50_TARGET_MS, P99_TARGET_MS = 2.0, 5.0
 
 # ---- the reference listeners (run as `pickup.py --listener sync|async`) ----
 
+
 def listener_main(kind: str, dsn: str, channel: str) -> int:
     if kind == "sync":
         with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn, autocommit=True) as cmd:
@@ -70,8 +71,7 @@ def listener_main(kind: str, dsn: str, channel: str) -> int:
                 t_recv = time.time()
                 row = cmd.execute("SELECT clock_timestamp()").fetchone()
                 assert row is not None
-                print(json.dumps({"payload": note.payload, "t_recv": t_recv, "t_stmt": row[0].timestamp()}),
-                      flush=True)
+                print(json.dumps({"payload": note.payload, "t_recv": t_recv, "t_stmt": row[0].timestamp()}), flush=True)
                 if note.payload == "stop":
                     return 0
         return 0
@@ -92,8 +92,9 @@ def listener_main(kind: str, dsn: str, channel: str) -> int:
                 t_recv = time.time()
                 row = await (await cmd.execute("SELECT clock_timestamp() AS t")).fetchone()
                 assert row is not None
-                print(json.dumps({"payload": note.payload, "t_recv": t_recv, "t_stmt": row["t"].timestamp()}),
-                      flush=True)
+                print(
+                    json.dumps({"payload": note.payload, "t_recv": t_recv, "t_stmt": row["t"].timestamp()}), flush=True
+                )
                 if note.payload == "stop":
                     return
 
@@ -106,8 +107,12 @@ class Listener:
 
     def __init__(self, kind: str, dsn: str, channel: str, env: dict[str, str]) -> None:
         self.kind, self.channel = kind, channel
-        self.proc = subprocess.Popen([sys.executable, __file__, "--listener", kind, "--dsn", dsn,
-                                      "--channel", channel], stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--listener", kind, "--dsn", dsn, "--channel", channel],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         if self.lines.get(timeout=30) != "ready":
@@ -132,6 +137,7 @@ class Listener:
 
 # ---- samples ----
 
+
 def sample_job(conn: psycopg.Connection[Any], daemon: DaemonProc) -> dict[str, float]:
     conn.execute("BEGIN")
     row = conn.execute(TUNE).fetchone()
@@ -140,15 +146,22 @@ def sample_job(conn: psycopg.Connection[Any], daemon: DaemonProc) -> dict[str, f
     t_commit = time.time()
     conn.execute("COMMIT")
     t_ack = time.time()
-    done = daemon.wait_event(lambda e: e.get("job_id") == job_id and e.get("event") in ("job.succeeded", "job.failed"),
-                             60)
+    done = daemon.wait_event(
+        lambda e: e.get("job_id") == job_id and e.get("event") in ("job.succeeded", "job.failed"), 60
+    )
     if done["event"] != "job.succeeded":
         raise RuntimeError(f"job {job_id} failed: {done}")
-    at = conn.execute("SELECT at FROM pgml.job_events WHERE job_id = %s AND new_status = 'running' ORDER BY id "
-                      "LIMIT 1", (job_id,)).fetchone()
+    at = conn.execute(
+        "SELECT at FROM pgml.job_events WHERE job_id = %s AND new_status = 'running' ORDER BY id LIMIT 1", (job_id,)
+    ).fetchone()
     assert at is not None
-    return {"job_id": job_id, "t_commit": t_commit, "commit": t_ack - t_commit, "claimed": at[0].timestamp(),
-            "pickup": at[0].timestamp() - t_commit}
+    return {
+        "job_id": job_id,
+        "t_commit": t_commit,
+        "commit": t_ack - t_commit,
+        "claimed": at[0].timestamp(),
+        "pickup": at[0].timestamp() - t_commit,
+    }
 
 
 def sample_raw(conn: psycopg.Connection[Any], listener: Listener, n: int) -> dict[str, float]:
@@ -177,8 +190,10 @@ def start_daemon(dsn: str, home: Path, traced: bool, env: dict[str, str] | None 
 
 
 def fmt(name: str, s: dict[str, float]) -> str:
-    return (f"  {name:<54} p50 {s['p50']:7.3f}  p90 {s['p90']:7.3f}  p99 {s['p99']:7.3f}  max {s['max']:7.3f}  "
-            f"mean {s['mean']:7.3f}  (n={s['n']})")
+    return (
+        f"  {name:<54} p50 {s['p50']:7.3f}  p90 {s['p90']:7.3f}  p99 {s['p99']:7.3f}  max {s['max']:7.3f}  "
+        f"mean {s['mean']:7.3f}  (n={s['n']})"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,8 +256,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def profile(admin: str, home: Path, env: dict[str, str], variants: list[str], n: int, sync_commit: str
-            ) -> dict[str, Any]:
+def profile(
+    admin: str, home: Path, env: dict[str, str], variants: list[str], n: int, sync_commit: str
+) -> dict[str, Any]:
     """Pickups against traced daemons, one per variant (each on its own database, all idle, samples
     interleaved in random order): each pickup split into phases on one clock."""
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
@@ -262,7 +278,8 @@ def profile(admin: str, home: Path, env: dict[str, str], variants: list[str], n:
             for v, conn, daemon in setups:
                 s = sample_job(conn, daemon)
                 tr = daemon.wait_event(
-                    lambda e, j=s["job_id"]: e.get("event") == "trace.claim" and e.get("job_id") == j, 10)
+                    lambda e, j=s["job_id"]: e.get("event") == "trace.claim" and e.get("job_id") == j, 10
+                )
                 if i >= 10:
                     rows[v].append({**s, **{k: x for k, x in tr.items() if k.startswith("t_")}})
                 gap()
@@ -299,12 +316,17 @@ def report(results: dict[str, Any]) -> None:
     print(fmt("raw sync minus its own COMMIT duration", results["raw_sync_after_ack"]))
     p, r, ra, rs = st["pickup"], st["raw_sync"], st["raw_async"], st["raw_async_stmt"]
     print("ratios (pickup / reference):")
-    for name, ref in (("raw NOTIFY, sync listener", r), ("raw NOTIFY, async listener", ra),
-                      ("raw NOTIFY + 1 statement, async", rs)):
+    for name, ref in (
+        ("raw NOTIFY, sync listener", r),
+        ("raw NOTIFY, async listener", ra),
+        ("raw NOTIFY + 1 statement, async", rs),
+    ):
         print(f"  {name:<54} p50 {p['p50'] / ref['p50']:5.2f}x  p99 {p['p99'] / ref['p99']:5.2f}x")
     ok50, ok99 = p["p50"] <= P50_TARGET_MS, p["p99"] <= P99_TARGET_MS
-    print(f"target p50 ≤ {P50_TARGET_MS} ms: {'met' if ok50 else 'MISSED'} ({p['p50']:.3f} ms); "
-          f"p99 ≤ {P99_TARGET_MS} ms: {'met' if ok99 else 'MISSED'} ({p['p99']:.3f} ms)")
+    print(
+        f"target p50 ≤ {P50_TARGET_MS} ms: {'met' if ok50 else 'MISSED'} ({p['p50']:.3f} ms); "
+        f"p99 ≤ {P99_TARGET_MS} ms: {'met' if ok99 else 'MISSED'} ({p['p99']:.3f} ms)"
+    )
     for variant, phases in results.get("profile", {}).items():
         print(f"\nwhere the pickup time goes: traced daemon (bench/traced_daemon.py), variant {variant} (ms):")
         for name, s in phases.items():
@@ -317,9 +339,11 @@ def report(results: dict[str, Any]) -> None:
             print(f"  {key}")
             for variant, phases in prof.items():
                 t = phases[key]
-                print(f"    {variant:<26} p50 {t['p50']:7.3f} ({t['p50'] - base['p50']:+.3f})  "
-                      f"p90 {t['p90']:7.3f} ({t['p90'] - base['p90']:+.3f})  "
-                      f"p99 {t['p99']:7.3f} ({t['p99'] - base['p99']:+.3f})")
+                print(
+                    f"    {variant:<26} p50 {t['p50']:7.3f} ({t['p50'] - base['p50']:+.3f})  "
+                    f"p90 {t['p90']:7.3f} ({t['p90'] - base['p90']:+.3f})  "
+                    f"p99 {t['p99']:7.3f} ({t['p99'] - base['p99']:+.3f})"
+                )
 
 
 def main() -> int:
@@ -327,14 +351,25 @@ def main() -> int:
     ap.add_argument("--dsn", help="a server to create the bench database on (default: embedded, .pgml-bench/)")
     ap.add_argument("--jobs", type=int, default=200, help="measured jobs (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="unmeasured rounds first (default 10)")
-    ap.add_argument("--profile-jobs", type=int, default=100,
-                    help="jobs per variant against traced daemons afterwards, for the phase breakdown (0: skip)")
-    ap.add_argument("--profile-variants", default="baseline",
-                    help="comma-separated: baseline, fast-lock, inline-claim, fast-lock+inline-claim "
-                         "(prototypes of daemon changes, see bench/traced_daemon.py; default baseline)")
-    ap.add_argument("--synchronous-commit", choices=["on", "off"], default="on",
-                    help="DIAGNOSTIC: synchronous_commit of the submitting session (default on, the real case); "
-                         "off shows the pickup without the WAL flush a COMMIT waits for")
+    ap.add_argument(
+        "--profile-jobs",
+        type=int,
+        default=100,
+        help="jobs per variant against traced daemons afterwards, for the phase breakdown (0: skip)",
+    )
+    ap.add_argument(
+        "--profile-variants",
+        default="baseline",
+        help="comma-separated: baseline, fast-lock, inline-claim, fast-lock+inline-claim "
+        "(prototypes of daemon changes, see bench/traced_daemon.py; default baseline)",
+    )
+    ap.add_argument(
+        "--synchronous-commit",
+        choices=["on", "off"],
+        default="on",
+        help="DIAGNOSTIC: synchronous_commit of the submitting session (default on, the real case); "
+        "off shows the pickup without the WAL flush a COMMIT waits for",
+    )
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (daemon logs) after a good run")
     ap.add_argument("--listener", choices=["sync", "async"], help=argparse.SUPPRESS)

@@ -94,7 +94,8 @@ def main() -> int:
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=len(label_names), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+        args.model, num_labels=len(label_names), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
+    )
     max_length = int(args.max_seq_length or min(512, tokenizer.model_max_length or 512))
 
     def encode(ix: list[int]) -> list[dict[str, Any]]:
@@ -111,8 +112,11 @@ def main() -> int:
         targs = dict(training_args)
         batch = int(targs.get("per_device_train_batch_size", 8)) * int(targs.get("gradient_accumulation_steps", 1))
         epochs = float(targs.get("num_train_epochs", 3))
-        total = int(targs["max_steps"]) if int(targs.get("max_steps", -1) or -1) > 0 else \
-            max(1, int(epochs * -(-len(train_set) // max(1, batch))))
+        total = (
+            int(targs["max_steps"])
+            if int(targs.get("max_steps", -1) or -1) > 0
+            else max(1, int(epochs * -(-len(train_set) // max(1, batch))))
+        )
         targs.setdefault("logging_steps", max(1, min(500, total // 20)))
         if "save_strategy" not in training_args and "save_steps" not in training_args:
             targs["save_strategy"] = "no"
@@ -157,9 +161,15 @@ def main() -> int:
         # the result: metrics known and the model saved (what the job's 'succeeded' row stands for); the
         # scratch folder is removed afterwards, as the training child removes its own after committing
         marks["result"] = time.time()
-        result = {"metrics": metrics, "marks": marks, "saved_bytes": saved, "train_rows": len(train_ix),
-                  "test_rows": len(test_ix), "logging_steps": targs["logging_steps"],
-                  "max_steps": trainer.state.max_steps}
+        result = {
+            "metrics": metrics,
+            "marks": marks,
+            "saved_bytes": saved,
+            "train_rows": len(train_ix),
+            "test_rows": len(test_ix),
+            "logging_steps": targs["logging_steps"],
+            "max_steps": trainer.state.max_steps,
+        }
         text = json.dumps(result, default=float)
         if args.result:
             Path(args.result).write_text(text)

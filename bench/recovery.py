@@ -45,17 +45,27 @@ from psycopg.rows import dict_row
 SETTINGS_DEFAULT = {"lease": 30.0, "heartbeat": 5.0, "poll": 2.0}
 
 
-def one_sample(dsn: str, home: Path, conn: psycopg.Connection[dict[str, Any]], s: dict[str, float], tag: str,
-               rng: random.Random) -> dict[str, float]:
-    flags = ["--lease-seconds", str(s["lease"]), "--heartbeat-seconds", str(s["heartbeat"]),
-             "--poll-seconds", str(s["poll"]), "--no-migrate"]
+def one_sample(
+    dsn: str, home: Path, conn: psycopg.Connection[dict[str, Any]], s: dict[str, float], tag: str, rng: random.Random
+) -> dict[str, float]:
+    flags = [
+        "--lease-seconds",
+        str(s["lease"]),
+        "--heartbeat-seconds",
+        str(s["heartbeat"]),
+        "--poll-seconds",
+        str(s["poll"]),
+        "--no-migrate",
+    ]
     env = bench_env(home)
     a = DaemonProc(dsn, home, *flags, "--worker-id", f"{tag}-A", env=env)
     b: DaemonProc | None = None
     try:
         a.wait_event(lambda e: e.get("event") == "daemon.start", 60)
-        job = conn.execute("SELECT job_id FROM pgml.tune('recovery', task => 'noop', model_name => 'none', "
-                           "hyperparams => '{\"seconds\": 3600}', max_attempts => 5)").fetchone()["job_id"]
+        job = conn.execute(
+            "SELECT job_id FROM pgml.tune('recovery', task => 'noop', model_name => 'none', "
+            "hyperparams => '{\"seconds\": 3600}', max_attempts => 5)"
+        ).fetchone()["job_id"]
         a.wait_event(lambda e: e.get("event") == "job.claimed" and e.get("job_id") == job, 30)
         b = DaemonProc(dsn, home, *flags, "--worker-id", f"{tag}-B", env=env)
         b.wait_event(lambda e: e.get("event") == "daemon.start", 60)
@@ -67,20 +77,31 @@ def one_sample(dsn: str, home: Path, conn: psycopg.Connection[dict[str, Any]], s
         deadline = time.monotonic() + s["lease"] + 4 * s["poll"] + 30
         claim = None
         while claim is None and time.monotonic() < deadline:
-            claim = conn.execute("SELECT at, worker FROM pgml.job_events WHERE job_id = %s AND attempt = 2 "
-                                 "AND new_status = 'running'", (job,)).fetchone()
+            claim = conn.execute(
+                "SELECT at, worker FROM pgml.job_events WHERE job_id = %s AND attempt = 2 AND new_status = 'running'",
+                (job,),
+            ).fetchone()
             if claim is None:
                 time.sleep(0.01)
         if claim is None:
             raise TimeoutError(f"job {job} was not taken over; B's log: {b.log_path}")
-        reap = conn.execute("SELECT at FROM pgml.job_events WHERE job_id = %s AND attempt = 1 "
-                            "AND old_status = 'running' AND new_status = 'queued'", (job,)).fetchone()
+        reap = conn.execute(
+            "SELECT at FROM pgml.job_events WHERE job_id = %s AND attempt = 1 "
+            "AND old_status = 'running' AND new_status = 'queued'",
+            (job,),
+        ).fetchone()
         conn.execute("SELECT pgml.cancel(%s)", (job,))
-        ts = {k: v.timestamp() for k, v in (("expiry", row["lease_expires_at"]), ("reap", reap["at"]),
-                                              ("claim", claim["at"]))}
-        return {"recovery": ts["claim"] - killed, "lease_left": ts["expiry"] - killed,
-                "reap_lag": ts["reap"] - ts["expiry"], "claim_lag": ts["claim"] - ts["reap"],
-                "by_b": float(claim["worker"] == f"{tag}-B")}
+        ts = {
+            k: v.timestamp()
+            for k, v in (("expiry", row["lease_expires_at"]), ("reap", reap["at"]), ("claim", claim["at"]))
+        }
+        return {
+            "recovery": ts["claim"] - killed,
+            "lease_left": ts["expiry"] - killed,
+            "reap_lag": ts["reap"] - ts["expiry"],
+            "claim_lag": ts["claim"] - ts["reap"],
+            "by_b": float(claim["worker"] == f"{tag}-B"),
+        }
     finally:
         for d in (a, b):
             if d is not None:
@@ -93,9 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"default": SETTINGS_DEFAULT, "short": short}
     rng = random.Random(args.seed)
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in settings}
-    with fresh_database(admin, "pgml_bench_recovery") as dsn, \
-            psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn, \
-            tempfile.TemporaryDirectory(prefix="pgml-bench-recovery-") as tmp:
+    with (
+        fresh_database(admin, "pgml_bench_recovery") as dsn,
+        psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
+        tempfile.TemporaryDirectory(prefix="pgml-bench-recovery-") as tmp,
+    ):
         home = Path(tmp)
         for i in range(args.runs):
             order = list(settings)
@@ -103,13 +126,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in order:
                 sample = one_sample(dsn, home, conn, settings[name], f"{name}{i}", rng)
                 samples[name].append(sample)
-                print(f"  run {i + 1} {name:7s} recovery {sample['recovery']:6.2f} s  (lease left "
-                      f"{sample['lease_left']:5.2f}, reap lag {sample['reap_lag']:4.2f}, claim lag "
-                      f"{sample['claim_lag']:5.3f})", flush=True)
-    result: dict[str, Any] = {"settings": settings, "runs": args.runs, "at": dt.datetime.now().isoformat(),
-                              "samples": samples, "summary": {}}
-    print(f"\nSIGKILL → running again on another daemon, {args.runs} runs each "
-          "(mean / min / max, seconds)")
+                print(
+                    f"  run {i + 1} {name:7s} recovery {sample['recovery']:6.2f} s  (lease left "
+                    f"{sample['lease_left']:5.2f}, reap lag {sample['reap_lag']:4.2f}, claim lag "
+                    f"{sample['claim_lag']:5.3f})",
+                    flush=True,
+                )
+    result: dict[str, Any] = {
+        "settings": settings,
+        "runs": args.runs,
+        "at": dt.datetime.now().isoformat(),
+        "samples": samples,
+        "summary": {},
+    }
+    print(f"\nSIGKILL → running again on another daemon, {args.runs} runs each (mean / min / max, seconds)")
     print(f"{'':30s} {'default':>22s} {'short':>22s}")
     label = {k: f"lease {v['lease']:g} hb {v['heartbeat']:g} poll {v['poll']:g}" for k, v in settings.items()}
     print(f"{'setting':30s} {label['default']:>22s} {label['short']:>22s}")
@@ -117,8 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cells = []
         for name in settings:
             xs = [s[metric] for s in samples[name]]
-            result["summary"].setdefault(name, {})[metric] = {"mean": statistics.mean(xs), "min": min(xs),
-                                                              "max": max(xs)}
+            result["summary"].setdefault(name, {})[metric] = {
+                "mean": statistics.mean(xs),
+                "min": min(xs),
+                "max": max(xs),
+            }
             cells.append(f"{statistics.mean(xs):6.2f} {min(xs):6.2f} {max(xs):6.2f}")
         print(f"{metric:30s} {cells[0]:>22s} {cells[1]:>22s}")
     for name, s in settings.items():

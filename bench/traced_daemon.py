@@ -67,10 +67,21 @@ async def _claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
     job = await _orig_claim(pool, worker, lease_seconds)
     t_return = time.time()
     if job is not None:
-        print(json.dumps({"event": "trace.claim", "job_id": job.id, "t_notify": _last.get("notify"),
-                          "t_claim_call": t_call, "t_locked": _last.get("locked"), "t_claim_return": t_return,
-                          "variant": sorted(VARIANT)}),
-              file=sys.stderr, flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "trace.claim",
+                    "job_id": job.id,
+                    "t_notify": _last.get("notify"),
+                    "t_claim_call": t_call,
+                    "t_locked": _last.get("locked"),
+                    "t_claim_return": t_return,
+                    "variant": sorted(VARIANT),
+                }
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     return job
 
 

@@ -119,12 +119,29 @@ class DaemonProc:
 
     def __init__(self, dsn: str, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_path = home / f"daemon-{uuid.uuid4().hex[:6]}.log"
-        cmd = [sys.executable, "-m", "pgml_tuned.cli", "serve", "--dsn", dsn, "--home", str(home),
-               "--log-format", "json", "--poll-seconds", "0.5", "--heartbeat-seconds", "0.5",
-               "--lease-seconds", "3", "--grace-seconds", "20", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pgml_tuned.cli",
+            "serve",
+            "--dsn",
+            dsn,
+            "--home",
+            str(home),
+            "--log-format",
+            "json",
+            "--poll-seconds",
+            "0.5",
+            "--heartbeat-seconds",
+            "0.5",
+            "--lease-seconds",
+            "3",
+            "--grace-seconds",
+            "20",
+            *args,
+        ]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -170,7 +187,14 @@ def job_row(conn: psycopg.Connection[dict[str, Any]], job_id: int) -> dict[str, 
     return row
 
 
-def wait_job(conn: psycopg.Connection[dict[str, Any]], job_id: int, timeout: float = 120,
-             statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict[str, Any]:
-    return wait_for(lambda: (r := job_row(conn, job_id))["status"] in statuses and r, timeout,
-                    what=f"job {job_id} to reach {statuses}")
+def wait_job(
+    conn: psycopg.Connection[dict[str, Any]],
+    job_id: int,
+    timeout: float = 120,
+    statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+) -> dict[str, Any]:
+    return wait_for(
+        lambda: (r := job_row(conn, job_id))["status"] in statuses and r,
+        timeout,
+        what=f"job {job_id} to reach {statuses}",
+    )

@@ -31,9 +31,13 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | 
         if not f.metadata.get("flag", True) or (names is not None and f.name not in names):
             continue
         kind = field_type(f)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind if kind in (int, float) else str,
-                            choices=f.metadata.get("choices"), help=f.metadata.get("help"),
-                            metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper())
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind if kind in (int, float) else str,
+            choices=f.metadata.get("choices"),
+            help=f.metadata.get("help"),
+            metavar=None if f.metadata.get("choices") else f.name.split("_")[-1].upper(),
+        )
 
 
 def resolve_dsn(settings: Settings, *, announce: bool = True) -> str:
@@ -41,9 +45,12 @@ def resolve_dsn(settings: Settings, *, announce: bool = True) -> str:
         return settings.dsn
     dsn = embedded.ensure(settings.home)
     if announce:
-        print(f"embedded PostgreSQL running in {settings.home / 'pgdata'}\n"
-              f"  connect: {embedded.psql_path()} '{dsn}'\n"
-              f"  stop:    pgml-tuned db stop", file=sys.stderr)
+        print(
+            f"embedded PostgreSQL running in {settings.home / 'pgdata'}\n"
+            f"  connect: {embedded.psql_path()} '{dsn}'\n"
+            f"  stop:    pgml-tuned db stop",
+            file=sys.stderr,
+        )
     return dsn
 
 
@@ -103,10 +110,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             summary = await (await conn.execute("SELECT * FROM pgml.queue_summary")).fetchall()
             for r in summary:
                 print("  ".join(f"{k}={v}" for k, v in r.items()))
-            rows = await (await conn.execute(
-                "SELECT id, project, status, attempt, worker, progress_pct, step, max_steps, last_loss, "
-                "heartbeat_age, eta FROM pgml.job_status WHERE status IN ('queued', 'running') "
-                "OR finished_at > now() - interval '1 hour' ORDER BY id DESC LIMIT %s", (args.limit,))).fetchall()
+            rows = await (
+                await conn.execute(
+                    "SELECT id, project, status, attempt, worker, progress_pct, step, max_steps, last_loss, "
+                    "heartbeat_age, eta FROM pgml.job_status WHERE status IN ('queued', 'running') "
+                    "OR finished_at > now() - interval '1 hour' ORDER BY id DESC LIMIT %s",
+                    (args.limit,),
+                )
+            ).fetchall()
             if rows:
                 cols = list(rows[0])
                 print("\n" + " | ".join(cols))
@@ -124,20 +135,26 @@ def cmd_logs(args: argparse.Namespace) -> int:
         last = 0
         async with await db.connect(dsn) as conn:
             while True:
-                rows = await (await conn.execute(
-                    "SELECT id, created_at, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
-                    (args.job, last))).fetchall()
+                rows = await (
+                    await conn.execute(
+                        "SELECT id, created_at, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
+                        (args.job, last),
+                    )
+                ).fetchall()
                 for r in rows:
                     print(json.dumps(r["logs"]), flush=True)
                     last = r["id"]
-                job = await (await conn.execute("SELECT status, error FROM pgml.jobs WHERE id = %s",
-                                                (args.job,))).fetchone()
+                job = await (
+                    await conn.execute("SELECT status, error FROM pgml.jobs WHERE id = %s", (args.job,))
+                ).fetchone()
                 if job is None:
                     raise SystemExit(f"no job {args.job}")
                 if not args.follow or job["status"] in ("succeeded", "failed", "cancelled"):
                     if args.follow:
-                        print(f"job {args.job} {job['status']}" + (f": {job['error']}" if job["error"] else ""),
-                              file=sys.stderr)
+                        print(
+                            f"job {args.job} {job['status']}" + (f": {job['error']}" if job["error"] else ""),
+                            file=sys.stderr,
+                        )
                     return
                 await anyio.sleep(0.5)
 
@@ -187,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pgml-tuned {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("migrate", parents=[common], help="install/upgrade the pgml schema (idempotent)"
-                   ).set_defaults(fn=cmd_migrate)
+    sub.add_parser("migrate", parents=[common], help="install/upgrade the pgml schema (idempotent)").set_defaults(
+        fn=cmd_migrate
+    )
 
     s = sub.add_parser("serve", parents=[common], help="run the training daemon")
     s.add_argument("--drain", action="store_true", help="run queued jobs, exit 0 when the queue is empty")

@@ -23,8 +23,14 @@ def _default_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def setting(default: Any = MISSING, *, help: str, factory: Any = MISSING, choices: tuple[str, ...] | None = None,
-            flag: bool = True) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    factory: Any = MISSING,
+    choices: tuple[str, ...] | None = None,
+    flag: bool = True,
+) -> Any:
     """A Settings field with its help text (and choices); `flag=False`: environment only, no --flag."""
     metadata = {"help": help, "choices": choices, "flag": flag}
     if factory is not MISSING:
@@ -36,26 +42,38 @@ def setting(default: Any = MISSING, *, help: str, factory: Any = MISSING, choice
 class Settings:
     """Everything the daemon and the CLI can be configured with."""
 
-    dsn: str | None = setting(None, help="PostgreSQL connection string (default: $PGML_DSN, else the embedded "
-                                         "server under --home)")
-    home: Path = setting(factory=_default_home, help="state directory: embedded server, worker key, scratch space "
-                                                     "(default: $PGML_HOME or ~/.local/share/pgml-tuned)")
-    worker_id: str = setting(factory=_default_worker, help="this worker's name in pgml.jobs.worker "
-                                                           "(default: host:pid)")
+    dsn: str | None = setting(
+        None, help="PostgreSQL connection string (default: $PGML_DSN, else the embedded server under --home)"
+    )
+    home: Path = setting(
+        factory=_default_home,
+        help="state directory: embedded server, worker key, scratch space "
+        "(default: $PGML_HOME or ~/.local/share/pgml-tuned)",
+    )
+    worker_id: str = setting(factory=_default_worker, help="this worker's name in pgml.jobs.worker (default: host:pid)")
     concurrency: int = setting(1, help="jobs this daemon runs at once, one child process each")
     gpus: str | None = setting(None, help="comma-separated GPU ids, one per job slot (CUDA_VISIBLE_DEVICES)")
-    lease_seconds: float = setting(30.0, help="a running job whose lease is older than this is taken over by "
-                                              "another worker")
+    lease_seconds: float = setting(
+        30.0, help="a running job whose lease is older than this is taken over by another worker"
+    )
     heartbeat_seconds: float = setting(5.0, help="how often the leases of running jobs are renewed")
-    poll_seconds: float = setting(2.0, help="how often to look for work without a NOTIFY (a lost NOTIFY never "
-                                            "stalls the queue) and reap expired leases")
+    poll_seconds: float = setting(
+        2.0,
+        help="how often to look for work without a NOTIFY (a lost NOTIFY never "
+        "stalls the queue) and reap expired leases",
+    )
     grace_seconds: float = setting(60.0, help="on SIGTERM: how long children get to checkpoint before SIGKILL")
-    log_format: str = setting("auto", help="log lines as JSON (services) or pretty (a terminal); auto: JSON "
-                                           "unless stderr is a terminal", choices=("auto", "json", "console"))
-    log_level: str = setting("info", help="the least important log lines shown",
-                             choices=("debug", "info", "warning", "error"))
-    secret_key_file: Path | None = setting(None, help="the worker's private key (default: <home>/worker.key)",
-                                           flag=False)
+    log_format: str = setting(
+        "auto",
+        help="log lines as JSON (services) or pretty (a terminal); auto: JSON unless stderr is a terminal",
+        choices=("auto", "json", "console"),
+    )
+    log_level: str = setting(
+        "info", help="the least important log lines shown", choices=("debug", "info", "warning", "error")
+    )
+    secret_key_file: Path | None = setting(
+        None, help="the worker's private key (default: <home>/worker.key)", flag=False
+    )
     work_dir: Path | None = setting(None, help="scratch space for children (default: <home>/work)", flag=False)
 
     @property

@@ -101,8 +101,9 @@ def backoff_delays(first: float = 0.05, cap: float = 5.0) -> Iterator[float]:
         delay = min(cap, delay * 2)
 
 
-async def retrying(what: str, fn: Callable[[], Awaitable[T]], *, first: float = 0.05, cap: float = 5.0,
-                   deadline: float | None = None) -> T:
+async def retrying(
+    what: str, fn: Callable[[], Awaitable[T]], *, first: float = 0.05, cap: float = 5.0, deadline: float | None = None
+) -> T:
     """Await fn() until it does not raise a RETRYABLE error (backoff between tries); give up at `deadline`
     (time.monotonic()) if one is given, raising the last error."""
     for delay in backoff_delays(first, cap):
@@ -183,8 +184,9 @@ async def migrate(dsn: str) -> list[str]:
     async with await connect(dsn, autocommit=True, app="pgml-tuned migrate") as conn:
         await conn.execute("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pgml-tuned migrate'))")
         try:
-            exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.schema_migrations') AS t")
-                            ).fetchone()
+            exists = await (
+                await conn.execute("SELECT pg_catalog.to_regclass('pgml.schema_migrations') AS t")
+            ).fetchone()
             done: set[str] = set()
             if exists and exists["t"]:
                 rows = await (await conn.execute("SELECT version FROM pgml.schema_migrations")).fetchall()

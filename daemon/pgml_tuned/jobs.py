@@ -74,13 +74,21 @@ async def queue_empty(pool: Pool) -> bool:
 Conn = psycopg.Connection[Any]
 
 
-def append_logs(conn: Conn, job_id: int, attempt: int, entries: list[tuple[int, dict[str, Any]]],
-                progress: dict[str, Any]) -> None:
+def append_logs(
+    conn: Conn, job_id: int, attempt: int, entries: list[tuple[int, dict[str, Any]]], progress: dict[str, Any]
+) -> None:
     """Store (seq, entry) log events of this attempt and its progress; LeaseLost if it no longer owns the job."""
     with conn.transaction():
-        row = fetch_one(conn, q("append_logs"), {
-            "id": job_id, "attempt": attempt, "progress": Jsonb(progress),
-            "logs": json.dumps([{"seq": seq, "entry": e} for seq, e in entries])})
+        row = fetch_one(
+            conn,
+            q("append_logs"),
+            {
+                "id": job_id,
+                "attempt": attempt,
+                "progress": Jsonb(progress),
+                "logs": json.dumps([{"seq": seq, "entry": e} for seq, e in entries]),
+            },
+        )
         if not row["owned"]:
             raise LeaseLost(f"job {job_id} attempt {attempt} is no longer owned by this worker")
 
@@ -105,13 +113,21 @@ def store_checkpoint(conn: Conn, job_id: int, attempt: int, step: int, src: Path
     return stored
 
 
-def succeed(conn: Conn, job_id: int, attempt: int, model_id: int, model_dir: Path, metrics: dict[str, Any],
-            base_model: str | None) -> tuple[int, int]:
+def succeed(
+    conn: Conn,
+    job_id: int,
+    attempt: int,
+    model_id: int,
+    model_dir: Path,
+    metrics: dict[str, Any],
+    base_model: str | None,
+) -> tuple[int, int]:
     """The job's final transaction: every file under model_dir into pgml.files, metrics, status succeeded."""
     with conn.transaction():
         _lock_owned(conn, job_id, attempt)
         conn.execute(q("delete_model_files"), {"model_id": model_id})
         stored = files.copy_dir_in(conn, q("copy_files"), model_id, model_dir)
-        conn.execute(q("succeed_job"), {"id": job_id, "attempt": attempt, "metrics": Jsonb(metrics),
-                                        "base_model": base_model})
+        conn.execute(
+            q("succeed_job"), {"id": job_id, "attempt": attempt, "metrics": Jsonb(metrics), "base_model": base_model}
+        )
     return stored

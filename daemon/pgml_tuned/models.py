@@ -74,8 +74,10 @@ def resolve(model_name: str, store: ModelStore, workdir: Path, info: Callable[..
     """A loadable source for `model_name`; stored models are downloaded under workdir."""
     if not model_name.startswith("pgml:"):
         if model_name.startswith(("/", "./", "~")) and not Path(model_name).expanduser().is_dir():
-            raise JobError(f"model_name {model_name!r} is not a directory on worker {os.uname().nodename}; "
-                           "pass a directory that exists on every worker, a hub id, or pgml:<project>")
+            raise JobError(
+                f"model_name {model_name!r} is not a directory on worker {os.uname().nodename}; "
+                "pass a directory that exists on every worker, a hub id, or pgml:<project>"
+            )
         source = str(Path(model_name).expanduser()) if model_name.startswith("~") else model_name
         return Resolved(model_name, source, None)
     ref = model_name.removeprefix("pgml:")
@@ -109,14 +111,26 @@ def load_sequence_classifier(source: str, name: str, *, label_names: list[str], 
 
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)}, token=token, ignore_mismatched_sizes=True)
+            source,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            token=token,
+            ignore_mismatched_sizes=True,
+        )
     except OSError as e:
         raise JobError(f"cannot load model {name!r}: {e}") from e
 
 
-def load_causal_lm(source: str, *, token: str | None = None, dtype: str | None = None,
-                   attn_implementation: str | None = None, quantize: str | None = None, device: str = "cpu") -> Any:
+def load_causal_lm(
+    source: str,
+    *,
+    token: str | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    quantize: str | None = None,
+    device: str = "cpu",
+) -> Any:
     """AutoModelForCausalLM; `quantize` "8bit" or "4bit" (nf4, double quantization) through bitsandbytes."""
     import torch
     from transformers import AutoModelForCausalLM

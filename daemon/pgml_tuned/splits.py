@@ -28,7 +28,7 @@ def split(labels: Sequence[str], test_size: float, sampling: str, seed: int = 42
     k = test_count(n, test_size)
     order = list(range(n))
     if sampling == "last":
-        return order[: n - k], order[n - k:]
+        return order[: n - k], order[n - k :]
     rng = random.Random(seed)
     if sampling == "random":
         rng.shuffle(order)

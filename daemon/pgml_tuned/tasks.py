@@ -25,15 +25,38 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("text-classification", "text_classification", {"text_column": "text", "class_column": None},
-             ("text_column",)),
-        Task("text-pair-classification", "text_classification",
-             {"text1_column": "text1", "text2_column": "text2", "class_column": None},
-             ("text1_column", "text2_column")),
-        Task("conversation", "conversation.recipe", {"user_column": "user", "assistant_column": "assistant"},
-             ("user_column", "assistant_column", "system_column"), ("system_column",),
-             ("training_args", "dataset_args", "lora_config", "load_in_8bit", "load_in_4bit", "max_seq_length",
-              "prompt_template", "train_on", "packing", "torch_dtype", "attn_implementation")),
+        Task(
+            "text-classification",
+            "text_classification",
+            {"text_column": "text", "class_column": None},
+            ("text_column",),
+        ),
+        Task(
+            "text-pair-classification",
+            "text_classification",
+            {"text1_column": "text1", "text2_column": "text2", "class_column": None},
+            ("text1_column", "text2_column"),
+        ),
+        Task(
+            "conversation",
+            "conversation.recipe",
+            {"user_column": "user", "assistant_column": "assistant"},
+            ("user_column", "assistant_column", "system_column"),
+            ("system_column",),
+            (
+                "training_args",
+                "dataset_args",
+                "lora_config",
+                "load_in_8bit",
+                "load_in_4bit",
+                "max_seq_length",
+                "prompt_template",
+                "train_on",
+                "packing",
+                "torch_dtype",
+                "attn_implementation",
+            ),
+        ),
         # a diagnostic task: a child that sleeps hyperparams.seconds; used to test queues and operations
         Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail")),
     )

@@ -36,17 +36,23 @@ from tests.conftest import STATE, DaemonProc, job_row, wait_for, wait_job
 # ---- helpers ----
 
 
-def submit_noop(conn: psycopg.Connection[dict[str, Any]], project: str = "chaos", max_attempts: int = 3,
-                **hp: Any) -> int:
-    row = conn.execute("SELECT job_id FROM pgml.tune(%s, task => 'noop', model_name => 'none', "
-                       "hyperparams => %s::jsonb, max_attempts => %s)",
-                       (project, json.dumps(hp), max_attempts)).fetchone()
+def submit_noop(
+    conn: psycopg.Connection[dict[str, Any]], project: str = "chaos", max_attempts: int = 3, **hp: Any
+) -> int:
+    row = conn.execute(
+        "SELECT job_id FROM pgml.tune(%s, task => 'noop', model_name => 'none', "
+        "hyperparams => %s::jsonb, max_attempts => %s)",
+        (project, json.dumps(hp), max_attempts),
+    ).fetchone()
     return int(row["job_id"])
 
 
 def logged_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int | None = None) -> list[int]:
-    rows = conn.execute("SELECT (logs->>'step')::int AS s FROM pgml.logs WHERE job_id = %s "
-                        "AND (%s::int IS NULL OR attempt = %s::int) ORDER BY id", (job, attempt, attempt))
+    rows = conn.execute(
+        "SELECT (logs->>'step')::int AS s FROM pgml.logs WHERE job_id = %s "
+        "AND (%s::int IS NULL OR attempt = %s::int) ORDER BY id",
+        (job, attempt, attempt),
+    )
     return [r["s"] for r in rows]
 
 
@@ -59,9 +65,12 @@ def assert_each_step_once(steps: list[int], n: int, what: str) -> None:
 
 def claim_delay(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int = 1) -> float | None:
     """Seconds from the job's INSERT to its claim (both server clock_timestamp()s); None: not claimed yet."""
-    row = conn.execute("SELECT extract(epoch FROM e.at - j.created_at)::float8 AS s FROM pgml.job_events e "
-                       "JOIN pgml.jobs j ON j.id = e.job_id WHERE e.job_id = %s AND e.attempt = %s "
-                       "AND e.new_status = 'running'", (job, attempt)).fetchone()
+    row = conn.execute(
+        "SELECT extract(epoch FROM e.at - j.created_at)::float8 AS s FROM pgml.job_events e "
+        "JOIN pgml.jobs j ON j.id = e.job_id WHERE e.job_id = %s AND e.attempt = %s "
+        "AND e.new_status = 'running'",
+        (job, attempt),
+    ).fetchone()
     return None if row is None else row["s"]
 
 
@@ -101,12 +110,19 @@ def check_audit_trail(conn: psycopg.Connection[dict[str, Any]], job_ids: list[in
     events: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for e in conn.execute("SELECT * FROM pgml.job_events WHERE job_id = ANY(%s) ORDER BY job_id, id", (job_ids,)):
         events[e["job_id"]].append(e)
-    last_log = {(r["job_id"], r["attempt"]): r["at"] for r in conn.execute(
-        "SELECT job_id, attempt, max(created_at) AS at FROM pgml.logs WHERE job_id = ANY(%s) GROUP BY 1, 2",
-        (job_ids,))}
-    reaped = {(r["id"], e["attempt"]) for r in conn.execute("SELECT id, errors FROM pgml.jobs WHERE id = ANY(%s)",
-                                                             (job_ids,))
-              for e in r["errors"] if "stopped renewing its lease" in e["error"]}
+    last_log = {
+        (r["job_id"], r["attempt"]): r["at"]
+        for r in conn.execute(
+            "SELECT job_id, attempt, max(created_at) AS at FROM pgml.logs WHERE job_id = ANY(%s) GROUP BY 1, 2",
+            (job_ids,),
+        )
+    }
+    reaped = {
+        (r["id"], e["attempt"])
+        for r in conn.execute("SELECT id, errors FROM pgml.jobs WHERE id = ANY(%s)", (job_ids,))
+        for e in r["errors"]
+        if "stopped renewing its lease" in e["error"]
+    }
     stats = collections.Counter()
     for job in job_ids:
         evs = events[job]
@@ -115,8 +131,10 @@ def check_audit_trail(conn: psycopg.Connection[dict[str, Any]], job_ids: list[in
         expected_attempt = 1
         for e in evs[1:]:
             if e["new_status"] == "running":
-                assert claim is None, f"job {job}: attempt {e['attempt']} claimed while attempt " \
-                                      f"{claim and claim['attempt']} was still running (two owners)"
+                assert claim is None, (
+                    f"job {job}: attempt {e['attempt']} claimed while attempt "
+                    f"{claim and claim['attempt']} was still running (two owners)"
+                )
                 assert e["old_status"] == "queued" and e["attempt"] == expected_attempt, (job, e)
                 claim = e
                 expected_attempt += 1
@@ -126,14 +144,17 @@ def check_audit_trail(conn: psycopg.Connection[dict[str, Any]], job_ids: list[in
                 assert e["attempt"] == claim["attempt"], (job, e)
                 if e["new_status"] == "queued" and (job, claim["attempt"]) in reaped:
                     # taken back from its worker: only after the lease (at least the claim's) had expired
-                    assert e["at"] >= claim["lease_expires_at"], f"job {job}: attempt {claim['attempt']} " \
+                    assert e["at"] >= claim["lease_expires_at"], (
+                        f"job {job}: attempt {claim['attempt']} "
                         f"taken back at {e['at']} before its lease expired at {claim['lease_expires_at']}"
+                    )
                     stats["taken_back"] += 1
                 elif e["new_status"] == "queued":
                     stats["requeued"] += 1  # given back by its own worker (SIGTERM)
                 ended = last_log.get((job, claim["attempt"]))
-                assert ended is None or ended <= e["at"], \
+                assert ended is None or ended <= e["at"], (
                     f"job {job}: attempt {claim['attempt']} wrote a log at {ended} after it ended at {e['at']}"
+                )
                 claim = None
         assert [e["new_status"] for e in evs].count("succeeded") == 1, (job, evs)
         assert evs[-1]["new_status"] == "succeeded", (job, evs[-1])
@@ -191,8 +212,10 @@ def test_postgres_restart_mid_job_nothing_lost(dedicated_pg: tuple[Any, str], tm
     server's start (the reaper gives them that long, see reap_expired). Two daemons: a bystander is eager to reap.
     """
     server, dsn = dedicated_pg
-    daemons = [DaemonProc(dsn, tmp_path, "--concurrency", "2", "--worker-id", f"r{i}", "--lease-seconds", "7")
-               for i in range(2)]
+    daemons = [
+        DaemonProc(dsn, tmp_path, "--concurrency", "2", "--worker-id", f"r{i}", "--lease-seconds", "7")
+        for i in range(2)
+    ]
     try:
         with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
             long_job = submit_noop(conn, seconds=20, steps=100)
@@ -244,21 +267,29 @@ def test_terminated_backends_recover_within_seconds(conn: psycopg.Connection[dic
     apps = ("pgml-tuned listen tb", "pgml-tuned tb", f"pgml-tuned job {job}")
     pickups = []
     for round_ in range(8):  # repeated: every reconnect must be as fast as the first
+
         def backends() -> dict[str, int]:
-            rows = conn.execute("SELECT pid, application_name AS app FROM pg_stat_activity "
-                                "WHERE datname = current_database() AND application_name = ANY(%s)", (list(apps),))
+            rows = conn.execute(
+                "SELECT pid, application_name AS app FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = ANY(%s)",
+                (list(apps),),
+            )
             return {r["app"]: r["pid"] for r in rows}
 
         found = wait_for(lambda: len(b := backends()) == 3 and b, 10, what=f"the 3 connections (round {round_})")
         conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (list(found.values()),))
         terminated_at = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
         new_job = submit_noop(conn, project=f"after-{round_}")
-        wait_for(lambda nj=new_job: claim_delay(conn, nj) is not None, 10, interval=0.01,
-                 what=f"pickup (round {round_})")
+        wait_for(
+            lambda nj=new_job: claim_delay(conn, nj) is not None, 10, interval=0.01, what=f"pickup (round {round_})"
+        )
         pickups.append(claim_delay(conn, new_job))
         # the running job keeps renewing its lease and logging
-        hb = wait_for(lambda t=terminated_at: (r := job_row(conn, job))["heartbeat_at"] > t and r, 5,
-                      what="a heartbeat after the termination")
+        hb = wait_for(
+            lambda t=terminated_at: (r := job_row(conn, job))["heartbeat_at"] > t and r,
+            5,
+            what="a heartbeat after the termination",
+        )
         assert hb["status"] == "running" and hb["attempt"] == 1
         n = len(logged_steps(conn, job))
         wait_for(lambda n=n: len(logged_steps(conn, job)) > n, 5, what="a log after the termination")
@@ -275,11 +306,14 @@ def test_terminated_backends_recover_within_seconds(conn: psycopg.Connection[dic
 # ---- 3. exactly once under churn ----
 
 
-def test_exactly_once_while_daemons_are_killed_and_replaced(conn: psycopg.Connection[dict[str, Any]],
-                                                            daemon: Any) -> None:
+def test_exactly_once_while_daemons_are_killed_and_replaced(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any
+) -> None:
     rng = random.Random(20240601)
-    jobs = [submit_noop(conn, project="churn", max_attempts=10, seconds=round(rng.uniform(0, 0.3), 2), steps=2)
-            for _ in range(200)]
+    jobs = [
+        submit_noop(conn, project="churn", max_attempts=10, seconds=round(rng.uniform(0, 0.3), 2), steps=2)
+        for _ in range(200)
+    ]
     live = [daemon("--concurrency", "3", "--worker-id", f"c{i}") for i in range(3)]
     started, kills = 3, 0
 
@@ -300,12 +334,14 @@ def test_exactly_once_while_daemons_are_killed_and_replaced(conn: psycopg.Connec
 
     assert kills >= 10, f"only {kills} daemons were killed: the chaos did not happen"
     stats = check_audit_trail(conn, jobs)
-    rows = conn.execute("SELECT id, model_id, attempt, failed_attempts, status FROM pgml.jobs WHERE id = ANY(%s)",
-                        (jobs,)).fetchall()
+    rows = conn.execute(
+        "SELECT id, model_id, attempt, failed_attempts, status FROM pgml.jobs WHERE id = ANY(%s)", (jobs,)
+    ).fetchall()
     assert len(rows) == 200 and all(r["status"] == "succeeded" for r in rows)
     # every extra attempt is one lost lease (a killed owner), counted once; no job came near max_attempts
-    assert all(r["attempt"] == r["failed_attempts"] + 1 for r in rows), \
-        [r for r in rows if r["attempt"] != r["failed_attempts"] + 1]
+    assert all(r["attempt"] == r["failed_attempts"] + 1 for r in rows), [
+        r for r in rows if r["attempt"] != r["failed_attempts"] + 1
+    ]
     lost = sum(r["failed_attempts"] for r in rows)
     assert lost == stats["taken_back"] and lost <= 3 * kills, (lost, stats, kills)
     assert max(r["failed_attempts"] for r in rows) < 10
@@ -313,7 +349,9 @@ def test_exactly_once_while_daemons_are_killed_and_replaced(conn: psycopg.Connec
     # the final attempt of each job logged both steps once; one stored result per model
     final_logs = conn.execute(
         "SELECT j.id, array_agg((l.logs->>'step')::int ORDER BY l.id) AS steps FROM pgml.jobs j "
-        "JOIN pgml.logs l ON l.job_id = j.id AND l.attempt = j.attempt WHERE j.id = ANY(%s) GROUP BY j.id", (jobs,))
+        "JOIN pgml.logs l ON l.job_id = j.id AND l.attempt = j.attempt WHERE j.id = ANY(%s) GROUP BY j.id",
+        (jobs,),
+    )
     assert {r["id"]: r["steps"] for r in final_logs} == {j: [1, 2] for j in jobs}
     files = conn.execute("SELECT count(*) AS n, count(DISTINCT model_id) AS models FROM pgml.files").fetchone()
     assert files == {"n": 200, "models": 200}
@@ -327,8 +365,9 @@ def test_exactly_once_while_daemons_are_killed_and_replaced(conn: psycopg.Connec
 
 
 @pytest.mark.parametrize("phase", ["logging", "committing"])
-def test_partitioned_worker_cannot_overwrite_the_new_owner(conn: psycopg.Connection[dict[str, Any]], daemon: Any,
-                                                           phase: str) -> None:
+def test_partitioned_worker_cannot_overwrite_the_new_owner(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, phase: str
+) -> None:
     """Freeze worker A (daemon and child: SIGSTOP, as a network partition or a VM pause) until B takes its job over.
 
     logging:    A's child comes back while B runs attempt 2 and is next about to write a log row.
@@ -367,8 +406,9 @@ def test_partitioned_worker_cannot_overwrite_the_new_owner(conn: psycopg.Connect
                 k.resume()
         a.signal(signal.SIGCONT)
 
-    abandoned = wait_for(lambda: [e for e in log_events(a) if e.get("event") == "job.abandoned"], 10,
-                         what="A to abandon the job")
+    abandoned = wait_for(
+        lambda: [e for e in log_events(a) if e.get("event") == "job.abandoned"], 10, what="A to abandon the job"
+    )
     assert abandoned[0]["reason"] == "lease lost" and abandoned[0]["attempt"] == 1, abandoned
     if phase == "committing":
         assert abandoned[0]["rc"] == 76, "the child stopped itself at the fenced commit (EXIT_LEASE_LOST)"
@@ -376,17 +416,23 @@ def test_partitioned_worker_cannot_overwrite_the_new_owner(conn: psycopg.Connect
     assert done["status"] == "succeeded" and done["attempt"] == 2 and done["worker"] == "B", done
     assert done["failed_attempts"] == 1 and done["errors"][0]["worker"] == "A"
     assert done["errors"][0]["error"].startswith("worker A stopped renewing its lease"), done["errors"]
-    ev = {(e["attempt"], e["new_status"]): e for e in conn.execute(
-        "SELECT * FROM pgml.job_events WHERE job_id = %s", (job,))}
+    ev = {
+        (e["attempt"], e["new_status"]): e
+        for e in conn.execute("SELECT * FROM pgml.job_events WHERE job_id = %s", (job,))
+    }
     # finished_at is B's: written by its succeed_job right before the trigger's event, after B's claim
     assert 0 <= (ev[(2, "succeeded")]["at"] - done["finished_at"]).total_seconds() < 0.5
     assert done["finished_at"] > ev[(2, "running")]["at"]
     # nothing of attempt 1 after the takeover, one stored result (B's), B's logs complete
-    late = conn.execute("SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s AND attempt = 1 AND created_at >= %s",
-                        (job, ev[(1, "queued")]["at"])).fetchone()["n"]
+    late = conn.execute(
+        "SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s AND attempt = 1 AND created_at >= %s",
+        (job, ev[(1, "queued")]["at"]),
+    ).fetchone()["n"]
     assert late == 0
-    assert conn.execute("SELECT count(*) AS n FROM pgml.files WHERE model_id = %s",
-                        (done["model_id"],)).fetchone()["n"] == 1
+    assert (
+        conn.execute("SELECT count(*) AS n FROM pgml.files WHERE model_id = %s", (done["model_id"],)).fetchone()["n"]
+        == 1
+    )
     if phase == "logging":
         assert_each_step_once(logged_steps(conn, job, 2), 30, "attempt 2")
     check_audit_trail(conn, [job])
@@ -396,8 +442,9 @@ def test_partitioned_worker_cannot_overwrite_the_new_owner(conn: psycopg.Connect
 # ---- 5. SIGTERM twice ----
 
 
-def test_second_sigterm_exits_at_once_and_the_lease_expires(conn: psycopg.Connection[dict[str, Any]],
-                                                            daemon: Any) -> None:
+def test_second_sigterm_exits_at_once_and_the_lease_expires(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any
+) -> None:
     a = daemon("--worker-id", "A")
     job = submit_noop(conn, seconds=4, steps=2)  # 2 s steps: the child does not see the first SIGTERM in time
     wait_for(lambda: logged_steps(conn, job), 30, interval=0.01, what="step 1")  # now sleeping in step 2
@@ -422,6 +469,6 @@ def test_second_sigterm_exits_at_once_and_the_lease_expires(conn: psycopg.Connec
     done = wait_job(conn, job, 30)
     assert done["status"] == "succeeded" and done["failed_attempts"] == 1 and done["errors"][0]["worker"] == "A"
     assert done["errors"][0]["error"].startswith(
-        "worker A stopped renewing its lease (killed, crashed or cut off); last heartbeat 20"), \
-        done["errors"]
+        "worker A stopped renewing its lease (killed, crashed or cut off); last heartbeat 20"
+    ), done["errors"]
     check_audit_trail(conn, [job])

@@ -15,8 +15,10 @@ from tests.conftest import job_row, wait_for, wait_job
 
 
 def submit_noop(conn: psycopg.Connection[dict[str, Any]], project: str = "ops", **hp: Any) -> int:
-    row = conn.execute("SELECT job_id FROM pgml.tune(%s, task => 'noop', model_name => 'none', "
-                       "hyperparams => %s::jsonb)", (project, json.dumps(hp))).fetchone()
+    row = conn.execute(
+        "SELECT job_id FROM pgml.tune(%s, task => 'noop', model_name => 'none', hyperparams => %s::jsonb)",
+        (project, json.dumps(hp)),
+    ).fetchone()
     return int(row["job_id"])
 
 
@@ -45,10 +47,11 @@ def test_lost_notify_is_picked_up_by_the_poll(conn: psycopg.Connection[dict[str,
 def test_two_daemons_fifty_jobs_each_exactly_once(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
     ids = [submit_noop(conn, seconds=0) for _ in range(50)]
     daemons = [daemon("--concurrency", "4", "--worker-id", f"w{i}") for i in range(2)]
-    wait_for(lambda: all(job_row(conn, j)["status"] == "succeeded" for j in ids), 180, interval=0.2,
-             what="all 50 jobs")
-    claims = conn.execute("SELECT job_id, count(*) AS n, array_agg(DISTINCT worker) AS workers FROM pgml.job_events "
-                          "WHERE new_status = 'running' GROUP BY job_id").fetchall()
+    wait_for(lambda: all(job_row(conn, j)["status"] == "succeeded" for j in ids), 180, interval=0.2, what="all 50 jobs")
+    claims = conn.execute(
+        "SELECT job_id, count(*) AS n, array_agg(DISTINCT worker) AS workers FROM pgml.job_events "
+        "WHERE new_status = 'running' GROUP BY job_id"
+    ).fetchall()
     assert len(claims) == 50 and all(c["n"] == 1 for c in claims)
     assert {w for c in claims for w in c["workers"]} == {"w0", "w1"}, "both daemons took work"
     assert all(job_row(conn, j)["attempt"] == 1 for j in ids)
@@ -63,8 +66,9 @@ def test_drain_runs_the_queue_then_exits(conn: psycopg.Connection[dict[str, Any]
     assert [job_row(conn, j)["status"] for j in ids] == ["succeeded"] * 3
 
 
-def test_failing_job_is_recorded_and_the_daemon_keeps_serving(conn: psycopg.Connection[dict[str, Any]],
-                                                              daemon: Any) -> None:
+def test_failing_job_is_recorded_and_the_daemon_keeps_serving(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any
+) -> None:
     daemon()
     bad = submit_noop(conn, fail="the data was wrong")
     good = submit_noop(conn)

@@ -25,31 +25,50 @@ def small_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def submit_long(conn: psycopg.Connection[dict[str, Any]], model: Path, **training_args: Any) -> int:
     conn.execute("CREATE TABLE IF NOT EXISTS texts (text text, class text)")
-    conn.execute("INSERT INTO texts SELECT 'sample text number ' || i || ' is ' || "
-                 "CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END, CASE WHEN i % 2 = 0 THEN 'pos' ELSE 'neg' END "
-                 "FROM generate_series(1, 64) i")
-    args = {"max_steps": STEPS, "per_device_train_batch_size": 16, "logging_steps": 1, "save_steps": 20,
-            "save_total_limit": 2, "learning_rate": 1e-3, **training_args}
-    row = conn.execute("SELECT job_id FROM pgml.tune('long', task => 'text-classification', relation_name => 'texts', "
-                       "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
-                       (str(model), json.dumps({"dataset_args": {"text_column": "text", "class_column": "class"},
-                                                "training_args": args}))).fetchone()
+    conn.execute(
+        "INSERT INTO texts SELECT 'sample text number ' || i || ' is ' || "
+        "CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END, CASE WHEN i % 2 = 0 THEN 'pos' ELSE 'neg' END "
+        "FROM generate_series(1, 64) i"
+    )
+    args = {
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 16,
+        "logging_steps": 1,
+        "save_steps": 20,
+        "save_total_limit": 2,
+        "learning_rate": 1e-3,
+        **training_args,
+    }
+    row = conn.execute(
+        "SELECT job_id FROM pgml.tune('long', task => 'text-classification', relation_name => 'texts', "
+        "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
+        (
+            str(model),
+            json.dumps({"dataset_args": {"text_column": "text", "class_column": "class"}, "training_args": args}),
+        ),
+    ).fetchone()
     return int(row["job_id"])
 
 
 def checkpoint_steps(conn: psycopg.Connection[dict[str, Any]], job: int) -> list[int]:
-    return [r["step"] for r in conn.execute("SELECT step FROM pgml.checkpoints WHERE job_id = %s ORDER BY step",
-                                            (job,))]
+    return [
+        r["step"] for r in conn.execute("SELECT step FROM pgml.checkpoints WHERE job_id = %s ORDER BY step", (job,))
+    ]
 
 
 def logged_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int) -> list[int]:
-    return [int(r["s"]) for r in conn.execute(
-        "SELECT logs->>'step' AS s FROM pgml.logs WHERE job_id = %s AND attempt = %s AND logs ? 'loss' ORDER BY id",
-        (job, attempt))]
+    return [
+        int(r["s"])
+        for r in conn.execute(
+            "SELECT logs->>'step' AS s FROM pgml.logs WHERE job_id = %s AND attempt = %s AND logs ? 'loss' ORDER BY id",
+            (job, attempt),
+        )
+    ]
 
 
 def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
-        conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path) -> None:
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path
+) -> None:
     job = submit_long(conn, small_bert)
     first = daemon("--worker-id", "first")
     wait_for(lambda: checkpoint_steps(conn, job), 120, interval=0.02, what="a stored checkpoint")
@@ -74,8 +93,9 @@ def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
     assert len(checkpoint_steps(conn, job)) <= 2
 
 
-def test_sigterm_checkpoints_requeues_and_exits_in_time(conn: psycopg.Connection[dict[str, Any]], daemon: Any,
-                                                         small_bert: Path) -> None:
+def test_sigterm_checkpoints_requeues_and_exits_in_time(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path
+) -> None:
     job = submit_long(conn, small_bert, save_steps=100000)  # no periodic checkpoint: SIGTERM makes one
     d = daemon()
     wait_for(lambda: len(logged_steps(conn, job, 1)) >= 5, 120, interval=0.02, what="training to start")
@@ -96,8 +116,10 @@ def test_sigterm_checkpoints_requeues_and_exits_in_time(conn: psycopg.Connection
 def test_cancel_queued_and_running(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
     q = conn.execute("SELECT job_id FROM pgml.tune('c', task => 'noop', model_name => 'none')").fetchone()["job_id"]
     assert conn.execute("SELECT pgml.cancel(%s) AS s", (q,)).fetchone()["s"] == "cancelled"
-    r = conn.execute("SELECT job_id FROM pgml.tune('c', task => 'noop', model_name => 'none', "
-                     "hyperparams => '{\"seconds\": 60, \"steps\": 600}')").fetchone()["job_id"]
+    r = conn.execute(
+        "SELECT job_id FROM pgml.tune('c', task => 'noop', model_name => 'none', "
+        'hyperparams => \'{"seconds": 60, "steps": 600}\')'
+    ).fetchone()["job_id"]
     daemon()
     wait_for(lambda: conn.execute("SELECT 1 FROM pgml.logs WHERE job_id = %s", (r,)).fetchone(), 30)
     t0 = time.monotonic()
@@ -112,10 +134,13 @@ def test_cancel_queued_and_running(conn: psycopg.Connection[dict[str, Any]], dae
         conn.execute("SELECT pgml.cancel(987654)")
 
 
-def test_wait_streams_logs_then_final_status(conn_dsn: str, conn: psycopg.Connection[dict[str, Any]],
-                                             daemon: Any) -> None:
-    job = conn.execute("SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', "
-                       "hyperparams => '{\"seconds\": 1, \"steps\": 5}')").fetchone()["job_id"]
+def test_wait_streams_logs_then_final_status(
+    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any
+) -> None:
+    job = conn.execute(
+        "SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', "
+        'hyperparams => \'{"seconds": 1, "steps": 5}\')'
+    ).fetchone()["job_id"]
     daemon()
     seen: list[tuple[float, str]] = []
     with psycopg.connect(conn_dsn, autocommit=True) as waiter:
@@ -126,19 +151,29 @@ def test_wait_streams_logs_then_final_status(conn_dsn: str, conn: psycopg.Connec
     assert logs[-1]["status"] == "succeeded" and logs[-1]["metrics"] == {"slept": 1}
     assert seen[-1][0] - seen[0][0] > 0.5, "log rows arrive as they happen, not all at the end"
 
-    bad = conn.execute("SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', "
-                       "hyperparams => '{\"fail\": \"boom\"}')").fetchone()["job_id"]
+    bad = conn.execute(
+        "SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', hyperparams => '{\"fail\": \"boom\"}')"
+    ).fetchone()["job_id"]
     with psycopg.connect(conn_dsn, autocommit=True) as waiter, pytest.raises(psycopg.errors.RaiseException) as e:
         waiter.execute("CALL pgml.wait(%s, 0.1)", (bad,))
     assert f"job {bad} failed: boom" in str(e.value)
 
 
 def test_status_view_and_queue_summary(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
-    job = conn.execute("SELECT job_id FROM pgml.tune('v', task => 'noop', model_name => 'none', "
-                       "hyperparams => '{\"seconds\": 3, \"steps\": 30}')").fetchone()["job_id"]
+    job = conn.execute(
+        "SELECT job_id FROM pgml.tune('v', task => 'noop', model_name => 'none', "
+        'hyperparams => \'{"seconds": 3, "steps": 30}\')'
+    ).fetchone()["job_id"]
     daemon("--worker-id", "viewer")
-    row = wait_for(lambda: (r := conn.execute("SELECT * FROM pgml.job_status WHERE id = %s", (job,)).fetchone())
-                   and r["step"] and r["step"] >= 5 and r, 30)
+    row = wait_for(
+        lambda: (
+            (r := conn.execute("SELECT * FROM pgml.job_status WHERE id = %s", (job,)).fetchone())
+            and r["step"]
+            and r["step"] >= 5
+            and r
+        ),
+        30,
+    )
     assert row["status"] == "running" and row["worker"] == "viewer" and row["max_steps"] == 30
     assert 0 < row["progress_pct"] < 100 and row["heartbeat_age"] < 3 and row["last_loss"] > 0
     assert row["eta"] is not None
@@ -147,26 +182,42 @@ def test_status_view_and_queue_summary(conn: psycopg.Connection[dict[str, Any]],
     wait_job(conn, job)
 
 
-def test_lora_adapter_checkpoint_resumes_after_sigterm(conn: psycopg.Connection[dict[str, Any]], daemon: Any,
-                                                        tmp_path: Path) -> None:
+def test_lora_adapter_checkpoint_resumes_after_sigterm(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path
+) -> None:
     llama = testing.build_tiny_llama(tmp_path / "llama")
     conn.execute("CREATE TABLE chats (q text, a text)")
-    conn.execute("INSERT INTO chats SELECT 'what is ' || i || ' plus one?', (i + 1)::text "
-                 "FROM generate_series(1, 48) i")
-    hp = {"dataset_args": {"user_column": "q", "assistant_column": "a"},
-          "lora_config": {"r": 4, "lora_alpha": 8},
-          "training_args": {"max_steps": 60, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 5,
-                            "learning_rate": 1e-3}}
-    job = conn.execute("SELECT job_id FROM pgml.tune('chat', task => 'conversation', relation_name => 'chats', "
-                       "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
-                       (str(llama), json.dumps(hp))).fetchone()["job_id"]
+    conn.execute(
+        "INSERT INTO chats SELECT 'what is ' || i || ' plus one?', (i + 1)::text FROM generate_series(1, 48) i"
+    )
+    hp = {
+        "dataset_args": {"user_column": "q", "assistant_column": "a"},
+        "lora_config": {"r": 4, "lora_alpha": 8},
+        "training_args": {
+            "max_steps": 60,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 5,
+            "learning_rate": 1e-3,
+        },
+    }
+    job = conn.execute(
+        "SELECT job_id FROM pgml.tune('chat', task => 'conversation', relation_name => 'chats', "
+        "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
+        (str(llama), json.dumps(hp)),
+    ).fetchone()["job_id"]
     d = daemon()
     wait_for(lambda: checkpoint_steps(conn, job), 120, interval=0.02, what="a stored adapter checkpoint")
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0
-    files = {r["path"] for r in conn.execute(
-        "SELECT DISTINCT f.path FROM pgml.checkpoint_files f JOIN pgml.checkpoints c ON c.id = f.checkpoint_id "
-        "WHERE c.job_id = %s", (job,))}
+    files = {
+        r["path"]
+        for r in conn.execute(
+            "SELECT DISTINCT f.path FROM pgml.checkpoint_files f JOIN pgml.checkpoints c ON c.id = f.checkpoint_id "
+            "WHERE c.job_id = %s",
+            (job,),
+        )
+    }
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= files
     assert "model.safetensors" not in files  # the adapter, not the base weights
     last = checkpoint_steps(conn, job)[-1]

@@ -45,8 +45,9 @@ def test_seed_copy_is_current() -> None:
     assert seed.GUIDE.read_text() == seed.SHARED_GUIDE.read_text()
 
 
-def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, Any]], daemon: Any,
-                                             tiny_bert: Path, tmp_path: Path) -> None:
+def test_seed_text_classification_end_to_end(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path, tmp_path: Path
+) -> None:
     load_imdb(conn)
     # sections 2-4 verbatim: views, EDA, split views
     conn.execute(seed.find(seed.IMDB_SHUFFLED_VIEW))
@@ -67,10 +68,16 @@ def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, 
 
     # a daemon trains it; logs appear while it runs, visible to this other session
     d = daemon()
-    wait_for(lambda: conn.execute(
-        "SELECT 1 FROM pgml.logs l JOIN pgml.jobs j ON j.id = l.job_id "
-        "WHERE l.job_id = %s AND j.status = 'running' AND l.logs ? 'loss'", (job_id,)).fetchone(), 120,
-        interval=0.02, what="a loss row while the job is running")
+    wait_for(
+        lambda: conn.execute(
+            "SELECT 1 FROM pgml.logs l JOIN pgml.jobs j ON j.id = l.job_id "
+            "WHERE l.job_id = %s AND j.status = 'running' AND l.logs ? 'loss'",
+            (job_id,),
+        ).fetchone(),
+        120,
+        interval=0.02,
+        what="a loss row while the job is running",
+    )
     done = wait_job(conn, job_id, 300)
     assert done["status"] == "succeeded", done["error"]
     model_id = done["model_id"]
@@ -83,8 +90,9 @@ def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, 
     assert len(rows) >= 10
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(steps) and float(rows[-1]["epoch"]) == pytest.approx(20.0, abs=0.5)
-    first = conn.execute("SELECT logs FROM pgml.logs WHERE model_id = %s AND logs ? 'loss' ORDER BY id LIMIT 1",
-                         (model_id,)).fetchone()["logs"]
+    first = conn.execute(
+        "SELECT logs FROM pgml.logs WHERE model_id = %s AND logs ? 'loss' ORDER BY id LIMIT 1", (model_id,)
+    ).fetchone()["logs"]
     assert {"loss", "grad_norm", "learning_rate", "epoch", "step", "max_steps", "timestamp"} <= set(first)
     assert isinstance(first["loss"], float) and first["max_steps"] == done["progress"]["max_steps"]
 
@@ -115,24 +123,33 @@ def test_seed_text_classification_end_to_end(conn: psycopg.Connection[dict[str, 
 
 
 def submit(conn: psycopg.Connection[dict[str, Any]], project: str, relation: str, model: str, **hp: Any) -> int:
-    hyperparams = {"dataset_args": {"text_column": "text", "class_column": "class"},
-                   "training_args": {"num_train_epochs": 1, "per_device_train_batch_size": 8}}
+    hyperparams = {
+        "dataset_args": {"text_column": "text", "class_column": "class"},
+        "training_args": {"num_train_epochs": 1, "per_device_train_batch_size": 8},
+    }
     for k, v in hp.items():
         hyperparams[k] = {**hyperparams.get(k, {}), **v}
-    row = conn.execute("SELECT job_id FROM pgml.tune(%s, task => 'text-classification', relation_name => %s, "
-                       "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
-                       (project, relation, model, json.dumps(hyperparams))).fetchone()
+    row = conn.execute(
+        "SELECT job_id FROM pgml.tune(%s, task => 'text-classification', relation_name => %s, "
+        "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
+        (project, relation, model, json.dumps(hyperparams)),
+    ).fetchone()
     return int(row["job_id"])
 
 
-def test_failures_name_the_problem_and_the_daemon_keeps_serving(conn: psycopg.Connection[dict[str, Any]],
-                                                               daemon: Any, tiny_bert: Path) -> None:
+def test_failures_name_the_problem_and_the_daemon_keeps_serving(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
+) -> None:
     conn.execute("CREATE TABLE reviews (text text, class text)")
-    conn.execute("INSERT INTO reviews SELECT 'review number ' || i, CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END "
-                 "FROM generate_series(1, 24) i")
+    conn.execute(
+        "INSERT INTO reviews SELECT 'review number ' || i, CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END "
+        "FROM generate_series(1, 24) i"
+    )
     conn.execute("CREATE TABLE with_null (text text, class text)")
-    conn.execute("INSERT INTO with_null SELECT CASE WHEN i = 7 THEN NULL ELSE 'text ' || i END, (i % 2)::text "
-                 "FROM generate_series(1, 12) i")
+    conn.execute(
+        "INSERT INTO with_null SELECT CASE WHEN i = 7 THEN NULL ELSE 'text ' || i END, (i % 2)::text "
+        "FROM generate_series(1, 12) i"
+    )
     bad_arg = submit(conn, "a", "reviews", str(tiny_bert), training_args={"evaluation_strategy": "epoch"})
     no_model = submit(conn, "b", "reviews", "/nonexistent/model/dir")
     null_text = submit(conn, "c", "with_null", str(tiny_bert))
@@ -151,16 +168,25 @@ def test_failures_name_the_problem_and_the_daemon_keeps_serving(conn: psycopg.Co
 
 def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path) -> None:
     conn.execute("CREATE TABLE pairs (premise text, hypothesis text, label text)")
-    conn.execute("INSERT INTO pairs SELECT 'the film is ' || w, "
-                 "'it is ' || CASE WHEN i % 2 = 0 THEN w ELSE 'other' END,"
-                 " CASE WHEN i % 2 = 0 THEN 'entailment' ELSE 'contradiction' END "
-                 "FROM generate_series(1, 40) i, LATERAL (SELECT (ARRAY['good','bad','long'])[1 + i % 3] AS w) x")
+    conn.execute(
+        "INSERT INTO pairs SELECT 'the film is ' || w, "
+        "'it is ' || CASE WHEN i % 2 = 0 THEN w ELSE 'other' END,"
+        " CASE WHEN i % 2 = 0 THEN 'entailment' ELSE 'contradiction' END "
+        "FROM generate_series(1, 40) i, LATERAL (SELECT (ARRAY['good','bad','long'])[1 + i % 3] AS w) x"
+    )
     job = conn.execute(
         "SELECT job_id FROM pgml.tune('pairs', task => 'text-pair-classification', relation_name => 'pairs', "
         "model_name => %s, test_size => 10, test_sampling => 'stratified', hyperparams => %s::jsonb)",
-        (str(tiny_bert), json.dumps({"dataset_args": {"text1_column": "premise", "text2_column": "hypothesis",
-                                                      "class_column": "label"},
-                                     "training_args": {"num_train_epochs": 1}}))).fetchone()["job_id"]
+        (
+            str(tiny_bert),
+            json.dumps(
+                {
+                    "dataset_args": {"text1_column": "premise", "text2_column": "hypothesis", "class_column": "label"},
+                    "training_args": {"num_train_epochs": 1},
+                }
+            ),
+        ),
+    ).fetchone()["job_id"]
     daemon("--drain")
     done = wait_job(conn, job, 180)
     assert done["status"] == "succeeded", done["error"]

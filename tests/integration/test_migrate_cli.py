@@ -25,8 +25,13 @@ def empty_db(admin_dsn: str) -> Iterator[str]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgml_tuned.cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "pgml_tuned.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_migrate_is_idempotent_and_records_versions(empty_db: str, tmp_path: Path) -> None:
@@ -45,20 +50,29 @@ def test_plain_psql_applies_the_migrations(empty_db: str) -> None:
     psql = embedded.psql_path()
     for f in sorted((SQL_DIR / "migrations").glob("*.sql")):
         for _ in range(2):  # idempotent: a second run changes nothing and does not fail
-            r = subprocess.run([str(psql), empty_db, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(f)],
-                               capture_output=True, text=True, timeout=60)
+            r = subprocess.run(
+                [str(psql), empty_db, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(f)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert r.returncode == 0, r.stderr
     with psycopg.connect(empty_db) as c:
         assert c.execute("SELECT count(*) FROM pgml.schema_migrations").fetchone()[0] == len(
-            list((SQL_DIR / "migrations").glob("*.sql")))
+            list((SQL_DIR / "migrations").glob("*.sql"))
+        )
 
 
-def test_cli_status_logs_cancel_download(conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any,
-                                         tmp_path: Path) -> None:
-    job = conn.execute("SELECT job_id FROM pgml.tune('cli', task => 'noop', model_name => 'none', "
-                       "hyperparams => '{\"seconds\": 1, \"steps\": 3}')").fetchone()["job_id"]
-    queued = conn.execute("SELECT job_id FROM pgml.tune('cli', task => 'noop', model_name => 'none', "
-                          "priority => -1)").fetchone()["job_id"]
+def test_cli_status_logs_cancel_download(
+    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path
+) -> None:
+    job = conn.execute(
+        "SELECT job_id FROM pgml.tune('cli', task => 'noop', model_name => 'none', "
+        'hyperparams => \'{"seconds": 1, "steps": 3}\')'
+    ).fetchone()["job_id"]
+    queued = conn.execute(
+        "SELECT job_id FROM pgml.tune('cli', task => 'noop', model_name => 'none', priority => -1)"
+    ).fetchone()["job_id"]
     cancel = cli("cancel", str(queued), "--dsn", conn_dsn)
     assert cancel.returncode == 0 and f"job {queued}: cancelled" in cancel.stdout
     daemon()

@@ -175,7 +175,6 @@ def test_worker_keys_rejects_a_wrong_fingerprint(conn_dsn: str, key: WorkerKey) 
     with psycopg.connect(conn_dsn) as conn:
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(
-                "INSERT INTO pgml.worker_keys (fingerprint, n, e)"
-                " VALUES ('0123456789abcdef', %s::numeric, 65537)",
+                "INSERT INTO pgml.worker_keys (fingerprint, n, e) VALUES ('0123456789abcdef', %s::numeric, 65537)",
                 (str(key.n),),
             )

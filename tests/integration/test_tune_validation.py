@@ -14,14 +14,22 @@ OK_ARGS = {"text_column": "text", "class_column": "class"}
 @pytest.fixture
 def reviews(conn: psycopg.Connection[dict[str, Any]]) -> str:
     conn.execute("CREATE TABLE public.reviews (id int, text text, class text, score int, body varchar(20))")
-    conn.execute("INSERT INTO public.reviews SELECT i, 'text ' || i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, i, 'x'"
-                 " FROM generate_series(1, 10) i")
+    conn.execute(
+        "INSERT INTO public.reviews SELECT i, 'text ' || i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, i, 'x'"
+        " FROM generate_series(1, 10) i"
+    )
     return "public.reviews"
 
 
 def tune(conn: psycopg.Connection[dict[str, Any]], **kw: Any) -> dict[str, Any]:
-    args = {"project_name": "p", "task": "text-classification", "relation_name": "public.reviews",
-            "model_name": "some/model", "hyperparams": {"dataset_args": OK_ARGS}, **kw}
+    args = {
+        "project_name": "p",
+        "task": "text-classification",
+        "relation_name": "public.reviews",
+        "model_name": "some/model",
+        "hyperparams": {"dataset_args": OK_ARGS},
+        **kw,
+    }
     if isinstance(args.get("hyperparams"), dict | list | str | int):
         args["hyperparams"] = json.dumps(args["hyperparams"])
     names = ", ".join(f"{k} => %({k})s" + ("::jsonb" if k == "hyperparams" else "") for k in args)
@@ -64,10 +72,14 @@ def test_injection_in_relation_name_is_just_a_bad_name(conn: psycopg.Connection[
 def test_quoted_identifiers_work(conn: psycopg.Connection[dict[str, Any]]) -> None:
     conn.execute('CREATE SCHEMA "My Schema"')
     conn.execute('CREATE TABLE "My Schema"."Odd ""Name""" ("Text Col" text, "Class" text)')
-    row = tune(conn, relation_name='"My Schema"."Odd ""Name"""',
-               hyperparams={"dataset_args": {"text_column": "Text Col", "class_column": "Class"}})
-    job = conn.execute("SELECT relation_schema, relation_table FROM pgml.jobs WHERE id = %s",
-                       (row["job_id"],)).fetchone()
+    row = tune(
+        conn,
+        relation_name='"My Schema"."Odd ""Name"""',
+        hyperparams={"dataset_args": {"text_column": "Text Col", "class_column": "Class"}},
+    )
+    job = conn.execute(
+        "SELECT relation_schema, relation_table FROM pgml.jobs WHERE id = %s", (row["job_id"],)
+    ).fetchone()
     assert job == {"relation_schema": "My Schema", "relation_table": 'Odd "Name"'}
 
 
@@ -87,13 +99,24 @@ def test_relation_the_caller_cannot_select(conn: psycopg.Connection[dict[str, An
 
 
 def test_missing_text_and_class_columns(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
-    assert_rejected(conn, "column 'body_text' (dataset_args.text_column) does not exist",
-                    "columns of reviews are: id, text",
-                    hyperparams={"dataset_args": {"text_column": "body_text", "class_column": "class"}})
-    assert_rejected(conn, "column 'label' (dataset_args.class_column) does not exist", "class_column",
-                    hyperparams={"dataset_args": {"text_column": "text", "class_column": "label"}})
-    assert_rejected(conn, "dataset_args.class_column is required", "y_column_name",
-                    hyperparams={"dataset_args": {"text_column": "text"}})
+    assert_rejected(
+        conn,
+        "column 'body_text' (dataset_args.text_column) does not exist",
+        "columns of reviews are: id, text",
+        hyperparams={"dataset_args": {"text_column": "body_text", "class_column": "class"}},
+    )
+    assert_rejected(
+        conn,
+        "column 'label' (dataset_args.class_column) does not exist",
+        "class_column",
+        hyperparams={"dataset_args": {"text_column": "text", "class_column": "label"}},
+    )
+    assert_rejected(
+        conn,
+        "dataset_args.class_column is required",
+        "y_column_name",
+        hyperparams={"dataset_args": {"text_column": "text"}},
+    )
 
 
 def test_y_column_name_supplies_the_class_column(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
@@ -103,8 +126,12 @@ def test_y_column_name_supplies_the_class_column(conn: psycopg.Connection[dict[s
 
 
 def test_non_text_text_column(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
-    assert_rejected(conn, "has type integer, but it must hold text", "CREATE VIEW",
-                    hyperparams={"dataset_args": {"text_column": "score", "class_column": "class"}})
+    assert_rejected(
+        conn,
+        "has type integer, but it must hold text",
+        "CREATE VIEW",
+        hyperparams={"dataset_args": {"text_column": "score", "class_column": "class"}},
+    )
     tune(conn, hyperparams={"dataset_args": {"text_column": "body", "class_column": "score"}})  # varchar is text
 
 
@@ -112,13 +139,15 @@ def test_unknown_task(conn: psycopg.Connection[dict[str, Any]], reviews: str) ->
     assert_rejected(conn, "unknown task 'summarization'", "'text-classification'", task="summarization")
 
 
-def test_task_required_for_new_project_and_fixed_per_project(conn: psycopg.Connection[dict[str, Any]],
-                                                            reviews: str) -> None:
+def test_task_required_for_new_project_and_fixed_per_project(
+    conn: psycopg.Connection[dict[str, Any]], reviews: str
+) -> None:
     assert_rejected(conn, "task is required", "task =>", task=None)
     tune(conn)
     tune(conn, task=None)  # the project's task
-    assert_rejected(conn, "is a text-classification project, not conversation", "another project_name",
-                    task="conversation")
+    assert_rejected(
+        conn, "is a text-classification project, not conversation", "another project_name", task="conversation"
+    )
 
 
 @pytest.mark.parametrize("size", [0, -0.5, 1, 2.5, None])
@@ -138,10 +167,18 @@ def test_hyperparams_not_an_object(conn: psycopg.Connection[dict[str, Any]], rev
 
 
 def test_nested_args_must_be_objects_and_keys_known(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
-    assert_rejected(conn, "hyperparams.training_args must be a JSON object", "e.g.",
-                    hyperparams={"dataset_args": OK_ARGS, "training_args": [1]})
-    assert_rejected(conn, "unknown hyperparams key 'traning_args'", "training_args",
-                    hyperparams={"dataset_args": OK_ARGS, "traning_args": {}})
+    assert_rejected(
+        conn,
+        "hyperparams.training_args must be a JSON object",
+        "e.g.",
+        hyperparams={"dataset_args": OK_ARGS, "training_args": [1]},
+    )
+    assert_rejected(
+        conn,
+        "unknown hyperparams key 'traning_args'",
+        "training_args",
+        hyperparams={"dataset_args": OK_ARGS, "traning_args": {}},
+    )
 
 
 def test_model_name_required(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
@@ -150,8 +187,14 @@ def test_model_name_required(conn: psycopg.Connection[dict[str, Any]], reviews: 
 
 def test_secrets_are_sealed_never_stored_in_clear(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
     secret = "hf_SuperSecretToken123"
-    row = tune(conn, hyperparams={"dataset_args": OK_ARGS, "token": secret,
-                                  "training_args": {"hub_token": secret, "num_train_epochs": 1}})
+    row = tune(
+        conn,
+        hyperparams={
+            "dataset_args": OK_ARGS,
+            "token": secret,
+            "training_args": {"hub_token": secret, "num_train_epochs": 1},
+        },
+    )
     for table in ("jobs", "models", "projects", "job_events", "logs"):
         dump = conn.execute(f"SELECT coalesce(string_agg(t::text, ' '), '') AS d FROM pgml.{table} t").fetchone()["d"]
         assert secret not in dump, f"token stored in clear in pgml.{table}"

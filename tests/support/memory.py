@@ -76,9 +76,21 @@ class MemoryBackend:
             return None
         job.status, job.attempt, job.worker = Status.RUNNING, job.attempt + 1, self.worker
         self._moved(job, "claimed")
-        return Claim(id=job.id, attempt=job.attempt, project_id=1, project_name="p", model_id=job.id, task="noop",
-                     relation_schema=None, relation_table=None, model_name="none", test_size=0.25,
-                     test_sampling="random", hyperparams=job.hyperparams, secrets=None)
+        return Claim(
+            id=job.id,
+            attempt=job.attempt,
+            project_id=1,
+            project_name="p",
+            model_id=job.id,
+            task="noop",
+            relation_schema=None,
+            relation_table=None,
+            model_name="none",
+            test_size=0.25,
+            test_sampling="random",
+            hyperparams=job.hyperparams,
+            secrets=None,
+        )
 
     async def release_orphans(self, running: list[int]) -> list[int]:
         return []

@@ -396,5 +396,3 @@ def install_in_hf_cache(model_dir: Path, repo_id: str, hf_home: Path) -> Path:
     refs.mkdir(parents=True, exist_ok=True)
     (refs / "main").write_text(revision, encoding="ascii")
     return snapshot
-
-

@@ -23,10 +23,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def make(tmp_path: Path, *, concurrency: int = 1, drain: bool = False, grace: float = 5.0
-         ) -> tuple[Daemon, MemoryBackend, list[FakeChild]]:
-    settings = Settings(home=tmp_path, concurrency=concurrency, heartbeat_seconds=0.02, lease_seconds=1.0,
-                        poll_seconds=0.05, grace_seconds=grace)
+def make(
+    tmp_path: Path, *, concurrency: int = 1, drain: bool = False, grace: float = 5.0
+) -> tuple[Daemon, MemoryBackend, list[FakeChild]]:
+    settings = Settings(
+        home=tmp_path,
+        concurrency=concurrency,
+        heartbeat_seconds=0.02,
+        lease_seconds=1.0,
+        poll_seconds=0.05,
+        grace_seconds=grace,
+    )
     backend, started = MemoryBackend(), []
     return Daemon(settings, backend, fake_launcher(backend, started), drain=drain), backend, started
 

@@ -13,19 +13,45 @@ PACKAGE = Path(pgml_tuned.__file__).parent
 
 RANKS = {
     # the bottom: pure vocabulary and setup, importing nothing of ours (or only each other's names)
-    "pgml_tuned": 0, "errors": 0, "states": 0, "tasks": 0, "splits": 0, "logconfig": 0, "config": 0,
-    "secrets": 0, "embedded": 0,
-    "db": 1, "files": 2, "jobs": 3, "models": 4,
+    "pgml_tuned": 0,
+    "errors": 0,
+    "states": 0,
+    "tasks": 0,
+    "splits": 0,
+    "logconfig": 0,
+    "config": 0,
+    "secrets": 0,
+    "embedded": 0,
+    "db": 1,
+    "files": 2,
+    "jobs": 3,
+    "models": 4,
     # the child process
-    "child": 4, "child.events": 4, "child.store": 5, "child.context": 6, "child.__main__": 7,
+    "child": 4,
+    "child.events": 4,
+    "child.store": 5,
+    "child.context": 6,
+    "child.__main__": 7,
     # the recipes (above the child: they run inside it)
-    "recipes": 7, "recipes.hf": 7, "recipes.rows": 7, "recipes.noop": 8, "recipes.text_classification": 8,
-    "recipes.conversation.options": 8, "recipes.conversation.data": 9, "recipes.conversation.model": 10,
-    "recipes.conversation.recipe": 11, "recipes.conversation": 12,
+    "recipes": 7,
+    "recipes.hf": 7,
+    "recipes.rows": 7,
+    "recipes.noop": 8,
+    "recipes.text_classification": 8,
+    "recipes.conversation.options": 8,
+    "recipes.conversation.data": 9,
+    "recipes.conversation.model": 10,
+    "recipes.conversation.recipe": 11,
+    "recipes.conversation": 12,
     # the worker (beside the child: it never imports it)
-    "worker": 4, "worker.process": 4, "worker.backend": 4, "worker.attempt": 5, "worker.daemon": 6,
+    "worker": 4,
+    "worker.process": 4,
+    "worker.backend": 4,
+    "worker.attempt": 5,
+    "worker.daemon": 6,
     # the front
-    "demo": 8, "cli": 9,
+    "demo": 8,
+    "cli": 9,
 }
 
 
@@ -57,8 +83,11 @@ def imports_of(path: Path) -> set[str]:
                 sub = f"{mod}.{alias.name}" if mod else alias.name
                 targets.append(sub if sub in RANKS else mod or "pgml_tuned")
         elif isinstance(node, ast.Import):
-            targets += [a.name.removeprefix("pgml_tuned").lstrip(".") or "pgml_tuned"
-                        for a in node.names if a.name.startswith("pgml_tuned")]
+            targets += [
+                a.name.removeprefix("pgml_tuned").lstrip(".") or "pgml_tuned"
+                for a in node.names
+                if a.name.startswith("pgml_tuned")
+            ]
         found.update(targets)
     found.discard(name)
     return found
@@ -90,7 +119,9 @@ def test_the_worker_and_a_noop_child_start_without_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, pgml_tuned.cli, pgml_tuned.worker.daemon, pgml_tuned.child.__main__, "
-            "pgml_tuned.recipes.noop; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, pgml_tuned.cli, pgml_tuned.worker.daemon, pgml_tuned.child.__main__, "
+        "pgml_tuned.recipes.noop; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

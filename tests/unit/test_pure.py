@@ -65,8 +65,11 @@ def test_macro_f1_matches_sklearn_definition() -> None:
 
 
 def test_settings_from_env_and_flags(tmp_path: Path) -> None:
-    s = Settings.from_env({"PGML_CONCURRENCY": "3", "PGML_LEASE_SECONDS": "40", "PGML_HOME": str(tmp_path)},
-                          lease_seconds=None, heartbeat_seconds="2")
+    s = Settings.from_env(
+        {"PGML_CONCURRENCY": "3", "PGML_LEASE_SECONDS": "40", "PGML_HOME": str(tmp_path)},
+        lease_seconds=None,
+        heartbeat_seconds="2",
+    )
     assert s.concurrency == 3 and s.lease_seconds == 40 and s.heartbeat_seconds == 2 and s.home == tmp_path
     assert s.key_file == tmp_path / "worker.key"
     assert Settings.from_env({"PGML_CONCURRENCY": "3"}, concurrency=1).concurrency == 1  # flags win

@@ -127,12 +127,8 @@ def test_wrong_private_key_with_forged_fingerprint(key: WorkerKey, other_key: Wo
         pytest.param(lambda s: s + ".", id="empty-block"),
         pytest.param(lambda s: s[:-6] + "!!!!==", id="not-base64"),
         pytest.param(lambda s: s.rsplit(":", 1)[0] + ":", id="no-blocks"),
-        pytest.param(
-            lambda s: s.rsplit(":", 1)[0] + ":" + base64.b64encode(b"\xff" * 128).decode(), id="too-large"
-        ),
-        pytest.param(
-            lambda s: s.rsplit(":", 1)[0] + ":" + base64.b64encode(b"\x01" * 128).decode(), id="bad-padding"
-        ),
+        pytest.param(lambda s: s.rsplit(":", 1)[0] + ":" + base64.b64encode(b"\xff" * 128).decode(), id="too-large"),
+        pytest.param(lambda s: s.rsplit(":", 1)[0] + ":" + base64.b64encode(b"\x01" * 128).decode(), id="bad-padding"),
     ],
 )
 def test_corrupted_ciphertext(key: WorkerKey, mutate) -> None:

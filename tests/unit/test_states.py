@@ -60,23 +60,39 @@ def test_settle(known: tuple[int, StopReason | None, Status | None, bool, bool],
 
 
 def test_claim_spec_never_carries_secrets() -> None:
-    row = {"id": 1, "attempt": 2, "project_id": 3, "project_name": "p", "model_id": 4, "task": "noop",
-           "relation_schema": None, "relation_table": None, "model_name": "m", "test_size": 0.25,
-           "test_sampling": "random", "hyperparams": {}, "secrets": "rsa1:...", "extra": "ignored"}
+    row = {
+        "id": 1,
+        "attempt": 2,
+        "project_id": 3,
+        "project_name": "p",
+        "model_id": 4,
+        "task": "noop",
+        "relation_schema": None,
+        "relation_table": None,
+        "model_name": "m",
+        "test_size": 0.25,
+        "test_sampling": "random",
+        "hyperparams": {},
+        "secrets": "rsa1:...",
+        "extra": "ignored",
+    }
     claim = Claim.from_row(row)
     assert "secrets" not in claim.spec() and claim.spec()["attempt"] == 2
 
 
-@pytest.mark.parametrize(("channel", "payload", "notice"), [
-    ("pgml_jobs", '{"type": "job_queued", "id": 7}', Notice("job_queued", 7)),
-    ("pgml_jobs", "7", Notice("job_queued")),  # any payload on pgml_jobs only wakes the claimer
-    ("pgml_jobs", "", Notice("job_queued")),
-    ("pgml_control", '{"type": "cancel_requested", "id": 7}', Notice("cancel_requested", 7)),
-    ("pgml_control", "cancel:7", None),  # the old untyped form: ignored
-    ("pgml_control", '{"type": "shutdown"}', None),
-    ("pgml_control", '["cancel_requested", 7]', None),
-    ("pgml_control", '{"type": "cancel_requested", "id": "7; DROP"}', Notice("cancel_requested", None)),
-    ("elsewhere", '{"type": "job_queued"}', None),
-])
+@pytest.mark.parametrize(
+    ("channel", "payload", "notice"),
+    [
+        ("pgml_jobs", '{"type": "job_queued", "id": 7}', Notice("job_queued", 7)),
+        ("pgml_jobs", "7", Notice("job_queued")),  # any payload on pgml_jobs only wakes the claimer
+        ("pgml_jobs", "", Notice("job_queued")),
+        ("pgml_control", '{"type": "cancel_requested", "id": 7}', Notice("cancel_requested", 7)),
+        ("pgml_control", "cancel:7", None),  # the old untyped form: ignored
+        ("pgml_control", '{"type": "shutdown"}', None),
+        ("pgml_control", '["cancel_requested", 7]', None),
+        ("pgml_control", '{"type": "cancel_requested", "id": "7; DROP"}', Notice("cancel_requested", None)),
+        ("elsewhere", '{"type": "job_queued"}', None),
+    ],
+)
 def test_notices_are_typed(channel: str, payload: str, notice: Notice | None) -> None:
     assert parse_notice(channel, payload) == notice

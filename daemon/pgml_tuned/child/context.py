@@ -24,8 +24,9 @@ class JobContext:
         self.model_id: int = spec["model_id"]
         self.hyperparams: dict[str, Any] = spec.get("hyperparams") or {}
         self.stop_requested = False
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-",
-                                             dir=os.environ.get("PGML_WORK_DIR") or None))
+        self.workdir = Path(
+            tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-", dir=os.environ.get("PGML_WORK_DIR") or None)
+        )
         self.store = JobStore(dsn, self.job_id, self.attempt, self.model_id, events, self.workdir)
         self._resume: Path | None = None
         self._resume_looked_up = False
@@ -51,8 +52,9 @@ class JobContext:
 
     def read_relation(self, columns: list[str]) -> list[tuple[str | None, ...]]:
         """The named columns of the job's relation, read once (a resumed job gets the first attempt's rows)."""
-        return self.store.read_relation(self.spec["relation_schema"], self.spec["relation_table"], columns,
-                                        self.resume_checkpoint())
+        return self.store.read_relation(
+            self.spec["relation_schema"], self.spec["relation_table"], columns, self.resume_checkpoint()
+        )
 
     def resolve_model(self, model_name: str) -> models.Resolved:
         return models.resolve(model_name, self.store, self.workdir, self.info)

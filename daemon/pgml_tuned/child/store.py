@@ -73,10 +73,10 @@ class JobStore:
             except RETRYABLE as e:
                 self._conn = None
                 if time.monotonic() + delay > deadline:
-                    raise JobError(f"lost the database while {what} and could not reconnect for "
-                                   f"{DB_RETRY_SECONDS:.0f} s: {e}") from e
-                self.events.info(f"database connection lost while {what}; retrying in {delay:.1f} s",
-                                 level="warning")
+                    raise JobError(
+                        f"lost the database while {what} and could not reconnect for {DB_RETRY_SECONDS:.0f} s: {e}"
+                    ) from e
+                self.events.info(f"database connection lost while {what}; retrying in {delay:.1f} s", level="warning")
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -85,8 +85,9 @@ class JobStore:
         return self.with_retry(what, lambda c: c.execute(q(name), params).fetchone())
 
     # ---- the training rows ----
-    def read_relation(self, schema: str, table: str, columns: list[str], resume: Path | None
-                      ) -> list[tuple[str | None, ...]]:
+    def read_relation(
+        self, schema: str, table: str, columns: list[str], resume: Path | None
+    ) -> list[tuple[str | None, ...]]:
         """The named columns of schema.table, read once with COPY (one consistent snapshot).
 
         A job resumed from a checkpoint gets the rows the first attempt read (stored in the checkpoint), so
@@ -99,7 +100,9 @@ class JobStore:
             return rows
         copy = sql.SQL("COPY (SELECT {cols} FROM {schema}.{table}) TO STDOUT").format(
             cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
-            schema=sql.Identifier(schema), table=sql.Identifier(table))
+            schema=sql.Identifier(schema),
+            table=sql.Identifier(table),
+        )
 
         def read(conn: psycopg.Connection[Any]) -> list[tuple[str | None, ...]]:
             try:
@@ -110,8 +113,10 @@ class JobStore:
             except psycopg.errors.UndefinedColumn as e:
                 raise JobError(f"{schema}.{table} changed since the job was queued: {e.diag.message_primary}") from e
             except psycopg.errors.InsufficientPrivilege as e:
-                raise JobError(f"the worker's database role may not read {schema}.{table}: "
-                               f"{e.diag.message_primary}; GRANT SELECT ON {schema}.{table} to it") from e
+                raise JobError(
+                    f"the worker's database role may not read {schema}.{table}: "
+                    f"{e.diag.message_primary}; GRANT SELECT ON {schema}.{table} to it"
+                ) from e
 
         rows = self.with_retry("reading the training data", read)
         self._rows_file.write_text(json.dumps(rows))
@@ -132,10 +137,15 @@ class JobStore:
         if row is None:
             return None
         dest = dest_root / f"checkpoint-{row['step']}"
-        self.with_retry("downloading the checkpoint", lambda c: files.copy_dir_out(
-            c, q("checkpoint_files"), {"checkpoint_id": row["id"]}, dest))
-        self.events.info(f"resuming from the checkpoint at step {row['step']} (attempt {row['attempt']})",
-                         step=row["step"], bytes=row["bytes"])
+        self.with_retry(
+            "downloading the checkpoint",
+            lambda c: files.copy_dir_out(c, q("checkpoint_files"), {"checkpoint_id": row["id"]}, dest),
+        )
+        self.events.info(
+            f"resuming from the checkpoint at step {row['step']} (attempt {row['attempt']})",
+            step=row["step"],
+            bytes=row["bytes"],
+        )
         return dest
 
     def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
@@ -144,11 +154,17 @@ class JobStore:
             shutil.copyfile(self._rows_file, src / SNAPSHOT_FILE)
         self.flush_logs()
         t0 = time.monotonic()
-        n_files, n_bytes = self.with_retry("storing a checkpoint", lambda c: jobs.store_checkpoint(
-            c, self.job_id, self.attempt, step, src, keep))
+        n_files, n_bytes = self.with_retry(
+            "storing a checkpoint", lambda c: jobs.store_checkpoint(c, self.job_id, self.attempt, step, src, keep)
+        )
         seconds = time.monotonic() - t0
-        self.events.info(f"checkpoint at step {step} stored in PostgreSQL: {n_files} files, {n_bytes / 1e6:.1f} MB "
-                         f"in {seconds:.2f} s", step=step, bytes=n_bytes, seconds=round(seconds, 3))
+        self.events.info(
+            f"checkpoint at step {step} stored in PostgreSQL: {n_files} files, {n_bytes / 1e6:.1f} MB "
+            f"in {seconds:.2f} s",
+            step=step,
+            bytes=n_bytes,
+            seconds=round(seconds, 3),
+        )
 
     # ---- log rows ----
     def log(self, entry: dict[str, Any]) -> None:
@@ -192,10 +208,15 @@ class JobStore:
         """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
         self.flush_logs()
         metrics = {k: number(v) for k, v in metrics.items()}
-        n_files, n_bytes = self.with_retry("storing the model", lambda c: jobs.succeed(
-            c, self.job_id, self.attempt, self.model_id, model_dir, metrics, base_model))
-        self.events.info(f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}",
-                         files=n_files, bytes=n_bytes)
+        n_files, n_bytes = self.with_retry(
+            "storing the model",
+            lambda c: jobs.succeed(c, self.job_id, self.attempt, self.model_id, model_dir, metrics, base_model),
+        )
+        self.events.info(
+            f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}",
+            files=n_files,
+            bytes=n_bytes,
+        )
 
 
 def progress_of(entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,7 @@ def model_token(ctx: JobContext) -> str | None:
     return ctx.secret(*SECRET_KEYS, "training_args.hub_token")
 
 
-def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None
-                       ) -> TrainingArguments:
+def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
     """TrainingArguments from hyperparams.training_args, passed through exhaustively.
 
     An unknown key fails the job naming it. Defaults that differ from transformers': logging every
@@ -44,8 +43,11 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
     for key in given:
         if key not in allowed:
             hint = RENAMED.get(key) or next(iter(difflib.get_close_matches(key, allowed, n=1)), None)
-            raise JobError(f"unknown training_args key {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                           + " (see transformers.TrainingArguments)")
+            raise JobError(
+                f"unknown training_args key {key!r}"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + " (see transformers.TrainingArguments)"
+            )
     args: dict[str, Any] = {k: v for k, v in given.items() if k not in MANAGED}
     for k in MANAGED:
         if k in given:
@@ -53,8 +55,11 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
 
     batch = int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
     epochs = float(args.get("num_train_epochs", 3))
-    total = int(args["max_steps"]) if int(args.get("max_steps", -1) or -1) > 0 else \
-        max(1, int(epochs * -(-n_train // max(1, batch))))
+    total = (
+        int(args["max_steps"])
+        if int(args.get("max_steps", -1) or -1) > 0
+        else max(1, int(epochs * -(-n_train // max(1, batch))))
+    )
     args.setdefault("logging_steps", max(1, min(500, total // 20)))
     if "save_strategy" not in given and "save_steps" not in given:
         args["save_strategy"] = "no"
@@ -64,8 +69,7 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
     if args.get("push_to_hub"):
         if hub_offline():
             args["push_to_hub"] = False
-            message = ("push_to_hub ignored: this worker runs with HF_HUB_OFFLINE=1; the model is stored "
-                       "in pgml.files")
+            message = "push_to_hub ignored: this worker runs with HF_HUB_OFFLINE=1; the model is stored in pgml.files"
             ctx.info(message, level="warning")
             ctx.log({"warning": message})
         else:
@@ -89,8 +93,9 @@ class PgmlCallback(TrainerCallback):
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
 
-    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not logs:
             return
         entry = dict(logs)
@@ -134,9 +139,15 @@ def save_model(trainer: Trainer, out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def evaluate_and_store(ctx: JobContext, trainer: Trainer, metrics: dict[str, Any], *, base_model: str | None = None,
-                       derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                       save: Callable[[Trainer, Path], None] = save_model) -> dict[str, Any]:
+def evaluate_and_store(
+    ctx: JobContext,
+    trainer: Trainer,
+    metrics: dict[str, Any],
+    *,
+    base_model: str | None = None,
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    save: Callable[[Trainer, Path], None] = save_model,
+) -> dict[str, Any]:
     """Evaluate on the held-out rows, add derived metrics, save the model, commit files and metrics."""
     metrics = {**metrics, **trainer.evaluate()}
     if derive:

@@ -38,8 +38,11 @@ def run(ctx: JobContext) -> None:
     # 1. data: one read of the relation
     pair = ctx.spec["task"] == "text-pair-classification"
     dargs = ctx.dataset_args
-    text_columns = ([dargs.get("text1_column", "text1"), dargs.get("text2_column", "text2")] if pair
-                    else [dargs.get("text_column", "text")])
+    text_columns = (
+        [dargs.get("text1_column", "text1"), dargs.get("text2_column", "text2")]
+        if pair
+        else [dargs.get("text_column", "text")]
+    )
     class_column = dargs.get("class_column")
     if not class_column:
         raise JobError("dataset_args.class_column is required")
@@ -59,8 +62,12 @@ def run(ctx: JobContext) -> None:
         train_ix, test_ix = split(classes, float(ctx.spec["test_size"]), ctx.spec["test_sampling"], seed)
     except ValueError as e:
         raise JobError(str(e)) from e
-    ctx.info(f"{len(train_ix)} training rows, {len(test_ix)} test rows, {len(label_names)} classes",
-             train_rows=len(train_ix), test_rows=len(test_ix), classes=label_names)
+    ctx.info(
+        f"{len(train_ix)} training rows, {len(test_ix)} test rows, {len(label_names)} classes",
+        train_rows=len(train_ix),
+        test_rows=len(test_ix),
+        classes=label_names,
+    )
 
     # 4. model and tokenizer
     ctx.check_stop()

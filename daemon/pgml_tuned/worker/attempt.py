@@ -79,8 +79,14 @@ class Attempt:
         with anyio.CancelScope(shield=True):
             status = await backend.status(job.id, job.attempt)
             description = child.describe_exit(rc)
-            transition = settle(rc, self.stop_reason, status, error_reported=child.error is not None,
-                                lease_lost_reported=child.lease_lost_reported, description=description)
+            transition = settle(
+                rc,
+                self.stop_reason,
+                status,
+                error_reported=child.error is not None,
+                lease_lost_reported=child.lease_lost_reported,
+                description=description,
+            )
             if transition.action == Action.DONE:
                 log.info("job.succeeded")
             elif transition.action == Action.CANCEL:
@@ -93,8 +99,7 @@ class Attempt:
                 await backend.fail(job, transition.error or description)
                 log.error("job.failed", rc=rc, error=transition.error)
             else:
-                log.warning("job.abandoned", reason="lease lost", rc=rc,
-                            stop_reason=self.stop_reason, status=status)
+                log.warning("job.abandoned", reason="lease lost", rc=rc, stop_reason=self.stop_reason, status=status)
 
 
 def on_child_event(event: dict[str, Any]) -> None:

@@ -33,8 +33,9 @@ log = logconfig.get("pgml_tuned.daemon")
 
 
 class Daemon:
-    def __init__(self, settings: Settings, backend: Backend, launch: Launcher, *, dsn: str = "",
-                 drain: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, backend: Backend, launch: Launcher, *, dsn: str = "", drain: bool = False
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.launch = launch
@@ -53,8 +54,13 @@ class Daemon:
     async def serve(self) -> None:
         await self.backend.prepare()
         self.settings.scratch.mkdir(parents=True, exist_ok=True)
-        log.info("daemon.start", worker=self.settings.worker_id, concurrency=self.settings.concurrency,
-                 drain=self.drain, lease_seconds=self.settings.lease_seconds)
+        log.info(
+            "daemon.start",
+            worker=self.settings.worker_id,
+            concurrency=self.settings.concurrency,
+            drain=self.drain,
+            lease_seconds=self.settings.lease_seconds,
+        )
         try:
             async with anyio.create_task_group() as tg:
                 self._root, self._tg = tg.cancel_scope, tg
@@ -75,8 +81,7 @@ class Daemon:
         """Stop claiming; SIGTERM every child (they checkpoint and are requeued); SIGKILL after the grace."""
         if self.stopping or self._tg is None:
             return
-        log.info("daemon.shutdown", signal=why, running=len(self.attempts),
-                 grace_seconds=self.settings.grace_seconds)
+        log.info("daemon.shutdown", signal=why, running=len(self.attempts), grace_seconds=self.settings.grace_seconds)
         self.stopping = True
         for attempt in self.attempts.values():
             attempt.stop(StopReason.SHUTDOWN, kill=False)
@@ -136,8 +141,7 @@ class Daemon:
 
     async def renew_leases(self) -> None:
         attempts = dict(self.attempts)
-        owned = await self.backend.renew({i: a.claim.attempt for i, a in attempts.items()},
-                                         self.settings.lease_seconds)
+        owned = await self.backend.renew({i: a.claim.attempt for i, a in attempts.items()}, self.settings.lease_seconds)
         for job_id, attempt in attempts.items():
             if job_id in owned:
                 if owned[job_id]:
@@ -147,8 +151,12 @@ class Daemon:
             status = await self.backend.status(job_id, attempt.claim.attempt)
             if status == Status.SUCCEEDED:
                 continue  # the child committed its results and is exiting
-            log.error("job.lease_lost", job_id=job_id, status=status,
-                      note="another worker owns this job now; stopping the child")
+            log.error(
+                "job.lease_lost",
+                job_id=job_id,
+                status=status,
+                note="another worker owns this job now; stopping the child",
+            )
             attempt.stop(StopReason.LEASE_LOST, kill=True)
 
     # ---- claiming ----

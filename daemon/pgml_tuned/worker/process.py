@@ -38,8 +38,7 @@ class ChildProcess:
 
     @classmethod
     async def start(cls, payload: dict[str, Any], env: dict[str, str]) -> ChildProcess:
-        process = await anyio.open_process(
-            [sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True)
+        process = await anyio.open_process([sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True)
         child = cls(process)
         assert process.stdin is not None
         with anyio.CancelScope(shield=True):

@@ -20,7 +20,6 @@ IGNORE = -100  # label of a token the loss skips
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-
 def default_max_length(tokenizer: PreTrainedTokenizerBase) -> int:
     limit = tokenizer.model_max_length
     return int(min(limit, 2048)) if isinstance(limit, int | float) and limit > 0 else 2048

@@ -34,7 +34,6 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-
 def lora_config(config: dict[str, Any], model_type: str) -> Any:
     """peft.LoraConfig from the lora_config hyperparam; unknown keys or bad values fail the job."""
     from peft import LoraConfig
@@ -71,8 +70,14 @@ def load_model(
 ) -> Any:
     """The causal LM from source (quantized when asked), wrapped in LoRA (new, or the stored adapter
     continued) when asked, ready for the Trainer (use_cache off, input grads on for checkpointing)."""
-    model = load_causal_lm(source, token=token, dtype=opts.torch_dtype, attn_implementation=opts.attn_implementation,
-                           quantize=opts.quantize, device=device)
+    model = load_causal_lm(
+        source,
+        token=token,
+        dtype=opts.torch_dtype,
+        attn_implementation=opts.attn_implementation,
+        quantize=opts.quantize,
+        device=device,
+    )
     model.config.use_cache = False  # no KV cache while training (and packed blocks need none)
 
     if opts.quantized or adapter_dir or opts.lora_config is not None:
@@ -99,7 +104,6 @@ def load_model(
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
 
 
 def make_trainer(

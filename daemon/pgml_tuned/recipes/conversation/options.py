@@ -44,7 +44,7 @@ class Options:
 
     @property
     def quantize(self) -> str | None:
-        """"4bit", "8bit" or None: how models.load_causal_lm quantizes the base."""
+        """ "4bit", "8bit" or None: how models.load_causal_lm quantizes the base."""
         return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
 
@@ -96,7 +96,6 @@ def options_from(hyperparams: dict[str, Any]) -> Options:
         torch_dtype=dtype,
         attn_implementation=attn,
     )
-
 
 
 def training_device(training_args: dict[str, Any]) -> str:

@@ -153,9 +153,17 @@ def run(ctx: JobContext) -> None:
 
     # 7. evaluate and store (the adapter + tokenizer, or the full model)
     def derive(m: dict[str, Any]) -> dict[str, Any]:
-        return {"perplexity": perplexity(m.get("eval_loss")), "train_rows": len(train_ix), "test_rows": len(test_ix),
-                "truncated_rows": truncated, "dropped_rows": dropped, "max_seq_length": max_len,
-                "trainable_params": trainable, **({"packed_blocks": len(train_set)} if opts.packing else {})}
+        return {
+            "perplexity": perplexity(m.get("eval_loss")),
+            "train_rows": len(train_ix),
+            "test_rows": len(test_ix),
+            "truncated_rows": truncated,
+            "dropped_rows": dropped,
+            "max_seq_length": max_len,
+            "trainable_params": trainable,
+            **({"packed_blocks": len(train_set)} if opts.packing else {}),
+        }
 
-    evaluate_and_store(ctx, trainer, metrics, base_model=base_model if is_peft(model) else None, derive=derive,
-                       save=save)
+    evaluate_and_store(
+        ctx, trainer, metrics, base_model=base_model if is_peft(model) else None, derive=derive, save=save
+    )
