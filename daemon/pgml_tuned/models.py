@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,8 +93,79 @@ def resolve(model_name: str, store: ModelStore, workdir: Path, info: Callable[..
         raise JobError(f"model_name {model_name!r}: model {row['id']} is {row['status']}, not successful")
     dest = workdir / f"start-model-{row['id']}"
     store.download_model(row["id"], dest)
+    refuse_outside_paths(dest, model_name)
     info(f"starting from stored model {row['id']} (project {row['project_name']})", model_id=row["id"])
     return Resolved(model_name, str(dest), dict(row))
+
+
+# Configuration files transformers and peft read (and that name other files to read): checked before loading.
+CONFIG_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+# Keys whose values are names, text or token contents, never files the loaders open.
+NOT_FILE_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "base_model_name_or_path",
+        "chat_template",
+        "added_tokens_decoder",
+        "added_tokens",
+        "content",
+        "id2label",
+        "label2id",
+    }
+)
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def outside_paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """(key path, value) of every string in a parsed JSON config that names a file outside the model's own
+    directory: an absolute path, a home-relative one, or one with a `..` segment."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k not in NOT_FILE_KEYS:
+                yield from outside_paths(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from outside_paths(v, f"{where}[{i}]")
+    elif isinstance(value, str):
+        if value.startswith(("/", "~", "\\")) or _DRIVE.match(value) or ".." in re.split(r"[\\/]", value):
+            yield where, value
+
+
+def refuse_outside_paths(model_dir: Path, name: str) -> None:
+    """Refuse a model whose configuration names files outside its directory (a tokenizer_config.json saying
+    "vocab": "/path/to/worker.key" would make the tokenizer read that file and save it with the model)."""
+    for file in CONFIG_FILES:
+        path = model_dir / file
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise JobError(f"model {name!r}: {file} is not valid JSON ({e})") from e
+        for key, value in outside_paths(config):
+            raise JobError(
+                f"model {name!r} refused: {file} names a file outside the model ({key} = {value!r}); "
+                "a model's files may only refer to files inside its own directory"
+            )
+
+
+def hub_configs(model_id: str, token: str | None) -> Path:
+    """The directory of a hub model's configuration files (fetched, or from the worker's hub cache)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=list(CONFIG_FILES), token=token))
+    except Exception as e:  # not found, gated, offline without a cached copy: the loader would fail the same way
+        raise JobError(f"cannot load model {model_id!r}: {type(e).__name__}: {e}") from e
 
 
 def load_tokenizer(source: str, *, token: str | None = None) -> Any:

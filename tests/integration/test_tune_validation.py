@@ -215,3 +215,15 @@ def test_notify_carries_the_job_id(conn_dsn: str, conn: psycopg.Connection[dict[
         conn.execute("UPDATE pgml.jobs SET status = 'queued' WHERE id = %s", (row["job_id"],))
         notes = list(listener.notifies(timeout=2, stop_after=1))
         assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]
+
+
+def test_limits_refuse_oversized_requests(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"hyperparams is \d+ bytes") as e:
+        conn.execute(
+            "SELECT pgml.tune('big', task => 'noop', model_name => 'none', hyperparams => %s::jsonb)",
+            (json.dumps({"seconds": 0, "fail": "x" * 70_000}),),
+        )
+    assert e.value.diag.message_hint and "relation" in e.value.diag.message_hint
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="max_attempts 1000 is more than 20"):
+        conn.execute("SELECT pgml.tune('big', task => 'noop', model_name => 'none', max_attempts => 1000)")
+    assert conn.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone() == {"n": 0}

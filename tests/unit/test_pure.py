@@ -104,3 +104,21 @@ def test_exit_descriptions() -> None:
     assert "exited with code 3" in child.describe_exit(3) and "MemoryError" in child.describe_exit(3)
     child.error = "unknown training_args key"
     assert child.describe_exit(1) == "unknown training_args key"
+
+
+def test_child_output_lines_are_bounded() -> None:
+    import anyio
+
+    from pgml_tuned.worker import process
+
+    async def collect(chunks: list[bytes]) -> list[str]:
+        send, receive = anyio.create_memory_object_stream[bytes](len(chunks))
+        for c in chunks:
+            send.send_nowait(c)
+        send.close()
+        return [line async for line in process.lines(receive)]
+
+    huge = b"x" * (process.MAX_LINE * 3)
+    out = anyio.run(collect, [b"first\n", huge[:100_000], huge[100_000:], b"tail of the huge line\nnext\n\n  \nlast"])
+    assert out == ["first", "x" * process.MAX_LINE + " [cut]", "next", "last"]
+    assert anyio.run(collect, [b'{"event": "log"}\n']) == ['{"event": "log"}']

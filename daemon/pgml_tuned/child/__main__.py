@@ -1,6 +1,6 @@
 """The child process of one job attempt, started by the worker (worker/process.py):
 
-    python -m pgml_tuned.child      (the job spec and its secrets arrive as JSON on stdin, the DSN in PGML_DSN)
+    python -m pgml_tuned.child      (the job spec, its secrets and the DSN arrive as JSON on stdin)
 
 It opens its own connection (children never inherit one), runs the task's recipe (imported by name from the
 task registry), streams log events into pgml.logs as they happen and commits the results in one fenced
@@ -46,7 +46,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     payload = json.loads(sys.stdin.read())
     spec, secrets = payload["spec"], payload.get("secrets") or {}
-    ctx = JobContext(spec, secrets, os.environ["PGML_DSN"], events)
+    ctx = JobContext(spec, secrets, payload["dsn"], events)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         ctx.stop_requested = True

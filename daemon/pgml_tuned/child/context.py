@@ -56,8 +56,8 @@ class JobContext:
             self.spec["relation_schema"], self.spec["relation_table"], columns, self.resume_checkpoint()
         )
 
-    def resolve_model(self, model_name: str) -> models.Resolved:
-        return models.resolve(model_name, self.store, self.workdir, self.info)
+    def resolve_model(self, model_name: str, token: str | None = None) -> models.Resolved:
+        return models.resolve(model_name, self.store, self.workdir, self.info, token=token)
 
     def resume_checkpoint(self) -> Path | None:
         """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none."""

@@ -29,6 +29,8 @@ SNAPSHOT_FILE = "pgml_rows.json"  # the job's data, stored with each checkpoint
 
 # How long the child keeps retrying the database (server restarts, lost connections) before giving up.
 DB_RETRY_SECONDS = float(os.environ.get("PGML_DB_RETRY_SECONDS", "300"))
+# The longest a read of the job's relation may take (statement_timeout): a view that never ends fails the job.
+READ_TIMEOUT_SECONDS = float(os.environ.get("PGML_READ_TIMEOUT_SECONDS", "1800"))
 
 
 def number(v: Any) -> Any:
@@ -106,8 +108,18 @@ class JobStore:
 
         def read(conn: psycopg.Connection[Any]) -> list[tuple[str | None, ...]]:
             try:
-                with conn.cursor() as cur, cur.copy(copy) as cp:
-                    return [tuple(row) for row in cp.rows()]
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT pg_catalog.set_config('statement_timeout', %s, true)",
+                        (f"{int(READ_TIMEOUT_SECONDS * 1000)}ms",),
+                    )
+                    with cur.copy(copy) as cp:
+                        return [tuple(row) for row in cp.rows()]
+            except psycopg.errors.QueryCanceled as e:
+                raise JobError(
+                    f"reading {schema}.{table} took longer than {READ_TIMEOUT_SECONDS:g} s (the worker's "
+                    "PGML_READ_TIMEOUT_SECONDS): make the view cheaper, or materialize it"
+                ) from e
             except psycopg.errors.UndefinedTable as e:
                 raise JobError(f"relation {schema}.{table} no longer exists: {e.diag.message_primary}") from e
             except psycopg.errors.UndefinedColumn as e:

@@ -22,6 +22,11 @@ RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "tokeni
 MANAGED = ("output_dir", "logging_dir")
 
 
+def allowed_reporters() -> frozenset[str]:
+    """report_to integrations the operator allows (PGML_ALLOWED_REPORTERS, comma-separated)."""
+    return frozenset(r.strip() for r in os.environ.get("PGML_ALLOWED_REPORTERS", "").split(",") if r.strip())
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
@@ -29,6 +34,45 @@ def hub_offline() -> bool:
 def model_token(ctx: JobContext) -> str | None:
     """The token for downloading gated/private models (never stored or logged)."""
     return ctx.secret(*SECRET_KEYS, "training_args.hub_token")
+
+
+# training_args keys that can name a file on the worker: only inline values (JSON objects) are accepted.
+FILE_VALUED = ("deepspeed", "fsdp_config", "accelerator_config", "resume_from_checkpoint")
+# report_to integrations that keep everything on the worker (none does: the curves are in pgml.logs).
+LOCAL_REPORTERS = frozenset({"none"})
+
+
+def check_outward(
+    given: dict[str, Any], *, job_token: bool, offline: bool, allowed_reporters: frozenset[str] = frozenset()
+) -> None:
+    """Refuse training_args that reach outside the job: files on the worker, services the operator has not
+    allowed, or the hub with anything but the job's own credential."""
+    for key in FILE_VALUED:
+        value = given.get(key)
+        if isinstance(value, str) and value:
+            raise JobError(
+                f"training_args.{key} names a file ({value!r}); a job may not read the worker's files: "
+                + (
+                    "pgml-tuned resumes from the job's stored checkpoints by itself"
+                    if key == "resume_from_checkpoint"
+                    else f'give "{key}" inline, as a JSON object'
+                )
+            )
+    reporters = given.get("report_to")
+    names = [reporters] if isinstance(reporters, str) else list(reporters or [])
+    for name in names:
+        if name not in LOCAL_REPORTERS | allowed_reporters:
+            raise JobError(
+                f"training_args.report_to {name!r} would send the job's metrics to a service outside pgml-tuned, "
+                "which this worker does not allow; every log is in pgml.logs — remove report_to (an operator can "
+                "allow integrations with PGML_ALLOWED_REPORTERS)"
+            )
+    if given.get("push_to_hub") and not offline and not job_token:
+        raise JobError(
+            "training_args.push_to_hub needs the job's own Hugging Face token (a worker never pushes with its own "
+            'login): add "hub_token": "hf_..." to training_args, or leave push_to_hub out — the model is stored '
+            "in pgml.files either way"
+        )
 
 
 def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
@@ -48,6 +92,12 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
                 + (f"; did you mean {hint!r}?" if hint else "")
                 + " (see transformers.TrainingArguments)"
             )
+    check_outward(
+        given,
+        job_token=ctx.secret("training_args.hub_token", "hub_token", "token") is not None,
+        offline=hub_offline(),
+        allowed_reporters=allowed_reporters(),
+    )
     args: dict[str, Any] = {k: v for k, v in given.items() if k not in MANAGED}
     for k in MANAGED:
         if k in given:

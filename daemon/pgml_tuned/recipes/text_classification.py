@@ -71,8 +71,8 @@ def run(ctx: JobContext) -> None:
 
     # 4. model and tokenizer
     ctx.check_stop()
-    start = ctx.resolve_model(ctx.spec["model_name"])
     token = model_token(ctx)
+    start = ctx.resolve_model(ctx.spec["model_name"], token)
     set_seed(seed)  # the new classifier head is initialised here, before the Trainer seeds anything
     tokenizer = load_tokenizer(start.source, token=token)
     model = load_sequence_classifier(start.source, start.name, label_names=label_names, token=token)

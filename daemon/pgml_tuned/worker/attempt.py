@@ -52,17 +52,17 @@ class Attempt:
         if self.child is not None:
             self.child.kill() if self._kill else self.child.terminate()
 
-    async def run(self, backend: Backend, launch: Launcher, env: dict[str, str]) -> None:
+    async def run(self, backend: Backend, launch: Launcher, env: dict[str, str], dsn: str) -> None:
         job = self.claim
         with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=job.attempt):
             try:
-                await self._run(backend, launch, env)
+                await self._run(backend, launch, env, dsn)
             except Exception as e:  # a bug or an OS error here fails this job, never the worker
                 log.exception("job.runner_error")
                 with anyio.CancelScope(shield=True):
                     await backend.fail(job, f"pgml-tuned worker error: {type(e).__name__}: {e}")
 
-    async def _run(self, backend: Backend, launch: Launcher, env: dict[str, str]) -> None:
+    async def _run(self, backend: Backend, launch: Launcher, env: dict[str, str], dsn: str) -> None:
         job = self.claim
         log.info("job.claimed", task=job.task, project=job.project_name, model=job.model_name)
         try:
@@ -71,7 +71,7 @@ class Attempt:
             await backend.fail(job, str(e))
             log.error("job.failed", error=str(e))
             return
-        child = await launch({"spec": job.spec(), "secrets": unsealed}, env)
+        child = await launch({"spec": job.spec(), "secrets": unsealed, "dsn": dsn}, env)
         self.child = child
         if self.stop_reason is not None:
             self.stop(self.stop_reason, kill=self._kill)

@@ -191,9 +191,9 @@ class Daemon:
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         gpus = self.settings.gpu_list
-        env = child_env(self.dsn, str(self.settings.scratch), gpus[attempt.slot] if gpus else None)
+        env = child_env(str(self.settings.scratch), gpus[attempt.slot] if gpus else None)
         try:
-            await attempt.run(self.backend, self.launch, env)
+            await attempt.run(self.backend, self.launch, env, self.dsn)
         finally:
             self.attempts.pop(attempt.claim.id, None)
             self.free_slots.append(attempt.slot)

@@ -1,9 +1,10 @@
 """The handle of a job's child process: start it, forward its events, signal it, describe how it ended.
 
-The child gets the job spec and its (unsealed) secrets on stdin — never on its command line or in its
-environment — and the DSN in PGML_DSN. It runs in its own session, so a Ctrl-C in the worker's terminal
-reaches it only through the worker; it dies with the worker (PR_SET_PDEATHSIG). Why the worker stops a child
-is the Attempt's business (attempt.py); this module only sends the signals.
+The child gets the job spec, its (unsealed) secrets and the DSN on stdin — never on its command line or in
+its environment, which is an allow-list of the worker's (child_env) without any credential. It runs in its own
+session, so a Ctrl-C in the worker's terminal reaches it only through the worker; it dies with the worker
+(PR_SET_PDEATHSIG). Why the worker stops a child is the Attempt's business (attempt.py); this module only
+sends the signals.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ChildProcess:
 
     async def _read_events(self, on_event: Callable[[dict[str, Any]], None]) -> None:
         assert self.process.stdout is not None
-        async for line in _lines(self.process.stdout):
+        async for line in lines(self.process.stdout):
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
@@ -69,7 +70,7 @@ class ChildProcess:
 
     async def _read_stderr(self) -> None:
         assert self.process.stderr is not None
-        async for line in _lines(self.process.stderr):
+        async for line in lines(self.process.stderr):
             self.stderr_tail.append(line)
             log.debug("child.stderr", line=line)
 
@@ -101,21 +102,78 @@ class ChildProcess:
         return msg
 
 
-async def _lines(stream: Any) -> Any:
+MAX_LINE = 64 * 1024  # a child's output line longer than this is cut (a line never grows the worker's memory)
+
+
+async def lines(stream: Any) -> Any:
+    """The non-blank lines of a byte stream, each cut to MAX_LINE characters (the rest of a longer line is
+    dropped as it arrives: the worker's memory never grows with a child's output)."""
     buffer = ""
+    skipping = False  # inside the rest of a line that was cut
     async for chunk in TextReceiveStream(stream, errors="replace"):
         buffer += chunk
         *complete, buffer = buffer.split("\n")
         for line in complete:
-            if line.strip():
-                yield line
-    if buffer.strip():
-        yield buffer
+            if skipping:
+                skipping = False
+            elif line.strip():
+                yield line[:MAX_LINE]
+        if len(buffer) > MAX_LINE:
+            if not skipping:
+                yield buffer[:MAX_LINE] + " [cut]"
+            skipping, buffer = True, ""
+    if buffer.strip() and not skipping:
+        yield buffer[:MAX_LINE]
 
 
-def child_env(dsn: str, work_dir: str, gpu: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PGML_DSN=dsn, PGML_WORK_DIR=work_dir, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+# What a child inherits of the worker's environment: what Python, torch, CUDA and the Hugging Face libraries need to
+# find their files, devices and network. Never credentials: no DSN or password (the DSN travels on stdin), no
+# cloud keys, no hub token (a job's own token travels on stdin), not the worker's key file.
+INHERITED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONHASHSEED",
+        "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH",
+        "XDG_CACHE_HOME",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_CACHE",
+        "HF_DATASETS_OFFLINE",
+        "HF_ENDPOINT",
+        "TRANSFORMERS_OFFLINE",
+        "TORCH_HOME",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "PGML_DB_RETRY_SECONDS",
+    }
+)
+INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "PYTORCH_", "OMP_", "MKL_")
+
+
+def child_env(work_dir: str, gpu: str | None, parent: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a child: an allow-list of the worker's, and its own settings."""
+    parent = dict(os.environ) if parent is None else parent
+    env = {k: v for k, v in parent.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
+    env.update(
+        PGML_WORK_DIR=work_dir,
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_DISABLE_IMPLICIT_TOKEN="1",  # only the job's own token, never the worker's hub login
+    )
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return env

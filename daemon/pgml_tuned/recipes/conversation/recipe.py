@@ -83,14 +83,14 @@ def run(ctx: JobContext) -> None:
     # 4. the starting model (a stored adapter loads onto its base and carries its tokenizer), tokens, labels
     ctx.check_stop()
     token = model_token(ctx)
-    start = ctx.resolve_model(ctx.spec["model_name"])
+    start = ctx.resolve_model(ctx.spec["model_name"], token)
     source, adapter_dir = start.source, start.adapter_dir
     base_model: str | None = None  # what the trained adapter loads onto
     if adapter_dir:
         base_model = start.adapter_base()
         if not base_model:
             raise JobError(f"{ctx.spec['model_name']!r} is a LoRA adapter without a recorded base model")
-        source = ctx.resolve_model(base_model).source
+        source = ctx.resolve_model(base_model, token).source
         ctx.info(f"continuing the stored LoRA adapter on its base model {base_model}")
         if opts.lora_config:
             ctx.info("lora_config ignored: the stored adapter keeps its own LoRA settings", level="warning")
