@@ -33,9 +33,11 @@ def admin_dsn(dsn: str | None) -> str:
     return embedded.ensure(BENCH_HOME)
 
 
-def with_db(dsn: str, dbname: str) -> str:
+def with_db(dsn: str, dbname: str, user: str | None = None) -> str:
     params = conninfo_to_dict(dsn)
     params["dbname"] = dbname
+    if user:
+        params["user"] = user
     return make_conninfo(**params)
 
 

@@ -124,9 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         home = Path(tmp)
         extra = shlex.split(args.serve_args)
-        d = DaemonProc(
-            dsn, home, "--concurrency", str(args.jobs), "--worker-id", "hb", "--no-migrate", *extra, env=bench_env(home)
-        )
+        d = DaemonProc(dsn, home, "--concurrency", str(args.jobs), "--worker-id", "hb", *extra, env=bench_env(home))
         try:
             d.wait_event(lambda e: e.get("event") == "daemon.start", 60)
             walinspect = True

@@ -55,7 +55,6 @@ def one_sample(
         str(s["heartbeat"]),
         "--poll-seconds",
         str(s["poll"]),
-        "--no-migrate",
     ]
     env = bench_env(home)
     a = DaemonProc(dsn, home, *flags, "--worker-id", f"{tag}-A", env=env)

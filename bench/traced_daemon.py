@@ -6,7 +6,7 @@ The daemon is not changed: this wrapper patches, in this process only,
 
 - psycopg.AsyncConnection.notifies:  when the listener receives a `pgml_jobs` notification
 - pgml_tuned.jobs.claim:             when it is called (the claimer task has woken up) and when it returns
-- AsyncConnectionPool.getconn:       when the claim holds a pooled connection (the statement is sent right after)
+- Pool._acquire:                     when the claim holds a pooled connection (the statement is sent right after)
 
 and prints one JSON line per claimed job to stderr (`trace.claim`), after the claim has returned, so no
 printing happens inside the measured interval.
@@ -29,7 +29,6 @@ from typing import Any
 
 import anyio
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from pgml_tuned import cli, jobs
 from pgml_tuned.db import Pool
@@ -50,11 +49,11 @@ async def _notifies(self: psycopg.AsyncConnection[Any], **kwargs: Any) -> AsyncG
         yield note
 
 
-_orig_getconn = AsyncConnectionPool.getconn
+_orig_acquire = Pool._acquire
 
 
-async def _getconn(self: AsyncConnectionPool[Any], timeout: float | None = None) -> Any:  # noqa: ASYNC109
-    conn = await _orig_getconn(self, timeout)
+async def _acquire(self: Pool) -> Any:
+    conn = await _orig_acquire(self)
     _last["locked"] = time.time()
     return conn
 
@@ -107,7 +106,7 @@ def _dispatch_inline(self: Daemon, notice: Notice) -> None:
 
 
 psycopg.AsyncConnection.notifies = _notifies  # type: ignore[method-assign]
-AsyncConnectionPool.getconn = _getconn  # type: ignore[method-assign]
+Pool._acquire = _acquire  # type: ignore[method-assign]
 jobs.claim = _claim
 if "inline-claim" in VARIANT:
     Daemon.claim_while_free = _claim_locked  # type: ignore[method-assign]

@@ -27,10 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".pgml-test"
 
 
-def with_db(dsn: str, dbname: str) -> str:
+def with_db(dsn: str, dbname: str, user: str | None = None) -> str:
     params = conninfo_to_dict(dsn)
     params["dbname"] = dbname
+    if user:
+        params["user"] = user
     return make_conninfo(**params)
+
+
+# The logins tests act as (created once per server; roles are cluster-wide). Tests that pass only as a
+# superuser prove nothing: users submit as USER, daemons serve as WORKER, setup that no user may do runs as
+# the superuser (the `su` fixture), and diagnostic tasks (noop) as ADMIN.
+USER, OTHER_USER, WORKER, ADMIN = "pgml_test_user", "pgml_test_user2", "pgml_test_worker", "pgml_test_admin"
+LOGINS = {USER: "pgml_user", OTHER_USER: "pgml_user", WORKER: "pgml_worker", ADMIN: "pgml_admin"}
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +82,13 @@ def template_db(admin_dsn: str, session_env: Path) -> str:
             await secrets.register_key(conn, key)
 
     anyio.run(setup)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for login, role in LOGINS.items():
+            with contextlib.suppress(psycopg.errors.DuplicateObject, psycopg.errors.UniqueViolation):
+                conn.execute(f'CREATE ROLE "{login}" LOGIN')
+            conn.execute(f'GRANT "{role}" TO "{login}"')
+        # users keep their own tables in public (as they would in a schema of their own)
+        conn.execute(f'GRANT CREATE ON SCHEMA public TO "{USER}", "{OTHER_USER}", "{ADMIN}"')
     yield name
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -92,15 +108,49 @@ def scratch_database(admin_dsn: str, template: str | None = None) -> Iterator[st
 
 
 @pytest.fixture
-def conn_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
-    """A fresh database with every migration applied and the session's worker key registered."""
+def su_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
+    """A fresh database with every migration applied and the session's worker key registered (superuser)."""
     with scratch_database(admin_dsn, template_db) as dsn:
         yield dsn
 
 
 @pytest.fixture
+def conn_dsn(su_dsn: str) -> str:
+    """The fresh database, as an ordinary user (a member of pgml_user)."""
+    return as_login(su_dsn, USER)
+
+
+@pytest.fixture
+def worker_dsn(su_dsn: str) -> str:
+    return as_login(su_dsn, WORKER)
+
+
+def as_login(dsn: str, login: str) -> str:
+    return with_db(dsn, conninfo_to_dict(dsn)["dbname"], login)
+
+
+def connect(dsn: str) -> psycopg.Connection[dict[str, Any]]:
+    return psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+
+@pytest.fixture
 def conn(conn_dsn: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    with psycopg.connect(conn_dsn, autocommit=True, row_factory=dict_row) as c:
+    """The user's session."""
+    with connect(conn_dsn) as c:
+        yield c
+
+
+@pytest.fixture
+def su(su_dsn: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A superuser session on the same database: setup no user could do, and looking at everything."""
+    with connect(su_dsn) as c:
+        yield c
+
+
+@pytest.fixture
+def ops(su_dsn: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """An administrator's session (pgml_admin, not a superuser): diagnostic tasks, every job."""
+    with connect(as_login(su_dsn, ADMIN)) as c:
         yield c
 
 
@@ -168,11 +218,12 @@ class DaemonProc:
 
 
 @pytest.fixture
-def daemon(conn_dsn: str, tmp_path: Path, session_env: Path) -> Iterator[Callable[..., DaemonProc]]:
+def daemon(worker_dsn: str, tmp_path: Path, session_env: Path) -> Iterator[Callable[..., DaemonProc]]:
+    """`pgml-tuned serve` as the workers' login."""
     started: list[DaemonProc] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> DaemonProc:
-        d = DaemonProc(conn_dsn, tmp_path, *args, env=env)
+        d = DaemonProc(worker_dsn, tmp_path, *args, env=env)
         started.append(d)
         return d
 

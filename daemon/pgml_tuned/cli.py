@@ -40,14 +40,18 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | 
         )
 
 
-def resolve_dsn(settings: Settings, *, announce: bool = True) -> str:
+def resolve_dsn(settings: Settings, *, announce: bool = True, role: str = "user") -> str:
+    """--dsn / PGML_DSN as given; else the embedded server, migrated, as `role`'s login there: "user" (submits),
+    "worker" (serves) or "admin" (its superuser) — the same separation as any deployment."""
     if settings.dsn:
         return settings.dsn
-    dsn = embedded.ensure(settings.home)
+    admin = embedded.ensure(settings.home)
+    _run(lambda: db.prepare_local(admin))
+    dsn = embedded.as_login(admin, role)
     if announce:
         print(
             f"embedded PostgreSQL running in {settings.home / 'pgdata'}\n"
-            f"  connect: {embedded.psql_path()} '{dsn}'\n"
+            f"  connect: {embedded.psql_path()} '{embedded.as_login(admin, 'user')}'\n"
             f"  stop:    pgml-tuned db stop",
             file=sys.stderr,
         )
@@ -62,7 +66,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from . import secrets
 
     settings = _settings(args)
-    dsn = resolve_dsn(settings)
+    dsn = resolve_dsn(settings, role="admin")
 
     async def go() -> list[str]:
         applied = await db.migrate(dsn)
@@ -81,8 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logconfig.configure(settings.log_format, settings.log_level)
-    dsn = resolve_dsn(settings)
-    if not args.no_migrate:
+    dsn = resolve_dsn(settings, role="worker")  # the embedded server is migrated by resolve_dsn
+    if args.migrate and settings.dsn:
         _run(lambda: db.migrate(dsn))
     _run(lambda: serve(settings, dsn, drain=args.drain))
     return 0
@@ -93,7 +97,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logconfig.configure(settings.log_format, settings.log_level)
-    return run_demo(settings, resolve_dsn(settings), epochs=args.epochs)
+    admin = resolve_dsn(settings, role="admin")
+    user, worker = (
+        (admin, admin) if settings.dsn else (embedded.as_login(admin, "user"), embedded.as_login(admin, "worker"))
+    )
+    return run_demo(settings, admin, user, worker, epochs=args.epochs)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -211,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="run the training daemon")
     s.add_argument("--drain", action="store_true", help="run queued jobs, exit 0 when the queue is empty")
     add_setting_flags(s, tuple(f.name for f in fields(Settings) if f.name not in COMMON_SETTINGS))
-    s.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    s.add_argument(
+        "--migrate",
+        action="store_true",
+        help="apply pending migrations first (needs an administrator's DSN; workers normally run with the "
+        "pgml_worker role, and an administrator runs `pgml-tuned migrate`)",
+    )
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tune on bundled data, offline")

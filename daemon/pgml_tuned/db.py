@@ -2,8 +2,8 @@
 
 - `q(name)`: a named statement of sql/queries.sql (`-- name: claim_job` blocks); `migrations()`: the files of
   sql/migrations in order. SQL lives in those files, never in Python strings that build schema.
-- `Pool`: the worker's connection pool (psycopg_pool). Every statement is a short autocommit transaction of
-  its own; a connection found broken is replaced; `retrying()` retries a statement through server restarts.
+- `Pool`: the worker's connection pool. Every statement is a short autocommit transaction of its own; a
+  connection found broken is replaced; `retrying()` retries a statement through server restarts.
   LISTEN keeps a dedicated connection of its own (worker/backend.py), never a pooled one.
 - Every connection pins `search_path` to pg_catalog, pg_temp: the worker's statements name every object with
   its schema, so nothing a user creates in another schema can be called by them by accident.
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
@@ -23,7 +24,6 @@ from typing import Any, TypeVar
 import anyio
 import psycopg
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from . import logconfig
 
@@ -33,8 +33,7 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
 SEARCH_PATH = "pg_catalog, pg_temp"
 
-# Errors after which a fresh connection may succeed: server restarts, terminated backends, network loss
-# (psycopg_pool.PoolTimeout is an OperationalError too).
+# Errors after which a fresh connection may succeed: server restarts, terminated backends, network loss.
 RETRYABLE = (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow)
 
 T = TypeVar("T")
@@ -118,41 +117,66 @@ async def retrying(
 
 
 class Pool:
-    """The worker's pool of autocommit connections: one statement, one transaction, any free connection."""
+    """The worker's pool of autocommit connections: one statement, one transaction, any free connection.
+
+    Small and in the caller's task: connections are opened when a statement needs one (never in a background
+    task), so a connection lost to a server restart is replaced by the statement's own retry, with
+    retrying()'s backoff (50 ms first) — a general-purpose pool reconnects on a backoff of its own that
+    starts at a second and doubles, long enough for a lease to expire. A connection idle for longer than
+    CHECK_IDLE_SECONDS is checked (one round trip) before it is used; a busy one is not (that round trip
+    would be on every statement, the claim among them): if it broke meanwhile, its statement fails and runs
+    again on another connection.
+    """
+
+    CHECK_IDLE_SECONDS = 10.0
 
     def __init__(self, dsn: str, app: str = "pgml-tuned", *, max_size: int = 4) -> None:
-        self._pool = AsyncConnectionPool(
-            dsn,
-            min_size=min(2, max_size),
-            max_size=max_size,
-            kwargs={"autocommit": True, **conn_kwargs(app)},
-            check=self._check,  # a connection broken while idle is replaced, not used
-            open=False,
-            name=app,
-        )
-
-    @staticmethod
-    async def _check(conn: psycopg.AsyncConnection[Any]) -> None:
-        try:
-            await AsyncConnectionPool.check_connection(conn)
-        except Exception as e:
-            log.warning("db.connection_lost", error=str(e).strip() or type(e).__name__, note="replacing it")
-            raise
+        self.dsn = dsn
+        self.app = app
+        self._slots = anyio.Semaphore(max_size)
+        self._idle: list[tuple[psycopg.AsyncConnection[DictRow], float]] = []  # (connection, last used)
 
     async def open(self) -> None:
-        await self._pool.open(wait=False)
+        pass  # connections open on first use
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
-            await self._pool.close()
+            while self._idle:
+                conn, _ = self._idle.pop()
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _acquire(self) -> psycopg.AsyncConnection[DictRow]:
+        while self._idle:
+            conn, used = self._idle.pop()  # the most recently used: the least likely to be stale
+            if conn.closed or conn.broken:
+                continue
+            if time.monotonic() - used > self.CHECK_IDLE_SECONDS:
+                try:
+                    await conn.execute("")
+                except Exception as e:
+                    log.warning("db.connection_lost", error=str(e).strip() or type(e).__name__, note="replacing it")
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    continue
+            return conn
+        return await connect(self.dsn, app=self.app)
 
     async def fetch(self, query: str, params: dict[str, Any] | None = None, *, retry: bool = True) -> list[Row]:
         """Run one statement and return its rows; through a server restart when `retry` (the default)."""
 
         async def once() -> list[Row]:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(query, params)
-                return list(await cur.fetchall()) if cur.description else []
+            async with self._slots:
+                conn = await self._acquire()
+                try:
+                    cur = await conn.execute(query, params)
+                    rows = list(await cur.fetchall()) if cur.description else []
+                except BaseException:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await conn.close()  # in an unknown state: never reused
+                    raise
+                self._idle.append((conn, time.monotonic()))
+                return rows
 
         return await retrying("statement", once) if retry else await once()
 
@@ -173,6 +197,13 @@ async def pool(dsn: str, app: str = "pgml-tuned", *, max_size: int = 4) -> Async
         yield p
     finally:
         await p.close()
+
+
+async def prepare_local(admin_dsn: str) -> None:
+    """The embedded default: migrate, then its logins (sql/local_logins.sql)."""
+    await migrate(admin_dsn)
+    async with await connect(admin_dsn, app="pgml-tuned setup") as conn:
+        await conn.execute((SQL_DIR / "local_logins.sql").read_text().encode())
 
 
 async def migrate(dsn: str) -> list[str]:

@@ -33,7 +33,8 @@ TUNE_SQL = """SELECT job_id FROM pgml.tune(
 )"""
 
 
-def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
+def run_demo(settings: Settings, admin_dsn: str, dsn: str, worker_dsn: str, *, epochs: float = 3.0) -> int:
+    """Migrate as the administrator, load and submit as the user (`dsn`), serve as the worker."""
     model = str(minilm_path())
     hyperparams = {
         "training_args": {
@@ -47,7 +48,7 @@ def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
         },
         "dataset_args": {"text_column": "text", "class_column": "class"},
     }
-    anyio.run(db.migrate, dsn, backend="asyncio")
+    anyio.run(db.migrate, admin_dsn, backend="asyncio")
     with db.sync_connect(dsn) as conn:
         conn.execute("DROP TABLE IF EXISTS public.pgml_demo_reviews")
         conn.execute("CREATE TABLE public.pgml_demo_reviews (id serial PRIMARY KEY, text text NOT NULL, class text)")
@@ -68,7 +69,7 @@ def run_demo(settings: Settings, dsn: str, *, epochs: float = 3.0) -> int:
         conn.commit()
     print(f"== job {job_id} queued; running the daemon until the queue is empty (pgml-tuned serve --drain)\n")
 
-    anyio.run(lambda: serve(settings, dsn, drain=True), backend="asyncio")
+    anyio.run(lambda: serve(settings, worker_dsn, drain=True), backend="asyncio")
 
     with db.sync_connect(dsn) as conn:
         job = db.fetch_one(conn, "SELECT * FROM pgml.jobs WHERE id = %s", (job_id,))

@@ -29,8 +29,21 @@ def _server(home: Path) -> Any:
 
 
 def ensure(home: Path) -> str:
-    """Start (or find running) the embedded server under `home`; return its DSN."""
+    """Start (or find running) the embedded server under `home`; return its superuser's DSN."""
     return str(_server(home).get_uri("postgres"))
+
+
+# The embedded server's logins (sql/local_logins.sql): what `pgml-tuned` connects as, per command.
+LOGINS = {"user": "pgml_local_user", "worker": "pgml_local_worker"}
+
+
+def as_login(admin_dsn: str, role: str) -> str:
+    """The DSN of the embedded server for `role`: "admin" (its superuser), "user" or "worker"."""
+    if role == "admin":
+        return admin_dsn
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    return make_conninfo("", **{**conninfo_to_dict(admin_dsn), "user": LOGINS[role]})
 
 
 def stop(home: Path) -> bool:

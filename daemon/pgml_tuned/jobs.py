@@ -15,8 +15,8 @@ from psycopg.types.json import Jsonb
 
 from . import files
 from .db import Pool, fetch_one, q
-from .errors import LeaseLost
-from .states import Claim, Status
+from .errors import JobError, LeaseLost
+from .states import Claim, Renewal, Status
 
 # ---- worker side ----
 
@@ -28,13 +28,14 @@ async def claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
     return Claim.from_row(rows[0]) if rows else None
 
 
-async def renew_leases(pool: Pool, attempts: dict[int, int], lease_seconds: float) -> dict[int, bool]:
+async def renew_leases(pool: Pool, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
     """Renew the leases of every running attempt ({job id: attempt}) in one statement.
 
-    Returns {job id: cancel_requested} for the jobs still owned; a job missing from it has lost its lease."""
+    Returns what it found of the jobs still owned (cancel requested, over its runtime); a job missing from it
+    has lost its lease."""
     ids = list(attempts)
     rows = await pool.named("renew_leases", ids=ids, attempts=[attempts[i] for i in ids], lease_seconds=lease_seconds)
-    return {r["id"]: bool(r["cancel_requested"]) for r in rows}
+    return {r["id"]: Renewal(bool(r["cancel_requested"]), bool(r["overtime"])) for r in rows}
 
 
 async def status(pool: Pool, job_id: int, attempt: int) -> Status | None:
@@ -110,6 +111,13 @@ def store_checkpoint(conn: Conn, job_id: int, attempt: int, step: int, src: Path
         stored = files.copy_dir_in(conn, q("copy_checkpoint_files"), checkpoint_id, src)
         conn.execute(q("finish_checkpoint"), {"checkpoint_id": checkpoint_id})
         conn.execute(q("prune_checkpoints"), params)
+        budget = fetch_one(conn, q("checkpoint_budget"), params)
+        if budget["max_bytes"] is not None and budget["bytes"] > budget["max_bytes"]:
+            raise JobError(
+                f"the job's checkpoints would hold {budget['bytes'] / 1e6:.0f} MB in PostgreSQL; its submitter may "
+                f"keep {budget['max_bytes'] / 1e6:.0f} MB (pgml.role_limits): save fewer (save_total_limit) or "
+                "smaller (a LoRA adapter) checkpoints"
+            )
     return stored
 
 

@@ -46,7 +46,7 @@ def torch_dtype(name: str) -> Any:
 class ModelStore(Protocol):
     """Where stored models come from (the child's JobStore)."""
 
-    def find_model(self, model_id: int | None, project: str) -> dict[str, Any] | None: ...
+    def find_model(self, model_id: int | None, project: str, owner: str) -> dict[str, Any] | None: ...
 
     def download_model(self, model_id: int, dest: Path) -> Path: ...
 
@@ -71,21 +71,36 @@ class Resolved:
         return recorded or config.get("base_model_name_or_path")
 
 
-def resolve(model_name: str, store: ModelStore, workdir: Path, info: Callable[..., None]) -> Resolved:
-    """A loadable source for `model_name`; stored models are downloaded under workdir."""
+def resolve(
+    model_name: str,
+    store: ModelStore,
+    workdir: Path,
+    info: Callable[..., None],
+    *,
+    token: str | None = None,
+    owner: str = "",
+) -> Resolved:
+    """A loadable source for `model_name`; stored models are downloaded under workdir (only those `owner`, the
+    job's submitter, may read). Every model's configuration files are checked (refuse_outside_paths) before
+    anything loads them."""
     if not model_name.startswith("pgml:"):
-        if model_name.startswith(("/", "./", "~")) and not Path(model_name).expanduser().is_dir():
-            raise JobError(
-                f"model_name {model_name!r} is not a directory on worker {os.uname().nodename}; "
-                "pass a directory that exists on every worker, a hub id, or pgml:<project>"
-            )
-        source = str(Path(model_name).expanduser()) if model_name.startswith("~") else model_name
+        if model_name.startswith(("/", "./", "~")):
+            if not Path(model_name).expanduser().is_dir():
+                raise JobError(
+                    f"model_name {model_name!r} is not a directory on worker {os.uname().nodename}; "
+                    "pass a directory that exists on every worker, a hub id, or pgml:<project>"
+                )
+            source = str(Path(model_name).expanduser())
+            refuse_outside_paths(Path(source), model_name)
+        else:
+            source = model_name
+            refuse_outside_paths(hub_configs(model_name, token), model_name)
         return Resolved(model_name, source, None)
     ref = model_name.removeprefix("pgml:")
     if ref.startswith("model:") and not ref.removeprefix("model:").isdigit():
         raise JobError(f"model_name {model_name!r}: write pgml:model:<id> with a numeric id")
     model_id = int(ref.removeprefix("model:")) if ref.startswith("model:") else None
-    row = store.find_model(model_id, ref)
+    row = store.find_model(model_id, ref, owner)  # only models the job's submitter may read
     if row is None:
         what = f"model {model_id}" if model_id else f"a successful model in project {ref!r}"
         raise JobError(f"model_name {model_name!r}: there is no {what}")

@@ -64,6 +64,7 @@ class StopReason(enum.StrEnum):
     CANCELLED = "cancelled"  # pgml.cancel() set cancel_requested
     LEASE_LOST = "lease_lost"  # the heartbeat found the job no longer ours
     SHUTDOWN = "shutdown"  # the worker is stopping (SIGTERM/SIGINT)
+    OVERTIME = "overtime"  # the job ran past its max_runtime (pgml.role_limits of its submitter)
 
 
 class Action(enum.StrEnum):
@@ -72,6 +73,20 @@ class Action(enum.StrEnum):
     CANCEL = "cancel"
     REQUEUE = "requeue"
     ABANDON = "abandon"  # the job is no longer this attempt's: write nothing
+
+
+OVERTIME_ERROR = (
+    "the job ran longer than the max_runtime its submitter may use (pgml.role_limits); ask an administrator to "
+    "raise it, or train for fewer steps"
+)
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What one lease renewal says of a job this worker still owns."""
+
+    cancel_requested: bool = False
+    overtime: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,10 +112,12 @@ class Claim:
     test_sampling: str
     hyperparams: dict[str, Any]
     secrets: str | None
+    submitted_by: str = ""  # the login that submitted it: whose models it may start from
+    snapshot_columns: list[str] | None = None  # the columns pgml.tune() copied into pgml.job_rows, in order
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
     def spec(self) -> dict[str, Any]:
         """What the job's child needs (sent on its stdin, never on its command line); secrets travel apart."""
@@ -133,6 +150,8 @@ def settle(
         return Transition(Action.ABANDON)  # the lease will expire and the reaper decides
     if stop_reason == StopReason.CANCELLED:
         return Transition(Action.CANCEL)
+    if stop_reason == StopReason.OVERTIME:
+        return Transition(Action.FAIL, OVERTIME_ERROR)
     if exit_code == ExitCode.OK:
         return Transition(Action.FAIL, "the training process exited without storing results")
     if exit_code == ExitCode.ERROR and error_reported:

@@ -20,6 +20,7 @@ class Task:
     text_columns: tuple[str, ...]  # dataset_args keys whose columns must hold text
     optional_columns: tuple[str, ...] = ()
     hyperparams: tuple[str, ...] = field(default=("training_args", "dataset_args", "max_seq_length"))
+    admin_only: bool = False  # diagnostic tasks: members of pgml_admin only
 
 
 TASKS: dict[str, Task] = {
@@ -58,7 +59,7 @@ TASKS: dict[str, Task] = {
             ),
         ),
         # a diagnostic task: a child that sleeps hyperparams.seconds; used to test queues and operations
-        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail")),
+        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail"), admin_only=True),
     )
 }
 

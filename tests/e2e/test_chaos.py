@@ -36,6 +36,13 @@ from tests.conftest import STATE, DaemonProc, job_row, wait_for, wait_job
 # ---- helpers ----
 
 
+@pytest.fixture
+def conn(su: psycopg.Connection[dict[str, Any]]) -> psycopg.Connection[dict[str, Any]]:
+    """Chaos is an operator's: terminating the daemons' backends takes a superuser (the daemons still serve as
+    pgml_worker)."""
+    return su
+
+
 def submit_noop(
     conn: psycopg.Connection[dict[str, Any]], project: str = "chaos", max_attempts: int = 3, **hp: Any
 ) -> int:

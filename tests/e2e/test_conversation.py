@@ -88,7 +88,12 @@ def files_of(conn: psycopg.Connection[dict[str, Any]], model_id: int) -> dict[st
 
 
 def test_seed_llama2_lora_end_to_end(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_llama: Path, tmp_path: Path, session_env: Path
+    conn: psycopg.Connection[dict[str, Any]],
+    su: psycopg.Connection[dict[str, Any]],
+    daemon: Any,
+    tiny_llama: Path,
+    tmp_path: Path,
+    session_env: Path,
 ) -> None:
     load_fingpt(conn)
     conn.execute(seed.find(seed.FINGPT_SHUFFLED_VIEW))
@@ -147,19 +152,19 @@ def test_seed_llama2_lora_end_to_end(
     assert ADAPTER_FILES <= set(stored) <= ADAPTER_FILES | TOKENIZER_FILES, stored
     assert sum(stored.values()) < 1_000_000
 
-    # the hub token is in no table and in no output
+    # the hub token is in no table and in no output (looked for as a superuser: every row of every table)
     tables = [
         r["relname"]
-        for r in conn.execute(
+        for r in su.execute(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'pgml' AND c.relkind = 'r'"
         )
     ]
     for table in tables:
         query = psycopg.sql.SQL("SELECT count(*) AS n FROM pgml.{} t WHERE t::text LIKE '%%HF_TOKEN%%'")
-        assert conn.execute(query.format(psycopg.sql.Identifier(table))).fetchone()["n"] == 0, table
-    in_files = "SELECT count(*) AS n FROM pgml.files WHERE position('HF_TOKEN'::bytea IN data) > 0"
-    assert conn.execute(in_files).fetchone()["n"] == 0
+        assert su.execute(query.format(psycopg.sql.Identifier(table))).fetchone()["n"] == 0, table
+    in_files = "SELECT count(*) AS n FROM pgml.file_parts WHERE position('HF_TOKEN'::bytea IN data) > 0"
+    assert su.execute(in_files).fetchone()["n"] == 0
     assert "HF_TOKEN" not in d.output()
 
     # reload: the adapter onto its recorded base model, and generate
@@ -225,7 +230,7 @@ def test_failures_name_the_fix_and_prompt_templates_pack(
             str(tiny_llama_no_template),
             dataset_args={"user_column": "question", "assistant_column": "output"},
         )
-    assert "column 'question' (dataset_args.user_column) does not exist in chat" in str(e.value)
+    assert "column 'question' (dataset_args.user_column) does not exist in public.chat" in str(e.value)
     assert conn.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone()["n"] == 0
 
     # a tokenizer without a chat template needs a prompt_template ...

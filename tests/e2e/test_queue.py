@@ -10,8 +10,15 @@ from typing import Any
 
 import psutil
 import psycopg
+import pytest
 
 from tests.conftest import job_row, wait_for, wait_job
+
+
+@pytest.fixture
+def conn(ops: psycopg.Connection[dict[str, Any]]) -> psycopg.Connection[dict[str, Any]]:
+    """These tests drive the queue with the diagnostic `noop` task: an administrator's (pgml_admin)."""
+    return ops
 
 
 def submit_noop(conn: psycopg.Connection[dict[str, Any]], project: str = "ops", **hp: Any) -> int:

@@ -11,8 +11,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import job_row, wait_for, wait_job
+from tests.conftest import ADMIN, as_login, job_row, wait_for, wait_job
 from tests.support import models as testing
+
+
+@pytest.fixture
+def conn(ops: psycopg.Connection[dict[str, Any]]) -> psycopg.Connection[dict[str, Any]]:
+    """These tests drive the queue with the diagnostic `noop` task: an administrator's (pgml_admin)."""
+    return ops
+
 
 STEPS = 100
 
@@ -135,8 +142,9 @@ def test_cancel_queued_and_running(conn: psycopg.Connection[dict[str, Any]], dae
 
 
 def test_wait_streams_logs_then_final_status(
-    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any
+    su_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any
 ) -> None:
+    conn_dsn = as_login(su_dsn, ADMIN)  # the session that submitted the jobs (noop is an administrator's)
     job = conn.execute(
         "SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', "
         'hyperparams => \'{"seconds": 1, "steps": 5}\')'
@@ -183,7 +191,7 @@ def test_status_view_and_queue_summary(conn: psycopg.Connection[dict[str, Any]],
 
 
 def test_lora_adapter_checkpoint_resumes_after_sigterm(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path, su: psycopg.Connection[dict[str, Any]]
 ) -> None:
     llama = testing.build_tiny_llama(tmp_path / "llama")
     conn.execute("CREATE TABLE chats (q text, a text)")
@@ -212,7 +220,7 @@ def test_lora_adapter_checkpoint_resumes_after_sigterm(
     assert d.wait(30) == 0
     files = {
         r["path"]
-        for r in conn.execute(
+        for r in su.execute(  # checkpoint files are the workers' business, not the users'
             "SELECT DISTINCT f.path FROM pgml.checkpoint_files f JOIN pgml.checkpoints c ON c.id = f.checkpoint_id "
             "WHERE c.job_id = %s",
             (job,),

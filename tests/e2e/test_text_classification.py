@@ -28,7 +28,8 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> Pa
 
 
 def load_imdb(conn: psycopg.Connection[dict[str, Any]], rows: int = 150) -> None:
-    """pgml.imdb as `pgml.load_dataset('imdb')` makes it (label 0/1, -1 = unsupervised), from bundled data."""
+    """pgml.imdb as `pgml.load_dataset('imdb')` makes it (label 0/1, -1 = unsupervised), from bundled data; the
+    connection is the user's, who may create tables in schema pgml."""
     with open(REVIEWS, newline="") as f:
         data = list(csv.DictReader(f))[:rows]
     conn.execute("CREATE TABLE pgml.imdb (text text, label bigint)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 
 from pgml_tuned import embedded
 from pgml_tuned.db import SQL_DIR
-from tests.conftest import scratch_database, wait_job
+from tests.conftest import ADMIN, as_login, scratch_database, wait_job
 
 
 @pytest.fixture
@@ -64,8 +65,9 @@ def test_plain_psql_applies_the_migrations(empty_db: str) -> None:
 
 
 def test_cli_status_logs_cancel_download(
-    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path
+    su_dsn: str, ops: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path
 ) -> None:
+    conn, conn_dsn = ops, as_login(su_dsn, ADMIN)  # an administrator's CLI session (noop is theirs)
     job = conn.execute(
         "SELECT job_id FROM pgml.tune('cli', task => 'noop', model_name => 'none', "
         'hyperparams => \'{"seconds": 1, "steps": 3}\')'
@@ -92,3 +94,31 @@ def test_cli_status_logs_cancel_download(
 def test_bad_settings_are_reported_not_traced(tmp_path: Path) -> None:
     r = cli("serve", "--dsn", "postgresql://nowhere", "--lease-seconds", "1", "--heartbeat-seconds", "1")
     assert r.returncode == 2 and "more than twice heartbeat_seconds" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_embedded_default_separates_users_from_workers() -> None:
+    """No DSN: the embedded server, migrated, with a user login that submits and a worker login that serves —
+    what a newcomer sees is the secure setup, not a superuser."""
+    from tests.conftest import STATE
+
+    home = STATE / "embedded-default"
+    env = {"PGML_DSN": ""}
+    try:
+        user_dsn = cli("db", "dsn", "--home", str(home), env=env)
+        assert user_dsn.returncode == 0, user_dsn.stderr
+        dsn = user_dsn.stdout.strip()
+        assert "pgml_local_user" in dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+            assert row == (False,)
+            assert conn.execute("SELECT pg_has_role('pgml_user', 'MEMBER')").fetchone() == (True,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE pgml.jobs SET status = 'failed'")
+        worker = psycopg.conninfo.make_conninfo(dsn, user="pgml_local_worker")
+        with psycopg.connect(worker, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_has_role('pgml_worker', 'MEMBER')").fetchone() == (True,)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("CREATE TABLE pgml.x (a int)")
+    finally:
+        cli("db", "stop", "--home", str(home), env=env)
+        shutil.rmtree(home, ignore_errors=True)

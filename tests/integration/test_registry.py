@@ -21,6 +21,7 @@ def test_sql_and_python_know_the_same_tasks(conn: psycopg.Connection[dict[str, A
         assert set(row["text_columns"]) == set(task.text_columns), name
         assert set(row["optional_columns"]) == set(task.optional_columns), name
         assert set(row["hyperparams"]) == set(task.hyperparams), name
+        assert row["admin_only"] == task.admin_only, name
 
 
 def test_every_task_has_a_runnable_recipe() -> None:
@@ -28,6 +29,6 @@ def test_every_task_has_a_runnable_recipe() -> None:
         assert callable(importlib.import_module(recipe_module(name)).run), name
 
 
-def test_sql_and_python_know_the_same_secret_keys(conn: psycopg.Connection[dict[str, Any]]) -> None:
-    row = conn.execute("SELECT pgml._secret_keys() AS keys").fetchone()
+def test_sql_and_python_know_the_same_secret_keys(su: psycopg.Connection[dict[str, Any]]) -> None:
+    row = su.execute("SELECT pgml._secret_keys() AS keys").fetchone()
     assert row is not None and tuple(row["keys"]) == SECRET_KEYS

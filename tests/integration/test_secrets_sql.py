@@ -1,6 +1,6 @@
 """pgml._seal (pure PL/pgSQL RSA, sql/migrations/0002_secrets.sql) against the Python unseal.
 
-Needs the `conn_dsn` fixture (tests/conftest.py): the DSN of a database with every migration applied.
+Needs the `su_dsn` fixture (tests/conftest.py): a superuser's DSN (these are internals) of a migrated database.
 Every test runs in a transaction that is rolled back, with pgml.worker_keys emptied first, so the keys
 registered here never become the sealing key of other tests sharing the database.
 """
@@ -61,7 +61,7 @@ def _seal_in_sql(dsn: str, key: WorkerKey | None, values: list[Any]) -> list[tup
     return asyncio.run(run())
 
 
-def test_sql_seal_unseals_in_python(conn_dsn: str, key: WorkerKey) -> None:
+def test_sql_seal_unseals_in_python(su_dsn: str, key: WorkerKey) -> None:
     values = [
         {"token": "hf_" + pyrandom.token_urlsafe(30)},
         {"token": "hf_" + "t" * 597},  # a 600-char token: three RSA blocks
@@ -69,7 +69,7 @@ def test_sql_seal_unseals_in_python(conn_dsn: str, key: WorkerKey) -> None:
         {"use_auth_token": True, "token": None, "n": 42},
         {"token": "é" * 700},  # block boundaries fall inside multi-byte characters
     ]
-    results = _seal_in_sql(conn_dsn, key, [Jsonb(v) for v in values])
+    results = _seal_in_sql(su_dsn, key, [Jsonb(v) for v in values])
     for value, (sealed, _) in zip(values, results, strict=True):
         assert sealed is not None
         assert sealed.startswith(f"rsa1:{key.fingerprint}:")
@@ -82,40 +82,40 @@ def test_sql_seal_unseals_in_python(conn_dsn: str, key: WorkerKey) -> None:
     assert len(results[1][0].split(":", 2)[2].split(".")) == 3
 
 
-def test_sql_seal_works_with_other_key_sizes(conn_dsn: str, small_key: WorkerKey) -> None:
+def test_sql_seal_works_with_other_key_sizes(su_dsn: str, small_key: WorkerKey) -> None:
     value = {"token": "hf_" + "k" * 300}
-    ((sealed, _),) = _seal_in_sql(conn_dsn, small_key, [Jsonb(value)])
+    ((sealed, _),) = _seal_in_sql(su_dsn, small_key, [Jsonb(value)])
     assert sealed is not None
     assert all(len(base64.b64decode(b)) == 128 for b in sealed.split(":", 2)[2].split("."))
     assert unseal(sealed, small_key) == value
 
 
-def test_seals_of_the_same_input_differ(conn_dsn: str, key: WorkerKey) -> None:
+def test_seals_of_the_same_input_differ(su_dsn: str, key: WorkerKey) -> None:
     value = Jsonb({"token": "hf_same_token"})
-    (a, _), (b, _) = _seal_in_sql(conn_dsn, key, [value, value])
+    (a, _), (b, _) = _seal_in_sql(su_dsn, key, [value, value])
     assert a != b
     assert unseal(a, key) == unseal(b, key) == {"token": "hf_same_token"}
 
 
-def test_empty_secrets_seal_to_null(conn_dsn: str, key: WorkerKey) -> None:
-    results = _seal_in_sql(conn_dsn, key, [None, Jsonb({})])
+def test_empty_secrets_seal_to_null(su_dsn: str, key: WorkerKey) -> None:
+    results = _seal_in_sql(su_dsn, key, [None, Jsonb({})])
     assert [sealed for sealed, _ in results] == [None, None]
     # no key needed for nothing to seal
-    results = _seal_in_sql(conn_dsn, None, [None, Jsonb({})])
+    results = _seal_in_sql(su_dsn, None, [None, Jsonb({})])
     assert [sealed for sealed, _ in results] == [None, None]
 
 
-def test_python_seal_matches_sql_format(conn_dsn: str, key: WorkerKey) -> None:
+def test_python_seal_matches_sql_format(su_dsn: str, key: WorkerKey) -> None:
     value = {"token": "hf_" + "p" * 400}
-    ((sql_sealed, _),) = _seal_in_sql(conn_dsn, key, [Jsonb(value)])
+    ((sql_sealed, _),) = _seal_in_sql(su_dsn, key, [Jsonb(value)])
     py_sealed = seal(value, key.n, key.e, key.fingerprint)
     assert sql_sealed is not None
     assert sql_sealed.rsplit(":", 1)[0] == py_sealed.rsplit(":", 1)[0]
     assert unseal(py_sealed, key) == unseal(sql_sealed, key) == value
 
 
-def test_no_key_registered(conn_dsn: str) -> None:
-    with psycopg.connect(conn_dsn) as conn:
+def test_no_key_registered(su_dsn: str) -> None:
+    with psycopg.connect(su_dsn) as conn:
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as info:
             with conn.transaction(force_rollback=True):
                 conn.execute("DELETE FROM pgml.worker_keys")
@@ -128,15 +128,15 @@ def test_no_key_registered(conn_dsn: str) -> None:
     assert "hf_never_shown" not in (diag.context or "")
 
 
-def test_non_object_is_rejected(conn_dsn: str, key: WorkerKey) -> None:
+def test_non_object_is_rejected(su_dsn: str, key: WorkerKey) -> None:
     with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
-        _seal_in_sql(conn_dsn, key, [Jsonb(["hf_in_an_array"])])
+        _seal_in_sql(su_dsn, key, [Jsonb(["hf_in_an_array"])])
     assert "hf_in_an_array" not in str(info.value)
 
 
-def test_sealing_is_fast(conn_dsn: str, key: WorkerKey) -> None:
+def test_sealing_is_fast(su_dsn: str, key: WorkerKey) -> None:
     values = [Jsonb({"token": "hf_" + "t" * 597})] * 7 + [Jsonb({"token": "hf_" + "s" * 34})] * 7
-    results = _seal_in_sql(conn_dsn, key, values)
+    results = _seal_in_sql(su_dsn, key, values)
     long_times = [t for _, t in results[:7]]
     short_times = [t for _, t in results[7:]]
     assert statistics.median(long_times) < 0.2, long_times
@@ -144,9 +144,9 @@ def test_sealing_is_fast(conn_dsn: str, key: WorkerKey) -> None:
     assert long_times[0] < 0.5, long_times  # the first call also compiles the PL/pgSQL functions
 
 
-def test_helpers_match_python(conn_dsn: str, key: WorkerKey) -> None:
+def test_helpers_match_python(su_dsn: str, key: WorkerKey) -> None:
     cases = [0, 1, 255, 256, 2**56 - 1, 2**56, 2**64 + 5, key.n - 1, pyrandom.randbits(2048)]
-    with psycopg.connect(conn_dsn) as conn:
+    with psycopg.connect(su_dsn) as conn:
         for v in cases:
             length = max(1, (v.bit_length() + 7) // 8)
             row = conn.execute(
@@ -171,8 +171,8 @@ def test_helpers_match_python(conn_dsn: str, key: WorkerKey) -> None:
         assert len(set(padding)) == 255
 
 
-def test_worker_keys_rejects_a_wrong_fingerprint(conn_dsn: str, key: WorkerKey) -> None:
-    with psycopg.connect(conn_dsn) as conn:
+def test_worker_keys_rejects_a_wrong_fingerprint(su_dsn: str, key: WorkerKey) -> None:
+    with psycopg.connect(su_dsn) as conn:
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute(
                 "INSERT INTO pgml.worker_keys (fingerprint, n, e) VALUES ('0123456789abcdef', %s::numeric, 65537)",

@@ -8,6 +8,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.conftest import OTHER_USER, USER, as_login, connect
+
 OK_ARGS = {"text_column": "text", "class_column": "class"}
 
 
@@ -69,9 +71,14 @@ def test_injection_in_relation_name_is_just_a_bad_name(conn: psycopg.Connection[
     assert conn.execute("SELECT to_regclass('public.reviews') IS NOT NULL AS ok").fetchone()["ok"]
 
 
-def test_quoted_identifiers_work(conn: psycopg.Connection[dict[str, Any]]) -> None:
-    conn.execute('CREATE SCHEMA "My Schema"')
-    conn.execute('CREATE TABLE "My Schema"."Odd ""Name""" ("Text Col" text, "Class" text)')
+def test_quoted_identifiers_work(
+    conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]]
+) -> None:
+    su.execute('CREATE SCHEMA "My Schema"')
+    su.execute('CREATE TABLE "My Schema"."Odd ""Name""" ("Text Col" text, "Class" text)')
+    su.execute("INSERT INTO \"My Schema\".\"Odd \"\"Name\"\"\" VALUES ('a', '0'), ('b', '1')")
+    su.execute(f'GRANT USAGE ON SCHEMA "My Schema" TO {USER}')
+    su.execute(f'GRANT SELECT ON "My Schema"."Odd ""Name""" TO {USER}')
     row = tune(
         conn,
         relation_name='"My Schema"."Odd ""Name"""',
@@ -83,26 +90,19 @@ def test_quoted_identifiers_work(conn: psycopg.Connection[dict[str, Any]]) -> No
     assert job == {"relation_schema": "My Schema", "relation_table": 'Odd "Name"'}
 
 
-def test_relation_the_caller_cannot_select(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
-    conn.execute("DROP ROLE IF EXISTS pgml_test_reader")
-    conn.execute("CREATE ROLE pgml_test_reader")
-    conn.execute("GRANT USAGE ON SCHEMA pgml TO pgml_test_reader")
-    conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA pgml TO pgml_test_reader")
-    conn.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA pgml TO pgml_test_reader")
-    try:
-        conn.execute("SET ROLE pgml_test_reader")
-        assert_rejected(conn, "may not SELECT from reviews", "GRANT SELECT ON reviews TO pgml_test_reader")
-    finally:
-        conn.execute("RESET ROLE")
-        conn.execute("DROP OWNED BY pgml_test_reader")
-        conn.execute("DROP ROLE pgml_test_reader")
+def test_relation_the_caller_cannot_select(conn: psycopg.Connection[dict[str, Any]], su_dsn: str, reviews: str) -> None:
+    """Another user may not train on this user's table (nor learn more than that it may not read it)."""
+    with connect(as_login(su_dsn, OTHER_USER)) as other:
+        assert_rejected(other, "may not SELECT from public.reviews", f"GRANT SELECT ON public.reviews TO {OTHER_USER}")
+        conn.execute(f"GRANT SELECT ON reviews TO {OTHER_USER}")
+        assert tune(other)["status"] == "queued"  # once granted, it may
 
 
 def test_missing_text_and_class_columns(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
     assert_rejected(
         conn,
         "column 'body_text' (dataset_args.text_column) does not exist",
-        "columns of reviews are: id, text",
+        "columns of public.reviews are: id, text",
         hyperparams={"dataset_args": {"text_column": "body_text", "class_column": "class"}},
     )
     assert_rejected(
@@ -204,20 +204,23 @@ def test_secrets_are_sealed_never_stored_in_clear(conn: psycopg.Connection[dict[
     assert job["secrets"].startswith("rsa1:")
 
 
-def test_notify_carries_the_job_id(conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+def test_notify_carries_the_job_id(
+    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], reviews: str
+) -> None:
     with psycopg.connect(conn_dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgml_jobs")
         row = tune(conn)
         notes = list(listener.notifies(timeout=2, stop_after=1))
         assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]
         # a job put back in the queue (requeue, reaped lease) wakes the workers too
-        conn.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1 WHERE id = %s", (row["job_id"],))
-        conn.execute("UPDATE pgml.jobs SET status = 'queued' WHERE id = %s", (row["job_id"],))
+        su.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1 WHERE id = %s", (row["job_id"],))
+        su.execute("UPDATE pgml.jobs SET status = 'queued' WHERE id = %s", (row["job_id"],))
         notes = list(listener.notifies(timeout=2, stop_after=1))
         assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]
 
 
-def test_limits_refuse_oversized_requests(conn: psycopg.Connection[dict[str, Any]]) -> None:
+def test_limits_refuse_oversized_requests(ops: psycopg.Connection[dict[str, Any]]) -> None:
+    conn = ops  # noop is an administrator's task
     with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"hyperparams is \d+ bytes") as e:
         conn.execute(
             "SELECT pgml.tune('big', task => 'noop', model_name => 'none', hyperparams => %s::jsonb)",
@@ -227,3 +230,41 @@ def test_limits_refuse_oversized_requests(conn: psycopg.Connection[dict[str, Any
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="max_attempts 1000 is more than 20"):
         conn.execute("SELECT pgml.tune('big', task => 'noop', model_name => 'none', max_attempts => 1000)")
     assert conn.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone() == {"n": 0}
+
+
+def test_inserts_are_calls(
+    conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], reviews: str
+) -> None:
+    """INSERT INTO pgml.tune_requests queues exactly as pgml.tune() does: same checks, snapshot, submitter."""
+    hp = json.dumps({"dataset_args": {"text_column": "text", "class_column": "class"}})
+    row = conn.execute(
+        "INSERT INTO pgml.tune_requests (project_name, task, relation_name, model_name, hyperparams) "
+        "VALUES ('by_insert', 'text-classification', 'reviews', 'm', %s::jsonb) RETURNING job_id, status",
+        (hp,),
+    ).fetchone()
+    assert row is not None and row["status"] == "queued"
+    job = su.execute("SELECT * FROM pgml.jobs WHERE id = %s", (row["job_id"],)).fetchone()
+    assert job["submitted_by"] == USER and job["snapshot_rows"] > 0 and job["snapshot_columns"] == ["text", "class"]
+    # many projects in one statement, as an ETL tool would
+    many = conn.execute(
+        "INSERT INTO pgml.tune_requests (project_name, task, relation_name, model_name, hyperparams) "
+        "SELECT 'p' || i, 'text-classification', 'public.reviews', 'm', %s::jsonb FROM generate_series(1, 3) i "
+        "RETURNING job_id",
+        (hp,),
+    ).fetchall()
+    assert len({r["job_id"] for r in many}) == 3
+    with pytest.raises(psycopg.errors.UndefinedColumn, match=r"dataset_args\.text_column"):
+        conn.execute(
+            "INSERT INTO pgml.tune_requests (project_name, task, relation_name, model_name, hyperparams) "
+            "VALUES ('bad', 'text-classification', 'reviews', 'm', '{\"dataset_args\": {\"text_column\": \"x\"}}')"
+        )
+    assert conn.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone() == {"n": 4}
+
+
+def test_every_function_pins_its_search_path(su: psycopg.Connection[dict[str, Any]]) -> None:
+    rows = su.execute(
+        "SELECT p.proname, p.prokind, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'pgml'"
+    ).fetchall()
+    unpinned = {r["proname"] for r in rows if "search_path=pg_catalog, pg_temp" not in (r["proconfig"] or [])}
+    assert unpinned == {"wait", "_tune_request"}  # both schema-qualify every name instead (see 0008_security)

@@ -32,7 +32,8 @@ def child_processes(daemon_pid: int) -> list[psutil.Process]:
     ]
 
 
-def test_a_child_inherits_no_credential(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
+def test_a_child_inherits_no_credential(ops: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
+    conn = ops  # noop is an administrator's task
     d = daemon(env=SECRETS_IN_THE_WORKER_ENV)
     row = conn.execute(
         "SELECT job_id FROM pgml.tune('sandbox', task => 'noop', model_name => 'none', "

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from pgml_tuned.states import Claim, ExitCode, Status
+from pgml_tuned.states import Claim, ExitCode, Renewal, Status
 from pgml_tuned.worker.backend import Notice
 
 
@@ -46,6 +46,7 @@ class MemoryBackend:
         self.most_running = 0
         self.renewals = 0
         self.lose_lease_of: set[int] = set()  # renewals of these jobs find them owned by someone else
+        self.overtime: set[int] = set()  # renewals of these jobs find them past their max_runtime
 
     # ---- what tests do ----
     def submit(self, **hyperparams: Any) -> int:
@@ -95,11 +96,15 @@ class MemoryBackend:
     async def release_orphans(self, running: list[int]) -> list[int]:
         return []
 
-    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, bool]:
+    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
         self.renewals += 1
         for job_id in self.lose_lease_of & set(attempts):
             self.jobs[job_id].attempt += 1  # another worker took it over
-        return {i: self.jobs[i].cancel_requested for i, a in attempts.items() if self._owned(i, a)}
+        return {
+            i: Renewal(self.jobs[i].cancel_requested, i in self.overtime)
+            for i, a in attempts.items()
+            if self._owned(i, a)
+        }
 
     async def status(self, job_id: int, attempt: int) -> Status | None:
         job = self.jobs[job_id]

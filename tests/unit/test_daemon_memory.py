@@ -172,3 +172,17 @@ async def test_failures_and_odd_exits_are_recorded(tmp_path: Path) -> None:
     assert backend.jobs[silent].error == "the training process exited without storing results"
     assert backend.jobs[crashed].error == "the training process exited with code -9"
     assert {backend.jobs[i].status for i in (failing, silent, crashed)} == {"failed"}
+
+
+async def test_a_job_past_its_runtime_is_stopped_and_failed(tmp_path: Path) -> None:
+    daemon, backend, started = make(tmp_path, drain=True)
+    job = backend.submit(seconds=60)
+
+    async def body() -> None:
+        await until(lambda: len(started) == 1)
+        backend.overtime.add(job)
+        await until(lambda: daemon.stopping and not daemon.attempts)
+
+    await serving(daemon, body)
+    assert backend.jobs[job].status == "failed" and "max_runtime" in (backend.jobs[job].error or "")
+    assert started[0].signals == ["SIGKILL"]

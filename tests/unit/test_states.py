@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgml_tuned.states import Action, Claim, ExitCode, Status, StopReason, settle
+from pgml_tuned.states import OVERTIME_ERROR, Action, Claim, ExitCode, Status, StopReason, settle
 from pgml_tuned.worker.backend import Notice, parse_notice
 
 OK, ERR, REQ, LOST = ExitCode.OK, ExitCode.ERROR, ExitCode.REQUEUE, ExitCode.LEASE_LOST
@@ -44,6 +44,8 @@ TABLE = [
     ((-9, None, RUN, False, False), Action.FAIL),  # the OOM killer
     ((ERR, None, RUN, False, False), Action.FAIL),  # died without reporting an error (e.g. an import crash)
     ((3, None, RUN, False, False), Action.FAIL),
+    # past its max_runtime (pgml.role_limits)
+    ((-9, StopReason.OVERTIME, RUN, False, False), Action.FAIL),
 ]
 
 
@@ -53,7 +55,13 @@ def test_settle(known: tuple[int, StopReason | None, Status | None, bool, bool],
     transition = settle(rc, reason, status, error_reported=error, lease_lost_reported=lost, description="why")
     assert transition.action == action
     if action == Action.FAIL:
-        expected = "the training process exited without storing results" if rc == OK else "why"
+        expected = (
+            "the training process exited without storing results"
+            if rc == OK
+            else OVERTIME_ERROR
+            if reason == StopReason.OVERTIME
+            else "why"
+        )
         assert transition.error == expected
     else:
         assert transition.error is None

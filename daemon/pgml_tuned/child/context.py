@@ -51,13 +51,14 @@ class JobContext:
         return None
 
     def read_relation(self, columns: list[str]) -> list[tuple[str | None, ...]]:
-        """The named columns of the job's relation, read once (a resumed job gets the first attempt's rows)."""
-        return self.store.read_relation(
-            self.spec["relation_schema"], self.spec["relation_table"], columns, self.resume_checkpoint()
-        )
+        """The named columns of the rows pgml.tune() copied from the job's relation when it was submitted
+        (with the submitter's rights): every attempt of the job reads the same rows."""
+        return self.store.read_rows(self.spec.get("snapshot_columns") or [], columns)
 
     def resolve_model(self, model_name: str, token: str | None = None) -> models.Resolved:
-        return models.resolve(model_name, self.store, self.workdir, self.info, token=token)
+        return models.resolve(
+            model_name, self.store, self.workdir, self.info, token=token, owner=self.spec.get("submitted_by") or ""
+        )
 
     def resume_checkpoint(self) -> Path | None:
         """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none."""

@@ -7,9 +7,7 @@ Writes go through jobs.py (fenced on the attempt: LeaseLost when another attempt
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +23,8 @@ from .events import Events
 
 T = TypeVar("T")
 
-SNAPSHOT_FILE = "pgml_rows.json"  # the job's data, stored with each checkpoint
-
 # How long the child keeps retrying the database (server restarts, lost connections) before giving up.
 DB_RETRY_SECONDS = float(os.environ.get("PGML_DB_RETRY_SECONDS", "300"))
-# The longest a read of the job's relation may take (statement_timeout): a view that never ends fails the job.
-READ_TIMEOUT_SECONDS = float(os.environ.get("PGML_READ_TIMEOUT_SECONDS", "1800"))
 
 
 def number(v: Any) -> Any:
@@ -57,7 +51,6 @@ class JobStore:
         self._seq = 0
         self._rate_origin: tuple[float, float] | None = None  # (step, time) of this attempt's first log
         self._progress: dict[str, Any] = {}
-        self._rows_file = workdir / "rows.json"
 
     # ---- the connection ----
     def conn(self) -> psycopg.Connection[Any]:
@@ -87,57 +80,32 @@ class JobStore:
         return self.with_retry(what, lambda c: c.execute(q(name), params).fetchone())
 
     # ---- the training rows ----
-    def read_relation(
-        self, schema: str, table: str, columns: list[str], resume: Path | None
-    ) -> list[tuple[str | None, ...]]:
-        """The named columns of schema.table, read once with COPY (one consistent snapshot).
-
-        A job resumed from a checkpoint gets the rows the first attempt read (stored in the checkpoint), so
-        a view that reshuffles on every read (ORDER BY random()) cannot change the data under it.
-        """
-        if resume is not None and (resume / SNAPSHOT_FILE).exists():
-            rows = [tuple(r) for r in json.loads((resume / SNAPSHOT_FILE).read_text())]
-            self._rows_file.write_text(json.dumps(rows))
-            self.events.info(f"resuming with the {len(rows)} rows read by the first attempt", rows=len(rows))
-            return rows
-        copy = sql.SQL("COPY (SELECT {cols} FROM {schema}.{table}) TO STDOUT").format(
-            cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns),
-            schema=sql.Identifier(schema),
-            table=sql.Identifier(table),
-        )
+    def read_rows(self, snapshot_columns: list[str], columns: list[str]) -> list[tuple[str | None, ...]]:
+        """The named columns of the rows pgml.tune() copied at submit time (with the submitter's rights, in
+        the submitter's transaction: one consistent snapshot for every attempt of the job)."""
+        missing = [c for c in columns if c not in snapshot_columns]
+        if missing:
+            raise JobError(
+                f"column(s) {missing} were not copied when the job was submitted (it copied "
+                f"{snapshot_columns}); resubmit the job"
+            )
+        at = [snapshot_columns.index(c) for c in columns]
 
         def read(conn: psycopg.Connection[Any]) -> list[tuple[str | None, ...]]:
-            try:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.execute(
-                        "SELECT pg_catalog.set_config('statement_timeout', %s, true)",
-                        (f"{int(READ_TIMEOUT_SECONDS * 1000)}ms",),
-                    )
-                    with cur.copy(copy) as cp:
-                        return [tuple(row) for row in cp.rows()]
-            except psycopg.errors.QueryCanceled as e:
-                raise JobError(
-                    f"reading {schema}.{table} took longer than {READ_TIMEOUT_SECONDS:g} s (the worker's "
-                    "PGML_READ_TIMEOUT_SECONDS): make the view cheaper, or materialize it"
-                ) from e
-            except psycopg.errors.UndefinedTable as e:
-                raise JobError(f"relation {schema}.{table} no longer exists: {e.diag.message_primary}") from e
-            except psycopg.errors.UndefinedColumn as e:
-                raise JobError(f"{schema}.{table} changed since the job was queued: {e.diag.message_primary}") from e
-            except psycopg.errors.InsufficientPrivilege as e:
-                raise JobError(
-                    f"the worker's database role may not read {schema}.{table}: "
-                    f"{e.diag.message_primary}; GRANT SELECT ON {schema}.{table} to it"
-                ) from e
+            select = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(q("job_rows")))
+            with conn.cursor() as cur, cur.copy(select, {"id": self.job_id}) as cp:
+                cp.set_types(["text[]"])
+                return [tuple(row[0][i] for i in at) for row in cp.rows()]
 
         rows = self.with_retry("reading the training data", read)
-        self._rows_file.write_text(json.dumps(rows))
-        self.events.info(f"read {len(rows)} rows from {schema}.{table}", rows=len(rows))
+        self.events.info(f"read {len(rows)} rows", rows=len(rows))
         return rows
 
     # ---- stored models ----
-    def find_model(self, model_id: int | None, project: str) -> Row | None:
-        return self.fetch_row("resolving the model", "resolve_model_ref", {"model_id": model_id, "project": project})
+    def find_model(self, model_id: int | None, project: str, owner: str) -> Row | None:
+        return self.fetch_row(
+            "resolving the model", "resolve_model_ref", {"model_id": model_id, "project": project, "owner": owner}
+        )
 
     def download_model(self, model_id: int, dest: Path) -> Path:
         return self.with_retry("downloading a stored model", lambda c: files.download_model(c, model_id, dest))
@@ -161,9 +129,7 @@ class JobStore:
         return dest
 
     def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
-        """Store checkpoint directory `src` (and the data snapshot) in one fenced transaction; keep `keep`."""
-        if self._rows_file.exists() and not (src / SNAPSHOT_FILE).exists():
-            shutil.copyfile(self._rows_file, src / SNAPSHOT_FILE)
+        """Store checkpoint directory `src` in one fenced transaction; keep the newest `keep`."""
         self.flush_logs()
         t0 = time.monotonic()
         n_files, n_bytes = self.with_retry(

@@ -14,14 +14,18 @@ SET status = 'running',
     updated_at = clock_timestamp(),
     error = NULL
 WHERE j.id = (
-    SELECT id FROM pgml.jobs
-    WHERE status = 'queued' AND NOT cancel_requested
-    ORDER BY priority DESC, id
+    SELECT q.id FROM pgml.jobs q
+    WHERE q.status = 'queued' AND NOT q.cancel_requested
+      -- a submitter at its max_running waits (a soft cap: two workers claiming at once may pass it by one)
+      AND (q.max_running IS NULL
+           OR (SELECT count(*) FROM pgml.jobs r WHERE r.status = 'running' AND r.submitted_by = q.submitted_by)
+              < q.max_running)
+    ORDER BY q.priority DESC, q.id
     FOR UPDATE SKIP LOCKED
     LIMIT 1
 )
 RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
-          j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets,
+          j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.submitted_by, j.snapshot_columns,
           (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name;
 
 -- name: renew_leases
@@ -32,7 +36,8 @@ SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds
     heartbeat_at = clock_timestamp()
 FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS a (id, attempt)
 WHERE j.id = a.id AND j.attempt = a.attempt AND j.status = 'running'
-RETURNING j.id, j.cancel_requested;
+RETURNING j.id, j.cancel_requested,
+          coalesce(clock_timestamp() - j.started_at > j.max_runtime, false) AS overtime;
 
 -- name: reap_expired
 -- A lease that ran out while the server itself was down is no sign of a dead worker: after a restart, every
@@ -132,10 +137,10 @@ WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 FOR NO KEY UPDATE;
 
 -- name: delete_model_files
-DELETE FROM pgml.files WHERE model_id = %(model_id)s;
+DELETE FROM pgml.file_parts WHERE model_id = %(model_id)s;
 
 -- name: copy_files
-COPY pgml.files (model_id, path, part, data) FROM STDIN (FORMAT BINARY);
+COPY pgml.file_parts (model_id, path, part, data) FROM STDIN (FORMAT BINARY);
 
 -- name: succeed_job
 WITH job AS (
@@ -150,16 +155,23 @@ SET metrics = %(metrics)s::jsonb, base_model = %(base_model)s, updated_at = cloc
 FROM job WHERE m.id = job.model_id
 RETURNING m.id;
 
+-- name: job_rows
+-- The rows pgml.tune() copied at submit time, in their order (jobs.snapshot_columns names their columns).
+SELECT v FROM pgml.job_rows WHERE job_id = %(id)s ORDER BY n;
+
 -- name: model_files
 SELECT path, part, data FROM pgml.files WHERE model_id = %(model_id)s ORDER BY path, part;
 
 -- name: resolve_model_ref
--- pgml:<project> → the project's latest successful model; pgml:model:<id> → that model.
+-- pgml:<project> → the submitter's project's latest successful model; pgml:model:<id> → that model. Only models
+-- the job's submitter may read (its own, or any for an administrator): another user's is "no such model".
 SELECT m.id, m.status, m.base_model, m.task, p.name AS project_name
 FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
-WHERE (%(model_id)s::bigint IS NOT NULL AND m.id = %(model_id)s::bigint)
-   OR (%(model_id)s::bigint IS NULL AND p.name = %(project)s AND m.status = 'successful')
-ORDER BY m.id DESC
+WHERE ((%(model_id)s::bigint IS NOT NULL AND m.id = %(model_id)s::bigint)
+       OR (%(model_id)s::bigint IS NULL AND p.name = %(project)s AND m.status = 'successful'))
+  AND (m.owner = %(owner)s
+       OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = %(owner)s AND pg_has_role(r.oid, 'pgml_admin', 'MEMBER')))
+ORDER BY (p.owner = %(owner)s) DESC, m.id DESC
 LIMIT 1;
 
 -- name: delete_checkpoint_step
@@ -179,6 +191,13 @@ SET files = s.files, bytes = s.bytes
 FROM (SELECT count(DISTINCT path) AS files, coalesce(sum(length(data)), 0) AS bytes
       FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s) s
 WHERE c.id = %(checkpoint_id)s;
+
+-- name: checkpoint_budget
+-- Inside the checkpoint's transaction: what the job's checkpoints hold now, against its limit.
+SELECT coalesce(sum(c.bytes), 0)::bigint AS bytes, j.max_checkpoint_bytes AS max_bytes
+FROM pgml.jobs j LEFT JOIN pgml.checkpoints c ON c.job_id = j.id
+WHERE j.id = %(id)s
+GROUP BY j.max_checkpoint_bytes;
 
 -- name: prune_checkpoints
 DELETE FROM pgml.checkpoints

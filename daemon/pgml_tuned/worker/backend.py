@@ -21,7 +21,7 @@ import anyio
 from .. import jobs, logconfig, secrets
 from ..config import Settings
 from ..db import RETRYABLE, Pool, backoff_delays, connect
-from ..states import Claim, Status
+from ..states import Claim, Renewal, Status
 
 log = logconfig.get("pgml_tuned.worker.backend")
 
@@ -64,8 +64,8 @@ class Backend(Protocol):
 
     async def release_orphans(self, running: list[int]) -> list[int]: ...
 
-    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, bool]:
-        """{job id: cancel requested} of the attempts still owned (see jobs.renew_leases)."""
+    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
+        """What the renewal found of the attempts still owned (see jobs.renew_leases)."""
 
     async def status(self, job_id: int, attempt: int) -> Status | None: ...
 
@@ -134,7 +134,7 @@ class PgBackend:
     async def release_orphans(self, running: list[int]) -> list[int]:
         return await jobs.release_orphans(self.pool, self.worker, running)
 
-    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, bool]:
+    async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
         return await jobs.renew_leases(self.pool, attempts, lease_seconds)
 
     async def status(self, job_id: int, attempt: int) -> Status | None:

@@ -144,9 +144,12 @@ class Daemon:
         owned = await self.backend.renew({i: a.claim.attempt for i, a in attempts.items()}, self.settings.lease_seconds)
         for job_id, attempt in attempts.items():
             if job_id in owned:
-                if owned[job_id]:
+                if owned[job_id].cancel_requested:
                     log.info("job.cancel", job_id=job_id)
                     attempt.stop(StopReason.CANCELLED, kill=True)
+                elif owned[job_id].overtime:
+                    log.warning("job.overtime", job_id=job_id, note="past its max_runtime: stopping it")
+                    attempt.stop(StopReason.OVERTIME, kill=True)
                 continue
             status = await self.backend.status(job_id, attempt.claim.attempt)
             if status == Status.SUCCEEDED:
