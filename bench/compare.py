@@ -27,7 +27,7 @@ first wait (at most S seconds) for the machine to be idle.
 - heartbeat_load.py (database statements and WAL per running job, per second): `--jobs --window`; it counts WAL
   server-wide, so by default (no --hb-dsn) every run starts its own PRIVATE embedded PostgreSQL.
 
-It needs only the standard library itself; --python (default: this checkout's .venv
+It needs only the standard library itself; --python (default: the .venv
 of this checkout, else this interpreter) runs the benchmarks and must have the trees' dependencies.
 Duration with the defaults: ~3 minutes per tree per round on the 2-vCPU VM (pickup.py ~1.5 min with 100
 jobs, heartbeat_load.py ~1.3 min with 30 s windows), so ~6 minutes a round and ~17 minutes for 3 rounds.
