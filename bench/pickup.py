@@ -360,7 +360,7 @@ def main() -> int:
     ap.add_argument(
         "--profile-variants",
         default="baseline",
-        help="comma-separated: baseline, fast-lock, inline-claim, fast-lock+inline-claim "
+        help="comma-separated: baseline, inline-claim "
         "(prototypes of daemon changes, see bench/traced_daemon.py; default baseline)",
     )
     ap.add_argument(
