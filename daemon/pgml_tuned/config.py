@@ -75,6 +75,11 @@ class Settings:
         None, help="the worker's private key (default: <home>/worker.key)", flag=False
     )
     work_dir: Path | None = setting(None, help="scratch space for children (default: <home>/work)", flag=False)
+    datasets_dir: Path | None = setting(
+        None,
+        help="the directory (and below) whose csv / json / jsonl / parquet files pgml.load_dataset may read on "
+        "this worker (default: none; hub datasets only)",
+    )
 
     @property
     def key_file(self) -> Path:

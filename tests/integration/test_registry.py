@@ -32,3 +32,10 @@ def test_every_task_has_a_runnable_recipe() -> None:
 def test_sql_and_python_know_the_same_secret_keys(su: psycopg.Connection[dict[str, Any]]) -> None:
     row = su.execute("SELECT pgml._secret_keys() AS keys").fetchone()
     assert row is not None and tuple(row["keys"]) == SECRET_KEYS
+
+
+def test_sql_and_python_allow_the_same_load_dataset_kwargs(conn: psycopg.Connection[dict[str, Any]]) -> None:
+    from pgml_tuned.recipes.load_dataset import KWARGS
+
+    row = conn.execute("SELECT pgml._dataset_kwargs() AS keys").fetchone()
+    assert row is not None and tuple(row["keys"]) == KWARGS

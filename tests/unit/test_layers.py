@@ -37,6 +37,7 @@ RANKS = {
     "recipes.hf": 7,
     "recipes.rows": 7,
     "recipes.noop": 8,
+    "recipes.load_dataset": 8,
     "recipes.text_classification": 8,
     "recipes.conversation.options": 8,
     "recipes.conversation.data": 9,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,20 @@ class JobContext:
     def save_results(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None = None) -> None:
         """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
         self.store.succeed(model_dir, metrics, base_model)
+
+    def staging_table(self, columns: list[tuple[str, str]]) -> str:
+        """load_dataset: this attempt's empty staging table of `columns` ((name, PostgreSQL type)), in pgml."""
+        return self.store.begin_dataset([n for n, _ in columns], [t for _, t in columns])
+
+    def copy_rows(self, table: str, names: list[str], chunks: Callable[[], Iterable[tuple[bytes, int]]]) -> int:
+        """COPY the CSV chunks() — (bytes, rows) — into pgml.<table>, one statement; chunks() is called again
+        from the start if the database connection is lost. Returns the rows copied."""
+        return self.store.copy_csv(table, names, chunks)
+
+    def save_dataset(self, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Commit a load_dataset job: the staging table becomes pgml."<source>" with the job's success, atomically.
+        Returns the job's metrics (table_name, rows, columns and `metrics`)."""
+        return self.store.finish_dataset(rows, metrics)
 
     def check_stop(self) -> None:
         if self.stop_requested:

@@ -6,10 +6,11 @@ Writes go through jobs.py (fenced on the attempt: LeaseLost when another attempt
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -181,6 +182,42 @@ class JobStore:
                 return
         del self._pending[: len(batch)]
 
+    # ---- a loaded dataset (task load_dataset) ----
+    def begin_dataset(self, names: list[str], types: list[str]) -> str:
+        """The staging table (in schema pgml) this attempt loads its rows into."""
+        with refusals_as_job_errors():
+            return self.with_retry(
+                "creating the staging table", lambda c: jobs.begin_dataset(c, self.job_id, self.attempt, names, types)
+            )
+
+    def copy_csv(self, table: str, names: list[str], chunks: Callable[[], Iterable[tuple[bytes, int]]]) -> int:
+        """COPY chunks() — (CSV bytes, rows) — into pgml.<table> as one statement over a connection of its own
+        (log rows keep flowing on this one meanwhile); a retry after a lost connection starts over, from a table
+        the failed statement left empty. Returns the rows copied."""
+        stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+            sql.Identifier("pgml", table), sql.SQL(", ").join(map(sql.Identifier, names))
+        )
+
+        def copy(_: psycopg.Connection[Any]) -> int:
+            rows = 0
+            with sync_connect(self.dsn, app=f"pgml-tuned job {self.job_id} copy") as data:
+                data.autocommit = True
+                with data.cursor() as cur, cur.copy(stmt) as cp:
+                    for chunk, n in chunks():
+                        cp.write(chunk)
+                        rows += n
+            return rows
+
+        return self.with_retry("loading the rows", copy)
+
+    def finish_dataset(self, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Swap the staging table in as pgml."<source>" and succeed, in one fenced transaction."""
+        self.flush_logs()
+        with refusals_as_job_errors():
+            return self.with_retry(
+                "storing the dataset", lambda c: jobs.finish_dataset(c, self.job_id, self.attempt, rows, metrics)
+            )
+
     # ---- the final commit ----
     def succeed(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None) -> None:
         """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
@@ -195,6 +232,18 @@ class JobStore:
             files=n_files,
             bytes=n_bytes,
         )
+
+
+@contextlib.contextmanager
+def refusals_as_job_errors() -> Iterator[None]:
+    """An error the API raised on purpose (it has a hint: pgml._fail) fails the job with its message and hint,
+    as the user would read it from the SQL call, without the PL/pgSQL context."""
+    try:
+        yield
+    except psycopg.Error as e:
+        if e.diag.message_hint:
+            raise JobError(f"{e.diag.message_primary} (HINT: {e.diag.message_hint})") from e
+        raise
 
 
 def progress_of(entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:

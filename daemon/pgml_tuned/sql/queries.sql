@@ -209,3 +209,12 @@ SELECT id, step, attempt, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDE
 
 -- name: checkpoint_files
 SELECT path, part, data FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s ORDER BY path, part;
+
+-- name: dataset_begin
+-- A load_dataset child's staging table for its attempt (created, owned and checked by the definer); after
+-- lock_owned_job in the same transaction.
+SELECT pgml._dataset_begin(%(id)s, %(attempt)s, %(names)s::text[], %(types)s::text[]) AS staging;
+
+-- name: dataset_commit
+-- Inside the child's final fenced transaction: the staging table becomes pgml."<source>" (then succeed_job).
+SELECT pgml._dataset_commit(%(id)s, %(attempt)s, %(rows)s) AS result;

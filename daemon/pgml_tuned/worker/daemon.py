@@ -194,7 +194,8 @@ class Daemon:
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         gpus = self.settings.gpu_list
-        env = child_env(str(self.settings.scratch), gpus[attempt.slot] if gpus else None)
+        datasets_dir = str(self.settings.datasets_dir) if self.settings.datasets_dir else None
+        env = child_env(str(self.settings.scratch), gpus[attempt.slot] if gpus else None, datasets_dir=datasets_dir)
         try:
             await attempt.run(self.backend, self.launch, env, self.dsn)
         finally:

@@ -164,8 +164,11 @@ INHERITED = frozenset(
 INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "PYTORCH_", "OMP_", "MKL_")
 
 
-def child_env(work_dir: str, gpu: str | None, parent: dict[str, str] | None = None) -> dict[str, str]:
-    """The whole environment of a child: an allow-list of the worker's, and its own settings."""
+def child_env(
+    work_dir: str, gpu: str | None, parent: dict[str, str] | None = None, datasets_dir: str | None = None
+) -> dict[str, str]:
+    """The whole environment of a child: an allow-list of the worker's, and its own settings (the only directory
+    of local files pgml.load_dataset may read: PGML_DATASETS_DIR, never inherited)."""
     parent = dict(os.environ) if parent is None else parent
     env = {k: v for k, v in parent.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
     env.update(
@@ -176,4 +179,6 @@ def child_env(work_dir: str, gpu: str | None, parent: dict[str, str] | None = No
     )
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if datasets_dir:
+        env["PGML_DATASETS_DIR"] = datasets_dir
     return env
