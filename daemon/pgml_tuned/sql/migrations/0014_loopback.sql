@@ -29,6 +29,13 @@ BEGIN
     END IF;
 END $$;
 
+DO $$
+BEGIN
+    CREATE ROLE pgml_loopback NOLOGIN;  -- the group of every database's loopback login
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;
+END $$;
+
 CREATE TABLE IF NOT EXISTS pgml.loopback_login (
     id        boolean PRIMARY KEY DEFAULT true CHECK (id),  -- one row
     login     name NOT NULL,
@@ -69,8 +76,9 @@ BEGIN
         CASE WHEN pg_catalog.btrim(v_socket) <> '' THEN pg_catalog.btrim(v_socket) ELSE 'localhost' END,
         pg_catalog.current_setting('port')));
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_login) THEN
-        EXECUTE format('CREATE ROLE %I LOGIN NOINHERIT', v_login);
+        EXECUTE format('CREATE ROLE %I LOGIN', v_login);
     END IF;
+    EXECUTE format('GRANT pgml_loopback TO %I', v_login);  -- what the loopback may call is granted to the group
     EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L CONNECTION LIMIT -1', v_login, v_password);
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', pg_catalog.current_database(), v_login);
     EXECUTE format('GRANT USAGE ON SCHEMA pgml TO %I', v_login);
