@@ -69,11 +69,16 @@ DECLARE
                                           '-', '');
     v_secret   text := pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
                            pg_catalog.gen_random_uuid()::text || pg_catalog.gen_random_uuid()::text, 'UTF8')), 'hex');
-    v_socket   text := pg_catalog.split_part(pg_catalog.current_setting('unix_socket_directories'), ',', 1);
+    v_socket   text;
     v_conninfo text;
 BEGIN
+    BEGIN  -- reading it needs pg_read_all_settings (managed servers: loop back over TCP to localhost)
+        v_socket := pg_catalog.split_part(pg_catalog.current_setting('unix_socket_directories'), ',', 1);
+    EXCEPTION WHEN insufficient_privilege THEN
+        v_socket := NULL;
+    END;
     v_conninfo := coalesce(p_conninfo, format('host=%s port=%s',
-        CASE WHEN pg_catalog.btrim(v_socket) <> '' THEN pg_catalog.btrim(v_socket) ELSE 'localhost' END,
+        CASE WHEN pg_catalog.btrim(coalesce(v_socket, '')) <> '' THEN pg_catalog.btrim(v_socket) ELSE 'localhost' END,
         pg_catalog.current_setting('port')));
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_login) THEN
         EXECUTE format('CREATE ROLE %I LOGIN', v_login);
@@ -87,7 +92,8 @@ BEGIN
                                    conninfo = EXCLUDED.conninfo, created_at = pg_catalog.clock_timestamp();
     IF v_schema IS NOT NULL THEN
         EXECUTE format('GRANT USAGE ON SCHEMA %I TO pgml_owner', v_schema);
-        EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA %I TO pgml_owner', v_schema);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %1$I.dblink(text, text), %1$I.dblink_connect(text, text), '
+                       '%1$I.dblink_disconnect(text), %1$I.dblink_get_connections() TO pgml_owner', v_schema);
         IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
             -- trust servers: the loopback need not send a password, which dblink_connect refuses to non-superusers
             EXECUTE format('GRANT EXECUTE ON FUNCTION %I.dblink_connect_u(text, text) TO pgml_owner', v_schema);
