@@ -89,9 +89,14 @@ def template_db(admin_dsn: str, session_env: Path) -> str:
             conn.execute(f'GRANT "{role}" TO "{login}"')
         # users keep their own tables in public (as they would in a schema of their own)
         conn.execute(f'GRANT CREATE ON SCHEMA public TO "{USER}", "{OTHER_USER}", "{ADMIN}"')
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        loopback = conn.execute("SELECT login FROM pgml.loopback_login").fetchone()
     yield name
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if loopback:  # the loopback login of the template (and of its copies); roles outlive databases
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(f'DROP ROLE IF EXISTS "{loopback[0]}"')
 
 
 @contextlib.contextmanager

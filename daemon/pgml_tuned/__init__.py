@@ -1,3 +1,19 @@
-"""pgml-tuned: fine-tune Hugging Face models from SQL, beside any PostgreSQL."""
+"""pgml-tuned: fine-tune Hugging Face models from SQL, beside any PostgreSQL.
+
+`pgml_tuned.OpenSourceAI` is PostgresML's client class (pgml_tuned.client), loaded on first use so that
+importing the package stays cheap (the package itself is the bottom layer: it imports nothing of its own).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["OpenSourceAI", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OpenSourceAI":
+        return importlib.import_module("pgml_tuned.client").OpenSourceAI
+    raise AttributeError(f"module 'pgml_tuned' has no attribute {name!r}")

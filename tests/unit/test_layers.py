@@ -22,6 +22,7 @@ RANKS = {
     "config": 0,
     "secrets": 0,
     "embedded": 0,
+    "client": 0,  # PostgresML's OpenSourceAI: psycopg only (pgml_tuned.OpenSourceAI loads it lazily)
     "db": 1,
     "files": 2,
     "jobs": 3,

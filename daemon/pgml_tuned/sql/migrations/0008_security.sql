@@ -25,8 +25,14 @@ END $$;
 GRANT pgml_user TO pgml_admin;
 DO $$
 BEGIN
-    -- the migrating role hands every object to pgml_owner, which needs it to be a member (a superuser is)
-    IF NOT pg_has_role(current_user, 'pgml_owner', 'MEMBER') THEN
+    -- the migrating role hands every object to pgml_owner, which needs it to be a member (a superuser is).
+    -- PostgreSQL 16+: a CREATEROLE role that created pgml_owner holds it with ADMIN only (no SET), which is not
+    -- enough to give it objects: ask for SET (and INHERIT) explicitly.
+    IF pg_catalog.current_setting('server_version_num')::int >= 160000 THEN
+        IF NOT pg_has_role(current_user, 'pgml_owner', 'SET') THEN
+            EXECUTE format('GRANT pgml_owner TO %I WITH SET TRUE, INHERIT TRUE', current_user);
+        END IF;
+    ELSIF NOT pg_has_role(current_user, 'pgml_owner', 'MEMBER') THEN
         EXECUTE format('GRANT pgml_owner TO %I', current_user);
     END IF;
 END $$;
