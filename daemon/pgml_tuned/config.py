@@ -75,6 +75,16 @@ class Settings:
         None, help="the worker's private key (default: <home>/worker.key)", flag=False
     )
     work_dir: Path | None = setting(None, help="scratch space for children (default: <home>/work)", flag=False)
+    child_dsn: str | None = setting(
+        None,
+        help="the training children's login (a member of pgml_child only); default: the embedded server's child "
+        "login, else the worker's own DSN (children then still use only their ticketed functions)",
+    )
+    child_user: str | None = setting(
+        None,
+        help="run children as this system user (the daemon must run as root): they cannot read the worker key "
+        "or anything else of the daemon's",
+    )
 
     @property
     def key_file(self) -> Path:
