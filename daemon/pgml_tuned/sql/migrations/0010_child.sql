@@ -153,8 +153,9 @@ CREATE OR REPLACE FUNCTION pgml._child_log(job_id bigint, ticket text, progress 
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
-    v pgml.jobs := pgml._child_job(_child_log.job_id, ticket, true);
+    v pgml.jobs := pgml._child_job(_child_log.job_id, _child_log.ticket, true);
     v_inserted bigint;
 BEGIN
     IF jsonb_typeof(logs) IS DISTINCT FROM 'array' OR jsonb_typeof(progress) IS DISTINCT FROM 'object' THEN
