@@ -49,7 +49,12 @@ from psycopg.rows import dict_row
 from pgml_tuned import files
 from pgml_tuned.child.context import JobContext
 from pgml_tuned.child.events import Events
-from pgml_tuned.db import q
+
+TICKET = "bench-ticket"  # the child's ticket for the bench's job (the job row keeps its sha256)
+LATEST_CHECKPOINT = "SELECT id, step, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDER BY step DESC LIMIT 1"
+CHECKPOINT_FILES = (
+    "SELECT path, part, data FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s ORDER BY path, part"
+)
 
 FILES = [
     ("model.safetensors", 0.60),
@@ -177,12 +182,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             job, model = job_row["job_id"], job_row["model_id"]
             conn.execute(
                 "UPDATE pgml.jobs SET status = 'running', attempt = 1, worker = 'bench', "
-                "lease_expires_at = now() + interval '1 day', heartbeat_at = now() WHERE id = %s",
-                (job,),
+                "lease_expires_at = now() + interval '1 day', heartbeat_at = now(), "
+                "child_ticket = sha256(convert_to(%s, 'UTF8')) WHERE id = %s",
+                (TICKET, job),
             )
             spec = {"id": job, "attempt": 1, "model_id": model, "hyperparams": {}}
             sink = Events(open(os.devnull, "w"))
-            writer = JobContext(spec, {}, dsn, sink)
+            writer = JobContext(spec, {}, dsn, TICKET, sink)
             plain_conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
             storage = conn.execute(
                 "SELECT attstorage FROM pg_attribute WHERE attrelid = 'bench_plain'::regclass AND attname = 'data'"
@@ -217,11 +223,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     secs, _ = timed(fn)
                     wal[name].append(wal_lsn(conn) - w0)
                     t[name].append(secs)
-                ckpt = conn.execute(q("latest_checkpoint"), {"id": job}).fetchone()
+                ckpt = conn.execute(LATEST_CHECKPOINT, {"id": job}).fetchone()
                 assert ckpt["bytes"] == nbytes, (ckpt, nbytes)
 
                 def pgml_restore() -> None:
-                    reader = JobContext({**spec, "attempt": 2}, {}, dsn, sink)
+                    reader = JobContext({**spec, "attempt": 2}, {}, dsn, TICKET, sink)
                     try:
                         got = reader.resume_checkpoint()
                         assert got is not None and (got / "model.safetensors").stat().st_size > 0
@@ -244,15 +250,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                     (
                         "restore: copy_dir_out text cursor",
-                        lambda ck=ck: cursor_out(plain_conn, q("checkpoint_files"), ck, work / "o2", binary=False),
+                        lambda ck=ck: cursor_out(plain_conn, CHECKPOINT_FILES, ck, work / "o2", binary=False),
                     ),
                     (
                         "restore: same cursor, binary",
-                        lambda ck=ck: cursor_out(plain_conn, q("checkpoint_files"), ck, work / "o3", binary=True),
+                        lambda ck=ck: cursor_out(plain_conn, CHECKPOINT_FILES, ck, work / "o3", binary=True),
                     ),
                     (
                         "restore: COPY binary of checkpoint_files",
-                        lambda ck=ck: copy_out(plain_conn, q("checkpoint_files"), ck, work / "o4"),
+                        lambda ck=ck: copy_out(plain_conn, CHECKPOINT_FILES, ck, work / "o4"),
                     ),
                 ]
                 rng.shuffle(restores)

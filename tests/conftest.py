@@ -37,9 +37,11 @@ def with_db(dsn: str, dbname: str, user: str | None = None) -> str:
 
 # The logins tests act as (created once per server; roles are cluster-wide). Tests that pass only as a
 # superuser prove nothing: users submit as USER, daemons serve as WORKER, setup that no user may do runs as
-# the superuser (the `su` fixture), and diagnostic tasks (noop) as ADMIN.
+# the superuser (the `su` fixture), and diagnostic tasks (noop) as ADMIN. The daemons' children connect as CHILD
+# (a member of pgml_child only: its ticketed functions).
 USER, OTHER_USER, WORKER, ADMIN = "pgml_test_user", "pgml_test_user2", "pgml_test_worker", "pgml_test_admin"
-LOGINS = {USER: "pgml_user", OTHER_USER: "pgml_user", WORKER: "pgml_worker", ADMIN: "pgml_admin"}
+CHILD = "pgml_test_child"
+LOGINS = {USER: "pgml_user", OTHER_USER: "pgml_user", WORKER: "pgml_worker", ADMIN: "pgml_admin", CHILD: "pgml_child"}
 
 
 @pytest.fixture(scope="session")
@@ -223,12 +225,17 @@ class DaemonProc:
 
 
 @pytest.fixture
-def daemon(worker_dsn: str, tmp_path: Path, session_env: Path) -> Iterator[Callable[..., DaemonProc]]:
-    """`pgml-tuned serve` as the workers' login."""
+def child_dsn(su_dsn: str) -> str:
+    return as_login(su_dsn, CHILD)
+
+
+@pytest.fixture
+def daemon(worker_dsn: str, child_dsn: str, tmp_path: Path, session_env: Path) -> Iterator[Callable[..., DaemonProc]]:
+    """`pgml-tuned serve` as the workers' login, its children as theirs."""
     started: list[DaemonProc] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> DaemonProc:
-        d = DaemonProc(worker_dsn, tmp_path, *args, env=env)
+        d = DaemonProc(worker_dsn, tmp_path, "--child-dsn", child_dsn, *args, env=env)
         started.append(d)
         return d
 

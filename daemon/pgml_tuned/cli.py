@@ -58,6 +58,14 @@ def resolve_dsn(settings: Settings, *, announce: bool = True, role: str = "user"
     return dsn
 
 
+def child_dsn(settings: Settings) -> str | None:
+    """The children's login: --child-dsn / PGML_CHILD_DSN; else the embedded server's child login; else None
+    (a deployment that did not configure one: the children use the worker's DSN, and the daemon says so)."""
+    if settings.child_dsn or settings.dsn:
+        return settings.child_dsn
+    return embedded.as_login(embedded.ensure(settings.home), "child")
+
+
 def _run(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return anyio.run(fn, backend="asyncio")
 
@@ -88,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(settings, role="worker")  # the embedded server is migrated by resolve_dsn
     if args.migrate and settings.dsn:
         _run(lambda: db.migrate(dsn))
-    _run(lambda: serve(settings, dsn, drain=args.drain))
+    _run(lambda: serve(settings, dsn, child_dsn=child_dsn(settings), drain=args.drain))
     return 0
 
 
@@ -101,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     user, worker = (
         (admin, admin) if settings.dsn else (embedded.as_login(admin, "user"), embedded.as_login(admin, "worker"))
     )
-    return run_demo(settings, admin, user, worker, epochs=args.epochs)
+    return run_demo(settings, admin, user, worker, child_dsn(settings), epochs=args.epochs)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -80,6 +80,16 @@ class Settings:
         help="the directory (and below) whose csv / json / jsonl / parquet files pgml.load_dataset may read on "
         "this worker (default: none; hub datasets only)",
     )
+    child_dsn: str | None = setting(
+        None,
+        help="the training children's login (a member of pgml_child only); default: the embedded server's child "
+        "login, else the worker's own DSN (children then still use only their ticketed functions)",
+    )
+    child_user: str | None = setting(
+        None,
+        help="run children as this system user (the daemon must run as root): they cannot read the worker key "
+        "or anything else of the daemon's",
+    )
 
     @property
     def key_file(self) -> Path:

@@ -33,8 +33,11 @@ TUNE_SQL = """SELECT job_id FROM pgml.tune(
 )"""
 
 
-def run_demo(settings: Settings, admin_dsn: str, dsn: str, worker_dsn: str, *, epochs: float = 3.0) -> int:
-    """Migrate as the administrator, load and submit as the user (`dsn`), serve as the worker."""
+def run_demo(
+    settings: Settings, admin_dsn: str, dsn: str, worker_dsn: str, child_dsn: str | None, *, epochs: float = 3.0
+) -> int:
+    """Migrate as the administrator, load and submit as the user (`dsn`), serve as the worker (its children as
+    `child_dsn`)."""
     model = str(minilm_path())
     hyperparams = {
         "training_args": {
@@ -69,7 +72,7 @@ def run_demo(settings: Settings, admin_dsn: str, dsn: str, worker_dsn: str, *, e
         conn.commit()
     print(f"== job {job_id} queued; running the daemon until the queue is empty (pgml-tuned serve --drain)\n")
 
-    anyio.run(lambda: serve(settings, worker_dsn, drain=True), backend="asyncio")
+    anyio.run(lambda: serve(settings, worker_dsn, child_dsn=child_dsn, drain=True), backend="asyncio")
 
     with db.sync_connect(dsn) as conn:
         job = db.fetch_one(conn, "SELECT * FROM pgml.jobs WHERE id = %s", (job_id,))

@@ -34,11 +34,12 @@ def ensure(home: Path) -> str:
 
 
 # The embedded server's logins (sql/local_logins.sql): what `pgml-tuned` connects as, per command.
-LOGINS = {"user": "pgml_local_user", "worker": "pgml_local_worker"}
+LOGINS = {"user": "pgml_local_user", "worker": "pgml_local_worker", "child": "pgml_local_child"}
 
 
 def as_login(admin_dsn: str, role: str) -> str:
-    """The DSN of the embedded server for `role`: "admin" (its superuser), "user" or "worker"."""
+    """The DSN of the embedded server for `role`: "admin" (its superuser), "user", "worker" or "child" (the
+    training children's login: a member of pgml_child only)."""
     if role == "admin":
         return admin_dsn
     from psycopg.conninfo import conninfo_to_dict, make_conninfo

@@ -79,9 +79,14 @@ def copy_dir_out(conn: Any, select_query: str, params: dict[str, Any], dest: Pat
     return n_files, n_bytes
 
 
-def download_model(conn: Any, model_id: int, dest: Path) -> Path:
-    """Write every stored file of model `model_id` under dest; the directory loads with from_pretrained."""
-    n_files, _ = copy_dir_out(conn, q("model_files"), {"model_id": model_id}, dest)
+def download_model(
+    conn: Any, model_id: int, dest: Path, query: str = "model_files", params: dict[str, Any] | None = None
+) -> Path:
+    """Write every stored file of model `model_id` under dest; the directory loads with from_pretrained.
+
+    `query` names the statement that selects them: pgml.files (what the session may read), or the child's
+    ticketed pgml._child_model_files (`params` then carries the job id and ticket)."""
+    n_files, _ = copy_dir_out(conn, q(query), {**(params or {}), "model_id": model_id}, dest)
     if n_files == 0:
         raise FileNotFoundError(f"model {model_id} has no files in pgml.files (did its job succeed?)")
     return dest

@@ -6,7 +6,9 @@ synchronous over the child's own connection. Each function is one short transact
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,48 +72,54 @@ async def queue_empty(pool: Pool) -> bool:
     return bool(row and row["empty"])
 
 
+async def set_child_ticket(pool: Pool, job: Claim, ticket_hash: bytes) -> bool:
+    """Record the sha256 of the attempt's child ticket; False when the attempt no longer owns the job."""
+    return bool(await pool.named("set_child_ticket", id=job.id, attempt=job.attempt, hash=ticket_hash))
+
+
 # ---- child side (synchronous: a job's child is a plain blocking process) ----
+# Every statement is a pgml._child_* function taking (job id, ticket): the child's login may run nothing else, and
+# each refuses with SQLSTATE TICKET_REFUSED unless the ticket is the job's running attempt's (LeaseLost here).
 
 Conn = psycopg.Connection[Any]
+TICKET_REFUSED = "PGT01"
+
+
+@contextlib.contextmanager
+def fenced(job_id: int) -> Iterator[None]:
+    """A refused ticket is a lost lease: the attempt no longer owns the job (requeued, ended, taken over)."""
+    try:
+        yield
+    except psycopg.Error as e:
+        if e.sqlstate == TICKET_REFUSED:
+            raise LeaseLost(f"job {job_id}: this attempt no longer owns the job ({e.diag.message_primary})") from e
+        raise
 
 
 def append_logs(
-    conn: Conn, job_id: int, attempt: int, entries: list[tuple[int, dict[str, Any]]], progress: dict[str, Any]
+    conn: Conn, job_id: int, ticket: str, entries: list[tuple[int, dict[str, Any]]], progress: dict[str, Any]
 ) -> None:
     """Store (seq, entry) log events of this attempt and its progress; LeaseLost if it no longer owns the job."""
-    with conn.transaction():
-        row = fetch_one(
-            conn,
-            q("append_logs"),
+    with fenced(job_id):
+        conn.execute(
+            q("child_log"),
             {
                 "id": job_id,
-                "attempt": attempt,
+                "ticket": ticket,
                 "progress": Jsonb(progress),
                 "logs": json.dumps([{"seq": seq, "entry": e} for seq, e in entries]),
             },
         )
-        if not row["owned"]:
-            raise LeaseLost(f"job {job_id} attempt {attempt} is no longer owned by this worker")
 
 
-def _lock_owned(conn: Conn, job_id: int, attempt: int) -> None:
-    """Taken first in every final or checkpoint transaction: only the lease owner writes."""
-    if conn.execute(q("lock_owned_job"), {"id": job_id, "attempt": attempt}).fetchone() is None:
-        raise LeaseLost(f"job {job_id} attempt {attempt} lost its lease")
-
-
-def store_checkpoint(conn: Conn, job_id: int, attempt: int, step: int, src: Path, keep: int) -> tuple[int, int]:
+def store_checkpoint(conn: Conn, job_id: int, ticket: str, step: int, src: Path, keep: int) -> tuple[int, int]:
     """Checkpoint directory `src` of `step` into pgml.checkpoints in one fenced transaction, keeping the
     newest `keep`. Returns (files, bytes)."""
-    params = {"id": job_id, "attempt": attempt, "step": step, "keep": max(1, keep)}
-    with conn.transaction():
-        _lock_owned(conn, job_id, attempt)
-        conn.execute(q("delete_checkpoint_step"), params)
-        checkpoint_id = fetch_one(conn, q("insert_checkpoint"), params)["id"]
+    params = {"id": job_id, "ticket": ticket, "step": step, "keep": max(1, keep)}
+    with fenced(job_id), conn.transaction():
+        checkpoint_id = fetch_one(conn, q("child_checkpoint_begin"), params)["id"]
         stored = files.copy_dir_in(conn, q("copy_checkpoint_files"), checkpoint_id, src)
-        conn.execute(q("finish_checkpoint"), {"checkpoint_id": checkpoint_id})
-        conn.execute(q("prune_checkpoints"), params)
-        budget = fetch_one(conn, q("checkpoint_budget"), params)
+        budget = fetch_one(conn, q("child_checkpoint_end"), {**params, "checkpoint_id": checkpoint_id})
         if budget["max_bytes"] is not None and budget["bytes"] > budget["max_bytes"]:
             raise JobError(
                 f"the job's checkpoints would hold {budget['bytes'] / 1e6:.0f} MB in PostgreSQL; its submitter may "
@@ -124,20 +132,17 @@ def store_checkpoint(conn: Conn, job_id: int, attempt: int, step: int, src: Path
 def succeed(
     conn: Conn,
     job_id: int,
-    attempt: int,
-    model_id: int,
+    ticket: str,
     model_dir: Path,
     metrics: dict[str, Any],
     base_model: str | None,
 ) -> tuple[int, int]:
     """The job's final transaction: every file under model_dir into pgml.files, metrics, status succeeded."""
-    with conn.transaction():
-        _lock_owned(conn, job_id, attempt)
-        conn.execute(q("delete_model_files"), {"model_id": model_id})
+    params = {"id": job_id, "ticket": ticket}
+    with fenced(job_id), conn.transaction():
+        model_id = fetch_one(conn, q("child_files_begin"), params)["model_id"]
         stored = files.copy_dir_in(conn, q("copy_files"), model_id, model_dir)
-        conn.execute(
-            q("succeed_job"), {"id": job_id, "attempt": attempt, "metrics": Jsonb(metrics), "base_model": base_model}
-        )
+        conn.execute(q("child_succeed"), {**params, "metrics": Jsonb(metrics), "base_model": base_model})
     return stored
 
 

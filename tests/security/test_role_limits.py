@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_queued_jobs_and_snapshot_bytes(
 def test_running_jobs_runtime_and_checkpoints(
     conn: psycopg.Connection[dict[str, Any]],
     worker_dsn: str,
+    child_dsn: str,
     reviews: str,
     tmp_path: Path,
     su: psycopg.Connection[dict[str, Any]],
@@ -80,7 +82,11 @@ def test_running_jobs_runtime_and_checkpoints(
         renewal = worker.execute(q("renew_leases"), {"ids": [first], "attempts": [1], "lease_seconds": 30}).fetchone()
         assert renewal is not None and renewal["overtime"] is True
         (tmp_path / "big.bin").write_bytes(b"x" * 5000)
-        with pytest.raises(JobError, match="checkpoints would hold 0 MB in PostgreSQL; its submitter may keep 0 MB"):
-            jobs.store_checkpoint(worker, first, 1, 10, tmp_path, keep=2)
-        assert worker.execute("SELECT count(*) AS n FROM pgml.checkpoints").fetchone() == {"n": 0}
+        worker.execute(q("set_child_ticket"), {"id": first, "attempt": 1, "hash": hashlib.sha256(b"t").digest()})
+        with (
+            connect(child_dsn) as child,
+            pytest.raises(JobError, match="checkpoints would hold 0 MB in PostgreSQL; its submitter may keep 0 MB"),
+        ):
+            jobs.store_checkpoint(child, first, "t", 10, tmp_path, keep=2)
+        assert su.execute("SELECT count(*) AS n FROM pgml.checkpoints").fetchone() == {"n": 0}
     assert su.execute("SELECT status FROM pgml.jobs WHERE id = %s", (second,)).fetchone() == {"status": "queued"}

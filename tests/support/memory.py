@@ -110,6 +110,9 @@ class MemoryBackend:
         job = self.jobs[job_id]
         return job.status if job.attempt == attempt else None
 
+    async def set_child_ticket(self, claim: Claim, ticket_hash: bytes) -> bool:
+        return self._owned(claim.id, claim.attempt)
+
     async def fail(self, claim: Claim, error: str) -> None:
         if self._owned(claim.id, claim.attempt):
             job = self.jobs[claim.id]

@@ -1,10 +1,13 @@
 """The child process of one job attempt, started by the worker (worker/process.py):
 
-    python -m pgml_tuned.child      (the job spec, its secrets and the DSN arrive as JSON on stdin)
+    python -m pgml_tuned.child      (the job spec, its secrets, the DSN and the ticket arrive as JSON on stdin)
 
-It opens its own connection (children never inherit one), runs the task's recipe (imported by name from the
-task registry), streams log events into pgml.logs as they happen and commits the results in one fenced
-transaction. Its stdout is the event channel to the worker (events.py); exit codes are states.ExitCode.
+It opens its own connection (children never inherit one) with the children's login, which may only call the
+pgml._child_* functions, each with the attempt's ticket (the worker stored only its hash): whatever code the
+model runs, it can reach nothing in the database but this attempt's own job. It runs the task's recipe
+(imported by name from the task registry), streams log events into pgml.logs as they happen and commits the
+results in one fenced transaction. Its stdout is the event channel to the worker (events.py); exit codes are
+states.ExitCode.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     payload = json.loads(sys.stdin.read())
     spec, secrets = payload["spec"], payload.get("secrets") or {}
-    ctx = JobContext(spec, secrets, payload["dsn"], events)
+    ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         ctx.stop_requested = True

@@ -16,7 +16,7 @@ from .store import JobStore
 
 
 class JobContext:
-    def __init__(self, spec: dict[str, Any], secrets: dict[str, Any], dsn: str, events: Events) -> None:
+    def __init__(self, spec: dict[str, Any], secrets: dict[str, Any], dsn: str, ticket: str, events: Events) -> None:
         self.spec = spec
         self.secrets = secrets
         self.events = events
@@ -28,7 +28,7 @@ class JobContext:
         self.workdir = Path(
             tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-", dir=os.environ.get("PGML_WORK_DIR") or None)
         )
-        self.store = JobStore(dsn, self.job_id, self.attempt, self.model_id, events, self.workdir)
+        self.store = JobStore(dsn, ticket, self.job_id, self.attempt, self.model_id, events, self.workdir)
         self._resume: Path | None = None
         self._resume_looked_up = False
 

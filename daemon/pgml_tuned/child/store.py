@@ -1,7 +1,9 @@
 """The child's one door to PostgreSQL: its own connection, retried through server restarts, and every read
 and fenced write a job makes — the training rows, log rows, checkpoints, stored models, the final commit.
 
-Writes go through jobs.py (fenced on the attempt: LeaseLost when another attempt owns the job now).
+Every statement is a ticketed pgml._child_* function (migration 0010): the child's login may read its own job's
+rows and the models its submitter may start from, and write its own job's logs, checkpoints and results — nothing
+else. Writes go through jobs.py (a refused ticket is LeaseLost: another attempt owns the job now, or it ended).
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ def number(v: Any) -> Any:
 
 
 class JobStore:
-    def __init__(self, dsn: str, job_id: int, attempt: int, model_id: int, events: Events, workdir: Path) -> None:
+    def __init__(
+        self, dsn: str, ticket: str, job_id: int, attempt: int, model_id: int, events: Events, workdir: Path
+    ) -> None:
         self.dsn = dsn
+        self.ticket = ticket
         self.job_id = job_id
         self.attempt = attempt
         self.model_id = model_id
@@ -65,7 +70,8 @@ class JobStore:
         deadline = time.monotonic() + DB_RETRY_SECONDS
         for delay in backoff_delays(first=0.1, cap=5.0):
             try:
-                return fn(self.conn())
+                with jobs.fenced(self.job_id):
+                    return fn(self.conn())
             except RETRYABLE as e:
                 self._conn = None
                 if time.monotonic() + delay > deadline:
@@ -77,8 +83,12 @@ class JobStore:
         raise AssertionError("unreachable")
 
     def fetch_row(self, what: str, name: str, params: dict[str, Any]) -> Row | None:
-        """One row of the named query (or None)."""
-        return self.with_retry(what, lambda c: c.execute(q(name), params).fetchone())
+        """One row of the named query (or None); the job's id and ticket are passed along."""
+        return self.with_retry(what, lambda c: c.execute(q(name), {**params, **self._ticket}).fetchone())
+
+    @property
+    def _ticket(self) -> dict[str, Any]:
+        return {"id": self.job_id, "ticket": self.ticket}
 
     # ---- the training rows ----
     def read_rows(self, snapshot_columns: list[str], columns: list[str]) -> list[tuple[str | None, ...]]:
@@ -93,8 +103,8 @@ class JobStore:
         at = [snapshot_columns.index(c) for c in columns]
 
         def read(conn: psycopg.Connection[Any]) -> list[tuple[str | None, ...]]:
-            select = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(q("job_rows")))
-            with conn.cursor() as cur, cur.copy(select, {"id": self.job_id}) as cp:
+            select = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(q("child_rows")))
+            with conn.cursor() as cur, cur.copy(select, self._ticket) as cp:
                 cp.set_types(["text[]"])
                 return [tuple(row[0][i] for i in at) for row in cp.rows()]
 
@@ -104,23 +114,27 @@ class JobStore:
 
     # ---- stored models ----
     def find_model(self, model_id: int | None, project: str, owner: str) -> Row | None:
-        return self.fetch_row(
-            "resolving the model", "resolve_model_ref", {"model_id": model_id, "project": project, "owner": owner}
-        )
+        """`owner` is the job's submitter: the database checks it again from the job row, whatever is passed."""
+        return self.fetch_row("resolving the model", "child_find_model", {"model_id": model_id, "project": project})
 
     def download_model(self, model_id: int, dest: Path) -> Path:
-        return self.with_retry("downloading a stored model", lambda c: files.download_model(c, model_id, dest))
+        return self.with_retry(
+            "downloading a stored model",
+            lambda c: files.download_model(c, model_id, dest, "child_model_files", self._ticket),
+        )
 
     # ---- checkpoints ----
     def latest_checkpoint(self, dest_root: Path) -> Path | None:
         """The latest stored checkpoint of this job (any earlier attempt), downloaded under dest_root."""
-        row = self.fetch_row("looking for a checkpoint", "latest_checkpoint", {"id": self.job_id})
+        row = self.fetch_row("looking for a checkpoint", "child_latest_checkpoint", {})
         if row is None:
             return None
         dest = dest_root / f"checkpoint-{row['step']}"
         self.with_retry(
             "downloading the checkpoint",
-            lambda c: files.copy_dir_out(c, q("checkpoint_files"), {"checkpoint_id": row["id"]}, dest),
+            lambda c: files.copy_dir_out(
+                c, q("child_checkpoint_files"), {**self._ticket, "checkpoint_id": row["id"]}, dest
+            ),
         )
         self.events.info(
             f"resuming from the checkpoint at step {row['step']} (attempt {row['attempt']})",
@@ -134,7 +148,7 @@ class JobStore:
         self.flush_logs()
         t0 = time.monotonic()
         n_files, n_bytes = self.with_retry(
-            "storing a checkpoint", lambda c: jobs.store_checkpoint(c, self.job_id, self.attempt, step, src, keep)
+            "storing a checkpoint", lambda c: jobs.store_checkpoint(c, self.job_id, self.ticket, step, src, keep)
         )
         seconds = time.monotonic() - t0
         self.events.info(
@@ -170,7 +184,7 @@ class JobStore:
         progress = progress_of([e for _, e in batch], self._progress)
 
         def write(conn: psycopg.Connection[Any]) -> None:
-            jobs.append_logs(conn, self.job_id, self.attempt, batch, progress)
+            jobs.append_logs(conn, self.job_id, self.ticket, batch, progress)
 
         if wait:
             self.with_retry("writing logs", write)
@@ -225,7 +239,7 @@ class JobStore:
         metrics = {k: number(v) for k, v in metrics.items()}
         n_files, n_bytes = self.with_retry(
             "storing the model",
-            lambda c: jobs.succeed(c, self.job_id, self.attempt, self.model_id, model_dir, metrics, base_model),
+            lambda c: jobs.succeed(c, self.job_id, self.ticket, model_dir, metrics, base_model),
         )
         self.events.info(
             f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}",

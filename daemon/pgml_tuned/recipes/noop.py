@@ -1,11 +1,14 @@
 """Recipe `noop`: a diagnostic task for queues and operations — no data, no model.
 
-hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0}. It logs `steps` events (spread over
-`seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
+hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0, "probe": ["/path", ...]}. With `probe` it first logs
+one row saying who the child runs as (uid, gid, groups) and, for each path, whether it could read it (never what
+it holds): an administrator's check of a worker's sandbox (its key file must say "PermissionError"). It logs
+`steps` events (spread over `seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +17,22 @@ from ..child.context import JobContext
 from ..errors import Interrupted, JobError
 
 
+def probe(paths: list[str]) -> dict[str, object]:
+    """Who this process runs as, and for each path True (readable) or why not (the exception's name)."""
+    readable: dict[str, str | bool] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+            readable[path] = True
+        except OSError as e:
+            readable[path] = type(e).__name__
+    return {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "readable": readable}
+
+
 def run(ctx: JobContext) -> None:
+    if "probe" in ctx.hyperparams:
+        ctx.log(probe([str(p) for p in ctx.hyperparams["probe"] or []]))
     seconds = float(ctx.hyperparams.get("seconds", 0))
     steps = int(ctx.hyperparams.get("steps", 0))
     for step in range(1, steps + 1):

@@ -12,7 +12,8 @@ SET status = 'running',
     heartbeat_at = clock_timestamp(),
     started_at = coalesce(j.started_at, clock_timestamp()),
     updated_at = clock_timestamp(),
-    error = NULL
+    error = NULL,
+    child_ticket = NULL  -- the attempt's child gets a ticket of its own when it starts (set_child_ticket)
 WHERE j.id = (
     SELECT q.id FROM pgml.jobs q
     WHERE q.status = 'queued' AND NOT q.cancel_requested
@@ -106,23 +107,6 @@ SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;
 -- name: queue_empty
 SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested) AS empty;
 
--- name: append_logs
--- The child's log writer: progress on the job row and the log rows, in one fenced statement. %(logs)s is a
--- JSON array of {"seq": n, "entry": {...}}: a batch retried after a lost reply inserts nothing twice.
-WITH owner AS (
-    UPDATE pgml.jobs
-    SET progress = progress || %(progress)s::jsonb, updated_at = clock_timestamp()
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING id, model_id, project_id, attempt
-), inserted AS (
-    INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, seq, logs)
-    SELECT o.model_id, o.project_id, o.id, o.attempt, (x.value ->> 'seq')::integer, x.value -> 'entry'
-    FROM owner o, jsonb_array_elements(%(logs)s::jsonb) AS x
-    ON CONFLICT (job_id, attempt, seq) DO NOTHING
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM owner) AS owned, (SELECT count(*) FROM inserted) AS inserted;
-
 -- name: release_orphans
 -- After a claim whose reply was lost: jobs this worker claimed but does not run go back to the queue.
 UPDATE pgml.jobs
@@ -130,85 +114,60 @@ SET status = 'queued', worker = NULL, lease_expires_at = NULL, updated_at = cloc
 WHERE worker = %(worker)s AND status = 'running' AND NOT (id = ANY (%(running)s::bigint[]))
 RETURNING id;
 
--- name: lock_owned_job
--- Taken at the start of the child's final transaction: results are written only by the lease owner.
-SELECT id FROM pgml.jobs
+-- name: set_child_ticket
+-- When the attempt's child starts: the sha256 of its ticket (the child gets the ticket itself on stdin).
+UPDATE pgml.jobs SET child_ticket = %(hash)s
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-FOR NO KEY UPDATE;
+RETURNING id;
 
--- name: delete_model_files
-DELETE FROM pgml.file_parts WHERE model_id = %(model_id)s;
+-- ---- the child's statements: each a pgml._child_* function (migration 0010), refused unless the ticket is the
+-- ---- running attempt's; the file COPYs are checked row by row against the ticket the transaction began with
+
+-- name: child_log
+-- %(logs)s is a JSON array of {"seq": n, "entry": {...}}: a batch retried after a lost reply inserts nothing twice.
+SELECT pgml._child_log(%(id)s, %(ticket)s, %(progress)s::jsonb, %(logs)s::jsonb) AS inserted;
+
+-- name: child_files_begin
+-- The final transaction: locks the running attempt's job, drops its model's files of an earlier try.
+SELECT pgml._child_files_begin(%(id)s, %(ticket)s) AS model_id;
 
 -- name: copy_files
 COPY pgml.file_parts (model_id, path, part, data) FROM STDIN (FORMAT BINARY);
 
--- name: succeed_job
-WITH job AS (
-    UPDATE pgml.jobs
-    SET status = 'succeeded', metrics = %(metrics)s::jsonb, finished_at = clock_timestamp(),
-        lease_expires_at = NULL, updated_at = clock_timestamp()
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING model_id
-)
-UPDATE pgml.models m
-SET metrics = %(metrics)s::jsonb, base_model = %(base_model)s, updated_at = clock_timestamp()
-FROM job WHERE m.id = job.model_id
-RETURNING m.id;
+-- name: child_succeed
+SELECT pgml._child_succeed(%(id)s, %(ticket)s, %(metrics)s::jsonb, %(base_model)s) AS model_id;
 
--- name: job_rows
--- The rows pgml.tune() copied at submit time, in their order (jobs.snapshot_columns names their columns).
-SELECT v FROM pgml.job_rows WHERE job_id = %(id)s ORDER BY n;
-
--- name: model_files
-SELECT path, part, data FROM pgml.files WHERE model_id = %(model_id)s ORDER BY path, part;
-
--- name: resolve_model_ref
--- pgml:<project> → the submitter's project's latest successful model; pgml:model:<id> → that model. Only models
--- the job's submitter may read (its own, or any for an administrator): another user's is "no such model".
-SELECT m.id, m.status, m.base_model, m.task, p.name AS project_name
-FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
-WHERE ((%(model_id)s::bigint IS NOT NULL AND m.id = %(model_id)s::bigint)
-       OR (%(model_id)s::bigint IS NULL AND p.name = %(project)s AND m.status = 'successful'))
-  AND (m.owner = %(owner)s
-       OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = %(owner)s AND pg_has_role(r.oid, 'pgml_admin', 'MEMBER')))
-ORDER BY (p.owner = %(owner)s) DESC, m.id DESC
-LIMIT 1;
-
--- name: delete_checkpoint_step
--- Inside the child's fenced transaction (lock_owned_job first): a re-run step replaces its checkpoint.
-DELETE FROM pgml.checkpoints WHERE job_id = %(id)s AND step = %(step)s;
-
--- name: insert_checkpoint
-INSERT INTO pgml.checkpoints (job_id, attempt, step) VALUES (%(id)s, %(attempt)s, %(step)s)
-RETURNING id;
+-- name: child_checkpoint_begin
+-- A checkpoint's transaction: locks the job, replaces a re-run step's checkpoint, returns the new one's id.
+SELECT pgml._child_checkpoint_begin(%(id)s, %(ticket)s, %(step)s) AS id;
 
 -- name: copy_checkpoint_files
 COPY pgml.checkpoint_files (checkpoint_id, path, part, data) FROM STDIN (FORMAT BINARY);
 
--- name: finish_checkpoint
-UPDATE pgml.checkpoints c
-SET files = s.files, bytes = s.bytes
-FROM (SELECT count(DISTINCT path) AS files, coalesce(sum(length(data)), 0) AS bytes
-      FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s) s
-WHERE c.id = %(checkpoint_id)s;
+-- name: child_checkpoint_end
+-- Counts the checkpoint's files, keeps the newest %(keep)s; what the job's checkpoints hold now against its limit.
+SELECT bytes, max_bytes FROM pgml._child_checkpoint_end(%(id)s, %(ticket)s, %(checkpoint_id)s, %(keep)s);
 
--- name: checkpoint_budget
--- Inside the checkpoint's transaction: what the job's checkpoints hold now, against its limit.
-SELECT coalesce(sum(c.bytes), 0)::bigint AS bytes, j.max_checkpoint_bytes AS max_bytes
-FROM pgml.jobs j LEFT JOIN pgml.checkpoints c ON c.job_id = j.id
-WHERE j.id = %(id)s
-GROUP BY j.max_checkpoint_bytes;
+-- name: child_rows
+-- The rows pgml.tune() copied at submit time, in their order (jobs.snapshot_columns names their columns).
+SELECT v FROM pgml._child_rows(%(id)s, %(ticket)s) AS v;
 
--- name: prune_checkpoints
-DELETE FROM pgml.checkpoints
-WHERE job_id = %(id)s
-  AND id NOT IN (SELECT id FROM pgml.checkpoints WHERE job_id = %(id)s ORDER BY step DESC LIMIT %(keep)s);
+-- name: model_files
+SELECT path, part, data FROM pgml.files WHERE model_id = %(model_id)s ORDER BY path, part;
 
--- name: latest_checkpoint
-SELECT id, step, attempt, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDER BY step DESC LIMIT 1;
+-- name: child_model_files
+SELECT path, part, data FROM pgml._child_model_files(%(id)s, %(ticket)s, %(model_id)s);
 
--- name: checkpoint_files
-SELECT path, part, data FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s ORDER BY path, part;
+-- name: child_find_model
+-- pgml:<project> → the submitter's project's latest successful model; pgml:model:<id> → that model. Only models
+-- the job's submitter may read (its own, or any for an administrator): another user's is "no such model".
+SELECT id, status, base_model, task, project_name FROM pgml._child_find_model(%(id)s, %(ticket)s, %(model_id)s, %(project)s);
+
+-- name: child_latest_checkpoint
+SELECT id, step, attempt, bytes FROM pgml._child_latest_checkpoint(%(id)s, %(ticket)s);
+
+-- name: child_checkpoint_files
+SELECT path, part, data FROM pgml._child_checkpoint_files(%(id)s, %(ticket)s, %(checkpoint_id)s);
 
 -- name: dataset_begin
 -- A load_dataset child's staging table for its attempt (created, owned and checked by the definer); after

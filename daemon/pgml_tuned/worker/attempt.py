@@ -1,11 +1,14 @@
-"""One attempt at one job on this worker: unseal its secrets, start its child, forward the child's events,
-stop the child when asked (cancel, lost lease, shutdown), then settle how it ended (states.settle) and
-write that transition through the Backend. Leases are renewed for all attempts at once by the daemon.
+"""One attempt at one job on this worker: unseal its secrets, give its child a ticket, start the child, forward
+the child's events, stop the child when asked (cancel, lost lease, shutdown), then settle how it ended
+(states.settle) and write that transition through the Backend. Leases are renewed for all attempts at once by
+the daemon.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
+from secrets import token_urlsafe
 from typing import Any, Protocol
 
 import anyio
@@ -53,6 +56,7 @@ class Attempt:
             self.child.kill() if self._kill else self.child.terminate()
 
     async def run(self, backend: Backend, launch: Launcher, env: dict[str, str], dsn: str) -> None:
+        """Run the attempt; `dsn` is the children's login (settings.child_dsn)."""
         job = self.claim
         with structlog.contextvars.bound_contextvars(job_id=job.id, attempt=job.attempt):
             try:
@@ -71,7 +75,13 @@ class Attempt:
             await backend.fail(job, str(e))
             log.error("job.failed", error=str(e))
             return
-        child = await launch({"spec": job.spec(), "secrets": unsealed, "dsn": dsn}, env)
+        # The child's database access is this ticket: the job row keeps only its hash, and every pgml._child_*
+        # function refuses any other job, and this one once the attempt is over.
+        ticket = token_urlsafe(32)
+        if not await backend.set_child_ticket(job, hashlib.sha256(ticket.encode()).digest()):
+            log.warning("job.abandoned", reason="lease lost before the child started")
+            return
+        child = await launch({"spec": job.spec(), "secrets": unsealed, "dsn": dsn, "ticket": ticket}, env)
         self.child = child
         if self.stop_reason is not None:
             self.stop(self.stop_reason, kill=self._kill)

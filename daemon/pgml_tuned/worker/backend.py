@@ -69,6 +69,9 @@ class Backend(Protocol):
 
     async def status(self, job_id: int, attempt: int) -> Status | None: ...
 
+    async def set_child_ticket(self, claim: Claim, ticket_hash: bytes) -> bool:
+        """Record the sha256 of the attempt's child ticket; False when the attempt no longer owns the job."""
+
     async def fail(self, claim: Claim, error: str) -> None: ...
 
     async def cancel(self, claim: Claim, by: str) -> None: ...
@@ -139,6 +142,9 @@ class PgBackend:
 
     async def status(self, job_id: int, attempt: int) -> Status | None:
         return await jobs.status(self.pool, job_id, attempt)
+
+    async def set_child_ticket(self, claim: Claim, ticket_hash: bytes) -> bool:
+        return await jobs.set_child_ticket(self.pool, claim, ticket_hash)
 
     async def fail(self, claim: Claim, error: str) -> None:
         await jobs.fail(self.pool, claim, error)

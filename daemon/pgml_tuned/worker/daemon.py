@@ -9,6 +9,9 @@
 - signals    SIGTERM/SIGINT: stop claiming, SIGTERM children (they checkpoint), requeue, exit within
              grace_seconds; a second signal exits at once (leases then expire as after a crash)
 
+Children connect with their own login (settings.child_dsn; `dsn` below), which may only call the ticketed
+pgml._child_* functions, and run as settings.child_user when one is set (the daemon then runs as root).
+
 `--drain` stops once the queue is empty and nothing runs. The daemon talks only to a Backend and a
 launcher, so tests drive it without PostgreSQL or processes.
 """
@@ -16,6 +19,7 @@ launcher, so tests drive it without PostgreSQL or processes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 
 import anyio
@@ -27,7 +31,7 @@ from ..db import RETRYABLE
 from ..states import Status, StopReason
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend
-from .process import ChildProcess, child_env
+from .process import ChildProcess, ChildUser, check_child_user, child_env
 
 log = logconfig.get("pgml_tuned.daemon")
 
@@ -206,8 +210,23 @@ class Daemon:
             self._finish_if_idle()
 
 
-async def serve(settings: Settings, dsn: str, *, drain: bool = False) -> Daemon:
-    """Run the daemon against PostgreSQL at `dsn` until it is stopped (or drained)."""
-    daemon = Daemon(settings, PgBackend(settings, dsn), ChildProcess.start, dsn=dsn, drain=drain)
+async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, drain: bool = False) -> Daemon:
+    """Run the daemon against PostgreSQL at `dsn` until it is stopped (or drained); its children connect with
+    `child_dsn` (else settings.child_dsn, else `dsn`) and run as settings.child_user if that is set."""
+    user = ChildUser.lookup(settings.child_user) if settings.child_user else None  # not root: refused now
+    child_dsn = child_dsn or settings.child_dsn
+    if not child_dsn:
+        log.warning(
+            "daemon.no_child_login",
+            note="children connect with the worker's own login (still only through their ticketed functions); "
+            "give them a login of their own: CREATE ROLE worker_child LOGIN; GRANT pgml_child TO worker_child; "
+            "then PGML_CHILD_DSN",
+        )
+    if user is not None:
+        settings.scratch.mkdir(parents=True, exist_ok=True)
+        await check_child_user(user, settings.scratch, [settings.key_file])
+        log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
+    launch = functools.partial(ChildProcess.start, user=user)
+    daemon = Daemon(settings, PgBackend(settings, dsn), launch, dsn=child_dsn or dsn, drain=drain)
     await daemon.serve()
     return daemon

@@ -1,20 +1,27 @@
 """The handle of a job's child process: start it, forward its events, signal it, describe how it ended.
 
 The child gets the job spec, its (unsealed) secrets and the DSN on stdin — never on its command line or in
-its environment, which is an allow-list of the worker's (child_env) without any credential. It runs in its own
-session, so a Ctrl-C in the worker's terminal reaches it only through the worker; it dies with the worker
-(PR_SET_PDEATHSIG). Why the worker stops a child is the Attempt's business (attempt.py); this module only
-sends the signals.
+its environment, which is an allow-list of the worker's (child_env) without any credential. With a child user
+(settings.child_user, the daemon running as root) it runs as that uid and gid, without supplementary groups, in a
+work directory of its own: it cannot read the worker's key or anything else that is only the daemon's
+(check_child_user proves it at startup). It runs in its own session, so a Ctrl-C in the worker's terminal
+reaches it only through the worker; it dies with the worker (PR_SET_PDEATHSIG). Why the worker stops a child is
+the Attempt's business (attempt.py); this module only sends the signals.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,19 +35,115 @@ log = logconfig.get("pgml_tuned.worker.process")
 STDERR_TAIL = 40
 
 
+@dataclass(frozen=True)
+class ChildUser:
+    """The system user children run as (settings.child_user)."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def lookup(cls, name: str) -> ChildUser:
+        """The user named `name`; ValueError naming the fix when the daemon cannot run children as it."""
+        if os.geteuid() != 0:
+            raise ValueError(
+                f"child_user {name!r}: only a daemon running as root can start children as another user (this one "
+                f"runs as uid {os.geteuid()}); run it as root (systemd: User=root with the unit's hardening), or "
+                "leave PGML_CHILD_USER / --child-user unset"
+            )
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ValueError(
+                f"child_user {name!r}: no such system user; create it (useradd --system --no-create-home "
+                f"--shell /usr/sbin/nologin {name}) or leave PGML_CHILD_USER / --child-user unset"
+            ) from None
+        if entry.pw_uid == 0:
+            raise ValueError(f"child_user {name!r} is root (uid 0): name an unprivileged system user")
+        return cls(name, entry.pw_uid, entry.pw_gid)
+
+    def process_args(self) -> dict[str, Any]:
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+# Run as the child user at startup: can it reach the work directory, and is every secret file closed to it?
+_PROBE = """
+import json, os, sys
+work, *secrets = sys.argv[1:]
+out = {"work": os.access(work, os.X_OK), "readable": []}
+for path in secrets:
+    try:
+        open(path, "rb").close()
+        out["readable"].append(path)
+    except OSError:
+        pass
+print(json.dumps(out))
+"""
+
+
+async def check_child_user(user: ChildUser, work_dir: Path, secret_files: list[Path]) -> None:
+    """Prove, as `user`, that children can start (Python, the package), reach `work_dir`, and read none of
+    `secret_files` (the worker key); ValueError naming the fix otherwise."""
+    existing = [str(p) for p in secret_files if p.exists()]
+    try:
+        result = await anyio.run_process(
+            [sys.executable, "-c", _PROBE, str(work_dir), *existing],
+            check=False,
+            env=child_env(str(work_dir), None),
+            cwd="/",
+            **user.process_args(),
+        )
+    except OSError as e:
+        raise ValueError(f"child_user {user.name!r}: cannot start {sys.executable} as that user: {e}") from e
+    if result.returncode != 0:
+        raise ValueError(
+            f"child_user {user.name!r}: Python ({sys.executable}) does not run as that user: "
+            f"{result.stderr.decode(errors='replace').strip()[-500:]} — install pgml-tuned where it can read it "
+            "(not under a private home directory)"
+        )
+    found = json.loads(result.stdout)
+    if not found["work"]:
+        raise ValueError(
+            f"child_user {user.name!r} cannot reach the work directory {work_dir}: make every directory above it "
+            "traversable (chmod o+x), or set PGML_WORK_DIR to one that is"
+        )
+    if found["readable"]:
+        raise ValueError(
+            f"child_user {user.name!r} can read {', '.join(found['readable'])}: the worker's secrets must be readable "
+            "by the daemon's user only (chown root, chmod 600)"
+        )
+
+
 class ChildProcess:
     """One running child process (`python -m pgml_tuned.child`)."""
 
-    def __init__(self, process: Process) -> None:
+    def __init__(self, process: Process, workdir: Path | None = None) -> None:
         self.process = process
+        self.workdir = workdir  # the child user's own work directory, removed when it exits
         self.error: str | None = None  # the message of the child's error event
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
         self.lease_lost_reported = False
 
     @classmethod
-    async def start(cls, payload: dict[str, Any], env: dict[str, str]) -> ChildProcess:
-        process = await anyio.open_process([sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True)
-        child = cls(process)
+    async def start(
+        cls, payload: dict[str, Any], env: dict[str, str], *, user: ChildUser | None = None
+    ) -> ChildProcess:
+        kwargs: dict[str, Any] = {}
+        workdir: Path | None = None
+        if user is not None:
+            workdir = await anyio.to_thread.run_sync(own_workdir, Path(env["PGML_WORK_DIR"]), user)
+            env = {**env, "PGML_WORK_DIR": str(workdir), "HOME": str(workdir), "USER": user.name, "LOGNAME": user.name}
+            kwargs = {"cwd": workdir, **user.process_args()}
+        try:
+            process = await anyio.open_process(
+                [sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True, **kwargs
+            )
+        except BaseException:
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        child = cls(process, workdir)
         assert process.stdin is not None
         with anyio.CancelScope(shield=True):
             await process.stdin.send(json.dumps(payload, default=str).encode())
@@ -49,10 +152,15 @@ class ChildProcess:
 
     async def run(self, on_event: Callable[[dict[str, Any]], None]) -> int:
         """Forward the child's events and stderr until it exits; return its exit code (-N: signal N)."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._read_events, on_event)
-            tg.start_soon(self._read_stderr)
-        return await self.process.wait()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_events, on_event)
+                tg.start_soon(self._read_stderr)
+            return await self.process.wait()
+        finally:
+            if self.workdir is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.workdir or "", ignore_errors=True))
 
     async def _read_events(self, on_event: Callable[[dict[str, Any]], None]) -> None:
         assert self.process.stdout is not None
@@ -100,6 +208,13 @@ class ChildProcess:
         if tail and not self.error:
             msg += f"; its last output:\n{tail[-2000:]}"
         return msg
+
+
+def own_workdir(scratch: Path, user: ChildUser) -> Path:
+    """A new directory under `scratch` that only `user` (and root) may enter: the child's work directory."""
+    workdir = Path(tempfile.mkdtemp(prefix="child-", dir=scratch))  # mode 0700
+    os.chown(workdir, user.uid, user.gid)
+    return workdir
 
 
 MAX_LINE = 64 * 1024  # a child's output line longer than this is cut (a line never grows the worker's memory)
