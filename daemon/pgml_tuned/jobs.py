@@ -146,23 +146,20 @@ def succeed(
     return stored
 
 
-def begin_dataset(conn: Conn, job_id: int, attempt: int, names: list[str], types: list[str]) -> str:
-    """A load_dataset attempt's staging table in schema pgml, empty, with these columns; the worker login may
+def begin_dataset(conn: Conn, job_id: int, ticket: str, names: list[str], types: list[str]) -> str:
+    """A load_dataset attempt's staging table in schema pgml, empty, with these columns; the child's login may
     INSERT (COPY) into it and nothing else."""
-    with conn.transaction():
-        _lock_owned(conn, job_id, attempt)
-        row = fetch_one(conn, q("dataset_begin"), {"id": job_id, "attempt": attempt, "names": names, "types": types})
+    with fenced(job_id), conn.transaction():
+        row = fetch_one(conn, q("dataset_begin"), {"id": job_id, "ticket": ticket, "names": names, "types": types})
     return str(row["staging"])
 
 
-def finish_dataset(conn: Conn, job_id: int, attempt: int, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def finish_dataset(conn: Conn, job_id: int, ticket: str, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
     """A load_dataset job's final transaction: its staging table becomes pgml."<source>" and the job succeeds
     with the result (table_name, rows, columns) in its metrics — both or neither."""
-    with conn.transaction():
-        _lock_owned(conn, job_id, attempt)
-        result = fetch_one(conn, q("dataset_commit"), {"id": job_id, "attempt": attempt, "rows": rows})["result"]
+    params = {"id": job_id, "ticket": ticket}
+    with fenced(job_id), conn.transaction():
+        result = fetch_one(conn, q("dataset_commit"), {**params, "rows": rows})["result"]
         metrics = {**metrics, **result}
-        conn.execute(
-            q("succeed_job"), {"id": job_id, "attempt": attempt, "metrics": Jsonb(metrics), "base_model": None}
-        )
+        conn.execute(q("child_succeed"), {**params, "metrics": Jsonb(metrics), "base_model": None})
     return metrics

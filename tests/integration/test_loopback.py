@@ -36,7 +36,8 @@ def test_the_loopback_sees_what_the_callers_transaction_has_not_committed_as_com
     su.execute("CREATE TABLE public.lb_probe (v int)")
     su.execute("GRANT INSERT, SELECT ON public.lb_probe TO pgml_loopback, pgml_user")
     su.execute(
-        "CREATE FUNCTION public.lb_insert() RETURNS int LANGUAGE sql AS 'INSERT INTO public.lb_probe VALUES (7) RETURNING v'"
+        "CREATE FUNCTION public.lb_insert() RETURNS int LANGUAGE sql "
+        "AS 'INSERT INTO public.lb_probe VALUES (7) RETURNING v'"
     )
     with conn.transaction():
         conn.execute("SELECT pgml._loopback('to_jsonb(public.lb_insert())')")

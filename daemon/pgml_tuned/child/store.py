@@ -201,7 +201,7 @@ class JobStore:
         """The staging table (in schema pgml) this attempt loads its rows into."""
         with refusals_as_job_errors():
             return self.with_retry(
-                "creating the staging table", lambda c: jobs.begin_dataset(c, self.job_id, self.attempt, names, types)
+                "creating the staging table", lambda c: jobs.begin_dataset(c, self.job_id, self.ticket, names, types)
             )
 
     def copy_csv(self, table: str, names: list[str], chunks: Callable[[], Iterable[tuple[bytes, int]]]) -> int:
@@ -229,7 +229,7 @@ class JobStore:
         self.flush_logs()
         with refusals_as_job_errors():
             return self.with_retry(
-                "storing the dataset", lambda c: jobs.finish_dataset(c, self.job_id, self.attempt, rows, metrics)
+                "storing the dataset", lambda c: jobs.finish_dataset(c, self.job_id, self.ticket, rows, metrics)
             )
 
     # ---- the final commit ----

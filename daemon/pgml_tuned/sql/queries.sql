@@ -170,10 +170,10 @@ SELECT id, step, attempt, bytes FROM pgml._child_latest_checkpoint(%(id)s, %(tic
 SELECT path, part, data FROM pgml._child_checkpoint_files(%(id)s, %(ticket)s, %(checkpoint_id)s);
 
 -- name: dataset_begin
--- A load_dataset child's staging table for its attempt (created, owned and checked by the definer); after
--- lock_owned_job in the same transaction.
-SELECT pgml._dataset_begin(%(id)s, %(attempt)s, %(names)s::text[], %(types)s::text[]) AS staging;
+-- A load_dataset child's staging table for its attempt (created, owned and checked by the definer, which checks
+-- the child's ticket and locks the job).
+SELECT pgml._dataset_begin(%(id)s, %(ticket)s, %(names)s::text[], %(types)s::text[]) AS staging;
 
 -- name: dataset_commit
--- Inside the child's final fenced transaction: the staging table becomes pgml."<source>" (then succeed_job).
-SELECT pgml._dataset_commit(%(id)s, %(attempt)s, %(rows)s) AS result;
+-- Inside the child's final transaction: the staging table becomes pgml."<source>" (then child_succeed).
+SELECT pgml._dataset_commit(%(id)s, %(ticket)s, %(rows)s) AS result;

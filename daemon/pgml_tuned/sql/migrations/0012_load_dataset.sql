@@ -258,20 +258,16 @@ BEGIN
 END $$;
 
 -- The job's row if `attempt` owns it now (the worker's fence), locked against a concurrent settle.
-CREATE OR REPLACE FUNCTION pgml._dataset_job(job_id bigint, attempt integer) RETURNS pgml.jobs
+CREATE OR REPLACE FUNCTION pgml._dataset_job(job_id bigint, ticket text) RETURNS pgml.jobs
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_job pgml.jobs;
+    v_job pgml.jobs := pgml._child_job(_dataset_job.job_id, ticket, true);  -- the child's ticket (0010)
 BEGIN
-    SELECT * INTO v_job FROM pgml.jobs j
-    WHERE j.id = _dataset_job.job_id AND j.attempt = _dataset_job.attempt AND j.status = 'running'
-      AND j.task = 'load_dataset'
-    FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
-            MESSAGE = format('job %s attempt %s is not a running load_dataset attempt (lease lost?)', job_id, attempt);
+    IF v_job.task <> 'load_dataset' THEN
+        RAISE EXCEPTION USING ERRCODE = 'PGT01',
+            MESSAGE = format('job %s is a %s job, not a load_dataset job', v_job.id, v_job.task);
     END IF;
     RETURN v_job;
 END $$;
@@ -300,14 +296,14 @@ END $$;
 
 -- The child's first step: the staging table for its attempt, with the dataset's columns. Returns its name (in
 -- schema pgml). The worker login gets INSERT on it (COPY) and nothing more.
-CREATE OR REPLACE FUNCTION pgml._dataset_begin(job_id bigint, attempt integer, names text[], types text[])
+CREATE OR REPLACE FUNCTION pgml._dataset_begin(job_id bigint, ticket text, names text[], types text[])
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_job     pgml.jobs := pgml._dataset_job(job_id, attempt);
-    v_staging text := pgml._dataset_staging(job_id, attempt);
+    v_job     pgml.jobs := pgml._dataset_job(job_id, ticket);
+    v_staging text := pgml._dataset_staging(job_id, v_job.attempt);
     v_cols    text;
     v_old     bigint;
 BEGIN
@@ -350,14 +346,14 @@ END $$;
 -- becomes pgml.<name>. A table with no dependent objects is dropped and replaced by a rename; one that has
 -- some (the guide's views over it) keeps its identity and gets the new rows (TRUNCATE + INSERT), if the
 -- columns are the same. The loader may SELECT it; pgml.datasets records the load. Returns the job's result.
-CREATE OR REPLACE FUNCTION pgml._dataset_commit(job_id bigint, attempt integer, rows bigint) RETURNS jsonb
+CREATE OR REPLACE FUNCTION pgml._dataset_commit(job_id bigint, ticket text, rows bigint) RETURNS jsonb
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_job      pgml.jobs := pgml._dataset_job(job_id, attempt);
+    v_job      pgml.jobs := pgml._dataset_job(job_id, ticket);
     v_name     text := v_job.hyperparams ->> 'source';
-    v_staging  text := pgml._dataset_staging(job_id, attempt);
+    v_staging  text := pgml._dataset_staging(job_id, v_job.attempt);
     v_target   oid;
     v_count    bigint;
     v_columns  jsonb;
@@ -366,7 +362,7 @@ DECLARE
     v_previous name;
 BEGIN
     IF to_regclass(format('pgml.%I', v_staging)) IS NULL THEN
-        PERFORM pgml._fail(format('job %s attempt %s has no staging table', job_id, attempt), 'a worker bug');
+        PERFORM pgml._fail(format('job %s attempt %s has no staging table', job_id, v_job.attempt), 'a worker bug');
     END IF;
     EXECUTE format('REVOKE ALL ON pgml.%I FROM %I', v_staging, session_user);
     EXECUTE format('SELECT count(*) FROM pgml.%I', v_staging) INTO v_count;
@@ -457,14 +453,14 @@ REVOKE ALL ON pgml.datasets FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgml._dataset_kwargs(), pgml._dataset_staging(bigint, integer),
     pgml._dataset_check_path(text, text, boolean), pgml._dataset_check_target(text, name),
     pgml.load_dataset_async(text, text, integer, jsonb), pgml._dataset_result(bigint),
-    pgml._dataset_job(bigint, integer), pgml._dataset_drop_staging(bigint, text),
-    pgml._dataset_begin(bigint, integer, text[], text[]), pgml._dataset_commit(bigint, integer, bigint),
+    pgml._dataset_job(bigint, text), pgml._dataset_drop_staging(bigint, text),
+    pgml._dataset_begin(bigint, text, text[], text[]), pgml._dataset_commit(bigint, text, bigint),
     pgml._dataset_job_ended(), pgml._dataset_job_inserted() FROM PUBLIC;
 GRANT SELECT ON pgml.datasets TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml.load_dataset_async(text, text, integer, jsonb), pgml._dataset_result(bigint),
     pgml._dataset_kwargs() TO pgml_user;
-GRANT EXECUTE ON FUNCTION pgml._dataset_begin(bigint, integer, text[], text[]),
-    pgml._dataset_commit(bigint, integer, bigint), pgml._dataset_kwargs() TO pgml_worker;
+GRANT EXECUTE ON FUNCTION pgml._dataset_begin(bigint, text, text[], text[]),
+    pgml._dataset_commit(bigint, text, bigint), pgml._dataset_kwargs() TO pgml_child;
 
 COMMENT ON FUNCTION pgml.load_dataset_async(text, text, integer, jsonb) IS
     'Queue loading a Hugging Face dataset (or a file in the workers'' datasets directory) into pgml."<source>". '
