@@ -23,6 +23,7 @@ RANKS = {
     "secrets": 0,
     "embedded": 0,
     "db": 1,
+    "hub_access": 1,
     "files": 2,
     "jobs": 3,
     "models": 4,

@@ -107,6 +107,10 @@ class JobStore:
             "resolving the model", "resolve_model_ref", {"model_id": model_id, "project": project, "owner": owner}
         )
 
+    def hub_refusal(self, model_name: str, owner: str) -> str | None:
+        row = self.fetch_row("checking the hub allow-list", "hub_refusal", {"model_name": model_name, "owner": owner})
+        return row["error"] if row else None
+
     def download_model(self, model_id: int, dest: Path) -> Path:
         return self.with_retry("downloading a stored model", lambda c: files.download_model(c, model_id, dest))
 

@@ -26,7 +26,9 @@ WHERE j.id = (
 )
 RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
           j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.submitted_by, j.snapshot_columns,
-          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name;
+          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
+          -- the hub allow-list may have changed since the job was submitted: checked again at every claim
+          (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal;
 
 -- name: renew_leases
 -- One statement renews every running attempt of a worker (parallel arrays of job ids and attempts); a job that
@@ -165,14 +167,11 @@ SELECT path, part, data FROM pgml.files WHERE model_id = %(model_id)s ORDER BY p
 -- name: resolve_model_ref
 -- pgml:<project> → the submitter's project's latest successful model; pgml:model:<id> → that model. Only models
 -- the job's submitter may read (its own, or any for an administrator): another user's is "no such model".
-SELECT m.id, m.status, m.base_model, m.task, p.name AS project_name
-FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
-WHERE ((%(model_id)s::bigint IS NOT NULL AND m.id = %(model_id)s::bigint)
-       OR (%(model_id)s::bigint IS NULL AND p.name = %(project)s AND m.status = 'successful'))
-  AND (m.owner = %(owner)s
-       OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = %(owner)s AND pg_has_role(r.oid, 'pgml_admin', 'MEMBER')))
-ORDER BY (p.owner = %(owner)s) DESC, m.id DESC
-LIMIT 1;
+SELECT * FROM pgml._model_ref(%(model_id)s::bigint, %(project)s::text, %(owner)s::name);
+
+-- name: hub_refusal
+-- Why the hub allow-list (pgml.hub_allowlist) refuses a model for the job's submitter; no row when it does not.
+SELECT error FROM pgml._hub_refusal(%(model_name)s::text, %(owner)s::name);
 
 -- name: delete_checkpoint_step
 -- Inside the child's fenced transaction (lock_owned_job first): a re-run step replaces its checkpoint.
