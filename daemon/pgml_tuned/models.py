@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import hub_access
 from .errors import JobError
 
 # torch_dtype names users may write → the canonical name (torch is imported only when a model is loaded: a
@@ -49,6 +50,10 @@ class ModelStore(Protocol):
     def find_model(self, model_id: int | None, project: str, owner: str) -> dict[str, Any] | None: ...
 
     def download_model(self, model_id: int, dest: Path) -> Path: ...
+
+    def hub_refusal(self, model_name: str, owner: str) -> str | None:
+        """Why the hub allow-list (pgml.hub_allowlist) refuses the hub model for `owner`'s job; None if not."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,10 @@ def resolve(
             refuse_outside_paths(Path(source), model_name)
         else:
             source = model_name
-            refuse_outside_paths(hub_configs(model_name, token), model_name)
+            check_hub_model(model_name, store, token=token, owner=owner)
+            configs = hub_configs(model_name, token)
+            hub_access.note_fetched(model_name, token)
+            refuse_outside_paths(configs, model_name)
         return Resolved(model_name, source, None)
     ref = model_name.removeprefix("pgml:")
     if ref.startswith("model:") and not ref.removeprefix("model:").isdigit():
@@ -111,6 +119,15 @@ def resolve(
     refuse_outside_paths(dest, model_name)
     info(f"starting from stored model {row['id']} (project {row['project_name']})", model_id=row["id"])
     return Resolved(model_name, str(dest), dict(row))
+
+
+def check_hub_model(model_name: str, store: ModelStore, *, token: str | None, owner: str) -> None:
+    """Before a hub model is fetched or served from the worker's cache: the administrators' allow-list, then
+    whether the job's token may read it (a private model another job's token fetched is not served)."""
+    refusal = store.hub_refusal(model_name, owner)
+    if refusal:
+        raise JobError(refusal)
+    hub_access.check_cached_access(model_name, token)
 
 
 # Configuration files transformers and peft read (and that name other files to read): checked before loading.

@@ -114,6 +114,7 @@ class Claim:
     secrets: str | None
     submitted_by: str = ""  # the login that submitted it: whose models it may start from
     snapshot_columns: list[str] | None = None  # the columns pgml.tune() copied into pgml.job_rows, in order
+    hub_refusal: str | None = None  # why the hub allow-list refuses its model now (checked at every claim)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -121,7 +122,7 @@ class Claim:
 
     def spec(self) -> dict[str, Any]:
         """What the job's child needs (sent on its stdin, never on its command line); secrets travel apart."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "secrets"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("secrets", "hub_refusal")}
 
 
 def settle(

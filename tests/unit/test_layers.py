@@ -24,6 +24,7 @@ RANKS = {
     "embedded": 0,
     "client": 0,  # PostgresML's OpenSourceAI: psycopg only (pgml_tuned.OpenSourceAI loads it lazily)
     "db": 1,
+    "hub_access": 1,
     "files": 2,
     "jobs": 3,
     "models": 4,

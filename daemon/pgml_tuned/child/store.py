@@ -117,6 +117,10 @@ class JobStore:
         """`owner` is the job's submitter: the database checks it again from the job row, whatever is passed."""
         return self.fetch_row("resolving the model", "child_find_model", {"model_id": model_id, "project": project})
 
+    def hub_refusal(self, model_name: str, owner: str) -> str | None:
+        row = self.fetch_row("checking the hub allow-list", "hub_refusal", {"model_name": model_name, "owner": owner})
+        return row["error"] if row else None
+
     def download_model(self, model_id: int, dest: Path) -> Path:
         return self.with_retry(
             "downloading a stored model",

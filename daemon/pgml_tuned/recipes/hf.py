@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..child.context import JobContext
 from ..errors import Interrupted, JobError
+from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
 
 # Keys older tutorials use that transformers 5 renamed.
@@ -25,10 +26,6 @@ MANAGED = ("output_dir", "logging_dir")
 def allowed_reporters() -> frozenset[str]:
     """report_to integrations the operator allows (PGML_ALLOWED_REPORTERS, comma-separated)."""
     return frozenset(r.strip() for r in os.environ.get("PGML_ALLOWED_REPORTERS", "").split(",") if r.strip())
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def model_token(ctx: JobContext) -> str | None:

@@ -27,7 +27,9 @@ WHERE j.id = (
 )
 RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
           j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.submitted_by, j.snapshot_columns,
-          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name;
+          (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
+          -- the hub allow-list may have changed since the job was submitted: checked again at every claim
+          (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal;
 
 -- name: renew_leases
 -- One statement renews every running attempt of a worker (parallel arrays of job ids and attempts); a job that
@@ -140,6 +142,10 @@ SELECT pgml._child_succeed(%(id)s, %(ticket)s, %(metrics)s::jsonb, %(base_model)
 -- name: child_checkpoint_begin
 -- A checkpoint's transaction: locks the job, replaces a re-run step's checkpoint, returns the new one's id.
 SELECT pgml._child_checkpoint_begin(%(id)s, %(ticket)s, %(step)s) AS id;
+
+-- name: hub_refusal
+-- Why the hub allow-list (pgml.hub_allowlist) refuses a model for the job's submitter; no row when it does not.
+SELECT error FROM pgml._hub_refusal(%(model_name)s::text, %(owner)s::name);
 
 -- name: copy_checkpoint_files
 COPY pgml.checkpoint_files (checkpoint_id, path, part, data) FROM STDIN (FORMAT BINARY);

@@ -69,11 +69,16 @@ class Attempt:
     async def _run(self, backend: Backend, launch: Launcher, env: dict[str, str], dsn: str) -> None:
         job = self.claim
         log.info("job.claimed", task=job.task, project=job.project_name, model=job.model_name)
-        try:
-            unsealed = backend.unseal(job)
-        except secrets.SecretError as e:
-            await backend.fail(job, str(e))
-            log.error("job.failed", error=str(e))
+        # the hub allow-list may have changed between submit and claim; then the job starts nothing
+        refusal, unsealed = job.hub_refusal, {}
+        if refusal is None:
+            try:
+                unsealed = backend.unseal(job)
+            except secrets.SecretError as e:
+                refusal = str(e)
+        if refusal is not None:
+            await backend.fail(job, refusal)
+            log.error("job.failed", error=refusal)
             return
         # The child's database access is this ticket: the job row keeps only its hash, and every pgml._child_*
         # function refuses any other job, and this one once the attempt is over.

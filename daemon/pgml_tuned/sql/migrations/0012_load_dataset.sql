@@ -135,6 +135,7 @@ DECLARE
     v_model   bigint;
     v_job     bigint;
     v_file   text;
+    v_who    name := pgml._submitter();  -- session_user, or through the loopback the user who called load_dataset
 BEGIN
     IF source IS NULL OR btrim(source) = '' THEN
         PERFORM pgml._fail('source is required',
@@ -200,7 +201,7 @@ BEGIN
         PERFORM pgml._fail(format('source %L needs kwargs.data_files', source),
             format('e.g. pgml.load_dataset(''%s'', kwargs => ''{"data_files": "reviews.%s"}'')', source, source));
     END IF;
-    PERFORM pgml._dataset_check_target(source, session_user);
+    PERFORM pgml._dataset_check_target(source, v_who);
 
     -- queued as pgml._submit() queues a job (pgml._submit itself wants a relation for every task but noop):
     -- project, model and job rows as the session's login, the token sealed, then pgml._submitted()'s limits
@@ -210,7 +211,7 @@ BEGIN
     IF v_secrets <> '{}' THEN
         v_sealed := pgml._seal(v_secrets);
     END IF;
-    INSERT INTO pgml.projects AS p (name, task, owner) VALUES ('pgml.load_dataset', 'load_dataset', session_user)
+    INSERT INTO pgml.projects AS p (name, task, owner) VALUES ('pgml.load_dataset', 'load_dataset', v_who)
     ON CONFLICT (owner, name) DO UPDATE SET updated_at = clock_timestamp()
     RETURNING * INTO v_project;
     IF v_project.task <> 'load_dataset' THEN
@@ -218,12 +219,12 @@ BEGIN
                            'load_dataset keeps its jobs in a project of that name: rename yours');
     END IF;
     INSERT INTO pgml.models (project_id, task, model_name, hyperparams, owner)
-    VALUES (v_project.id, 'load_dataset', source, v_clean, session_user)
+    VALUES (v_project.id, 'load_dataset', source, v_clean, v_who)
     RETURNING id INTO v_model;
     INSERT INTO pgml.jobs (project_id, model_id, task, model_name, test_size, test_sampling, hyperparams, secrets,
                            priority, max_attempts, status, submitted_by)
     VALUES (v_project.id, v_model, 'load_dataset', source, 0.25, 'last', v_clean, v_sealed, 0, 3, 'submitting',
-            session_user)
+            v_who)
     RETURNING id INTO v_job;
     PERFORM pgml._submitted(v_job);
     RETURN v_job;
