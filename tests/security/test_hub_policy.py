@@ -22,7 +22,7 @@ from pgml_tuned import hub_access, models
 from pgml_tuned.child.events import Events
 from pgml_tuned.child.store import JobStore
 from pgml_tuned.errors import JobError
-from tests.conftest import USER, WORKER, as_login, job_row, wait_job
+from tests.conftest import CHILD, USER, as_login, job_row, wait_job
 from tests.support import models as testing
 
 Conn = psycopg.Connection[dict[str, Any]]
@@ -227,7 +227,9 @@ def test_the_child_checks_every_hub_model_it_resolves(ops: Conn, su_dsn: str, tm
     adapter_config.json of an adapter in a worker directory."""
     allow(ops, "pgml-test/*")
 
-    store = JobStore(as_login(su_dsn, WORKER), 0, 0, 0, Events(io.StringIO()), tmp_path)
+    store = JobStore(
+        as_login(su_dsn, CHILD), "no-ticket", 0, 0, 0, Events(io.StringIO()), tmp_path
+    )  # the child's login
     with pytest.raises(JobError, match="'mallory/evil-base' is not on the allow-list"):
         models.resolve("mallory/evil-base", store, tmp_path, lambda *a, **k: None, owner=USER)
     assert store.hub_refusal("pgml-test/tiny", USER) is None
