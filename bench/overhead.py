@@ -353,7 +353,6 @@ def main() -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 
-    from pgml_tuned import secrets
     from pgml_tuned.demo import minilm_path
 
     model = minilm_path()
@@ -362,7 +361,6 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-overhead-"))
     (home / "work").mkdir()
     env = bench_env(home)
-    secrets.load_or_create_key(home / "worker.key")
     subprocess.run([sys.executable, "-c", WARM, str(model)], env=env, check=True, capture_output=True)
 
     rounds: list[dict[str, Any]] = []

@@ -112,6 +112,7 @@ class Claim:
     test_sampling: str
     hyperparams: dict[str, Any]
     secrets: str | None
+    credential: str | None = None  # the name of the job's named credential (pgml.credentials), never a token
     submitted_by: str = ""  # the login that submitted it: whose models it may start from
     snapshot_columns: list[str] | None = None  # the columns pgml.tune() copied into pgml.job_rows, in order
 
@@ -121,7 +122,7 @@ class Claim:
 
     def spec(self) -> dict[str, Any]:
         """What the job's child needs (sent on its stdin, never on its command line); secrets travel apart."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "secrets"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("secrets", "credential")}
 
 
 def settle(

@@ -1,11 +1,14 @@
 """Recipe `noop`: a diagnostic task for queues and operations — no data, no model.
 
-hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0}. It logs `steps` events (spread over
-`seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
+hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0, "expect_token_sha256": "<hex>"}. It logs `steps`
+events (spread over `seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
+With `expect_token_sha256` it first checks that the job's token (a named credential's, or an inline one)
+reached it: it fails unless the sha256 of the token it was given is that (the token is never shown).
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +18,13 @@ from ..errors import Interrupted, JobError
 
 
 def run(ctx: JobContext) -> None:
+    expected = ctx.hyperparams.get("expect_token_sha256")
+    if expected is not None:
+        token = ctx.secret("training_args.hub_token", "hub_token", "token")
+        if token is None:
+            raise JobError("expect_token_sha256: the job has no token")
+        if hashlib.sha256(token.encode()).hexdigest() != str(expected).lower():
+            raise JobError("expect_token_sha256: the job's token is not the expected one")
     seconds = float(ctx.hyperparams.get("seconds", 0))
     steps = int(ctx.hyperparams.get("steps", 0))
     for step in range(1, steps + 1):

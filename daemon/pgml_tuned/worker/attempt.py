@@ -66,7 +66,7 @@ class Attempt:
         job = self.claim
         log.info("job.claimed", task=job.task, project=job.project_name, model=job.model_name)
         try:
-            unsealed = backend.unseal(job)
+            unsealed = await backend.job_secrets(job)
         except secrets.SecretError as e:
             await backend.fail(job, str(e))
             log.error("job.failed", error=str(e))
