@@ -580,7 +580,9 @@ CREATE POLICY admin_read ON pgml.sealing_keys FOR SELECT TO pgml_admin USING (tr
 -- a user sees the credentials (and grants) they may use; an administrator all
 DROP POLICY IF EXISTS user_read ON pgml.credentials;
 CREATE POLICY user_read ON pgml.credentials FOR SELECT TO pgml_user
-    USING (pg_has_role(session_user, 'pgml_admin', 'MEMBER') OR pgml._may_use_credential(session_user, name));
+    USING (pg_has_role(session_user, 'pgml_admin', 'MEMBER')
+           OR EXISTS (SELECT 1 FROM pgml.credential_grants g JOIN pg_roles r ON r.rolname = g.role
+                      WHERE g.credential = credentials.name AND pg_has_role(session_user, r.oid, 'MEMBER')));
 DROP POLICY IF EXISTS user_read ON pgml.credential_grants;
 CREATE POLICY user_read ON pgml.credential_grants FOR SELECT TO pgml_user
     USING (pg_has_role(session_user, 'pgml_admin', 'MEMBER')
