@@ -16,9 +16,8 @@ The same model (the real all-MiniLM-L6-v2 weights, pgml_tuned.demo.minilm_path()
   child's and the daemon's exits come after that and are not counted either).
 
 A round is one plain run then one ours run. Before the first round, one untimed process imports torch and
-transformers and loads the model (so the first timed run does not pay for a cold page cache alone), and the
-daemon's worker key is created (a worker's key exists after its first start). Prints each round's times and
-phases, the median ratio ours/plain, and both accuracies.
+transformers and loads the model (so the first timed run does not pay for a cold page cache alone). Prints
+each round's times and phases, the median ratio ours/plain, and both accuracies.
 
 The machine may be shared: before each timed run it waits (--quiet-wait, default 120 s at most) for the CPUs to
 be idle, and it reports for every run the CPU-seconds of the timed process tree and of everything else on the

@@ -115,7 +115,7 @@ def scratch_database(admin_dsn: str, template: str | None = None) -> Iterator[st
 
 @pytest.fixture
 def su_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
-    """A fresh database with every migration applied and the session's worker key registered (superuser)."""
+    """A fresh database with every migration applied and the session's sealing key registered (superuser)."""
     with scratch_database(admin_dsn, template_db) as dsn:
         yield dsn
 

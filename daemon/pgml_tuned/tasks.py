@@ -59,7 +59,7 @@ TASKS: dict[str, Task] = {
             ),
         ),
         # a diagnostic task: a child that sleeps hyperparams.seconds; used to test queues and operations
-        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail"), admin_only=True),
+        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail", "expect_token_sha256"), admin_only=True),
     )
 }
 
