@@ -67,7 +67,6 @@ def bench_env(home: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(home / "hf"),
         "TOKENIZERS_PARALLELISM": "false",
-        "PGML_SECRET_KEY_FILE": str(home / "worker.key"),
     }
 
 

@@ -16,9 +16,8 @@ The same model (the real all-MiniLM-L6-v2 weights, pgml_tuned.demo.minilm_path()
   child's and the daemon's exits come after that and are not counted either).
 
 A round is one plain run then one ours run. Before the first round, one untimed process imports torch and
-transformers and loads the model (so the first timed run does not pay for a cold page cache alone), and the
-daemon's worker key is created (a worker's key exists after its first start). Prints each round's times and
-phases, the median ratio ours/plain, and both accuracies.
+transformers and loads the model (so the first timed run does not pay for a cold page cache alone). Prints
+each round's times and phases, the median ratio ours/plain, and both accuracies.
 
 The machine may be shared: before each timed run it waits (--quiet-wait, default 120 s at most) for the CPUs to
 be idle, and it reports for every run the CPU-seconds of the timed process tree and of everything else on the
@@ -353,7 +352,6 @@ def main() -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 
-    from pgml_tuned import secrets
     from pgml_tuned.demo import minilm_path
 
     model = minilm_path()
@@ -362,7 +360,6 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-overhead-"))
     (home / "work").mkdir()
     env = bench_env(home)
-    secrets.load_or_create_key(home / "worker.key")
     subprocess.run([sys.executable, "-c", WARM, str(model)], env=env, check=True, capture_output=True)
 
     rounds: list[dict[str, Any]] = []

@@ -200,9 +200,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = admin_dsn(args.dsn)
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-pickup-"))
     env = bench_env(home)
-    from pgml_tuned import secrets
-
-    secrets.load_or_create_key(home / "worker.key")  # the daemon's key exists, as on any worker after day one
     results: dict[str, Any] = {"home": str(home)}
     with fresh_database(admin, "pgml_bench_pickup") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE bench_notify_ref (n int, at timestamptz DEFAULT clock_timestamp())")

@@ -58,7 +58,8 @@ def admin_dsn() -> str:
 def session_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Process-wide settings every daemon and child of this test session shares."""
     home = tmp_path_factory.mktemp("pgml-home")
-    os.environ["PGML_SECRET_KEY_FILE"] = str(home / "worker.key")
+    os.environ["PGML_KEYRING_DIR"] = str(home / "keyring")  # the administrator's sealing key (template_db)
+    os.environ["PGML_CREDENTIALS_DIR"] = str(home / "credentials")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = str(home / "hf")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,9 +78,14 @@ def template_db(admin_dsn: str, session_env: Path) -> str:
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = with_db(admin_dsn, name)
 
+    # as an administrator would: migrate, then a sealing key in every worker's keyring, registered
+    keyring = Path(os.environ["PGML_KEYRING_DIR"])
+    keyring.mkdir(mode=0o700, exist_ok=True)
+    key = secrets.generate_private_key(2048)
+    secrets.write_private_key(key, keyring / f"{secrets.key_id_of(key)}.pem")
+
     async def setup() -> None:
         await db.migrate(dsn)
-        key = secrets.load_or_create_key(Path(os.environ["PGML_SECRET_KEY_FILE"]))
         async with await db.connect(dsn) as conn:
             await secrets.register_key(conn, key)
 
@@ -116,7 +122,7 @@ def scratch_database(admin_dsn: str, template: str | None = None) -> Iterator[st
 
 @pytest.fixture
 def su_dsn(admin_dsn: str, template_db: str) -> Iterator[str]:
-    """A fresh database with every migration applied and the session's worker key registered (superuser)."""
+    """A fresh database with every migration applied and the session's sealing key registered (superuser)."""
     with scratch_database(admin_dsn, template_db) as dsn:
         yield dsn
 

@@ -1,4 +1,4 @@
-"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, db.
+"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, db, keys.
 
 The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
 """
@@ -71,20 +71,56 @@ def _run(fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    dsn = resolve_dsn(_settings(args), role="admin")
+    applied = _run(lambda: db.migrate(dsn))
+    print(f"applied {', '.join(applied)}" if applied else "schema pgml is up to date")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """The sealing keys of inline tokens: an administrator's commands (a worker never creates or registers one)."""
     from . import secrets
 
-    settings = _settings(args)
-    dsn = resolve_dsn(settings, role="admin")
+    if args.action == "generate":
+        if not (args.out or args.file):
+            raise ValueError("keys generate needs --out FILE: where to write the new private key")
+        path = Path(args.out or args.file)
+        key = secrets.generate_private_key(args.bits)
+        secrets.write_private_key(key, path)
+        print(
+            f"key {secrets.key_id_of(key)} written to {path} (mode 0600)\n"
+            f"  copy it into every worker's keyring directory (PGML_KEYRING_DIR, default $PGML_HOME/keyring),\n"
+            f"  then: pgml-tuned keys register {path}"
+        )
+        return 0
+    if args.action != "list" and not args.file:
+        what = "the private key file" if args.action == "register" else "the key id (pgml-tuned keys list)"
+        raise ValueError(f"keys {args.action} needs {what}")
+    dsn = resolve_dsn(_settings(args), announce=False, role="admin")
 
-    async def go() -> list[str]:
-        applied = await db.migrate(dsn)
-        key = await anyio.to_thread.run_sync(secrets.load_or_create_key, settings.key_file)
+    async def go() -> None:
         async with await db.connect(dsn) as conn:
-            await secrets.register_key(conn, key)
-        return applied
+            if args.action == "register":
+                key = await anyio.to_thread.run_sync(secrets.load_private_key, Path(args.file))
+                key_id = await secrets.register_key(conn, key, activate=not args.no_activate)
+                state = "registered" if args.no_activate else "registered and active: inline tokens are sealed to it"
+                print(f"key {key_id} {state}")
+            elif args.action in ("activate", "retire"):
+                await conn.execute(f"SELECT pgml.{args.action}_sealing_key(%s)", (args.file,))
+                print(f"key {args.file} {args.action}d")
+            rows = await (
+                await conn.execute(
+                    "SELECT key_id, active, created_at, retired_at, pending_jobs FROM pgml.sealing_key_use "
+                    "ORDER BY created_at"
+                )
+            ).fetchall()
+            if args.action == "list":
+                for r in rows:
+                    print("  ".join(f"{k}={v}" for k, v in r.items()))
+                if not rows:
+                    print("no sealing key is registered (pgml-tuned keys generate --out FILE; keys register FILE)")
 
-    applied = _run(go)
-    print(f"applied {', '.join(applied)}" if applied else "schema pgml is up to date")
+    _run(go)
     return 0
 
 
@@ -257,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("model_id", type=int)
     dl.add_argument("dest")
     dl.set_defaults(fn=cmd_download)
+
+    k = sub.add_parser(
+        "keys",
+        parents=[common],
+        help="sealing keys of inline tokens (administrators): generate --out FILE, register FILE, list, "
+        "activate KEY_ID, retire KEY_ID",
+    )
+    k.add_argument("action", choices=["generate", "register", "list", "activate", "retire"])
+    k.add_argument("file", nargs="?", help="register: the private key file; activate/retire: the key id")
+    k.add_argument("--out", help="generate: the new private key file (never overwritten)")
+    k.add_argument("--bits", type=int, default=3072, help="generate: RSA key size (default 3072)")
+    k.add_argument("--no-activate", action="store_true", help="register: do not make it the sealing key yet")
+    k.set_defaults(fn=cmd_keys)
 
     e = sub.add_parser("db", parents=[common], help="the embedded PostgreSQL: psql command, dsn, stop")
     e.add_argument("action", choices=["psql", "dsn", "stop"])

@@ -47,7 +47,7 @@ class Settings:
     )
     home: Path = setting(
         factory=_default_home,
-        help="state directory: embedded server, worker key, scratch space "
+        help="state directory: embedded server, keyring, credentials, scratch space "
         "(default: $PGML_HOME or ~/.local/share/pgml-tuned)",
     )
     worker_id: str = setting(factory=_default_worker, help="this worker's name in pgml.jobs.worker (default: host:pid)")
@@ -71,8 +71,16 @@ class Settings:
     log_level: str = setting(
         "info", help="the least important log lines shown", choices=("debug", "info", "warning", "error")
     )
-    secret_key_file: Path | None = setting(
-        None, help="the worker's private key (default: <home>/worker.key)", flag=False
+    keyring_dir: Path | None = setting(
+        None,
+        help="the workers' private sealing keys, *.pem files of mode 0600 (default: <home>/keyring)",
+        flag=False,
+    )
+    credentials_dir: Path | None = setting(
+        None,
+        help="named credentials, one file per name holding its token (default: $CREDENTIALS_DIRECTORY, "
+        "systemd LoadCredential=, else <home>/credentials)",
+        flag=False,
     )
     work_dir: Path | None = setting(None, help="scratch space for children (default: <home>/work)", flag=False)
     datasets_dir: Path | None = setting(
@@ -92,8 +100,13 @@ class Settings:
     )
 
     @property
-    def key_file(self) -> Path:
-        return self.secret_key_file or self.home / "worker.key"
+    def keyring(self) -> Path:
+        return self.keyring_dir or self.home / "keyring"
+
+    @property
+    def credentials(self) -> Path:
+        systemd = os.environ.get("CREDENTIALS_DIRECTORY")
+        return self.credentials_dir or (Path(systemd) if systemd else self.home / "credentials")
 
     @property
     def scratch(self) -> Path:

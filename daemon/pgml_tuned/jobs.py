@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from . import files
+from . import files, secrets
 from .db import Pool, fetch_one, q
 from .errors import JobError, LeaseLost
 from .states import Claim, Renewal, Status
@@ -28,6 +28,17 @@ async def claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
     caller then runs release_orphans)."""
     rows = await pool.named("claim_job", retry=False, worker=worker, lease_seconds=lease_seconds)
     return Claim.from_row(rows[0]) if rows else None
+
+
+async def job_credential(pool: Pool, claim: Claim) -> str | None:
+    """The name of the job's credential, asked again at every attempt: raises secrets.SecretError (the
+    database's reason, e.g. the credential was revoked) if the submitter may no longer use it."""
+    try:
+        rows = await pool.named("job_credential", id=claim.id, attempt=claim.attempt)
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.NoDataFound) as e:
+        message, hint = e.diag.message_primary or str(e), e.diag.message_hint
+        raise secrets.SecretError(f"{message}: {hint}" if hint else message) from None
+    return rows[0]["credential"] if rows else None
 
 
 async def renew_leases(pool: Pool, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:

@@ -1,316 +1,238 @@
-"""Secrets (Hugging Face tokens) are never stored in plain text.
+"""A job's Hugging Face token, on the worker: named credentials, and inline tokens sealed at submit.
 
-Workers own an RSA key pair, kept in a JSON file on the worker (mode 0600). The public half is registered in
-``pgml.worker_keys``; ``pgml._seal(jsonb)`` (sql/migrations/0002_secrets.sql) encrypts the secrets of a job
-with the newest registered key in pure PL/pgSQL, and only a worker holding the private key can unseal them.
+Named credentials (the recommended way): the workers hold a directory with one file per credential name (its
+content is the token), e.g. systemd ``LoadCredential=``. SQL only ever sees the name (pgml.credentials); the
+worker asks ``pgml.job_credential`` whether the submitter still may use it, then reads the file here.
 
-Sealed format (shared with the SQL implementation)::
+Inline tokens are sealed by ``pgml._seal`` (sql/migrations/0009_secrets.sql) with RSA-OAEP (SHA-256, MGF1-SHA-256)
+to the active key of the keyring ``pgml.sealing_keys``, bound to the job and the submitter by the OAEP label::
 
-    rsa1:<fingerprint>:<base64 block>[.<base64 block>...]
+    v2:<key_id>:<base64 block>[.<base64 block>...]
+    label of block i of n: pgml-tuned:v2:<job_id>:<submitter>:<i>/<n>
 
-The compact JSON text of the secrets object, UTF-8 encoded, is cut into chunks of at most ``k - 11`` bytes
-(``k`` = byte length of the modulus: 256 for RSA-2048, so 245 bytes a block). Each chunk ``M`` is padded
-PKCS#1 v1.5 type 2, ``EM = 00 02 || PS || 00 || M`` with ``PS`` at least 8 random nonzero bytes, and
-encrypted ``C = EM^e mod n``; every block is exactly ``k`` bytes, big-endian. The fingerprint is the first 16
-hex characters of sha256 over the minimal big-endian bytes of ``n``.
+The workers hold the private keys: a keyring directory of PEM files (mode 0600), any number of keys, each found
+by its key id (computed from the key, never from the file name). An administrator creates them
+(``pgml-tuned keys generate``) and registers their public half (``pgml-tuned keys register``); a worker never
+creates or registers a key. Decryption is the ``cryptography`` library's; every failure to open sealed secrets
+(unknown key, bad padding, another job's blob, not JSON, an old ``rsa1:`` blob, ...) raises SecretError with
+the one text UNSEAL_ERROR: nothing tells one failure from another (no padding oracle).
 
-Stdlib only. Nothing here logs, prints or puts a plaintext into an exception message.
+Nothing here logs, prints or puts a token into an exception message.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import hashlib
 import json
-import math
 import os
-import tempfile
-from collections.abc import Mapping
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from secrets import randbelow, randbits, token_bytes
 from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
-    "KEY_FILE_ENV",
+    "CREDENTIAL_NAME",
     "SECRET_KEYS",
+    "UNSEAL_ERROR",
+    "Keyring",
     "SecretError",
-    "WorkerKey",
-    "generate_key",
-    "load_or_create_key",
+    "generate_private_key",
+    "key_id_of",
+    "load_private_key",
+    "read_credential",
     "register_key",
-    "seal",
-    "unseal",
+    "seal_label",
+    "write_private_key",
 ]
 
 #: Hyperparameter keys whose values are secrets (at the top level and inside ``training_args``).
 SECRET_KEYS = ("token", "hub_token", "use_auth_token")  # as pgml._secret_keys() in SQL
 
-#: Environment variable naming the worker's key file.
-KEY_FILE_ENV = "PGML_SECRET_KEY_FILE"
+#: A credential name: a plain file name (as the CHECK of pgml.credentials.name).
+CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
-PUBLIC_EXPONENT = 65537
-MIN_BITS = 512
-MILLER_RABIN_ROUNDS = 40
-FORMAT_PREFIX = "rsa1"
-_MIN_PADDING = 8  # PKCS#1 v1.5: at least 8 random nonzero bytes
-_OVERHEAD = 3 + _MIN_PADDING  # 00 02 PS 00
+#: The one error of every failure to open sealed secrets; all that lands in pgml.jobs.error.
+UNSEAL_ERROR = (
+    "the job's sealed token cannot be opened on this worker: resubmit the job with the token, or use a named "
+    'credential ("hub_credential": "<name>")'
+)
 
-_SMALL_PRIMES = [p for p in range(3, 2000) if all(p % q for q in range(2, math.isqrt(p) + 1))]
-_SMALL_PRIMES_PRODUCT = math.prod(_SMALL_PRIMES)
+FORMAT = "v2"
+KEY_BITS = 3072
+MAX_CREDENTIAL_BYTES = 65536
+_OAEP_OVERHEAD = 2 * 32 + 2
 
 
 class SecretError(Exception):
-    """Sealed secrets cannot be unsealed (wrong key, corrupt data). The message never contains a secret."""
+    """A job's token cannot be had. ``str()`` is what the job's error says (never a secret); ``detail`` is for
+    the operator's log (also never a secret)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
-@dataclass(frozen=True)
-class WorkerKey:
-    """An RSA key pair: modulus ``n``, public exponent ``e``, private exponent ``d``."""
-
-    n: int
-    e: int
-    d: int = field(repr=False)
-
-    @property
-    def fingerprint(self) -> str:
-        """First 16 hex characters of sha256 over the big-endian bytes of ``n``."""
-        return fingerprint_of(self.n)
-
-    def __repr__(self) -> str:  # never show d (nor a 600-digit n) in logs
-        return f"WorkerKey(fingerprint={self.fingerprint!r}, bits={self.n.bit_length()})"
+def seal_label(job_id: int, submitter: str, index: int, count: int) -> bytes:
+    """The OAEP label of block ``index`` (1-based) of ``count`` (as ``pgml._seal_label`` in SQL)."""
+    return f"pgml-tuned:{FORMAT}:{job_id}:{submitter}:{index}/{count}".encode()
 
 
-def _byte_length(n: int) -> int:
-    return max(1, (n.bit_length() + 7) // 8)
+def key_id_of(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> str:
+    """First 16 hex characters of sha256 over the minimal big-endian bytes of n (``pgml._key_fingerprint``)."""
+    n = (key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key).public_numbers().n
+    return hashlib.sha256(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big")).hexdigest()[:16]
 
 
-def fingerprint_of(n: int) -> str:
-    """The fingerprint of a public key with modulus ``n`` (as ``pgml._key_fingerprint(n)`` in SQL)."""
-    return hashlib.sha256(n.to_bytes(_byte_length(n), "big")).hexdigest()[:16]
+# -- private key files ---------------------------------------------------------------------------------------
 
 
-# -- key generation ------------------------------------------------------------------------------------------
+def generate_private_key(bits: int = KEY_BITS) -> rsa.RSAPrivateKey:
+    if bits < 2048:
+        raise ValueError(f"a sealing key needs at least 2048 bits, not {bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def _is_probable_prime(n: int, rounds: int = MILLER_RABIN_ROUNDS) -> bool:
-    if n < 2:
-        return False
-    for p in (2, *_SMALL_PRIMES):
-        if n % p == 0:
-            return n == p
-    r, s = n - 1, 0
-    while r % 2 == 0:
-        r //= 2
-        s += 1
-    for _ in range(rounds):
-        a = 2 + randbelow(n - 3)
-        x = pow(a, r, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
+def write_private_key(key: rsa.RSAPrivateKey, path: Path) -> None:
+    """Writes ``key`` as unencrypted PKCS#8 PEM, mode 0600; never replaces an existing file."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ValueError(f"{path} exists: choose another file name (a key file is never overwritten)") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _random_prime(bits: int, e: int) -> int:
-    """A random prime of exactly ``bits`` bits with its two top bits set (so p*q has 2*bits bits)."""
-    top = (1 << (bits - 1)) | (1 << (bits - 2))
-    while True:
-        candidate = randbits(bits) | top | 1
-        # cheap sieve first: one gcd against the product of the small primes
-        if math.gcd(candidate, _SMALL_PRIMES_PRODUCT) != 1:
-            continue
-        if math.gcd(candidate - 1, e) != 1:
-            continue
-        if _is_probable_prime(candidate):
-            return candidate
-
-
-def generate_key(bits: int = 2048) -> WorkerKey:
-    """A fresh RSA key with a modulus of exactly ``bits`` bits and e = 65537 (Miller–Rabin, 40 rounds)."""
-    if bits < MIN_BITS or bits % 2:
-        raise ValueError(f"RSA key size must be an even number of bits >= {MIN_BITS}, not {bits}")
-    e = PUBLIC_EXPONENT
-    half = bits // 2
-    while True:
-        p = _random_prime(half, e)
-        q = _random_prime(half, e)
-        if p == q:
-            continue
-        n = p * q
-        if n.bit_length() != bits:  # cannot happen with both top bits set; kept as a guard
-            continue
-        d = pow(e, -1, math.lcm(p - 1, q - 1))
-        return WorkerKey(n=n, e=e, d=d)
-
-
-# -- the key file --------------------------------------------------------------------------------------------
-
-
-def _check_key(key: WorkerKey) -> None:
-    """Raises ValueError unless (n, e, d) is a working RSA key."""
-    if key.n.bit_length() < MIN_BITS or key.e < 3 or key.e % 2 == 0 or not 1 < key.d < key.n:
-        raise ValueError("not a valid RSA key")
-    for m in (2, 0x5EA1ED, key.n - 2):
-        if pow(pow(m, key.e, key.n), key.d, key.n) != m:
-            raise ValueError("n, e and d do not form an RSA key pair")
-
-
-def _load_key(path: Path) -> WorkerKey:
-    fix = (
-        f"restore the original key file, or delete {path} to create a new key (jobs already queued with "
-        "secrets sealed by the old key must then be resubmitted)"
-    )
+def load_private_key(path: Path) -> rsa.RSAPrivateKey:
+    """The RSA private key in ``path``; ValueError naming the file and the fix (never quoting it)."""
     try:
         st = path.stat()
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"worker key file {path} is unreadable ({type(exc).__name__}): {fix}") from None
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"key file {path} is unreadable ({type(e).__name__})") from None
     if os.name == "posix" and st.st_mode & 0o077:
         raise ValueError(
-            f"worker key file {path} is accessible by other users (mode {st.st_mode & 0o777:o}); it holds "
-            f"the private key that unseals Hugging Face tokens: run `chmod 600 {path}`"
+            f"key file {path} is accessible by other users (mode {st.st_mode & 0o777:o}); it opens every sealed "
+            f"token: run `chmod 600 {path}`"
         )
-    # messages below never quote the file: it holds the private key
     try:
-        raw = json.loads(text)
-        key = WorkerKey(n=int(raw["n"], 16), e=int(raw["e"], 16), d=int(raw["d"], 16))
-    except (ValueError, KeyError, TypeError):
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
         raise ValueError(
-            f'worker key file {path} is corrupt (expected JSON {{"n": hex, "e": hex, "d": hex}}): {fix}'
+            f"key file {path} is not an unencrypted PEM private key (see `pgml-tuned keys generate`)"
         ) from None
-    try:
-        _check_key(key)
-    except ValueError as exc:
-        raise ValueError(f"worker key file {path} is corrupt ({exc}): {fix}") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"key file {path} does not hold an RSA key (`pgml-tuned keys generate` writes one)")
     return key
 
 
-def _write_new_key(path: Path, key: WorkerKey) -> WorkerKey:
-    """Writes ``key`` to ``path`` (mode 0600) atomically unless it exists; returns the key in the file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    payload = json.dumps({"n": format(key.n, "x"), "e": format(key.e, "x"), "d": format(key.d, "x")}) + "\n"
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            # link(2) never replaces an existing file: two workers starting at once keep a single key.
-            os.link(tmp, path)
-        except FileExistsError:
-            return _load_key(path)
-        except OSError:
-            # filesystems without hard links: atomic rename (last writer wins)
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return key
-
-
-def load_or_create_key(path: Path) -> WorkerKey:
-    """The worker key stored at ``path``; a new RSA-2048 key is generated and stored there if none exists.
-
-    Raises ValueError (naming the path and the fix) if the file is accessible by group/others or corrupt.
-    """
-    path = Path(path)
-    if path.exists():
-        return _load_key(path)
-    return _write_new_key(path, generate_key())
-
-
-# -- seal / unseal -------------------------------------------------------------------------------------------
-
-
-def _nonzero_random_bytes(count: int) -> bytes:
-    out = bytearray()
-    while len(out) < count:
-        out.extend(b for b in token_bytes(count - len(out) + 8) if b)
-    return bytes(out[:count])
-
-
-def seal(secrets: Mapping[str, Any], n: int, e: int, fingerprint: str) -> str:
-    """Seals a JSON-serialisable mapping with the public key (n, e): the format of ``pgml._seal``."""
-    k = _byte_length(n)
-    max_len = k - _OVERHEAD
-    if max_len < 1:
-        raise ValueError("RSA modulus too small to seal anything")
-    message = json.dumps(dict(secrets), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    blocks = []
-    for start in range(0, len(message), max_len):
-        chunk = message[start : start + max_len]
-        em = b"\x00\x02" + _nonzero_random_bytes(k - 3 - len(chunk)) + b"\x00" + chunk
-        c = pow(int.from_bytes(em, "big"), e, n)
-        blocks.append(base64.b64encode(c.to_bytes(k, "big")).decode("ascii"))
-    return f"{FORMAT_PREFIX}:{fingerprint}:{'.'.join(blocks)}"
-
-
-def unseal(sealed: str, key: WorkerKey) -> dict[str, Any]:
-    """The secrets object sealed by ``pgml._seal`` (or :func:`seal`). Raises SecretError if it cannot."""
-    parts = sealed.split(":", 2) if isinstance(sealed, str) else []
-    if len(parts) != 3 or parts[0] != FORMAT_PREFIX or not parts[2]:
-        raise SecretError(f"sealed secrets are malformed: expected '{FORMAT_PREFIX}:<fingerprint>:<blocks>'")
-    _, fingerprint, body = parts
-    if fingerprint != key.fingerprint:
-        raise SecretError(
-            f"the job's secrets were sealed with worker key {fingerprint}, but this worker's key is "
-            f"{key.fingerprint}: every worker needs the same key file; copy the key file of the worker that "
-            f"registered {fingerprint} to this worker and point {KEY_FILE_ENV} at it (or resubmit the job)"
-        )
-    k = _byte_length(key.n)
-    message = bytearray()
-    for i, block in enumerate(body.split("."), start=1):
-        try:
-            raw = base64.b64decode(block, validate=True)
-        except (binascii.Error, ValueError):
-            raise SecretError(f"sealed secrets are corrupt: block {i} is not base64") from None
-        c = int.from_bytes(raw, "big")
-        if len(raw) != k or c >= key.n:
-            raise SecretError(f"sealed secrets are corrupt: block {i} is not a {k}-byte RSA ciphertext")
-        em = pow(c, key.d, key.n).to_bytes(k, "big")
-        sep = em.find(b"\x00", 2)
-        if em[0] != 0 or em[1] != 2 or sep < 2 + _MIN_PADDING:
-            raise SecretError(f"sealed secrets are corrupt: block {i} does not decrypt to a padded message")
-        message += em[sep + 1 :]
-    try:
-        value = json.loads(message.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise SecretError("sealed secrets are corrupt: they do not decrypt to JSON") from None
-    if not isinstance(value, dict):
-        raise SecretError("sealed secrets are corrupt: they do not decrypt to a JSON object")
-    return value
-
-
-# -- registration --------------------------------------------------------------------------------------------
-
-
-async def register_key(conn: psycopg.AsyncConnection[Any], key: WorkerKey) -> None:
-    """Registers the public half of ``key`` in ``pgml.worker_keys`` (a no-op if it is already there).
-
-    Runs in its own transaction (a savepoint if ``conn`` is inside one) and commits it.
-    """
+async def register_key(conn: psycopg.AsyncConnection[Any], key: rsa.RSAPrivateKey, *, activate: bool = True) -> str:
+    """Registers the public half of ``key`` in pgml.sealing_keys (an administrator's connection); with
+    ``activate`` it becomes the key that seals. Returns its key id. Commits."""
+    numbers = key.public_key().public_numbers()
     async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO pgml.worker_keys (fingerprint, n, e) VALUES (%s, %s::numeric, %s::numeric) "
-            "ON CONFLICT DO NOTHING",
-            (key.fingerprint, str(key.n), str(key.e)),
+        cur = await conn.execute(
+            "SELECT pgml.register_sealing_key(%s::numeric, %s::numeric, %s) AS key_id",
+            (str(numbers.n), str(numbers.e), activate),
         )
+        row = await cur.fetchone()
+    assert row is not None
+    return str(row["key_id"])  # a db.connect() connection: dict rows
+
+
+# -- the worker's keyring ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Keyring:
+    """The private keys in a directory (``*.pem``, mode 0600), by key id."""
+
+    directory: Path
+    keys: dict[str, rsa.RSAPrivateKey] = field(default_factory=dict, repr=False)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, directory: Path) -> Keyring:
+        """Every key in ``directory`` (none if it does not exist); a file that cannot be used is a problem,
+        not an error: the worker logs it and serves jobs that do not need it."""
+        ring = cls(Path(directory))
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for path in sorted(ring.directory.glob("*.pem")):
+                try:
+                    key = load_private_key(path)
+                except ValueError as e:
+                    ring.problems.append(str(e))
+                    continue
+                ring.keys[key_id_of(key)] = key
+        return ring
+
+    def unseal(self, sealed: str, job_id: int, submitter: str) -> dict[str, Any]:
+        """The secrets sealed by ``pgml._seal`` for this job and submitter; SecretError(UNSEAL_ERROR) otherwise."""
+        parts = sealed.split(":", 2) if isinstance(sealed, str) else []
+        key = self.keys.get(parts[1]) if len(parts) == 3 and parts[0] == FORMAT else None
+        if key is None:
+            detail = (
+                f"sealed with key {parts[1]!r}, which is not in the keyring {self.directory}: copy that key's "
+                "file there (mode 0600) on every worker"
+                if len(parts) == 3 and parts[0] == FORMAT and re.fullmatch(r"[0-9a-f]{16}", parts[1])
+                else "not a v2 sealed blob (an rsa1: blob of before 0009_secrets cannot be opened: resubmit)"
+            )
+            raise SecretError(UNSEAL_ERROR, detail)
+        blocks = parts[2].split(".")
+        message = bytearray()
+        try:
+            for i, block in enumerate(blocks, start=1):
+                oaep = padding.OAEP(
+                    mgf=padding.MGF1(hashes.SHA256()),
+                    algorithm=hashes.SHA256(),
+                    label=seal_label(job_id, submitter, i, len(blocks)),
+                )
+                message += key.decrypt(base64.b64decode(block, validate=True), oaep)
+            value = json.loads(message.decode("utf-8"))
+        except Exception:  # whatever it was (padding, label, base64, UTF-8, JSON): the one error
+            raise SecretError(UNSEAL_ERROR, "the sealed blob does not open for this job and submitter") from None
+        if not isinstance(value, dict):
+            raise SecretError(UNSEAL_ERROR, "the sealed blob does not open for this job and submitter")
+        return value
+
+
+# -- named credentials ---------------------------------------------------------------------------------------
+
+
+def read_credential(directory: Path, name: str) -> str:
+    """The token in credential file ``directory/name``; SecretError naming the credential and the fix."""
+    if not isinstance(name, str) or not CREDENTIAL_NAME.fullmatch(name):
+        raise SecretError(f"credential name {name!r} is not a plain file name")
+    path = Path(directory) / name
+    fix = (
+        f"put its token in {path} on every worker (systemd: LoadCredential={name}:/etc/pgml-tuned/credentials/{name}), "
+        "then resubmit the job"
+    )
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SecretError(f"credential {name!r} is not a file on this worker: {fix}")
+            data = f.read(MAX_CREDENTIAL_BYTES + 1)
+    except FileNotFoundError:
+        raise SecretError(f"credential {name!r} is not on this worker: {fix}") from None
+    except OSError as e:
+        raise SecretError(f"credential {name!r} is unreadable on this worker ({type(e).__name__}): {fix}") from None
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        token = ""
+    if not token or len(data) > MAX_CREDENTIAL_BYTES:
+        raise SecretError(f"credential {name!r} on this worker is not a token (empty, binary or over 64 KiB): {fix}")
+    return token

@@ -112,6 +112,7 @@ class Claim:
     test_sampling: str
     hyperparams: dict[str, Any]
     secrets: str | None
+    credential: str | None = None  # the name of the job's named credential (pgml.credentials), never a token
     submitted_by: str = ""  # the login that submitted it: whose models it may start from
     snapshot_columns: list[str] | None = None  # the columns pgml.tune() copied into pgml.job_rows, in order
     hub_refusal: str | None = None  # why the hub allow-list refuses its model now (checked at every claim)
@@ -122,7 +123,9 @@ class Claim:
 
     def spec(self) -> dict[str, Any]:
         """What the job's child needs (sent on its stdin, never on its command line); secrets travel apart."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("secrets", "hub_refusal")}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("secrets", "credential", "hub_refusal")
+        }
 
 
 def settle(

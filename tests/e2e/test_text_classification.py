@@ -64,7 +64,7 @@ def test_seed_text_classification_end_to_end(
     assert time.monotonic() - t0 < 1.0
     job_id = seed.job_id(result["tune"])
     job = job_row(conn, job_id)
-    assert job["status"] == "queued" and job["secrets"].startswith("rsa1:")
+    assert job["status"] == "queued" and job["secrets"].startswith("v2:")
     assert "YOUR_HUB_TOKEN" not in json.dumps(job["hyperparams"])
 
     # a daemon trains it; logs appear while it runs, visible to this other session

@@ -44,7 +44,9 @@ def test_migrate_is_idempotent_and_records_versions(empty_db: str, tmp_path: Pat
     with psycopg.connect(empty_db) as c:
         versions = [r[0] for r in c.execute("SELECT version FROM pgml.schema_migrations ORDER BY version")]
         assert versions == sorted(p.stem for p in (SQL_DIR / "migrations").glob("*.sql"))
-        assert c.execute("SELECT count(*) FROM pgml.worker_keys").fetchone()[0] == 1  # key registered
+        # migrate creates no sealing key: an administrator registers one (pgml-tuned keys register)
+        assert c.execute("SELECT count(*) FROM pgml.sealing_keys").fetchone()[0] == 0
+    assert not (tmp_path / "keyring").exists() and not (tmp_path / "worker.key").exists()
 
 
 def test_plain_psql_applies_the_migrations(empty_db: str) -> None:

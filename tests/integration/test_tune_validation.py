@@ -208,7 +208,7 @@ def test_secrets_are_sealed_never_stored_in_clear(conn: psycopg.Connection[dict[
     job = conn.execute("SELECT hyperparams, secrets FROM pgml.jobs WHERE id = %s", (row["job_id"],)).fetchone()
     assert "token" not in job["hyperparams"] and "hub_token" not in job["hyperparams"]["training_args"]
     assert job["hyperparams"]["training_args"] == {"num_train_epochs": 1}
-    assert job["secrets"].startswith("rsa1:")
+    assert job["secrets"].startswith("v2:")
 
 
 def test_notify_carries_the_job_id(

@@ -160,7 +160,7 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
         "SELECT * FROM pgml.file_parts",
         "SELECT * FROM pgml.checkpoint_files",
         "SELECT * FROM pgml.logs",
-        "SELECT * FROM pgml.worker_keys",
+        "SELECT * FROM pgml.sealing_keys",
         "UPDATE pgml.jobs SET status = 'succeeded'",
         "DELETE FROM pgml.file_parts",
         "INSERT INTO pgml.logs (model_id, project_id, logs) VALUES (1, 1, '{}')",

@@ -47,7 +47,9 @@ def test_a_child_inherits_no_credential(ops: psycopg.Connection[dict[str, Any]],
     wait_job(conn, row["job_id"], 30)
     for name, value in SECRETS_IN_THE_WORKER_ENV.items():
         assert name not in env and not any(value in v for v in env.values()), name
-    assert "PGML_SECRET_KEY_FILE" not in env and not any("worker.key" in v for v in env.values())
+    for where in ("PGML_KEYRING_DIR", "PGML_CREDENTIALS_DIR", "CREDENTIALS_DIRECTORY"):
+        assert where not in env, where
+        assert where not in os.environ or not any(os.environ[where] in v for v in env.values()), where
     assert env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] == "1" and "HF_HUB_OFFLINE" in env  # what it needs still passes
     assert "password" not in cmdline and "postgresql://" not in cmdline and "dbname" not in cmdline
 
@@ -75,7 +77,7 @@ def test_a_hub_model_naming_the_worker_key_is_refused_before_loading(
     conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path, session_env: Path
 ) -> None:
     """The attack: a model whose tokenizer reads the worker's key as its vocabulary and saves it with the model."""
-    key_file = os.environ["PGML_SECRET_KEY_FILE"]
+    key_file = str(next(Path(os.environ["PGML_KEYRING_DIR"]).glob("*.pem")))
     model = testing.build_tiny_classifier_base(tmp_path / "evil-bert", hidden=32, layers=1)
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["vocab_file"] = key_file

@@ -65,8 +65,9 @@ def open_dirs(session_env: Path) -> Iterator[tuple[Path, Path]]:
     key file's own mode (0600, root's) keeps it out."""
     base = Path(tempfile.mkdtemp(prefix="pgml-child-user-", dir="/tmp"))
     base.chmod(0o711)
-    key = base / "worker.key"
-    shutil.copy(os.environ["PGML_SECRET_KEY_FILE"], key)
+    (base / "keyring").mkdir(mode=0o711)
+    key = base / "keyring" / "worker.pem"  # the session's sealing key, in a keyring of the worker's
+    shutil.copy(next(Path(os.environ["PGML_KEYRING_DIR"]).glob("*.pem")), key)
     key.chmod(0o600)
     (base / "work").mkdir(mode=0o711)
     yield base / "work", key
@@ -139,7 +140,7 @@ def test_a_child_user_cannot_read_the_worker_key(
     open_dirs: tuple[Path, Path],
 ) -> None:
     work, key = open_dirs
-    env = {"PGML_WORK_DIR": str(work), "PGML_SECRET_KEY_FILE": str(key)}
+    env = {"PGML_WORK_DIR": str(work), "PGML_KEYRING_DIR": str(key.parent)}
     # as the daemon's own user (root) the probe reads the key: what the sandbox takes away
     job = probe_job(ops, key)["job_id"]
     daemon("--drain", env=env).wait(60)
@@ -160,7 +161,7 @@ def test_a_child_user_that_could_read_the_key_stops_the_daemon(
 ) -> None:
     work, key = open_dirs
     key.chmod(0o644)  # (the worker's key check refuses it too, later: the child user's check comes first)
-    d = daemon("--child-user", SANDBOX_USER, env={"PGML_WORK_DIR": str(work), "PGML_SECRET_KEY_FILE": str(key)})
+    d = daemon("--child-user", SANDBOX_USER, env={"PGML_WORK_DIR": str(work), "PGML_KEYRING_DIR": str(key.parent)})
     assert d.wait(30) != 0
     assert f"child_user '{SANDBOX_USER}' can read {key}" in d.output()
 
@@ -181,7 +182,7 @@ def test_child_user_needs_a_root_daemon_and_an_existing_user(
         group=sandbox_user.pw_gid,
         extra_groups=[],
         cwd="/",
-        env={**os.environ, "PGML_SECRET_KEY_FILE": str(work / "none.key")},
+        env={**os.environ, "PGML_KEYRING_DIR": str(work / "no-keyring")},
         timeout=60,
     )
     assert not_root.returncode == 2

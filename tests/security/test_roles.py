@@ -60,7 +60,7 @@ def test_a_function_in_a_view_runs_as_its_caller_and_never_as_the_worker(
         "INSERT INTO spy_log VALUES (current_user, session_user, NULL); "
         "BEGIN INSERT INTO spy_log SELECT current_user, session_user, salary FROM public.payroll; "
         "EXCEPTION WHEN insufficient_privilege THEN NULL; END; "
-        "BEGIN INSERT INTO pgml.worker_keys (fingerprint, n, e) VALUES ('x', 1, 3); "
+        "BEGIN INSERT INTO pgml.sealing_keys (key_id, n, e, active) VALUES ('x', 1, 3, true); "
         "EXCEPTION WHEN insufficient_privilege THEN NULL; END; "
         "RETURN t; END $$"
     )
@@ -69,7 +69,7 @@ def test_a_function_in_a_view_runs_as_its_caller_and_never_as_the_worker(
     # the rows were read at submit time, in the user's session, with the user's rights
     who = conn.execute("SELECT DISTINCT who, session, stolen FROM spy_log").fetchall()
     assert who == [{"who": USER, "session": USER, "stolen": None}]
-    assert su.execute("SELECT count(*) AS n FROM pgml.worker_keys WHERE fingerprint = 'x'").fetchone() == {"n": 0}
+    assert su.execute("SELECT count(*) AS n FROM pgml.sealing_keys WHERE key_id = 'x'").fetchone() == {"n": 0}
     conn.execute("DELETE FROM spy_log")
     daemon("--drain").wait(180)
     done = wait_job(conn, job["job_id"], 10)
@@ -109,12 +109,22 @@ def test_views_cannot_reach_what_the_caller_cannot_read(
         "INSERT INTO pgml.logs (model_id, project_id, logs) VALUES (1, 1, '{}')",
         "INSERT INTO pgml.file_parts (model_id, path, part, data) VALUES (1, 'x', 0, '')",
         "SELECT * FROM pgml.file_parts",
-        "INSERT INTO pgml.worker_keys (fingerprint, n, e) VALUES ('x', 1, 3)",
-        "SELECT * FROM pgml.worker_keys",
+        "INSERT INTO pgml.sealing_keys (key_id, n, e) VALUES ('x', 1, 3)",
+        "SELECT * FROM pgml.sealing_keys",
+        "UPDATE pgml.sealing_keys SET active = true",
+        "SELECT pgml.register_sealing_key(1, 3)",
+        "SELECT pgml.activate_sealing_key('x')",
+        "SELECT pgml.retire_sealing_key('x')",
+        "INSERT INTO pgml.credentials (name) VALUES ('x')",
+        "INSERT INTO pgml.credential_grants (credential, role) VALUES ('x', 'pgml_user')",
+        "SELECT pgml.allow_credential('x', 'pgml_user')",
+        "SELECT pgml.revoke_credential('x', 'pgml_user')",
+        "SELECT pgml.drop_credential('x')",
+        "SELECT pgml.job_credential(1, 1)",
         "SELECT * FROM pgml.checkpoint_files",
         "DELETE FROM pgml.checkpoints",
         "UPDATE pgml.tasks SET admin_only = false",
-        'SELECT pgml._seal(\'{"token": "x"}\'::jsonb)',
+        "SELECT pgml._seal('{\"token\": \"x\"}'::jsonb, 1, 'x')",
         "SELECT pgml._own_everything()",
         "CREATE FUNCTION pgml.cancel(job_id integer) RETURNS text LANGUAGE sql AS $$ SELECT 'mine' $$",
         "CREATE TYPE pgml.t AS (a int)",

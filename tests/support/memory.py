@@ -135,7 +135,7 @@ class MemoryBackend:
     async def queue_empty(self) -> bool:
         return not any(j.status == Status.QUEUED and not j.cancel_requested for j in self.jobs.values())
 
-    def unseal(self, claim: Claim) -> dict[str, Any]:
+    async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         return {}
 
     async def close(self) -> None:

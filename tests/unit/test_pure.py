@@ -71,8 +71,17 @@ def test_settings_from_env_and_flags(tmp_path: Path) -> None:
         heartbeat_seconds="2",
     )
     assert s.concurrency == 3 and s.lease_seconds == 40 and s.heartbeat_seconds == 2 and s.home == tmp_path
-    assert s.key_file == tmp_path / "worker.key"
+    assert s.keyring == tmp_path / "keyring"
     assert Settings.from_env({"PGML_CONCURRENCY": "3"}, concurrency=1).concurrency == 1  # flags win
+
+
+def test_credentials_directory_follows_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert Settings.from_env({"PGML_HOME": str(tmp_path)}).credentials == tmp_path / "credentials"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/pgml-tuned.service")  # LoadCredential=
+    assert Settings.from_env({"PGML_HOME": str(tmp_path)}).credentials == Path("/run/credentials/pgml-tuned.service")
+    given = Settings.from_env({"PGML_HOME": str(tmp_path), "PGML_CREDENTIALS_DIR": str(tmp_path / "c")})
+    assert given.credentials == tmp_path / "c"
 
 
 def test_settings_reject_nonsense() -> None:

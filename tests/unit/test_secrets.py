@@ -1,4 +1,5 @@
-"""Secrets sealing in pure Python: key generation, the key file, seal/unseal (pgml_tuned.secrets)."""
+"""The worker's side of secrets (pgml_tuned.secrets): key files, the keyring, OAEP opening with the one error,
+and credential files. The SQL sealing side is tests/integration/test_secrets_sql.py."""
 
 from __future__ import annotations
 
@@ -9,234 +10,124 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pgml_tuned import secrets as sec
-from pgml_tuned.secrets import SecretError, WorkerKey, generate_key, load_or_create_key, seal, unseal
+from pgml_tuned.secrets import UNSEAL_ERROR, Keyring, SecretError
 
 
-@pytest.fixture(scope="session")
-def key() -> WorkerKey:
-    return generate_key(1024)
+@pytest.fixture(scope="module")
+def key() -> rsa.RSAPrivateKey:
+    return sec.generate_private_key(2048)
 
 
-@pytest.fixture(scope="session")
-def other_key() -> WorkerKey:
-    return generate_key(1024)
+def seal(key: rsa.RSAPrivateKey, value: object, job_id: int, submitter: str, *, block: int = 190) -> str:
+    """What pgml._seal writes, made with the library (the SQL side is compared against it elsewhere)."""
+    msg = value if isinstance(value, bytes) else json.dumps(value).encode()
+    chunks = [msg[i : i + block] for i in range(0, len(msg), block)] or [b""]
+    blobs = []
+    for i, chunk in enumerate(chunks, start=1):
+        label = sec.seal_label(job_id, submitter, i, len(chunks))
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=label)
+        blobs.append(base64.b64encode(key.public_key().encrypt(chunk, oaep)).decode())
+    return f"v2:{sec.key_id_of(key)}:{'.'.join(blobs)}"
 
 
-def _seal(secrets: dict, key: WorkerKey) -> str:
-    return seal(secrets, key.n, key.e, key.fingerprint)
+def test_round_trip(key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    ring = Keyring(tmp_path, {sec.key_id_of(key): key})
+    value = {"hub_token": "hf_" + "x" * 500, "token": "ünïcødé"}
+    assert ring.unseal(seal(key, value, 7, "alice"), 7, "alice") == value
 
 
-def test_generate_key_is_a_valid_rsa_key(key: WorkerKey) -> None:
-    assert key.n.bit_length() == 1024
-    assert key.e == 65537
-    for m in (2, 12345, key.n - 1):
-        assert pow(pow(m, key.e, key.n), key.d, key.n) == m
-    assert not sec._is_probable_prime(key.n)
+def _error(ring: Keyring, blob: str, job_id: int = 7, submitter: str = "alice") -> str:
+    with pytest.raises(SecretError) as info:
+        ring.unseal(blob, job_id, submitter)
+    assert info.value.__cause__ is None and (info.value.__context__ is None or info.value.__suppress_context__)
+    return str(info.value)
 
 
-def test_miller_rabin() -> None:
-    assert sec._is_probable_prime(2**127 - 1)
-    assert sec._is_probable_prime(2**521 - 1)
-    assert not sec._is_probable_prime(2**128 + 1)
-    assert not sec._is_probable_prime(561)  # Carmichael number
-    assert not sec._is_probable_prime((2**61 - 1) * (2**89 - 1))
-    assert [p for p in range(60) if sec._is_probable_prime(p)] == [
-        2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59
-    ]  # fmt: skip
+def test_every_failure_is_the_same_error(key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
+    other = sec.generate_private_key(2048)
+    ring = Keyring(tmp_path, {sec.key_id_of(key): key, sec.key_id_of(other): other})
+    good = seal(key, {"hub_token": "hf_" + "y" * 300}, 7, "alice")
+    prefix, body = good.rsplit(":", 1)
+    first, *rest = body.split(".")
+    raw = bytearray(base64.b64decode(first))
+    raw[100] ^= 1
+    tampered = f"{prefix}:{'.'.join([base64.b64encode(bytes(raw)).decode(), *rest])}"
+    cases = {
+        "another job": _error(ring, good, job_id=8),
+        "another submitter": _error(ring, good, submitter="mallory"),
+        "tampered": _error(ring, tampered),
+        "blocks swapped": _error(ring, f"{prefix}:{'.'.join(reversed(body.split('.')))}"),
+        "a block dropped": _error(ring, f"{prefix}:{first}"),
+        "unknown key id": _error(ring, good.replace(sec.key_id_of(key), "0123456789abcdef")),
+        "another key's id": _error(ring, good.replace(sec.key_id_of(key), sec.key_id_of(other))),
+        "not base64": _error(ring, f"{prefix}:!!!"),
+        "not JSON": _error(ring, seal(key, b"hf_not json", 7, "alice")),
+        "not UTF-8": _error(ring, seal(key, b"\xff\xfe", 7, "alice")),
+        "JSON, not an object": _error(ring, seal(key, ["hf_x"], 7, "alice")),
+        "an old rsa1 blob": _error(ring, "rsa1:0123456789abcdef:AAAA"),
+        "garbage": _error(ring, "hf_plain_token"),
+        "no keys at all": _error(Keyring(tmp_path), good),
+    }
+    assert set(cases.values()) == {UNSEAL_ERROR}, cases
+    assert "hf_" not in UNSEAL_ERROR.replace('"hub_credential"', "")
 
 
-def test_generate_key_rejects_tiny_sizes() -> None:
-    with pytest.raises(ValueError, match="bits"):
-        generate_key(256)
+def test_key_files(tmp_path: Path) -> None:
+    key = sec.generate_private_key(2048)
+    path = tmp_path / "k.pem"
+    sec.write_private_key(key, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sec.key_id_of(sec.load_private_key(path)) == sec.key_id_of(key)
+    with pytest.raises(ValueError, match="exists"):
+        sec.write_private_key(key, path)  # never overwritten
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        sec.load_private_key(path)
+    (tmp_path / "bad.pem").write_text("not a key")
+    os.chmod(tmp_path / "bad.pem", 0o600)
+    with pytest.raises(ValueError, match="not an unencrypted PEM private key") as info:
+        sec.load_private_key(tmp_path / "bad.pem")
+    assert "not a key" not in str(info.value)  # the file is never quoted
+    with pytest.raises(ValueError, match="2048"):
+        sec.generate_private_key(1024)
 
 
-def test_fingerprint_is_sha256_of_modulus(key: WorkerKey) -> None:
+def test_keyring_loads_every_usable_key_by_its_id(tmp_path: Path) -> None:
+    assert Keyring.load(tmp_path / "missing").keys == {}
+    a, b = sec.generate_private_key(2048), sec.generate_private_key(2048)
+    sec.write_private_key(a, tmp_path / "whatever-name.pem")
+    sec.write_private_key(b, tmp_path / "b.pem")
+    sec.write_private_key(sec.generate_private_key(2048), tmp_path / "loose.pem")
+    os.chmod(tmp_path / "loose.pem", 0o640)
+    ring = Keyring.load(tmp_path)
+    assert set(ring.keys) == {sec.key_id_of(a), sec.key_id_of(b)}
+    assert len(ring.problems) == 1 and "loose.pem" in ring.problems[0] and "chmod 600" in ring.problems[0]
+
+
+def test_key_id_is_the_sql_fingerprint(key: rsa.RSAPrivateKey) -> None:
     import hashlib
 
-    expected = hashlib.sha256(key.n.to_bytes(128, "big")).hexdigest()[:16]
-    assert key.fingerprint == expected
-    assert len(key.fingerprint) == 16
+    n = key.public_key().public_numbers().n
+    assert sec.key_id_of(key) == hashlib.sha256(n.to_bytes(256, "big")).hexdigest()[:16]
+    assert sec.key_id_of(key.public_key()) == sec.key_id_of(key)
 
 
-def test_repr_does_not_show_the_private_exponent(key: WorkerKey) -> None:
-    text = repr(key)
-    assert str(key.d) not in text and format(key.d, "x") not in text
-    assert key.fingerprint in text
-
-
-def test_roundtrip(key: WorkerKey) -> None:
-    secrets = {"token": "hf_abcdefghijklmnopqrstuvwxyz0123456789", "training_args.hub_token": "hf_x"}
-    sealed = _seal(secrets, key)
-    assert sealed.startswith(f"rsa1:{key.fingerprint}:")
-    assert "hf_" not in sealed
-    assert "\n" not in sealed
-    assert unseal(sealed, key) == secrets
-
-
-def test_roundtrip_multi_block_and_unicode(key: WorkerKey) -> None:
-    secrets = {"token": "hf_" + "x" * 1000, "note": "naïve ✓ 日本語 🤗" * 20}
-    sealed = _seal(secrets, key)
-    blocks = sealed.split(":", 2)[2].split(".")
-    assert len(blocks) > 1
-    for block in blocks:
-        assert len(base64.b64decode(block)) == 128
-    assert unseal(sealed, key) == secrets
-
-
-def test_message_of_exactly_one_block(key: WorkerKey) -> None:
-    max_len = 128 - 11
-    for size in (max_len - 1, max_len, max_len + 1):
-        value = "y" * (size - len('{"token":""}'))
-        secrets = {"token": value}
-        assert len(json.dumps(secrets, separators=(",", ":"))) == size
-        sealed = _seal(secrets, key)
-        assert len(sealed.split(":", 2)[2].split(".")) == (1 if size <= max_len else 2)
-        assert unseal(sealed, key) == secrets
-
-
-def test_padding_is_random(key: WorkerKey) -> None:
-    secrets = {"token": "hf_same"}
-    assert _seal(secrets, key) != _seal(secrets, key)
-
-
-def test_wrong_key(key: WorkerKey, other_key: WorkerKey) -> None:
-    sealed = _seal({"token": "hf_secret"}, key)
+def test_read_credential(tmp_path: Path) -> None:
+    (tmp_path / "my-org.token").write_text("hf_abc\n")
+    assert sec.read_credential(tmp_path, "my-org.token") == "hf_abc"
+    for bad in ("..", ".", "../etc/passwd", "a/b", ".hidden", "", "x" * 129, "a\\b", "a\nb"):
+        with pytest.raises(SecretError, match="not a plain file name"):
+            sec.read_credential(tmp_path, bad)
     with pytest.raises(SecretError) as info:
-        unseal(sealed, other_key)
-    message = str(info.value)
-    assert key.fingerprint in message
-    assert other_key.fingerprint in message
-    assert "PGML_SECRET_KEY_FILE" in message
-    assert "hf_secret" not in message
-
-
-def test_wrong_private_key_with_forged_fingerprint(key: WorkerKey, other_key: WorkerKey) -> None:
-    sealed = seal({"token": "hf_secret"}, key.n, key.e, other_key.fingerprint)
-    with pytest.raises(SecretError, match="corrupt"):
-        unseal(sealed, other_key)
-
-
-@pytest.mark.parametrize(
-    "mutate",
-    [
-        pytest.param(lambda s: s.replace("rsa1:", "rsa2:"), id="prefix"),
-        pytest.param(lambda s: s.split(":", 1)[1], id="no-prefix"),
-        pytest.param(lambda s: s[:-8], id="truncated"),
-        pytest.param(lambda s: s + ".", id="empty-block"),
-        pytest.param(lambda s: s[:-6] + "!!!!==", id="not-base64"),
-        pytest.param(lambda s: s.rsplit(":", 1)[0] + ":", id="no-blocks"),
-        pytest.param(lambda s: s.rsplit(":", 1)[0] + ":" + base64.b64encode(b"\xff" * 128).decode(), id="too-large"),
-        pytest.param(lambda s: s.rsplit(":", 1)[0] + ":" + base64.b64encode(b"\x01" * 128).decode(), id="bad-padding"),
-    ],
-)
-def test_corrupted_ciphertext(key: WorkerKey, mutate) -> None:
-    sealed = _seal({"token": "hf_secret"}, key)
-    with pytest.raises(SecretError) as info:
-        unseal(mutate(sealed), key)
-    assert "hf_secret" not in str(info.value)
-
-
-def test_flipped_byte_is_detected(key: WorkerKey) -> None:
-    sealed = _seal({"token": "hf_secret"}, key)
-    head, body = sealed.rsplit(":", 1)
-    raw = bytearray(base64.b64decode(body))
-    raw[60] ^= 0x40
-    with pytest.raises(SecretError, match="corrupt"):
-        unseal(f"{head}:{base64.b64encode(bytes(raw)).decode()}", key)
-
-
-def test_seal_of_non_object_is_rejected_on_unseal(key: WorkerKey) -> None:
-    # what a manual UPDATE could store: a sealed JSON array is not a secrets object
-    k = 128
-    em = b"\x00\x02" + b"\x11" * (k - 3 - 2) + b"\x00" + b"[]"
-    c = pow(int.from_bytes(em, "big"), key.e, key.n).to_bytes(k, "big")
-    with pytest.raises(SecretError, match="object"):
-        unseal(f"rsa1:{key.fingerprint}:{base64.b64encode(c).decode()}", key)
-
-
-# -- the key file -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fast_keygen(monkeypatch: pytest.MonkeyPatch, key: WorkerKey) -> None:
-    """load_or_create_key generates RSA-2048 (about a second); the unit tests reuse the cached key."""
-    monkeypatch.setattr(sec, "generate_key", lambda bits=2048: key)
-
-
-@pytest.mark.usefixtures("fast_keygen")
-def test_load_or_create_key_creates_0600_file_and_dir(tmp_path: Path, key: WorkerKey) -> None:
-    path = tmp_path / "config" / "pgml-tuned" / "worker_key.json"
-    created = load_or_create_key(path)
-    assert created == key
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    data = json.loads(path.read_text())
-    assert set(data) == {"n", "e", "d"}
-    assert int(data["n"], 16) == key.n and int(data["d"], 16) == key.d
-    assert [p.name for p in path.parent.iterdir()] == ["worker_key.json"]  # no temp file left behind
-    # loads the same key next time
-    assert load_or_create_key(path) == created
-
-
-def test_load_or_create_key_real_generation(tmp_path: Path) -> None:
-    path = tmp_path / "worker_key.json"
-    created = load_or_create_key(path)
-    assert created.n.bit_length() == 2048
-    assert load_or_create_key(path) == created
-    assert unseal(_seal({"token": "t"}, created), load_or_create_key(path)) == {"token": "t"}
-
-
-@pytest.mark.usefixtures("fast_keygen")
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
-def test_load_refuses_group_or_world_readable(tmp_path: Path, mode: int) -> None:
-    path = tmp_path / "worker_key.json"
-    load_or_create_key(path)
-    os.chmod(path, mode)
-    with pytest.raises(ValueError) as info:
-        load_or_create_key(path)
-    message = str(info.value)
-    assert str(path) in message
-    assert f"chmod 600 {path}" in message
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        "",
-        "not json",
-        "[]",
-        '{"n": "ff"}',
-        '{"n": "zz", "e": "10001", "d": "ff"}',
-        '{"n": 1, "e": 2, "d": 3}',
-    ],
-)
-def test_load_refuses_corrupt_file(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "worker_key.json"
-    path.write_text(content)
-    os.chmod(path, 0o600)
-    with pytest.raises(ValueError) as info:
-        load_or_create_key(path)
-    message = str(info.value)
-    assert str(path) in message and "corrupt" in message
-    assert f"delete {path}" in message
-
-
-def test_load_refuses_mismatched_key_pair(tmp_path: Path, key: WorkerKey, other_key: WorkerKey) -> None:
-    path = tmp_path / "worker_key.json"
-    path.write_text(json.dumps({"n": format(key.n, "x"), "e": "10001", "d": format(other_key.d, "x")}))
-    os.chmod(path, 0o600)
-    with pytest.raises(ValueError, match="corrupt") as info:
-        load_or_create_key(path)
-    assert format(other_key.d, "x") not in str(info.value)
-
-
-def test_key_file_setting(tmp_path: Path) -> None:
-    from pgml_tuned.config import Settings
-
-    assert Settings.from_env({"PGML_SECRET_KEY_FILE": str(tmp_path / "k.json")}).key_file == tmp_path / "k.json"
-    assert Settings.from_env({"PGML_HOME": str(tmp_path)}, home=str(tmp_path)).key_file == tmp_path / "worker.key"
-
-
-def test_secret_keys() -> None:
-    assert set(sec.SECRET_KEYS) == {"token", "hub_token", "use_auth_token"}
+        sec.read_credential(tmp_path, "missing")
+    assert "'missing' is not on this worker" in str(info.value) and "LoadCredential=missing:" in str(info.value)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SecretError, match="'empty' on this worker is not a token"):
+        sec.read_credential(tmp_path, "empty")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(SecretError, match="'dir'"):
+        sec.read_credential(tmp_path, "dir")

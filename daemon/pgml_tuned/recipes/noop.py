@@ -1,13 +1,16 @@
 """Recipe `noop`: a diagnostic task for queues and operations — no data, no model.
 
-hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0, "probe": ["/path", ...]}. With `probe` it first logs
-one row saying who the child runs as (uid, gid, groups) and, for each path, whether it could read it (never what
-it holds): an administrator's check of a worker's sandbox (its key file must say "PermissionError"). It logs
+hyperparams: {"seconds": 0.0, "fail": "message", "steps": 0, "probe": ["/path", ...], "expect_token_sha256": "<hex>"}.
+With `probe` it first logs one row saying who the child runs as (uid, gid, groups) and, for each path, whether it
+could read it (never what it holds): an administrator's check of a worker's sandbox (its key file must say
+"PermissionError"). With `expect_token_sha256` it checks that the job's token (a named credential's, or an inline
+one) reached it: it fails unless the sha256 of the token it was given is that (the token is never shown). It logs
 `steps` events (spread over `seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -33,6 +36,13 @@ def probe(paths: list[str]) -> dict[str, object]:
 def run(ctx: JobContext) -> None:
     if "probe" in ctx.hyperparams:
         ctx.log(probe([str(p) for p in ctx.hyperparams["probe"] or []]))
+    expected = ctx.hyperparams.get("expect_token_sha256")
+    if expected is not None:
+        token = ctx.secret("training_args.hub_token", "hub_token", "token")
+        if token is None:
+            raise JobError("expect_token_sha256: the job has no token")
+        if hashlib.sha256(token.encode()).hexdigest() != str(expected).lower():
+            raise JobError("expect_token_sha256: the job's token is not the expected one")
     seconds = float(ctx.hyperparams.get("seconds", 0))
     steps = int(ctx.hyperparams.get("steps", 0))
     for step in range(1, steps + 1):

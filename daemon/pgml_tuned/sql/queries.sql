@@ -26,7 +26,8 @@ WHERE j.id = (
     LIMIT 1
 )
 RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
-          j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.submitted_by, j.snapshot_columns,
+          j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.credential, j.submitted_by,
+          j.snapshot_columns,
           (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
           -- the hub allow-list may have changed since the job was submitted: checked again at every claim
           (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal;
@@ -102,6 +103,10 @@ SET status = 'queued',
     updated_at = clock_timestamp()
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 RETURNING id;
+
+-- name: job_credential
+-- The name of the job's credential if its submitter may still use it (pgml.job_credential raises otherwise).
+SELECT pgml.job_credential(%(id)s, %(attempt)s) AS credential;
 
 -- name: job_status
 SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;

@@ -73,7 +73,7 @@ class Attempt:
         refusal, unsealed = job.hub_refusal, {}
         if refusal is None:
             try:
-                unsealed = backend.unseal(job)
+                unsealed = await backend.job_secrets(job)
             except secrets.SecretError as e:
                 refusal = str(e)
         if refusal is not None:

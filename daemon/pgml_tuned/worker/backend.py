@@ -82,8 +82,9 @@ class Backend(Protocol):
 
     async def queue_empty(self) -> bool: ...
 
-    def unseal(self, claim: Claim) -> dict[str, Any]:
-        """The job's secrets in clear (raises secrets.SecretError)."""
+    async def job_secrets(self, claim: Claim) -> dict[str, Any]:
+        """The job's secrets in clear, for its child: its named credential's token, or its sealed tokens
+        opened (raises secrets.SecretError, whose text is the job's error)."""
 
     async def close(self) -> None: ...
 
@@ -95,19 +96,25 @@ class PgBackend:
         self.worker = settings.worker_id
         # claimer, poller, heartbeat and each settling attempt: a few statements at once at most
         self.pool = Pool(dsn, app=f"pgml-tuned {self.worker}", max_size=3 + settings.concurrency)
-        self.key: secrets.WorkerKey | None = None
+        self.keyring = secrets.Keyring(settings.keyring)
 
     async def prepare(self) -> None:
-        self.key = await anyio.to_thread.run_sync(secrets.load_or_create_key, self.settings.key_file)
+        # the private keys an administrator put here; a worker never creates or registers one
+        await self._load_keyring()
         for delay in backoff_delays(first=0.2, cap=10.0):
             try:
-                async with await connect(self.dsn) as conn:
-                    await secrets.register_key(conn, self.key)
-                break
+                async with await connect(self.dsn):
+                    break
             except RETRYABLE as e:
                 log.warning("daemon.db_unavailable", error=str(e).strip(), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
         await self.pool.open()
+
+    async def _load_keyring(self) -> None:
+        self.keyring = await anyio.to_thread.run_sync(secrets.Keyring.load, self.settings.keyring)
+        for problem in self.keyring.problems:
+            log.error("keyring.unusable_key", problem=problem)
+        log.info("keyring.loaded", directory=str(self.keyring.directory), key_ids=sorted(self.keyring.keys))
 
     async def notices(self) -> AsyncIterator[Notice]:
         """LISTEN on a dedicated connection, forever: re-LISTENs (and says "listening") after every reconnect."""
@@ -161,10 +168,23 @@ class PgBackend:
     async def queue_empty(self) -> bool:
         return await jobs.queue_empty(self.pool)
 
-    def unseal(self, claim: Claim) -> dict[str, Any]:
-        if not claim.secrets or self.key is None:
+    async def job_secrets(self, claim: Claim) -> dict[str, Any]:
+        if claim.credential:
+            name = await jobs.job_credential(self.pool, claim)
+            if name is None:
+                return {}
+            token = await anyio.to_thread.run_sync(secrets.read_credential, self.settings.credentials, name)
+            return {"hub_token": token}
+        if not claim.secrets:
             return {}
-        return secrets.unseal(claim.secrets, self.key)
+        key_id = claim.secrets.split(":", 2)[1] if claim.secrets.count(":") >= 2 else ""
+        if key_id not in self.keyring.keys:
+            await self._load_keyring()  # a key added to the keyring since this worker started
+        try:
+            return self.keyring.unseal(claim.secrets, claim.id, claim.submitted_by)
+        except secrets.SecretError as e:
+            log.error("job.secrets_unopened", detail=e.detail, keyring=str(self.keyring.directory))
+            raise
 
     async def close(self) -> None:
         await self.pool.close()

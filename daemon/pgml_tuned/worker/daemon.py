@@ -224,7 +224,8 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         )
     if user is not None:
         settings.scratch.mkdir(parents=True, exist_ok=True)
-        await check_child_user(user, settings.scratch, [settings.key_file])
+        secret_files = [p for d in (settings.keyring, settings.credentials) if d.is_dir() for p in d.iterdir()]
+        await check_child_user(user, settings.scratch, secret_files)
         log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
     launch = functools.partial(ChildProcess.start, user=user)
     daemon = Daemon(settings, PgBackend(settings, dsn), launch, dsn=child_dsn or dsn, drain=drain)
