@@ -124,7 +124,9 @@ class Claim:
     def spec(self) -> dict[str, Any]:
         """What the job's child needs (sent on its stdin, never on its command line); secrets travel apart."""
         return {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("secrets", "credential", "hub_refusal")
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("secrets", "credential", "hub_refusal")
         }
 
 
