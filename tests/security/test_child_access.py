@@ -170,7 +170,7 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
         "SELECT pgml.cancel(1)",
         "SELECT * FROM pgml.tune('x', task => 'noop', model_name => 'none')",
         "SELECT pgml._own_everything()",
-        "SELECT pgml._seal('{}'::jsonb)",
+        "SELECT pgml._seal('{}'::jsonb, 1, 'x')",
     ],
 )
 def test_a_child_has_no_other_privilege(two_jobs: Any, child_dsn: str, statement: str) -> None:

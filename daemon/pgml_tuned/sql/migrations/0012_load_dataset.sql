@@ -208,8 +208,9 @@ BEGIN
     v_hp := jsonb_strip_nulls(jsonb_build_object('source', source, 'subset', subset, 'limit', "limit",
                                                  'kwargs', v_kwargs - 'token', 'token', v_kwargs -> 'token'));
     SELECT s.clean, s.secrets INTO v_clean, v_secrets FROM pgml._split_secrets(v_hp) s;
+    v_job := nextval(pg_get_serial_sequence('pgml.jobs', 'id'));  -- the sealed token is bound to this job
     IF v_secrets <> '{}' THEN
-        v_sealed := pgml._seal(v_secrets);
+        v_sealed := pgml._seal(v_secrets, v_job, v_who);
     END IF;
     INSERT INTO pgml.projects AS p (name, task, owner) VALUES ('pgml.load_dataset', 'load_dataset', v_who)
     ON CONFLICT (owner, name) DO UPDATE SET updated_at = clock_timestamp()
@@ -221,11 +222,10 @@ BEGIN
     INSERT INTO pgml.models (project_id, task, model_name, hyperparams, owner)
     VALUES (v_project.id, 'load_dataset', source, v_clean, v_who)
     RETURNING id INTO v_model;
-    INSERT INTO pgml.jobs (project_id, model_id, task, model_name, test_size, test_sampling, hyperparams, secrets,
-                           priority, max_attempts, status, submitted_by)
-    VALUES (v_project.id, v_model, 'load_dataset', source, 0.25, 'last', v_clean, v_sealed, 0, 3, 'submitting',
-            v_who)
-    RETURNING id INTO v_job;
+    INSERT INTO pgml.jobs (id, project_id, model_id, task, model_name, test_size, test_sampling, hyperparams,
+                           secrets, priority, max_attempts, status, submitted_by)
+    VALUES (v_job, v_project.id, v_model, 'load_dataset', source, 0.25, 'last', v_clean, v_sealed, 0, 3,
+            'submitting', v_who);
     PERFORM pgml._submitted(v_job);
     RETURN v_job;
 END $$;
