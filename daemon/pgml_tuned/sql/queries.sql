@@ -209,3 +209,31 @@ SELECT id, step, attempt, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDE
 
 -- name: checkpoint_files
 SELECT path, part, data FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s ORDER BY path, part;
+
+-- ---- the inference lane (serving process; functions of 0013_serving.sql) ----
+
+-- name: claim_requests
+SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s);
+
+-- name: renew_requests
+SELECT id FROM pgml._requests_renew(%(serving_id)s, %(lease_seconds)s) AS r (id);
+
+-- name: answer_request
+SELECT pgml._request_done(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s::jsonb) AS owned;
+
+-- name: fail_request
+SELECT pgml._request_fail(%(id)s, %(serving_id)s, %(error)s) AS owned;
+
+-- name: request_chunk
+SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::text[]) AS owned;
+
+-- name: release_requests
+-- A dead serving process's requests (serving_id), or every request whose lease ran out (serving_id NULL).
+SELECT id, status FROM pgml._requests_release(%(serving_id)s::text);
+
+-- name: expire_requests
+SELECT pgml._requests_expire() AS deleted;
+
+-- name: serving_model
+-- The stored model a request's pgml:<ref> names for its submitter (0013: only models it may read).
+SELECT id, status, base_model, task, project_name FROM pgml._serving_model(%(owner)s, %(ref)s) LIMIT 1;
