@@ -140,7 +140,7 @@ def generate(
         class Streamer(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
                 if text:
-                    send(text)
+                    send(storable(text))
 
         streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
@@ -156,10 +156,18 @@ def generate(
         n = len(row) if stop is None else stop + 1  # after its stop, a row holds only padding
         answers.append(
             Generated(
-                tok.decode(row[:n], skip_special_tokens=True), "length" if stop is None else "stop", len(prompt), n
+                storable(tok.decode(row[:n], skip_special_tokens=True)),
+                "length" if stop is None else "stop",
+                len(prompt),
+                n,
             )
         )
     return answers
+
+
+def storable(text: str) -> str:
+    """Text PostgreSQL can store (no NUL: a model may generate one), NULs as U+FFFD."""
+    return text.replace("\x00", "\ufffd")
 
 
 def usage(answers: list[Generated]) -> dict[str, int]:

@@ -270,18 +270,28 @@ AS $$
 DECLARE
     v_trusted boolean := pg_catalog.has_function_privilege(session_user,
                              'pgml._request_submit(name, text, text, jsonb, jsonb)', 'EXECUTE');
+    v_status  text;
 BEGIN
-    RETURN QUERY
-    DELETE FROM pgml.requests r
-    WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id AND r.status IN ('done', 'failed')
-      AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) session_user)
-    RETURNING r.status, r.result, r.error, r.usage;
-    IF NOT FOUND THEN
+    LOOP
         RETURN QUERY
-        SELECT r.status, NULL::jsonb, NULL::text, NULL::jsonb FROM pgml.requests r
+        DELETE FROM pgml.requests r
+        WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id AND r.status IN ('done', 'failed')
+          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) session_user)
+        RETURNING r.status, r.result, r.error, r.usage;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        SELECT r.status INTO v_status FROM pgml.requests r
         WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id
           AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) session_user);
-    END IF;
+        IF NOT FOUND THEN
+            RETURN;  -- consumed, expired, or never the caller's
+        END IF;
+        -- answered between the DELETE's snapshot and now: consume it (the loop's next DELETE sees it)
+        EXIT WHEN v_status NOT IN ('done', 'failed');
+    END LOOP;
+    status := v_status;
+    RETURN NEXT;
 END $$;
 
 -- The streamed pieces of request `id` after `after_seq`, in order (read them while it runs; the answer ends it).
