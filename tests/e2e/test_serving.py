@@ -16,10 +16,9 @@ import pytest
 import torch
 from psycopg.types.json import Jsonb
 
-from pgml_tuned import files
-from pgml_tuned.db import q
 from tests.conftest import USER, as_login, connect, wait_for, wait_job
 from tests.support import models as testing
+from tests.support.stored import add_model
 
 pytestmark = pytest.mark.slow
 
@@ -86,20 +85,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> dict[st
 def store_model(
     su: psycopg.Connection[dict[str, Any]], owner: str, project: str, task: str, path: Path, base: str | None = None
 ) -> int:
-    """A successful model of `owner`'s `project` with `path`'s files in pgml.files, as a finished job leaves it."""
-    su.execute(
-        "INSERT INTO pgml.projects (name, task, owner) VALUES (%s, %s, %s) ON CONFLICT (owner, name) DO NOTHING",
-        (project, task, owner),
-    )
-    row = su.execute(
-        "INSERT INTO pgml.models (project_id, status, task, model_name, base_model, owner) "
-        "SELECT id, 'successful', %s, 'test', %s, %s FROM pgml.projects WHERE owner = %s AND name = %s RETURNING id",
-        (task, base, owner, owner, project),
-    ).fetchone()
-    assert row is not None
-    with su.transaction():
-        files.copy_dir_in(su, q("copy_files"), row["id"], path)
-    return int(row["id"])
+    return add_model(su, owner, project, task, base=base, path=path)
 
 
 # ---- asking ----
@@ -281,6 +267,14 @@ def serving_pid(d: Any) -> int:
         return None
 
     return int(wait_for(find, 60, what="the serving process"))
+
+
+def wait_running(su: psycopg.Connection[dict[str, Any]], rid: int) -> None:
+    def running() -> bool:
+        row = su.execute("SELECT status FROM pgml.requests WHERE id = %s", (rid,)).fetchone()
+        return row is not None and row["status"] == "running"
+
+    wait_for(running, 60, interval=0.002, what=f"request {rid} to run")
 
 
 def test_a_killed_serving_process_is_restarted_and_its_request_retried(

@@ -11,6 +11,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import OTHER_USER, USER, as_login, connect
+from tests.support.stored import add_model
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -19,20 +20,6 @@ def submit(c: psycopg.Connection[dict[str, Any]], kind: Any, model: Any, inputs:
     row = c.execute(
         "SELECT pgml._request_submit(%s, %s, %s, %s, %s) AS id",
         (USER, kind, model, None if args is None else Jsonb(args), None if inputs is None else Jsonb(inputs)),
-    ).fetchone()
-    assert row is not None
-    return int(row["id"])
-
-
-def add_model(su: psycopg.Connection[dict[str, Any]], owner: str, project: str, task: str, status: str) -> int:
-    su.execute(
-        "INSERT INTO pgml.projects (name, task, owner) VALUES (%s, %s, %s) ON CONFLICT (owner, name) DO NOTHING",
-        (project, task, owner),
-    )
-    row = su.execute(
-        "INSERT INTO pgml.models (project_id, status, task, model_name, owner) "
-        "SELECT id, %s, %s, 'x', %s FROM pgml.projects WHERE owner = %s AND name = %s RETURNING id",
-        (status, task, owner, owner, project),
     ).fetchone()
     assert row is not None
     return int(row["id"])
@@ -92,10 +79,10 @@ def test_nothing_is_queued_on_error_and_a_request_wakes_the_lane(
 def test_a_request_may_use_only_models_its_submitter_may_read(
     ops: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]]
 ) -> None:
-    mine = add_model(su, USER, "mine", "text-classification", "successful")
-    theirs = add_model(su, OTHER_USER, "theirs", "text-classification", "successful")
-    failed = add_model(su, USER, "broken", "text-classification", "failed")
-    chat = add_model(su, USER, "chatty", "conversation", "successful")
+    mine = add_model(su, USER, "mine", "text-classification")
+    theirs = add_model(su, OTHER_USER, "theirs", "text-classification")
+    failed = add_model(su, USER, "broken", "text-classification", status="failed")
+    chat = add_model(su, USER, "chatty", "conversation")
     for model in (f"pgml:model:{mine}", "pgml:mine", "mine"):
         submit(ops, "classify", model, ["a"])
     assert su.execute("SELECT array_agg(model ORDER BY id) AS m FROM pgml.requests").fetchone() == {
@@ -121,7 +108,7 @@ def test_who_may_submit_claim_and_answer(
     for statement in (
         "SELECT pgml._request_submit('pgml_test_user', 'classify', 'm/x', '{}', '[\"a\"]')",
         "SELECT * FROM pgml._requests_claim('me', 10, 5)",
-        f"SELECT pgml._request_done({rid}, 'me', '[]', NULL)",
+        f"SELECT pgml._request_finish({rid}, 'me', '[]', NULL, NULL)",
         "SELECT * FROM pgml.requests",
     ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -132,12 +119,13 @@ def test_who_may_submit_claim_and_answer(
         claimed = worker.execute("SELECT * FROM pgml._requests_claim('w/serving-1', 10, 5)").fetchall()
         assert [r["id"] for r in claimed] == [rid] and claimed[0]["submitted_by"] == USER
         # fenced: another serving process cannot answer it
-        assert worker.execute("SELECT pgml._request_done(%s, 'w/serving-2', '[]', NULL) AS ok", (rid,)).fetchone() == {
-            "ok": False
-        }
+        assert worker.execute(
+            "SELECT pgml._request_finish(%s, 'w/serving-2', '[]', NULL, NULL) AS ok", (rid,)
+        ).fetchone() == {"ok": False}
         assert ops.execute("SELECT status FROM pgml._request_answer(%s)", (rid,)).fetchone() == {"status": "running"}
         assert worker.execute(
-            'SELECT pgml._request_done(%s, \'w/serving-1\', \'[{"label": "x", "score": 1}]\', NULL) AS ok', (rid,)
+            'SELECT pgml._request_finish(%s, \'w/serving-1\', \'[{"label": "x", "score": 1}]\', NULL, NULL) AS ok',
+            (rid,),
         ).fetchone() == {"ok": True}
     got = ops.execute("SELECT * FROM pgml._request_answer(%s)", (rid,)).fetchone()
     assert got is not None and got["status"] == "done" and got["result"] == [{"label": "x", "score": 1}]

@@ -56,17 +56,15 @@ class Requests:
         return {r["id"] for r in rows}
 
     async def answer(self, request_id: int, result: Any, usage: dict[str, int] | None = None) -> bool:
-        rows = await self.pool.named(
-            "answer_request",
-            id=request_id,
-            serving_id=self.serving_id,
-            result=json.dumps(result),
-            usage=json.dumps(usage) if usage is not None else None,
-        )
-        return bool(rows and rows[0]["owned"])
+        return await self._finish(request_id, json.dumps(result), json.dumps(usage) if usage else None, None)
 
     async def fail(self, request_id: int, error: str) -> bool:
-        rows = await self.pool.named("fail_request", id=request_id, serving_id=self.serving_id, error=error)
+        return await self._finish(request_id, None, None, error)
+
+    async def _finish(self, request_id: int, result: str | None, usage: str | None, error: str | None) -> bool:
+        rows = await self.pool.named(
+            "finish_request", id=request_id, serving_id=self.serving_id, result=result, usage=usage, error=error
+        )
         return bool(rows and rows[0]["owned"])
 
     async def chunk(self, request_id: int, first_seq: int, texts: list[str]) -> bool:

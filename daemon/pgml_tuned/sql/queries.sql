@@ -218,11 +218,9 @@ SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s)
 -- name: renew_requests
 SELECT id FROM pgml._requests_renew(%(serving_id)s, %(lease_seconds)s) AS r (id);
 
--- name: answer_request
-SELECT pgml._request_done(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s::jsonb) AS owned;
-
--- name: fail_request
-SELECT pgml._request_fail(%(id)s, %(serving_id)s, %(error)s) AS owned;
+-- name: finish_request
+-- An answer (result, usage) or an error (error not NULL).
+SELECT pgml._request_finish(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s::jsonb, %(error)s) AS owned;
 
 -- name: request_chunk
 SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::text[]) AS owned;

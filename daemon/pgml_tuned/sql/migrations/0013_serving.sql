@@ -358,43 +358,26 @@ AS $$
     RETURNING r.id
 $$;
 
--- Answer or fail (fenced on the claim: a request taken over after a lost lease is not overwritten). NOTIFY
--- pgml_answers {"type": "request_answered", "id": N} wakes a client waiting for it.
-CREATE OR REPLACE FUNCTION pgml._request_done(id bigint, serving_id text, result jsonb, usage jsonb)
+-- Answer (result, usage) or fail (error), fenced on the claim: a request taken over after a lost lease is not
+-- overwritten. NOTIFY pgml_answers {"type": "request_answered", "id": N} wakes a client waiting for it.
+CREATE OR REPLACE FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE pgml.requests r
-    SET status = 'done', result = _request_done.result, usage = _request_done.usage,
+    SET status = CASE WHEN _request_finish.error IS NULL THEN 'done' ELSE 'failed' END,
+        result = _request_finish.result, usage = _request_finish.usage,
+        error = pg_catalog.left(_request_finish.error, 8000),
         answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
-    WHERE r.id OPERATOR(pg_catalog.=) _request_done.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
+    WHERE r.id OPERATOR(pg_catalog.=) _request_finish.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
       AND r.status OPERATOR(pg_catalog.=) 'running';
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM pg_catalog.pg_notify('pgml_answers',
-        pg_catalog.json_build_object('type', 'request_answered', 'id', _request_done.id)::text);
-    RETURN true;
-END $$;
-
-CREATE OR REPLACE FUNCTION pgml._request_fail(id bigint, serving_id text, error text)
-RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    UPDATE pgml.requests r
-    SET status = 'failed', error = pg_catalog.left(_request_fail.error, 8000),
-        answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
-    WHERE r.id OPERATOR(pg_catalog.=) _request_fail.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
-      AND r.status OPERATOR(pg_catalog.=) 'running';
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    PERFORM pg_catalog.pg_notify('pgml_answers',
-        pg_catalog.json_build_object('type', 'request_answered', 'id', _request_fail.id)::text);
+        pg_catalog.json_build_object('type', 'request_answered', 'id', _request_finish.id)::text);
     RETURN true;
 END $$;
 
@@ -473,7 +456,7 @@ REVOKE ALL ON FUNCTION pgml._serving_model(name, text), pgml._serving_kinds(text
     pgml._request_submit(name, text, text, jsonb, jsonb), pgml._request_answer(bigint),
     pgml._request_chunks(bigint, integer), pgml._request_abandon(bigint),
     pgml._requests_claim(text, integer, double precision), pgml._requests_renew(text, double precision),
-    pgml._request_done(bigint, text, jsonb, jsonb), pgml._request_fail(bigint, text, text),
+    pgml._request_finish(bigint, text, jsonb, jsonb, text),
     pgml._request_chunk(bigint, text, integer, text[]), pgml._requests_release(text), pgml._requests_expire()
     FROM PUBLIC;
 -- submitting for a named login: trusted roles only (the lead's loopback role gets it too)
@@ -481,8 +464,8 @@ GRANT EXECUTE ON FUNCTION pgml._request_submit(name, text, text, jsonb, jsonb), 
     pgml._request_chunks(bigint, integer), pgml._request_abandon(bigint) TO pgml_admin;
 -- the serving processes
 GRANT EXECUTE ON FUNCTION pgml._serving_model(name, text), pgml._requests_claim(text, integer, double precision),
-    pgml._requests_renew(text, double precision), pgml._request_done(bigint, text, jsonb, jsonb),
-    pgml._request_fail(bigint, text, text), pgml._request_chunk(bigint, text, integer, text[]),
+    pgml._requests_renew(text, double precision), pgml._request_finish(bigint, text, jsonb, jsonb, text),
+    pgml._request_chunk(bigint, text, integer, text[]),
     pgml._requests_release(text), pgml._requests_expire() TO pgml_worker;
 GRANT SELECT ON pgml.deployments TO pgml_user, pgml_worker;
 
