@@ -80,9 +80,8 @@ class Requests:
     async def housekeeping(self) -> tuple[list[Row], int]:
         """Requests whose serving process stopped renewing (retried once, then failed), and what nobody will
         read again (deleted): any serving process does this for all."""
-        released = await self.pool.named("release_requests", serving_id=None)
-        expired = await self.pool.named("expire_requests")
-        return released, int(expired[0]["deleted"]) if expired else 0
+        rows = await self.pool.named("requests_housekeeping")
+        return list(rows[0]["released"]), int(rows[0]["deleted"])
 
     async def stored_model(self, owner: str, ref: str) -> Row | None:
         rows = await self.pool.named("serving_model", owner=owner, ref=ref)

@@ -229,8 +229,11 @@ SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::tex
 -- A dead serving process's requests (serving_id), or every request whose lease ran out (serving_id NULL).
 SELECT id, status FROM pgml._requests_release(%(serving_id)s::text);
 
--- name: expire_requests
-SELECT pgml._requests_expire() AS deleted;
+-- name: requests_housekeeping
+-- One round trip per poll: requests whose lease ran out (any serving process's), and what nobody will read again.
+WITH released AS (SELECT id, status FROM pgml._requests_release(NULL))
+SELECT (SELECT pgml._requests_expire()) AS deleted,
+       (SELECT coalesce(pg_catalog.jsonb_agg(released), '[]') FROM released) AS released;
 
 -- name: serving_model
 -- The stored model a request's pgml:<ref> names for its submitter (0013: only models it may read).
