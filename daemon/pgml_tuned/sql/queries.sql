@@ -210,9 +210,8 @@ SELECT id, step, attempt, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDE
 -- name: checkpoint_files
 SELECT path, part, data FROM pgml.checkpoint_files WHERE checkpoint_id = %(checkpoint_id)s ORDER BY path, part;
 
--- ---- the inference lane (serving process; functions of 0013_serving.sql) ----
-
 -- name: claim_requests
+-- The inference lane (the serving process; the functions of 0013_serving.sql).
 SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s);
 
 -- name: renew_requests
