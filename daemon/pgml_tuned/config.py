@@ -71,6 +71,14 @@ class Settings:
     log_level: str = setting(
         "info", help="the least important log lines shown", choices=("debug", "info", "warning", "error")
     )
+    serving: bool = setting(
+        True,
+        help="answer inference requests (pgml.transform, chat) in a serving process beside the training children "
+        "(true/false)",
+    )
+    model_cache_mb: int = setting(
+        4096, help="memory the serving process keeps warm models in (least recently used out first)"
+    )
     keyring_dir: Path | None = setting(
         None,
         help="the workers' private sealing keys, *.pem files of mode 0600 (default: <home>/keyring)",
@@ -145,6 +153,8 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.model_cache_mb < 0:
+            raise ValueError(f"model_cache_mb must be 0 or more, got {self.model_cache_mb}")
         if self.gpus is not None and len(self.gpu_list) < self.concurrency:
             raise ValueError(f"--gpus {self.gpus!r} names fewer GPUs than --concurrency {self.concurrency}")
 

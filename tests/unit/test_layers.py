@@ -50,8 +50,16 @@ RANKS = {
     "worker": 4,
     "worker.process": 4,
     "worker.backend": 4,
+    "worker.serving": 5,
     "worker.attempt": 5,
     "worker.daemon": 6,
+    # the serving process (beside the child and the worker: neither imports it)
+    "serving": 4,
+    "serving.requests": 4,
+    "serving.cache": 5,
+    "serving.inference": 6,
+    "serving.server": 7,
+    "serving.__main__": 8,
     # the front
     "demo": 8,
     "cli": 9,

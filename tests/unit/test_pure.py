@@ -131,3 +131,10 @@ def test_child_output_lines_are_bounded() -> None:
     out = anyio.run(collect, [b"first\n", huge[:100_000], huge[100_000:], b"tail of the huge line\nnext\n\n  \nlast"])
     assert out == ["first", "x" * process.MAX_LINE + " [cut]", "next", "last"]
     assert anyio.run(collect, [b'{"event": "log"}\n']) == ['{"event": "log"}']
+
+
+def test_every_named_query_ends_with_its_statement() -> None:
+    """A comment after a block's last statement becomes part of it (and breaks a query wrapped in COPY (...))."""
+    for name, text in queries().items():
+        last = text.rstrip().splitlines()[-1].lstrip()
+        assert not last.startswith("--") and not text.rstrip().endswith(";"), f"query {name!r} ends with {last!r}"

@@ -188,3 +188,31 @@ SELECT pgml._dataset_begin(%(id)s, %(ticket)s, %(names)s::text[], %(types)s::tex
 -- name: dataset_commit
 -- Inside the child's final transaction: the staging table becomes pgml."<source>" (then child_succeed).
 SELECT pgml._dataset_commit(%(id)s, %(ticket)s, %(rows)s) AS result;
+
+-- name: claim_requests
+-- The inference lane (the serving process; the functions of 0013_serving.sql).
+SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s);
+
+-- name: renew_requests
+SELECT id FROM pgml._requests_renew(%(serving_id)s, %(lease_seconds)s) AS r (id);
+
+-- name: finish_request
+-- An answer (result, usage) or an error (error not NULL).
+SELECT pgml._request_finish(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s::jsonb, %(error)s) AS owned;
+
+-- name: request_chunk
+SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::text[]) AS owned;
+
+-- name: release_requests
+-- A dead serving process's requests (serving_id), or every request whose lease ran out (serving_id NULL).
+SELECT id, status FROM pgml._requests_release(%(serving_id)s::text);
+
+-- name: requests_housekeeping
+-- One round trip per poll: requests whose lease ran out (any serving process's), and what nobody will read again.
+WITH released AS (SELECT id, status FROM pgml._requests_release(NULL))
+SELECT (SELECT pgml._requests_expire()) AS deleted,
+       (SELECT coalesce(pg_catalog.jsonb_agg(released), '[]') FROM released) AS released;
+
+-- name: serving_model
+-- The stored model a request's pgml:<ref> names for its submitter (0013: only models it may read).
+SELECT id, status, base_model, task, project_name FROM pgml._serving_model(%(owner)s, %(ref)s) LIMIT 1;

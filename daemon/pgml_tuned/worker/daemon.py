@@ -6,6 +6,7 @@
 - heartbeat  every heartbeat_seconds (or at once on a cancel notice): one statement renews the leases of
              all running attempts and reads their cancel requests
 - one task per running attempt (attempt.py): child process, then settle
+- serving    the inference lane's process (serving.py), restarted when it dies; never a job slot
 - signals    SIGTERM/SIGINT: stop claiming, SIGTERM children (they checkpoint), requeue, exit within
              grace_seconds; a second signal exits at once (leases then expire as after a crash)
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -32,15 +35,24 @@ from ..states import Status, StopReason
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend
 from .process import ChildProcess, ChildUser, check_child_user, child_env
+from .serving import ServingSupervisor
 
 log = logconfig.get("pgml_tuned.daemon")
 
 
 class Daemon:
     def __init__(
-        self, settings: Settings, backend: Backend, launch: Launcher, *, dsn: str = "", drain: bool = False
+        self,
+        settings: Settings,
+        backend: Backend,
+        launch: Launcher,
+        *,
+        dsn: str = "",
+        drain: bool = False,
+        serving: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.settings = settings
+        self.serving = serving
         self.backend = backend
         self.launch = launch
         self.dsn = dsn
@@ -73,6 +85,8 @@ class Daemon:
                 tg.start_soon(self._poller)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._claimer, tg)
+                if self.serving is not None and not self.drain:
+                    tg.start_soon(self.serving)
         finally:
             await self.backend.close()
             log.info("daemon.stop", worker=self.settings.worker_id, jobs_claimed=self.claimed)
@@ -228,6 +242,9 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         await check_child_user(user, settings.scratch, secret_files)
         log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
     launch = functools.partial(ChildProcess.start, user=user)
-    daemon = Daemon(settings, PgBackend(settings, dsn), launch, dsn=child_dsn or dsn, drain=drain)
+    serving = ServingSupervisor(settings, dsn).run if settings.serving else None
+    daemon = Daemon(
+        settings, PgBackend(settings, dsn), launch, dsn=child_dsn or dsn, drain=drain, serving=serving
+    )
     await daemon.serve()
     return daemon

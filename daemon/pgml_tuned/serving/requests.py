@@ -1,0 +1,88 @@
+"""The serving side of pgml.requests: every statement the serving process runs (named queries of queries.sql,
+which call the SECURITY DEFINER functions of 0013_serving.sql; each write is fenced on the claiming process)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..db import Pool, Row
+
+CHANNEL = "pgml_requests"  # {"type": "request_queued"}: only wakes the serving process
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    submitted_by: str
+    kind: str  # classify | generate | chat
+    model: str
+    args: dict[str, Any]
+    inputs: list[Any]
+    stream: bool
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> Request:
+        return cls(
+            id=row["id"],
+            submitted_by=row["submitted_by"],
+            kind=row["kind"],
+            model=row["model"],
+            args=dict(row["args"] or {}),
+            inputs=list(row["inputs"]),
+            stream=bool(row["stream"]),
+            attempts=row["attempts"],
+        )
+
+
+class Requests:
+    """The statements of one serving process (`serving_id` fences every write)."""
+
+    def __init__(self, pool: Pool, serving_id: str, lease_seconds: float) -> None:
+        self.pool = pool
+        self.serving_id = serving_id
+        self.lease_seconds = lease_seconds
+
+    async def claim(self, max_n: int) -> list[Request]:
+        rows = await self.pool.named(
+            "claim_requests", serving_id=self.serving_id, max_n=max_n, lease_seconds=self.lease_seconds
+        )
+        return [Request.from_row(r) for r in rows]
+
+    async def renew(self) -> set[int]:
+        rows = await self.pool.named("renew_requests", serving_id=self.serving_id, lease_seconds=self.lease_seconds)
+        return {r["id"] for r in rows}
+
+    async def answer(self, request_id: int, result: Any, usage: dict[str, int] | None = None) -> bool:
+        return await self._finish(request_id, json.dumps(result), json.dumps(usage) if usage else None, None)
+
+    async def fail(self, request_id: int, error: str) -> bool:
+        return await self._finish(request_id, None, None, error)
+
+    async def _finish(self, request_id: int, result: str | None, usage: str | None, error: str | None) -> bool:
+        rows = await self.pool.named(
+            "finish_request", id=request_id, serving_id=self.serving_id, result=result, usage=usage, error=error
+        )
+        return bool(rows and rows[0]["owned"])
+
+    async def chunk(self, request_id: int, first_seq: int, texts: list[str]) -> bool:
+        rows = await self.pool.named(
+            "request_chunk", id=request_id, serving_id=self.serving_id, first_seq=first_seq, texts=texts
+        )
+        return bool(rows and rows[0]["owned"])
+
+    async def release_own(self) -> list[Row]:
+        """This process's running requests back to the queue (shutting down): retried by another."""
+        return await self.pool.named("release_requests", serving_id=self.serving_id)
+
+    async def housekeeping(self) -> tuple[list[Row], int]:
+        """Requests whose serving process stopped renewing (retried once, then failed), and what nobody will
+        read again (deleted): any serving process does this for all."""
+        rows = await self.pool.named("requests_housekeeping")
+        return list(rows[0]["released"]), int(rows[0]["deleted"])
+
+    async def stored_model(self, owner: str, ref: str) -> Row | None:
+        rows = await self.pool.named("serving_model", owner=owner, ref=ref)
+        return rows[0] if rows else None

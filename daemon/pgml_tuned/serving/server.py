@@ -1,0 +1,229 @@
+"""The serving process's loop (one root task group):
+
+- listener      LISTEN pgml_requests on a connection of its own: a typed wake-up, never data
+- housekeeping  every poll_seconds: renew the leases of the requests it is answering, release those whose serving
+                process stopped renewing (any process's: retried once, then failed), delete what nobody will read
+- the loop      claim up to max_batch queued requests (FOR UPDATE SKIP LOCKED), group them by model and by
+                compatible args, run each group as one batch in a thread (the event loop stays free to renew
+                leases and to stream chunks), answer each request, claim again. Requests that arrive while a
+                batch runs form the next batch: dynamic batching without waiting on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+
+from .. import logconfig
+from ..db import RETRYABLE, Pool, backoff_delays, connect
+from ..errors import JobError
+from . import cache, inference
+from .requests import CHANNEL, Request, Requests
+
+log = logconfig.get("pgml_tuned.serving")
+
+MiB = 1024 * 1024
+GENERATE_BATCH = 32  # prompts per generate() call
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    dsn: str
+    serving_id: str
+    cache_dir: Path
+    model_cache_mb: int = 4096
+    lease_seconds: float = 6.0
+    poll_seconds: float = 1.0
+    max_batch: int = 64
+
+
+class Server:
+    def __init__(self, config: ServingConfig, pool: Pool) -> None:
+        self.config = config
+        self.requests = Requests(pool, config.serving_id, config.lease_seconds)
+        self.cache = cache.ModelCache(config.model_cache_mb * MiB)
+        self.store = cache.SyncStore(config.dsn, config.cache_dir)
+        self.wake = anyio.Event()
+        self.inflight = False
+        self.answered = 0
+
+    async def run(self) -> None:
+        self.config.cache_dir.mkdir(parents=True, exist_ok=True)
+        log.info("serving.start", serving_id=self.config.serving_id, model_cache_mb=self.config.model_cache_mb)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listener)
+                tg.start_soon(self._housekeeping)
+                await self._loop()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                with anyio.fail_after(5):
+                    released = await self.requests.release_own()
+                if released:
+                    log.info("serving.released", requests=[r["id"] for r in released])
+
+    async def _listener(self) -> None:
+        delays = backoff_delays(first=0.05, cap=5.0)
+        while True:
+            try:
+                async with await connect(self.config.dsn, app=f"pgml-tuned listen {self.config.serving_id}") as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    delays = backoff_delays(first=0.05, cap=5.0)
+                    self.wake.set()  # anything queued while we were not listening
+                    while True:
+                        async for _ in conn.notifies(timeout=10.0):
+                            self.wake.set()
+                        await conn.execute("SELECT 1")
+            except RETRYABLE as e:
+                delay = next(delays)
+                log.warning("serving.listener_reconnect", error=str(e).strip(), retry_in=round(delay, 2))
+                await anyio.sleep(delay)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await anyio.sleep(self.config.poll_seconds)
+            with contextlib.suppress(*RETRYABLE):
+                if self.inflight:
+                    await self.requests.renew()
+                released, expired = await self.requests.housekeeping()
+                for row in released:
+                    log.warning("request.lease_expired", request_id=row["id"], now=row["status"])
+                if expired:
+                    log.info("requests.expired", deleted=expired)
+            self.wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            with anyio.move_on_after(self.config.poll_seconds):
+                await self.wake.wait()
+            self.wake = anyio.Event()
+            while True:
+                try:
+                    batch = await self.requests.claim(self.config.max_batch)
+                except RETRYABLE as e:
+                    log.warning("serving.claim_failed", error=str(e).strip())
+                    break  # a claim whose reply was lost: its lease runs out and it is retried
+                if not batch:
+                    break
+                self.inflight = True
+                try:
+                    await self.serve_batch(batch)
+                finally:
+                    self.inflight = False
+
+    # ---- one batch ----
+    async def serve_batch(self, batch: list[Request]) -> None:
+        groups: dict[tuple[Any, ...], tuple[cache.ModelKey, list[Request]]] = {}
+        keys: dict[tuple[str, str, str], cache.ModelKey] = {}
+        for r in batch:
+            try:
+                who = (r.submitted_by, r.model, cache.family(r.kind))
+                key = keys.get(who) or await self.key_for(r)
+                keys[who] = key
+            except JobError as e:
+                await self.requests.fail(r.id, str(e))
+                continue
+            group = (key.cache_key, "stream", r.id) if r.stream else (key.cache_key, inference.batch_key(r.args))
+            groups.setdefault(group, (key, []))[1].append(r)
+        for key, reqs in groups.values():
+            started = time.monotonic()
+            try:
+                loaded = await self.model(key)
+                if key.family == cache.CLASSIFY:
+                    await self.classify(loaded, reqs)
+                else:
+                    await self.generate(loaded, reqs)
+            except JobError as e:
+                for r in reqs:
+                    await self.requests.fail(r.id, str(e))
+            except Exception as e:  # a bug or a broken model: the requests fail saying so; the process serves on
+                log.error("serving.error", model=key.name, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
+                for r in reqs:
+                    await self.requests.fail(r.id, f"serving {key.name!r} failed: {type(e).__name__}: {e}")
+            self.answered += len(reqs)
+            log.debug(
+                "serving.batch", model=key.name, requests=len(reqs), ms=round(1000 * (time.monotonic() - started))
+            )
+
+    async def key_for(self, r: Request) -> cache.ModelKey:
+        """The cache key of a request's model. pgml:<project> is read again for every batch: a new deployment is
+        served at once."""
+        fam = cache.family(r.kind)
+        if not r.model.startswith("pgml:"):
+            return cache.ModelKey(fam, r.model, r.submitted_by)
+        row = await self.requests.stored_model(r.submitted_by, r.model.removeprefix("pgml:"))
+        if row is None:
+            raise JobError(f"model {r.model!r}: there is no such model that {r.submitted_by} may use")
+        if row["status"] != "successful":
+            raise JobError(f"model {r.model!r}: model {row['id']} is {row['status']}, not successful")
+        return cache.ModelKey(fam, f"pgml:model:{row['id']}", r.submitted_by)
+
+    async def model(self, key: cache.ModelKey) -> cache.Loaded:
+        loaded = self.cache.get(key)
+        if loaded is None:
+            started = time.monotonic()
+            loaded = await anyio.to_thread.run_sync(cache.load, key, self.store)
+            evicted = self.cache.put(loaded)
+            log.info(
+                "serving.model_loaded",
+                model=key.name,
+                family=key.family,
+                device=loaded.device,
+                mb=round(loaded.nbytes / MiB, 1),
+                seconds=round(time.monotonic() - started, 2),
+                evicted=evicted,
+            )
+        return loaded
+
+    async def classify(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
+        texts = [t for r in reqs for t in r.inputs]
+        results = await anyio.to_thread.run_sync(inference.classify, loaded, texts, reqs[0].args)
+        at = 0
+        for r in reqs:
+            await self.requests.answer(r.id, results[at : at + len(r.inputs)])
+            at += len(r.inputs)
+
+    async def generate(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
+        kwargs = inference.generation_kwargs(reqs[0].args)  # the group shares its args
+        prompts: list[tuple[Request, list[int]]] = []
+        for r in reqs:
+            try:
+                conversations = [r.inputs] if r.kind == "chat" else r.inputs
+                prompts += [(r, inference.prompt_ids(loaded, r.kind, p)) for p in conversations]
+            except JobError as e:
+                await self.requests.fail(r.id, str(e))
+        answers: dict[int, list[inference.Generated]] = {}
+        for i in range(0, len(prompts), GENERATE_BATCH):
+            part = prompts[i : i + GENERATE_BATCH]
+            on_text = self.streamer(part[0][0]) if part[0][0].stream else None
+            out = await anyio.to_thread.run_sync(inference.generate, loaded, [p for _, p in part], kwargs, on_text)
+            for (r, _), answer in zip(part, out, strict=True):
+                answers.setdefault(r.id, []).append(answer)
+        for r in reqs:
+            if r.id not in answers:
+                continue
+            got = answers[r.id]
+            if r.kind == "chat":
+                result: Any = {"role": "assistant", "content": got[0].text, "finish_reason": got[0].finish_reason}
+            else:
+                result = [{"generated_text": a.text, "finish_reason": a.finish_reason} for a in got]
+            await self.requests.answer(r.id, result, inference.usage(got))
+
+    def streamer(self, r: Request) -> Any:
+        """A callback for the generating thread: each piece of text becomes the next chunk row, committed at once
+        (the client reads it while generation runs)."""
+        seq = 0
+
+        def on_text(text: str) -> None:
+            nonlocal seq
+            anyio.from_thread.run(self.requests.chunk, r.id, seq, [text])
+            seq += 1
+
+        return on_text

@@ -1,0 +1,98 @@
+"""The daemon's serving process: started with the daemon, restarted within a second when it dies, stopped with
+the daemon. It never takes a job slot, so training never blocks inference (and a model being served never
+blocks training: it is another process). When it dies, the requests it was answering are released at once
+(retried once, then failed, never left hanging: pgml._requests_release); its leases would release them within
+seconds anyway, when the whole worker dies.
+
+Its environment is a training child's (child_env: an allow-list, no credential); the DSN and its settings go
+on its stdin. Its JSON log lines are passed through to the daemon's stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import anyio
+
+from .. import logconfig
+from ..config import Settings
+from ..db import Pool, q
+from .process import child_env, lines
+
+log = logconfig.get("pgml_tuned.worker.serving")
+
+STABLE_SECONDS = 30.0  # a process that ran this long restarts at once; one that keeps dying, with backoff
+
+
+class ServingSupervisor:
+    def __init__(self, settings: Settings, dsn: str) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.starts = 0
+        self.pid: int | None = None  # of the running serving process (tests and operators)
+
+    async def run(self) -> None:
+        """Forever: run the serving process; when it exits, release its requests and start another."""
+        pool = Pool(self.dsn, app=f"pgml-tuned {self.settings.worker_id} serving", max_size=1)
+        delay = 0.2
+        try:
+            while True:
+                self.starts += 1
+                serving_id = f"{self.settings.worker_id}/serving-{self.starts}"
+                started = time.monotonic()
+                rc = await self.run_once(serving_id)
+                released = await pool.fetch(q("release_requests"), {"serving_id": serving_id})
+                log.warning(
+                    "serving.exited",
+                    serving_id=serving_id,
+                    returncode=rc,
+                    released=[f"{r['id']}:{r['status']}" for r in released],
+                    note="starting another",
+                )
+                delay = 0.2 if time.monotonic() - started > STABLE_SECONDS else min(10.0, delay * 2)
+                await anyio.sleep(delay)
+        finally:
+            await pool.close()
+
+    async def run_once(self, serving_id: str) -> int:
+        gpus = self.settings.gpu_list
+        work = self.settings.scratch / "serving"
+        env = child_env(str(work), gpus[0] if gpus else None)
+        payload = {
+            "dsn": self.dsn,
+            "serving_id": serving_id,
+            "cache_dir": str(work / "models"),
+            "model_cache_mb": self.settings.model_cache_mb,
+            "log_level": self.settings.log_level,
+        }
+        process = await anyio.open_process(
+            [sys.executable, "-m", "pgml_tuned.serving"], env=env, start_new_session=True
+        )
+        self.pid = process.pid
+        log.info("serving.started", serving_id=serving_id, pid=process.pid)
+        try:
+            assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+            with anyio.CancelScope(shield=True):
+                await process.stdin.send(json.dumps(payload).encode())
+                await process.stdin.aclose()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(passthrough, process.stdout)
+                tg.start_soon(passthrough, process.stderr)
+            return await process.wait()
+        finally:
+            self.pid = None
+            with anyio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.terminate()  # it puts its requests back in the queue and exits
+                    with anyio.move_on_after(5):
+                        await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+async def passthrough(stream: anyio.abc.ByteReceiveStream) -> None:
+    async for line in lines(stream):
+        sys.stderr.write(line + "\n")
