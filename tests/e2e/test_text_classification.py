@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import job_row, wait_for, wait_job
 from tests.support import models as testing
+from tests.support.hf_datasets import install_imdb
 
 REVIEWS = testing.DATA / "reviews.csv"
 
@@ -27,17 +28,11 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> Pa
     return path
 
 
-def load_imdb(conn: psycopg.Connection[dict[str, Any]], rows: int = 150) -> None:
-    """pgml.imdb as `pgml.load_dataset('imdb')` makes it (label 0/1, -1 = unsupervised), from bundled data; the
-    connection is the user's, who may create tables in schema pgml."""
-    with open(REVIEWS, newline="") as f:
-        data = list(csv.DictReader(f))[:rows]
-    conn.execute("CREATE TABLE pgml.imdb (text text, label bigint)")
-    with conn.cursor() as cur, cur.copy("COPY pgml.imdb (text, label) FROM STDIN") as copy:
-        for r in data:
-            copy.write_row((r["text"], 1 if r["class"] == "positive" else 0))
-        for i in range(5):
-            copy.write_row((f"unlabeled review {i}", -1))
+@pytest.fixture
+def imdb_cache(session_env: Path) -> None:
+    """`imdb` in the worker's offline datasets cache, as a download would leave it: 80 train, 70 test and 5
+    unsupervised (label -1) reviews of IMDB's size."""
+    install_imdb(train=80, test=70, unsupervised=5)
 
 
 def test_seed_copy_is_current() -> None:
@@ -47,9 +42,13 @@ def test_seed_copy_is_current() -> None:
 
 
 def test_seed_text_classification_end_to_end(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path, tmp_path: Path
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path, imdb_cache: None, tmp_path: Path
 ) -> None:
-    load_imdb(conn)
+    d = daemon()  # trains, loads datasets and answers pgml.transform
+    # section 1 verbatim: returns when pgml.imdb is there, every split merged (the views filter label -1)
+    loaded = conn.execute(seed.find("SELECT pgml.load_dataset('imdb')")).fetchone()["load_dataset"]
+    assert loaded == ("pgml.imdb", 155) or str(loaded) == "(pgml.imdb,155)"
+    assert conn.execute("SELECT count(*) AS n FROM pgml.imdb WHERE label = -1").fetchone()["n"] == 5
     # sections 2-4 verbatim: views, EDA, split views
     conn.execute(seed.find(seed.IMDB_SHUFFLED_VIEW))
     counts = conn.execute(seed.find("SELECT\n    class")).fetchall()
@@ -67,8 +66,7 @@ def test_seed_text_classification_end_to_end(
     assert job["status"] == "queued" and job["secrets"].startswith("v2:")
     assert "YOUR_HUB_TOKEN" not in json.dumps(job["hyperparams"])
 
-    # a daemon trains it; logs appear while it runs, visible to this other session
-    d = daemon()
+    # the daemon trains it; logs appear while it runs, visible to this other session
     wait_for(
         lambda: conn.execute(
             "SELECT 1 FROM pgml.logs l JOIN pgml.jobs j ON j.id = l.job_id "
@@ -121,6 +119,41 @@ def test_seed_text_classification_end_to_end(
     classify = pipeline("text-classification", model=str(out), tokenizer=str(out), device="cpu")
     predictions = classify(["A wonderful, moving film.", "Dull and far too long."])
     assert {p["label"] for p in predictions} <= {"negative", "positive"}
+
+    # section 6 verbatim: the guide pushed the model to the hub as santiadavani/imdb_review_sentiement; this worker
+    # is offline, so the same files sit in its hub cache under that name (the real hub code path serves them)
+    testing.install_in_hf_cache(out, "santiadavani/imdb_review_sentiement", Path(os.environ["HF_HOME"]))
+    realtime = conn.execute(seed.find("SELECT pgml.transform(")).fetchone()["transform"]
+    texts = [
+        "I would not give this movie a rating, its not worthy. I watched it only because I am a Pfieffer fan. ",
+        "This movie was sooooooo good! It was hilarious! There are so many jokes that you can just watch the",
+    ]
+    expected = classify(texts)
+    assert [r["label"] for r in realtime] == [e["label"] for e in expected]
+    assert [r["score"] for r in realtime] == pytest.approx([e["score"] for e in expected], abs=1e-4)
+    batch = conn.execute(seed.find("SELECT\n    LEFT(text, 100) AS truncated_text")).fetchall()
+    assert len(batch) == 2 and {r["predicted_class"] for r in batch} <= {"negative", "positive"}
+    assert all(0 <= r["score"] <= 1 for r in batch)
+    # and straight from pgml.files, no hub: the project's deployed model (its only one, deployed automatically)
+    assert (
+        conn.execute(
+            "SELECT model_id FROM pgml.deployments d JOIN pgml.projects p ON p.id = d.project_id "
+            "WHERE p.name = 'imdb_review_sentiment' ORDER BY d.id DESC LIMIT 1"
+        ).fetchone()["model_id"]
+        == model_id
+    )
+    stored = conn.execute(
+        'SELECT pgml.transform(task => \'{"task": "text-classification", "model": '
+        '"pgml:imdb_review_sentiment"}\'::jsonb, inputs => %s) AS t',
+        (texts,),
+    ).fetchone()["t"]
+    assert [r["label"] for r in stored] == [e["label"] for e in expected]
+    assert [r["score"] for r in stored] == pytest.approx([e["score"] for e in expected], abs=1e-4)
+
+    # loading it again replaces it cleanly (the guide's views over it stay valid): one copy
+    conn.execute(seed.find("SELECT pgml.load_dataset('imdb')"))
+    assert conn.execute("SELECT count(*) AS n FROM pgml.imdb").fetchone()["n"] == 155
+    assert conn.execute("SELECT count(*) AS n FROM pgml.imdb_train_view").fetchone()["n"] > 0
 
 
 def submit(conn: psycopg.Connection[dict[str, Any]], project: str, relation: str, model: str, **hp: Any) -> int:

@@ -1,4 +1,4 @@
-"""The loopback (0014_loopback.sql): statements a SQL call must see committed before its own transaction ends
+"""The loopback (0013_loopback.sql): statements a SQL call must see committed before its own transaction ends
 go through dblink, as a login of their own, and act only as the user whose session sent them."""
 
 from __future__ import annotations

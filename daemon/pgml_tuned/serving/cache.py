@@ -74,7 +74,7 @@ class SyncStore:
         partial = dest.with_name(dest.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         with db.sync_connect(self.dsn, app="pgml-tuned serving") as conn:
-            files.download_model(conn, model_id, partial)
+            files.download_model(conn, model_id, partial, "serving_model_files")
         (partial / ".complete").touch()
         shutil.rmtree(dest, ignore_errors=True)
         partial.rename(dest)

@@ -1,5 +1,5 @@
 """The serving side of pgml.requests: every statement the serving process runs (named queries of queries.sql,
-which call the SECURITY DEFINER functions of 0013_serving.sql; each write is fenced on the claiming process)."""
+which call the SECURITY DEFINER functions of 0014_serving.sql; each write is fenced on the claiming process)."""
 
 from __future__ import annotations
 

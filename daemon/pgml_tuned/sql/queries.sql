@@ -190,7 +190,7 @@ SELECT pgml._dataset_begin(%(id)s, %(ticket)s, %(names)s::text[], %(types)s::tex
 SELECT pgml._dataset_commit(%(id)s, %(ticket)s, %(rows)s) AS result;
 
 -- name: claim_requests
--- The inference lane (the serving process; the functions of 0013_serving.sql).
+-- The inference lane (the serving process; the functions of 0014_serving.sql).
 SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s);
 
 -- name: renew_requests
@@ -214,5 +214,8 @@ SELECT (SELECT pgml._requests_expire()) AS deleted,
        (SELECT coalesce(pg_catalog.jsonb_agg(released), '[]') FROM released) AS released;
 
 -- name: serving_model
--- The stored model a request's pgml:<ref> names for its submitter (0013: only models it may read).
+-- The stored model a request's pgml:<ref> names for its submitter (0014: only models it may read).
 SELECT id, status, base_model, task, project_name FROM pgml._serving_model(%(owner)s, %(ref)s) LIMIT 1;
+
+-- name: serving_model_files
+SELECT path, part, data FROM pgml._serving_model_files(%(model_id)s);

@@ -1,4 +1,4 @@
--- 0013_serving: the inference lane's requests and answers. A request is a row a trusted submitter (the
+-- 0014_serving: the inference lane's requests and answers. A request is a row a trusted submitter (the
 -- pgml.transform loopback, the Python client's API) inserts through pgml._request_submit; a serving process
 -- (the daemon's child `python -m pgml_tuned.serving`, as pgml_worker) claims batches of them, answers each
 -- (result, or error; streamed generation writes chunks as it goes), and the submitter consumes the answer
@@ -40,25 +40,12 @@ CREATE TABLE IF NOT EXISTS pgml.request_chunks (
     PRIMARY KEY (request_id, seq)
 );
 
--- What a project serves: its latest deployment, else its latest successful model (pgml.deploy and the automatic
--- deploy rule write here).
-CREATE TABLE IF NOT EXISTS pgml.deployments (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    project_id bigint NOT NULL REFERENCES pgml.projects (id) ON DELETE CASCADE,
-    model_id   bigint NOT NULL REFERENCES pgml.models (id) ON DELETE CASCADE,
-    strategy   text NOT NULL DEFAULT 'manual',
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE INDEX IF NOT EXISTS deployments_project_idx ON pgml.deployments (project_id, id DESC);
+-- What a project serves: pgml.deployments (0013_loopback), its latest row, else its latest successful model.
 
 ALTER TABLE pgml.requests ENABLE ROW LEVEL SECURITY;
 ALTER TABLE pgml.request_chunks ENABLE ROW LEVEL SECURITY;
-ALTER TABLE pgml.deployments ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS worker_all ON pgml.deployments;
-CREATE POLICY worker_all ON pgml.deployments TO pgml_worker USING (true) WITH CHECK (true);
-DROP POLICY IF EXISTS user_read ON pgml.deployments;
-CREATE POLICY user_read ON pgml.deployments FOR SELECT TO pgml_user
-    USING (EXISTS (SELECT 1 FROM pgml.projects p WHERE p.id = deployments.project_id));
+CREATE POLICY worker_all ON pgml.deployments FOR SELECT TO pgml_worker USING (true);
 -- requests and chunks: no policy for anyone; only the functions below (running as the owner) touch them
 
 -- The stored model `ref` names for `submitter`, among the models it may read (its own; any for a pgml_admin
@@ -268,7 +255,7 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_trusted boolean := pg_catalog.has_function_privilege(session_user,
+    v_trusted boolean := pg_catalog.has_function_privilege(pgml._submitter(),
                              'pgml._request_submit(name, text, text, jsonb, jsonb)', 'EXECUTE');
     v_status  text;
 BEGIN
@@ -276,14 +263,14 @@ BEGIN
         RETURN QUERY
         DELETE FROM pgml.requests r
         WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id AND r.status IN ('done', 'failed')
-          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) session_user)
+          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter())
         RETURNING r.status, r.result, r.error, r.usage;
         IF FOUND THEN
             RETURN;
         END IF;
         SELECT r.status INTO v_status FROM pgml.requests r
         WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id
-          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) session_user);
+          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter());
         IF NOT FOUND THEN
             RETURN;  -- consumed, expired, or never the caller's
         END IF;
@@ -302,8 +289,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT c.seq, c.text FROM pgml.request_chunks c JOIN pgml.requests r ON r.id OPERATOR(pg_catalog.=) c.request_id
     WHERE c.request_id OPERATOR(pg_catalog.=) _request_chunks.id AND c.seq OPERATOR(pg_catalog.>) after_seq
-      AND (r.submitted_by OPERATOR(pg_catalog.=) session_user
-           OR pg_catalog.has_function_privilege(session_user, 'pgml._request_submit(name, text, text, jsonb, jsonb)',
+      AND (r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter()
+           OR pg_catalog.has_function_privilege(pgml._submitter(), 'pgml._request_submit(name, text, text, jsonb, jsonb)',
                                                 'EXECUTE'))
     ORDER BY c.seq
 $$;
@@ -315,8 +302,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     WITH gone AS (
         DELETE FROM pgml.requests r WHERE r.id OPERATOR(pg_catalog.=) _request_abandon.id
-          AND (r.submitted_by OPERATOR(pg_catalog.=) session_user
-               OR pg_catalog.has_function_privilege(session_user, 'pgml._request_submit(name, text, text, jsonb, jsonb)',
+          AND (r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter()
+               OR pg_catalog.has_function_privilege(pgml._submitter(), 'pgml._request_submit(name, text, text, jsonb, jsonb)',
                                                     'EXECUTE'))
         RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM gone)
@@ -469,4 +456,4 @@ GRANT EXECUTE ON FUNCTION pgml._serving_model(name, text), pgml._requests_claim(
     pgml._requests_release(text), pgml._requests_expire() TO pgml_worker;
 GRANT SELECT ON pgml.deployments TO pgml_user, pgml_worker;
 
-INSERT INTO pgml.schema_migrations (version) VALUES ('0013_serving') ON CONFLICT DO NOTHING;
+INSERT INTO pgml.schema_migrations (version) VALUES ('0014_serving') ON CONFLICT DO NOTHING;

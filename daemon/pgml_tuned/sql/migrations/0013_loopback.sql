@@ -1,4 +1,4 @@
--- 0014_loopback: calls that must answer synchronously (pgml.transform, pgml.load_dataset) need a request that
+-- 0013_loopback: calls that must answer synchronously (pgml.transform, pgml.load_dataset) need a request that
 -- the worker can see before the caller's transaction commits. They submit it through an autonomous loopback
 -- connection (dblink) and then wait for the worker's answer (READ COMMITTED sees its commit).
 --
@@ -428,4 +428,4 @@ GRANT EXECUTE ON FUNCTION pgml.deploy(text, bigint), pgml.deploy(text, text), pg
     TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml.deployed_model(bigint) TO pgml_worker;
 
-INSERT INTO pgml.schema_migrations (version) VALUES ('0014_loopback') ON CONFLICT DO NOTHING;
+INSERT INTO pgml.schema_migrations (version) VALUES ('0013_loopback') ON CONFLICT DO NOTHING;
