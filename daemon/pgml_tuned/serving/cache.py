@@ -68,6 +68,12 @@ class SyncStore:
             row = conn.execute(db.q("serving_model"), {"owner": owner, "ref": ref}).fetchone()
         return dict(row) if row else None
 
+    def hub_refusal(self, model_name: str, owner: str) -> str | None:
+        """Why the hub allow-list refuses `model_name` to `owner` (None: it does not)."""
+        with db.sync_connect(self.dsn, app="pgml-tuned serving") as conn:
+            row = conn.execute(db.q("hub_refusal"), {"model_name": model_name, "owner": owner}).fetchone()
+        return row["error"] if row else None
+
     def download_model(self, model_id: int, dest: Path) -> Path:
         if (dest / ".complete").is_file():
             return dest

@@ -76,11 +76,22 @@ def batch_key(args: dict[str, Any]) -> str:
 def classify(loaded: Loaded, texts: list[str], args: dict[str, Any]) -> list[Any]:
     kwargs = pipeline_args(args)
     kwargs.setdefault("batch_size", min(len(texts), 64))
+    kwargs.update(truncation_args(loaded, kwargs))
     try:
         out = loaded.pipeline(texts, **kwargs)
     except (TypeError, ValueError) as e:
         raise JobError(f"text-classification with args {json.dumps(kwargs)}: {e}") from e
     return [plain(x) for x in out]
+
+
+def truncation_args(loaded: Loaded, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Long inputs are cut to what the model takes (as training cut them), unless the caller says otherwise:
+    `truncation` defaults to true, `max_length` to the model's positions when the tokenizer knows no limit."""
+    out: dict[str, Any] = {"truncation": kwargs.get("truncation", True)}
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if "max_length" not in kwargs and isinstance(limit, int) and loaded.tokenizer.model_max_length > limit:
+        out["max_length"] = limit
+    return out
 
 
 def plain(value: Any) -> Any:
