@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import files, secrets
@@ -155,6 +156,19 @@ def succeed(
         stored = files.copy_dir_in(conn, q("copy_files"), model_id, model_dir)
         conn.execute(q("child_succeed"), {**params, "metrics": Jsonb(metrics), "base_model": base_model})
     return stored
+
+
+def write_predictions(conn: Conn, job_id: int, ticket: str, rows: list[tuple[str, str, float]], restart: bool) -> str:
+    """One transaction of a predict_batch child: its output table (emptied first when `restart`), then a COPY of
+    (key, label, score) rows into it. Returns the table's name (in schema pgml)."""
+    with fenced(job_id), conn.transaction():
+        params = {"id": job_id, "ticket": ticket, "restart": restart}
+        name = str(fetch_one(conn, q("child_predictions_begin"), params)["output"])
+        stmt = sql.SQL("COPY {} (key, label, score) FROM STDIN").format(sql.Identifier("pgml", name))
+        with conn.cursor() as cur, cur.copy(stmt) as cp:
+            for row in rows:
+                cp.write_row(row)
+    return name
 
 
 def begin_dataset(conn: Conn, job_id: int, ticket: str, names: list[str], types: list[str]) -> str:

@@ -63,6 +63,15 @@ TASKS: dict[str, Task] = {
         # pgml.load_dataset: a Hugging Face dataset (or a worker-side file) into a table pgml."<source>"; queued by
         # pgml.load_dataset_async(), never by pgml.tune()
         Task("load_dataset", "load_dataset", {}, (), (), ("source", "subset", "limit", "kwargs")),
+        # pgml.predict_batch: a model's predictions for every row of a relation, into pgml.<output_table>
+        Task(
+            "predict_batch",
+            "predict_batch",
+            {"text_column": "text", "key_column": "id"},
+            ("text_column",),
+            (),
+            ("dataset_args", "output_table", "batch_size", "max_length"),
+        ),
     )
 }
 

@@ -40,6 +40,7 @@ RANKS = {
     "recipes.rows": 7,
     "recipes.noop": 8,
     "recipes.load_dataset": 8,
+    "recipes.predict_batch": 8,
     "recipes.text_classification": 8,
     "recipes.conversation.options": 8,
     "recipes.conversation.data": 9,

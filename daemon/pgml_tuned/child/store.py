@@ -228,6 +228,20 @@ class JobStore:
 
         return self.with_retry("loading the rows", copy)
 
+    # ---- predictions (task predict_batch) ----
+    def begin_predictions(self, restart: bool) -> str:
+        """The job's output table, emptied when `restart` (an attempt's rows replace an earlier attempt's)."""
+        with refusals_as_job_errors():
+            return self.with_retry(
+                "creating the output table", lambda c: jobs.write_predictions(c, self.job_id, self.ticket, [], restart)
+            )
+
+    def write_predictions(self, rows: list[tuple[str, str, float]]) -> None:
+        with refusals_as_job_errors():
+            self.with_retry(
+                "writing predictions", lambda c: jobs.write_predictions(c, self.job_id, self.ticket, rows, False)
+            )
+
     def finish_dataset(self, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Swap the staging table in as pgml."<source>" and succeed, in one fenced transaction."""
         self.flush_logs()

@@ -97,22 +97,23 @@ def model_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def load(key: ModelKey, store: SyncStore) -> Loaded:
-    """Load what `key` names (blocking: run it in a thread)."""
+def load(key: ModelKey, store: models.ModelStore, cache_dir: Path) -> Loaded:
+    """Load what `key` names (blocking: run it in a thread); stored models are downloaded under cache_dir. The
+    serving process and the predict_batch recipe (with the child's store) load the same way."""
     import torch
     from transformers import AutoModelForSequenceClassification, pipeline
 
     def info(*args: Any, **kwargs: Any) -> None:
         log.info("serving.model_source", model=key.name, note=args[0] if args else "")
 
-    resolved = models.resolve(key.name, store, store.cache_dir, info, owner=key.owner)
+    resolved = models.resolve(key.name, store, cache_dir, info, owner=key.owner)
     adapter = resolved.adapter_dir
     weights, tokenizer_source = resolved.source, resolved.source
     if adapter is not None:
         base_name = resolved.adapter_base()
         if not base_name:
             raise JobError(f"model {key.name!r} is a LoRA adapter with no recorded base model")
-        weights = models.resolve(base_name, store, store.cache_dir, info, owner=key.owner).source
+        weights = models.resolve(base_name, store, cache_dir, info, owner=key.owner).source
         if not (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = weights
     dev = device()

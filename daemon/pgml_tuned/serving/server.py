@@ -169,7 +169,7 @@ class Server:
         loaded = self.cache.get(key)
         if loaded is None:
             started = time.monotonic()
-            loaded = await anyio.to_thread.run_sync(cache.load, key, self.store)
+            loaded = await anyio.to_thread.run_sync(cache.load, key, self.store, self.store.cache_dir)
             evicted = self.cache.put(loaded)
             log.info(
                 "serving.model_loaded",

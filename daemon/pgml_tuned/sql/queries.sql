@@ -219,3 +219,7 @@ SELECT id, status, base_model, task, project_name FROM pgml._serving_model(%(own
 
 -- name: serving_model_files
 SELECT path, part, data FROM pgml._serving_model_files(%(model_id)s);
+
+-- name: child_predictions_begin
+-- A predict_batch child's transaction: (re)creates its output table (emptied when restart), lets its COPY in.
+SELECT pgml._child_predictions_begin(%(id)s, %(ticket)s, %(restart)s) AS output;

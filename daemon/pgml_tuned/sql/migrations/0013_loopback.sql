@@ -247,7 +247,7 @@ CREATE TABLE IF NOT EXISTS pgml.deployments (
     id         bigserial PRIMARY KEY,
     project_id bigint NOT NULL REFERENCES pgml.projects (id) ON DELETE CASCADE,
     model_id   bigint NOT NULL REFERENCES pgml.models (id) ON DELETE CASCADE,
-    strategy   text NOT NULL,           -- 'automatic', 'model_id', 'best_score', 'most_recent', 'rollback'
+    strategy   text NOT NULL DEFAULT 'manual',  -- 'automatic', 'model_id', 'best_score', 'most_recent', 'rollback'
     deployed_by name NOT NULL DEFAULT session_user,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
