@@ -34,7 +34,7 @@ Conn = psycopg.Connection[dict[str, Any]]
 
 def transform(conn: Conn, model: str, inputs: list[str], args: dict[str, Any] | None = None) -> Any:
     row = conn.execute(
-        "SELECT pgml.transform(task => %s::jsonb, args => %s::jsonb, inputs => %s) AS t",
+        "SELECT pgml.transform(task => %s::jsonb, args => %s::jsonb, inputs => %s::text[]) AS t",
         (json.dumps({"task": "text-classification", "model": model}), json.dumps(args or {}), inputs),
     ).fetchone()
     assert row is not None
@@ -127,7 +127,10 @@ def test_predict_batch_writes_the_per_row_answers(serving: Any, conn: Conn, su: 
     for sql, match in (
         ("SELECT * FROM pgml.predict_batch('m', 'to_score', 'imdb; drop')", "plain table name"),
         ("SELECT * FROM pgml.predict_batch('m', 'to_score', 'x', batch_size => 0)", "batch_size"),
-        ("SELECT * FROM pgml.predict_batch('m', 'to_score', 'x', text_column => 'nope')", "nope"),
+        (
+            "SELECT * FROM pgml.predict_batch('m', 'to_score', 'x', text_column => 'nope', key_column => 'review_id')",
+            "nope",
+        ),
     ):
         with pytest.raises(psycopg.Error, match=match):
             conn.execute(sql)
