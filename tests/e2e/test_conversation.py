@@ -19,6 +19,7 @@ from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import DaemonProc, wait_job
 from tests.support import models as testing
+from tests.support.hf_datasets import FINGPT_FEATURES, install_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,15 @@ def test_seed_llama2_lora_end_to_end(
     tmp_path: Path,
     session_env: Path,
 ) -> None:
-    load_fingpt(conn)
+    # the guide's first statement, verbatim: the dataset from the worker's offline datasets cache (the bundled
+    # sample, as `FinGPT/fingpt-sentiment-train` would be after a download)
+    with open(FINANCE, newline="") as f:
+        sample = list(csv.DictReader(f))
+    columns = {k: [r[k] for r in sample] for k in ("input", "output", "instruction")}
+    install_dataset("FinGPT/fingpt-sentiment-train", {"train": columns}, FINGPT_FEATURES)
+    d = daemon("--concurrency", "2")
+    loaded = conn.execute(seed.find("SELECT pgml.load_dataset('FinGPT/fingpt-sentiment-train')")).fetchone()
+    assert tuple(loaded["load_dataset"]) == ('pgml."FinGPT/fingpt-sentiment-train"', str(len(sample)))
     conn.execute(seed.find(seed.FINGPT_SHUFFLED_VIEW))
     conn.execute(seed.find(seed.FINGPT_TRAIN_VIEW))
     tune = seed.find(seed.TUNE_LLAMA)
@@ -117,7 +126,6 @@ def test_seed_llama2_lora_end_to_end(
     )
     both_job = seed.job_id(conn.execute(both).fetchone()["tune"])
 
-    d = daemon("--concurrency", "2")
     done = {j: wait_job(conn, j, 240) for j in (seed_job, torch_job, both_job) if j is not None}
 
     failed = done[both_job]

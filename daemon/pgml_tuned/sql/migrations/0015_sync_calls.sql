@@ -173,7 +173,8 @@ AS $$
 $$;
 
 -- ---- the submitter, also through the loopback ------------------------------------------------------------------
--- pgml._submitted (0008) and pgml.cancel (0008) as before, with the caller from pgml._submitter(): a load_dataset
+-- pgml._submitted (0008; its rows' size from 0017's columns) and pgml.cancel (0008) as before, with the caller from
+-- pgml._submitter(): a load_dataset
 -- submitted through the loopback is its user's (limits, ownership), and so is a cancel of it.
 CREATE OR REPLACE FUNCTION pgml._submitted(job_id bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
@@ -191,7 +192,11 @@ BEGIN
     IF NOT FOUND AND NOT pg_has_role(v_who, 'pgml_admin', 'MEMBER') THEN
         SELECT * INTO v_lim FROM pgml.role_limits l WHERE l.role = 'pgml_user';
     END IF;
-    SELECT count(*), coalesce(sum(pg_column_size(r.v)), 0) INTO v_rows, v_bytes
+    SELECT count(*), coalesce(sum(coalesce(pg_column_size(r.c1), 0) + coalesce(pg_column_size(r.c2), 0)
+                                  + coalesce(pg_column_size(r.c3), 0) + coalesce(pg_column_size(r.c4), 0)
+                                  + coalesce(pg_column_size(r.c5), 0) + coalesce(pg_column_size(r.c6), 0)
+                                  + coalesce(pg_column_size(r.c7), 0) + coalesce(pg_column_size(r.c8), 0)), 0)
+        INTO v_rows, v_bytes
     FROM pgml.job_rows r WHERE r.job_id = _submitted.job_id;
     IF v_bytes > v_lim.max_snapshot_bytes THEN
         RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
