@@ -169,7 +169,14 @@ def test_lost_requests_retry_once_then_fail_and_nothing_piles_up(
 def test_a_user_reads_answers_and_chunks_of_its_own_requests_only(
     ops: psycopg.Connection[dict[str, Any]], su_dsn: str
 ) -> None:
-    rid = submit(ops, "classify", "m/x", ["a"])
+    """Users submit (pgml.request, the Python client) and read answers themselves: another user's request is not
+    there for them (no row, no chunks, nothing to abandon), their own is."""
+    rid = submit(ops, "classify", "m/x", ["a"])  # pgml_test_user's, submitted by an administrator vouching for it
     with connect(as_login(su_dsn, OTHER_USER)) as other:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            other.execute("SELECT * FROM pgml._request_answer(%s)", (rid,))
+        assert other.execute("SELECT * FROM pgml._request_answer(%s)", (rid,)).fetchall() == []
+        assert other.execute("SELECT * FROM pgml._request_chunks(%s)", (rid,)).fetchall() == []
+        assert other.execute("SELECT pgml._request_abandon(%s) AS gone", (rid,)).fetchone()["gone"] is False
+    with connect(as_login(su_dsn, USER)) as mine:
+        assert mine.execute("SELECT status FROM pgml._request_answer(%s)", (rid,)).fetchone()["status"] == "queued"
+        own = mine.execute("SELECT pgml.request('classify', 'm/x', '{}', '[\"b\"]') AS id").fetchone()["id"]
+        assert mine.execute("SELECT pgml._request_abandon(%s) AS gone", (own,)).fetchone()["gone"] is True

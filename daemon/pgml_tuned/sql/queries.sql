@@ -127,10 +127,9 @@ UPDATE pgml.jobs SET child_ticket = %(hash)s
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 RETURNING id;
 
--- ---- the child's statements: each a pgml._child_* function (migration 0010), refused unless the ticket is the
--- ---- running attempt's; the file COPYs are checked row by row against the ticket the transaction began with
-
 -- name: child_log
+-- The child's statements (from here on): each a pgml._child_* function (migration 0010), refused unless the ticket
+-- is the running attempt's; the file COPYs are checked row by row against the ticket the transaction began with.
 -- %(logs)s is a JSON array of {"seq": n, "entry": {...}}: a batch retried after a lost reply inserts nothing twice.
 SELECT pgml._child_log(%(id)s, %(ticket)s, %(progress)s::jsonb, %(logs)s::jsonb) AS inserted;
 
