@@ -19,19 +19,9 @@ import pytest
 from pgml_tuned import embedded
 from pgml_tuned.cli import build_parser
 from tests.conftest import ADMIN, STATE, as_login, job_row, scratch_database, wait_for, wait_job
+from tests.integration.test_migrate_cli import cli
 
 NO_DSN = {"PGML_DSN": ""}
-
-
-def cli(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgml_tuned.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        **kwargs,
-    )
 
 
 def one_clean_line(r: subprocess.CompletedProcess[str]) -> str:
