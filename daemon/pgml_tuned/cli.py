@@ -6,7 +6,10 @@ The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGM
 from __future__ import annotations
 
 import argparse
+import datetime
+import decimal
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import fields
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__, db, embedded, logconfig
 from .config import Settings, field_type
@@ -40,17 +45,113 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | 
         )
 
 
-def resolve_dsn(settings: Settings, *, announce: bool = True, role: str = "user") -> str:
+class CliError(Exception):
+    """A user's error: main() prints `pgml-tuned: <message>` (no traceback) and exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def shown_dsn(dsn: str) -> str:
+    """The DSN as it may be printed: user@host:port/dbname, never a password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "the DSN given"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    user = f"{params['user']}@" if params.get("user") else ""
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"{user}{host}{port}/{params.get('dbname') or ''}"
+
+
+def _reason(e: BaseException, dsn: str) -> str:
+    """An error's text on one line, with the DSN and its password taken out (libpq may quote either)."""
+    text = " ".join(str(e).split())
+    secrets = [dsn]
+    try:
+        secrets.append(str(conninfo_to_dict(dsn).get("password") or ""))
+    except psycopg.ProgrammingError:
+        pass
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***")
+    return text.removeprefix("connection failed: ")
+
+
+def check_syntax(dsn: str) -> None:
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as e:
+        raise CliError(f"--dsn / PGML_DSN is not a PostgreSQL connection string: {_reason(e, dsn)}", 2) from None
+
+
+def check_database(dsn: str, *, schema: bool) -> None:
+    """Connect once: an unreachable server or a wrong login is a CliError (exit 2) naming the server and the fix;
+    with `schema`, so is a database that has no pgml schema."""
+    check_syntax(dsn)
+    try:
+        with db.sync_connect(dsn) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'pgml' AND c.relname = 'schema_migrations'"
+            ).fetchone()
+    except psycopg.OperationalError as e:
+        raise CliError(
+            f"cannot connect to {shown_dsn(dsn)}: {_reason(e, dsn)} (check --dsn or PGML_DSN; without either, "
+            "pgml-tuned uses its embedded PostgreSQL)",
+            2,
+        ) from None
+    if schema and found is None:
+        raise CliError(
+            f"the database {shown_dsn(dsn)} has no pgml schema yet: an administrator installs it with "
+            "`pgml-tuned migrate --dsn ...` (or try everything locally: `pgml-tuned demo` without a DSN)",
+            2,
+        )
+
+
+def resolve_dsn(
+    settings: Settings, *, announce: bool = True, role: str = "user", check: str = "reach", setup: bool = True
+) -> str:
     """--dsn / PGML_DSN as given; else the embedded server, migrated, as `role`'s login there: "user" (submits),
-    "worker" (serves) or "admin" (its superuser) — the same separation as any deployment."""
+    "worker" (serves) or "admin" (its superuser) — the same separation as any deployment.
+
+    check: "reach" (connect once first), "schema" (and the pgml schema must be there) or "none" (serve: the
+    daemon waits for its database). setup=False (commands that read what was set up: status, logs, cancel,
+    download): never create nor migrate an embedded server; say how to start instead."""
     if settings.dsn:
+        if check == "none":
+            check_syntax(settings.dsn)
+        else:
+            check_database(settings.dsn, schema=check == "schema")
         return settings.dsn
-    admin = embedded.ensure(settings.home)
+    pgdata = settings.home / "pgdata"
+    if not setup:
+        if not pgdata.is_dir():
+            raise CliError(
+                f"no database: neither --dsn nor PGML_DSN is set, and there is no embedded PostgreSQL in {pgdata} "
+                "yet. Set PGML_DSN to your database, or start a local one: `pgml-tuned demo` (a fine-tune on "
+                "bundled data) or `pgml-tuned migrate`",
+                2,
+            )
+        admin = embedded.ensure(settings.home)
+        try:
+            check_database(admin, schema=True)
+        except CliError as e:
+            raise CliError(
+                f"no --dsn / PGML_DSN: the embedded PostgreSQL in {pgdata} has no pgml schema yet "
+                "(set PGML_DSN to your database, or run `pgml-tuned migrate` or `pgml-tuned demo`)"
+                if "no pgml schema" in str(e)
+                else str(e),
+                e.code,
+            ) from None
+        print(f"pgml-tuned: no --dsn / PGML_DSN: using the embedded PostgreSQL in {pgdata}", file=sys.stderr)
+    else:
+        admin = embedded.ensure(settings.home)
     _run(lambda: db.prepare_local(admin))
     dsn = embedded.as_login(admin, role)
     if announce:
         print(
-            f"embedded PostgreSQL running in {settings.home / 'pgdata'}\n"
+            f"embedded PostgreSQL running in {pgdata}\n"
             f"  connect: {embedded.psql_path()} '{embedded.as_login(admin, 'user')}'\n"
             f"  stop:    pgml-tuned db stop",
             file=sys.stderr,
@@ -96,7 +197,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.file:
         what = "the private key file" if args.action == "register" else "the key id (pgml-tuned keys list)"
         raise ValueError(f"keys {args.action} needs {what}")
-    dsn = resolve_dsn(_settings(args), announce=False, role="admin")
+    dsn = resolve_dsn(_settings(args), announce=False, role="admin", check="schema")
 
     async def go() -> None:
         async with await db.connect(dsn) as conn:
@@ -129,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logconfig.configure(settings.log_format, settings.log_level)
-    dsn = resolve_dsn(settings, role="worker")  # the embedded server is migrated by resolve_dsn
+    # the embedded server is migrated by resolve_dsn; a daemon waits for a database that is not up yet
+    dsn = resolve_dsn(settings, role="worker", check="reach" if args.migrate else "none")
     if args.migrate and settings.dsn:
         _run(lambda: db.migrate(dsn))
     _run(lambda: serve(settings, dsn, child_dsn=child_dsn(settings), drain=args.drain))
@@ -148,45 +250,134 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings, admin, user, worker, child_dsn(settings), epochs=args.epochs)
 
 
+def _reading(args: argparse.Namespace) -> str:
+    """The DSN of a command that reads jobs someone submitted: the database must hold the pgml schema."""
+    return resolve_dsn(_settings(args), announce=False, check="schema", setup=False)
+
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def plain(value: Any) -> Any:
+    """A database value as JSON keeps it: numbers stay numbers (numeric a float), intervals are seconds."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, datetime.datetime | datetime.date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def _cell(value: Any) -> str:
+    """A table cell: `-` for nothing, 4 significant digits for a float, whole seconds for an interval."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, datetime.timedelta):
+        return str(value - datetime.timedelta(microseconds=value.microseconds))
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """Aligned columns under their names (numbers right-aligned), two spaces apart."""
+    if not rows:
+        return []
+    cols = list(rows[0])
+    cells = [[_cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    numeric = [all(isinstance(r[c], int | float | decimal.Decimal) or r[c] is None for r in rows) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append(
+            "  ".join(
+                v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric, strict=True)
+            ).rstrip()
+        )
+    return lines
+
+
+def _first_line(text: str | None, width: int = 60) -> str | None:
+    if not text:
+        return None
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    dsn = resolve_dsn(_settings(args), announce=False)
+    dsn = _reading(args)
 
     async def go() -> None:
         async with await db.connect(dsn) as conn:
             if args.job:
                 row = await (await conn.execute("SELECT * FROM pgml.job_status WHERE id = %s", (args.job,))).fetchone()
                 if row is None:
-                    raise SystemExit(f"no job {args.job}")
-                print(json.dumps(row, default=str, indent=2))
+                    raise CliError(f"no job {args.job} (or it is another user's): see `pgml-tuned status`")
+                print(json.dumps(plain(row), indent=2))
                 return
             summary = await (await conn.execute("SELECT * FROM pgml.queue_summary")).fetchall()
-            for r in summary:
-                print("  ".join(f"{k}={v}" for k, v in r.items()))
             rows = await (
                 await conn.execute(
-                    "SELECT id, project, status, attempt, worker, progress_pct, step, max_steps, last_loss, "
-                    "heartbeat_age, eta FROM pgml.job_status WHERE status IN ('queued', 'running') "
+                    "SELECT id, project, task, status, attempt, worker, step, max_steps, progress_pct, last_loss, "
+                    "eta, heartbeat_age, model_id, error FROM pgml.job_status WHERE status IN ('queued', 'running') "
                     "OR finished_at > now() - interval '1 hour' ORDER BY id DESC LIMIT %s",
                     (args.limit,),
                 )
             ).fetchall()
-            if rows:
-                cols = list(rows[0])
-                print("\n" + " | ".join(cols))
-                for r in rows:
-                    print(" | ".join("" if r[c] is None else str(r[c]) for c in cols))
+            if args.json:
+                print(json.dumps({"queue": plain(summary), "jobs": plain(rows)}, indent=2))
+                return
+            parts = [f"{r['status']} {r['jobs']}" for r in summary]
+            extra = [
+                f"{r['expired_leases']} expired leases ({r['status']})" for r in summary if r["expired_leases"]
+            ] + [f"oldest queued {_cell(r['oldest_queued_age'])} ago" for r in summary if r["oldest_queued_age"]]
+            print("jobs: " + ", ".join(parts) + ("; " + "; ".join(extra) if extra else ""))
+            shown = [
+                {
+                    "id": r["id"],
+                    "project": r["project"],
+                    "task": r["task"],
+                    "status": r["status"],
+                    "attempt": r["attempt"],
+                    "worker": r["worker"],
+                    "step": f"{r['step']}/{r['max_steps']}" if r["step"] is not None else None,
+                    "progress": f"{r['progress_pct']}%" if r["progress_pct"] is not None else None,
+                    "loss": r["last_loss"],
+                    "eta": r["eta"],
+                    "model_id": r["model_id"],
+                    "error": _first_line(r["error"]),
+                }
+                for r in rows
+            ]
+            if shown:
+                print()
+                for line in table(shown):
+                    print(line)
+            else:
+                print("no job queued, running or finished in the last hour")
 
     _run(go)
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    dsn = resolve_dsn(_settings(args), announce=False)
+    """Exit status: 1 when the job failed or was cancelled (after its log rows and the reason), else 0."""
+    dsn = _reading(args)
 
-    async def go() -> None:
+    async def go() -> int:
         last = 0
         async with await db.connect(dsn) as conn:
             while True:
+                job = await (
+                    await conn.execute("SELECT status, error FROM pgml.jobs WHERE id = %s", (args.job,))
+                ).fetchone()
+                if job is None:
+                    raise CliError(f"no job {args.job} (or it is another user's): see `pgml-tuned status`")
                 rows = await (
                     await conn.execute(
                         "SELECT id, created_at, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
@@ -196,26 +387,21 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 for r in rows:
                     print(json.dumps(r["logs"]), flush=True)
                     last = r["id"]
-                job = await (
-                    await conn.execute("SELECT status, error FROM pgml.jobs WHERE id = %s", (args.job,))
-                ).fetchone()
-                if job is None:
-                    raise SystemExit(f"no job {args.job}")
-                if not args.follow or job["status"] in ("succeeded", "failed", "cancelled"):
-                    if args.follow:
-                        print(
-                            f"job {args.job} {job['status']}" + (f": {job['error']}" if job["error"] else ""),
-                            file=sys.stderr,
-                        )
-                    return
+                if job["status"] in FINAL:
+                    if job["status"] != "succeeded" or args.follow:
+                        error = f": {job['error']}" if job["error"] else ""
+                        print(f"job {args.job} {job['status']}{error}", file=sys.stderr)
+                    return 0 if job["status"] == "succeeded" else 1
+                if not args.follow:
+                    print(f"job {args.job} is {job['status']} (--follow keeps printing until it ends)", file=sys.stderr)
+                    return 0
                 await anyio.sleep(0.5)
 
-    _run(go)
-    return 0
+    return int(_run(go))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    dsn = resolve_dsn(_settings(args), announce=False)
+    dsn = _reading(args)
 
     async def go() -> str:
         async with await db.connect(dsn) as conn:
@@ -229,11 +415,41 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from .files import download_model
 
-    dsn = resolve_dsn(_settings(args), announce=False)
+    dsn = _reading(args)
     with db.sync_connect(dsn) as conn:
-        path = download_model(conn, args.model_id, Path(args.dest))
+        try:
+            path = download_model(conn, args.model_id, Path(args.dest))
+        except FileNotFoundError:
+            raise CliError(_why_no_files(conn, args.model_id)) from None
     print(f"model {args.model_id} written to {path}")
     return 0
+
+
+def _why_no_files(conn: psycopg.Connection[Any], model_id: int) -> str:
+    """Why model `model_id` has no files to download, from its latest job."""
+    job = conn.execute(
+        "SELECT m.id AS model_id, j.id, j.status, j.error FROM pgml.models m LEFT JOIN LATERAL "
+        "(SELECT id, status, error FROM pgml.jobs WHERE model_id = m.id ORDER BY id DESC LIMIT 1) j ON true "
+        "WHERE m.id = %s",
+        (model_id,),
+    ).fetchone()
+    if job is None:
+        return (
+            f"no model {model_id} (or it is another user's): a model id is pgml.jobs.model_id, "
+            "shown by `pgml-tuned status`, not a job id"
+        )
+    if job["id"] is None:
+        return f"model {model_id} has no files: no job trained it"
+    if job["status"] == "failed":
+        return f"model {model_id} has no files: its job {job['id']} failed: {_first_line(job['error'], 200)}"
+    if job["status"] == "cancelled":
+        return f"model {model_id} has no files: its job {job['id']} was cancelled"
+    if job["status"] != "succeeded":
+        return (
+            f"model {model_id} has no files yet: its job {job['id']} is {job['status']}, not finished "
+            f"(pgml-tuned logs {job['id']} --follow)"
+        )
+    return f"model {model_id} has no files in pgml.files (its job {job['id']} stored none)"
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -272,26 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tune on bundled data, offline")
-    d.add_argument("--epochs", type=float, default=3.0)
+    d.add_argument("--epochs", type=float, default=3.0, help="training epochs of the demo's fine-tune (default 3)")
     d.set_defaults(fn=cmd_demo)
 
     st = sub.add_parser("status", parents=[common], help="queue summary and recent jobs, or one job")
-    st.add_argument("job", type=int, nargs="?")
-    st.add_argument("--limit", type=int, default=20)
+    st.add_argument("job", type=int, nargs="?", help="a job id: print that job's whole row as JSON")
+    st.add_argument("--limit", type=int, default=20, help="show at most this many of the latest jobs (default 20)")
+    st.add_argument(
+        "--json", action="store_true", help="print the queue summary and the jobs as JSON (intervals in seconds)"
+    )
     st.set_defaults(fn=cmd_status)
 
-    lg = sub.add_parser("logs", parents=[common], help="print a job's log rows")
-    lg.add_argument("job", type=int)
+    lg = sub.add_parser(
+        "logs", parents=[common], help="print a job's log rows (JSON lines); exit 1 if it failed or was cancelled"
+    )
+    lg.add_argument("job", type=int, help="the job id (pgml.tune's job_id)")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     lg.set_defaults(fn=cmd_logs)
 
     c = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=int, help="the job id (pgml.tune's job_id)")
     c.set_defaults(fn=cmd_cancel)
 
     dl = sub.add_parser("download", parents=[common], help="reassemble a model's files from pgml.files")
-    dl.add_argument("model_id", type=int)
-    dl.add_argument("dest")
+    dl.add_argument("model_id", type=int, help="the model id (pgml.jobs.model_id, `pgml-tuned status`), not a job id")
+    dl.add_argument("dest", help="directory to write the model's files into (created if missing)")
     dl.set_defaults(fn=cmd_download)
 
     k = sub.add_parser(
@@ -300,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sealing keys of inline tokens (administrators): generate --out FILE, register FILE, list, "
         "activate KEY_ID, retire KEY_ID",
     )
-    k.add_argument("action", choices=["generate", "register", "list", "activate", "retire"])
+    k.add_argument(
+        "action", choices=["generate", "register", "list", "activate", "retire"], help="what to do with the keys"
+    )
     k.add_argument("file", nargs="?", help="register: the private key file; activate/retire: the key id")
     k.add_argument("--out", help="generate: the new private key file (never overwritten)")
     k.add_argument("--bits", type=int, default=3072, help="generate: RSA key size (default 3072)")
@@ -308,18 +531,41 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=cmd_keys)
 
     e = sub.add_parser("db", parents=[common], help="the embedded PostgreSQL: psql command, dsn, stop")
-    e.add_argument("action", choices=["psql", "dsn", "stop"])
+    e.add_argument(
+        "action",
+        choices=["psql", "dsn", "stop"],
+        help="psql: print the command that connects to it; dsn: print its DSN; stop: stop the server",
+    )
     e.set_defaults(fn=cmd_db)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's error is one line on stderr, never a traceback: exit 2 for a wrong invocation
+    or an unreachable database, 1 for what the database refused and for failed jobs."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `pgml-tuned status | head`: the reader has what it wanted; exit quietly like `git log | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a process killed by it
+    except CliError as e:
+        print(f"pgml-tuned: {e}", file=sys.stderr)
+        return e.code
     except ValueError as e:
         print(f"pgml-tuned: {e}", file=sys.stderr)
         return 2
+    except psycopg.OperationalError as e:
+        print(f"pgml-tuned: lost the connection to the database: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except psycopg.Error as e:
+        hint = e.diag.message_hint
+        print(f"pgml-tuned: {e.diag.message_primary or e}" + (f"\n  HINT: {hint}" if hint else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

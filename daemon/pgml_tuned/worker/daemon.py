@@ -60,6 +60,7 @@ class Daemon:
         self.wake = anyio.Event()  # the claimer looks for work
         self.beat = anyio.Event()  # the heartbeat renews now
         self.stopping = False
+        self.stopped_by: str | None = None  # the signal that stopped the daemon (SIGTERM or SIGINT), if one did
         self.attempts: dict[int, Attempt] = {}
         self.free_slots = list(range(settings.concurrency))
         self.claimed = 0
@@ -89,7 +90,8 @@ class Daemon:
                     tg.start_soon(self.serving)
         finally:
             await self.backend.close()
-            log.info("daemon.stop", worker=self.settings.worker_id, jobs_claimed=self.claimed)
+            stopped = {"message": f"stopped by {self.stopped_by}"} if self.stopped_by else {}
+            log.info("daemon.stop", worker=self.settings.worker_id, jobs_claimed=self.claimed, **stopped)
 
     def _finish_if_idle(self) -> None:
         if self.stopping and not self.attempts and self._root is not None:
@@ -99,8 +101,16 @@ class Daemon:
         """Stop claiming; SIGTERM every child (they checkpoint and are requeued); SIGKILL after the grace."""
         if self.stopping or self._tg is None:
             return
-        log.info("daemon.shutdown", signal=why, running=len(self.attempts), grace_seconds=self.settings.grace_seconds)
+        log.info(
+            "daemon.shutdown",
+            message=f"stopped by {why}: no new jobs; the running ones checkpoint (their children get SIGTERM) "
+            "and go back to the queue",
+            signal=why,
+            running=len(self.attempts),
+            grace_seconds=self.settings.grace_seconds,
+        )
         self.stopping = True
+        self.stopped_by = why
         for attempt in self.attempts.values():
             attempt.stop(StopReason.SHUTDOWN, kill=False)
         self._tg.start_soon(self._grace_then_kill)
