@@ -192,12 +192,19 @@ BEGIN
     IF NOT FOUND AND NOT pg_has_role(v_who, 'pgml_admin', 'MEMBER') THEN
         SELECT * INTO v_lim FROM pgml.role_limits l WHERE l.role = 'pgml_user';
     END IF;
-    SELECT count(*), coalesce(sum(coalesce(pg_column_size(r.c1), 0) + coalesce(pg_column_size(r.c2), 0)
-                                  + coalesce(pg_column_size(r.c3), 0) + coalesce(pg_column_size(r.c4), 0)
-                                  + coalesce(pg_column_size(r.c5), 0) + coalesce(pg_column_size(r.c6), 0)
-                                  + coalesce(pg_column_size(r.c7), 0) + coalesce(pg_column_size(r.c8), 0)), 0)
-        INTO v_rows, v_bytes
-    FROM pgml.job_rows r WHERE r.job_id = _submitted.job_id;
+    -- the job's size is summed only when it could be over the limit: while all of pgml.job_rows is smaller than
+    -- the limit, no job's rows in it can be larger (a scan of the rows just copied was a sixth of pgml.tune's time)
+    IF v_lim.max_snapshot_bytes IS NOT NULL
+       AND pg_catalog.pg_total_relation_size('pgml.job_rows'::regclass) > v_lim.max_snapshot_bytes THEN
+        SELECT count(*), coalesce(sum(coalesce(pg_column_size(r.c1), 0) + coalesce(pg_column_size(r.c2), 0)
+                                      + coalesce(pg_column_size(r.c3), 0) + coalesce(pg_column_size(r.c4), 0)
+                                      + coalesce(pg_column_size(r.c5), 0) + coalesce(pg_column_size(r.c6), 0)
+                                      + coalesce(pg_column_size(r.c7), 0) + coalesce(pg_column_size(r.c8), 0)), 0)
+            INTO v_rows, v_bytes
+        FROM pgml.job_rows r WHERE r.job_id = _submitted.job_id;
+    ELSE
+        SELECT count(*), 0 INTO v_rows, v_bytes FROM pgml.job_rows r WHERE r.job_id = _submitted.job_id;
+    END IF;
     IF v_bytes > v_lim.max_snapshot_bytes THEN
         RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
             MESSAGE = format('the job''s rows are %s MB; the limit for %s is %s MB', round(v_bytes / 1e6, 1),
