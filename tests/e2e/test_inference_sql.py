@@ -195,7 +195,32 @@ def test_open_source_ai_as_in_the_guide(serving: Any, conn: Conn, su: Conn, tiny
         client.transform({"task": "text-classification", "model": f"pgml:model:{model}"}, TEXTS),
         in_process_classify(tiny["classifier"]),
     )
+    # a conversation model stored in pgml.files (a LoRA adapter on its recorded base), as pgml.tune leaves it
+    lora = store_model(su, "pgml_test_user", "fingpt", "conversation", tiny["llama_lora"], base="tiny/llama")
+    ids, text, n = in_process_chat(tiny["llama"], tiny["llama_lora"], CHAT, 12)
+    for name in (f"pgml:model:{lora}", "pgml:fingpt"):
+        got = client.chat_completions_create({**args, "model": name}, CHAT, max_tokens=12)
+        assert got["choices"][0]["message"]["content"] == text and got["usage"]["completion_tokens"] == n
     with pytest.raises(ValueError, match="messages"):
         client.chat_completions_create("tiny/llama", [])
+    # tune / cancel / wait / logs, thin over the SQL API
+    conn.execute("CREATE TABLE public.client_rows (text text, class text)")
+    conn.execute(
+        "INSERT INTO public.client_rows SELECT 'review ' || i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END "
+        "FROM generate_series(1, 8) i"
+    )
+    queued = client.tune(
+        "client_project",
+        task="text-classification",
+        relation_name="public.client_rows",
+        model_name="tiny/classifier",
+        hyperparams={"dataset_args": {"class_column": "class"}},
+        priority=0,
+    )
+    assert queued["status"] == "queued"
+    assert client.cancel(queued["job_id"]) in ("cancelled", "cancelling")
+    with pytest.raises(pgml_tuned.client.RequestError, match="cancelled"):
+        client.wait(queued["job_id"], timeout=30)
+    assert isinstance(client.logs(queued["job_id"]), list)
     assert su.execute("SELECT count(*) AS n FROM pgml.requests").fetchone()["n"] == 0
     assert "TOKEN" not in json.dumps(su.execute("SELECT * FROM pgml.requests").fetchall(), default=str)

@@ -252,7 +252,7 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         await check_child_user(user, settings.scratch, secret_files)
         log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
     launch = functools.partial(ChildProcess.start, user=user)
-    serving = ServingSupervisor(settings, dsn).run if settings.serving else None
+    serving = ServingSupervisor(settings, dsn, user).run if settings.serving else None
     daemon = Daemon(settings, PgBackend(settings, dsn), launch, dsn=child_dsn or dsn, drain=drain, serving=serving)
     await daemon.serve()
     return daemon

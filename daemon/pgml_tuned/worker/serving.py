@@ -11,6 +11,7 @@ on its stdin. Its JSON log lines are passed through to the daemon's stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -19,7 +20,7 @@ import anyio
 from .. import logconfig
 from ..config import Settings
 from ..db import Pool, q
-from .process import child_env, lines
+from .process import ChildUser, child_env, lines
 
 log = logconfig.get("pgml_tuned.worker.serving")
 
@@ -27,9 +28,10 @@ STABLE_SECONDS = 30.0  # a process that ran this long restarts at once; one that
 
 
 class ServingSupervisor:
-    def __init__(self, settings: Settings, dsn: str) -> None:
+    def __init__(self, settings: Settings, dsn: str, user: ChildUser | None = None) -> None:
         self.settings = settings
         self.dsn = dsn
+        self.user = user  # the training children's system user, when the daemon runs them as one: this one too
         self.starts = 0
         self.pid: int | None = None  # of the running serving process (tests and operators)
 
@@ -59,6 +61,9 @@ class ServingSupervisor:
     async def run_once(self, serving_id: str) -> int:
         gpus = self.settings.gpu_list
         work = self.settings.scratch / "serving"
+        if self.user is not None:  # its own directory, the child user's (its model cache lives there)
+            work.mkdir(parents=True, exist_ok=True)
+            os.chown(work, self.user.uid, self.user.gid)
         env = child_env(str(work), gpus[0] if gpus else None)
         payload = {
             "dsn": self.dsn,
@@ -68,7 +73,10 @@ class ServingSupervisor:
             "log_level": self.settings.log_level,
         }
         process = await anyio.open_process(
-            [sys.executable, "-m", "pgml_tuned.serving"], env=env, start_new_session=True
+            [sys.executable, "-m", "pgml_tuned.serving"],
+            env=env,
+            start_new_session=True,
+            **(self.user.process_args() if self.user is not None else {}),
         )
         self.pid = process.pid
         log.info("serving.started", serving_id=serving_id, pid=process.pid)
