@@ -58,6 +58,16 @@ class Requests:
     async def answer(self, request_id: int, result: Any, usage: dict[str, int] | None = None) -> bool:
         return await self._finish(request_id, json.dumps(result), json.dumps(usage) if usage else None, None)
 
+    async def answer_all(self, answers: list[tuple[int, Any]]) -> set[int]:
+        """A batch's answers in one statement and one commit; the ids this process still owned."""
+        rows = await self.pool.named(
+            "answer_requests",
+            serving_id=self.serving_id,
+            ids=[i for i, _ in answers],
+            results=[json.dumps(r) for _, r in answers],
+        )
+        return {r["id"] for r in rows}
+
     async def fail(self, request_id: int, error: str) -> bool:
         return await self._finish(request_id, None, None, error)
 

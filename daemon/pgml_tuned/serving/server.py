@@ -42,6 +42,10 @@ class ServingConfig:
     lease_seconds: float = 6.0
     poll_seconds: float = 1.0
     max_batch: int = 64
+    # under load (the last claim found work), wait this long before claiming again, so that the requests of
+    # callers who were just answered join the next batch instead of trickling in one by one; an idle process
+    # claims at once (no latency added to a lone request)
+    batch_window_seconds: float = 0.003
 
 
 class Server:
@@ -117,6 +121,7 @@ class Server:
                     await self.serve_batch(batch)
                 finally:
                     self.inflight = False
+                await anyio.sleep(self.config.batch_window_seconds)
 
     # ---- one batch ----
     async def serve_batch(self, batch: list[Request]) -> None:
@@ -185,10 +190,11 @@ class Server:
     async def classify(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
         texts = [t for r in reqs for t in r.inputs]
         results = await anyio.to_thread.run_sync(inference.classify, loaded, texts, reqs[0].args)
-        at = 0
+        answers, at = [], 0
         for r in reqs:
-            await self.requests.answer(r.id, results[at : at + len(r.inputs)])
+            answers.append((r.id, results[at : at + len(r.inputs)]))
             at += len(r.inputs)
+        await self.requests.answer_all(answers)
 
     async def generate(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
         kwargs = inference.generation_kwargs(reqs[0].args)  # the group shares its args

@@ -199,6 +199,10 @@ SELECT id FROM pgml._requests_renew(%(serving_id)s, %(lease_seconds)s) AS r (id)
 -- An answer (result, usage) or an error (error not NULL).
 SELECT pgml._request_finish(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s::jsonb, %(error)s) AS owned;
 
+-- name: answer_requests
+-- A whole batch's answers in one statement (ids[i] gets results[i]); the ids still owned come back.
+SELECT id FROM pgml._requests_answer(%(serving_id)s, %(ids)s::bigint[], %(results)s::jsonb[]) AS a (id);
+
 -- name: request_chunk
 SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::text[]) AS owned;
 

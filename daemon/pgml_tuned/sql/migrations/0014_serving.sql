@@ -368,6 +368,30 @@ BEGIN
     RETURN true;
 END $$;
 
+-- The answers of a whole batch in one statement (one commit, one NOTIFY each): ids[i] gets results[i]; returns
+-- the ids this process still owned (the others were taken over and are not overwritten).
+CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    FOR v_id IN
+        UPDATE pgml.requests r
+        SET status = 'done', result = a.result, answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
+        FROM unnest(ids, results) AS a (id, result)
+        WHERE r.id OPERATOR(pg_catalog.=) a.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
+          AND r.status OPERATOR(pg_catalog.=) 'running'
+        RETURNING r.id
+    LOOP
+        PERFORM pg_catalog.pg_notify('pgml_answers',
+            pg_catalog.json_build_object('type', 'request_answered', 'id', v_id)::text);
+        RETURN NEXT v_id;
+    END LOOP;
+END $$;
+
 -- Streamed pieces of a running request: texts[i] gets seq first_seq + i - 1.
 CREATE OR REPLACE FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[])
 RETURNS boolean
@@ -443,7 +467,7 @@ REVOKE ALL ON FUNCTION pgml._serving_model(name, text), pgml._serving_kinds(text
     pgml._request_submit(name, text, text, jsonb, jsonb), pgml._request_answer(bigint),
     pgml._request_chunks(bigint, integer), pgml._request_abandon(bigint),
     pgml._requests_claim(text, integer, double precision), pgml._requests_renew(text, double precision),
-    pgml._request_finish(bigint, text, jsonb, jsonb, text),
+    pgml._request_finish(bigint, text, jsonb, jsonb, text), pgml._requests_answer(text, bigint[], jsonb[]),
     pgml._request_chunk(bigint, text, integer, text[]), pgml._requests_release(text), pgml._requests_expire()
     FROM PUBLIC;
 -- submitting for a named login: trusted roles only (the lead's loopback role gets it too)
@@ -452,7 +476,7 @@ GRANT EXECUTE ON FUNCTION pgml._request_submit(name, text, text, jsonb, jsonb), 
 -- the serving processes
 GRANT EXECUTE ON FUNCTION pgml._serving_model(name, text), pgml._requests_claim(text, integer, double precision),
     pgml._requests_renew(text, double precision), pgml._request_finish(bigint, text, jsonb, jsonb, text),
-    pgml._request_chunk(bigint, text, integer, text[]),
+    pgml._requests_answer(text, bigint[], jsonb[]), pgml._request_chunk(bigint, text, integer, text[]),
     pgml._requests_release(text), pgml._requests_expire() TO pgml_worker;
 GRANT SELECT ON pgml.deployments TO pgml_user, pgml_worker;
 
