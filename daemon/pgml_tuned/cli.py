@@ -148,6 +148,7 @@ def resolve_dsn(
     else:
         admin = embedded.ensure(settings.home)
     _run(lambda: db.prepare_local(admin))
+    _run(lambda: db.local_sealing_key(admin, settings.keyring))
     dsn = embedded.as_login(admin, role)
     if announce:
         print(

@@ -25,7 +25,7 @@ import anyio
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
-from . import logconfig
+from . import logconfig, secrets
 
 log = logconfig.get("pgml_tuned.db")
 
@@ -204,6 +204,26 @@ async def prepare_local(admin_dsn: str) -> None:
     await migrate(admin_dsn)
     async with await connect(admin_dsn, app="pgml-tuned setup") as conn:
         await conn.execute((SQL_DIR / "local_logins.sql").read_text().encode())
+
+
+async def local_sealing_key(admin_dsn: str, keyring: Path) -> str | None:
+    """The embedded default: its administrator (this machine's user, setting it up) registers a sealing key once,
+    into the local keyring, so that the guide's inline `"hub_token"` works as written there. A deployment's
+    administrator does the same with `pgml-tuned keys generate` / `keys register`; a worker never does.
+    Returns the new key's id, or None when a key is active already."""
+    async with await connect(admin_dsn, app="pgml-tuned setup") as conn:
+        row = await (await conn.execute("SELECT key_id FROM pgml.sealing_keys WHERE active")).fetchone()
+        if row:
+            return None
+        key = await anyio.to_thread.run_sync(_new_local_key, keyring)  # key generation and files: blocking
+        return await secrets.register_key(conn, key)
+
+
+def _new_local_key(keyring: Path) -> Any:
+    keyring.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = secrets.generate_private_key()
+    secrets.write_private_key(key, keyring / f"{secrets.key_id_of(key)}.pem")
+    return key
 
 
 async def migrate(dsn: str) -> list[str]:

@@ -116,6 +116,15 @@ def test_the_embedded_default_separates_users_from_workers() -> None:
             assert conn.execute("SELECT pg_has_role('pgml_user', 'MEMBER')").fetchone() == (True,)
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("UPDATE pgml.jobs SET status = 'failed'")
+        # its administrator's setup registered a sealing key (the guide's inline hub_token works as written),
+        # kept in the local keyring; a second start registers no other
+        with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user="postgres"), autocommit=True) as su:
+            active = su.execute("SELECT key_id FROM pgml.sealing_keys WHERE active").fetchall()
+        keyring = Path(os.environ.get("PGML_KEYRING_DIR") or home / "keyring")  # the session's, when tests set one
+        assert len(active) == 1 and (keyring / f"{active[0][0]}.pem").is_file()
+        assert cli("db", "dsn", "--home", str(home), env=env).returncode == 0
+        with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user="postgres"), autocommit=True) as su:
+            assert su.execute("SELECT count(*) FROM pgml.sealing_keys").fetchone() == (1,)
         worker = psycopg.conninfo.make_conninfo(dsn, user="pgml_local_worker")
         with psycopg.connect(worker, autocommit=True) as conn:
             assert conn.execute("SELECT pg_has_role('pgml_worker', 'MEMBER')").fetchone() == (True,)
