@@ -56,6 +56,10 @@ def test_transform_serves_stored_models_by_project_and_id_and_follows_deployment
     same_answers(transform(conn, "pgml:reviews", TEXTS), want2)  # the new deployment, at once
     assert conn.execute("SELECT * FROM pgml.deploy('reviews', 'rollback')").fetchone()["deployed_model_id"] == first
     same_answers(transform(conn, "pgml:reviews", TEXTS), want1)
+    # inside a REPEATABLE READ transaction (whose snapshot cannot see the answer): through the loopback
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        same_answers(transform(conn, f"pgml:model:{first}", TEXTS), want1)
     # another user's project is not theirs to use, by name or by id
     with connect(as_login(conn.info.dsn, OTHER_USER)) as other:
         with pytest.raises(psycopg.Error, match="model"):

@@ -48,9 +48,9 @@ BEGIN
         LOOP
             IF v_local THEN
                 SELECT r.status, r.claimed_by INTO v_status, v_worker FROM pgml.requests r WHERE r.id = p_id;
-            ELSE
-                v_status := pgml._loopback(format('(SELECT to_jsonb(a.status) FROM pgml._request_answer(%s) a)',
-                                                  p_id)) ->> 0;
+            ELSE  -- a snapshot that cannot see the answer: ask through the loopback (a finished one is taken)
+                v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+                v_status := v_answer ->> 'status';
             END IF;
             EXIT WHEN v_status IS NULL OR v_status IN ('done', 'failed');
             v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
@@ -77,7 +77,9 @@ BEGIN
         PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
         RAISE;
     END;
-    v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+    IF v_local OR v_status IS NULL THEN
+        v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+    END IF;
     IF v_answer IS NULL THEN
         RAISE EXCEPTION 'request % is gone (it expired, or its serving process failed it twice)', p_id
             USING ERRCODE = 'no_data_found', HINT = 'try again; pgml-tuned status shows the serving workers';
