@@ -104,7 +104,7 @@ def test_the_embedded_default_separates_users_from_workers() -> None:
     from tests.conftest import STATE
 
     home = STATE / "embedded-default"
-    env = {"PGML_DSN": ""}
+    env = {"PGML_DSN": "", "PGML_KEYRING_DIR": str(home / "keyring")}  # its own keyring, not the session's
     try:
         user_dsn = cli("db", "dsn", "--home", str(home), env=env)
         assert user_dsn.returncode == 0, user_dsn.stderr
@@ -120,8 +120,7 @@ def test_the_embedded_default_separates_users_from_workers() -> None:
         # kept in the local keyring; a second start registers no other
         with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user="postgres"), autocommit=True) as su:
             active = su.execute("SELECT key_id FROM pgml.sealing_keys WHERE active").fetchall()
-        keyring = Path(os.environ.get("PGML_KEYRING_DIR") or home / "keyring")  # the session's, when tests set one
-        assert len(active) == 1 and (keyring / f"{active[0][0]}.pem").is_file()
+        assert len(active) == 1 and (home / "keyring" / f"{active[0][0]}.pem").is_file()
         assert cli("db", "dsn", "--home", str(home), env=env).returncode == 0
         with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, user="postgres"), autocommit=True) as su:
             assert su.execute("SELECT count(*) FROM pgml.sealing_keys").fetchone() == (1,)
