@@ -42,10 +42,10 @@ class ServingConfig:
     lease_seconds: float = 6.0
     poll_seconds: float = 1.0
     max_batch: int = 64
-    # under load (the last claim found work), wait this long before claiming again, so that the requests of
-    # callers who were just answered join the next batch instead of trickling in one by one; an idle process
-    # claims at once (no latency added to a lone request)
-    batch_window_seconds: float = 0.003
+    # after a batch of several requests (callers are concurrent), wait this long before claiming again, so that
+    # the next requests of the callers just answered join one batch instead of trickling in one by one (8 sessions
+    # on 2 CPUs: 4.4 requests a batch without it, 7.5 with it); a lone caller's requests are claimed at once
+    batch_window_seconds: float = 0.012
 
 
 class Server:
@@ -121,7 +121,8 @@ class Server:
                     await self.serve_batch(batch)
                 finally:
                     self.inflight = False
-                await anyio.sleep(self.config.batch_window_seconds)
+                if len(batch) > 1:  # callers are concurrent: let those just answered join the next batch
+                    await anyio.sleep(self.config.batch_window_seconds)
 
     # ---- one batch ----
     async def serve_batch(self, batch: list[Request]) -> None:
