@@ -13,10 +13,11 @@ with `pgml._request_chunks(id, after)` while it runs. Nothing here needs dblink.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -209,6 +210,26 @@ class OpenSourceAI:
         result, usage = self._call("chat", name, args, _messages(messages))
         return _completion(name, result, usage)
 
+    def _stream(
+        self,
+        model: str | Mapping[str, Any],
+        max_tokens: int | None,
+        temperature: float | None,
+        n: int | None,
+        chat_template: str | None,
+    ) -> tuple[str, dict[str, Any], float, Callable[[str, str | None], dict[str, Any]]]:
+        """What a streamed completion needs, sync or async: the model's name, the request's args, its timeout, and
+        the maker of its OpenAI-shaped chunks (one id, creation time and fingerprint for all of them)."""
+        name, options = _split_model(model)
+        args = {**_chat_args(options, max_tokens, temperature, n, chat_template), "stream": True}
+        ident, created, fingerprint = str(uuid.uuid4()), int(time.time()), _fingerprint(name, {})
+        return (
+            name,
+            args,
+            float(args.get("timeout", self.timeout)),
+            functools.partial(_chunk, name, ident, created, fingerprint),
+        )
+
     def chat_completions_create_stream(
         self,
         model: str | Mapping[str, Any],
@@ -219,10 +240,7 @@ class OpenSourceAI:
         chat_template: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Yields OpenAI-shaped chunks as the serving side generates them; the last one has a finish_reason."""
-        name, options = _split_model(model)
-        args = {**_chat_args(options, max_tokens, temperature, n, chat_template), "stream": True}
-        timeout = float(args.get("timeout", self.timeout))
-        ident, created, fingerprint = str(uuid.uuid4()), int(time.time()), _fingerprint(name, {})
+        name, args, timeout, make_chunk = self._stream(model, max_tokens, temperature, n, chat_template)
         with self._connect() as conn:
             request_id = self._submit(conn, "chat", name, args, _messages(messages))
             deadline, after, streamed = time.monotonic() + timeout, -1, ""
@@ -234,15 +252,15 @@ class OpenSourceAI:
                         after = chunk["seq"]
                         if chunk["text"]:
                             streamed += chunk["text"]
-                            yield _chunk(name, ident, created, fingerprint, chunk["text"], None)
+                            yield make_chunk(chunk["text"], None)
                     row = self._take(conn, request_id)
                     if row is None or row["status"] in ("done", "failed"):
                         result, _ = _answer(row, request_id)
                         rest = _rest(result, streamed)
                         if rest:
-                            yield _chunk(name, ident, created, fingerprint, rest, None)
+                            yield make_chunk(rest, None)
                         finish = (result or {}).get("finish_reason", "stop") if isinstance(result, dict) else "stop"
-                        yield _chunk(name, ident, created, fingerprint, "", finish)
+                        yield make_chunk("", finish)
                         return
                     if time.monotonic() > deadline and row["status"] == "queued":
                         raise RequestError(self._timeout_message("queued", timeout))
@@ -276,10 +294,7 @@ class OpenSourceAI:
     ) -> AsyncIterator[dict[str, Any]]:
         import anyio
 
-        name, options = _split_model(model)
-        args = {**_chat_args(options, max_tokens, temperature, n, chat_template), "stream": True}
-        timeout = float(args.get("timeout", self.timeout))
-        ident, created, fingerprint = str(uuid.uuid4()), int(time.time()), _fingerprint(name, {})
+        name, args, timeout, make_chunk = self._stream(model, max_tokens, temperature, n, chat_template)
         async with await self._aconnect() as conn:
             request_id = await self._asubmit(conn, "chat", name, args, _messages(messages))
             deadline, after, streamed = time.monotonic() + timeout, -1, ""
@@ -290,15 +305,15 @@ class OpenSourceAI:
                         after = chunk["seq"]
                         if chunk["text"]:
                             streamed += chunk["text"]
-                            yield _chunk(name, ident, created, fingerprint, chunk["text"], None)
+                            yield make_chunk(chunk["text"], None)
                     row = await (await conn.execute("SELECT * FROM pgml._request_answer(%s)", (request_id,))).fetchone()
                     if row is None or row["status"] in ("done", "failed"):
                         result, _ = _answer(row, request_id)
                         rest = _rest(result, streamed)
                         if rest:
-                            yield _chunk(name, ident, created, fingerprint, rest, None)
+                            yield make_chunk(rest, None)
                         finish = result.get("finish_reason", "stop") if isinstance(result, dict) else "stop"
-                        yield _chunk(name, ident, created, fingerprint, "", finish)
+                        yield make_chunk("", finish)
                         return
                     if time.monotonic() > deadline and row["status"] == "queued":
                         raise RequestError(self._timeout_message("queued", timeout))
