@@ -72,6 +72,8 @@ class Server:
                     released = await self.requests.release_own()
                 if released:
                     log.info("serving.released", requests=[r["id"] for r in released])
+            with anyio.CancelScope(shield=True):
+                await self.requests.close()
 
     async def _listener(self) -> None:
         delays = backoff_delays(first=0.05, cap=5.0)

@@ -203,6 +203,11 @@ SELECT pgml._request_finish(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s
 -- A whole batch's answers in one statement (ids[i] gets results[i]); the ids still owned come back.
 SELECT id FROM pgml._requests_answer(%(serving_id)s, %(ids)s::bigint[], %(results)s::jsonb[]) AS a (id);
 
+-- name: unlock_requests
+-- The lane's advisory locks on these requests (taken by claim_requests), once their answers are committed.
+SELECT pg_catalog.pg_advisory_unlock(pgml._request_lock_space(), pgml._request_lock_key(i))
+FROM pg_catalog.unnest(%(ids)s::bigint[]) AS i;
+
 -- name: request_chunk
 SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::text[]) AS owned;
 
