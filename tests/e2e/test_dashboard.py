@@ -97,6 +97,7 @@ def tune(conn: psycopg.Connection[dict[str, Any]], project: str, model: Path, ep
             "logging_steps": 1,
             "eval_strategy": "steps",
             "eval_steps": 10,
+            "learning_rate": 0.002,
         },
     }
     return conn.execute(
@@ -181,6 +182,17 @@ def test_dashboard_json_follows_the_viewers_rights(
     ):
         ro.execute("SELECT pgml.cancel(%s)", (job["job_id"],))
 
+    # a port in use: one line saying so, exit 2
+    port = mine.base.rstrip("/").rsplit(":", 1)[1]
+    busy = subprocess.run(
+        [sys.executable, "-m", "pgml_tuned.cli", "dashboard", "--dsn", conn.info.dsn, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert busy.returncode == 2, busy.stderr
+    assert f"pgml-tuned: cannot listen on 127.0.0.1:{port}: Address already in use" in busy.stderr
+
 
 def chromium_or_skip() -> str:
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
@@ -196,30 +208,48 @@ def test_curve_grows_in_the_browser_while_the_job_trains(
     chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
+    # words the tiny tokenizer knows, one sentiment per class: a curve that falls
     conn.execute(
-        "CREATE TABLE reviews AS SELECT 'review number ' || i AS text, "
-        "CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END AS class FROM generate_series(1, 48) i"
+        "CREATE TABLE reviews AS SELECT CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END AS class, "
+        "CASE WHEN i % 2 = 0 THEN (ARRAY['superb', 'wonderful', 'brilliant', 'charming'])[1 + i % 4] "
+        "ELSE (ARRAY['awful', 'boring', 'tedious', 'painful'])[1 + i % 4] END || ' film number ' || i AS text "
+        "FROM generate_series(1, 48) i"
     )
-    short = tune(conn, "sentiment_short", tiny_classifier, epochs=2)
-    long = tune(conn, "sentiment_long", tiny_classifier, epochs=60)
+    short = tune(conn, "sentiment_short", tiny_classifier, epochs=3)
+    long = tune(conn, "sentiment_long", tiny_classifier, epochs=10)
     daemon()
     assert wait_job(conn, short["job_id"], 180)["status"] == "succeeded"
     mine = dashboard(conn.info.dsn)
     theirs = dashboard(as_login(su_dsn, OTHER_USER))
 
     def running() -> bool:
-        return (
-            conn.execute("SELECT status FROM pgml.jobs WHERE id = %s", (long["job_id"],)).fetchone()["status"]
-            == "running"
+        row = conn.execute("SELECT status FROM pgml.jobs WHERE id = %s", (long["job_id"],)).fetchone()
+        return bool(row["status"] == "running")
+
+    def loss_steps(model_id: int) -> int:
+        return int(
+            conn.execute(
+                "SELECT count(DISTINCT (logs->>'step')::int) AS n FROM pgml.logs WHERE model_id = %s AND logs ? 'loss'",
+                (model_id,),
+            ).fetchone()["n"]
         )
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(mine.url)
-        panel_a = page.locator("#panel-a")
-        # panel A shows the newest job (the one training) and its curve grows while it runs
+        panel_a, panel_b = page.locator("#panel-a"), page.locator("#panel-b")
+        # panel A shows the newest job (the one training, or about to)
         wait_for(lambda: panel_a.get_attribute("data-model") == str(long["model_id"]), 30, what="panel A on the job")
+
+        # the finished job beside it: panel B draws every loss row it logged, its metrics and files below
+        page.locator(f"#jobs tr[data-job='{short['job_id']}'] button", has_text="B").click()
+        logged = loss_steps(short["model_id"])
+        wait_for(lambda: panel_b.get_attribute("data-points") == str(logged), 30, what=f"{logged} points in B")
+        page.locator("#panel-b table.files", has_text="model.safetensors").wait_for(timeout=30_000)
+        page.locator("#panel-b table.metrics", has_text="eval_accuracy").wait_for(timeout=30_000)
+
+        # A's curve grows while its job trains
         seen: list[int] = []
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and len(set(seen)) < 3:
@@ -229,29 +259,16 @@ def test_curve_grows_in_the_browser_while_the_job_trains(
             time.sleep(0.2)
         assert len(set(seen)) >= 3 and seen == sorted(seen), f"loss points seen while it trained: {seen}"
         assert page.locator(f"#jobs tr[data-job='{long['job_id']}'][data-status='running']").count() == 1
-
-        # the finished job beside it: panel B draws every loss row it logged, its metrics and files below
-        page.locator(f"#jobs tr[data-job='{short['job_id']}'] button", has_text="B").click()
-        logged = conn.execute(
-            "SELECT count(DISTINCT (logs->>'step')::int) AS n FROM pgml.logs WHERE model_id = %s AND logs ? 'loss'",
-            (short["model_id"],),
-        ).fetchone()["n"]
-        panel_b = page.locator("#panel-b")
-        wait_for(lambda: panel_b.get_attribute("data-points") == str(logged), 30, what=f"{logged} points in B")
-        page.locator("#panel-b table.files", has_text="model.safetensors").wait_for(timeout=30_000)
-        page.locator("#panel-b table.metrics", has_text="eval_accuracy").wait_for(timeout=30_000)
+        if os.environ.get("PGML_DASHBOARD_SCREENSHOT"):  # halfway through, for the README
+            wait_for(lambda: int(panel_a.get_attribute("data-points") or 0) >= 50 or not running(), 240)
+            page.screenshot(path=os.environ["PGML_DASHBOARD_SCREENSHOT"], full_page=True)
 
         done = wait_job(conn, long["job_id"], 300)
         assert done["status"] == "succeeded", done["error"]
         page.locator(f"#jobs tr[data-job='{long['job_id']}'][data-status='succeeded']").wait_for(timeout=30_000)
-        final = conn.execute(
-            "SELECT count(DISTINCT (logs->>'step')::int) AS n FROM pgml.logs WHERE model_id = %s AND logs ? 'loss'",
-            (long["model_id"],),
-        ).fetchone()["n"]
+        final = loss_steps(long["model_id"])
         wait_for(lambda: panel_a.get_attribute("data-points") == str(final), 30, what=f"all {final} points in A")
         page.locator("#panel-a table.files", has_text="model.safetensors").wait_for(timeout=30_000)
-        if os.environ.get("PGML_DASHBOARD_SCREENSHOT"):
-            page.screenshot(path=os.environ["PGML_DASHBOARD_SCREENSHOT"], full_page=True)
 
         # the other user's page: no job of the first user's, and an empty panel
         other = browser.new_page()

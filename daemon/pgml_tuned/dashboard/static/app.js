@@ -191,7 +191,7 @@ async function loadDetails(slot) {
     el("div", {}, el("h3", {}, "metrics"), metrics.length
       ? el("table", { class: "metrics" }, metrics.map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, num(v)))))
       : el("p", { class: "muted" }, m.status === "in_progress" ? "when it finishes" : "none")),
-    el("div", {}, el("h3", {}, `files (${files.length}, ${bytes(total)})`), files.length
+    el("div", {}, el("h3", {}, files.length ? `files (${files.length}, ${bytes(total)})` : "files"), files.length
       ? el("table", { class: "files" }, files.map((f) => el("tr", {}, el("td", {}, f.path), el("td", { class: "num" }, bytes(f.bytes)))))
       : el("p", { class: "muted" }, m.status === "in_progress" ? "stored when it finishes" : "none")));
 }
