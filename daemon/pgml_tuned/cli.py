@@ -470,7 +470,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"pgml-tuned dashboard: {url}  (reading as {shown_dsn(dsn)}; Ctrl-C stops)", flush=True)
 
-    _run(lambda: serve_dashboard(dsn, shown_dsn(dsn), sock, on_ready=ready))
+    _run(lambda: serve_dashboard(dsn, shown_dsn(dsn), sock, poll_seconds=settings.poll_seconds, on_ready=ready))
     return 0
 
 

@@ -34,12 +34,13 @@ pytestmark = pytest.mark.slow
 class Dashboard:
     """A real `pgml-tuned dashboard` subprocess on a free port; `url` is the address it printed (with its token)."""
 
-    def __init__(self, dsn: str, home: Path) -> None:
+    def __init__(self, dsn: str, home: Path, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pgml_tuned.cli", "dashboard", "--dsn", dsn, "--home", str(home), "--port", "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -69,11 +70,11 @@ class Dashboard:
 
 
 @pytest.fixture
-def dashboard(tmp_path: Path) -> Iterator[Callable[[str], Dashboard]]:
+def dashboard(tmp_path: Path) -> Iterator[Callable[..., Dashboard]]:
     started: list[Dashboard] = []
 
-    def start(dsn: str) -> Dashboard:
-        d = Dashboard(dsn, tmp_path)
+    def start(dsn: str, env: dict[str, str] | None = None) -> Dashboard:
+        d = Dashboard(dsn, tmp_path, env)
         started.append(d)
         return d
 
@@ -124,7 +125,7 @@ def test_dashboard_json_follows_the_viewers_rights(
     # new log rows wake listeners: one notice per batch of rows, the job id only
     assert notices and all(n == {"type": "logs_written", "job_id": job["job_id"]} for n in notices)
 
-    mine = dashboard(conn.info.dsn)
+    mine = dashboard(conn.info.dsn, env={"PGML_POLL_SECONDS": "600"})  # live only through its LISTEN
     theirs = dashboard(as_login(su_dsn, OTHER_USER))
     status, jobs = mine.get("/api/jobs")
     assert status == 200 and [j["id"] for j in jobs] == [job["job_id"]]
@@ -161,19 +162,35 @@ def test_dashboard_json_follows_the_viewers_rights(
     status, body = mine.get("/api/stream?models=1;DROP")
     assert status == 400 and "comma-separated list of model ids" in body["error"]
 
-    # the live stream: the jobs, then the model's log rows, as server-sent events
-    with urllib.request.urlopen(f"{mine.base}api/stream?models={job['model_id']}&token={mine.token}", timeout=10) as r:
+    # the live stream: the jobs, then the model's log rows, as server-sent events; then a new log row arrives at
+    # once, through pgml_logs (its poll is 10 minutes away)
+    with urllib.request.urlopen(f"{mine.base}api/stream?models={job['model_id']}&token={mine.token}", timeout=20) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
-        events: dict[str, Any] = {}
-        name = None
-        while "logs" not in events:
-            line = r.readline().decode().rstrip("\n")
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: ") and name:
-                events[name] = json.loads(line.removeprefix("data: "))
-    assert [j["id"] for j in events["jobs"]] == [job["job_id"]]
-    assert events["logs"]["model_id"] == job["model_id"] and events["logs"]["rows"] == logs
+
+        def next_event() -> tuple[str, Any]:
+            name = None
+            while True:
+                line = r.readline().decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: ") and name:
+                    return name, json.loads(line.removeprefix("data: "))
+
+        assert next_event() == ("jobs", jobs)
+        assert next_event() == ("logs", {"model_id": job["model_id"], "rows": logs})
+        with connect(su_dsn) as su:
+            su.execute(
+                "INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, seq, logs) "
+                'SELECT model_id, project_id, id, attempt, 99999, \'{"step": 999, "loss": 0.5}\' FROM pgml.jobs '
+                "WHERE id = %s",
+                (job["job_id"],),
+            )
+        t0 = time.monotonic()
+        name, data = next_event()
+        while name == "jobs":
+            name, data = next_event()
+        assert name == "logs" and [row["logs"] for row in data["rows"]] == [{"step": 999, "loss": 0.5}]
+        assert time.monotonic() - t0 < 10
 
     # its sessions are read-only: what the login may do in SQL (cancel its job) fails in them
     with (

@@ -6,7 +6,8 @@
 - Live: one LISTEN connection (pgml_job_status: status changes; pgml_logs: new log rows, migration 0020) wakes
   every open event stream (`/api/stream`, server-sent events); each then re-reads the rows it shows with the
   viewer's rights. A payload is never read: any session may NOTIFY any channel. A stream also re-reads every
-  POLL_SECONDS (heartbeats and ETAs move without a notice; a listener reconnecting may miss one).
+  `poll_seconds` (PGML_POLL_SECONDS: heartbeats and ETAs move without a notice; a reconnecting listener may
+  miss one).
 - Access: it binds 127.0.0.1 by default, and every request needs the random token of the URL it prints (kept in
   a cookie after the first page): another local user who reaches the port cannot read through the viewer's login.
 """
@@ -36,7 +37,6 @@ log = logconfig.get("pgml_tuned.dashboard")
 STATIC = Path(__file__).resolve().parent / "static"
 QUERIES = "dashboard.sql"
 CHANNELS = ("pgml_job_status", "pgml_logs")
-POLL_SECONDS = 5.0  # a stream re-reads at least this often (heartbeat ages, ETAs)
 SETTLE_SECONDS = 0.05  # after a wake-up, let a burst of notices (a batch of log rows, a status) arrive first
 JOBS_LIMIT = 200
 LOGS_LIMIT = 5000  # log rows per read; a stream reads again at once when it got this many
@@ -144,7 +144,7 @@ def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def build_app(reader: Reader, wakeups: Wakeups, viewer: str) -> Starlette:
+def build_app(reader: Reader, wakeups: Wakeups, viewer: str, poll_seconds: float) -> Starlette:
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
@@ -187,7 +187,7 @@ def build_app(reader: Reader, wakeups: Wakeups, viewer: str) -> Starlette:
                             yield sse("logs", {"model_id": model_id, "rows": rows})
                         if len(rows) < LOGS_LIMIT:
                             break
-                woke = await wakeups.wait(seen, POLL_SECONDS)
+                woke = await wakeups.wait(seen, poll_seconds)
                 if woke == seen:
                     yield ": still here\n\n"  # a comment: keeps proxies and the browser from timing out
                 else:
@@ -283,14 +283,20 @@ def url_of(sock: socket.socket, token: str) -> str:
 
 
 async def serve_dashboard(
-    dsn: str, viewer: str, sock: socket.socket, *, token: str | None = None, on_ready: Callable[[str], None]
+    dsn: str,
+    viewer: str,
+    sock: socket.socket,
+    *,
+    poll_seconds: float,
+    on_ready: Callable[[str], None],
+    token: str | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers) — `on_ready(url)` once it accepts connections."""
     token = token or secrets.token_urlsafe(24)
     port = sock.getsockname()[1]
     wakeups = Wakeups()
     async with db.pool(dsn, "pgml-tuned dashboard", max_size=4, read_only=True) as pool:
-        app = TokenGate(build_app(Reader(pool), wakeups, viewer), token, f"pgml_dashboard_{port}")
+        app = TokenGate(build_app(Reader(pool), wakeups, viewer, poll_seconds), token, f"pgml_dashboard_{port}")
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=1)
         server = _Server(config, lambda: on_ready(url_of(sock, token)))
         async with anyio.create_task_group() as tg:
