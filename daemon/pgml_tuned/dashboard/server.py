@@ -55,7 +55,12 @@ class Wakeups:
 
     def __init__(self) -> None:
         self.count = 0
+        self.closing = False  # the server is shutting down: streams end (their connections can then close)
         self._next = anyio.Event()
+
+    def close(self) -> None:
+        self.closing = True
+        self.wake()
 
     def wake(self) -> None:
         self.count += 1
@@ -188,6 +193,8 @@ def build_app(reader: Reader, wakeups: Wakeups, viewer: str, poll_seconds: float
                         if len(rows) < LOGS_LIMIT:
                             break
                 woke = await wakeups.wait(seen, poll_seconds)
+                if wakeups.closing:
+                    return
                 if woke == seen:
                     yield ": still here\n\n"  # a comment: keeps proxies and the browser from timing out
                 else:
@@ -298,7 +305,7 @@ async def serve_dashboard(
     async with db.pool(dsn, "pgml-tuned dashboard", max_size=4, read_only=True) as pool:
         app = TokenGate(build_app(Reader(pool), wakeups, viewer, poll_seconds), token, f"pgml_dashboard_{port}")
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=1)
-        server = _Server(config, lambda: on_ready(url_of(sock, token)))
+        server = _Server(config, lambda: on_ready(url_of(sock, token)), wakeups.close)
         async with anyio.create_task_group() as tg:
             tg.start_soon(listen, dsn, wakeups)
             await server.serve(sockets=[sock])
@@ -306,13 +313,18 @@ async def serve_dashboard(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, saying when it accepts connections."""
+    """uvicorn's server, saying when it accepts connections and when it begins to shut down (the event streams
+    end then, instead of being cancelled when the grace period runs out)."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None], on_shutdown: Callable[[], None]) -> None:
         super().__init__(config)
-        self.on_started = on_started
+        self.on_started, self.on_shutdown = on_started, on_shutdown
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self.on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets)
