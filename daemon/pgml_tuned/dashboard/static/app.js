@@ -75,7 +75,7 @@ function renderJobs() {
     const pct = j.progress_pct ?? (j.status === "succeeded" ? 100 : 0);
     const cls = [j.model_id === state.panels.a ? "shown-a" : "", j.model_id === state.panels.b ? "shown-b" : ""];
     return el("tr", { "data-job": j.id, "data-status": j.status, class: cls.join(" ").trim() },
-      el("td", { class: "num" }, j.id),
+      el("td", { class: "num", title: `submitted by ${j.submitted_by}` }, j.id),
       el("td", {}, j.project),
       el("td", {}, j.task),
       el("td", {}, el("span", { class: `status ${j.status}`, title: j.error || "" }, j.status),
