@@ -1,4 +1,4 @@
-"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, db, keys.
+"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, dashboard, db, keys.
 
 The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
 """
@@ -453,6 +453,27 @@ def _why_no_files(conn: psycopg.Connection[Any], model_id: int) -> str:
     return f"model {model_id} has no files in pgml.files (its job {job['id']} stored none)"
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The read-only web page, reading as the DSN's login (the viewer's own: what it may see, nothing more)."""
+    try:
+        from .dashboard.server import bind, serve_dashboard
+    except ImportError as e:
+        raise CliError(
+            f"the dashboard needs the `dashboard` extra ({e.name} is not installed): "
+            "pip install 'pgml-tuned[dashboard]'"
+        ) from None
+    settings = _settings(args)
+    logconfig.configure(settings.log_format, settings.log_level)
+    dsn = _reading(args)
+    sock = bind(args.host, args.port)
+
+    def ready(url: str) -> None:
+        print(f"pgml-tuned dashboard: {url}  (reading as {shown_dsn(dsn)}; Ctrl-C stops)", flush=True)
+
+    _run(lambda: serve_dashboard(dsn, shown_dsn(dsn), sock, poll_seconds=settings.poll_seconds, on_ready=ready))
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "stop":
@@ -515,6 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("model_id", type=int, help="the model id (pgml.jobs.model_id, `pgml-tuned status`), not a job id")
     dl.add_argument("dest", help="directory to write the model's files into (created if missing)")
     dl.set_defaults(fn=cmd_download)
+
+    dash = sub.add_parser(
+        "dashboard",
+        parents=[common],
+        help="a read-only web page: jobs, live loss/eval curves, two models side by side, a model's files",
+    )
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    dash.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
+    dash.set_defaults(fn=cmd_dashboard)
 
     k = sub.add_parser(
         "keys",

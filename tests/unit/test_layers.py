@@ -63,6 +63,8 @@ RANKS = {
     "serving.__main__": 8,
     # the front
     "demo": 8,
+    "dashboard": 8,
+    "dashboard.server": 8,
     "cli": 9,
 }
 
