@@ -128,15 +128,20 @@ SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cance
 
 -- name: worker_register
 -- The fleet registry (0022_fleet): each daemon's own row, fenced on its token.
-SELECT pgml._worker_register(%(worker)s, %(token)s, %(host)s, %(pid)s, %(version)s, %(devices)s::jsonb, %(gpus)s,
-                             %(concurrency)s, %(heartbeat_seconds)s, %(lease_seconds)s);
+SELECT pgml._worker_register(%(worker)s::text, %(token)s::text, %(host)s::text, %(pid)s::integer, %(version)s::text,
+                             %(devices)s::jsonb, %(gpus)s::integer, %(concurrency)s::integer,
+                             %(heartbeat_seconds)s::real, %(lease_seconds)s::real);
 
 -- name: worker_heartbeat
-SELECT pgml._worker_heartbeat(%(worker)s, %(token)s, %(free_slots)s, %(free_gpus)s, %(running)s::bigint[],
-                              %(models_cached)s::jsonb) AS owned;
+SELECT pgml._worker_heartbeat(%(worker)s::text, %(token)s::text, %(free_slots)s::integer, %(free_gpus)s::integer,
+                              %(running)s::bigint[], %(models_cached)s::jsonb) AS owned;
 
 -- name: worker_stop
-SELECT pgml._worker_stop(%(worker)s, %(token)s) AS owned;
+SELECT pgml._worker_stop(%(worker)s::text, %(token)s::text) AS owned;
+
+-- name: registry_exists
+SELECT pg_catalog.to_regprocedure('pgml._worker_heartbeat(text, text, integer, integer, bigint[], jsonb)') IS NOT NULL
+    AS found;
 
 -- name: jobs_by_status
 SELECT status, jobs FROM pgml.queue_summary;

@@ -194,6 +194,9 @@ class PgBackend:
                 "worker_register", worker=self.worker, token=self.token, **{**info, "devices": Jsonb(info["devices"])}
             )
         except psycopg.errors.UndefinedFunction as e:
+            found = await self.pool.one(q("registry_exists"))
+            if found and found["found"]:
+                raise  # a bug, not an old schema
             raise RegistryMissing(str(e).strip()) from None
 
     async def beat(self, state: dict[str, Any]) -> bool:
