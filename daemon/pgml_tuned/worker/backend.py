@@ -202,6 +202,7 @@ class PgBackend:
     async def beat(self, state: dict[str, Any]) -> bool:
         rows = await self.pool.named(
             "worker_heartbeat",
+            retry=False,  # not through an outage: the next heartbeat tries again
             worker=self.worker,
             token=self.token,
             **{**state, "models_cached": Jsonb(state["models_cached"])},

@@ -79,6 +79,8 @@ class Daemon:
         self.devices: list[dict[str, Any]] = []
         self.registered = False
         self.watchdog = watchdog_enabled()
+        self.turned = time.monotonic()  # when the heartbeat loop last began a round
+        self.waiting_on_db = False  # the heartbeat loop is in a database call (it may retry through an outage)
         self.metrics: Any = None  # a metrics.Metrics with --metrics-port (prometheus_client is imported only then)
         self.metrics_port: int | None = None  # the port /metrics listens on
 
@@ -105,6 +107,8 @@ class Daemon:
                 tg.start_soon(self._listener)
                 tg.start_soon(self._poller)
                 tg.start_soon(self._heartbeat)
+                if self.watchdog:
+                    tg.start_soon(self._watchdog)
                 tg.start_soon(self._claimer, tg)
                 if self.serving is not None and not self.drain:
                     tg.start_soon(self.serving)
@@ -191,11 +195,25 @@ class Daemon:
             with anyio.move_on_after(self.settings.heartbeat_seconds):
                 await self.beat.wait()
             self.beat = anyio.Event()
-            if self.watchdog:
-                sd_notify("WATCHDOG=1")  # the loop turns: the daemon is not wedged
-            if self.attempts:
-                await self.renew_leases()
-            await self._registry_beat()
+            self.turned = time.monotonic()
+            self.waiting_on_db = True
+            try:
+                if self.attempts:
+                    await self.renew_leases()
+                await self._registry_beat()
+            finally:
+                self.waiting_on_db = False
+
+    async def _watchdog(self) -> None:
+        """systemd's WATCHDOG=1 while the heartbeat loop turns (or waits for the database: a PostgreSQL restart
+        is no reason to kill the children). A wedged loop — or event loop — stops the pings, and systemd restarts
+        the daemon after WatchdogSec."""
+        usec = int(os.environ.get("WATCHDOG_USEC") or 0)
+        interval = min(self.settings.heartbeat_seconds, usec / 2e6) if usec else self.settings.heartbeat_seconds
+        while True:
+            if self.waiting_on_db or time.monotonic() - self.turned < 2 * self.settings.heartbeat_seconds + 1:
+                sd_notify("WATCHDOG=1")
+            await anyio.sleep(interval)
 
     def free_gpus(self) -> int:
         return free_gpus(self.settings.gpu_list, self.devices, self.free_slots)
