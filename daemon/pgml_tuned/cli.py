@@ -402,7 +402,7 @@ def fleet_lines(workers: list[dict[str, Any]]) -> list[str]:
                 for d in w["devices"]
             ),
             "running": ",".join(str(j) for j in w["running"]),
-            "models": ", ".join(w["models_cached"]),
+            "models": ", ".join(w["models_cached"] or []),  # NULL: not shown to users
             "version": w["version"],
         }
         for w in workers

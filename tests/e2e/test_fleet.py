@@ -67,13 +67,17 @@ def test_registry_row_appears_then_goes_stale_after_kill(
     # a running job shows in its row, and the free slots go down
     job = noop(ops, "fleet-reg", seconds=30, steps=300)
     wait_for(
-        lambda: (w := worker(conn, "fleet-a")) and w["running"] == [job] and w["free_slots"] == 1,
+        lambda: (w := worker(ops, "fleet-a")) and w["running"] == [job] and w["free_slots"] == 1,
         30,
         what="the heartbeat to report the running job",
     )
+    # a user sees the fleet, but not another user's job ids nor the models it keeps warm
+    seen_by_user = worker(conn, "fleet-a")
+    assert seen_by_user is not None and seen_by_user["running"] == [] and seen_by_user["models_cached"] is None
+    assert seen_by_user["free_slots"] == 1
     cli.main(["status", "--dsn", conn_dsn])
     out = capsys.readouterr().out
-    assert "workers: " in out and "fleet-a" in out and "live" in out and "1/2 free" in out, out
+    assert "workers: 1 live" in out and "fleet-a" in out and "1/2 free" in out, out
     # only the daemon itself can write its row: not the table, not its functions without its token
     with psycopg.connect(worker_dsn, autocommit=True) as w:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS pgml.workers (
 REVOKE ALL ON pgml.workers FROM PUBLIC;
 
 -- live: heartbeat within two intervals; late: missed some, lease not yet over; gone: silent for longer than its
--- lease (killed, crashed, cut off); stopped: exited cleanly.
+-- lease (killed, crashed, cut off); stopped: exited cleanly. (Runs as its owner, so the filter is explicit.)
 CREATE OR REPLACE VIEW pgml.worker_status AS
 SELECT w.id,
        w.host,
@@ -48,8 +48,14 @@ SELECT w.id,
        w.concurrency,
        w.free_slots,
        w.free_gpus,
-       w.running,
-       w.models_cached,
+       -- a user sees which of their own jobs a worker runs, and not what others' models it keeps warm
+       CASE WHEN pg_catalog.pg_has_role(session_user, 'pgml_admin', 'MEMBER')
+                 OR pg_catalog.pg_has_role(session_user, 'pgml_worker', 'MEMBER') THEN w.running
+            ELSE ARRAY(SELECT j.id FROM pgml.jobs j WHERE j.id = ANY (w.running) AND j.submitted_by = session_user
+                       ORDER BY j.id) END AS running,
+       CASE WHEN pg_catalog.pg_has_role(session_user, 'pgml_admin', 'MEMBER')
+                 OR pg_catalog.pg_has_role(session_user, 'pgml_worker', 'MEMBER') THEN w.models_cached END
+           AS models_cached,
        w.started_at,
        w.heartbeat_at,
        w.stopped_at
