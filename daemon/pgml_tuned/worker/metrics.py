@@ -104,6 +104,12 @@ async def serve_metrics(
     task_status.started(bound)
 
     async def handle(stream: SocketStream) -> None:
+        try:
+            await answer(stream)
+        except Exception as e:  # a bad request or a failed reading never stops the daemon
+            log.warning("metrics.request_failed", error=f"{type(e).__name__}: {e}")
+
+    async def answer(stream: SocketStream) -> None:
         async with stream:
             head = b""
             with anyio.move_on_after(10):
