@@ -78,6 +78,9 @@ def test_registry_row_appears_then_goes_stale_after_kill(
     cli.main(["status", "--dsn", conn_dsn])
     out = capsys.readouterr().out
     assert "workers: 1 live" in out and "fleet-a" in out and "1/2 free" in out, out
+    cli.main(["status", "--dsn", conn_dsn, "--json"])
+    shown = json.loads(capsys.readouterr().out)["workers"]
+    assert [(w["id"], w["state"], w["free_slots"]) for w in shown] == [("fleet-a", "live", 1)]
     # only the daemon itself can write its row: not the table, not its functions without its token
     with psycopg.connect(worker_dsn, autocommit=True) as w:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
