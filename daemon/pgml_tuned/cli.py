@@ -330,8 +330,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     (args.limit,),
                 )
             ).fetchall()
+            workers = await fleet_rows(conn)
             if args.json:
-                print(json.dumps({"queue": plain(summary), "jobs": plain(rows)}, indent=2))
+                print(json.dumps({"queue": plain(summary), "jobs": plain(rows), "workers": plain(workers)}, indent=2))
                 return
             parts = [f"{r['status']} {r['jobs']}" for r in summary]
             extra = [
@@ -361,9 +362,52 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(line)
             else:
                 print("no job queued, running or finished in the last hour")
+            print()
+            for line in fleet_lines(workers):
+                print(line)
 
     _run(go)
     return 0
+
+
+async def fleet_rows(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """The fleet registry (pgml.worker_status), live workers first; [] on a schema without it (before 0022)."""
+    exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.worker_status') AS v")).fetchone()
+    if not exists or exists["v"] is None:
+        return []
+    return await (
+        await conn.execute(
+            "SELECT id, host, state, heartbeat_age, gpus, devices, concurrency, free_slots, free_gpus, running, "
+            "models_cached, version, started_at FROM pgml.worker_status "
+            "ORDER BY array_position(ARRAY['live', 'late', 'gone', 'stopped'], state), id"
+        )
+    ).fetchall()
+
+
+def fleet_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """`pgml-tuned status`'s workers section: one line of counts, then a row per worker."""
+    if not workers:
+        return ["workers: none registered (start one: pgml-tuned serve)"]
+    states = [s for s in ("live", "late", "gone", "stopped") if any(w["state"] == s for w in workers)]
+    counts = ", ".join(f"{sum(w['state'] == s for w in workers)} {s}" for s in states)
+    shown = [
+        {
+            "worker": w["id"],
+            "state": w["state"],
+            "heartbeat": f"{w['heartbeat_age']}s ago",
+            "slots": f"{w['free_slots']}/{w['concurrency']} free",
+            "gpus": f"{w['free_gpus']}/{w['gpus']} free" if w["gpus"] else None,
+            "devices": ", ".join(
+                f"{d.get('index')}:{d.get('name') or '?'}" + (f" {d['memory_mb']} MB" if d.get("memory_mb") else "")
+                for d in w["devices"]
+            ),
+            "running": ",".join(str(j) for j in w["running"]),
+            "models": ", ".join(w["models_cached"] or []),  # NULL: not shown to users
+            "version": w["version"],
+        }
+        for w in workers
+    ]
+    return [f"workers: {counts}", *table(shown)]
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -187,6 +187,7 @@ class Server:
                 mb=round(loaded.nbytes / MiB, 1),
                 seconds=round(time.monotonic() - started, 2),
                 evicted=evicted,
+                cached=[e.key.name for e in self.cache.entries.values()],  # the fleet registry shows these
             )
         return loaded
 
