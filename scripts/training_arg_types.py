@@ -85,9 +85,14 @@ def rows() -> list[tuple[str, list[str], str]]:
     return out
 
 
+def sql_text(text: str) -> str:
+    return text.replace("'", "''")
+
+
 def block() -> str:
     values = ",\n".join(
-        f"    ('{name}', '{{{','.join(kinds)}}}', '{python}')" for name, kinds, python in sorted(rows())
+        f"    ('{name}', ARRAY[{', '.join(repr(k) for k in kinds)}], '{sql_text(python)}')"
+        for name, kinds, python in sorted(rows())
     )
     return (
         f"{BEGIN}\n"
