@@ -42,6 +42,13 @@ def noop(conn: psycopg.Connection[dict[str, Any]], hyperparams: str = '{"steps":
     )
 
 
+def started(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """The CLI running in the background (it follows a job the test's daemon then runs)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgml_tuned.cli", *args], stdout=stdout, stderr=subprocess.PIPE, text=True
+    )
+
+
 def to_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI with stdout a pipe whose reader is gone: what `| head -1` does once head has its line."""
     read_end, write_end = os.pipe()
@@ -161,12 +168,7 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
     cancelled = noop(ops, "{}", priority=-1)
     ops.execute("SELECT pgml.cancel(%s)", (cancelled,))
     # --follow started before the job ends: it waits, prints the failure, exits 1
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "pgml_tuned.cli", "logs", str(failed), "--follow", "--dsn", dsn],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follow = started("logs", str(failed), "--follow", "--dsn", dsn)
     daemon("--drain")
     out, err = follow.communicate(timeout=120)
     assert follow.returncode == 1 and "Traceback" not in err
@@ -255,16 +257,10 @@ def test_every_help_entry_says_what_it_does() -> None:
 def test_wait_follows_jobs_and_ends_with_the_model_and_download_command(
     su_dsn: str, ops: psycopg.Connection[dict[str, Any]], daemon: Any
 ) -> None:
+    ok, failed = noop(ops, '{"steps": 6, "seconds": 3}'), noop(ops, '{"steps": 2, "fail": "the data was bad\\nx"}')
     dsn = as_login(su_dsn, ADMIN)
-    ok = noop(ops, '{"steps": 6, "seconds": 3}')
-    failed = noop(ops, '{"steps": 2, "fail": "the data was bad\\nsecond line"}')
     # stdout a pipe (not a terminal): plain lines, each job's when it changed, then the final lines
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "pgml_tuned.cli", "wait", str(ok), str(failed), "--interval", "0", "--dsn", dsn],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    waiting = started("wait", str(ok), str(failed), "--interval", "0", "--dsn", dsn)
     daemon("--drain")
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 1, out + err  # one of them failed
@@ -294,12 +290,7 @@ def test_wait_on_a_terminal_rewrites_one_line_per_job(
     dsn = as_login(su_dsn, ADMIN)
     job = noop(ops, '{"steps": 4, "seconds": 2}')
     leader, follower = pty.openpty()
-    waiting = subprocess.Popen(
-        [sys.executable, "-m", "pgml_tuned.cli", "wait", str(job), "--dsn", dsn],
-        stdout=follower,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    waiting = started("wait", str(job), "--dsn", dsn, stdout=follower)
     os.close(follower)
     daemon("--drain")
     assert waiting.wait(120) == 0

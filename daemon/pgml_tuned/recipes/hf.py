@@ -72,6 +72,35 @@ def check_outward(
         )
 
 
+def model_limit(tokenizer: Any, config: Any) -> tuple[int, str] | None:
+    """The most tokens the model takes at once, and where that limit comes from: the smaller of the tokenizer's
+    model_max_length (when it is a real limit, not transformers' "no limit" sentinel) and the configuration's
+    max_position_embeddings (n_positions for GPT-2-like models)."""
+    limits = []
+    for source in (config, getattr(config, "get_text_config", lambda: None)()):
+        for attr in ("max_position_embeddings", "n_positions"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and value > 0:
+                limits.append((value, f"its config's {attr}"))
+                break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 1_000_000:
+        limits.append((value, "its tokenizer's model_max_length"))
+    return min(limits) if limits else None
+
+
+def check_max_seq_length(ctx: JobContext, tokenizer: Any, config: Any) -> None:
+    """hyperparams.max_seq_length above the model's limit fails before training, naming the limit (not later
+    as `The size of tensor a (962) must match the size of tensor b (512)`)."""
+    requested = ctx.hyperparams.get("max_seq_length")
+    limit = model_limit(tokenizer, config)
+    if isinstance(requested, int | float) and limit and requested > limit[0]:
+        raise JobError(
+            f"hyperparams.max_seq_length {int(requested)} is more than model {ctx.spec['model_name']!r} takes: "
+            f'at most {limit[0]} tokens ({limit[1]}); use "max_seq_length": {limit[0]} or less, or leave it out'
+        )
+
+
 def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
     """TrainingArguments from hyperparams.training_args, passed through exhaustively.
 
