@@ -320,12 +320,18 @@ def psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
             "declares num_train_epochs: float",
         ),
         ("pgml.load_dataset_async('../etc/passwd.csv')", "leaves its directory", "below the workers' datasets"),
+        (
+            "INSERT INTO pgml.tune_requests (project_name, task, relation_name, model_name, hyperparams) VALUES "
+            "('p', 'text-classification', 'public.reviews', 'm', '{\"dataset_args\": {\"text_column\": \"x\"}}')",
+            "column 'x' (dataset_args.text_column) does not exist",
+            "columns of public.reviews are",
+        ),
     ],
 )
 def test_psql_shows_the_message_its_hint_and_one_context_line(
     conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], reviews: str, call: str, message: str, hint: str
 ) -> None:
-    r = psql(conn_dsn, f"SELECT {call}")
+    r = psql(conn_dsn, call if call.startswith("INSERT") else f"SELECT {call}")
     assert r.returncode == 1, r.stdout
     lines = r.stderr.strip().splitlines()
     assert lines[0].startswith("ERROR:  ") and message in lines[0], r.stderr

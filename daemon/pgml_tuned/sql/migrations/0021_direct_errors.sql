@@ -1,8 +1,9 @@
 -- 0021_direct_errors: an error of pgml.tune() and the other SQL entry points shows the fix up front. Each check
 -- raises where it finds the problem (RAISE ... USING MESSAGE, HINT, ERRCODE) instead of through pgml._fail, and
--- pgml.tune / pgml.load_dataset_async raise a found problem again at their own level, so psql shows the message,
--- its HINT and one CONTEXT line instead of 5-8 lines quoting internal PL/pgSQL (`SQL statement "SELECT
--- pgml._fail(format(...`). pgml._fail stays for callers outside this schema; nothing here calls it.
+-- pgml.tune, the INSERT INTO pgml.tune_requests trigger and pgml.load_dataset_async raise a found problem again at
+-- their own level, so psql shows the message, its HINT and one CONTEXT line instead of 5-8 lines quoting internal
+-- PL/pgSQL (`SQL statement "SELECT pgml._fail(format(...`). pgml._fail stays for callers outside this schema;
+-- nothing here calls it.
 --
 -- hyperparams.training_args values are checked at submit against the types transformers.TrainingArguments
 -- declares (pgml.training_arg_types, generated from the installed transformers): `"num_train_epochs": "one"`
@@ -1061,6 +1062,42 @@ BEGIN
     END IF;
     PERFORM pgml._submitted(s.job_id);
     RETURN QUERY SELECT s.job_id, 'queued'::text, s.project_id, s.model_id;
+EXCEPTION WHEN OTHERS THEN
+    -- raised again here, where the caller's statement is: psql shows the message, its HINT and this one CONTEXT
+    -- line, not the internal calls that found the problem. An error without a HINT (an unexpected one) keeps
+    -- its whole context.
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' THEN
+        RAISE;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+-- pgml._tune_request (INSERT INTO pgml.tune_requests): as in 0008, raised again at its level too (not pinned:
+-- it passes the inserter's search_path on)
+CREATE OR REPLACE FUNCTION pgml._tune_request() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v_msg    text;
+    v_detail text;
+    v_hint   text;
+    v_code   text;
+BEGIN
+    SELECT * INTO r FROM pgml.tune(
+        NEW.project_name, NEW.task, NEW.relation_name, NEW.y_column_name, NEW.model_name,
+        COALESCE(NEW.hyperparams, '{}'::jsonb), COALESCE(NEW.test_size, 0.25::float8),
+        COALESCE(NEW.test_sampling, 'stratified'::text), COALESCE(NEW.automatic_deploy, true),
+        COALESCE(NEW.materialize_snapshot, false), COALESCE(NEW.max_attempts, 3),
+        COALESCE(NEW.priority, 0), pg_catalog.current_setting('search_path'));
+    NEW.job_id := r.job_id;
+    NEW.status := r.status;
+    NEW.project_id := r.project_id;
+    NEW.model_id := r.model_id;
+    RETURN NEW;
 EXCEPTION WHEN OTHERS THEN
     -- raised again here, where the caller's statement is: psql shows the message, its HINT and this one CONTEXT
     -- line, not the internal calls that found the problem. An error without a HINT (an unexpected one) keeps
