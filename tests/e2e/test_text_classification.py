@@ -14,6 +14,7 @@ import pytest
 from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import job_row, wait_for, wait_job
+from tests.integration.test_migrate_cli import cli
 from tests.support import models as testing
 from tests.support.hf_datasets import install_imdb
 
@@ -170,7 +171,7 @@ def submit(conn: psycopg.Connection[dict[str, Any]], project: str, relation: str
 
 
 def test_failures_name_the_problem_and_the_daemon_keeps_serving(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
+    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
 ) -> None:
     conn.execute("CREATE TABLE reviews (text text, class text)")
     conn.execute(
@@ -196,6 +197,20 @@ def test_failures_name_the_problem_and_the_daemon_keeps_serving(
     assert "row 7 of public.with_null has NULL in column 'text'" in errors[null_text]["error"]
     assert errors[good]["status"] == "succeeded", errors[good]["error"]
     assert d.proc.poll() is None
+    # the CLI's view of them: wait's final lines (metrics, model id, download command; exit 1: one failed) and
+    # status's key metric, a number in --json
+    r = cli("wait", str(good), str(null_text), "--dsn", conn_dsn)
+    model = errors[good]["model_id"]
+    accuracy = errors[good]["metrics"]["eval_accuracy"]
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines()[0].startswith(f"job {good} succeeded: eval_accuracy {accuracy:.4g} eval_f1 ")
+    assert r.stdout.splitlines()[0].endswith(f"; model {model}: pgml-tuned download {model} ./model-{model}")
+    assert r.stdout.splitlines()[1].startswith(f"job {null_text} failed: row 7 of public.with_null has NULL")
+    jobs = {j["id"]: j for j in json.loads(cli("status", "--json", "--dsn", conn_dsn).stdout)["jobs"]}
+    assert jobs[good]["key_metric"] == "eval_accuracy" and jobs[good]["key_metric_value"] == accuracy
+    assert jobs[null_text]["key_metric"] is None and isinstance(jobs[good]["progress_pct"], float)
+    table = cli("status", "--dsn", conn_dsn).stdout
+    assert f"eval_accuracy {accuracy:.4g}" in table and "None" not in table
 
 
 def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path) -> None:
