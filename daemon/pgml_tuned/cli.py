@@ -380,7 +380,8 @@ def final_line(job: dict[str, Any]) -> str:
 
 class LiveLines:
     """Lines that follow jobs: on a terminal rewritten in place (one line a job); elsewhere (a pipe, a file, CI)
-    printed as plain lines, a job's line when it changed and at most every `interval` seconds."""
+    printed as plain lines: a job's line at once when its status changed, else when it changed and at most every
+    `interval` seconds."""
 
     def __init__(self, stream: Any = None, interval: float = 10.0) -> None:
         self.stream = stream or sys.stdout
@@ -397,7 +398,8 @@ class LiveLines:
         else:
             for job, line in lines.items():
                 before = self.last.get(job)
-                if before is None or (before[0] != line and now - before[1] >= self.interval):
+                moved = before is not None and before[0].split("  ")[0] != line.split("  ")[0]  # e.g. queued → running
+                if before is None or moved or (before[0] != line and now - before[1] >= self.interval):
                     self.stream.write(line + "\n")
                     self.last[job] = (line, now)
         self.stream.flush()

@@ -53,9 +53,57 @@ def test_final_line() -> None:
 def test_live_lines_plain_when_not_a_terminal() -> None:
     out = io.StringIO()
     live = LiveLines(out, interval=10)
-    live.update({1: "job 1 running  step 1/9"}, now=0)
+    live.update({1: "job 1 queued"}, now=0)
+    live.update({1: "job 1 running  step 1/9"}, now=0)  # a new status: at once
     live.update({1: "job 1 running  step 2/9"}, now=5)  # changed, but too soon
     live.update({1: "job 1 running  step 3/9"}, now=11)
     live.update({1: "job 1 running  step 3/9"}, now=30)  # unchanged
     live.finish(1, "job 1 succeeded")
-    assert out.getvalue().splitlines() == ["job 1 running  step 1/9", "job 1 running  step 3/9", "job 1 succeeded"]
+    assert out.getvalue().splitlines() == [
+        "job 1 queued",
+        "job 1 running  step 1/9",
+        "job 1 running  step 3/9",
+        "job 1 succeeded",
+    ]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def render(text: str) -> list[str]:
+    """The screen lines after `text`: enough of a terminal for the three sequences LiveLines writes."""
+    screen: list[str] = [""]
+    row = 0
+    i = 0
+    while i < len(text):
+        if text.startswith("\x1b[2K", i):
+            screen[row] = ""
+            i += 4
+        elif text[i] == "\x1b":
+            end = text.index("F", i)
+            row -= int(text[i + 2 : end])
+            i = end + 1
+        elif text[i] == "\n":
+            row += 1
+            if row == len(screen):
+                screen.append("")
+            i += 1
+        else:
+            screen[row] += text[i]
+            i += 1
+    return screen[:-1] if screen[-1] == "" else screen
+
+
+def test_live_lines_in_place_on_a_terminal() -> None:
+    out = Terminal()
+    live = LiveLines(out)
+    live.update({1: "job 1 running  step 1/9", 2: "job 2 queued"}, now=0)
+    live.update({1: "job 1 running  step 2/9", 2: "job 2 running  step 1/4"}, now=1)
+    assert render(out.getvalue()) == ["job 1 running  step 2/9", "job 2 running  step 1/4"]
+    live.finish(2, "job 2 succeeded")
+    live.update({1: "job 1 running  step 3/9"}, now=2)
+    assert render(out.getvalue()) == ["job 2 succeeded", "job 1 running  step 3/9"]
+    live.finish(1, "job 1 failed: out of memory")
+    assert render(out.getvalue()) == ["job 2 succeeded", "job 1 failed: out of memory"]
