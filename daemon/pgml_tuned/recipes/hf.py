@@ -16,6 +16,7 @@ from ..child.context import JobContext
 from ..errors import Interrupted, JobError
 from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
+from .arg_types import check_training_arg_types
 
 # Keys older tutorials use that transformers 5 renamed.
 RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "tokenizer": "processing_class"}
@@ -101,13 +102,9 @@ def check_max_seq_length(ctx: JobContext, tokenizer: Any, config: Any) -> None:
         )
 
 
-def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
-    """TrainingArguments from hyperparams.training_args, passed through exhaustively.
-
-    An unknown key fails the job naming it. Defaults that differ from transformers': logging every
-    ~5% of training (at most every 500 steps) so progress shows in pgml.logs; no local checkpoints unless
-    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars.
-    """
+def check_training_args(ctx: JobContext) -> None:
+    """hyperparams.training_args as TrainingArguments takes them: known keys ("did you mean"), values of the
+    types it declares, nothing reaching outside the job. Recipes call it before they read data."""
     given = ctx.training_args
     allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     for key in given:
@@ -118,12 +115,24 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
                 + (f"; did you mean {hint!r}?" if hint else "")
                 + " (see transformers.TrainingArguments)"
             )
+    check_training_arg_types(given, frozenset(SECRET_KEYS))
     check_outward(
         given,
         job_token=ctx.secret("training_args.hub_token", "hub_token", "token") is not None,
         offline=hub_offline(),
         allowed_reporters=allowed_reporters(),
     )
+
+
+def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
+    """TrainingArguments from hyperparams.training_args, passed through exhaustively.
+
+    An unknown key fails the job naming it. Defaults that differ from transformers': logging every
+    ~5% of training (at most every 500 steps) so progress shows in pgml.logs; no local checkpoints unless
+    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars.
+    """
+    given = ctx.training_args
+    check_training_args(ctx)
     args: dict[str, Any] = {k: v for k, v in given.items() if k not in MANAGED}
     for k in MANAGED:
         if k in given:

@@ -30,11 +30,20 @@ from ..child.context import JobContext
 from ..errors import JobError
 from ..models import load_sequence_classifier, load_tokenizer
 from ..splits import split
-from .hf import PgmlCallback, check_max_seq_length, model_token, train_evaluate_store, training_arguments
+from .hf import (
+    PgmlCallback,
+    check_max_seq_length,
+    check_training_args,
+    model_token,
+    train_evaluate_store,
+    training_arguments,
+)
 from .rows import check_rows
 
 
 def run(ctx: JobContext) -> None:
+    check_training_args(ctx)  # a wrong key or value fails before the data is read
+
     # 1. data: one read of the relation
     pair = ctx.spec["task"] == "text-pair-classification"
     dargs = ctx.dataset_args

@@ -42,6 +42,7 @@ from ...splits import split
 from ..hf import (
     PgmlCallback,
     check_max_seq_length,
+    check_training_args,
     evaluate_and_store,
     model_token,
     train,
@@ -56,6 +57,7 @@ from .options import check_machine, options_from, training_device
 def run(ctx: JobContext) -> None:
     # 1. what this worker can do: fail now, before reading data or loading weights
     opts = options_from(ctx.hyperparams)
+    check_training_args(ctx)
     targs = ctx.training_args
     for note in check_machine(opts, targs):
         ctx.info(note, level="warning")
