@@ -310,9 +310,6 @@ def _first_line(text: str | None, width: int = 60) -> str | None:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-CLASSIFIERS = ("text-classification", "text-pair-classification")
-
-
 def key_metric(task: str | None, metrics: dict[str, Any] | None) -> tuple[str, float] | None:
     """The one number that says how good a job's model is: eval_accuracy (else eval_f1) for a classifier,
     eval_loss for a conversation model; for other tasks the first of these that is there."""
