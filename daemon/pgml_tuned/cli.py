@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import decimal
+import io
 import json
 import os
 import sys
@@ -390,7 +391,8 @@ class LiveLines:
     def update(self, lines: dict[int, str], now: float) -> None:
         if self.tty:
             up = f"\x1b[{self.shown}F" if self.shown else ""
-            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines.values()))
+            width = self.width()  # a line that wrapped would take two rows: the next draw would go up too few
+            self.stream.write(up + "".join(f"\x1b[2K{line[:width]}\n" for line in lines.values()))
             self.shown = len(lines)
         else:
             for job, line in lines.items():
@@ -400,6 +402,12 @@ class LiveLines:
                     self.stream.write(line + "\n")
                     self.last[job] = (line, now)
         self.stream.flush()
+
+    def width(self) -> int:
+        try:
+            return max(20, os.get_terminal_size(self.stream.fileno()).columns - 1)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return 200
 
     def finish(self, job: int, line: str) -> None:
         """Print a job's final line; on a terminal it takes the place of the job's live line."""
