@@ -357,7 +357,7 @@ def test_no_function_raises_through_pgml_fail(su: psycopg.Connection[dict[str, A
         (
             {"num_train_epochs": "one"},
             'training_args.num_train_epochs must be a number, not the string "one"',
-            '"num_train_epochs": 0.5',
+            '"num_train_epochs": 3.0',
         ),
         ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size must be a whole number, not 2.5", "int"),
         ({"fp16": "yes"}, 'training_args.fp16 must be true or false, not the string "yes"', "fp16: bool"),

@@ -42,3 +42,11 @@ def test_the_right_types_pass() -> None:
         {"num_train_epochs": 3, "learning_rate": 2e-5, "per_device_train_batch_size": 8.0, "fp16": False,
          "eval_steps": None, "lr_scheduler_type": "linear", "report_to": ["none"], "not_a_field": object()}
     )  # fmt: skip
+
+
+def test_hints_show_the_default_as_an_example() -> None:
+    from pgml_tuned.recipes.arg_types import training_arg_types
+
+    known = training_arg_types()
+    assert known["num_train_epochs"][2] == 3.0 and known["lr_scheduler_type"][2] == "linear"
+    assert known["fp16"][2] is False and known["eval_steps"][2] == 0.5  # default None: an example of its kind

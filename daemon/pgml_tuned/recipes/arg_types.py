@@ -68,9 +68,26 @@ def python_name(annotation: object) -> str:
     return getattr(base, "__name__", str(base))
 
 
+EXAMPLES = {"integer": 8, "number": 0.5, "boolean": True, "string": "...", "object": {}, "array": []}
+
+
+def example(field: dataclasses.Field[Any], kinds: list[str]) -> Any:
+    """A value to show in an error's HINT: the field's default when it is one of its JSON kinds (not null),
+    else one of the first kind."""
+    default = field.default
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if default is not None and default is not dataclasses.MISSING and kind_of(default) in kinds:
+        return default
+    if isinstance(default, int | float) and not isinstance(default, bool) and "number" in kinds:
+        return default
+    return EXAMPLES.get(kinds[0])
+
+
 @functools.cache
-def training_arg_types() -> dict[str, tuple[list[str], str]]:
-    """key → (JSON kinds, annotation) for every TrainingArguments field whose type JSON can express."""
+def training_arg_types() -> dict[str, tuple[list[str], str, Any]]:
+    """key → (JSON kinds, annotation, an example value) for every TrainingArguments field whose type JSON can
+    express."""
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
@@ -78,7 +95,7 @@ def training_arg_types() -> dict[str, tuple[list[str], str]]:
     for field in dataclasses.fields(TrainingArguments):
         kinds = json_kinds(hints[field.name]) if field.init else None
         if kinds:
-            out[field.name] = (kinds, python_name(hints[field.name]))
+            out[field.name] = (kinds, python_name(hints[field.name]), example(field, kinds))
     return out
 
 
@@ -103,7 +120,7 @@ def check_training_arg_types(given: dict[str, Any], secret_keys: frozenset[str] 
     for key in sorted(given):
         if key not in known:
             continue
-        kinds, python = known[key]
+        kinds, python, _ = known[key]
         kind = kind_of(given[key])
         if kind in kinds or (kind == "integer" and "number" in kinds):
             continue
