@@ -1,4 +1,4 @@
-"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, dashboard, db, keys.
+"""`pgml-tuned`: migrate, serve, demo, status, wait, logs, cancel, download, dashboard, db, keys.
 
 The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import decimal
+import io
 import json
 import os
 import sys
@@ -310,6 +311,143 @@ def _first_line(text: str | None, width: int = 60) -> str | None:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def key_metric(task: str | None, metrics: dict[str, Any] | None) -> tuple[str, float] | None:
+    """The one number that says how good a job's model is: eval_accuracy (else eval_f1) for a classifier,
+    eval_loss for a conversation model; for other tasks the first of these that is there."""
+    order = ("eval_loss",) if task == "conversation" else ("eval_accuracy", "eval_f1", "eval_loss")
+    for name in order:
+        value = (metrics or {}).get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return name, float(value)
+    return None
+
+
+def _eval_part(metrics: dict[str, Any] | None) -> str:
+    """`eval_accuracy 0.91 eval_f1 0.9 eval_loss 0.31`: the numeric eval_* values (no runtimes)."""
+    skip = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_epoch")
+    return " ".join(
+        f"{k} {_cell(float(v))}"
+        for k, v in sorted((metrics or {}).items())
+        if k.startswith("eval_") and k not in skip and isinstance(v, int | float) and not isinstance(v, bool)
+    )
+
+
+PROGRESS_SQL = (
+    "SELECT s.id, s.task, s.status, s.step, s.max_steps, s.progress_pct, s.last_loss, s.eta, s.error, s.metrics, "
+    "s.model_id, (SELECT l.logs FROM pgml.logs l WHERE l.job_id = s.id AND l.logs ? 'eval_loss' "
+    "ORDER BY l.id DESC LIMIT 1) AS last_eval FROM pgml.job_status s WHERE s.id = %s"
+)
+
+
+async def job_progress(conn: psycopg.AsyncConnection[Any], job_id: int) -> dict[str, Any] | None:
+    """What progress_line() and final_line() show of job `job_id` (None: no such job, or another user's)."""
+    row = await (await conn.execute(PROGRESS_SQL, (job_id,))).fetchone()
+    return dict(row) if row else None
+
+
+def progress_line(job: dict[str, Any]) -> str:
+    """One line of a job's live progress, from job_progress(): `job 12 running  step 40/120  33.3%  ETA 0:01:05
+    loss 0.4123  eval_loss 0.39 eval_accuracy 0.81`. `pgml-tuned wait` prints it; `logs --follow` may too."""
+    parts = [f"job {job['id']} {job['status']}"]
+    if job["step"] is not None:
+        parts.append(f"step {job['step']}/{job['max_steps'] if job['max_steps'] is not None else '?'}")
+    if job["progress_pct"] is not None:
+        parts.append(f"{float(job['progress_pct']):.1f}%")
+    if job["eta"] is not None:
+        parts.append(f"ETA {_cell(job['eta'])}")
+    if job["last_loss"] is not None:
+        parts.append(f"loss {_cell(float(job['last_loss']))}")
+    evals = _eval_part(job.get("last_eval"))
+    if evals:
+        parts.append(evals)
+    return "  ".join(parts)
+
+
+def final_line(job: dict[str, Any]) -> str:
+    """The line a finished job ends with: its metrics, its model id and how to download the model; or why it
+    failed."""
+    if job["status"] == "succeeded":
+        evals = _eval_part(job["metrics"])
+        model = job["model_id"]
+        fetch = f"; model {model}: pgml-tuned download {model} ./model-{model}" if model is not None else ""
+        return f"job {job['id']} succeeded" + (f": {evals}" if evals else "") + fetch
+    if job["status"] == "failed":
+        return f"job {job['id']} failed: {_first_line(job['error'], 300) or 'no reason recorded'}"
+    return f"job {job['id']} {job['status']}"
+
+
+class LiveLines:
+    """Lines that follow jobs: on a terminal rewritten in place (one line a job); elsewhere (a pipe, a file, CI)
+    printed as plain lines: a job's line at once when its status changed, else when it changed and at most every
+    `interval` seconds."""
+
+    def __init__(self, stream: Any = None, interval: float = 10.0) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval
+        self.shown = 0  # lines drawn in place (tty)
+        self.last: dict[int, tuple[str, float]] = {}
+
+    def update(self, lines: dict[int, str], now: float) -> None:
+        if self.tty:
+            up = f"\x1b[{self.shown}F" if self.shown else ""
+            width = self.width()  # a line that wrapped would take two rows: the next draw would go up too few
+            self.stream.write(up + "".join(f"\x1b[2K{line[:width]}\n" for line in lines.values()))
+            self.shown = len(lines)
+        else:
+            for job, line in lines.items():
+                before = self.last.get(job)
+                moved = before is not None and before[0].split("  ")[0] != line.split("  ")[0]  # e.g. queued → running
+                if before is None or moved or (before[0] != line and now - before[1] >= self.interval):
+                    self.stream.write(line + "\n")
+                    self.last[job] = (line, now)
+        self.stream.flush()
+
+    def width(self) -> int:
+        try:
+            return max(20, os.get_terminal_size(self.stream.fileno()).columns - 1)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return 200
+
+    def finish(self, job: int, line: str) -> None:
+        """Print a job's final line; on a terminal it takes the place of the job's live line."""
+        if self.tty and self.shown:
+            self.stream.write(f"\x1b[{self.shown}F\x1b[2K{line}\n" + ("\n" * (self.shown - 1)))
+            self.shown -= 1
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Exit status: 0 when every job succeeded, 1 when one failed or was cancelled."""
+    dsn = _reading(args)
+
+    async def go() -> int:
+        live = LiveLines(interval=args.interval)
+        pending = list(dict.fromkeys(args.jobs))
+        code = 0
+        async with await db.connect(dsn) as conn:
+            while pending:
+                lines: dict[int, str] = {}
+                for job_id in list(pending):
+                    job = await job_progress(conn, job_id)
+                    if job is None:
+                        raise CliError(f"no job {job_id} (or it is another user's): see `pgml-tuned status`")
+                    if job["status"] in FINAL:
+                        pending.remove(job_id)
+                        live.finish(job_id, final_line(job))
+                        code = code or (0 if job["status"] == "succeeded" else 1)
+                    else:
+                        lines[job_id] = progress_line(job)
+                if lines:
+                    live.update(lines, anyio.current_time())
+                    await anyio.sleep(0.5)
+        return code
+
+    return int(_run(go))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     dsn = _reading(args)
 
@@ -325,12 +463,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows = await (
                 await conn.execute(
                     "SELECT id, project, task, status, attempt, worker, step, max_steps, progress_pct, last_loss, "
-                    "eta, heartbeat_age, model_id, error FROM pgml.job_status WHERE status IN ('queued', 'running') "
+                    "eta, heartbeat_age, metrics, model_id, error FROM pgml.job_status "
+                    "WHERE status IN ('queued', 'running') "
                     "OR finished_at > now() - interval '1 hour' ORDER BY id DESC LIMIT %s",
                     (args.limit,),
                 )
             ).fetchall()
             workers = await fleet_rows(conn)
+            for r in rows:
+                r["key_metric"], r["key_metric_value"] = key_metric(r["task"], r["metrics"]) or (None, None)
             if args.json:
                 print(json.dumps({"queue": plain(summary), "jobs": plain(rows), "workers": plain(workers)}, indent=2))
                 return
@@ -351,6 +492,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "progress": f"{r['progress_pct']}%" if r["progress_pct"] is not None else None,
                     "loss": r["last_loss"],
                     "eta": r["eta"],
+                    "metric": f"{r['key_metric']} {_cell(r['key_metric_value'])}" if r["key_metric"] else None,
                     "model_id": r["model_id"],
                     "error": _first_line(r["error"]),
                 }
@@ -572,6 +714,21 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     lg.set_defaults(fn=cmd_logs)
 
+    w = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="follow jobs to their end with a live progress line each (step, %%, ETA, loss, eval metrics), then "
+        "their metrics, model id and download command; exit 1 if one failed or was cancelled",
+    )
+    w.add_argument("jobs", type=int, nargs="+", metavar="job", help="the job ids (pgml.tune's job_id)")
+    w.add_argument(
+        "--interval",
+        type=float,
+        default=10.0,
+        help="when stdout is not a terminal: print a job's progress line at most this often, in seconds (default 10)",
+    )
+    w.set_defaults(fn=cmd_wait)
+
     c = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
     c.add_argument("job", type=int, help="the job id (pgml.tune's job_id)")
     c.set_defaults(fn=cmd_cancel)
@@ -636,6 +793,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except psycopg.OperationalError as e:
         print(f"pgml-tuned: lost the connection to the database: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedColumn) as e:
+        # a pgml schema older than this pgml-tuned (the commands check that there is one at all)
+        print(
+            f"pgml-tuned: {e.diag.message_primary or e}: the pgml schema is older than pgml-tuned {__version__}; "
+            "an administrator upgrades it with `pgml-tuned migrate`",
+            file=sys.stderr,
+        )
         return 2
     except psycopg.Error as e:
         hint = e.diag.message_hint

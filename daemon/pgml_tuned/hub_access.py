@@ -151,3 +151,46 @@ def note_fetched(repo_id: str, token: str | None, *, hf_home: Path | None = None
         private = True
     if private:
         record_private(repo_id, token, hf_home=hf_home)
+
+
+# Exception classes (by name: huggingface_hub, httpx, httpcore and requests each have their own, some vendored)
+# that mean the hub could not be reached, or that it was not asked because the worker is offline.
+_UNREACHABLE = frozenset(
+    {
+        "ConnectError",
+        "ConnectTimeout",
+        "ConnectionError",
+        "NetworkError",
+        "TimeoutException",
+        "LocalEntryNotFoundError",
+        "OfflineModeIsEnabled",
+        "gaierror",
+    }
+)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) says the hub could not be reached."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(cls.__name__ in _UNREACHABLE for cls in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def unreachable_message(what: str) -> str:
+    """Why `what` (e.g. "fetch model 'org/name'") failed, when unreachable() says the hub was out of reach."""
+    if hub_offline():
+        return (
+            f"cannot {what}: the worker runs with HF_HUB_OFFLINE=1 and it is not in the worker's Hugging Face "
+            "cache: use a cached or local model (a directory on the workers, or pgml:<project>), or give the "
+            "worker network access and unset HF_HUB_OFFLINE"
+        )
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return (
+        f"cannot {what}: the worker cannot reach the Hugging Face Hub ({endpoint}): set HF_HUB_OFFLINE=1 and use "
+        "a cached or local model, or give the worker network access"
+    )

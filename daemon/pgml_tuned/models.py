@@ -197,7 +197,19 @@ def hub_configs(model_id: str, token: str | None) -> Path:
     try:
         return Path(snapshot_download(model_id, allow_patterns=list(CONFIG_FILES), token=token))
     except Exception as e:  # not found, gated, offline without a cached copy: the loader would fail the same way
+        if hub_access.unreachable(e):
+            raise JobError(hub_access.unreachable_message(f"fetch model {model_id!r}")) from e
         raise JobError(f"cannot load model {model_id!r}: {type(e).__name__}: {e}") from e
+
+
+def load_config(source: str, *, token: str | None = None) -> Any:
+    """The model's configuration (its limits), or None when it cannot be read: loading the model says why."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, token=token)
+    except (OSError, ValueError):
+        return None
 
 
 def load_tokenizer(source: str, *, token: str | None = None) -> Any:

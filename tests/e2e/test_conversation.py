@@ -254,8 +254,14 @@ def test_failures_name_the_fix_and_prompt_templates_pack(
         max_seq_length=256,
         prompt_template="{system}### User: {user}\n### Assistant: {assistant}{eos_token}",
     )
+    # max_seq_length above the model's 256 positions: refused before a token is encoded
+    too_long = submit(conn, "too_long", str(tiny_llama_no_template), max_seq_length=4096)
     daemon("--concurrency", "2")
     failed, ok = wait_job(conn, no_template, 240), wait_job(conn, packed, 240)
+    refused = wait_job(conn, too_long, 240)
+    assert refused["status"] == "failed"
+    assert "hyperparams.max_seq_length 4096 is more than model" in refused["error"]
+    assert "at most 256 tokens" in refused["error"], refused["error"]
     assert failed["status"] == "failed"
     assert "the tokenizer has no chat template: set hyperparams.prompt_template" in failed["error"]
     assert ok["status"] == "succeeded", ok["error"]

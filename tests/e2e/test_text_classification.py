@@ -14,6 +14,7 @@ import pytest
 from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import job_row, wait_for, wait_job
+from tests.integration.test_migrate_cli import cli
 from tests.support import models as testing
 from tests.support.hf_datasets import install_imdb
 
@@ -170,7 +171,7 @@ def submit(conn: psycopg.Connection[dict[str, Any]], project: str, relation: str
 
 
 def test_failures_name_the_problem_and_the_daemon_keeps_serving(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
+    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
 ) -> None:
     conn.execute("CREATE TABLE reviews (text text, class text)")
     conn.execute(
@@ -196,6 +197,20 @@ def test_failures_name_the_problem_and_the_daemon_keeps_serving(
     assert "row 7 of public.with_null has NULL in column 'text'" in errors[null_text]["error"]
     assert errors[good]["status"] == "succeeded", errors[good]["error"]
     assert d.proc.poll() is None
+    # the CLI's view of them: wait's final lines (metrics, model id, download command; exit 1: one failed) and
+    # status's key metric, a number in --json
+    r = cli("wait", str(good), str(null_text), "--dsn", conn_dsn)
+    model = errors[good]["model_id"]
+    accuracy = errors[good]["metrics"]["eval_accuracy"]
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines()[0].startswith(f"job {good} succeeded: eval_accuracy {accuracy:.4g} eval_f1 ")
+    assert r.stdout.splitlines()[0].endswith(f"; model {model}: pgml-tuned download {model} ./model-{model}")
+    assert r.stdout.splitlines()[1].startswith(f"job {null_text} failed: row 7 of public.with_null has NULL")
+    jobs = {j["id"]: j for j in json.loads(cli("status", "--json", "--dsn", conn_dsn).stdout)["jobs"]}
+    assert jobs[good]["key_metric"] == "eval_accuracy" and jobs[good]["key_metric_value"] == accuracy
+    assert jobs[null_text]["key_metric"] is None and isinstance(jobs[good]["progress_pct"], float)
+    table = cli("status", "--dsn", conn_dsn).stdout
+    assert f"eval_accuracy {accuracy:.4g}" in table and "None" not in table
 
 
 def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path) -> None:
@@ -225,3 +240,53 @@ def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daem
     assert done["metrics"]["eval_samples_per_second"] > 0
     info = conn.execute("SELECT logs FROM pgml.logs WHERE job_id = %s AND logs ? 'eval_accuracy'", (job,)).fetchone()
     assert info is not None
+
+
+def test_max_seq_length_above_the_model_limit_fails_before_training(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
+) -> None:
+    conn.execute("CREATE TABLE reviews (text text, class text)")
+    conn.execute(
+        "INSERT INTO reviews SELECT repeat('word ', 300) || i, CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END "
+        "FROM generate_series(1, 12) i"
+    )
+    job = conn.execute(
+        "SELECT job_id FROM pgml.tune('long', task => 'text-classification', relation_name => 'reviews', "
+        "model_name => %s, hyperparams => %s::jsonb)",
+        (str(tiny_bert), json.dumps({"dataset_args": {"text_column": "text", "class_column": "class"},
+                                     "max_seq_length": 962})),
+    ).fetchone()["job_id"]  # fmt: skip
+    daemon("--drain")
+    row = wait_job(conn, job, 240)
+    assert row["status"] == "failed"
+    assert "hyperparams.max_seq_length 962 is more than model" in row["error"], row["error"]
+    assert "at most 128 tokens (its config's max_position_embeddings)" in row["error"], row["error"]
+    assert "size of tensor" not in row["error"]
+    trained = conn.execute("SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s AND logs ? 'loss'", (job,))
+    assert trained.fetchone()["n"] == 0  # refused before the first step
+
+
+def test_an_unreachable_hub_says_what_to_do(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_bert: Path
+) -> None:
+    """HF_HUB_OFFLINE unset and the hub at a closed port: a model not in the cache, and push_to_hub, fail at once
+    with what to do, not with a connection error's traceback."""
+    conn.execute("CREATE TABLE reviews (text text, class text)")
+    conn.execute("INSERT INTO reviews SELECT 'review ' || i, (i % 2)::text FROM generate_series(1, 12) i")
+    not_cached = submit(conn, "a", "reviews", "pgml-test/not-in-any-cache")
+    push = submit(
+        conn, "b", "reviews", str(tiny_bert), training_args={"push_to_hub": True, "hub_token": "hf_NotARealToken"}
+    )
+    started = time.monotonic()
+    daemon("--drain", env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    rows = {j: wait_job(conn, j, 240) for j in (not_cached, push)}
+    assert time.monotonic() - started < 180
+    error = rows[not_cached]["error"]
+    assert rows[not_cached]["status"] == "failed"
+    assert error.startswith("cannot fetch model 'pgml-test/not-in-any-cache': the worker cannot reach the Hugging "
+                            "Face Hub (http://127.0.0.1:9): set HF_HUB_OFFLINE=1 and use a cached or local model, "
+                            "or give the worker network access"), error  # fmt: skip
+    error = rows[push]["error"]
+    assert rows[push]["status"] == "failed"
+    assert error.startswith("training_args.push_to_hub: the worker cannot reach the Hugging Face Hub"), error
+    assert "hf_NotARealToken" not in error

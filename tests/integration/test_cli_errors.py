@@ -42,6 +42,13 @@ def noop(conn: psycopg.Connection[dict[str, Any]], hyperparams: str = '{"steps":
     )
 
 
+def started(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """The CLI running in the background (it follows a job the test's daemon then runs)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pgml_tuned.cli", *args], stdout=stdout, stderr=subprocess.PIPE, text=True
+    )
+
+
 def to_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI with stdout a pipe whose reader is gone: what `| head -1` does once head has its line."""
     read_end, write_end = os.pipe()
@@ -161,12 +168,7 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
     cancelled = noop(ops, "{}", priority=-1)
     ops.execute("SELECT pgml.cancel(%s)", (cancelled,))
     # --follow started before the job ends: it waits, prints the failure, exits 1
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "pgml_tuned.cli", "logs", str(failed), "--follow", "--dsn", dsn],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    follow = started("logs", str(failed), "--follow", "--dsn", dsn)
     daemon("--drain")
     out, err = follow.communicate(timeout=120)
     assert follow.returncode == 1 and "Traceback" not in err
@@ -253,3 +255,71 @@ def test_every_help_entry_says_what_it_does() -> None:
             assert action.help and action.help != argparse.SUPPRESS, f"{name} {action.option_strings or action.dest}"
         r = cli(name, "--help")
         assert r.returncode == 0 and r.stdout.startswith(f"usage: pgml-tuned {name}")
+
+
+def test_wait_follows_jobs_and_ends_with_the_model_and_download_command(
+    su_dsn: str, ops: psycopg.Connection[dict[str, Any]], daemon: Any
+) -> None:
+    ok, failed = noop(ops, '{"steps": 6, "seconds": 3}'), noop(ops, '{"steps": 2, "fail": "the data was bad\\nx"}')
+    dsn = as_login(su_dsn, ADMIN)
+    # stdout a pipe (not a terminal): plain lines, each job's when it changed, then the final lines
+    waiting = started("wait", str(ok), str(failed), "--interval", "0", "--dsn", dsn)
+    daemon("--drain")
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 1, out + err  # one of them failed
+    assert err == "" and "\x1b" not in out
+    lines = out.splitlines()
+    assert any(line.startswith(f"job {ok} queued") for line in lines), out
+    running = [line for line in lines if line.startswith(f"job {ok} running  step ")]
+    assert running, out
+    assert all("%" in line and "loss " in line for line in running if "step 0/" not in line), running
+    model = wait_job(ops, ok)["model_id"]
+    assert f"job {ok} succeeded; model {model}: pgml-tuned download {model} ./model-{model}" in lines
+    assert f"job {failed} failed: the data was bad" in lines
+    # a job that already ended: its final line at once, exit 0 when it succeeded
+    r = cli("wait", str(ok), "--dsn", dsn)
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        f"job {ok} succeeded; model {model}: pgml-tuned download {model} ./model-{model}"
+    ]
+    r = cli("wait", "987654", "--dsn", dsn)
+    assert r.returncode == 1 and "no job 987654" in one_clean_line(r)
+
+
+def test_wait_on_a_terminal_rewrites_one_line_per_job(
+    su_dsn: str, ops: psycopg.Connection[dict[str, Any]], daemon: Any
+) -> None:
+    import pty
+
+    dsn = as_login(su_dsn, ADMIN)
+    job = noop(ops, '{"steps": 4, "seconds": 2}')
+    leader, follower = pty.openpty()
+    waiting = started("wait", str(job), "--dsn", dsn, stdout=follower)
+    os.close(follower)
+    daemon("--drain")
+    assert waiting.wait(120) == 0
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    screen = b"".join(chunks).decode()
+    assert "\x1b[2K" in screen and f"job {job} running" in screen  # drawn in place
+    assert "\x1b[1F" in screen  # the next draw went back up to the job's line
+    model = wait_job(ops, job)["model_id"]
+    assert screen.rstrip().endswith(f"job {job} succeeded; model {model}: pgml-tuned download {model} ./model-{model}")
+
+
+def test_an_old_schema_says_run_migrate(su_dsn: str, ops: psycopg.Connection[dict[str, Any]]) -> None:
+    dsn = as_login(su_dsn, ADMIN)
+    with psycopg.connect(su_dsn, autocommit=True) as su:
+        su.execute("ALTER VIEW pgml.queue_summary RENAME TO queue_summary_gone")  # as a schema before it had one
+        r = cli("status", "--dsn", dsn)
+        su.execute("ALTER VIEW pgml.queue_summary_gone RENAME TO queue_summary")
+    assert r.returncode == 2
+    line = one_clean_line(r)
+    assert "queue_summary" in line and "older than pgml-tuned" in line and "`pgml-tuned migrate`" in line

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from pgml_tuned import embedded
 from tests.conftest import OTHER_USER, USER, as_login, connect
+
+ROOT = Path(__file__).resolve().parents[2]
 
 OK_ARGS = {"text_column": "text", "class_column": "class"}
 
@@ -275,3 +281,129 @@ def test_every_function_pins_its_search_path(su: psycopg.Connection[dict[str, An
     ).fetchall()
     unpinned = {r["proname"] for r in rows if "search_path=pg_catalog, pg_temp" not in (r["proconfig"] or [])}
     assert unpinned == {"wait", "_tune_request"}  # both schema-qualify every name instead (see 0008_security)
+
+
+def psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
+    """`psql -c` as a user runs it (default verbosity, context shown for errors)."""
+    return subprocess.run(
+        [embedded.psql_path(), dsn, "-X", "-v", "VERBOSITY=default", "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "message", "hint"),
+    [
+        (
+            "pgml.tune('p', task => 'summarization', relation_name => 'public.reviews', model_name => 'm')",
+            "unknown task 'summarization'",
+            "tasks are:",
+        ),
+        (
+            "pgml.tune('p', task => 'text-classification', relation_name => 'public.nope', model_name => 'm')",
+            "relation 'public.nope' does not exist",
+            "check the spelling",
+        ),
+        (
+            "pgml.tune('p', task => 'text-classification', relation_name => 'public.reviews', model_name => 'm', "
+            'hyperparams => \'{"dataset_args": {"text_column": "nope", "class_column": "class"}}\')',
+            "column 'nope' (dataset_args.text_column) does not exist",
+            "columns of public.reviews are",
+        ),
+        (
+            "pgml.tune('p', task => 'text-classification', relation_name => 'public.reviews', model_name => 'm', "
+            'hyperparams => \'{"dataset_args": {"text_column": "text", "class_column": "class"}, '
+            '"training_args": {"num_train_epochs": "one"}}\')',
+            'training_args.num_train_epochs must be a number, not the string "one"',
+            "declares num_train_epochs: float",
+        ),
+        ("pgml.load_dataset_async('../etc/passwd.csv')", "leaves its directory", "below the workers' datasets"),
+        (
+            "INSERT INTO pgml.tune_requests (project_name, task, relation_name, model_name, hyperparams) VALUES "
+            "('p', 'text-classification', 'public.reviews', 'm', '{\"dataset_args\": {\"text_column\": \"x\"}}')",
+            "column 'x' (dataset_args.text_column) does not exist",
+            "columns of public.reviews are",
+        ),
+    ],
+)
+def test_psql_shows_the_message_its_hint_and_one_context_line(
+    conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], reviews: str, call: str, message: str, hint: str
+) -> None:
+    r = psql(conn_dsn, call if call.startswith("INSERT") else f"SELECT {call}")
+    assert r.returncode == 1, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("ERROR:  ") and message in lines[0], r.stderr
+    assert lines[1].startswith("HINT:  ") and hint in lines[1], r.stderr
+    context = [line for line in lines if line.startswith("CONTEXT:")]
+    assert len(lines) <= 3 and len(context) <= 1, r.stderr  # not 5-8 lines quoting internal PL/pgSQL
+    assert "_fail" not in r.stderr and "SQL statement" not in r.stderr, r.stderr
+
+
+def test_no_function_raises_through_pgml_fail(su: psycopg.Connection[dict[str, Any]]) -> None:
+    """A check raises where it finds the problem: a call through pgml._fail adds 3 CONTEXT lines to every error
+    (re-creating a function from an older migration's text brings it back)."""
+    callers = su.execute(
+        "SELECT p.oid::regprocedure::text AS f FROM pg_proc p WHERE p.pronamespace = 'pgml'::regnamespace "
+        "AND p.prosrc ~ 'pgml\\._fail\\(' ORDER BY 1"
+    ).fetchall()
+    assert [r["f"] for r in callers] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "hint"),
+    [
+        (
+            {"num_train_epochs": "one"},
+            'training_args.num_train_epochs must be a number, not the string "one"',
+            '"num_train_epochs": 3.0',
+        ),
+        ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size must be a whole number, not 2.5", "int"),
+        ({"fp16": "yes"}, 'training_args.fp16 must be true or false, not the string "yes"', "fp16: bool"),
+        ({"eval_steps": "ten"}, "training_args.eval_steps must be a number or null", "float | None"),
+        ({"lr_scheduler_type": 3}, "training_args.lr_scheduler_type must be a string, not 3", "SchedulerType | str"),
+        ({"hub_token": 12345}, "training_args.hub_token must be a string or null, not a JSON number", "str | None"),
+    ],
+)
+def test_training_args_of_the_wrong_type_name_the_key_and_type(
+    conn: psycopg.Connection[dict[str, Any]], reviews: str, args: dict[str, Any], message: str, hint: str
+) -> None:
+    assert_rejected(conn, message, hint, hyperparams={"dataset_args": OK_ARGS, "training_args": args})
+
+
+def test_training_args_of_the_right_types_pass(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    args = {
+        "num_train_epochs": 3,
+        "learning_rate": 2e-5,
+        "per_device_train_batch_size": 8.0,
+        "fp16": False,
+        "eval_steps": None,
+        "lr_scheduler_type": "linear",
+        "report_to": ["none"],
+        "lr_scheduler_kwargs": {},
+        "some_future_key": "the worker's to judge",
+    }
+    assert tune(conn, hyperparams={"dataset_args": OK_ARGS, "training_args": args})["status"] == "queued"
+
+
+@pytest.mark.parametrize("value", ["256", 0, 12.5, None])
+def test_max_seq_length_must_be_a_positive_whole_number(
+    conn: psycopg.Connection[dict[str, Any]], reviews: str, value: Any
+) -> None:
+    assert_rejected(
+        conn,
+        "hyperparams.max_seq_length must be a whole number of tokens",
+        '"max_seq_length": 256',
+        hyperparams={"dataset_args": OK_ARGS, "max_seq_length": value},
+    )
+
+
+def test_the_training_arg_types_are_those_of_the_installed_transformers() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/training_arg_types.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr

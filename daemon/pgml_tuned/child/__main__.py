@@ -23,6 +23,7 @@ import sys
 import traceback
 from typing import Any
 
+from .. import hub_access
 from ..errors import Interrupted, JobError, LeaseLost
 from ..states import ExitCode
 from ..tasks import recipe_module
@@ -39,6 +40,22 @@ def die_with_parent() -> None:
         pass
     if os.getppid() == 1:
         os._exit(ExitCode.LEASE_LOST)
+
+
+def failure_message(e: Exception, spec: dict[str, Any]) -> str:
+    """The error a job fails with when its recipe raised something other than a JobError: the exception, or,
+    when it says the Hugging Face Hub was out of reach, which step needed the hub and what to do."""
+    if hub_access.unreachable(e):
+        training_args = (spec.get("hyperparams") or {}).get("training_args") or {}
+        if training_args.get("push_to_hub") and not hub_access.hub_offline():
+            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+            return (
+                f"training_args.push_to_hub: the worker cannot reach the Hugging Face Hub ({endpoint}) to push the "
+                "model: give the worker network access, or leave push_to_hub out (the model is stored in "
+                "pgml.files either way; `pgml-tuned download` fetches it)"
+            )
+        return hub_access.unreachable_message("reach the Hugging Face Hub")
+    return f"{type(e).__name__}: {e}"
 
 
 def main() -> int:
@@ -71,7 +88,7 @@ def main() -> int:
     except Exception as e:
         tb = traceback.format_exc()
         sys.stderr.write(tb)
-        events.emit({"event": "error", "error": f"{type(e).__name__}: {e}", "traceback": tb[-4000:]})
+        events.emit({"event": "error", "error": failure_message(e, spec), "traceback": tb[-4000:]})
         return ExitCode.ERROR
     finally:
         with contextlib.suppress(Exception):  # best effort; the worker records the outcome

@@ -16,6 +16,7 @@ from ..child.context import JobContext
 from ..errors import Interrupted, JobError
 from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
+from .arg_types import check_training_arg_types
 
 # Keys older tutorials use that transformers 5 renamed.
 RENAMED = {"evaluation_strategy": "eval_strategy", "no_cuda": "use_cpu", "tokenizer": "processing_class"}
@@ -72,13 +73,38 @@ def check_outward(
         )
 
 
-def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
-    """TrainingArguments from hyperparams.training_args, passed through exhaustively.
+def model_limit(tokenizer: Any, config: Any) -> tuple[int, str] | None:
+    """The most tokens the model takes at once, and where that limit comes from: the smaller of the tokenizer's
+    model_max_length (when it is a real limit, not transformers' "no limit" sentinel) and the configuration's
+    max_position_embeddings (n_positions for GPT-2-like models)."""
+    limits = []
+    for source in (config, getattr(config, "get_text_config", lambda: None)()):
+        for attr in ("max_position_embeddings", "n_positions"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and value > 0:
+                limits.append((value, f"its config's {attr}"))
+                break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 1_000_000:
+        limits.append((value, "its tokenizer's model_max_length"))
+    return min(limits) if limits else None
 
-    An unknown key fails the job naming it. Defaults that differ from transformers': logging every
-    ~5% of training (at most every 500 steps) so progress shows in pgml.logs; no local checkpoints unless
-    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars.
-    """
+
+def check_max_seq_length(ctx: JobContext, tokenizer: Any, config: Any) -> None:
+    """hyperparams.max_seq_length above the model's limit fails before training, naming the limit (not later
+    as `The size of tensor a (962) must match the size of tensor b (512)`)."""
+    requested = ctx.hyperparams.get("max_seq_length")
+    limit = model_limit(tokenizer, config)
+    if isinstance(requested, int | float) and limit and requested > limit[0]:
+        raise JobError(
+            f"hyperparams.max_seq_length {int(requested)} is more than model {ctx.spec['model_name']!r} takes: "
+            f'at most {limit[0]} tokens ({limit[1]}); use "max_seq_length": {limit[0]} or less, or leave it out'
+        )
+
+
+def check_training_args(ctx: JobContext) -> None:
+    """hyperparams.training_args as TrainingArguments takes them: known keys ("did you mean"), values of the
+    types it declares, nothing reaching outside the job. Recipes call it before they read data."""
     given = ctx.training_args
     allowed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     for key in given:
@@ -89,12 +115,24 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
                 + (f"; did you mean {hint!r}?" if hint else "")
                 + " (see transformers.TrainingArguments)"
             )
+    check_training_arg_types(given, frozenset(SECRET_KEYS))
     check_outward(
         given,
         job_token=ctx.secret("training_args.hub_token", "hub_token", "token") is not None,
         offline=hub_offline(),
         allowed_reporters=allowed_reporters(),
     )
+
+
+def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
+    """TrainingArguments from hyperparams.training_args, passed through exhaustively.
+
+    An unknown key fails the job naming it. Defaults that differ from transformers': logging every
+    ~5% of training (at most every 500 steps) so progress shows in pgml.logs; no local checkpoints unless
+    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars.
+    """
+    given = ctx.training_args
+    check_training_args(ctx)
     args: dict[str, Any] = {k: v for k, v in given.items() if k not in MANAGED}
     for k in MANAGED:
         if k in given:

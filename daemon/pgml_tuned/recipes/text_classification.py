@@ -30,11 +30,20 @@ from ..child.context import JobContext
 from ..errors import JobError
 from ..models import load_sequence_classifier, load_tokenizer
 from ..splits import split
-from .hf import PgmlCallback, model_token, train_evaluate_store, training_arguments
+from .hf import (
+    PgmlCallback,
+    check_max_seq_length,
+    check_training_args,
+    model_token,
+    train_evaluate_store,
+    training_arguments,
+)
 from .rows import check_rows
 
 
 def run(ctx: JobContext) -> None:
+    check_training_args(ctx)  # a wrong key or value fails before the data is read
+
     # 1. data: one read of the relation
     pair = ctx.spec["task"] == "text-pair-classification"
     dargs = ctx.dataset_args
@@ -76,6 +85,7 @@ def run(ctx: JobContext) -> None:
     set_seed(seed)  # the new classifier head is initialised here, before the Trainer seeds anything
     tokenizer = load_tokenizer(start.source, token=token)
     model = load_sequence_classifier(start.source, start.name, label_names=label_names, token=token)
+    check_max_seq_length(ctx, tokenizer, model.config)
     max_length = int(ctx.hyperparams.get("max_seq_length") or min(512, tokenizer.model_max_length or 512))
 
     def encode(ix: list[int]) -> list[dict[str, Any]]:

@@ -37,9 +37,17 @@ from transformers import set_seed
 
 from ...child.context import JobContext
 from ...errors import JobError
-from ...models import is_peft, load_tokenizer
+from ...models import is_peft, load_config, load_tokenizer
 from ...splits import split
-from ..hf import PgmlCallback, evaluate_and_store, model_token, train, training_arguments
+from ..hf import (
+    PgmlCallback,
+    check_max_seq_length,
+    check_training_args,
+    evaluate_and_store,
+    model_token,
+    train,
+    training_arguments,
+)
 from ..rows import check_rows
 from .data import build_examples, default_max_length, pack
 from .model import count_parameters, load_model, make_trainer, perplexity, save
@@ -49,6 +57,7 @@ from .options import check_machine, options_from, training_device
 def run(ctx: JobContext) -> None:
     # 1. what this worker can do: fail now, before reading data or loading weights
     opts = options_from(ctx.hyperparams)
+    check_training_args(ctx)
     targs = ctx.training_args
     for note in check_machine(opts, targs):
         ctx.info(note, level="warning")
@@ -102,6 +111,7 @@ def run(ctx: JobContext) -> None:
             'weights cannot be trained directly; add "lora_config": {"r": 8, "lora_alpha": 16}'
         )
     tokenizer = load_tokenizer(adapter_dir or source, token=token)
+    check_max_seq_length(ctx, tokenizer, load_config(source, token=token))
     max_len = opts.max_seq_length or default_max_length(tokenizer)
     train_set, train_stats = build_examples([rows[i] for i in train_ix], tokenizer, opts, max_len)
     test_set, test_stats = build_examples([rows[i] for i in test_ix], tokenizer, opts, max_len)
