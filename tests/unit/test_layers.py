@@ -36,6 +36,7 @@ RANKS = {
     "child.__main__": 7,
     # the recipes (above the child: they run inside it)
     "recipes": 7,
+    "recipes.arg_types": 6,  # training_args value types (errors only)
     "recipes.hf": 7,
     "recipes.rows": 7,
     "recipes.noop": 8,

@@ -79,19 +79,22 @@ BEGIN
         RETURN;
     END IF;
     IF jsonb_typeof(r) <> 'object' THEN
-        PERFORM pgml._fail(format('hyperparams.resources must be a JSON object, got a JSON %s', jsonb_typeof(r)),
-                           'e.g. "resources": {"gpus": 2}');
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('hyperparams.resources must be a JSON object, got a JSON %s', jsonb_typeof(r)),
+            HINT = 'e.g. "resources": {"gpus": 2}';
     END IF;
     FOR k, v IN SELECT e.key, e.value FROM jsonb_each(r) e LOOP
         IF k NOT IN ('gpus', 'procs', 'nodes') THEN
-            PERFORM pgml._fail(format('unknown hyperparams.resources key %L', k),
-                               'resources takes "gpus" (devices per node), "procs" (processes per node), "nodes"');
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('unknown hyperparams.resources key %L', k),
+                HINT = 'resources takes "gpus" (devices per node), "procs" (processes per node), "nodes"';
         END IF;
         IF jsonb_typeof(v) <> 'number' OR v::text !~ '^[0-9]+$' OR v::text::numeric > 1024
            OR (k <> 'gpus' AND v::text::numeric < 1) THEN
-            PERFORM pgml._fail(format('hyperparams.resources.%s must be a whole number %s, got %s', k,
-                                      CASE WHEN k = 'gpus' THEN 'from 0 to 1024' ELSE 'from 1 to 1024' END, v),
-                               format('e.g. "resources": {"%s": %s}', k, CASE WHEN k = 'gpus' THEN 1 ELSE 2 END));
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('hyperparams.resources.%s must be a whole number %s, got %s', k,
+                                 CASE WHEN k = 'gpus' THEN 'from 0 to 1024' ELSE 'from 1 to 1024' END, v),
+                HINT = format('e.g. "resources": {"%s": %s}', k, CASE WHEN k = 'gpus' THEN 1 ELSE 2 END);
         END IF;
     END LOOP;
     gpus := coalesce((r ->> 'gpus')::integer, 0);
@@ -208,15 +211,17 @@ BEGIN
     IF worker_id IS NULL OR length(worker_id) NOT BETWEEN 1 AND 200 OR coalesce(length(token), 0) < 16
        OR jsonb_typeof(devices) <> 'array' OR gpus < 0 OR concurrency < 1 OR heartbeat_seconds <= 0
        OR lease_seconds <= 0 THEN
-        PERFORM pgml._fail(format('pgml._worker_register: invalid registration of worker %L', worker_id),
-                           'a worker id of 1 to 200 characters, a token of 16 or more, devices a JSON array');
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('pgml._worker_register: invalid registration of worker %L', worker_id),
+            HINT = 'a worker id of 1 to 200 characters, a token of 16 or more, devices a JSON array';
     END IF;
     SELECT * INTO v FROM pgml.workers w WHERE w.id = worker_id FOR UPDATE;
     IF FOUND AND v.login <> session_user AND v.stopped_at IS NULL
        AND pg_catalog.clock_timestamp() - v.heartbeat_at <= pg_catalog.make_interval(secs => v.lease_seconds) THEN
-        PERFORM pgml._fail(format('worker id %L is in use by a live worker (login %s, host %s, pid %s)', worker_id,
-                                  v.login, v.host, v.pid),
-                           'give each daemon its own --worker-id (PGML_WORKER_ID)', 'unique_violation');
+        RAISE EXCEPTION USING ERRCODE = 'unique_violation',
+            MESSAGE = format('worker id %L is in use by a live worker (login %s, host %s, pid %s)', worker_id,
+                             v.login, v.host, v.pid),
+            HINT = 'give each daemon its own --worker-id (PGML_WORKER_ID)';
     END IF;
     INSERT INTO pgml.workers AS w (id, login, token_hash, host, pid, version, devices, gpus, concurrency,
                                    free_slots, free_gpus, heartbeat_seconds, lease_seconds)

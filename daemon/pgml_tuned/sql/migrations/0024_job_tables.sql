@@ -244,6 +244,10 @@ DECLARE
     v_error text;
     v_copied bigint;
     v_table text;
+    v_msg    text;
+    v_detail text;
+    v_hint   text;
+    v_code   text;
 BEGIN
     IF relation_name IS NOT NULL THEN
         BEGIN  -- the name resolves as the caller resolves it: its search_path, its schema privileges
@@ -271,6 +275,17 @@ BEGIN
     END IF;
     PERFORM pgml._submitted(s.job_id, v_copied);
     RETURN QUERY SELECT s.job_id, 'queued'::text, s.project_id, s.model_id;
+EXCEPTION WHEN OTHERS THEN
+    -- as in 0021: raised again here, where the caller's statement is, so psql shows the message, its HINT and one
+    -- CONTEXT line; an error without a HINT (an unexpected one) keeps its whole context
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' THEN
+        RAISE;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
 END $$;
 
 SELECT pgml._own_everything();
