@@ -24,10 +24,10 @@ from .states import Claim, Renewal, Status
 # ---- worker side ----
 
 
-async def claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
-    """Claim the next queued job. Not retried: a claim whose reply was lost may have committed (the
-    caller then runs release_orphans)."""
-    rows = await pool.named("claim_job", retry=False, worker=worker, lease_seconds=lease_seconds)
+async def claim(pool: Pool, worker: str, lease_seconds: float, max_gpus: int = 1) -> Claim | None:
+    """Claim the next queued job that asks for at most `max_gpus` GPUs. Not retried: a claim whose reply was lost
+    may have committed (the caller then runs release_orphans)."""
+    rows = await pool.named("claim_job", retry=False, worker=worker, lease_seconds=lease_seconds, max_gpus=max_gpus)
     return Claim.from_row(rows[0]) if rows else None
 
 
@@ -79,8 +79,9 @@ async def release_orphans(pool: Pool, worker: str, running: list[int]) -> list[i
     return [r["id"] for r in await pool.named("release_orphans", worker=worker, running=running)]
 
 
-async def queue_empty(pool: Pool) -> bool:
-    row = await pool.one(q("queue_empty"))
+async def queue_empty(pool: Pool, max_gpus: int = 1) -> bool:
+    """No queued job asks for at most `max_gpus` GPUs (one asking for more than a worker has is not its work)."""
+    row = await pool.one(q("queue_empty"), {"max_gpus": max_gpus})
     return bool(row and row["empty"])
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from pgml_tuned.states import Claim, ExitCode, Renewal, Status
+from pgml_tuned.states import Claim, ExitCode, Renewal, Status, gpus_of
 from pgml_tuned.worker.backend import Notice
 
 
@@ -71,8 +71,8 @@ class MemoryBackend:
         async for notice in self._receive:
             yield notice
 
-    async def claim(self, lease_seconds: float) -> Claim | None:
-        job = next((j for j in self.jobs.values() if j.status == Status.QUEUED and not j.cancel_requested), None)
+    async def claim(self, lease_seconds: float, max_gpus: int = 1) -> Claim | None:
+        job = next((j for j in self.jobs.values() if claimable(j, max_gpus)), None)
         if job is None:
             return None
         job.status, job.attempt, job.worker = Status.RUNNING, job.attempt + 1, self.worker
@@ -132,8 +132,8 @@ class MemoryBackend:
     async def reap(self) -> list[dict[str, Any]]:
         return []
 
-    async def queue_empty(self) -> bool:
-        return not any(j.status == Status.QUEUED and not j.cancel_requested for j in self.jobs.values())
+    async def queue_empty(self, max_gpus: int = 1) -> bool:
+        return not any(claimable(j, max_gpus) for j in self.jobs.values())
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         return {}
@@ -169,6 +169,7 @@ class FakeChild:
         self.error: str | None = None
         self.lease_lost_reported = False
         self.signals: list[str] = []
+        self.env: dict[str, str] = {}  # the environment the daemon gave it
         self._signalled = anyio.Event()
         self._killed = False
 
@@ -206,9 +207,15 @@ class FakeChild:
         return self.error or f"the training process exited with code {rc}"
 
 
+def claimable(job: Job, max_gpus: int) -> bool:
+    """As the claim's WHERE: queued, not being cancelled, asking for at most max_gpus GPUs."""
+    return job.status == Status.QUEUED and not job.cancel_requested and gpus_of(job.hyperparams) <= max_gpus
+
+
 def fake_launcher(backend: MemoryBackend, started: list[FakeChild]) -> Callable[..., Any]:
     async def launch(payload: dict[str, Any], env: dict[str, str]) -> FakeChild:
         child = FakeChild(backend, payload["spec"])
+        child.env = env
         started.append(child)
         return child
 

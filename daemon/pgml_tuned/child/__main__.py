@@ -20,12 +20,15 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted, JobError, LeaseLost
 from ..states import ExitCode
 from ..tasks import recipe_module
+from . import dist
 from .context import JobContext
 from .events import Events
 
@@ -49,7 +52,15 @@ def main() -> int:
     sys.stdout = sys.stderr
     payload = json.loads(sys.stdin.read())
     spec, secrets = payload["spec"], payload.get("secrets") or {}
-    ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events)
+    if "rank" not in payload and dist.world_size(spec.get("hyperparams") or {}) > 1:
+        # several ranks: this process starts and watches them (as torchrun would) and trains nothing itself
+        return dist.launch(payload, events, Path(os.environ.get("PGML_WORK_DIR") or tempfile.gettempdir()))
+    try:
+        rank = dist.join(payload)
+    except Exception as e:
+        events.emit({"event": "error", "error": f"could not join the job's other ranks: {type(e).__name__}: {e}"})
+        return ExitCode.ERROR
+    ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events, rank)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         ctx.stop_requested = True
@@ -77,6 +88,7 @@ def main() -> int:
         with contextlib.suppress(Exception):  # best effort; the worker records the outcome
             ctx.store.flush_logs(wait=False)
         shutil.rmtree(ctx.workdir, ignore_errors=True)
+        dist.leave(rank)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ WHERE j.id = (
       AND (q.max_running IS NULL
            OR (SELECT count(*) FROM pgml.jobs r WHERE r.status = 'running' AND r.submitted_by = q.submitted_by)
               < q.max_running)
+      -- hyperparams.resources.gpus (pgml._check_resources checked it): that many of this worker's free GPUs
+      AND coalesce((q.hyperparams #>> '{resources,gpus}')::integer, 1) <= %(max_gpus)s
     ORDER BY q.priority DESC, q.id
     FOR UPDATE SKIP LOCKED
     LIMIT 1
@@ -112,7 +114,8 @@ SELECT pgml.job_credential(%(id)s, %(attempt)s) AS credential;
 SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;
 
 -- name: queue_empty
-SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested) AS empty;
+SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested
+                   AND coalesce((hyperparams #>> '{resources,gpus}')::integer, 1) <= %(max_gpus)s) AS empty;
 
 -- name: release_orphans
 -- After a claim whose reply was lost: jobs this worker claimed but does not run go back to the queue.

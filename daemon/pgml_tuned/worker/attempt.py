@@ -40,9 +40,10 @@ Launcher = Callable[[dict[str, Any], dict[str, str]], Awaitable[Child]]
 
 
 class Attempt:
-    def __init__(self, claim: Claim, slot: int) -> None:
+    def __init__(self, claim: Claim, slot: int, slots: list[int] | None = None) -> None:
         self.claim = claim
         self.slot = slot
+        self.slots = slots or [slot]  # every job slot it holds: one per GPU it asked for (resources.gpus)
         self.child: Child | None = None
         self.stop_reason: StopReason | None = None
         self._kill = False

@@ -59,8 +59,9 @@ class Backend(Protocol):
 
     def notices(self) -> AsyncIterator[Notice]: ...
 
-    async def claim(self, lease_seconds: float) -> Claim | None:
-        """The next queued job, now this worker's; raises a RETRYABLE error when the reply was lost."""
+    async def claim(self, lease_seconds: float, max_gpus: int = 1) -> Claim | None:
+        """The next queued job that asks for at most `max_gpus` GPUs (hyperparams.resources.gpus, else 1), now
+        this worker's; raises a RETRYABLE error when the reply was lost."""
 
     async def release_orphans(self, running: list[int]) -> list[int]: ...
 
@@ -80,7 +81,8 @@ class Backend(Protocol):
 
     async def reap(self) -> list[dict[str, Any]]: ...
 
-    async def queue_empty(self) -> bool: ...
+    async def queue_empty(self, max_gpus: int = 1) -> bool:
+        """No queued job this worker could run (one asking for more than `max_gpus` GPUs is not its work)."""
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         """The job's secrets in clear, for its child: its named credential's token, or its sealed tokens
@@ -138,8 +140,8 @@ class PgBackend:
                 log.warning("listener.reconnect", error=str(e).strip(), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
 
-    async def claim(self, lease_seconds: float) -> Claim | None:
-        return await jobs.claim(self.pool, self.worker, lease_seconds)
+    async def claim(self, lease_seconds: float, max_gpus: int = 1) -> Claim | None:
+        return await jobs.claim(self.pool, self.worker, lease_seconds, max_gpus)
 
     async def release_orphans(self, running: list[int]) -> list[int]:
         return await jobs.release_orphans(self.pool, self.worker, running)
@@ -165,8 +167,8 @@ class PgBackend:
     async def reap(self) -> list[dict[str, Any]]:
         return await jobs.reap_expired(self.pool)
 
-    async def queue_empty(self) -> bool:
-        return await jobs.queue_empty(self.pool)
+    async def queue_empty(self, max_gpus: int = 1) -> bool:
+        return await jobs.queue_empty(self.pool, max_gpus)
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         if claim.credential:

@@ -31,7 +31,7 @@ from anyio.abc import TaskGroup
 from .. import logconfig
 from ..config import Settings
 from ..db import RETRYABLE
-from ..states import Status, StopReason
+from ..states import Status, StopReason, gpus_of
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend
 from .process import ChildProcess, ChildUser, check_child_user, child_env
@@ -196,7 +196,12 @@ class Daemon:
             await self.wake.wait()
             self.wake = anyio.Event()
             await self.claim_while_free(tg)
-            if self.drain and not self.attempts and not self.stopping and await self.backend.queue_empty():
+            if (
+                self.drain
+                and not self.attempts
+                and not self.stopping
+                and await self.backend.queue_empty(max(1, len(self.settings.gpu_list)))
+            ):
                 log.info("daemon.drained", jobs_claimed=self.claimed)
                 self.stopping = True
             self._finish_if_idle()
@@ -204,8 +209,10 @@ class Daemon:
     async def claim_while_free(self, tg: TaskGroup) -> None:
         """Claim queued jobs until the slots are full or the queue is empty; start an attempt for each."""
         while self.free_slots and not self.stopping:
+            # with --gpus, a job may take several slots, one per GPU; without, each job gets one slot (all devices)
+            max_gpus = len(self.free_slots) if self.settings.gpu_list else 1
             try:
-                claim = await self.backend.claim(self.settings.lease_seconds)
+                claim = await self.backend.claim(self.settings.lease_seconds, max_gpus)
             except RETRYABLE as e:
                 # the claim may have committed without us hearing back: put such a job back at once
                 log.warning("claim.connection_lost", error=str(e).strip())
@@ -216,19 +223,21 @@ class Daemon:
             if claim is None:
                 return
             self.claimed += 1
-            attempt = Attempt(claim, self.free_slots.pop(0))
+            slots = [self.free_slots.pop(0) for _ in range(min(gpus_of(claim.hyperparams), len(self.free_slots)))]
+            attempt = Attempt(claim, slots[0], slots)
             self.attempts[claim.id] = attempt
             tg.start_soon(self._run_attempt, attempt)
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         gpus = self.settings.gpu_list
         datasets_dir = str(self.settings.datasets_dir) if self.settings.datasets_dir else None
-        env = child_env(str(self.settings.scratch), gpus[attempt.slot] if gpus else None, datasets_dir=datasets_dir)
+        devices = ",".join(gpus[s] for s in attempt.slots) if gpus else None
+        env = child_env(str(self.settings.scratch), devices, datasets_dir=datasets_dir)
         try:
             await attempt.run(self.backend, self.launch, env, self.dsn)
         finally:
             self.attempts.pop(attempt.claim.id, None)
-            self.free_slots.append(attempt.slot)
+            self.free_slots.extend(attempt.slots)
             self.free_slots.sort()
             self.wake.set()
             self._finish_if_idle()
