@@ -129,3 +129,17 @@ def test_sigkill_mid_job_then_two_ranks_resume_from_the_stored_checkpoint(
     second = [e["step"] for e in loss_steps(conn, job, 2)]
     assert second[0] >= stored + 1, f"attempt 2 restarted at step {second[0]}, the checkpoint was at {stored}"
     assert second == list(range(second[0], 17)), "one log row per step, rank 0's only"
+
+
+def test_sigterm_stops_both_ranks_at_one_step_checkpoints_and_requeues(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_classifier: Path
+) -> None:
+    job = submit(conn, tiny_classifier, procs=2, max_steps=500, save_steps=100000)  # no checkpoint but SIGTERM's
+    d = daemon()
+    wait_for(lambda: len(loss_steps(conn, job)) >= 3, 180, interval=0.02, what="both ranks training")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.output()[-3000:]
+    row = job_row(conn, job)
+    assert row["status"] == "queued" and row["failed_attempts"] == 0, row["error"]
+    steps = [r["step"] for r in conn.execute("SELECT step FROM pgml.checkpoints WHERE job_id = %s", (job,))]
+    assert len(steps) == 1 and steps[0] == loss_steps(conn, job)[-1]["step"]

@@ -50,6 +50,16 @@ def main() -> int:
     events = Events(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    stop_requested = False
+    ctx: JobContext | None = None
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        if ctx is not None:
+            ctx.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)  # from the start: a rank joining its group takes seconds
     payload = json.loads(sys.stdin.read())
     spec, secrets = payload["spec"], payload.get("secrets") or {}
     if "rank" not in payload and dist.world_size(spec.get("hyperparams") or {}) > 1:
@@ -61,11 +71,7 @@ def main() -> int:
         events.emit({"event": "error", "error": f"could not join the job's other ranks: {type(e).__name__}: {e}"})
         return ExitCode.ERROR
     ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events, rank)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        ctx.stop_requested = True
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    ctx.stop_requested = stop_requested
     try:
         importlib.import_module(recipe_module(spec["task"])).run(ctx)
         return ExitCode.OK

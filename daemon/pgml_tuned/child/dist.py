@@ -159,7 +159,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     p.popen.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)  # (set by main before anything else; now it is the launcher's)
     events.info(f"starting {n} ranks", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo")
     try:
         for r in range(n):
@@ -190,10 +190,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
             popen.stdin.close()
         return _watch(procs, events, lambda: stopping)
     finally:
-        for p in procs:  # none outlives the launcher
-            if p.popen.poll() is None:
-                p.popen.kill()
-            p.popen.wait()
+        _stop(procs)  # none outlives the launcher
         shutil.rmtree(shared, ignore_errors=True)
 
 
@@ -222,10 +219,18 @@ def _watch(procs: list[_Proc], events: Events, stopping: Any) -> int:
                 if p.exit != ExitCode.OK and first_failure is None:
                     first_failure = p
         failed = sorted((p for p in procs if p.error or p.lease_lost), key=lambda p: p.reported_at)
-        culprit = failed[0] if failed else first_failure
-        # a rank that failed (not one that stopped on SIGTERM as asked): the others would wait for it forever
-        if culprit is not None and not (stopping() and culprit.exit == ExitCode.REQUEUE and not failed):
-            return _fail(procs, culprit, events, n)
+        if failed or (first_failure is not None and not stopping()):
+            # a rank that failed: the others would wait for it forever
+            return _fail(procs, failed[0] if failed else first_failure, events, n)  # type: ignore[arg-type]
+        if first_failure is not None and first_failure.exit != ExitCode.REQUEUE:
+            # stopping, and a rank died of the signal before it could heed it (still starting): no rank can
+            # checkpoint without it; the job goes back to the queue from its last stored checkpoint
+            _stop(procs)
+            return ExitCode.REQUEUE
+        if procs[0].exit == ExitCode.OK and not failed:
+            # rank 0 committed the job (or had nothing to do): what the others do from here changes nothing
+            _stop(procs)
+            return ExitCode.OK
         if all(p.exit is not None for p in procs):
             return ExitCode.REQUEUE if any(p.exit == ExitCode.REQUEUE for p in procs) else ExitCode.OK
 
@@ -262,12 +267,17 @@ def _events_of(p: _Proc, chunk: bytes, events: Events) -> None:
             events.emit(event)
 
 
-def _fail(procs: list[_Proc], culprit: _Proc, events: Events, n: int) -> int:
+def _stop(procs: list[_Proc]) -> None:
+    """Kill every rank still running (SIGKILL: a rank stuck in a collective would not heed SIGTERM)."""
     for p in procs:
         if p.popen.poll() is None:
             p.popen.kill()
     for p in procs:
         p.popen.wait()
+
+
+def _fail(procs: list[_Proc], culprit: _Proc, events: Events, n: int) -> int:
+    _stop(procs)
     if culprit.lease_lost:
         events.emit(culprit.lease_lost)
         return ExitCode.LEASE_LOST
