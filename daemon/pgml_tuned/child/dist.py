@@ -165,6 +165,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
         for r in range(n):
             env = {
                 **os.environ,
+                "PGML_RANK": str(r),
                 "RANK": str(r),
                 "LOCAL_RANK": str(r),
                 "WORLD_SIZE": str(n),
