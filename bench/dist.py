@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         conn.execute("CREATE TABLE bench_texts (text text, class text)")
         conn.execute(
             "INSERT INTO bench_texts SELECT 'sample text number ' || i || ' is ' || "
-            "CASE WHEN i % 2 = 0 THEN 'good' ELSE 'bad' END, CASE WHEN i % 2 = 0 THEN 'pos' ELSE 'neg' END "
+            "CASE WHEN i %% 2 = 0 THEN 'good' ELSE 'bad' END, CASE WHEN i %% 2 = 0 THEN 'pos' ELSE 'neg' END "
             "FROM generate_series(1, %s) i",
             (args.rows,),
         )

@@ -112,7 +112,7 @@ class JobContext:
         every rank has written its part of model_dir)."""
         self.rank.barrier()
         if self.rank.main:
-            self.store.succeed(model_dir, {**metrics, "world_size": self.rank.world_size}, base_model)
+            self.store.succeed(model_dir, metrics, base_model)
 
     def staging_table(self, columns: list[tuple[str, str]]) -> str:
         """load_dataset: this attempt's empty staging table of `columns` ((name, PostgreSQL type)), in pgml."""

@@ -207,7 +207,7 @@ def evaluate_and_store(
     save: Callable[[Trainer, Path], None] = save_model,
 ) -> dict[str, Any]:
     """Evaluate on the held-out rows, add derived metrics, save the model, commit files and metrics."""
-    metrics = {**metrics, **trainer.evaluate()}
+    metrics = {**metrics, **trainer.evaluate(), "world_size": ctx.rank.world_size}
     if derive:
         metrics.update(derive(metrics))
     out = ctx.output_root / "model"

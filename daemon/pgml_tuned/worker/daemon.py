@@ -200,7 +200,7 @@ class Daemon:
                 self.drain
                 and not self.attempts
                 and not self.stopping
-                and await self.backend.queue_empty(max(1, len(self.settings.gpu_list)))
+                and await self.backend.queue_empty(self.settings.concurrency if self.settings.gpu_list else 1)
             ):
                 log.info("daemon.drained", jobs_claimed=self.claimed)
                 self.stopping = True
