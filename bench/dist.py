@@ -10,10 +10,15 @@ for --steps steps, logging every step, through a real `pgml-tuned serve --drain`
 batch of 16 rows a step: 1 process × 16, or {"resources": {"procs": 2}} × 8 per rank (DDP averages the two
 halves' gradients, so the updates match up to float rounding and the order of the rows drawn).
 
-Measured per run, --reps times, alternating: wall-clock from the daemon's start to the job's success (what a user
-waits, rank start-up included), the Trainer's own train_runtime, the loss at each logged step, eval_loss, and the
-stored files (rows in pgml.files, distinct paths, and how many (path, part) were written twice: must be 0).
-Printed: the loss curves side by side and the wall-clock ratio 2 ranks / 1 process. On a 2-core machine two ranks
+A third arm, "1 process, 1 thread", runs the 1-process job with OMP_NUM_THREADS=1 in the daemon's environment
+(children inherit it): each rank of the 2-rank job runs with OMP_NUM_THREADS = cores / ranks = 1 (child/dist.py),
+so this arm separates what the thread count does from what the second rank does.
+
+Measured per run, --reps times, in a rotating order: wall-clock from the daemon's start to the job's success
+(what a user waits, rank start-up included), the Trainer's own train_runtime, the loss at each logged step,
+eval_loss, and the stored files (rows in pgml.files, distinct paths, and how many (path, part) were written
+twice: must be 0).
+Printed: the loss curves side by side and the ratios of 2 ranks to each 1-process arm. On a 2-core machine two ranks
 are expected to be slower (each rank gets one core, and gloo all-reduces every step): this proves the path, not
 speed.
 """
@@ -37,8 +42,17 @@ from psycopg.rows import dict_row
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+ARMS = {"1 process": (1, None), "1 process, 1 thread": (1, "1"), "2 ranks": (2, None)}
+
+
 def one_run(
-    dsn: str, home: Path, conn: psycopg.Connection[dict[str, Any]], model: Path, procs: int, steps: int
+    dsn: str,
+    home: Path,
+    conn: psycopg.Connection[dict[str, Any]],
+    model: Path,
+    procs: int,
+    steps: int,
+    threads: str | None = None,
 ) -> dict[str, Any]:
     hyperparams: dict[str, Any] = {
         "dataset_args": {"text_column": "text", "class_column": "class"},
@@ -58,7 +72,10 @@ def one_run(
         (str(model), json.dumps(hyperparams)),
     ).fetchone()["job_id"]
     t0 = time.monotonic()
-    d = DaemonProc(dsn, home, "--drain", env=bench_env(home))
+    env = bench_env(home)
+    if threads:
+        env["OMP_NUM_THREADS"] = threads
+    d = DaemonProc(dsn, home, "--drain", env=env)
     try:
         if d.wait_exit(600) != 0:
             raise SystemExit(f"the daemon failed:\n{d.tail(40)}")
@@ -97,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.support.models import build_tiny_classifier_base
 
     admin = admin_dsn(args.dsn)
-    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     with (
         fresh_database(admin, "pgml_bench_dist") as dsn,
         psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
@@ -112,34 +129,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "FROM generate_series(1, %s) i",
             (args.rows,),
         )
+        arms = list(ARMS)
         for rep in range(args.reps):
-            for procs in (1, 2) if rep % 2 == 0 else (2, 1):
-                r = one_run(dsn, home, conn, model, procs, args.steps)
-                runs[procs].append(r)
+            for arm in arms[rep % 3 :] + arms[: rep % 3]:  # rotate the order: drift hits every arm
+                procs, threads = ARMS[arm]
+                r = one_run(dsn, home, conn, model, procs, args.steps, threads)
+                runs[arm].append(r)
                 print(
-                    f"  rep {rep + 1} procs {procs}: wall {r['wall_s']:6.2f} s, train_runtime "
+                    f"  rep {rep + 1} {arm:20s}: wall {r['wall_s']:6.2f} s, train_runtime "
                     f"{r['train_runtime_s']:6.2f} s, eval_loss {r['eval_loss']:.4f}, world_size {r['world_size']}, "
                     f"files {r['files']['n']} rows / {r['files']['paths']} paths / {r['files']['twice']} twice",
                     flush=True,
                 )
-    one, two = runs[1][-1], runs[2][-1]
-    print("\nloss by step (last rep): step, 1 process, 2 ranks (global batch 16 both)")
-    for s, a, b in zip(one["steps"], one["loss"], two["loss"], strict=False):
-        print(f"  {s:4d} {a:8.4f} {b:8.4f}")
-    wall = {p: statistics.mean(r["wall_s"] for r in rs) for p, rs in runs.items()}
-    train = {p: statistics.mean(r["train_runtime_s"] for r in rs) for p, rs in runs.items()}
-    print(
-        f"\nwall-clock (mean of {args.reps}): 1 process {wall[1]:.2f} s, 2 ranks {wall[2]:.2f} s, "
-        f"ratio {wall[2] / wall[1]:.2f}x; train_runtime ratio {train[2] / train[1]:.2f}x"
-    )
+    last = {arm: rs[-1] for arm, rs in runs.items()}
+    print("\nloss by step (last rep; global batch 16 in every arm): step, " + ", ".join(ARMS))
+    for i, s in enumerate(last["1 process"]["steps"]):
+        print(f"  {s:4d} " + " ".join(f"{last[arm]['loss'][i]:8.4f}" for arm in ARMS))
+    wall = {arm: statistics.mean(r["wall_s"] for r in rs) for arm, rs in runs.items()}
+    train = {arm: statistics.mean(r["train_runtime_s"] for r in rs) for arm, rs in runs.items()}
+    print(f"\nmeans of {args.reps} reps:")
+    for arm in ARMS:
+        print(f"  {arm:20s} wall {wall[arm]:7.2f} s, train_runtime {train[arm]:6.2f} s")
+    ratios = {
+        f"2 ranks / {base}": {"wall": wall["2 ranks"] / wall[base], "train": train["2 ranks"] / train[base]}
+        for base in ("1 process", "1 process, 1 thread")
+    }
+    for name, r in ratios.items():
+        print(f"{name}: wall {r['wall']:.2f}x, train_runtime {r['train']:.2f}x")
     return {
         "at": dt.datetime.now().isoformat(),
         "args": vars(args),
         "runs": runs,
         "wall_mean_s": wall,
         "train_runtime_mean_s": train,
-        "wall_ratio": wall[2] / wall[1],
-        "train_ratio": train[2] / train[1],
+        "ratios": ratios,
     }
 
 

@@ -75,6 +75,8 @@ def test_two_ranks_train_one_job_with_one_set_of_logs_and_files(
     steps = [e["step"] for e in logs]
     assert steps == list(range(1, 9)), f"one log row per step from rank 0 alone, got steps {steps}"
     assert {e["world_size"] for e in logs} == {2}
+    # a fresh two-class head starts near chance, ln 2 = 0.69, as in one process (not scaled by the 2 ranks)
+    assert 0.5 < logs[0]["loss"] < 0.9, logs[0]
     # one set of files: each (path, part) once
     files = conn.execute(
         "SELECT path, part, count(*) AS n FROM pgml.files WHERE model_id = %s GROUP BY path, part",

@@ -76,6 +76,10 @@ def run(ctx: JobContext) -> None:
     set_seed(seed)  # the new classifier head is initialised here, before the Trainer seeds anything
     tokenizer = load_tokenizer(start.source, token=token)
     model = load_sequence_classifier(start.source, start.name, label_names=label_names, token=token)
+    # A classifier's loss is the batch's mean: it ignores the Trainer's token count (num_items_in_batch). Left to
+    # guess from forward(**kwargs), the Trainer would take it for a token-normalized loss and scale it by the
+    # number of ranks (2 ranks: a doubled loss, and doubled gradients) and not divide it by gradient accumulation.
+    model.accepts_loss_kwargs = False
     max_length = int(ctx.hyperparams.get("max_seq_length") or min(512, tokenizer.model_max_length or 512))
 
     def encode(ix: list[int]) -> list[dict[str, Any]]:
