@@ -145,3 +145,14 @@ def test_sigterm_stops_both_ranks_at_one_step_checkpoints_and_requeues(
     assert row["status"] == "queued" and row["failed_attempts"] == 0, row["error"]
     steps = [r["step"] for r in conn.execute("SELECT step FROM pgml.checkpoints WHERE job_id = %s", (job,))]
     assert len(steps) == 1 and steps[0] == loss_steps(conn, job)[-1]["step"]
+
+
+def test_fsdp_options_transformers_rejects_fail_the_job_clearly(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_classifier: Path
+) -> None:
+    job = submit(conn, tiny_classifier, procs=2, fsdp="bogus_option")
+    daemon("--drain")
+    done = wait_job(conn, job, 240)
+    assert done["status"] == "failed"
+    assert "of 2 failed: training_args rejected by transformers: Unknown `fsdp` option: bogus_option" in done["error"]
+    assert not conn.execute("SELECT 1 FROM pgml.logs WHERE job_id = %s AND logs ? 'loss'", (job,)).fetchone()
