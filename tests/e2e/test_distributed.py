@@ -65,12 +65,14 @@ def loss_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int 
 def test_two_ranks_train_one_job_with_one_set_of_logs_and_files(
     conn: psycopg.Connection[dict[str, Any]], daemon: Any, tiny_classifier: Path, tmp_path: Path
 ) -> None:
-    job = submit(conn, tiny_classifier, procs=2)
+    job = submit(conn, tiny_classifier, procs=2, fsdp="full_shard")  # on CPU ranks accelerate runs DDP: said so
     d = daemon("--drain")
     done = wait_job(conn, job, 240)
     assert done["status"] == "succeeded", done["error"]
     assert d.wait(60) == 0
     assert done["metrics"]["world_size"] == 2
+    warning = conn.execute("SELECT logs->>'warning' AS w FROM pgml.logs WHERE job_id = %s AND logs ? 'warning'", (job,))
+    assert "training_args.fsdp applies to GPU ranks" in warning.fetchone()["w"]
     logs = loss_steps(conn, job)
     steps = [e["step"] for e in logs]
     assert steps == list(range(1, 9)), f"one log row per step from rank 0 alone, got steps {steps}"

@@ -133,6 +133,15 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
                 os.environ["HF_TOKEN"] = token
     if ctx.rank.distributed and on_cpu(ctx.hyperparams):
         args["use_cpu"] = True  # resources.procs: ranks on CPUs (gloo), whatever GPUs the machine has
+        if given.get("fsdp") or given.get("deepspeed"):
+            # accelerate shards (FSDP) or hands over to DeepSpeed only on accelerators; on CPU ranks it runs DDP
+            which = "fsdp" if given.get("fsdp") else "deepspeed"
+            message = (
+                f"training_args.{which} applies to GPU ranks (resources.gpus); these CPU ranks "
+                "(resources.procs) train with DDP: every rank holds the whole model"
+            )
+            ctx.info(message, level="warning")
+            ctx.log({"warning": message})
     args.update(overrides or {})
     args["output_dir"] = str(ctx.output_root / "trainer")
     try:
