@@ -52,7 +52,11 @@ class Settings:
     )
     worker_id: str = setting(factory=_default_worker, help="this worker's name in pgml.jobs.worker (default: host:pid)")
     concurrency: int = setting(1, help="jobs this daemon runs at once, one child process each")
-    gpus: str | None = setting(None, help="comma-separated GPU ids, one per job slot (CUDA_VISIBLE_DEVICES)")
+    gpus: str | None = setting(
+        None,
+        help="comma-separated GPU ids, one per job slot (CUDA_VISIBLE_DEVICES); a job asking for N GPUs "
+        "(hyperparams.resources.gpus) takes N slots",
+    )
     lease_seconds: float = setting(
         30.0, help="a running job whose lease is older than this is taken over by another worker"
     )

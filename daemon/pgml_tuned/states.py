@@ -131,6 +131,11 @@ class Claim:
         }
 
 
+def gpus_of(hyperparams: dict[str, Any] | None) -> int:
+    """The GPUs (job slots of a worker started with --gpus) a job takes: hyperparams.resources.gpus, else 1."""
+    return int(((hyperparams or {}).get("resources") or {}).get("gpus") or 1)
+
+
 def settle(
     exit_code: int,
     stop_reason: StopReason | None,

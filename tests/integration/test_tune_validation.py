@@ -407,3 +407,28 @@ def test_the_training_arg_types_are_those_of_the_installed_transformers() -> Non
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("resources", "message", "hint"),
+    [
+        ([2], "hyperparams.resources must be a JSON object, got a JSON array", '"resources": {"gpus": 4}'),
+        ({"gpu": 2}, "unknown key hyperparams.resources.gpu", "are gpus, procs and nodes"),
+        ({"gpus": "4"}, "hyperparams.resources.gpus must be a positive whole number, got a JSON string", "procs"),
+        ({"procs": 0}, "hyperparams.resources.procs must be a positive whole number, not 0", "procs"),
+        ({"procs": 1.5}, "hyperparams.resources.procs must be a positive whole number, not 1.5", "procs"),
+        ({"gpus": 65}, "hyperparams.resources.gpus = 65 is more than the most a job may ask for (64)", "gpus"),
+        ({"nodes": 2, "gpus": 8}, "nodes = 2: training across several hosts is not supported yet", "one host"),
+        ({"gpus": 2, "procs": 2}, "hyperparams.resources gives both gpus and procs", "not both"),
+    ],
+)
+def test_resources_are_checked(
+    conn: psycopg.Connection[dict[str, Any]], reviews: str, resources: Any, message: str, hint: str
+) -> None:
+    assert_rejected(conn, message, hint, hyperparams={"dataset_args": OK_ARGS, "resources": resources})
+
+
+def test_resources_are_kept(conn: psycopg.Connection[dict[str, Any]], reviews: str) -> None:
+    row = tune(conn, hyperparams={"dataset_args": OK_ARGS, "resources": {"procs": 2, "nodes": 1}})
+    job = conn.execute("SELECT hyperparams FROM pgml.jobs WHERE id = %s", (row["job_id"],)).fetchone()
+    assert job["hyperparams"]["resources"] == {"procs": 2, "nodes": 1}

@@ -74,7 +74,7 @@ def test_running_jobs_runtime_and_checkpoints(
     limit(su, max_running=1, max_runtime="1 second", max_checkpoint_bytes=1000)
     first, second = tune(conn, "a"), tune(conn, "b")
     with connect(worker_dsn) as worker:
-        claim = {"worker": "w", "lease_seconds": 30}
+        claim = {"worker": "w", "lease_seconds": 30, "free_gpus": 0}
         got = worker.execute(q("claim_job"), claim).fetchone()
         assert got is not None and got["id"] == first
         assert worker.execute(q("claim_job"), claim).fetchone() is None  # the submitter is at its max_running

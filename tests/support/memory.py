@@ -196,6 +196,7 @@ class FakeChild:
         self.error: str | None = None
         self.lease_lost_reported = False
         self.signals: list[str] = []
+        self.env: dict[str, str] = {}  # the environment the daemon gave it
         self._signalled = anyio.Event()
         self._killed = False
 
@@ -236,6 +237,7 @@ class FakeChild:
 def fake_launcher(backend: MemoryBackend, started: list[FakeChild]) -> Callable[..., Any]:
     async def launch(payload: dict[str, Any], env: dict[str, str]) -> FakeChild:
         child = FakeChild(backend, payload["spec"])
+        child.env = env
         started.append(child)
         return child
 

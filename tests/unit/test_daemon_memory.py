@@ -24,10 +24,11 @@ def anyio_backend() -> str:
 
 
 def make(
-    tmp_path: Path, *, concurrency: int = 1, drain: bool = False, grace: float = 5.0
+    tmp_path: Path, *, concurrency: int = 1, drain: bool = False, grace: float = 5.0, gpus: str | None = None
 ) -> tuple[Daemon, MemoryBackend, list[FakeChild]]:
     settings = Settings(
         home=tmp_path,
+        gpus=gpus,
         concurrency=concurrency,
         heartbeat_seconds=0.02,
         lease_seconds=1.0,
@@ -186,3 +187,32 @@ async def test_a_job_past_its_runtime_is_stopped_and_failed(tmp_path: Path) -> N
     await serving(daemon, body)
     assert backend.jobs[job].status == "failed" and "max_runtime" in (backend.jobs[job].error or "")
     assert started[0].signals == ["SIGKILL"]
+
+
+async def test_a_job_asking_for_gpus_takes_that_many_slots_and_devices(tmp_path: Path) -> None:
+    daemon, backend, started = make(tmp_path, concurrency=3, drain=True, gpus="4,5,6")
+    pair = backend.submit(seconds=0.2, resources={"gpus": 2})
+    one = backend.submit(seconds=0.2)
+    three = backend.submit(seconds=0.05, resources={"gpus": 3})
+
+    async def body() -> None:
+        await until(lambda: daemon.stopping and not daemon.attempts)
+
+    await serving(daemon, body)
+    assert backend.statuses() == {pair: "succeeded", one: "succeeded", three: "succeeded"}
+    devices = {c.spec["id"]: c.env.get("CUDA_VISIBLE_DEVICES") for c in started}
+    assert devices == {pair: "4,5", one: "6", three: "4,5,6"}
+    assert [c.spec["id"] for c in started] == [pair, one, three]  # three waited for all three GPUs
+    assert backend.most_running == 2 and daemon.free_slots == [0, 1, 2]
+
+
+async def test_without_a_gpu_list_a_job_asking_for_several_gpus_waits(tmp_path: Path) -> None:
+    daemon, backend, _ = make(tmp_path, concurrency=2, drain=True)
+    many = backend.submit(seconds=0.01, resources={"gpus": 2})
+    plain = backend.submit(seconds=0.01, resources={"procs": 2})
+
+    async def body() -> None:
+        await until(lambda: daemon.stopping and not daemon.attempts)
+
+    await serving(daemon, body)
+    assert backend.statuses() == {many: "queued", plain: "succeeded"}

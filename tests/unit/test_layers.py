@@ -32,6 +32,7 @@ RANKS = {
     "child": 4,
     "child.events": 4,
     "child.store": 5,
+    "child.dist": 5,
     "child.context": 6,
     "child.__main__": 7,
     # the recipes (above the child: they run inside it)

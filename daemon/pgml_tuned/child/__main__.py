@@ -20,13 +20,16 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any
 
 from .. import hub_access
 from ..errors import Interrupted, JobError, LeaseLost
 from ..states import ExitCode
 from ..tasks import recipe_module
+from . import dist
 from .context import JobContext
 from .events import Events
 
@@ -64,14 +67,28 @@ def main() -> int:
     events = Events(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    payload = json.loads(sys.stdin.read())
-    spec, secrets = payload["spec"], payload.get("secrets") or {}
-    ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events)
+    stop_requested = False
+    ctx: JobContext | None = None
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        ctx.stop_requested = True
+        nonlocal stop_requested
+        stop_requested = True
+        if ctx is not None:
+            ctx.stop_requested = True
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)  # from the start: a rank joining its group takes seconds
+    payload = json.loads(sys.stdin.read())
+    spec, secrets = payload["spec"], payload.get("secrets") or {}
+    if "rank" not in payload and dist.world_size(spec.get("hyperparams") or {}) > 1:
+        # several ranks: this process starts and watches them (as torchrun would) and trains nothing itself
+        return dist.launch(payload, events, Path(os.environ.get("PGML_WORK_DIR") or tempfile.gettempdir()))
+    try:
+        rank = dist.join(payload)
+    except Exception as e:
+        events.emit({"event": "error", "error": f"could not join the job's other ranks: {type(e).__name__}: {e}"})
+        return ExitCode.ERROR
+    ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events, rank)
+    ctx.stop_requested = stop_requested
     try:
         importlib.import_module(recipe_module(spec["task"])).run(ctx)
         return ExitCode.OK
@@ -94,7 +111,14 @@ def main() -> int:
         with contextlib.suppress(Exception):  # best effort; the worker records the outcome
             ctx.store.flush_logs(wait=False)
         shutil.rmtree(ctx.workdir, ignore_errors=True)
+        dist.leave(rank)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get("PGML_RANK"):
+        # a rank of a multi-process job (dist.py): its results are committed and its events flushed; the
+        # interpreter's teardown (torch, the process group's store) took seconds more, that the job waited for
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -11,13 +11,24 @@ from typing import Any
 
 from .. import models
 from ..errors import Interrupted
+from .dist import Rank
 from .events import Events
 from .store import JobStore
 
 
 class JobContext:
-    def __init__(self, spec: dict[str, Any], secrets: dict[str, Any], dsn: str, ticket: str, events: Events) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        secrets: dict[str, Any],
+        dsn: str,
+        ticket: str,
+        events: Events,
+        rank: Rank | None = None,
+    ) -> None:
         self.spec = spec
+        # one of several ranks (dist.py): only rank 0 writes the job's logs, checkpoints and results
+        self.rank = rank or Rank()
         self.secrets = secrets
         self.events = events
         self.job_id: int = spec["id"]
@@ -31,6 +42,11 @@ class JobContext:
         self.store = JobStore(dsn, ticket, self.job_id, self.attempt, self.model_id, events, self.workdir)
         self._resume: Path | None = None
         self._resume_looked_up = False
+
+    @property
+    def output_root(self) -> Path:
+        """Where the Trainer writes checkpoints and the final model: the directory every rank shares."""
+        return self.rank.shared or self.workdir
 
     # ---- inputs ----
     @property
@@ -65,7 +81,13 @@ class JobContext:
         """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none."""
         if not self._resume_looked_up:
             self._resume_looked_up = True
-            self._resume = self.store.latest_checkpoint(self.workdir / "resume")
+            root = self.output_root / "resume"
+            if self.rank.main:
+                self._resume = self.store.latest_checkpoint(root)
+            self.rank.barrier()  # every rank resumes from the checkpoint rank 0 downloaded
+            if not self.rank.main:
+                found = sorted(root.glob("checkpoint-*")) if root.is_dir() else []
+                self._resume = found[0] if found else None
         return self._resume
 
     # ---- outputs ----
@@ -73,15 +95,24 @@ class JobContext:
         self.events.info(message, level, **fields)
 
     def log(self, entry: dict[str, Any]) -> None:
-        """One log row in pgml.logs (a Trainer log event, or a warning the user should see with the curve)."""
-        self.store.log(entry)
+        """One log row in pgml.logs (a Trainer log event, or a warning the user should see with the curve);
+        rank 0's only."""
+        if self.rank.main:
+            self.store.log(entry)
 
     def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
-        self.store.store_checkpoint(step, src, keep)
+        """Rank 0 stores the checkpoint every rank has written (call it on every rank: it waits for them all)."""
+        self.rank.barrier()
+        if self.rank.main and src.is_dir():
+            self.store.store_checkpoint(step, src, keep)
+        self.rank.barrier()
 
     def save_results(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None = None) -> None:
-        """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
-        self.store.succeed(model_dir, metrics, base_model)
+        """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically (rank 0, once
+        every rank has written its part of model_dir)."""
+        self.rank.barrier()
+        if self.rank.main:
+            self.store.succeed(model_dir, metrics, base_model)
 
     def staging_table(self, columns: list[tuple[str, str]]) -> str:
         """load_dataset: this attempt's empty staging table of `columns` ((name, PostgreSQL type)), in pgml."""

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..child.context import JobContext
+from ..child.dist import on_cpu
 from ..errors import Interrupted, JobError
 from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
@@ -138,7 +139,11 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
         if k in given:
             ctx.info(f"training_args.{k} is managed by pgml-tuned and was ignored", level="warning")
 
-    batch = int(args.get("per_device_train_batch_size", 8)) * int(args.get("gradient_accumulation_steps", 1))
+    batch = (
+        int(args.get("per_device_train_batch_size", 8))
+        * int(args.get("gradient_accumulation_steps", 1))
+        * ctx.rank.world_size
+    )
     epochs = float(args.get("num_train_epochs", 3))
     total = (
         int(args["max_steps"])
@@ -164,8 +169,19 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
                 # through this process's environment, not TrainingArguments: the Trainer pickles its arguments
                 # into training_args.bin, which is stored with the model and every checkpoint
                 os.environ["HF_TOKEN"] = token
+    if ctx.rank.distributed and on_cpu(ctx.hyperparams):
+        args["use_cpu"] = True  # resources.procs: ranks on CPUs (gloo), whatever GPUs the machine has
+        if given.get("fsdp") or given.get("deepspeed"):
+            # accelerate shards (FSDP) or hands over to DeepSpeed only on accelerators; on CPU ranks it runs DDP
+            which = "fsdp" if given.get("fsdp") else "deepspeed"
+            message = (
+                f"training_args.{which} applies to GPU ranks (resources.gpus); these CPU ranks "
+                "(resources.procs) train with DDP: every rank holds the whole model"
+            )
+            ctx.info(message, level="warning")
+            ctx.log({"warning": message})
     args.update(overrides or {})
-    args["output_dir"] = str(ctx.workdir / "trainer")
+    args["output_dir"] = str(ctx.output_root / "trainer")
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError, ImportError) as e:
@@ -187,18 +203,20 @@ class PgmlCallback(TrainerCallback):
         entry.setdefault("epoch", state.epoch)
         entry["step"] = state.global_step
         entry["max_steps"] = state.max_steps
+        entry["world_size"] = self.ctx.rank.world_size
         self.ctx.log(entry)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.ctx.stop_requested:  # SIGTERM: checkpoint now, stop, and let another attempt resume
+        # SIGTERM: checkpoint now, stop, and let another attempt resume (every rank stops at the same step)
+        if self.ctx.rank.any(self.ctx.stop_requested):
+            self.ctx.stop_requested = True
             control.should_save = True
             control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2)."""
         src = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
-        if src.is_dir():
-            self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
+        self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
 
 
 def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
@@ -217,7 +235,9 @@ def save_model(trainer: Trainer, out: Path) -> None:
     Trainer.save_model also writes training_args.bin (a pickle that can hold hub_token) and peft a README
     model card: neither is stored.
     """
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # every rank (FSDP gathers the weights); the Trainer's main process writes
+    if not trainer.args.should_save:
+        return
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(str(out))
     for name in ("training_args.bin", "README.md"):
@@ -234,10 +254,10 @@ def evaluate_and_store(
     save: Callable[[Trainer, Path], None] = save_model,
 ) -> dict[str, Any]:
     """Evaluate on the held-out rows, add derived metrics, save the model, commit files and metrics."""
-    metrics = {**metrics, **trainer.evaluate()}
+    metrics = {**metrics, **trainer.evaluate(), "world_size": ctx.rank.world_size}
     if derive:
         metrics.update(derive(metrics))
-    out = ctx.workdir / "model"
+    out = ctx.output_root / "model"
     save(trainer, out)
     ctx.save_results(out, metrics, base_model=base_model)
     return metrics

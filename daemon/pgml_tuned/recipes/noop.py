@@ -6,6 +6,8 @@ could read it (never what it holds): an administrator's check of a worker's sand
 "PermissionError"). With `expect_token_sha256` it checks that the job's token (a named credential's, or an inline
 one) reached it: it fails unless the sha256 of the token it was given is that (the token is never shown). It logs
 `steps` events (spread over `seconds`), then either fails with `fail` or succeeds with metrics {"slept": seconds}.
+With "resources": {"procs": N} it runs as N ranks (child/dist.py); "fail_rank": R makes rank R alone crash at once
+with `fail` (an uncaught exception) while the others work on: how a job ends when one of its ranks dies.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def probe(paths: list[str]) -> dict[str, object]:
 
 
 def run(ctx: JobContext) -> None:
+    fail_rank = ctx.hyperparams.get("fail_rank")
+    if fail_rank is not None:
+        if ctx.rank.rank == int(fail_rank):
+            raise RuntimeError(str(ctx.hyperparams.get("fail") or f"rank {fail_rank} crashed"))
+        ctx.hyperparams = {k: v for k, v in ctx.hyperparams.items() if k != "fail"}
     if "probe" in ctx.hyperparams:
         ctx.log(probe([str(p) for p in ctx.hyperparams["probe"] or []]))
     expected = ctx.hyperparams.get("expect_token_sha256")

@@ -86,6 +86,10 @@ def run(ctx: JobContext) -> None:
     tokenizer = load_tokenizer(start.source, token=token)
     model = load_sequence_classifier(start.source, start.name, label_names=label_names, token=token)
     check_max_seq_length(ctx, tokenizer, model.config)
+    # A classifier's loss is the batch's mean: it ignores the Trainer's token count (num_items_in_batch). Left to
+    # guess from forward(**kwargs), the Trainer would take it for a token-normalized loss and scale it by the
+    # number of ranks (2 ranks: a doubled loss, and doubled gradients) and not divide it by gradient accumulation.
+    model.accepts_loss_kwargs = False
     max_length = int(ctx.hyperparams.get("max_seq_length") or min(512, tokenizer.model_max_length or 512))
 
     def encode(ix: list[int]) -> list[dict[str, Any]]:

@@ -49,9 +49,10 @@ Launcher = Callable[[dict[str, Any], dict[str, str]], Awaitable[Child]]
 
 
 class Attempt:
-    def __init__(self, claim: Claim, slot: int, metrics: Any = None) -> None:
+    def __init__(self, claim: Claim, slot: int, slots: list[int] | None = None, metrics: Any = None) -> None:
         self.claim = claim
         self.slot = slot
+        self.slots = slots or [slot]  # every job slot it holds: one per GPU it asked for (resources.gpus)
         self.metrics = metrics  # metrics.Metrics with --metrics-port: durations, checkpoint bytes
         self.child: Child | None = None
         self.stop_reason: StopReason | None = None

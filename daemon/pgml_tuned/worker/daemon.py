@@ -38,7 +38,7 @@ from anyio.abc import TaskGroup
 from .. import __version__, logconfig
 from ..config import Settings
 from ..db import RETRYABLE
-from ..states import Status, StopReason
+from ..states import Status, StopReason, gpus_of
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend, RegistryMissing
 from .fleet import detect_devices, free_gpus, sd_notify, watchdog_enabled
@@ -329,6 +329,7 @@ class Daemon:
     async def claim_while_free(self, tg: TaskGroup) -> None:
         """Claim queued jobs until the slots are full or the queue is empty; start an attempt for each."""
         while self.free_slots and not self.stopping:
+            # with --gpus, a job takes one slot per GPU it asks for; without, each job gets one slot (all devices)
             try:
                 claim = await self.backend.claim(self.settings.lease_seconds, self.free_gpus())
             except RETRYABLE as e:
@@ -343,19 +344,21 @@ class Daemon:
             self.claimed += 1
             if self.metrics is not None and claim.attempt == 1 and claim.queued_seconds is not None:
                 self.metrics.pickup.observe(claim.queued_seconds)
-            attempt = Attempt(claim, self.free_slots.pop(0), self.metrics)
+            slots = [self.free_slots.pop(0) for _ in range(min(gpus_of(claim.hyperparams), len(self.free_slots)))]
+            attempt = Attempt(claim, slots[0], slots, self.metrics)
             self.attempts[claim.id] = attempt
             tg.start_soon(self._run_attempt, attempt)
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         gpus = self.settings.gpu_list
         datasets_dir = str(self.settings.datasets_dir) if self.settings.datasets_dir else None
-        env = child_env(str(self.settings.scratch), gpus[attempt.slot] if gpus else None, datasets_dir=datasets_dir)
+        devices = ",".join(gpus[s] for s in attempt.slots) if gpus else None
+        env = child_env(str(self.settings.scratch), devices, datasets_dir=datasets_dir)
         try:
             await attempt.run(self.backend, self.launch, env, self.dsn)
         finally:
             self.attempts.pop(attempt.claim.id, None)
-            self.free_slots.append(attempt.slot)
+            self.free_slots.extend(attempt.slots)
             self.free_slots.sort()
             self.wake.set()
             self._finish_if_idle()
