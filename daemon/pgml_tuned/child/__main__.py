@@ -51,10 +51,13 @@ def main() -> int:
     spec, secrets = payload["spec"], payload.get("secrets") or {}
     ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events)
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_stop(signum: int, frame: Any) -> None:
+        # the worker forwards the signal that stopped its daemon (SIGTERM from systemd, SIGINT from a Ctrl-C)
+        ctx.stop_signal = signal.Signals(signum).name
         ctx.stop_requested = True
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     try:
         importlib.import_module(recipe_module(spec["task"])).run(ctx)
         return ExitCode.OK

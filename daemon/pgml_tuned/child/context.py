@@ -25,6 +25,7 @@ class JobContext:
         self.model_id: int = spec["model_id"]
         self.hyperparams: dict[str, Any] = spec.get("hyperparams") or {}
         self.stop_requested = False
+        self.stop_signal = "SIGTERM"  # the signal that asked it to stop (the worker forwards the daemon's)
         self.workdir = Path(
             tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-", dir=os.environ.get("PGML_WORK_DIR") or None)
         )
@@ -62,15 +63,22 @@ class JobContext:
         )
 
     def resume_checkpoint(self) -> Path | None:
-        """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none."""
+        """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none.
+
+        Either way the start is recorded: earlier attempts' log rows past the checkpoint's step (all of them when
+        a later attempt starts over) move to pgml.superseded_logs, so pgml.logs reports each step once."""
         if not self._resume_looked_up:
             self._resume_looked_up = True
             self._resume = self.store.latest_checkpoint(self.workdir / "resume")
+            if self._resume is None and self.attempt > 1:
+                self.store.resume(0, "starting over from step 0: no earlier attempt of this job stored a checkpoint")
         return self._resume
 
     # ---- outputs ----
     def info(self, message: str, level: str = "info", **fields: Any) -> None:
-        self.events.info(message, level, **fields)
+        """A line about the job: in the worker's log and in pgml.logs ({"message": ..., **fields}, kind info or
+        warning), where CALL pgml.wait and `pgml-tuned logs` show it."""
+        self.store.note(message, level, **fields)
 
     def log(self, entry: dict[str, Any]) -> None:
         """One log row in pgml.logs (a Trainer log event, or a warning the user should see with the curve)."""
@@ -97,6 +105,10 @@ class JobContext:
         Returns the job's metrics (table_name, rows, columns and `metrics`)."""
         return self.store.finish_dataset(rows, metrics)
 
+    def interrupted(self, where: str) -> Interrupted:
+        """The Interrupted to raise when a stop was asked for, naming its signal: "stopped by SIGINT at step 26"."""
+        return Interrupted(f"stopped by {self.stop_signal} {where}")
+
     def check_stop(self) -> None:
         if self.stop_requested:
-            raise Interrupted("stopped by SIGTERM before training started")
+            raise self.interrupted("before training started")
