@@ -62,8 +62,10 @@ def main() -> int:
         importlib.import_module(recipe_module(spec["task"])).run(ctx)
         return ExitCode.OK
     except Interrupted as e:
-        ctx.store.flush_logs(wait=False)
-        ctx.info(str(e))
+        try:
+            ctx.info(str(e))  # "stopped by SIGINT at step 26 of 58": a row of pgml.logs, with any still buffered
+        except LeaseLost:
+            return ExitCode.LEASE_LOST
         return ExitCode.REQUEUE
     except LeaseLost as e:
         events.emit({"event": "lease_lost", "message": str(e)})

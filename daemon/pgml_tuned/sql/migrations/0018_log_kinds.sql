@@ -91,11 +91,13 @@ RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
 DECLARE
     v pgml.jobs := pgml._child_job(_child_resume.job_id, _child_resume.ticket, true);
     v_moved bigint;
 BEGIN
-    IF pg_catalog.jsonb_typeof(entry) IS DISTINCT FROM 'object' OR step IS NULL OR step < 0 THEN
+    IF pg_catalog.jsonb_typeof(_child_resume.entry) IS DISTINCT FROM 'object' OR _child_resume.step IS NULL
+       OR _child_resume.step < 0 THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'pgml._child_resume takes a step >= 0 and a JSON object (the info row)';
     END IF;
@@ -115,12 +117,13 @@ BEGIN
     GET DIAGNOSTICS v_moved = ROW_COUNT;
     INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, seq, kind, logs)
     VALUES (v.model_id, v.project_id, v.id, v.attempt, _child_resume.seq, 'info',
-            entry || pg_catalog.jsonb_build_object(
+            _child_resume.entry || pg_catalog.jsonb_build_object(
                 'superseded', v_moved,
-                'message', coalesce(entry ->> 'message', pg_catalog.format('training from step %s', step))
+                'message', coalesce(_child_resume.entry ->> 'message',
+                                    pg_catalog.format('training from step %s', _child_resume.step))
                            || CASE WHEN v_moved > 0 THEN pg_catalog.format(
                                   '; the %s log rows of earlier attempts past step %s are now in pgml.superseded_logs',
-                                  v_moved, step) ELSE '' END))
+                                  v_moved, _child_resume.step) ELSE '' END))
     ON CONFLICT (job_id, attempt, seq) DO NOTHING;
     RETURN v_moved;
 END $$;
