@@ -317,8 +317,10 @@ def refusals_as_job_errors() -> Iterator[None]:
 
 
 def progress_of(entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """The job's progress after these log entries: the last step/epoch/losses, and `extra` (steps/s)."""
-    progress = {k: v for k, v in entries[-1].items() if k in ("step", "max_steps", "epoch", "loss", "eval_loss")}
+    """The job's progress after these training log entries (none: a batch of lines about the job): the last
+    step/epoch/losses, and `extra` (steps/s)."""
+    last = entries[-1] if entries else {}
+    progress = {k: v for k, v in last.items() if k in ("step", "max_steps", "epoch", "loss", "eval_loss")}
     for e in entries:
         if "loss" in e:
             progress["loss"] = e["loss"]
