@@ -70,9 +70,15 @@ class JobContext:
         if not self._resume_looked_up:
             self._resume_looked_up = True
             self._resume = self.store.latest_checkpoint(self.workdir / "resume")
-            if self._resume is None and self.attempt > 1:
-                self.store.resume(0, "starting over from step 0: no earlier attempt of this job stored a checkpoint")
+            if self._resume is None:
+                self.start_over("no earlier attempt of this job stored a checkpoint")
         return self._resume
+
+    def start_over(self, why: str = "this task starts every attempt from the beginning") -> None:
+        """A later attempt that starts from step 0 says so, and the steps earlier attempts logged move to
+        pgml.superseded_logs (the first attempt has nothing to say)."""
+        if self.attempt > 1:
+            self.store.resume(0, f"starting over from step 0: {why}")
 
     # ---- outputs ----
     def info(self, message: str, level: str = "info", **fields: Any) -> None:

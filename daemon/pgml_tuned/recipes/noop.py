@@ -46,7 +46,7 @@ def run(ctx: JobContext) -> None:
     seconds = float(ctx.hyperparams.get("seconds", 0))
     steps = int(ctx.hyperparams.get("steps", 0))
     if steps:
-        ctx.resume_checkpoint()  # there is none: a later attempt starts over (earlier attempts' steps move apart)
+        ctx.start_over()  # a later attempt logs its steps again: earlier attempts' move apart
     for step in range(1, steps + 1):
         if ctx.stop_requested:
             raise ctx.interrupted(f"at step {step}")

@@ -43,6 +43,7 @@ def run(ctx: JobContext) -> None:
 
     # 3. batch by batch
     output = ctx.store.begin_predictions(restart=True)
+    ctx.start_over("the predictions of an earlier attempt were emptied")
     started, labels = time.monotonic(), Counter[str]()
     batches = (len(rows) + batch_size - 1) // batch_size
     for step, start in enumerate(range(0, len(rows), batch_size), start=1):
