@@ -168,7 +168,7 @@ class JobStore:
         self.note(
             f"checkpoint at step {step} stored in PostgreSQL: {n_files} files, {n_bytes / 1e6:.1f} MB "
             f"in {seconds:.2f} s",
-            step=step,
+            checkpoint_step=step,  # (no "step": a line about the job is no training row, whatever a query filters on)
             bytes=n_bytes,
             seconds=round(seconds, 3),
         )

@@ -150,7 +150,8 @@ class PgmlCallback(TrainerCallback):
         entry["max_steps"] = state.max_steps
         if self.ctx.stop_requested and "train_runtime" in entry:
             # the summary Trainer.train() logs when it stops early: this attempt's, not the end of training
-            self.ctx.info(interrupted_summary(self.ctx.attempt, entry), **entry)
+            summary = {k: v for k, v in entry.items() if k not in ("step", "max_steps")}
+            self.ctx.info(interrupted_summary(self.ctx.attempt, entry), stopped_at_step=state.global_step, **summary)
             return
         self.ctx.log(entry)
 
