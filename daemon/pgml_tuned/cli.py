@@ -1,4 +1,4 @@
-"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, db, keys.
+"""`pgml-tuned`: migrate, serve, demo, status, logs, cancel, download, dashboard, db, keys.
 
 The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
 """
@@ -330,8 +330,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                     (args.limit,),
                 )
             ).fetchall()
+            workers = await fleet_rows(conn)
             if args.json:
-                print(json.dumps({"queue": plain(summary), "jobs": plain(rows)}, indent=2))
+                print(json.dumps({"queue": plain(summary), "jobs": plain(rows), "workers": plain(workers)}, indent=2))
                 return
             parts = [f"{r['status']} {r['jobs']}" for r in summary]
             extra = [
@@ -361,9 +362,52 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(line)
             else:
                 print("no job queued, running or finished in the last hour")
+            print()
+            for line in fleet_lines(workers):
+                print(line)
 
     _run(go)
     return 0
+
+
+async def fleet_rows(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    """The fleet registry (pgml.worker_status), live workers first; [] on a schema without it (before 0022)."""
+    exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.worker_status') AS v")).fetchone()
+    if not exists or exists["v"] is None:
+        return []
+    return await (
+        await conn.execute(
+            "SELECT id, host, state, heartbeat_age, gpus, devices, concurrency, free_slots, free_gpus, running, "
+            "models_cached, version, started_at FROM pgml.worker_status "
+            "ORDER BY array_position(ARRAY['live', 'late', 'gone', 'stopped'], state), id"
+        )
+    ).fetchall()
+
+
+def fleet_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """`pgml-tuned status`'s workers section: one line of counts, then a row per worker."""
+    if not workers:
+        return ["workers: none registered (start one: pgml-tuned serve)"]
+    states = [s for s in ("live", "late", "gone", "stopped") if any(w["state"] == s for w in workers)]
+    counts = ", ".join(f"{sum(w['state'] == s for w in workers)} {s}" for s in states)
+    shown = [
+        {
+            "worker": w["id"],
+            "state": w["state"],
+            "heartbeat": f"{w['heartbeat_age']}s ago",
+            "slots": f"{w['free_slots']}/{w['concurrency']} free",
+            "gpus": f"{w['free_gpus']}/{w['gpus']} free" if w["gpus"] else None,
+            "devices": ", ".join(
+                f"{d.get('index')}:{d.get('name') or '?'}" + (f" {d['memory_mb']} MB" if d.get("memory_mb") else "")
+                for d in w["devices"]
+            ),
+            "running": ",".join(str(j) for j in w["running"]),
+            "models": ", ".join(w["models_cached"] or []),  # NULL: not shown to users
+            "version": w["version"],
+        }
+        for w in workers
+    ]
+    return [f"workers: {counts}", *table(shown)]
 
 
 def log_line(kind: str, logs: dict[str, Any]) -> dict[str, Any]:
@@ -459,6 +503,27 @@ def _why_no_files(conn: psycopg.Connection[Any], model_id: int) -> str:
     return f"model {model_id} has no files in pgml.files (its job {job['id']} stored none)"
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """The read-only web page, reading as the DSN's login (the viewer's own: what it may see, nothing more)."""
+    try:
+        from .dashboard.server import bind, serve_dashboard
+    except ImportError as e:
+        raise CliError(
+            f"the dashboard needs the `dashboard` extra ({e.name} is not installed): "
+            "pip install 'pgml-tuned[dashboard]'"
+        ) from None
+    settings = _settings(args)
+    logconfig.configure(settings.log_format, settings.log_level)
+    dsn = _reading(args)
+    sock = bind(args.host, args.port)
+
+    def ready(url: str) -> None:
+        print(f"pgml-tuned dashboard: {url}  (reading as {shown_dsn(dsn)}; Ctrl-C stops)", flush=True)
+
+    _run(lambda: serve_dashboard(dsn, shown_dsn(dsn), sock, poll_seconds=settings.poll_seconds, on_ready=ready))
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "stop":
@@ -524,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("model_id", type=int, help="the model id (pgml.jobs.model_id, `pgml-tuned status`), not a job id")
     dl.add_argument("dest", help="directory to write the model's files into (created if missing)")
     dl.set_defaults(fn=cmd_download)
+
+    dash = sub.add_parser(
+        "dashboard",
+        parents=[common],
+        help="a read-only web page: jobs, live loss/eval curves, two models side by side, a model's files",
+    )
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    dash.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: any free port)")
+    dash.set_defaults(fn=cmd_dashboard)
 
     k = sub.add_parser(
         "keys",

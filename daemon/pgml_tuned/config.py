@@ -79,6 +79,13 @@ class Settings:
     model_cache_mb: int = setting(
         4096, help="memory the serving process keeps warm models in (least recently used out first)"
     )
+    metrics_port: int | None = setting(
+        None,
+        help="serve Prometheus metrics at http://<metrics-host>:PORT/metrics (default: off; 0 picks a free port)",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1", help="the address /metrics listens on (default 127.0.0.1; 0.0.0.0 for a remote Prometheus)"
+    )
     keyring_dir: Path | None = setting(
         None,
         help="the workers' private sealing keys, *.pem files of mode 0600 (default: <home>/keyring)",
@@ -153,6 +160,8 @@ class Settings:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be a TCP port (0 to 65535), got {self.metrics_port}")
         if self.model_cache_mb < 0:
             raise ValueError(f"model_cache_mb must be 0 or more, got {self.model_cache_mb}")
         if self.gpus is not None and len(self.gpu_list) < self.concurrency:

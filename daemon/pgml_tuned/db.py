@@ -44,17 +44,17 @@ Row = dict[str, Any]
 
 
 @cache
-def queries() -> dict[str, str]:
-    parts = _NAME.split((SQL_DIR / "queries.sql").read_text())
+def queries(file: str = "queries.sql") -> dict[str, str]:
+    parts = _NAME.split((SQL_DIR / file).read_text())
     return {parts[i]: parts[i + 1].strip().rstrip(";") for i in range(1, len(parts), 2)}
 
 
-def q(name: str) -> str:
-    """The named statement `name` of sql/queries.sql."""
+def q(name: str, file: str = "queries.sql") -> str:
+    """The named statement `name` of sql/queries.sql (the worker's), or of another file of sql/ (dashboard.sql)."""
     try:
-        return queries()[name]
+        return queries(file)[name]
     except KeyError:
-        raise KeyError(f"no query named {name!r} in {SQL_DIR / 'queries.sql'}") from None
+        raise KeyError(f"no query named {name!r} in {SQL_DIR / file}") from None
 
 
 def migrations() -> list[tuple[str, str]]:
@@ -66,17 +66,21 @@ def migrations() -> list[tuple[str, str]]:
 # ---- connections ----
 
 
-def conn_kwargs(app: str) -> dict[str, Any]:
+def conn_kwargs(app: str, *, read_only: bool = False) -> dict[str, Any]:
+    """read_only: the server refuses every write of the session (the dashboard's connections)."""
     return {
         "row_factory": dict_row,
         "application_name": app,
         "connect_timeout": 10,
-        "options": f"-c search_path={SEARCH_PATH.replace(' ', '')}",
+        "options": f"-c search_path={SEARCH_PATH.replace(' ', '')}"
+        + (" -c default_transaction_read_only=on" if read_only else ""),
     }
 
 
-async def connect(dsn: str, *, autocommit: bool = True, app: str = "pgml-tuned") -> psycopg.AsyncConnection[DictRow]:
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit, **conn_kwargs(app))
+async def connect(
+    dsn: str, *, autocommit: bool = True, app: str = "pgml-tuned", read_only: bool = False
+) -> psycopg.AsyncConnection[DictRow]:
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit, **conn_kwargs(app, read_only=read_only))
 
 
 def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[DictRow]:
@@ -130,9 +134,10 @@ class Pool:
 
     CHECK_IDLE_SECONDS = 10.0
 
-    def __init__(self, dsn: str, app: str = "pgml-tuned", *, max_size: int = 4) -> None:
+    def __init__(self, dsn: str, app: str = "pgml-tuned", *, max_size: int = 4, read_only: bool = False) -> None:
         self.dsn = dsn
         self.app = app
+        self.read_only = read_only
         self._slots = anyio.Semaphore(max_size)
         self._idle: list[tuple[psycopg.AsyncConnection[DictRow], float]] = []  # (connection, last used)
 
@@ -160,7 +165,7 @@ class Pool:
                         await conn.close()
                     continue
             return conn
-        return await connect(self.dsn, app=self.app)
+        return await connect(self.dsn, app=self.app, read_only=self.read_only)
 
     async def fetch(self, query: str, params: dict[str, Any] | None = None, *, retry: bool = True) -> list[Row]:
         """Run one statement and return its rows; through a server restart when `retry` (the default)."""
@@ -190,8 +195,8 @@ class Pool:
 
 
 @asynccontextmanager
-async def pool(dsn: str, app: str = "pgml-tuned", *, max_size: int = 4) -> AsyncIterator[Pool]:
-    p = Pool(dsn, app, max_size=max_size)
+async def pool(dsn: str, app: str = "pgml-tuned", *, max_size: int = 4, read_only: bool = False) -> AsyncIterator[Pool]:
+    p = Pool(dsn, app, max_size=max_size, read_only=read_only)
     await p.open()
     try:
         yield p

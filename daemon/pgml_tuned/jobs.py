@@ -24,10 +24,10 @@ from .states import Claim, Renewal, Status
 # ---- worker side ----
 
 
-async def claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
-    """Claim the next queued job. Not retried: a claim whose reply was lost may have committed (the
-    caller then runs release_orphans)."""
-    rows = await pool.named("claim_job", retry=False, worker=worker, lease_seconds=lease_seconds)
+async def claim(pool: Pool, worker: str, lease_seconds: float, free_gpus: int = 0) -> Claim | None:
+    """Claim the next queued job that asks for at most `free_gpus` GPUs. Not retried: a claim whose reply was
+    lost may have committed (the caller then runs release_orphans)."""
+    rows = await pool.named("claim_job", retry=False, worker=worker, lease_seconds=lease_seconds, free_gpus=free_gpus)
     return Claim.from_row(rows[0]) if rows else None
 
 
@@ -79,8 +79,10 @@ async def release_orphans(pool: Pool, worker: str, running: list[int]) -> list[i
     return [r["id"] for r in await pool.named("release_orphans", worker=worker, running=running)]
 
 
-async def queue_empty(pool: Pool) -> bool:
-    row = await pool.one(q("queue_empty"))
+async def queue_empty(pool: Pool, worker: str, gpus: int = 0) -> bool:
+    """Nothing left for a draining worker with `gpus` GPUs: no job it could run is queued, and no job is held by a
+    worker that stopped heartbeating (that one is waited for, reaped and taken over)."""
+    row = await pool.one(q("queue_empty"), {"worker": worker, "gpus": gpus})
     return bool(row and row["empty"])
 
 

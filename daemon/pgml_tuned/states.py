@@ -116,6 +116,7 @@ class Claim:
     submitted_by: str = ""  # the login that submitted it: whose models it may start from
     snapshot_columns: list[str] | None = None  # the columns pgml.tune() copied into pgml.job_rows, in order
     hub_refusal: str | None = None  # why the hub allow-list refuses its model now (checked at every claim)
+    queued_seconds: float | None = None  # from its submission to this claim (the pickup latency of a first attempt)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -126,7 +127,7 @@ class Claim:
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("secrets", "credential", "hub_refusal")
+            if f.name not in ("secrets", "credential", "hub_refusal", "queued_seconds")
         }
 
 

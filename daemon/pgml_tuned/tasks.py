@@ -19,7 +19,7 @@ class Task:
     required_columns: dict[str, str | None]  # dataset_args key -> default column name (None: must be given)
     text_columns: tuple[str, ...]  # dataset_args keys whose columns must hold text
     optional_columns: tuple[str, ...] = ()
-    hyperparams: tuple[str, ...] = field(default=("training_args", "dataset_args", "max_seq_length"))
+    hyperparams: tuple[str, ...] = field(default=("training_args", "dataset_args", "max_seq_length", "resources"))
     admin_only: bool = False  # diagnostic tasks: members of pgml_admin only
 
 
@@ -56,10 +56,19 @@ TASKS: dict[str, Task] = {
                 "packing",
                 "torch_dtype",
                 "attn_implementation",
+                "resources",
             ),
         ),
         # a diagnostic task: a child that sleeps hyperparams.seconds; used to test queues and operations
-        Task("noop", "noop", {}, (), (), ("seconds", "steps", "fail", "probe", "expect_token_sha256"), admin_only=True),
+        Task(
+            "noop",
+            "noop",
+            {},
+            (),
+            (),
+            ("seconds", "steps", "fail", "probe", "expect_token_sha256", "resources"),
+            admin_only=True,
+        ),
         # pgml.load_dataset: a Hugging Face dataset (or a worker-side file) into a table pgml."<source>"; queued by
         # pgml.load_dataset_async(), never by pgml.tune()
         Task("load_dataset", "load_dataset", {}, (), (), ("source", "subset", "limit", "kwargs")),
@@ -70,7 +79,7 @@ TASKS: dict[str, Task] = {
             {"text_column": "text", "key_column": "id"},
             ("text_column",),
             (),
-            ("dataset_args", "output_table", "batch_size", "max_length"),
+            ("dataset_args", "output_table", "batch_size", "max_length", "resources"),
         ),
     )
 }

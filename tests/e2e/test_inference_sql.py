@@ -5,6 +5,7 @@ the offline hub cache, answers compared with the same transformers code run in t
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,40 @@ def test_open_source_ai_as_in_the_guide(serving: Any, conn: Conn, su: Conn, tiny
     assert isinstance(client.logs(queued["job_id"]), list)
     assert su.execute("SELECT count(*) AS n FROM pgml.requests").fetchone()["n"] == 0
     assert "TOKEN" not in json.dumps(su.execute("SELECT * FROM pgml.requests").fetchall(), default=str)
+
+
+def test_a_caller_waits_on_the_serving_lock_instead_of_polling(
+    serving: Any, conn: Conn, su: Conn, tiny: dict[str, Path]
+) -> None:
+    """While its request is being answered, the caller's backend sleeps on the advisory lock the serving process
+    holds from its claim until its answer is committed (0025), and wakes with the answer."""
+    pid = conn.execute("SELECT pg_backend_pid() AS p").fetchone()["p"]
+    got: list[Any] = []
+
+    def call_transform() -> None:
+        try:
+            got.append(
+                conn.execute(
+                    "SELECT pgml.transform(task => %s::jsonb, inputs => ARRAY['Shares rose'], args => %s::jsonb) AS t",
+                    (
+                        json.dumps({"task": "text-generation", "model": "tiny/llama"}),
+                        json.dumps({"max_new_tokens": 40, "min_new_tokens": 40, "timeout": 120}),
+                    ),
+                ).fetchone()["t"]
+            )
+        except Exception as e:
+            got.append(e)
+
+    call = threading.Thread(target=call_transform)
+    call.start()
+    seen: set[tuple[str | None, str | None]] = set()
+    while call.is_alive():
+        row = su.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+        seen.add((row["wait_event_type"], row["wait_event"]))
+        time.sleep(0.005)
+    call.join()
+    assert len(got) == 1 and not isinstance(got[0], Exception), got
+    assert ("Lock", "advisory") in seen, seen
+    assert len(got[0]) == 1 and got[0][0]["finish_reason"] == "length"
+    # nothing is left locked: the serving process released its lock, the caller its shared one
+    assert su.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'").fetchone() == {"n": 0}

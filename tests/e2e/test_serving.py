@@ -161,6 +161,17 @@ def test_classification_equals_the_in_process_pipeline(
     # args reach the pipeline: top_k gives every label
     top = ask(ops, "classify", "pgml:reviews", TEXTS[:1], {"top_k": 2})["result"]
     assert sorted(x["label"] for x in top[0]) == ["negative", "positive"]
+    # the fleet registry shows what the worker keeps warm (from the next heartbeat on)
+    cached = wait_for(
+        lambda: (
+            (r := su.execute("SELECT models_cached FROM pgml.worker_status WHERE state = 'live'").fetchone())
+            and f"pgml:model:{lora}" in r["models_cached"]
+            and r["models_cached"]
+        ),
+        30,
+        what="the registry to list the cached models",
+    )
+    assert f"pgml:model:{full}" in cached and "tiny/classifier" in cached
 
 
 def test_deployment_switch_is_served_at_once(

@@ -237,7 +237,7 @@ def test_status_is_an_aligned_table_and_typed_json(
     assert r.returncode == 0 and "Traceback" not in r.stderr
     out = r.stdout.splitlines()
     assert out[0].startswith("jobs: queued 0, running 0, succeeded 1, failed 1, cancelled 1")
-    header, *rows = out[2:]
+    header, *rows = out[2 : out.index("", 2)]  # the jobs table, up to the workers section
     for col in ("id", "status", "step", "loss", "model_id", "error"):
         assert col in header.split()
     starts = [header.index(c) for c in ("status", "model_id", "error")]
@@ -249,6 +249,9 @@ def test_status_is_an_aligned_table_and_typed_json(
     assert " 0.3333 " in by_id[ok] and "0.3333333" not in by_id[ok]
     assert by_id[failed][starts[2] :] == "the data was bad"
     assert "None" not in r.stdout and " - " in by_id[queued]
+    # then the workers section: the drain's row, stopped
+    assert out[-3] == "workers: 1 stopped" and out[-2].split()[:2] == ["worker", "state"]
+    assert out[-1].split()[1] == "stopped"
     data = json.loads(cli("status", "--json", "--dsn", dsn).stdout)
     jobs = {j["id"]: j for j in data["jobs"]}
     assert jobs[ok]["progress_pct"] == 100.0 and jobs[ok]["last_loss"] == pytest.approx(1 / 3)

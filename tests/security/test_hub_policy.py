@@ -69,6 +69,7 @@ def test_a_hub_model_off_the_list_is_refused_at_submit(conn: Conn, ops: Conn, su
     # refused before anything was kept: no job, no model, no copied rows
     assert su.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone() == {"n": 0}
     assert su.execute("SELECT count(*) AS n FROM pgml.job_rows").fetchone() == {"n": 0}
+    assert su.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'pgml_rows'").fetchone() == {"n": 0}
     # the insertable view goes through the same check
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="mallory/evil-bert"):
         conn.execute(

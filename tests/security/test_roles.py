@@ -78,6 +78,7 @@ def test_a_function_in_a_view_runs_as_its_caller_and_never_as_the_worker(
     assert done["snapshot_rows"] == 12
     # the snapshot is gone with the job (materialize_snapshot keeps it)
     assert su.execute("SELECT count(*) AS n FROM pgml.job_rows").fetchone() == {"n": 0}
+    assert su.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'pgml_rows'").fetchone() == {"n": 0}
 
 
 def test_views_cannot_reach_what_the_caller_cannot_read(

@@ -48,6 +48,7 @@ class MemoryBackend:
         self.renewals = 0
         self.lose_lease_of: set[int] = set()  # renewals of these jobs find them owned by someone else
         self.overtime: set[int] = set()  # renewals of these jobs find them past their max_runtime
+        self.registry: dict[str, Any] = {}  # this worker's row of the fleet registry
 
     # ---- what tests do ----
     def submit(self, **hyperparams: Any) -> int:
@@ -72,8 +73,15 @@ class MemoryBackend:
         async for notice in self._receive:
             yield notice
 
-    async def claim(self, lease_seconds: float) -> Claim | None:
-        job = next((j for j in self.jobs.values() if j.status == Status.QUEUED and not j.cancel_requested), None)
+    async def claim(self, lease_seconds: float, free_gpus: int = 0) -> Claim | None:
+        job = next(
+            (
+                j
+                for j in self.jobs.values()
+                if j.status == Status.QUEUED and not j.cancel_requested and self._gpus(j) <= free_gpus
+            ),
+            None,
+        )
         if job is None:
             return None
         job.status, job.attempt, job.worker = Status.RUNNING, job.attempt + 1, self.worker
@@ -133,8 +141,27 @@ class MemoryBackend:
     async def reap(self) -> list[dict[str, Any]]:
         return []
 
-    async def queue_empty(self) -> bool:
-        return not any(j.status == Status.QUEUED and not j.cancel_requested for j in self.jobs.values())
+    async def queue_empty(self, gpus: int = 0) -> bool:
+        return not any(
+            j.status == Status.QUEUED and not j.cancel_requested and self._gpus(j) <= gpus for j in self.jobs.values()
+        )
+
+    async def register(self, info: dict[str, Any]) -> None:
+        self.registry = {**info, "state": "live", "beats": 0}
+
+    async def beat(self, state: dict[str, Any]) -> bool:
+        self.registry.update(state, beats=self.registry["beats"] + 1)
+        return True
+
+    async def unregister(self) -> None:
+        self.registry["state"] = "stopped"
+
+    async def jobs_by_status(self) -> list[dict[str, Any]]:
+        return [{"status": s, "jobs": sum(str(j.status) == s for j in self.jobs.values())} for s in Status]
+
+    @staticmethod
+    def _gpus(job: Job) -> int:
+        return int(job.hyperparams.get("resources", {}).get("gpus", 0))
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         return {}

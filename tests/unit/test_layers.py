@@ -51,6 +51,8 @@ RANKS = {
     "worker": 4,
     "worker.process": 4,
     "worker.backend": 4,
+    "worker.fleet": 4,
+    "worker.metrics": 5,
     "worker.serving": 5,
     "worker.attempt": 5,
     "worker.daemon": 6,
@@ -63,6 +65,8 @@ RANKS = {
     "serving.__main__": 8,
     # the front
     "demo": 8,
+    "dashboard": 8,
+    "dashboard.server": 8,
     "cli": 9,
 }
 

@@ -135,7 +135,7 @@ def test_child_output_lines_are_bounded() -> None:
 
 def test_every_named_query_ends_with_its_statement() -> None:
     """A comment after a block's last statement becomes part of it (and breaks a query wrapped in COPY (...))."""
-    for name, text in queries().items():
+    for name, text in {**queries(), **queries("dashboard.sql")}.items():
         last = text.rstrip().splitlines()[-1].lstrip()
         assert not last.startswith("--") and not text.rstrip().endswith(";"), f"query {name!r} ends with {last!r}"
 

@@ -3,11 +3,12 @@ which call the SECURITY DEFINER functions of 0014_serving.sql; each write is fen
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..db import Pool, Row
+from ..db import RETRYABLE, Pool, Row
 
 CHANNEL = "pgml_requests"  # {"type": "request_queued"}: only wakes the serving process
 
@@ -38,15 +39,30 @@ class Request:
 
 
 class Requests:
-    """The statements of one serving process (`serving_id` fences every write)."""
+    """The statements of one serving process (`serving_id` fences every write).
+
+    Claims and answers go through one connection of their own, the lane: the claim takes an advisory lock on each
+    request for that session (0025_request_locks.sql), and once a request's answer is committed the lane releases
+    its lock, which wakes the caller waiting on it. Everything else uses the pool.
+    """
 
     def __init__(self, pool: Pool, serving_id: str, lease_seconds: float) -> None:
         self.pool = pool
+        self.lane = Pool(pool.dsn, app=f"{pool.app} lane", max_size=1)
         self.serving_id = serving_id
         self.lease_seconds = lease_seconds
 
+    async def close(self) -> None:
+        await self.lane.close()
+
+    async def _unlock(self, ids: list[int]) -> None:
+        """After the answers are committed (whoever owns the requests now): their callers wake up. A lane
+        connection that broke since the claim took its locks with it."""
+        with contextlib.suppress(*RETRYABLE):
+            await self.lane.named("unlock_requests", retry=False, ids=ids)
+
     async def claim(self, max_n: int) -> list[Request]:
-        rows = await self.pool.named(
+        rows = await self.lane.named(
             "claim_requests", serving_id=self.serving_id, max_n=max_n, lease_seconds=self.lease_seconds
         )
         return [Request.from_row(r) for r in rows]
@@ -60,21 +76,25 @@ class Requests:
 
     async def answer_all(self, answers: list[tuple[int, Any]]) -> set[int]:
         """A batch's answers in one statement and one commit; the ids this process still owned."""
-        rows = await self.pool.named(
-            "answer_requests",
-            serving_id=self.serving_id,
-            ids=[i for i, _ in answers],
-            results=[json.dumps(r) for _, r in answers],
-        )
+        ids = [i for i, _ in answers]
+        try:
+            rows = await self.lane.named(
+                "answer_requests", serving_id=self.serving_id, ids=ids, results=[json.dumps(r) for _, r in answers]
+            )
+        finally:
+            await self._unlock(ids)
         return {r["id"] for r in rows}
 
     async def fail(self, request_id: int, error: str) -> bool:
         return await self._finish(request_id, None, None, error)
 
     async def _finish(self, request_id: int, result: str | None, usage: str | None, error: str | None) -> bool:
-        rows = await self.pool.named(
-            "finish_request", id=request_id, serving_id=self.serving_id, result=result, usage=usage, error=error
-        )
+        try:
+            rows = await self.lane.named(
+                "finish_request", id=request_id, serving_id=self.serving_id, result=result, usage=usage, error=error
+            )
+        finally:
+            await self._unlock([request_id])
         return bool(rows and rows[0]["owned"])
 
     async def chunk(self, request_id: int, first_seq: int, texts: list[str]) -> bool:

@@ -72,6 +72,8 @@ class Server:
                     released = await self.requests.release_own()
                 if released:
                     log.info("serving.released", requests=[r["id"] for r in released])
+            with anyio.CancelScope(shield=True):
+                await self.requests.close()
 
     async def _listener(self) -> None:
         delays = backoff_delays(first=0.05, cap=5.0)
@@ -185,6 +187,7 @@ class Server:
                 mb=round(loaded.nbytes / MiB, 1),
                 seconds=round(time.monotonic() - started, 2),
                 evicted=evicted,
+                cached=[e.key.name for e in self.cache.entries.values()],  # the fleet registry shows these
             )
         return loaded
 

@@ -17,6 +17,8 @@ SET status = 'running',
 WHERE j.id = (
     SELECT q.id FROM pgml.jobs q
     WHERE q.status = 'queued' AND NOT q.cancel_requested
+      -- only what this worker can run: hyperparams.resources.gpus (checked at submit, 0022_fleet) of its free GPUs
+      AND coalesce((q.hyperparams -> 'resources' ->> 'gpus')::integer, 0) <= %(free_gpus)s
       -- a submitter at its max_running waits (a soft cap: two workers claiming at once may pass it by one)
       AND (q.max_running IS NULL
            OR (SELECT count(*) FROM pgml.jobs r WHERE r.status = 'running' AND r.submitted_by = q.submitted_by)
@@ -28,6 +30,7 @@ WHERE j.id = (
 RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
           j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.credential, j.submitted_by,
           j.snapshot_columns,
+          extract(epoch FROM clock_timestamp() - j.created_at)::float8 AS queued_seconds,
           (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
           -- the hub allow-list may have changed since the job was submitted: checked again at every claim
           (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal;
@@ -112,7 +115,36 @@ SELECT pgml.job_credential(%(id)s, %(attempt)s) AS credential;
 SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;
 
 -- name: queue_empty
-SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested) AS empty;
+-- What a draining worker still waits for: queued jobs it could run (with all its GPUs), and jobs held by a worker that stopped heartbeating (its lease
+-- runs out, the poller reaps the job, and the drain takes it over) — a registered holder that is not live, or any
+-- holder whose lease has already expired.
+SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested
+                   AND coalesce((hyperparams -> 'resources' ->> 'gpus')::integer, 0) <= %(gpus)s)
+   AND NOT EXISTS (
+       SELECT 1 FROM pgml.jobs j
+       WHERE j.status = 'running' AND j.worker IS DISTINCT FROM %(worker)s
+         AND (j.lease_expires_at < clock_timestamp()
+              OR EXISTS (SELECT 1 FROM pgml.worker_status w WHERE w.id = j.worker AND w.state <> 'live'))) AS empty;
+
+-- name: worker_register
+-- The fleet registry (0022_fleet): each daemon's own row, fenced on its token.
+SELECT pgml._worker_register(%(worker)s::text, %(token)s::text, %(host)s::text, %(pid)s::integer, %(version)s::text,
+                             %(devices)s::jsonb, %(gpus)s::integer, %(concurrency)s::integer,
+                             %(heartbeat_seconds)s::real, %(lease_seconds)s::real);
+
+-- name: worker_heartbeat
+SELECT pgml._worker_heartbeat(%(worker)s::text, %(token)s::text, %(free_slots)s::integer, %(free_gpus)s::integer,
+                              %(running)s::bigint[], %(models_cached)s::jsonb) AS owned;
+
+-- name: worker_stop
+SELECT pgml._worker_stop(%(worker)s::text, %(token)s::text) AS owned;
+
+-- name: registry_exists
+SELECT pg_catalog.to_regprocedure('pgml._worker_heartbeat(text, text, integer, integer, bigint[], jsonb)') IS NOT NULL
+    AS found;
+
+-- name: jobs_by_status
+SELECT status, jobs FROM pgml.queue_summary;
 
 -- name: release_orphans
 -- After a claim whose reply was lost: jobs this worker claimed but does not run go back to the queue.
@@ -208,6 +240,11 @@ SELECT pgml._request_finish(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s
 -- name: answer_requests
 -- A whole batch's answers in one statement (ids[i] gets results[i]); the ids still owned come back.
 SELECT id FROM pgml._requests_answer(%(serving_id)s, %(ids)s::bigint[], %(results)s::jsonb[]) AS a (id);
+
+-- name: unlock_requests
+-- The lane's advisory locks on these requests (taken by claim_requests), once their answers are committed.
+SELECT pg_catalog.pg_advisory_unlock(pgml._request_lock_space(), pgml._request_lock_key(i))
+FROM pg_catalog.unnest(%(ids)s::bigint[]) AS i;
 
 -- name: request_chunk
 SELECT pgml._request_chunk(%(id)s, %(serving_id)s, %(first_seq)s, %(texts)s::text[]) AS owned;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from secrets import token_urlsafe
 from typing import Any, Protocol
@@ -20,6 +21,14 @@ from ..states import Action, Claim, StopReason, settle
 from .backend import Backend
 
 log = logconfig.get("pgml_tuned.worker")
+
+OUTCOMES = {
+    Action.DONE: "succeeded",
+    Action.FAIL: "failed",
+    Action.CANCEL: "cancelled",
+    Action.REQUEUE: "requeued",
+    Action.ABANDON: "abandoned",
+}
 
 
 class Child(Protocol):
@@ -41,9 +50,10 @@ Launcher = Callable[[dict[str, Any], dict[str, str]], Awaitable[Child]]
 
 
 class Attempt:
-    def __init__(self, claim: Claim, slot: int) -> None:
+    def __init__(self, claim: Claim, slot: int, metrics: Any = None) -> None:
         self.claim = claim
         self.slot = slot
+        self.metrics = metrics  # metrics.Metrics with --metrics-port: durations, checkpoint bytes
         self.child: Child | None = None
         self.stop_reason: StopReason | None = None
         self._kill = False
@@ -94,7 +104,8 @@ class Attempt:
         self.child = child
         if self.stop_reason is not None:
             self.stop(self.stop_reason, kill=self._kill, sig=self._signal)
-        rc = await child.run(on_child_event)
+        started = time.monotonic()
+        rc = await child.run(self._on_event)
         with anyio.CancelScope(shield=True):
             status = await backend.status(job.id, job.attempt)
             description = child.describe_exit(rc)
@@ -119,6 +130,14 @@ class Attempt:
                 log.error("job.failed", rc=rc, error=transition.error)
             else:
                 log.warning("job.abandoned", reason="lease lost", rc=rc, stop_reason=self.stop_reason, status=status)
+            if self.metrics is not None:
+                outcome = OUTCOMES[transition.action]
+                self.metrics.duration.labels(outcome).observe(time.monotonic() - started)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        on_child_event(event)
+        if self.metrics is not None:
+            self.metrics.on_child_event(event)
 
 
 def on_child_event(event: dict[str, Any]) -> None:

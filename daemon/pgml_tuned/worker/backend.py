@@ -14,19 +14,26 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from secrets import token_urlsafe
 from typing import Any, Protocol
 
 import anyio
+import psycopg
+from psycopg.types.json import Jsonb
 
 from .. import jobs, logconfig, secrets
 from ..config import Settings
-from ..db import RETRYABLE, Pool, backoff_delays, connect
+from ..db import RETRYABLE, Pool, backoff_delays, connect, q
 from ..states import Claim, Renewal, Status
 
 log = logconfig.get("pgml_tuned.worker.backend")
 
 JOBS_CHANNEL = "pgml_jobs"  # {"type": "job_queued", "id": N}: a job became queued
 CONTROL_CHANNEL = "pgml_control"  # {"type": "cancel_requested", "id": N}: look at that job's row now
+
+
+class RegistryMissing(Exception):
+    """The database has no fleet registry (pgml.workers, migration 0022) yet."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,9 @@ class Backend(Protocol):
 
     def notices(self) -> AsyncIterator[Notice]: ...
 
-    async def claim(self, lease_seconds: float) -> Claim | None:
-        """The next queued job, now this worker's; raises a RETRYABLE error when the reply was lost."""
+    async def claim(self, lease_seconds: float, free_gpus: int = 0) -> Claim | None:
+        """The next queued job asking for at most `free_gpus` GPUs, now this worker's; raises a RETRYABLE error
+        when the reply was lost."""
 
     async def release_orphans(self, running: list[int]) -> list[int]: ...
 
@@ -80,7 +88,18 @@ class Backend(Protocol):
 
     async def reap(self) -> list[dict[str, Any]]: ...
 
-    async def queue_empty(self) -> bool: ...
+    async def queue_empty(self, gpus: int = 0) -> bool:
+        """Nothing left for a drain (see jobs.queue_empty)."""
+
+    async def register(self, info: dict[str, Any]) -> None:
+        """This daemon's row in the fleet registry (raises RegistryMissing without one)."""
+
+    async def beat(self, state: dict[str, Any]) -> bool:
+        """Renew the row with what the daemon holds now; False when it is no longer this daemon's."""
+
+    async def unregister(self) -> None: ...
+
+    async def jobs_by_status(self) -> list[dict[str, Any]]: ...
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         """The job's secrets in clear, for its child: its named credential's token, or its sealed tokens
@@ -97,6 +116,7 @@ class PgBackend:
         # claimer, poller, heartbeat and each settling attempt: a few statements at once at most
         self.pool = Pool(dsn, app=f"pgml-tuned {self.worker}", max_size=3 + settings.concurrency)
         self.keyring = secrets.Keyring(settings.keyring)
+        self.token = token_urlsafe(24)  # fences this daemon's row in pgml.workers
 
     async def prepare(self) -> None:
         # the private keys an administrator put here; a worker never creates or registers one
@@ -138,8 +158,8 @@ class PgBackend:
                 log.warning("listener.reconnect", error=str(e).strip(), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
 
-    async def claim(self, lease_seconds: float) -> Claim | None:
-        return await jobs.claim(self.pool, self.worker, lease_seconds)
+    async def claim(self, lease_seconds: float, free_gpus: int = 0) -> Claim | None:
+        return await jobs.claim(self.pool, self.worker, lease_seconds, free_gpus)
 
     async def release_orphans(self, running: list[int]) -> list[int]:
         return await jobs.release_orphans(self.pool, self.worker, running)
@@ -165,8 +185,35 @@ class PgBackend:
     async def reap(self) -> list[dict[str, Any]]:
         return await jobs.reap_expired(self.pool)
 
-    async def queue_empty(self) -> bool:
-        return await jobs.queue_empty(self.pool)
+    async def queue_empty(self, gpus: int = 0) -> bool:
+        return await jobs.queue_empty(self.pool, self.worker, gpus)
+
+    async def register(self, info: dict[str, Any]) -> None:
+        try:
+            await self.pool.named(
+                "worker_register", worker=self.worker, token=self.token, **{**info, "devices": Jsonb(info["devices"])}
+            )
+        except psycopg.errors.UndefinedFunction as e:
+            found = await self.pool.one(q("registry_exists"))
+            if found and found["found"]:
+                raise  # a bug, not an old schema
+            raise RegistryMissing(str(e).strip()) from None
+
+    async def beat(self, state: dict[str, Any]) -> bool:
+        rows = await self.pool.named(
+            "worker_heartbeat",
+            retry=False,  # not through an outage: the next heartbeat tries again
+            worker=self.worker,
+            token=self.token,
+            **{**state, "models_cached": Jsonb(state["models_cached"])},
+        )
+        return bool(rows and rows[0]["owned"])
+
+    async def unregister(self) -> None:
+        await self.pool.named("worker_stop", worker=self.worker, token=self.token)
+
+    async def jobs_by_status(self) -> list[dict[str, Any]]:
+        return await self.pool.fetch(q("jobs_by_status"))
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         if claim.credential:

@@ -7,13 +7,17 @@
              all running attempts and reads their cancel requests
 - one task per running attempt (attempt.py): child process, then settle
 - serving    the inference lane's process (serving.py), restarted when it dies; never a job slot
+- fleet      its row in pgml.workers (registered at start, renewed by the heartbeat, marked stopped at a clean
+             exit); systemd's READY=1 / WATCHDOG=1 (from the heartbeat) / STOPPING=1 (fleet.py); with
+             --metrics-port, /metrics for Prometheus (metrics.py)
 - signals    SIGTERM/SIGINT: stop claiming, SIGTERM children (they checkpoint), requeue, exit within
              grace_seconds; a second signal exits at once (leases then expire as after a crash)
 
 Children connect with their own login (settings.child_dsn; `dsn` below), which may only call the ticketed
 pgml._child_* functions, and run as settings.child_user when one is set (the daemon then runs as root).
 
-`--drain` stops once the queue is empty and nothing runs. The daemon talks only to a Backend and a
+`--drain` stops once the queue is empty and nothing runs (a job held by a worker that stopped heartbeating is
+waited for: its lease runs out, it is reaped and taken over). The daemon talks only to a Backend and a
 launcher, so tests drive it without PostgreSQL or processes.
 """
 
@@ -21,19 +25,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
+import socket
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .. import logconfig
+from .. import __version__, logconfig
 from ..config import Settings
 from ..db import RETRYABLE
 from ..states import Status, StopReason
 from .attempt import Attempt, Launcher
-from .backend import Backend, Notice, PgBackend
+from .backend import Backend, Notice, PgBackend, RegistryMissing
+from .fleet import detect_devices, free_gpus, sd_notify, watchdog_enabled
 from .process import ChildProcess, ChildUser, check_child_user, child_env
 from .serving import ServingSupervisor
 
@@ -50,9 +58,11 @@ class Daemon:
         dsn: str = "",
         drain: bool = False,
         serving: Callable[[], Coroutine[Any, Any, None]] | None = None,
+        cached_models: Callable[[], list[str]] | None = None,
     ) -> None:
         self.settings = settings
         self.serving = serving
+        self.cached_models = cached_models or list
         self.backend = backend
         self.launch = launch
         self.dsn = dsn
@@ -66,29 +76,47 @@ class Daemon:
         self.claimed = 0
         self._root: anyio.CancelScope | None = None
         self._tg: TaskGroup | None = None
+        self.devices: list[dict[str, Any]] = []
+        self.registered = False
+        self.watchdog = watchdog_enabled()
+        self.turned = time.monotonic()  # when the heartbeat loop last began a round
+        self.waiting_on_db = False  # the heartbeat loop is in a database call (it may retry through an outage)
+        self.metrics: Any = None  # a metrics.Metrics with --metrics-port (prometheus_client is imported only then)
+        self.metrics_port: int | None = None  # the port /metrics listens on
 
     # ---- lifecycle ----
     async def serve(self) -> None:
         await self.backend.prepare()
         self.settings.scratch.mkdir(parents=True, exist_ok=True)
+        self.devices = await anyio.to_thread.run_sync(detect_devices, self.settings.gpu_list)
         log.info(
             "daemon.start",
             worker=self.settings.worker_id,
             concurrency=self.settings.concurrency,
             drain=self.drain,
             lease_seconds=self.settings.lease_seconds,
+            devices=self.devices,
         )
         try:
+            await self._register()
             async with anyio.create_task_group() as tg:
                 self._root, self._tg = tg.cancel_scope, tg
                 tg.start_soon(self._signals)
+                if self.settings.metrics_port is not None:
+                    self.metrics_port = await tg.start(self._metrics)
                 tg.start_soon(self._listener)
                 tg.start_soon(self._poller)
                 tg.start_soon(self._heartbeat)
+                if self.watchdog:
+                    tg.start_soon(self._watchdog)
                 tg.start_soon(self._claimer, tg)
                 if self.serving is not None and not self.drain:
                     tg.start_soon(self.serving)
+                sd_notify("READY=1", f"STATUS=serving as {self.settings.worker_id}")
         finally:
+            sd_notify("STOPPING=1")
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._unregister()
             await self.backend.close()
             stopped = {"message": f"stopped by {self.stopped_by}"} if self.stopped_by else {}
             log.info("daemon.stop", worker=self.settings.worker_id, jobs_claimed=self.claimed, **stopped)
@@ -115,6 +143,7 @@ class Daemon:
         )
         self.stopping = True
         self.stopped_by = why
+        sd_notify("STOPPING=1", f"STATUS=stopping ({why}): {len(self.attempts)} running jobs checkpoint")
         for attempt in self.attempts.values():
             attempt.stop(StopReason.SHUTDOWN, kill=False, sig=sig)
         self._tg.start_soon(self._grace_then_kill)
@@ -160,16 +189,107 @@ class Daemon:
             with contextlib.suppress(*RETRYABLE):
                 for row in await self.backend.reap():
                     log.warning("job.lease_expired", job_id=row["id"], attempt=row["attempt"], now=row["status"])
+                    if self.metrics is not None:
+                        self.metrics.takeovers.inc()
             self.wake.set()
 
-    # ---- leases ----
+    # ---- leases and the fleet registry ----
     async def _heartbeat(self) -> None:
         while True:
             with anyio.move_on_after(self.settings.heartbeat_seconds):
                 await self.beat.wait()
             self.beat = anyio.Event()
-            if self.attempts:
-                await self.renew_leases()
+            self.turned = time.monotonic()
+            self.waiting_on_db = True
+            try:
+                if self.attempts:
+                    await self.renew_leases()
+                await self._registry_beat()
+            finally:
+                self.waiting_on_db = False
+
+    async def _watchdog(self) -> None:
+        """systemd's WATCHDOG=1 while the heartbeat loop turns (or waits for the database: a PostgreSQL restart
+        is no reason to kill the children). A wedged loop — or event loop — stops the pings, and systemd restarts
+        the daemon after WatchdogSec."""
+        usec = int(os.environ.get("WATCHDOG_USEC") or 0)
+        interval = min(self.settings.heartbeat_seconds, usec / 2e6) if usec else self.settings.heartbeat_seconds
+        while True:
+            if self.waiting_on_db or time.monotonic() - self.turned < 2 * self.settings.heartbeat_seconds + 1:
+                sd_notify("WATCHDOG=1")
+            await anyio.sleep(interval)
+
+    def free_gpus(self) -> int:
+        return free_gpus(self.settings.gpu_list, self.devices, self.free_slots)
+
+    async def _register(self) -> None:
+        """This daemon's row in pgml.workers. A schema without the registry (migration 0022) is a warning: the
+        daemon serves without it. Another live worker under the same id is an error: the daemon does not start."""
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "devices": self.devices,
+            "gpus": len(self.devices),
+            "concurrency": self.settings.concurrency,
+            "heartbeat_seconds": self.settings.heartbeat_seconds,
+            "lease_seconds": self.settings.lease_seconds,
+        }
+        try:
+            await self.backend.register(info)
+        except RegistryMissing as e:
+            log.warning("fleet.no_registry", error=str(e), note="`pgml-tuned migrate` (0022_fleet) adds the registry")
+            return
+        self.registered = True
+        self._beat_ok()
+
+    async def _registry_beat(self) -> None:
+        if not self.registered:
+            return
+        state = {
+            "free_slots": len(self.free_slots) if not self.stopping else 0,
+            "free_gpus": self.free_gpus() if not self.stopping else 0,
+            "running": sorted(self.attempts),
+            "models_cached": self.cached_models(),
+        }
+        try:
+            owned = await self.backend.beat(state)
+        except Exception as e:  # the registry never stops the daemon; the next beat tries again
+            log.warning("fleet.heartbeat_failed", error=str(e).strip())
+            return
+        if owned:
+            self._beat_ok()
+        else:
+            log.error(
+                "fleet.row_taken",
+                worker=self.settings.worker_id,
+                note="another daemon registered under this worker id; give each daemon its own --worker-id",
+            )
+            self.registered = False
+
+    def _beat_ok(self) -> None:
+        if self.metrics is not None:
+            self.metrics.last_heartbeat = time.monotonic()
+
+    async def _unregister(self) -> None:
+        if self.registered:
+            with contextlib.suppress(Exception):
+                await self.backend.unregister()
+            self.registered = False
+
+    # ---- /metrics ----
+    async def _metrics(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        from .metrics import serve_metrics
+
+        port = self.settings.metrics_port
+        assert port is not None and self.metrics is not None
+        gpus = [d["index"] for d in self.devices]
+
+        async def refresh() -> None:
+            self.metrics.running.set(len(self.attempts))
+            await self.metrics.refresh(self.backend.jobs_by_status, gpus)
+
+        await serve_metrics(self.settings.metrics_host, port, self.metrics, refresh, task_status=task_status)
 
     async def renew_leases(self) -> None:
         attempts = dict(self.attempts)
@@ -200,7 +320,12 @@ class Daemon:
             await self.wake.wait()
             self.wake = anyio.Event()
             await self.claim_while_free(tg)
-            if self.drain and not self.attempts and not self.stopping and await self.backend.queue_empty():
+            if (
+                self.drain
+                and not self.attempts
+                and not self.stopping
+                and await self.backend.queue_empty(len(self.devices))
+            ):
                 log.info("daemon.drained", jobs_claimed=self.claimed)
                 self.stopping = True
             self._finish_if_idle()
@@ -209,7 +334,7 @@ class Daemon:
         """Claim queued jobs until the slots are full or the queue is empty; start an attempt for each."""
         while self.free_slots and not self.stopping:
             try:
-                claim = await self.backend.claim(self.settings.lease_seconds)
+                claim = await self.backend.claim(self.settings.lease_seconds, self.free_gpus())
             except RETRYABLE as e:
                 # the claim may have committed without us hearing back: put such a job back at once
                 log.warning("claim.connection_lost", error=str(e).strip())
@@ -220,7 +345,9 @@ class Daemon:
             if claim is None:
                 return
             self.claimed += 1
-            attempt = Attempt(claim, self.free_slots.pop(0))
+            if self.metrics is not None and claim.attempt == 1 and claim.queued_seconds is not None:
+                self.metrics.pickup.observe(claim.queued_seconds)
+            attempt = Attempt(claim, self.free_slots.pop(0), self.metrics)
             self.attempts[claim.id] = attempt
             tg.start_soon(self._run_attempt, attempt)
 
@@ -256,7 +383,19 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         await check_child_user(user, settings.scratch, secret_files)
         log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
     launch = functools.partial(ChildProcess.start, user=user)
-    serving = ServingSupervisor(settings, dsn, user).run if settings.serving else None
-    daemon = Daemon(settings, PgBackend(settings, dsn), launch, dsn=child_dsn or dsn, drain=drain, serving=serving)
+    supervisor = ServingSupervisor(settings, dsn, user) if settings.serving else None
+    daemon = Daemon(
+        settings,
+        PgBackend(settings, dsn),
+        launch,
+        dsn=child_dsn or dsn,
+        drain=drain,
+        serving=supervisor.run if supervisor else None,
+        cached_models=(lambda: list(supervisor.cached)) if supervisor else None,
+    )
+    if settings.metrics_port is not None:
+        from .metrics import Metrics
+
+        daemon.metrics = Metrics()
     await daemon.serve()
     return daemon

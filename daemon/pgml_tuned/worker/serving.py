@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import anyio
 
@@ -34,6 +35,7 @@ class ServingSupervisor:
         self.user = user  # the training children's system user, when the daemon runs them as one: this one too
         self.starts = 0
         self.pid: int | None = None  # of the running serving process (tests and operators)
+        self.cached: list[str] = []  # the models it keeps warm now (from its serving.model_loaded log lines)
 
     async def run(self) -> None:
         """Forever: run the serving process; when it exits, release its requests and start another."""
@@ -86,11 +88,12 @@ class ServingSupervisor:
                 await process.stdin.send(json.dumps(payload).encode())
                 await process.stdin.aclose()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(passthrough, process.stdout)
-                tg.start_soon(passthrough, process.stderr)
+                tg.start_soon(passthrough, process.stdout, self._seen)
+                tg.start_soon(passthrough, process.stderr, self._seen)
             return await process.wait()
         finally:
             self.pid = None
+            self.cached = []
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:
                     process.terminate()  # it puts its requests back in the queue and exits
@@ -100,7 +103,20 @@ class ServingSupervisor:
                     process.kill()
                     await process.wait()
 
+    def _seen(self, line: str) -> None:
+        """The serving process logs what its cache holds after each load: the fleet registry shows it."""
+        if '"serving.model_loaded"' not in line:
+            return
+        try:
+            cached = json.loads(line).get("cached")
+        except (json.JSONDecodeError, AttributeError):
+            return
+        if isinstance(cached, list):
+            self.cached = [str(c) for c in cached]
 
-async def passthrough(stream: anyio.abc.ByteReceiveStream) -> None:
+
+async def passthrough(stream: anyio.abc.ByteReceiveStream, seen: Callable[[str], None] | None = None) -> None:
     async for line in lines(stream):
         sys.stderr.write(line + "\n")
+        if seen is not None:
+            seen(line)

@@ -190,58 +190,13 @@ DROP TRIGGER IF EXISTS jobs_logged ON pgml.jobs;
 CREATE TRIGGER jobs_logged AFTER UPDATE OF status, attempt ON pgml.jobs
     FOR EACH ROW EXECUTE FUNCTION pgml._job_logged();
 
--- ---- CALL pgml.wait(job_id): the log rows as they arrive, the lines about the job as plain text -----------------
--- Training rows print as before (pretty JSON); info rows print their message ("requeued by worker ...", "taken
--- over by worker ...", "resuming from the checkpoint at step N ..."), warnings and errors prefixed so. It runs as
--- its caller (row-level security: one's own jobs) and COMMITs between polls, so it never holds a snapshot for
--- hours; a procedure that commits cannot pin its search_path, so every name in it is schema-qualified.
-CREATE OR REPLACE PROCEDURE pgml.wait(job_id bigint, poll_seconds real DEFAULT 0.5, timeout_seconds real DEFAULT NULL)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_last bigint := 0;
-    v_log record;
-    v_job record;
-    v_start timestamptz := pg_catalog.clock_timestamp();
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = wait.job_id) THEN
-        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('no job %s', wait.job_id), ERRCODE = 'no_data_found',
-            HINT = 'pgml.tune() returns the job id; SELECT id, status FROM pgml.jobs lists your jobs';
-    END IF;
-    LOOP
-        SELECT j.status, j.error, j.metrics, j.attempt INTO v_job FROM pgml.jobs j WHERE j.id = wait.job_id;
-        FOR v_log IN SELECT l.id, l.kind, l.logs FROM pgml.logs l WHERE l.job_id = wait.job_id AND l.id > v_last
-                     ORDER BY l.id LOOP
-            IF v_log.kind = 'train' THEN
-                RAISE INFO '%', pg_catalog.jsonb_pretty(v_log.logs);
-            ELSE
-                RAISE INFO '%', CASE WHEN v_log.kind = 'info' THEN '' ELSE v_log.kind || ': ' END
-                    || coalesce(v_log.logs ->> 'message', v_log.logs::text);
-            END IF;
-            v_last := v_log.id;
-        END LOOP;
-        EXIT WHEN v_job.status IN ('succeeded', 'failed', 'cancelled');
-        IF timeout_seconds IS NOT NULL
-           AND pg_catalog.clock_timestamp() - v_start > pg_catalog.make_interval(secs => timeout_seconds) THEN
-            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s is still %s after %s s', wait.job_id,
-                                                              v_job.status, timeout_seconds),
-                ERRCODE = 'query_canceled', HINT = 'CALL pgml.wait again to keep following it';
-        END IF;
-        COMMIT;
-        PERFORM pg_catalog.pg_sleep(poll_seconds);
-    END LOOP;
-    IF v_job.status = 'failed' THEN
-        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s failed: %s', wait.job_id, v_job.error),
-            HINT = pg_catalog.format('SELECT errors FROM pgml.jobs WHERE id = %s shows every attempt', wait.job_id);
-    END IF;
-    RAISE INFO '%', pg_catalog.jsonb_pretty(pg_catalog.jsonb_build_object('job_id', wait.job_id, 'status',
-        v_job.status, 'metrics', v_job.metrics, 'error', v_job.error));
-END $$;
+-- CALL pgml.wait prints these lines as text: see 0026_wait_log_kinds.sql (after 0022_fleet's pgml.wait, which it
+-- extends).
 
 -- ---- ownership and privileges ---------------------------------------------------------------------------
 SELECT pgml._own_everything();
 REVOKE ALL ON FUNCTION pgml._child_resume(bigint, text, bigint, integer, jsonb), pgml._job_logged() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgml._child_resume(bigint, text, bigint, integer, jsonb) TO pgml_child;
-GRANT EXECUTE ON PROCEDURE pgml.wait(bigint, real, real) TO pgml_user;
 GRANT SELECT ON pgml.superseded_logs TO pgml_user, pgml_worker;
 
 INSERT INTO pgml.schema_migrations (version) VALUES ('0018_log_kinds') ON CONFLICT DO NOTHING;

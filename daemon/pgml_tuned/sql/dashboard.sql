@@ -1,0 +1,35 @@
+-- The dashboard's statements (daemon/pgml_tuned/dashboard/): reads only, over the views and tables a user reads,
+-- run on the viewer's own login in read-only sessions, so row-level security and the views' filters decide what
+-- each viewer sees. Each answers one JSON value (intervals in seconds), sent to the page as it is.
+
+-- name: jobs
+SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.id DESC), '[]') AS jobs
+FROM (SELECT s.id, s.project, s.task, s.status, s.attempt, s.max_attempts, s.step, s.max_steps, s.progress_pct,
+             s.last_loss, extract(epoch FROM s.eta)::float8 AS eta_seconds, s.heartbeat_age, s.cancel_requested,
+             s.model_id, s.metrics, s.error, s.created_at, s.started_at, s.finished_at, s.submitted_by
+      FROM pgml.job_status s
+      ORDER BY s.id DESC
+      LIMIT %(limit)s) x
+
+-- name: model
+SELECT pg_catalog.json_build_object(
+           'id', m.id, 'project', p.name, 'task', m.task, 'status', m.status, 'model_name', m.model_name,
+           'base_model', m.base_model, 'relation_name', m.relation_name, 'hyperparams', m.hyperparams,
+           'metrics', m.metrics, 'created_at', m.created_at, 'updated_at', m.updated_at,
+           'job_id', (SELECT max(j.id) FROM pgml.jobs j WHERE j.model_id = m.id),
+           'files', (SELECT coalesce(pg_catalog.json_agg(f ORDER BY f.path), '[]')
+                     FROM (SELECT fp.path, count(*) AS parts, sum(pg_catalog.octet_length(fp.data))::bigint AS bytes
+                           FROM pgml.files fp
+                           WHERE fp.model_id = m.id
+                           GROUP BY fp.path) f)) AS model
+FROM pgml.models m
+JOIN pgml.projects p ON p.id = m.project_id
+WHERE m.id = %(model_id)s
+
+-- name: model_logs
+SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.id), '[]') AS logs
+FROM (SELECT l.id, l.job_id, l.attempt, l.created_at, l.logs
+      FROM pgml.logs l
+      WHERE l.model_id = %(model_id)s AND l.id > %(after)s
+      ORDER BY l.id
+      LIMIT %(limit)s) x

@@ -1,0 +1,70 @@
+"""Each job's rows live in a table of its own, pgml_rows.job_<id>: written only by its pgml.tune() call, readable
+by its submitter, dropped when the job ends (unless materialize_snapshot) or is deleted, never waited on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import OTHER_USER, as_login, connect
+from tests.integration.test_tune_validation import reviews, tune  # noqa: F401  (the fixture)
+
+Conn = psycopg.Connection[dict[str, Any]]
+
+
+def tables(su: Conn) -> list[str]:
+    rows = su.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'pgml_rows' ORDER BY 1").fetchall()
+    return [r["tablename"] for r in rows]
+
+
+def test_the_job_table_holds_the_rows_and_only_its_submitter_reads_it(
+    conn: Conn,
+    su: Conn,
+    conn_dsn: str,
+    reviews: str,  # noqa: F811
+) -> None:
+    job = tune(conn)["job_id"]
+    assert tables(su) == [f"job_{job}"]
+    assert conn.execute("SELECT snapshot_rows FROM pgml.jobs WHERE id = %s", (job,)).fetchone() == {"snapshot_rows": 10}
+    rows = conn.execute(f"SELECT c1, c2 FROM pgml_rows.job_{job} ORDER BY c1").fetchall()
+    assert len(rows) == 10 and rows[0] == {"c1": "text 1", "c2": "b"}
+    # written once: not even its submitter adds or changes rows after pgml.tune() returned
+    for statement in (f"INSERT INTO pgml_rows.job_{job} VALUES ('x', 'a')", f"UPDATE pgml_rows.job_{job} SET c2 = 'a'"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("CREATE TABLE pgml_rows.job_999999 (c1 text)")  # nobody takes a future job's name
+    with connect(as_login(conn_dsn, OTHER_USER)) as other, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        other.execute(f"SELECT * FROM pgml_rows.job_{job}")
+
+
+def test_a_failed_submission_leaves_no_table(conn: Conn, su: Conn, reviews: str) -> None:  # noqa: F811
+    conn.execute("DELETE FROM public.reviews WHERE id > 1")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="at least 2 are needed"):
+        tune(conn)
+    assert tables(su) == []
+
+
+def test_the_table_goes_with_the_job_and_never_makes_its_end_wait(
+    conn: Conn,
+    su: Conn,
+    conn_dsn: str,
+    reviews: str,  # noqa: F811
+) -> None:
+    first, kept = tune(conn)["job_id"], tune(conn, materialize_snapshot=True)["job_id"]
+    assert conn.execute("SELECT pgml.cancel(%s) AS s", (kept,)).fetchone() == {"s": "cancelled"}
+    assert tables(su) == [f"job_{first}", f"job_{kept}"]  # materialize_snapshot keeps it
+    # the submitter reads the first job's rows in an open transaction: its end does not wait for that lock
+    with connect(conn_dsn) as reader:
+        reader.execute("BEGIN")
+        reader.execute(f"SELECT count(*) FROM pgml_rows.job_{first}")
+        assert conn.execute("SELECT pgml.cancel(%s) AS s", (first,)).fetchone() == {"s": "cancelled"}
+        assert tables(su) == [f"job_{first}", f"job_{kept}"]  # left for later
+        reader.execute("COMMIT")
+    third = tune(conn)["job_id"]
+    assert conn.execute("SELECT pgml.cancel(%s) AS s", (third,)).fetchone() == {"s": "cancelled"}
+    assert tables(su) == [f"job_{kept}"]  # the next end swept the one left behind
+    su.execute("DELETE FROM pgml.jobs WHERE id = %s", (kept,))
+    assert tables(su) == []
