@@ -49,7 +49,7 @@ def test_a_resume_moves_the_repeated_steps_apart_atomically(
             child, job["job_id"], "first", [(8, "train", summary), (9, "info", {"message": "read 10 rows"})], {}
         )
         assert worker.execute(q("requeue_job"), {"id": job["job_id"], "attempt": 1}).fetchone() is not None
-        second = worker.execute(q("claim_job"), {"worker": "w2", "lease_seconds": 60}).fetchone()
+        second = worker.execute(q("claim_job"), {"worker": "w2", "lease_seconds": 60, "free_gpus": 0}).fetchone()
         assert second is not None and second["attempt"] == 2 and issue(worker, second, "second")
         entry = {"message": "resuming from the checkpoint at step 5 (stored by attempt 1)", "from_step": 5}
         assert jobs.resume(child, job["job_id"], "second", 5, 1, entry) == 3  # steps 6, 7 and the summary

@@ -38,7 +38,7 @@ def submit(conn: Conn, table: str) -> dict[str, Any]:
 
 def start(worker: Conn, ticket: str) -> dict[str, Any]:
     """What the worker does: claim the next job, store the hash of its child's ticket."""
-    claim = worker.execute(q("claim_job"), {"worker": "w", "lease_seconds": 60}).fetchone()
+    claim = worker.execute(q("claim_job"), {"worker": "w", "lease_seconds": 60, "free_gpus": 0}).fetchone()
     assert claim is not None
     issue(worker, claim, ticket)
     return claim
@@ -188,7 +188,16 @@ def test_a_child_has_no_other_privilege(two_jobs: Any, child_dsn: str, statement
 
 @pytest.mark.parametrize("name", ["claim_job", "renew_leases", "reap_expired", "requeue_job", "fail_job"])
 def test_a_child_cannot_run_the_workers_statements(two_jobs: Any, child_dsn: str, name: str) -> None:
-    params = {"worker": "x", "lease_seconds": 1, "ids": [1], "attempts": [1], "id": 1, "attempt": 1, "error": "x"}
+    params = {
+        "worker": "x",
+        "lease_seconds": 1,
+        "free_gpus": 0,
+        "ids": [1],
+        "attempts": [1],
+        "id": 1,
+        "attempt": 1,
+        "error": "x",
+    }
     with connect(child_dsn) as child, pytest.raises(psycopg.errors.InsufficientPrivilege):
         child.execute(q(name), params if "%(" in q(name) else None)
 
@@ -201,7 +210,7 @@ def test_a_stale_ticket_is_refused(conn: Conn, worker_dsn: str, child_dsn: str, 
         assert worker.execute(q("requeue_job"), {"id": job, "attempt": 1}).fetchone() is not None
         with pytest.raises(LeaseLost):  # requeued: no running attempt
             log(child, job, "first", seq=2)
-        second = worker.execute(q("claim_job"), {"worker": "w2", "lease_seconds": 60}).fetchone()
+        second = worker.execute(q("claim_job"), {"worker": "w2", "lease_seconds": 60, "free_gpus": 0}).fetchone()
         assert second is not None and second["attempt"] == 2
         with pytest.raises(LeaseLost):  # claimed again: the claim cleared the old ticket before a new one exists
             log(child, job, "first", seq=2)
