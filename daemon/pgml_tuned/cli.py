@@ -552,6 +552,12 @@ def fleet_lines(workers: list[dict[str, Any]]) -> list[str]:
     return [f"workers: {counts}", *table(shown)]
 
 
+def log_line(kind: str, logs: dict[str, Any]) -> dict[str, Any]:
+    """A pgml.logs row as `logs` prints it: a training row as stored; a line about the job (claimed, resuming from
+    step N, rows read, requeued, failed ...) with its kind first: {"kind": "info", "message": ..., ...}."""
+    return logs if kind == "train" else {"kind": kind, **logs}
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     """Exit status: 1 when the job failed or was cancelled (after its log rows and the reason), else 0."""
     dsn = _reading(args)
@@ -567,12 +573,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     raise CliError(f"no job {args.job} (or it is another user's): see `pgml-tuned status`")
                 rows = await (
                     await conn.execute(
-                        "SELECT id, created_at, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
+                        "SELECT id, kind, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
                         (args.job, last),
                     )
                 ).fetchall()
                 for r in rows:
-                    print(json.dumps(r["logs"]), flush=True)
+                    print(json.dumps(log_line(r["kind"], r["logs"])), flush=True)
                     last = r["id"]
                 if job["status"] in FINAL:
                     if job["status"] != "succeeded" or args.follow:
@@ -708,7 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_status)
 
     lg = sub.add_parser(
-        "logs", parents=[common], help="print a job's log rows (JSON lines); exit 1 if it failed or was cancelled"
+        "logs",
+        parents=[common],
+        help='print a job\'s log rows (JSON lines: training rows, and its info/warning/error lines with a "kind" '
+        'and a "message"); exit 1 if it failed or was cancelled',
     )
     lg.add_argument("job", type=int, help="the job id (pgml.tune's job_id)")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")

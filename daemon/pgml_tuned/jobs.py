@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,20 +110,33 @@ def fenced(job_id: int) -> Iterator[None]:
         raise
 
 
-def append_logs(
-    conn: Conn, job_id: int, ticket: str, entries: list[tuple[int, dict[str, Any]]], progress: dict[str, Any]
-) -> None:
-    """Store (seq, entry) log events of this attempt and its progress; LeaseLost if it no longer owns the job."""
+LogRow = tuple[int, str, dict[str, Any]]  # (seq, kind, entry): kind "train" (a Trainer event), "info" or "warning"
+
+
+def _log_params(job_id: int, ticket: str, rows: list[LogRow], progress: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": job_id,
+        "ticket": ticket,
+        "progress": Jsonb(progress),
+        "logs": json.dumps([{"seq": seq, "kind": kind, "entry": e} for seq, kind, e in rows], default=str),
+    }
+
+
+def append_logs(conn: Conn, job_id: int, ticket: str, rows: list[LogRow], progress: dict[str, Any]) -> None:
+    """Store (seq, kind, entry) log rows of this attempt and its progress; LeaseLost if it no longer owns the job."""
     with fenced(job_id):
-        conn.execute(
-            q("child_log"),
-            {
-                "id": job_id,
-                "ticket": ticket,
-                "progress": Jsonb(progress),
-                "logs": json.dumps([{"seq": seq, "entry": e} for seq, e in entries]),
-            },
+        conn.execute(q("child_log"), _log_params(job_id, ticket, rows, progress))
+
+
+def resume(conn: Conn, job_id: int, ticket: str, step: int, seq: int, entry: dict[str, Any]) -> int:
+    """Record that this attempt trains on from `step` (0: from the start): in one statement, the training rows of
+    earlier attempts past it move to pgml.superseded_logs and `entry` becomes this attempt's info row `seq`.
+    Returns how many rows moved."""
+    with fenced(job_id):
+        row = fetch_one(
+            conn, q("child_resume"), {"id": job_id, "ticket": ticket, "step": step, "seq": seq, "entry": Jsonb(entry)}
         )
+    return int(row["moved"])
 
 
 def store_checkpoint(conn: Conn, job_id: int, ticket: str, step: int, src: Path, keep: int) -> tuple[int, int]:
@@ -150,12 +163,16 @@ def succeed(
     model_dir: Path,
     metrics: dict[str, Any],
     base_model: str | None,
+    report: Callable[[int, int], LogRow] | None = None,
 ) -> tuple[int, int]:
-    """The job's final transaction: every file under model_dir into pgml.files, metrics, status succeeded."""
+    """The job's final transaction: every file under model_dir into pgml.files, metrics, status succeeded; and
+    the log row report(files, bytes) says what was stored, in the same transaction."""
     params = {"id": job_id, "ticket": ticket}
     with fenced(job_id), conn.transaction():
         model_id = fetch_one(conn, q("child_files_begin"), params)["model_id"]
         stored = files.copy_dir_in(conn, q("copy_files"), model_id, model_dir)
+        if report is not None:
+            conn.execute(q("child_log"), _log_params(job_id, ticket, [report(*stored)], {}))
         conn.execute(q("child_succeed"), {**params, "metrics": Jsonb(metrics), "base_model": base_model})
     return stored
 
@@ -181,12 +198,22 @@ def begin_dataset(conn: Conn, job_id: int, ticket: str, names: list[str], types:
     return str(row["staging"])
 
 
-def finish_dataset(conn: Conn, job_id: int, ticket: str, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
+def finish_dataset(
+    conn: Conn,
+    job_id: int,
+    ticket: str,
+    rows: int,
+    metrics: dict[str, Any],
+    report: Callable[[dict[str, Any]], LogRow] | None = None,
+) -> dict[str, Any]:
     """A load_dataset job's final transaction: its staging table becomes pgml."<source>" and the job succeeds
-    with the result (table_name, rows, columns) in its metrics — both or neither."""
+    with the result (table_name, rows, columns) in its metrics — both or neither; and the log row report(result)
+    says so, in the same transaction."""
     params = {"id": job_id, "ticket": ticket}
     with fenced(job_id), conn.transaction():
         result = fetch_one(conn, q("dataset_commit"), {**params, "rows": rows})["result"]
+        if report is not None:
+            conn.execute(q("child_log"), _log_params(job_id, ticket, [report(result)], {}))
         metrics = {**metrics, **result}
         conn.execute(q("child_succeed"), {**params, "metrics": Jsonb(metrics), "base_model": None})
     return metrics

@@ -55,7 +55,7 @@ def submit_noop(
 
 def logged_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int | None = None) -> list[int]:
     rows = conn.execute(
-        "SELECT (logs->>'step')::int AS s FROM pgml.logs WHERE job_id = %s "
+        "SELECT (logs->>'step')::int AS s FROM pgml.logs WHERE job_id = %s AND kind = 'train' "
         "AND (%s::int IS NULL OR attempt = %s::int) ORDER BY id",
         (job, attempt, attempt),
     )
@@ -116,10 +116,11 @@ def check_audit_trail(conn: psycopg.Connection[dict[str, Any]], job_ids: list[in
     events: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
     for e in conn.execute("SELECT * FROM pgml.job_events WHERE job_id = ANY(%s) ORDER BY job_id, id", (job_ids,)):
         events[e["job_id"]].append(e)
-    last_log = {
+    last_log = {  # of the rows the attempts' children wrote (seq: the trigger's rows about the job have none)
         (r["job_id"], r["attempt"]): r["at"]
         for r in conn.execute(
-            "SELECT job_id, attempt, max(created_at) AS at FROM pgml.logs WHERE job_id = ANY(%s) GROUP BY 1, 2",
+            "SELECT job_id, attempt, max(created_at) AS at FROM pgml.logs WHERE job_id = ANY(%s) "
+            "AND seq IS NOT NULL GROUP BY 1, 2",
             (job_ids,),
         )
     }
@@ -349,10 +350,14 @@ def test_exactly_once_while_daemons_are_killed_and_replaced(
     # the final attempt of each job logged both steps once; one stored result per model
     final_logs = conn.execute(
         "SELECT j.id, array_agg((l.logs->>'step')::int ORDER BY l.id) AS steps FROM pgml.jobs j "
-        "JOIN pgml.logs l ON l.job_id = j.id AND l.attempt = j.attempt WHERE j.id = ANY(%s) GROUP BY j.id",
+        "JOIN pgml.logs l ON l.job_id = j.id AND l.attempt = j.attempt AND l.kind = 'train' WHERE j.id = ANY(%s) "
+        "GROUP BY j.id",
         (jobs,),
     )
     assert {r["id"]: r["steps"] for r in final_logs} == {j: [1, 2] for j in jobs}
+    # and pgml.logs reports each step once across all attempts: every restart moved its predecessors' steps apart
+    for j in jobs:
+        assert_each_step_once(logged_steps(conn, j), 2, f"job {j}")
     files = conn.execute("SELECT count(*) AS n, count(DISTINCT model_id) AS models FROM pgml.files").fetchone()
     assert files == {"n": 200, "models": 200}
     models = conn.execute("SELECT status, count(*) AS n FROM pgml.models GROUP BY 1").fetchall()
@@ -425,7 +430,8 @@ def test_partitioned_worker_cannot_overwrite_the_new_owner(
     assert done["finished_at"] > ev[(2, "running")]["at"]
     # nothing of attempt 1 after the takeover, one stored result (B's), B's logs complete
     late = conn.execute(
-        "SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s AND attempt = 1 AND created_at >= %s",
+        "SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s AND attempt = 1 AND seq IS NOT NULL "
+        "AND created_at >= %s",
         (job, ev[(1, "queued")]["at"]),
     ).fetchone()["n"]
     assert late == 0

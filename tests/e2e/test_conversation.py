@@ -132,7 +132,9 @@ def test_seed_llama2_lora_end_to_end(
     assert failed["status"] == "failed"
     assert "load_in_8bit and load_in_4bit are both true: set one of them" in failed["error"]
     assert not any(m.startswith("read ") for m in infos(d, both_job)), "it read the data before failing"
-    assert conn.execute("SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s", (both_job,)).fetchone()["n"] == 0
+    said = conn.execute("SELECT kind, logs FROM pgml.logs WHERE job_id = %s ORDER BY id", (both_job,)).fetchall()
+    assert not [r for r in said if r["kind"] == "train" or r["logs"]["message"].startswith("read ")], said
+    assert said[-1]["kind"] == "error" and "load_in_8bit and load_in_4bit" in said[-1]["logs"]["message"]
 
     if bnb_works:
         trained = done[seed_job]

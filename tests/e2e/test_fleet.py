@@ -165,8 +165,9 @@ def test_a_dead_workers_job_wait_says_so_and_a_drain_takes_it_over(ops: Conn, da
     seen = collect(ops)
     with pytest.raises(psycopg.errors.QueryCanceled):
         ops.execute("CALL pgml.wait(%s, 0.2, 1.0)", (job,))
-    said = [m for m in seen if m.startswith("INFO: ")]
+    said = [m for m in seen if m.startswith("INFO: ") and "stopped heartbeating" in m]  # (after the job's own lines)
     assert said and "fleet-doomed stopped heartbeating" in said[0] and "no live worker is left" in said[0], seen
+    assert "INFO: claimed by worker fleet-doomed (attempt 1)" in seen, seen
     assert job_row(ops, job)["status"] == "running"  # nobody reaped it: no daemon is left
     # a drain does not exit while that job is stranded: it reaps it, runs it, then exits
     rescuer = daemon("--drain", "--worker-id", "fleet-rescuer", *NO_SERVING)

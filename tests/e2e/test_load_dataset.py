@@ -118,8 +118,12 @@ def test_imdb_by_hub_name_offline_every_split_typed_and_the_guides_views_work(
     # the job behaves as any job: progress, log rows, the registry
     status = conn.execute("SELECT progress_pct, status FROM pgml.job_status WHERE id = %s", (result["job_id"],))
     assert status.fetchone() == {"progress_pct": 100, "status": "succeeded"}
-    logs = conn.execute("SELECT logs FROM pgml.logs WHERE job_id = %s ORDER BY id", (result["job_id"],)).fetchall()
-    assert logs and logs[-1]["logs"]["rows"] == 12
+    logs = conn.execute(
+        "SELECT kind, logs FROM pgml.logs WHERE job_id = %s ORDER BY id", (result["job_id"],)
+    ).fetchall()
+    assert [r for r in logs if r["kind"] == "train"][-1]["logs"]["rows"] == 12
+    said = [r["logs"]["message"] for r in logs if r["kind"] == "info"]
+    assert any(m.startswith("loaded 12 rows into pgml.") for m in said) and said[-1].startswith("succeeded"), said
     registry = conn.execute("SELECT * FROM pgml.datasets WHERE name = 'imdb'").fetchone()
     assert registry is not None and registry["loaded_by"] == "pgml_test_user" and registry["rows"] == 12
     assert registry["job_id"] == result["job_id"]

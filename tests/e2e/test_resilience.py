@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -63,6 +64,34 @@ def checkpoint_steps(conn: psycopg.Connection[dict[str, Any]], job: int) -> list
     ]
 
 
+def guide_loss_steps(conn: psycopg.Connection[dict[str, Any]], model_id: int) -> list[int]:
+    """The steps of the guide's loss query, verbatim but for the model id."""
+    query = (
+        "SELECT logs->>'epoch' AS epoch, logs->>'step' AS step, logs->>'loss' AS loss FROM pgml.logs "
+        f"WHERE model_id = {int(model_id)} AND jsonb_exists(logs, 'loss');"
+    )
+    return sorted(int(r["step"]) for r in conn.execute(query))
+
+
+def wait_messages(dsn: str, job: int) -> list[str]:
+    """What CALL pgml.wait prints for the job (its INFO messages, in order)."""
+    seen: list[str] = []
+    with psycopg.connect(dsn, autocommit=True) as waiter:
+        waiter.add_notice_handler(lambda d: seen.append(d.message_primary or ""))
+        with contextlib.suppress(psycopg.errors.RaiseException):  # a failed job's wait raises its error
+            waiter.execute("CALL pgml.wait(%s, 0.1)", (job,))
+    return seen
+
+
+def info_lines(conn: psycopg.Connection[dict[str, Any]], job: int, *, prefixed: bool = False) -> list[str]:
+    """The job's lines in pgml.logs (kind info, warning, error), in order; `prefixed`: as CALL pgml.wait prints
+    them ("warning: ..." for a warning)."""
+    rows = conn.execute(
+        "SELECT kind, logs->>'message' AS m FROM pgml.logs WHERE job_id = %s AND kind <> 'train' ORDER BY id", (job,)
+    )
+    return [f"{r['kind']}: {r['m']}" if prefixed and r["kind"] != "info" else r["m"] for r in rows]
+
+
 def logged_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int) -> list[int]:
     return [
         int(r["s"])
@@ -74,16 +103,30 @@ def logged_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: in
 
 
 def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path
+    su_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path
 ) -> None:
     job = submit_long(conn, small_bert)
     first = daemon("--worker-id", "first")
-    wait_for(lambda: checkpoint_steps(conn, job), 120, interval=0.02, what="a stored checkpoint")
+
+    def past_a_checkpoint() -> bool:  # a few steps logged after the latest checkpoint: the resume repeats them
+        stored, logged = checkpoint_steps(conn, job), logged_steps(conn, job, 1)
+        return bool(stored and logged and logged[-1] >= stored[-1] + 3)
+
+    wait_for(past_a_checkpoint, 120, interval=0.02, what="steps after a stored checkpoint")
     first.signal(signal.SIGKILL)  # the daemon dies; its child follows (PR_SET_PDEATHSIG)
     first.wait(10)
     killed_at = time.monotonic()
     ckpt = checkpoint_steps(conn, job)[-1]
     assert job_row(conn, job)["status"] == "running"  # nobody knows yet: the lease has not expired
+    repeated = [
+        r["id"]
+        for r in conn.execute(
+            "SELECT id FROM pgml.logs WHERE job_id = %s AND attempt = 1 AND kind = 'train' "
+            "AND (logs->>'step')::int > %s ORDER BY id",
+            (job, ckpt),
+        )
+    ]
+    assert repeated, "attempt 1 logged steps after its last checkpoint"
 
     daemon("--worker-id", "second")
     wait_for(lambda: job_row(conn, job)["attempt"] == 2, 60, interval=0.05, what="the takeover")
@@ -98,6 +141,41 @@ def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
     assert takeover < 15
     # pruned to save_total_limit
     assert len(checkpoint_steps(conn, job)) <= 2
+
+    # The guide's loss query sees each step once: attempt 1's steps past the checkpoint were moved apart when
+    # attempt 2 recorded its resume (the rows themselves, kept in pgml.superseded_logs), its earlier ones stay.
+    assert guide_loss_steps(conn, done["model_id"]) == list(range(1, STEPS + 1))
+    superseded = conn.execute(
+        "SELECT id, attempt, superseded_by, resumed_from_step, (logs->>'step')::int AS step "
+        "FROM pgml.superseded_logs WHERE job_id = %s ORDER BY id",
+        (job,),
+    ).fetchall()
+    assert [r["id"] for r in superseded] == repeated
+    assert {(r["attempt"], r["superseded_by"], r["resumed_from_step"]) for r in superseded} == {(1, 2, ckpt)}
+    assert all(r["step"] > ckpt for r in superseded)
+    assert logged_steps(conn, job, 1) == list(range(1, ckpt + 1))
+    # what the worker knew about the job is in pgml.logs, and CALL pgml.wait prints it in order
+    lines = info_lines(conn, job)
+    claimed = lines.index("claimed by worker first (attempt 1)")
+    expired = next(i for i, m in enumerate(lines) if m.startswith("worker first stopped renewing its lease"))
+    taken = lines.index("taken over by worker second (attempt 2) after worker first stopped renewing its lease")
+    resumed = next(i for i, m in enumerate(lines) if m.startswith(f"resuming from the checkpoint at step {ckpt} "))
+    assert claimed < expired < taken < resumed, lines
+    assert (
+        f"the {len(repeated)} log rows of earlier attempts past step {ckpt} are now in pgml.superseded_logs"
+        in (lines[resumed])
+    )
+    assert any(m.startswith("read 64 rows") for m in lines[:expired]) and any(
+        m.startswith("read 64 rows") for m in lines[taken:]
+    ), lines
+    assert any(m.startswith("48 training rows, 16 test rows, 2 classes") for m in lines), lines
+    assert lines[-2].startswith("stored ") and lines[-1] == "succeeded (attempt 2, worker second)", lines
+    printed = wait_messages(as_login(su_dsn, ADMIN), job)
+    texts = [m for m in printed if not m.startswith("{")]
+    assert texts == info_lines(conn, job, prefixed=True)
+    assert texts[0] == "claimed by worker first (attempt 1)" and f"warning: {lines[expired]}" in texts
+    steps = [json.loads(m)["step"] for m in printed if m.startswith("{") and "loss" in json.loads(m)]
+    assert steps == list(range(1, STEPS + 1)), "pgml.wait prints each step once"
 
 
 def test_sigterm_checkpoints_requeues_and_exits_in_time(
@@ -114,10 +192,25 @@ def test_sigterm_checkpoints_requeues_and_exits_in_time(
     assert row["status"] == "queued" and row["worker"] is None and row["failed_attempts"] == 0
     steps = checkpoint_steps(conn, job)
     assert steps, "SIGTERM should have stored a checkpoint"
+    # the interrupted attempt's summary (train_runtime) is a line saying so, not a training row that looks final
+    assert not conn.execute(
+        "SELECT 1 FROM pgml.logs WHERE job_id = %s AND kind = 'train' AND logs ? 'train_runtime'", (job,)
+    ).fetchone()
+    lines = info_lines(conn, job)
+    assert any(m.startswith(f"attempt 1 stopped at step {steps[-1]} of {STEPS} after ") for m in lines), lines
+    assert f"stopped by SIGTERM at step {steps[-1]} of {STEPS}" in lines
+    assert lines[-1].startswith("requeued by worker "), lines
     daemon("--drain")
     done = wait_job(conn, job, 180)
     assert done["status"] == "succeeded" and done["attempt"] == 2
     assert logged_steps(conn, job, 2)[0] == steps[-1] + 1
+    assert guide_loss_steps(conn, done["model_id"]) == list(range(1, STEPS + 1))
+    summaries = conn.execute(
+        "SELECT attempt, (logs->>'step')::int AS step FROM pgml.logs WHERE job_id = %s AND kind = 'train' "
+        "AND logs ? 'train_runtime'",
+        (job,),
+    ).fetchall()
+    assert summaries == [{"attempt": 2, "step": STEPS}]
 
 
 def test_cancel_queued_and_running(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
@@ -128,7 +221,7 @@ def test_cancel_queued_and_running(conn: psycopg.Connection[dict[str, Any]], dae
         'hyperparams => \'{"seconds": 60, "steps": 600}\')'
     ).fetchone()["job_id"]
     daemon()
-    wait_for(lambda: conn.execute("SELECT 1 FROM pgml.logs WHERE job_id = %s", (r,)).fetchone(), 30)
+    wait_for(lambda: conn.execute("SELECT 1 FROM pgml.logs WHERE job_id = %s AND kind = 'train'", (r,)).fetchone(), 30)
     t0 = time.monotonic()
     assert conn.execute("SELECT pgml.cancel(%s) AS s", (r,)).fetchone()["s"] == "cancelling"
     done = wait_job(conn, r, 10)
@@ -154,17 +247,28 @@ def test_wait_streams_logs_then_final_status(
     with psycopg.connect(conn_dsn, autocommit=True) as waiter:
         waiter.add_notice_handler(lambda d: seen.append((time.monotonic(), d.message_primary or "")))
         waiter.execute("CALL pgml.wait(%s, 0.1)", (job,))
-    logs = [json.loads(m) for _, m in seen]
+    logs = [json.loads(m) for _, m in seen if m.startswith("{")]
     assert [entry["step"] for entry in logs[:-1]] == [1, 2, 3, 4, 5]
     assert logs[-1]["status"] == "succeeded" and logs[-1]["metrics"] == {"slept": 1}
     assert seen[-1][0] - seen[0][0] > 0.5, "log rows arrive as they happen, not all at the end"
+    # the lines about the job, as text, in order with the training rows
+    printed = [m if not m.startswith("{") else json.loads(m).get("step", "end") for _, m in seen]
+    assert isinstance(printed[0], str) and printed[0].startswith("claimed by worker ") and "(attempt 1)" in printed[0]
+    assert printed[1:6] == [1, 2, 3, 4, 5], printed
+    assert printed[6] == "stored 1 files (0.0 MB) in pgml.files for model " + str(job_row(conn, job)["model_id"])
+    assert (
+        isinstance(printed[7], str) and printed[7].startswith("succeeded (attempt 1, worker ") and printed[8] == "end"
+    )
 
     bad = conn.execute(
         "SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', hyperparams => '{\"fail\": \"boom\"}')"
     ).fetchone()["job_id"]
+    failures: list[str] = []
     with psycopg.connect(conn_dsn, autocommit=True) as waiter, pytest.raises(psycopg.errors.RaiseException) as e:
+        waiter.add_notice_handler(lambda d: failures.append(d.message_primary or ""))
         waiter.execute("CALL pgml.wait(%s, 0.1)", (bad,))
     assert f"job {bad} failed: boom" in str(e.value)
+    assert failures[-1] == "error: failed: boom", failures
 
 
 def test_status_view_and_queue_summary(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:

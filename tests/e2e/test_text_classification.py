@@ -103,7 +103,10 @@ def test_seed_text_classification_end_to_end(
     assert done["metrics"] == metrics
     assert "hub_token" not in model["hyperparams"]["training_args"]
     # push_to_hub was asked for, but this worker is offline: said so in the logs, model kept in pgml.files
-    assert conn.execute("SELECT 1 FROM pgml.logs WHERE model_id = %s AND logs ? 'warning'", (model_id,)).fetchone()
+    assert conn.execute(
+        "SELECT 1 FROM pgml.logs WHERE model_id = %s AND kind = 'warning' AND logs->>'message' LIKE 'push_to_hub%%'",
+        (model_id,),
+    ).fetchone()
 
     paths = {r["path"] for r in conn.execute("SELECT DISTINCT path FROM pgml.files WHERE model_id = %s", (model_id,))}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= paths

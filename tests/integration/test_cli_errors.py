@@ -84,7 +84,8 @@ def test_a_closed_pipe_ends_status_and_logs_quietly(
         text=True,
         timeout=120,
     )
-    assert json.loads(r.stdout)["step"] == 1 and r.stderr == ""
+    first = json.loads(r.stdout)  # the job's first row: its claim, a line about the job
+    assert first["kind"] == "info" and first["message"].startswith("claimed by worker ") and r.stderr == ""
 
 
 def test_download_of_a_model_without_files_says_why(
@@ -172,13 +173,17 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
     daemon("--drain")
     out, err = follow.communicate(timeout=120)
     assert follow.returncode == 1 and "Traceback" not in err
-    assert [json.loads(line)["step"] for line in out.splitlines()] == [1, 2]
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert [r["step"] for r in printed if "kind" not in r] == [1, 2]
+    # the lines about the job come with them, in order: claimed ... steps ... failed with the reason
+    lines = [(r["kind"], r["message"]) for r in printed if "kind" in r]
+    assert lines[0][0] == "info" and lines[0][1].startswith("claimed by worker ")
+    assert lines[-1] == ("error", "failed: the data was bad") and "kind" in printed[-1]
     assert f"job {failed} failed: the data was bad" in err
     wait_job(ops, ok)
     r = cli("logs", str(failed), "--dsn", dsn)
-    assert (
-        r.returncode == 1 and f"job {failed} failed: the data was bad" in r.stderr and len(r.stdout.splitlines()) == 2
-    )
+    assert r.returncode == 1 and f"job {failed} failed: the data was bad" in r.stderr
+    assert [json.loads(line) for line in r.stdout.splitlines()] == printed
     r = cli("logs", str(cancelled), "--dsn", dsn)
     assert r.returncode == 1 and f"job {cancelled} cancelled" in r.stderr
     r = cli("logs", str(cancelled), "--follow", "--dsn", dsn)
@@ -186,7 +191,12 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
     r = cli("logs", str(ok), "--follow", "--dsn", dsn)
     assert r.returncode == 0 and f"job {ok} succeeded" in r.stderr
     r = cli("logs", str(ok), "--dsn", dsn)
-    assert r.returncode == 0 and r.stderr == "" and len(r.stdout.splitlines()) == 2
+    assert r.returncode == 0 and r.stderr == ""
+    printed = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [r["step"] for r in printed if "kind" not in r] == [1, 2]
+    messages = [r["message"] for r in printed if "kind" in r]
+    assert messages[0].startswith("claimed by worker ") and messages[-1].startswith("succeeded (attempt 1, worker ")
+    assert messages[-2] == f"stored 1 files (0.0 MB) in pgml.files for model {job_row(ops, ok)['model_id']}"
     r = cli("logs", "987654", "--dsn", dsn)
     assert r.returncode == 1 and "no job 987654" in one_clean_line(r)
 
@@ -194,7 +204,11 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
 def test_sigint_is_logged_as_sigint(ops: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
     job = noop(ops, '{"seconds": 30, "steps": 30}')
     d = daemon()
-    wait_for(lambda: ops.execute("SELECT 1 FROM pgml.logs WHERE job_id = %s", (job,)).fetchone(), 60, what="a step")
+    wait_for(
+        lambda: ops.execute("SELECT 1 FROM pgml.logs WHERE job_id = %s AND kind = 'train'", (job,)).fetchone(),
+        60,
+        what="a step",
+    )
     d.signal(signal.SIGINT)
     assert d.wait(60) == 0
     lines = [json.loads(line) for line in d.output().splitlines() if line.startswith("{")]
@@ -203,6 +217,12 @@ def test_sigint_is_logged_as_sigint(ops: psycopg.Connection[dict[str, Any]], dae
     assert next(r for r in lines if r["event"] == "daemon.stop")["message"] == "stopped by SIGINT"
     assert not any("stopped by SIGTERM" in str(r.get("message")) for r in lines if r["event"].startswith("daemon."))
     assert wait_job(ops, job, statuses=("queued",))["status"] == "queued"  # requeued as on SIGTERM
+    # the child got the daemon's SIGINT and says so in the job's logs; nothing there speaks of a SIGTERM
+    said = [r["m"] for r in ops.execute("SELECT logs->>'message' AS m FROM pgml.logs WHERE job_id = %s", (job,))]
+    assert any(m and m.startswith("stopped by SIGINT at step ") for m in said), said
+    assert not any("SIGTERM" in (m or "") for m in said), said
+    child = [r for r in lines if r["event"] == "job.info" and "stopped by" in str(r.get("message"))]
+    assert child and all(r["message"].startswith("stopped by SIGINT") for r in child), child
 
 
 def test_status_is_an_aligned_table_and_typed_json(

@@ -82,7 +82,9 @@ def test_cli_status_logs_cancel_download(
     daemon()
     follow = cli("logs", str(job), "--follow", "--dsn", conn_dsn)
     assert follow.returncode == 0, follow.stderr
-    assert [json.loads(line)["step"] for line in follow.stdout.splitlines()] == [1, 2, 3]
+    printed = [json.loads(line) for line in follow.stdout.splitlines()]
+    assert [r["step"] for r in printed if "kind" not in r] == [1, 2, 3]
+    assert printed[0]["kind"] == "info" and printed[0]["message"].startswith("claimed by worker ")
     assert f"job {job} succeeded" in follow.stderr
     status = cli("status", "--dsn", conn_dsn)
     assert status.returncode == 0 and "succeeded 1," in status.stdout and "cli" in status.stdout

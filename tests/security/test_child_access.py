@@ -54,7 +54,7 @@ def rows(child: Conn, job_id: int, ticket: str) -> list[Any]:
 
 
 def log(child: Conn, job_id: int, ticket: str, seq: int = 1) -> None:
-    jobs.append_logs(child, job_id, ticket, [(seq, {"loss": 0.5})], {"loss": 0.5})
+    jobs.append_logs(child, job_id, ticket, [(seq, "train", {"loss": 0.5})], {"loss": 0.5})
 
 
 @pytest.fixture
@@ -86,7 +86,9 @@ def test_a_child_reads_and_writes_its_own_job(two_jobs: Any, child_dsn: str, su:
         assert jobs.succeed(child, a["job_id"], "ticket-a", tmp_path / "model", {"acc": 1}, None) == (1, 2)
         with pytest.raises(LeaseLost):  # a job that succeeded has no running attempt any more
             log(child, a["job_id"], "ticket-a", seq=2)
-    assert su.execute("SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s", (a["job_id"],)).fetchone() == {"n": 1}
+    assert su.execute(
+        "SELECT count(*) AS n FROM pgml.logs WHERE job_id = %s AND kind = 'train'", (a["job_id"],)
+    ).fetchone() == {"n": 1}
     job = su.execute("SELECT status, metrics FROM pgml.jobs WHERE id = %s", (a["job_id"],)).fetchone()
     assert job == {"status": "succeeded", "metrics": {"acc": 1}}
     parts = su.execute("SELECT path, data FROM pgml.file_parts WHERE model_id = %s", (a["model_id"],)).fetchall()
@@ -111,6 +113,9 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
             lambda: child.execute("SELECT pgml._child_files_begin(%s, 'ticket-a')", (b["job_id"],)),
             lambda: child.execute("SELECT pgml._child_checkpoint_begin(%s, 'ticket-a', 1)", (b["job_id"],)),
             lambda: child.execute("SELECT * FROM pgml._child_latest_checkpoint(%s, 'ticket-a')", (b["job_id"],)),
+            lambda: child.execute(  # move another job's logs apart
+                q("child_resume"), {"id": b["job_id"], "ticket": "ticket-a", "step": 0, "seq": 1, "entry": "{}"}
+            ),
             lambda: rows(child, a["job_id"], "ticket-b"),  # A's job with B's ticket
             lambda: rows(child, a["job_id"], "not-the-ticket"),
             lambda: rows(child, a["job_id"], ""),
@@ -144,7 +149,8 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
             child.execute(INSERT_PART, (b["model_id"],))
         assert forged.value.sqlstate == jobs.TICKET_REFUSED
     assert su.execute("SELECT status FROM pgml.jobs WHERE id = %s", (a["job_id"],)).fetchone() == {"status": "running"}
-    assert su.execute("SELECT count(*) AS n FROM pgml.logs").fetchone() == {"n": 0}
+    # (the rows the jobs' transitions wrote, the claims and B's success, have no seq: a child's rows have one)
+    assert su.execute("SELECT count(*) AS n FROM pgml.logs WHERE seq IS NOT NULL").fetchone() == {"n": 0}
     stored = su.execute("SELECT path, data FROM pgml.file_parts WHERE model_id = %s", (b["model_id"],)).fetchall()
     assert stored == [{"path": "weights.bin", "data": b"mine"}]
     mine = su.execute("SELECT count(*) AS n FROM pgml.file_parts WHERE model_id = %s", (a["model_id"],)).fetchone()
@@ -160,6 +166,8 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
         "SELECT * FROM pgml.file_parts",
         "SELECT * FROM pgml.checkpoint_files",
         "SELECT * FROM pgml.logs",
+        "SELECT * FROM pgml.superseded_logs",
+        "DELETE FROM pgml.logs",
         "SELECT * FROM pgml.sealing_keys",
         "UPDATE pgml.jobs SET status = 'succeeded'",
         "DELETE FROM pgml.file_parts",
@@ -211,7 +219,9 @@ def test_a_stale_ticket_is_refused(conn: Conn, worker_dsn: str, child_dsn: str, 
         with pytest.raises(LeaseLost):
             log(child, job, "first", seq=2)
         log(child, job, "second")
-    logs = su.execute("SELECT attempt FROM pgml.logs WHERE job_id = %s ORDER BY id", (job,)).fetchall()
+    logs = su.execute(
+        "SELECT attempt FROM pgml.logs WHERE job_id = %s AND seq IS NOT NULL ORDER BY id", (job,)
+    ).fetchall()
     assert logs == [{"attempt": 1}, {"attempt": 2}]
 
 

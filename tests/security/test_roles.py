@@ -144,7 +144,17 @@ def test_another_users_jobs_models_and_projects_are_out_of_reach(
     daemon("--drain").wait(180)
     assert wait_job(conn, mine["job_id"], 10)["status"] == "succeeded"
     with connect(as_login(su_dsn, OTHER_USER)) as other:
-        for table in ("jobs", "models", "projects", "logs", "files", "job_events", "job_status", "job_rows"):
+        for table in (
+            "jobs",
+            "models",
+            "projects",
+            "logs",
+            "superseded_logs",
+            "files",
+            "job_events",
+            "job_status",
+            "job_rows",
+        ):
             assert other.execute(f"SELECT count(*) AS n FROM pgml.{table}").fetchone() == {"n": 0}, table
         with pytest.raises(psycopg.errors.NoDataFound, match=f"no job {mine['job_id']}"):
             other.execute("SELECT pgml.cancel(%s)", (mine["job_id"],))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,8 +222,8 @@ class FakeChild:
             return ExitCode.LEASE_LOST
         return ExitCode.OK
 
-    def terminate(self) -> None:
-        self.signals.append("SIGTERM")
+    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        self.signals.append(sig.name)
         self._signalled.set()
 
     def kill(self) -> None:

@@ -88,6 +88,20 @@ async def test_shutdown_requeues_running_jobs_and_claims_no_more(tmp_path: Path)
     assert [backend.jobs[i].history for i in ids[:2]] == [["claimed", "requeued"]] * 2
 
 
+async def test_a_sigint_reaches_the_children_as_sigint(tmp_path: Path) -> None:
+    """The child names the signal that stopped it in the job's logs: it must get the daemon's own."""
+    daemon, backend, started = make(tmp_path)
+    job = backend.submit(seconds=60)
+
+    async def body() -> None:
+        await until(lambda: len(started) == 1)
+        daemon.shutdown("SIGINT")
+
+    await serving(daemon, body)
+    assert started[0].signals == ["SIGINT"] and backend.jobs[job].status == "queued"
+    assert daemon.stopped_by == "SIGINT"
+
+
 async def test_a_child_that_fails_by_itself_during_shutdown_fails_its_job(tmp_path: Path) -> None:
     """SIGTERM does not make a job's own error a reason to requeue it: it would only fail again elsewhere."""
     daemon, backend, started = make(tmp_path)

@@ -138,3 +138,17 @@ def test_every_named_query_ends_with_its_statement() -> None:
     for name, text in {**queries(), **queries("dashboard.sql")}.items():
         last = text.rstrip().splitlines()[-1].lstrip()
         assert not last.startswith("--") and not text.rstrip().endswith(";"), f"query {name!r} ends with {last!r}"
+
+
+def test_progress_comes_from_training_rows_only() -> None:
+    from pgml_tuned.child.store import progress_of
+    from pgml_tuned.recipes.hf import interrupted_summary
+
+    assert progress_of([], {"steps_per_second": 2.0}) == {"steps_per_second": 2.0}  # a batch of lines about the job
+    rows = [{"loss": 0.5, "step": 3, "max_steps": 9}, {"eval_loss": 0.4, "step": 3, "max_steps": 9}]
+    assert progress_of(rows, {}) == {"loss": 0.5, "eval_loss": 0.4, "step": 3, "max_steps": 9}
+    said = interrupted_summary(1, {"train_runtime": 12.34, "train_loss": 0.61234, "step": 26, "max_steps": 58})
+    assert said == (
+        "attempt 1 stopped at step 26 of 58 after 12.3 s of training (train_loss so far 0.6123); the next attempt "
+        "resumes from its checkpoint"
+    )

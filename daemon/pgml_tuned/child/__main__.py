@@ -70,13 +70,18 @@ def main() -> int:
     stop_requested = False
     ctx: JobContext | None = None
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        nonlocal stop_requested
-        stop_requested = True
+    stop_signal = "SIGTERM"
+
+    def on_stop(signum: int, frame: Any) -> None:
+        # the worker forwards the signal that stopped its daemon (SIGTERM from systemd, SIGINT from a Ctrl-C)
+        nonlocal stop_requested, stop_signal
+        stop_requested, stop_signal = True, signal.Signals(signum).name
         if ctx is not None:
+            ctx.stop_signal = stop_signal
             ctx.stop_requested = True
 
-    signal.signal(signal.SIGTERM, on_sigterm)  # from the start: a rank joining its group takes seconds
+    signal.signal(signal.SIGTERM, on_stop)  # from the start: a rank joining its group takes seconds
+    signal.signal(signal.SIGINT, on_stop)
     payload = json.loads(sys.stdin.read())
     spec, secrets = payload["spec"], payload.get("secrets") or {}
     if "rank" not in payload and dist.world_size(spec.get("hyperparams") or {}) > 1:
@@ -88,13 +93,15 @@ def main() -> int:
         events.emit({"event": "error", "error": f"could not join the job's other ranks: {type(e).__name__}: {e}"})
         return ExitCode.ERROR
     ctx = JobContext(spec, secrets, payload["dsn"], payload["ticket"], events, rank)
-    ctx.stop_requested = stop_requested
+    ctx.stop_requested, ctx.stop_signal = stop_requested, stop_signal
     try:
         importlib.import_module(recipe_module(spec["task"])).run(ctx)
         return ExitCode.OK
     except Interrupted as e:
-        ctx.store.flush_logs(wait=False)
-        ctx.info(str(e))
+        try:
+            ctx.info(str(e))  # "stopped by SIGINT at step 26 of 58": a row of pgml.logs, with any still buffered
+        except LeaseLost:
+            return ExitCode.LEASE_LOST
         return ExitCode.REQUEUE
     except LeaseLost as e:
         events.emit({"event": "lease_lost", "message": str(e)})

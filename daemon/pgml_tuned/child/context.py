@@ -36,6 +36,7 @@ class JobContext:
         self.model_id: int = spec["model_id"]
         self.hyperparams: dict[str, Any] = spec.get("hyperparams") or {}
         self.stop_requested = False
+        self.stop_signal = "SIGTERM"  # the signal that asked it to stop (the worker forwards the daemon's)
         self.workdir = Path(
             tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-", dir=os.environ.get("PGML_WORK_DIR") or None)
         )
@@ -78,21 +79,36 @@ class JobContext:
         )
 
     def resume_checkpoint(self) -> Path | None:
-        """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none."""
+        """This job's latest stored checkpoint (any earlier attempt), downloaded once; None if there is none.
+
+        Either way the start is recorded: earlier attempts' log rows past the checkpoint's step (all of them when
+        a later attempt starts over) move to pgml.superseded_logs, so pgml.logs reports each step once."""
         if not self._resume_looked_up:
             self._resume_looked_up = True
             root = self.output_root / "resume"
             if self.rank.main:
                 self._resume = self.store.latest_checkpoint(root)
+                if self._resume is None:
+                    self.start_over("no earlier attempt of this job stored a checkpoint")
             self.rank.barrier()  # every rank resumes from the checkpoint rank 0 downloaded
             if not self.rank.main:
                 found = sorted(root.glob("checkpoint-*")) if root.is_dir() else []
                 self._resume = found[0] if found else None
         return self._resume
 
+    def start_over(self, why: str = "this task starts every attempt from the beginning") -> None:
+        """A later attempt that starts from step 0 says so, and the steps earlier attempts logged move to
+        pgml.superseded_logs (the first attempt has nothing to say)."""
+        if self.attempt > 1 and self.rank.main:
+            self.store.resume(0, f"starting over from step 0: {why}")
+
     # ---- outputs ----
     def info(self, message: str, level: str = "info", **fields: Any) -> None:
-        self.events.info(message, level, **fields)
+        """A line about the job: in the worker's log and in pgml.logs ({"message": ..., **fields}, kind info or
+        warning), where CALL pgml.wait and `pgml-tuned logs` show it. Rank 0's only: the other ranks' lines would
+        say the same."""
+        if self.rank.main:
+            self.store.note(message, level, **fields)
 
     def log(self, entry: dict[str, Any]) -> None:
         """One log row in pgml.logs (a Trainer log event, or a warning the user should see with the curve);
@@ -128,6 +144,10 @@ class JobContext:
         Returns the job's metrics (table_name, rows, columns and `metrics`)."""
         return self.store.finish_dataset(rows, metrics)
 
+    def interrupted(self, where: str) -> Interrupted:
+        """The Interrupted to raise when a stop was asked for, naming its signal: "stopped by SIGINT at step 26"."""
+        return Interrupted(f"stopped by {self.stop_signal} {where}")
+
     def check_stop(self) -> None:
         if self.stop_requested:
-            raise Interrupted("stopped by SIGTERM before training started")
+            raise self.interrupted("before training started")

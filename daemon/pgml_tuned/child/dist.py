@@ -151,15 +151,16 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
     procs: list[_Proc] = []
     stopping = False
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_stop(signum: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs:
+        for p in procs:  # the signal the worker forwarded (SIGTERM, or SIGINT after a Ctrl-C): the ranks name it
             if p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    p.popen.send_signal(signal.SIGTERM)
+                    p.popen.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, on_sigterm)  # (set by main before anything else; now it is the launcher's)
+    signal.signal(signal.SIGTERM, on_stop)  # (set by main before anything else; now the launcher's)
+    signal.signal(signal.SIGINT, on_stop)
     events.info(f"starting {n} ranks", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo")
     try:
         for r in range(n):

@@ -53,8 +53,9 @@ class JobStore:
         self.events = events
         self.workdir = workdir
         self._conn: psycopg.Connection[Any] | None = None
-        self._pending: list[tuple[int, dict[str, Any]]] = []
+        self._pending: list[jobs.LogRow] = []
         self._seq = 0
+        self._finished = False  # the job's final transaction committed: no more log rows (the ticket is spent)
         self._rate_origin: tuple[float, float] | None = None  # (step, time) of this attempt's first log
         self._progress: dict[str, Any] = {}
 
@@ -78,7 +79,7 @@ class JobStore:
                     raise JobError(
                         f"lost the database while {what} and could not reconnect for {DB_RETRY_SECONDS:.0f} s: {e}"
                     ) from e
-                self.events.info(f"database connection lost while {what}; retrying in {delay:.1f} s", level="warning")
+                self.note(f"database connection lost while {what}; retrying in {delay:.1f} s", "warning", flush=False)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -109,7 +110,7 @@ class JobStore:
                 return [tuple(row[0][i] for i in at) for row in cp.rows()]
 
         rows = self.with_retry("reading the training data", read)
-        self.events.info(f"read {len(rows)} rows", rows=len(rows))
+        self.note(f"read {len(rows)} rows", rows=len(rows))
         return rows
 
     # ---- stored models ----
@@ -140,12 +141,21 @@ class JobStore:
                 c, q("child_checkpoint_files"), {**self._ticket, "checkpoint_id": row["id"]}, dest
             ),
         )
-        self.events.info(
-            f"resuming from the checkpoint at step {row['step']} (attempt {row['attempt']})",
-            step=row["step"],
-            bytes=row["bytes"],
+        self.resume(
+            row["step"], f"resuming from the checkpoint at step {row['step']} (stored by attempt {row['attempt']})"
         )
         return dest
+
+    def resume(self, step: int, message: str) -> None:
+        """Record that this attempt trains on from `step` (0: from the start): the log rows of earlier attempts past
+        it move to pgml.superseded_logs in the transaction that stores `message` (pgml.logs then has each step once)."""
+        self.flush_logs()
+        seq = self._next_seq()
+        entry = {"message": message, "from_step": step}
+        moved = self.with_retry(
+            "recording the resume", lambda c: jobs.resume(c, self.job_id, self.ticket, step, seq, entry)
+        )
+        self.events.info(message, from_step=step, superseded=moved)
 
     def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
         """Store checkpoint directory `src` in one fenced transaction; keep the newest `keep`."""
@@ -155,15 +165,30 @@ class JobStore:
             "storing a checkpoint", lambda c: jobs.store_checkpoint(c, self.job_id, self.ticket, step, src, keep)
         )
         seconds = time.monotonic() - t0
-        self.events.info(
+        self.note(
             f"checkpoint at step {step} stored in PostgreSQL: {n_files} files, {n_bytes / 1e6:.1f} MB "
             f"in {seconds:.2f} s",
-            step=step,
+            checkpoint_step=step,  # (no "step": a line about the job is no training row, whatever a query filters on)
             bytes=n_bytes,
             seconds=round(seconds, 3),
         )
 
     # ---- log rows ----
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def note(self, message: str, level: str = "info", *, flush: bool = True, **fields: Any) -> None:
+        """A line about the job: to the worker (its log) and into pgml.logs as a row of kind info or warning,
+        {"message": message, **fields} (buffered like the training rows; `flush`: try to write it now)."""
+        self.events.info(message, level, **fields)
+        if self._finished:
+            return
+        kind = "info" if level in ("info", "debug") else "warning"
+        self._pending.append((self._next_seq(), kind, {"message": message, **fields}))
+        if flush:
+            self.flush_logs(wait=False)
+
     def log(self, entry: dict[str, Any]) -> None:
         """Store one log event in pgml.logs now (buffered and retried if the database is away)."""
         entry = {k: number(v) for k, v in entry.items()}
@@ -177,15 +202,14 @@ class JobStore:
                 rate = (step - self._rate_origin[0]) / (now - self._rate_origin[1])
                 self._progress["steps_per_second"] = round(rate, 4)
         self.events.emit({"event": "log", "logs": entry})
-        self._seq += 1
-        self._pending.append((self._seq, entry))
+        self._pending.append((self._next_seq(), "train", entry))
         self.flush_logs(wait=False)
 
     def flush_logs(self, wait: bool = True) -> None:
         if not self._pending:
             return
         batch = list(self._pending)
-        progress = progress_of([e for _, e in batch], self._progress)
+        progress = progress_of([e for _, kind, e in batch if kind == "train"], self._progress)
 
         def write(conn: psycopg.Connection[Any]) -> None:
             jobs.append_logs(conn, self.job_id, self.ticket, batch, progress)
@@ -245,25 +269,39 @@ class JobStore:
     def finish_dataset(self, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Swap the staging table in as pgml."<source>" and succeed, in one fenced transaction."""
         self.flush_logs()
+        seq = self._next_seq()
+
+        def report(result: dict[str, Any]) -> jobs.LogRow:
+            seconds = f" in {metrics['seconds']:.2f} s" if isinstance(metrics.get("seconds"), int | float) else ""
+            return seq, "info", {"message": f"loaded {rows} rows into {result['table_name']}{seconds}", **result}
+
         with refusals_as_job_errors():
-            return self.with_retry(
-                "storing the dataset", lambda c: jobs.finish_dataset(c, self.job_id, self.ticket, rows, metrics)
+            result = self.with_retry(
+                "storing the dataset",
+                lambda c: jobs.finish_dataset(c, self.job_id, self.ticket, rows, metrics, report),
             )
+        self._finished = True
+        self.events.info(report(result)[2]["message"], table_name=result.get("table_name"), rows=rows)
+        return result
 
     # ---- the final commit ----
     def succeed(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None) -> None:
         """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically."""
         self.flush_logs()
         metrics = {k: number(v) for k, v in metrics.items()}
+        seq = self._next_seq()
+
+        def report(n_files: int, n_bytes: int) -> jobs.LogRow:
+            message = f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}"
+            return seq, "info", {"message": message, "files": n_files, "bytes": n_bytes}
+
         n_files, n_bytes = self.with_retry(
             "storing the model",
-            lambda c: jobs.succeed(c, self.job_id, self.ticket, model_dir, metrics, base_model),
+            lambda c: jobs.succeed(c, self.job_id, self.ticket, model_dir, metrics, base_model, report),
         )
-        self.events.info(
-            f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}",
-            files=n_files,
-            bytes=n_bytes,
-        )
+        self._finished = True
+        _, _, entry = report(n_files, n_bytes)
+        self.events.info(entry["message"], files=n_files, bytes=n_bytes)
 
 
 @contextlib.contextmanager
@@ -279,8 +317,10 @@ def refusals_as_job_errors() -> Iterator[None]:
 
 
 def progress_of(entries: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
-    """The job's progress after these log entries: the last step/epoch/losses, and `extra` (steps/s)."""
-    progress = {k: v for k, v in entries[-1].items() if k in ("step", "max_steps", "epoch", "loss", "eval_loss")}
+    """The job's progress after these training log entries (none: a batch of lines about the job): the last
+    step/epoch/losses, and `extra` (steps/s)."""
+    last = entries[-1] if entries else {}
+    progress = {k: v for k, v in last.items() if k in ("step", "max_steps", "epoch", "loss", "eval_loss")}
     for e in entries:
         if "loss" in e:
             progress["loss"] = e["loss"]

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..child.context import JobContext
 from ..child.dist import on_cpu
-from ..errors import Interrupted, JobError
+from ..errors import JobError
 from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
 from .arg_types import check_training_arg_types
@@ -161,7 +161,6 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
             args["push_to_hub"] = False
             message = "push_to_hub ignored: this worker runs with HF_HUB_OFFLINE=1; the model is stored in pgml.files"
             ctx.info(message, level="warning")
-            ctx.log({"warning": message})
         else:
             args.setdefault("hub_model_id", ctx.spec["project_name"])
             token = ctx.secret("training_args.hub_token", "hub_token", "token")
@@ -189,7 +188,7 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
 
 
 class PgmlCallback(TrainerCallback):
-    """Streams every Trainer log event into pgml.logs (with step, max_steps) and honours SIGTERM."""
+    """Streams every Trainer log event into pgml.logs (with step, max_steps) and honours SIGTERM / SIGINT."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -204,10 +203,15 @@ class PgmlCallback(TrainerCallback):
         entry["step"] = state.global_step
         entry["max_steps"] = state.max_steps
         entry["world_size"] = self.ctx.rank.world_size
+        if self.ctx.stop_requested and "train_runtime" in entry:
+            # the summary Trainer.train() logs when it stops early: this attempt's, not the end of training
+            summary = {k: v for k, v in entry.items() if k not in ("step", "max_steps")}
+            self.ctx.info(interrupted_summary(self.ctx.attempt, entry), stopped_at_step=state.global_step, **summary)
+            return
         self.ctx.log(entry)
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        # SIGTERM: checkpoint now, stop, and let another attempt resume (every rank stops at the same step)
+        # SIGTERM / SIGINT: checkpoint now, stop, and let another attempt resume (every rank stops at the same step)
         if self.ctx.rank.any(self.ctx.stop_requested):
             self.ctx.stop_requested = True
             control.should_save = True
@@ -221,12 +225,23 @@ class PgmlCallback(TrainerCallback):
 
 def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
     """trainer.train(), resuming from this job's latest checkpoint in PostgreSQL if an earlier attempt left one;
-    raises Interrupted when SIGTERM stopped it (the checkpoint it saved lets the next attempt resume)."""
+    raises Interrupted when a signal stopped it (the checkpoint it saved lets the next attempt resume)."""
     resume = ctx.resume_checkpoint()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if ctx.stop_requested:
-        raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
+        raise ctx.interrupted(f"at step {trainer.state.global_step} of {trainer.state.max_steps}")
     return dict(output.metrics)
+
+
+def interrupted_summary(attempt: int, entry: dict[str, Any]) -> str:
+    """What the summary of an attempt stopped early says (stored as an info row, never as the end of training)."""
+    loss = entry.get("train_loss")
+    so_far = f" (train_loss so far {loss:.4g})" if isinstance(loss, int | float) else ""
+    return (
+        f"attempt {attempt} stopped at step {entry.get('step')} of {entry.get('max_steps')} after "
+        f"{float(entry.get('train_runtime') or 0):.1f} s of training{so_far}; the next attempt resumes from its "
+        "checkpoint"
+    )
 
 
 def save_model(trainer: Trainer, out: Path) -> None:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from ..child.context import JobContext
-from ..errors import Interrupted, JobError
+from ..errors import JobError
 
 # The kwargs a load may pass on (as pgml._dataset_kwargs() in SQL; tests/integration/test_registry.py checks it).
 KWARGS = (
@@ -107,6 +107,7 @@ def run(ctx: JobContext) -> None:
 
     # 4. the staging table
     staging = ctx.staging_table(columns)
+    ctx.start_over("every attempt loads into a staging table of its own")
 
     # 5. stream: every split, in order, up to `limit` rows
     options = pa_csv.WriteOptions(include_header=False, quoting_style="needed", batch_size=BATCH_ROWS)
@@ -116,7 +117,7 @@ def run(ctx: JobContext) -> None:
         for name, split in splits:
             for batch in split.with_format("arrow").iter(batch_size=BATCH_ROWS):
                 if ctx.stop_requested:
-                    raise Interrupted(f"stopped by SIGTERM after {done} of {total} rows")
+                    raise ctx.interrupted(f"after {done} of {total} rows")
                 batch = batch.slice(0, total - done)
                 buffer = io.BytesIO()
                 pa_csv.write_csv(csv_ready(batch), buffer, options)
@@ -132,10 +133,10 @@ def run(ctx: JobContext) -> None:
 
     # 6. swap in and succeed
     seconds = time.monotonic() - started
-    result = ctx.save_dataset(
+    # (the store says "loaded N rows into pgml.x in s" in pgml.logs, in the transaction that commits them)
+    ctx.save_dataset(
         rows, {"splits": counts, "seconds": round(seconds, 3), "rows_per_second": round(rows / max(seconds, 1e-9))}
     )
-    ctx.info(f"loaded {rows} rows into {result['table_name']} in {seconds:.2f} s", **result)
 
 
 # ---- 1. what to load ----

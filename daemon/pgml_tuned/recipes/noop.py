@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..child.context import JobContext
-from ..errors import Interrupted, JobError
+from ..errors import JobError
 
 
 def probe(paths: list[str]) -> dict[str, object]:
@@ -52,16 +52,18 @@ def run(ctx: JobContext) -> None:
             raise JobError("expect_token_sha256: the job's token is not the expected one")
     seconds = float(ctx.hyperparams.get("seconds", 0))
     steps = int(ctx.hyperparams.get("steps", 0))
+    if steps:
+        ctx.start_over()  # a later attempt logs its steps again: earlier attempts' move apart
     for step in range(1, steps + 1):
         if ctx.stop_requested:
-            raise Interrupted(f"stopped by SIGTERM at step {step}")
+            raise ctx.interrupted(f"at step {step}")
         time.sleep(seconds / steps)
         ctx.log({"loss": 1.0 / step, "step": step, "max_steps": steps})
     if not steps:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if ctx.stop_requested:
-                raise Interrupted("stopped by SIGTERM")
+                raise ctx.interrupted("while sleeping")
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
     if ctx.hyperparams.get("fail"):
         raise JobError(str(ctx.hyperparams["fail"]))

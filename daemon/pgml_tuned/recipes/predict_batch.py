@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..child.context import JobContext
-from ..errors import Interrupted, JobError
+from ..errors import JobError
 from ..serving import cache, inference
 
 
@@ -43,11 +43,12 @@ def run(ctx: JobContext) -> None:
 
     # 3. batch by batch
     output = ctx.store.begin_predictions(restart=True)
+    ctx.start_over("the predictions of an earlier attempt were emptied")
     started, labels = time.monotonic(), Counter[str]()
     batches = (len(rows) + batch_size - 1) // batch_size
     for step, start in enumerate(range(0, len(rows), batch_size), start=1):
         if ctx.stop_requested:
-            raise Interrupted(f"stopped by SIGTERM after {start} of {len(rows)} rows")
+            raise ctx.interrupted(f"after {start} of {len(rows)} rows")
         answers = inference.classify(loaded, texts[start : start + batch_size], pipeline_args)
         keys = [k or "" for k, _ in rows[start : start + batch_size]]
         out = [(k, str(a["label"]), float(a["score"])) for k, a in zip(keys, answers, strict=True)]

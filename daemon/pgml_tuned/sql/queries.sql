@@ -162,8 +162,14 @@ RETURNING id;
 -- name: child_log
 -- The child's statements (from here on): each a pgml._child_* function (migration 0010), refused unless the ticket
 -- is the running attempt's; the file COPYs are checked row by row against the ticket the transaction began with.
--- %(logs)s is a JSON array of {"seq": n, "entry": {...}}: a batch retried after a lost reply inserts nothing twice.
+-- %(logs)s is a JSON array of {"seq": n, "kind": "train"|"info"|"warning", "entry": {...}}: a batch retried after a
+-- lost reply inserts nothing twice.
 SELECT pgml._child_log(%(id)s, %(ticket)s, %(progress)s::jsonb, %(logs)s::jsonb) AS inserted;
+
+-- name: child_resume
+-- This attempt trains on from %(step)s: earlier attempts' training rows past it move to pgml.superseded_logs, and
+-- %(entry)s becomes this attempt's info row %(seq)s, in one statement (0018_log_kinds.sql).
+SELECT pgml._child_resume(%(id)s, %(ticket)s, %(step)s, %(seq)s, %(entry)s::jsonb) AS moved;
 
 -- name: child_files_begin
 -- The final transaction: locks the running attempt's job, drops its model's files of an earlier try.

@@ -7,6 +7,7 @@ the daemon.
 from __future__ import annotations
 
 import hashlib
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from secrets import token_urlsafe
@@ -38,7 +39,7 @@ class Child(Protocol):
 
     async def run(self, on_event: Callable[[dict[str, Any]], None]) -> int: ...
 
-    def terminate(self) -> None: ...
+    def terminate(self, sig: signal.Signals = signal.SIGTERM) -> None: ...
 
     def kill(self) -> None: ...
 
@@ -57,14 +58,17 @@ class Attempt:
         self.child: Child | None = None
         self.stop_reason: StopReason | None = None
         self._kill = False
+        self._signal = signal.SIGTERM
 
-    def stop(self, reason: StopReason, *, kill: bool) -> None:
-        """Stop the child (SIGTERM: it checkpoints and exits; kill: SIGKILL). The first reason is the one
-        settled on; a stop that comes before the child started is applied as soon as it has."""
-        self.stop_reason = self.stop_reason or reason
+    def stop(self, reason: StopReason, *, kill: bool, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the child (`sig`, SIGTERM or the SIGINT that stopped the daemon: it checkpoints and exits; kill:
+        SIGKILL). The first reason is the one settled on; a stop that comes before the child started is applied
+        as soon as it has."""
+        if self.stop_reason is None:
+            self.stop_reason, self._signal = reason, sig
         self._kill = self._kill or kill
         if self.child is not None:
-            self.child.kill() if self._kill else self.child.terminate()
+            self.child.kill() if self._kill else self.child.terminate(self._signal)
 
     async def run(self, backend: Backend, launch: Launcher, env: dict[str, str], dsn: str) -> None:
         """Run the attempt; `dsn` is the children's login (settings.child_dsn)."""
@@ -100,7 +104,7 @@ class Attempt:
         child = await launch({"spec": job.spec(), "secrets": unsealed, "dsn": dsn, "ticket": ticket}, env)
         self.child = child
         if self.stop_reason is not None:
-            self.stop(self.stop_reason, kill=self._kill)
+            self.stop(self.stop_reason, kill=self._kill, sig=self._signal)
         started = time.monotonic()
         rc = await child.run(self._on_event)
         with anyio.CancelScope(shield=True):

@@ -126,12 +126,16 @@ class Daemon:
             self._root.cancel()
 
     def shutdown(self, why: str) -> None:
-        """Stop claiming; SIGTERM every child (they checkpoint and are requeued); SIGKILL after the grace."""
+        """Stop claiming; pass the signal `why` (SIGTERM, SIGINT; SIGTERM for anything else) on to every child
+        (they checkpoint, say which signal stopped them, and are requeued); SIGKILL after the grace."""
         if self.stopping or self._tg is None:
             return
+        sig = signal.Signals.__members__.get(why, signal.SIGTERM)
+        if sig not in (signal.SIGTERM, signal.SIGINT):
+            sig = signal.SIGTERM
         log.info(
             "daemon.shutdown",
-            message=f"stopped by {why}: no new jobs; the running ones checkpoint (their children get SIGTERM) "
+            message=f"stopped by {why}: no new jobs; the running ones checkpoint (their children get {sig.name}) "
             "and go back to the queue",
             signal=why,
             running=len(self.attempts),
@@ -141,7 +145,7 @@ class Daemon:
         self.stopped_by = why
         sd_notify("STOPPING=1", f"STATUS=stopping ({why}): {len(self.attempts)} running jobs checkpoint")
         for attempt in self.attempts.values():
-            attempt.stop(StopReason.SHUTDOWN, kill=False)
+            attempt.stop(StopReason.SHUTDOWN, kill=False, sig=sig)
         self._tg.start_soon(self._grace_then_kill)
         self._finish_if_idle()
 

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 import anyio
@@ -189,9 +190,10 @@ class ChildProcess:
             except ProcessLookupError:
                 pass
 
-    def terminate(self) -> None:
-        """Ask it to stop: it checkpoints what it can and exits with ExitCode.REQUEUE."""
-        self.signal(signal.SIGTERM)
+    def terminate(self, sig: Signals = Signals.SIGTERM) -> None:
+        """Ask it to stop (SIGTERM, or the SIGINT the daemon got: the child names it in the job's logs): it
+        checkpoints what it can and exits with ExitCode.REQUEUE."""
+        self.signal(sig)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

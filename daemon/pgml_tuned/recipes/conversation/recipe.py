@@ -61,7 +61,6 @@ def run(ctx: JobContext) -> None:
     targs = ctx.training_args
     for note in check_machine(opts, targs):
         ctx.info(note, level="warning")
-        ctx.log({"warning": note})
 
     # 2. data: one read of the relation
     dargs = ctx.dataset_args
@@ -123,7 +122,6 @@ def run(ctx: JobContext) -> None:
             "truncated" + (f"; {dropped} of them lost every {opts.train_on} token and were left out" if dropped else "")
         )
         ctx.info(message, level="warning", truncated_rows=truncated, dropped_rows=dropped)
-        ctx.log({"warning": message})
     if not train_set or not test_set:
         raise JobError(
             f"no {'training' if not train_set else 'test'} rows are left after truncation to "
