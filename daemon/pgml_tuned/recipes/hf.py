@@ -195,10 +195,14 @@ class PgmlCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2)."""
+        """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2), in the
+        background while training goes on (child/uploader.py). The directory is moved out of the Trainer's way,
+        unless load_best_model_at_end needs it back at the end (then it is hard-linked)."""
         src = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
         if src.is_dir():
-            self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
+            self.ctx.store_checkpoint(
+                state.global_step, src, keep=args.save_total_limit or 2, move=not args.load_best_model_at_end
+            )
 
 
 def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
@@ -206,6 +210,7 @@ def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
     raises Interrupted when SIGTERM stopped it (the checkpoint it saved lets the next attempt resume)."""
     resume = ctx.resume_checkpoint()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    ctx.wait_checkpoints()  # the last checkpoint is in PostgreSQL before the job goes on (or stops to be resumed)
     if ctx.stop_requested:
         raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
     return dict(output.metrics)
