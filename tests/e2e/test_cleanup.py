@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from tests.conftest import job_row, wait_for, wait_job
-from tests.e2e.test_resilience import checkpoint_steps, logged_steps, small_bert  # noqa: F401 (a fixture)
+from tests.e2e.test_resilience import checkpoint_steps, logged_steps
 from tests.support import models as testing
 
 
@@ -21,6 +21,11 @@ from tests.support import models as testing
 def conn(ops: psycopg.Connection[dict[str, Any]]) -> psycopg.Connection[dict[str, Any]]:
     """An administrator's session: the diagnostic `noop` task is theirs."""
     return ops
+
+
+@pytest.fixture(scope="module")
+def small_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return testing.build_tiny_classifier_base(tmp_path_factory.mktemp("models") / "small-bert", hidden=64, layers=2)
 
 
 def attempt_dirs(work: Path) -> list[str]:
@@ -61,7 +66,7 @@ def test_success_drops_scratch_and_checkpoints_unless_kept(
     conn: psycopg.Connection[dict[str, Any]],
     daemon: Any,
     small_bert: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     plain = tune(conn, small_bert, max_steps=30, save_steps=10)
     kept = tune(conn, small_bert, keep=True, max_steps=30, save_steps=10, save_total_limit=3)
@@ -95,7 +100,7 @@ def test_the_next_start_removes_what_a_killed_daemon_left(
     conn: psycopg.Connection[dict[str, Any]],
     daemon: Any,
     small_bert: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     work = tmp_path / "work"
     job = tune(conn, small_bert, max_steps=80, save_steps=20, save_total_limit=2)

@@ -207,11 +207,13 @@ class PgmlCallback(TrainerCallback):
 
 def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
     """trainer.train(), resuming from this job's latest checkpoint in PostgreSQL if an earlier attempt left one;
-    raises Interrupted when SIGTERM stopped it (the checkpoint it saved lets the next attempt resume)."""
+    raises Interrupted when SIGTERM stopped it (the checkpoint it saved lets the next attempt resume). The last
+    checkpoint's upload may still run when it returns: evaluation overlaps it, and the job's commit
+    (ctx.save_results) waits for it."""
     resume = ctx.resume_checkpoint()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    ctx.wait_checkpoints()  # the last checkpoint is in PostgreSQL before the job goes on (or stops to be resumed)
     if ctx.stop_requested:
+        ctx.wait_checkpoints()  # the checkpoint SIGTERM asked for is in PostgreSQL before the attempt exits
         raise Interrupted(f"stopped by SIGTERM at step {trainer.state.global_step}")
     return dict(output.metrics)
 
