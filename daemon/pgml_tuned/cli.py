@@ -661,11 +661,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 # the tables each kind of pgml.gc row frees space in
-GC_TABLES = {
+GC_TABLES: dict[str, str | None] = {
     "model_files": "pgml.file_parts",
     "logs": "pgml.logs",
     "checkpoints": "pgml.checkpoint_files",
     "job_rows": "pgml.job_rows",
+    "job_table": None,  # dropped: its space is returned at once
 }
 AGE_UNITS = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -701,7 +702,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 "apply => %s)",
                 (args.keep_last, age, args.include_kept, args.apply),
             ).fetchall()
-        except psycopg.errors.InsufficientPrivilege:
+        except psycopg.errors.InsufficientPrivilege as e:
+            if "function gc" not in str(e) and "pgml_admin" not in str(e):
+                raise
             raise CliError(
                 f"gc frees what every user's jobs left: it needs an administrator's login (a member of pgml_admin), "
                 f"and {shown_dsn(dsn)} is not one; run it with such a --dsn (GRANT pgml_admin TO <login>)"
@@ -711,9 +714,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     table = [
         (
             r["kind"],
-            r["project"],
-            str(r["job_id"] or ""),
-            str(r["model_id"] or ""),
+            r["project"] or "-",
+            str(r["job_id"] or "-"),
+            str(r["model_id"] or "-"),
             str(r["items"]),
             human_bytes(int(r["bytes"])),
             r["note"],
@@ -727,14 +730,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for row in [header, *table]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     total = sum(int(r["bytes"]) for r in rows)
-    tables = sorted({GC_TABLES[r["kind"]] for r in rows})
+    tables = sorted({t for r in rows if (t := GC_TABLES.get(r["kind"]))})
     if args.apply:
         print(f"\nfreed {human_bytes(total)} in {len(rows)} rows above.")
-        print(
-            "The space is reusable by new rows now; it returns to the operating system only after VACUUM FULL "
-            "(which locks each table while it rewrites it), e.g.:\n"
-            f"  psql -c 'VACUUM (FULL, ANALYZE) {', '.join(tables)}'"
-        )
+        if tables:
+            print(
+                "The space is reusable by new rows now; it returns to the operating system only after VACUUM FULL "
+                "(which locks each table while it rewrites it), e.g.:\n"
+                f"  psql -c 'VACUUM (FULL, ANALYZE) {', '.join(tables)}'"
+            )
     else:
         print(f"\nwould free {human_bytes(total)} (dry run: nothing was deleted; --apply deletes it)")
     return 0

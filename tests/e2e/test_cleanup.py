@@ -76,8 +76,9 @@ def test_success_drops_scratch_and_checkpoints_unless_kept(
     assert attempt_dirs(tmp_path / "work") == []
     assert checkpoint_steps(conn, plain) == []  # dropped with the job's success
     assert checkpoint_steps(conn, kept) == [10, 20, 30]  # materialize_snapshot keeps them (and the rows)
-    assert conn.execute("SELECT count(*) AS n FROM pgml.job_rows WHERE job_id = %s", (kept,)).fetchone()["n"] == 64
-    assert conn.execute("SELECT count(*) AS n FROM pgml.job_rows WHERE job_id = %s", (plain,)).fetchone()["n"] == 0
+    # the job's own table of rows (pgml_rows.job_<id>): dropped with the job, unless kept
+    assert conn.execute("SELECT to_regclass(%s) AS t", (f"pgml_rows.job_{plain}",)).fetchone()["t"] is None
+    assert conn.execute(f"SELECT count(*) AS n FROM pgml_rows.job_{kept}").fetchone()["n"] == 64
 
 
 def test_failure_and_cancel_leave_no_scratch(

@@ -79,6 +79,10 @@ def stored(su: psycopg.Connection[dict[str, Any]], tmp_path: Path) -> dict[str, 
     ids["leftover_job"] = ended_job(su, ids["old"], "succeeded", keep=False)
     ids["kept_job"] = ended_job(su, ids["deployed"], "failed", keep=True)
     ids["running_job"] = ended_job(su, ids["training"], "running", keep=False)
+    # jobs' own tables of rows (pgml_rows.job_<id>, migration 0024), and one whose job is gone
+    for job in (ids["leftover_job"], ids["kept_job"], ids["running_job"], 987654):
+        su.execute(f"CREATE TABLE pgml_rows.job_{job} AS SELECT 'text ' || i AS c1 FROM generate_series(1, 5) i")
+        su.execute(f"ALTER TABLE pgml_rows.job_{job} OWNER TO pgml_owner")  # as pgml.tune() creates them
     return ids
 
 
@@ -87,15 +91,20 @@ def listed(stdout: str) -> set[tuple[str, str]]:
     rows = set()
     for line in stdout.splitlines()[1:]:
         cells = line.split()
-        if not cells or cells[0] not in ("model_files", "logs", "checkpoints", "job_rows"):
+        if not cells or cells[0] not in ("model_files", "logs", "checkpoints", "job_rows", "job_table"):
             continue
-        rows.add((cells[0], cells[2]))  # kind, then project, then job or model
+        rows.add((cells[0], cells[3] if cells[0] in ("model_files", "logs") else cells[2]))  # kind, project, job, model
     return rows
 
 
 def counts(su: psycopg.Connection[dict[str, Any]], ids: dict[str, int]) -> dict[str, int]:
     one = lambda query, *a: int(su.execute(query, a).fetchone()["n"])  # noqa: E731
+    tables = {
+        r["relname"] for r in su.execute("SELECT relname FROM pg_class WHERE relnamespace = 'pgml_rows'::regnamespace")
+    }
     return {
+        **{f"table:{k}": int(f"job_{ids[k]}" in tables) for k in ("leftover_job", "kept_job", "running_job")},
+        "table:orphan": int("job_987654" in tables),
         **{f"files:{k}": model_files(su, ids[k]) for k in ("old", "base", "best", "deployed", "newest")},
         "logs:old": one("SELECT count(*) AS n FROM pgml.logs WHERE model_id = %s", ids["old"]),
         "logs:training": one("SELECT count(*) AS n FROM pgml.logs WHERE model_id = %s", ids["training"]),
@@ -123,6 +132,8 @@ def test_gc_dry_run_lists_and_apply_frees_what_nobody_uses(
         ("logs", old),
         ("checkpoints", leftover),
         ("job_rows", leftover),
+        ("job_table", leftover),
+        ("job_table", "-"),  # the table of a job that is gone
     }, dry.stdout
     assert "would free" in dry.stdout and "--apply" in dry.stdout
     assert counts(su, stored) == before  # a dry run deletes nothing
@@ -141,15 +152,22 @@ def test_gc_dry_run_lists_and_apply_frees_what_nobody_uses(
         "logs:old": 1,  # the recent one stays
         "checkpoints:leftover_job": 0,
         "job_rows:leftover_job": 0,
+        "table:leftover_job": 0,
+        "table:orphan": 0,
     }
     row = su.execute("SELECT files_freed_at FROM pgml.models WHERE id = %s", (stored["old"],)).fetchone()
     assert row["files_freed_at"] is not None
     # nothing is left to free but what materialize_snapshot kept, and that only on request
     assert listed(cli("gc", "--dsn", admin, "--logs-older-than", "30d", *home).stdout) == set()
     kept = cli("gc", "--dsn", admin, "--include-kept", "--apply", *home)
-    assert listed(kept.stdout) == {("checkpoints", str(stored["kept_job"])), ("job_rows", str(stored["kept_job"]))}
+    assert listed(kept.stdout) == {
+        ("checkpoints", str(stored["kept_job"])),
+        ("job_rows", str(stored["kept_job"])),
+        ("job_table", str(stored["kept_job"])),
+    }
     final = counts(su, stored)
-    assert final["checkpoints:kept_job"] == final["job_rows:kept_job"] == 0
+    assert final["checkpoints:kept_job"] == final["job_rows:kept_job"] == final["table:kept_job"] == 0
+    assert final["table:running_job"] == 1
     assert final["checkpoints:running_job"] == 1 and final["job_rows:running_job"] == 3  # a running job's: never
     assert final["logs:training"] == 1  # a model still training keeps its logs
     for name in ("base", "best", "deployed", "newest"):

@@ -23,6 +23,8 @@
 --      logs         pgml.logs rows older than `logs_older_than` (NULL: none) of models whose job has ended
 --      checkpoints  pgml.checkpoints of ended jobs (kept by tune(materialize_snapshot => true) unless include_kept)
 --      job_rows     pgml.job_rows (the copy of the training rows) of ended jobs (same rule)
+--      job_table    a job's own table of rows, pgml_rows.job_<id> (where a later migration keeps them), of an ended
+--                   job (same rule) or of a job that is gone: dropped, which returns its space at once
 --    Ended jobs' checkpoints and rows are normally deleted when the job ends (0008, pgml._job_changed): what gc
 --    finds of them was kept on purpose, or left by an older version.
 --    The space of deleted rows returns to the operating system only after VACUUM FULL of those tables (plain
@@ -160,6 +162,35 @@ BEGIN
         END IF;
         kind := r.kind; project := r.project; job_id := r.job_id; model_id := r.model_id;
         items := r.items; bytes := r.bytes; note := r.note;
+        RETURN NEXT;
+    END LOOP;
+    -- A job's rows in a table of its own (pgml_rows.job_<id>, when a later migration keeps them there): dropped
+    -- when the job ended and nothing keeps it, or when its job is gone. Dropping returns the space at once.
+    FOR r IN
+        SELECT c.relname::text AS relname, j.id AS job, p.name AS project, j.keep_snapshot AS kept,
+               pg_catalog.pg_total_relation_size(c.oid) AS size
+        FROM pg_catalog.pg_class c
+        LEFT JOIN pgml.jobs j ON j.id = CASE WHEN c.relname ~ '^job_[0-9]{1,18}$'
+                                             THEN pg_catalog.substr(c.relname::text, 5)::bigint END
+        LEFT JOIN pgml.projects p ON p.id = j.project_id
+        WHERE c.relnamespace = pg_catalog.to_regnamespace('pgml_rows') AND c.relkind = 'r'
+          AND c.relname ~ '^job_[0-9]{1,18}$'
+          AND (j.id IS NULL OR (j.status IN ('succeeded', 'failed', 'cancelled') AND (include_kept OR NOT j.keep_snapshot)))
+        ORDER BY c.relname
+    LOOP
+        EXECUTE pg_catalog.format('SELECT pg_catalog.count(*) FROM pgml_rows.%I', r.relname) INTO items;
+        kind := 'job_table'; project := r.project; job_id := r.job; model_id := NULL; bytes := r.size;
+        note := CASE WHEN r.job IS NULL THEN pg_catalog.format('pgml_rows.%I: its job is gone', r.relname)
+                     WHEN r.kept THEN pg_catalog.format('pgml_rows.%I: kept by materialize_snapshot', r.relname)
+                     ELSE pg_catalog.format('pgml_rows.%I: left by an ended job', r.relname) END;
+        IF apply THEN
+            BEGIN
+                PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
+                EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', r.relname);
+            EXCEPTION WHEN lock_not_available THEN
+                note := note || ' (in use: not dropped; run gc again)';
+            END;
+        END IF;
         RETURN NEXT;
     END LOOP;
 END $$;
