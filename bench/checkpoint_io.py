@@ -10,7 +10,7 @@ state): model.safetensors (60 %), optimizer.pt (38 %), the rest in small files (
 
 Measured in the same run, alternating (random order within each rep), --reps times:
 
-- pgml store:    JobContext.store_checkpoint(step, dir, keep) — the child's own code: one fenced transaction
+- pgml store:    JobStore.store_checkpoint(step, dir, keep) — the child's own code: one fenced transaction
                  (lock_owned_job, insert_checkpoint, files.copy_dir_in → COPY pgml.checkpoint_files FROM STDIN
                  (FORMAT BINARY) in 8 MB parts, finish_checkpoint). keep is large: pruning is timed apart.
 - plain store:   COPY bench_plain (path, part, data) FROM STDIN (FORMAT BINARY), one row per 8 MB part, one
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 empty_tables(conn, job)
                 step = rep + 1
                 stores = [
-                    ("pgml store", lambda step=step: writer.store_checkpoint(step, src, keep=1000)),
+                    ("pgml store", lambda step=step: writer.store.store_checkpoint(step, src, keep=1000)),
                     ("plain store", lambda: plain_store(plain_conn, src)),
                 ]
                 rng.shuffle(stores)

@@ -1,4 +1,4 @@
-"""`pgml-tuned`: migrate, serve, demo, status, wait, logs, cancel, download, dashboard, db, keys.
+"""`pgml-tuned`: migrate, serve, demo, status, wait, logs, cancel, download, dashboard, gc, db, keys.
 
 The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
 """
@@ -666,6 +666,90 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+# the tables each kind of pgml.gc row frees space in
+GC_TABLES: dict[str, str | None] = {
+    "model_files": "pgml.file_parts",
+    "logs": "pgml.logs",
+    "checkpoints": "pgml.checkpoint_files",
+    "job_rows": "pgml.job_rows",
+    "job_table": None,  # dropped: its space is returned at once
+}
+AGE_UNITS = {"m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> str:
+    """--logs-older-than 30d / 12h / 2w / 90min → a PostgreSQL interval ('30 days')."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*(min|m|h|d|w)\s*", text or "")
+    if not m:
+        raise CliError(f"--logs-older-than {text!r}: give an age such as 30d, 12h, 2w or 90min", 2)
+    return f"{m.group(1)} {AGE_UNITS[m.group(2)]}"
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """What old jobs hold (pgml.gc, an administrator's function): a table of it; --apply frees it."""
+    if args.keep_last < 1:
+        raise CliError(f"--keep-last {args.keep_last}: keep at least 1 model per project", 2)
+    age = parse_age(args.logs_older_than) if args.logs_older_than else None
+    dsn = resolve_dsn(_settings(args), announce=False, role="admin", check="schema", setup=False)
+    with db.sync_connect(dsn) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT * FROM pgml.gc(keep_last => %s, logs_older_than => %s::interval, include_kept => %s, "
+                "apply => %s)",
+                (args.keep_last, age, args.include_kept, args.apply),
+            ).fetchall()
+        except psycopg.errors.InsufficientPrivilege as e:
+            if "function gc" not in str(e) and "pgml_admin" not in str(e):
+                raise
+            raise CliError(
+                f"gc frees what every user's jobs left: it needs an administrator's login (a member of pgml_admin), "
+                f"and {shown_dsn(dsn)} is not one; run it with such a --dsn (GRANT pgml_admin TO <login>)"
+            ) from None
+        conn.commit()
+    header = ("kind", "project", "job", "model", "items", "size", "why")
+    table = [
+        (
+            r["kind"],
+            r["project"] or "-",
+            str(r["job_id"] or "-"),
+            str(r["model_id"] or "-"),
+            str(r["items"]),
+            human_bytes(int(r["bytes"])),
+            r["note"],
+        )
+        for r in rows
+    ]
+    if not table:
+        print("nothing to free: no unused model files, old logs or leftovers of ended jobs")
+        return 0
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    total = sum(int(r["bytes"]) for r in rows)
+    tables = sorted({t for r in rows if (t := GC_TABLES.get(r["kind"]))})
+    if args.apply:
+        print(f"\nfreed {human_bytes(total)} in {len(rows)} rows above.")
+        if tables:
+            print(
+                "The space is reusable by new rows now; it returns to the operating system only after VACUUM FULL "
+                "(which locks each table while it rewrites it), e.g.:\n"
+                f"  psql -c 'VACUUM (FULL, ANALYZE) {', '.join(tables)}'"
+            )
+    else:
+        print(f"\nwould free {human_bytes(total)} (dry run: nothing was deleted; --apply deletes it)")
+    return 0
+
+
 def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "stop":
@@ -770,6 +854,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--bits", type=int, default=3072, help="generate: RSA key size (default 3072)")
     k.add_argument("--no-activate", action="store_true", help="register: do not make it the sealing key yet")
     k.set_defaults(fn=cmd_keys)
+
+    g = sub.add_parser(
+        "gc",
+        parents=[common],
+        help="show (and with --apply free) what old jobs hold: unused model files, old log rows, leftovers of "
+        "ended jobs (administrators)",
+        description="Lists what pgml.gc would free, as an administrator's login (a member of pgml_admin). Model "
+        "files: a project keeps its deployed model, its best model (the deployment metric), its --keep-last newest "
+        "successful models and every model another one is based on or a queued job starts from; the files of its "
+        "other models are freed (their rows, metrics and logs stay). Log rows: older than --logs-older-than. Ended "
+        "jobs: checkpoints and the copy of the training rows (those kept by materialize_snapshot only with "
+        "--include-kept). Dry run unless --apply.",
+    )
+    g.add_argument("--apply", action="store_true", help="delete what is listed (default: only list it)")
+    g.add_argument(
+        "--keep-last", type=int, default=1, help="successful models to keep per project, newest first (default 1)"
+    )
+    g.add_argument("--logs-older-than", metavar="AGE", help="also free log rows older than AGE (30d, 12h, 2w, 90min)")
+    g.add_argument(
+        "--include-kept",
+        action="store_true",
+        help="also free checkpoints and training rows that tune(materialize_snapshot => true) kept",
+    )
+    g.set_defaults(fn=cmd_gc)
 
     e = sub.add_parser("db", parents=[common], help="the embedded PostgreSQL: psql command, dsn, stop")
     e.add_argument(

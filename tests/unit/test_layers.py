@@ -31,6 +31,7 @@ RANKS = {
     # the child process
     "child": 4,
     "child.events": 4,
+    "child.uploader": 4,
     "child.store": 5,
     "child.dist": 5,
     "child.context": 6,
@@ -51,6 +52,7 @@ RANKS = {
     "recipes.conversation": 12,
     # the worker (beside the child: it never imports it)
     "worker": 4,
+    "worker.scratch": 3,
     "worker.process": 4,
     "worker.backend": 4,
     "worker.fleet": 4,

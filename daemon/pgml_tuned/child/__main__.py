@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import importlib
 import json
 import os
@@ -61,8 +62,23 @@ def failure_message(e: Exception, spec: dict[str, Any]) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def hold_workdir() -> int | None:
+    """A shared lock on the attempt's scratch directory (PGML_WORK_DIR, made by the worker) while this process
+    lives: a daemon's start-up sweep (worker/scratch.py) never removes the directory of a running child."""
+    work = os.environ.get("PGML_WORK_DIR")
+    if not work:
+        return None
+    try:
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
 def main() -> int:
     die_with_parent()
+    hold_workdir()
     # our stdout is the event channel; everything else that prints goes to stderr
     events = Events(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)

@@ -14,6 +14,7 @@ from ..errors import Interrupted
 from .dist import Rank
 from .events import Events
 from .store import JobStore
+from .uploader import CheckpointUploader
 
 
 class JobContext:
@@ -41,6 +42,8 @@ class JobContext:
             tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-", dir=os.environ.get("PGML_WORK_DIR") or None)
         )
         self.store = JobStore(dsn, ticket, self.job_id, self.attempt, self.model_id, events, self.workdir)
+        self._upload_store: JobStore | None = None  # the uploader thread's own connection
+        self.uploads = CheckpointUploader(self._upload_checkpoint, self.workdir / "uploads")
         self._resume: Path | None = None
         self._resume_looked_up = False
 
@@ -116,18 +119,31 @@ class JobContext:
         if self.rank.main:
             self.store.log(entry)
 
-    def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
-        """Rank 0 stores the checkpoint every rank has written (call it on every rank: it waits for them all)."""
+    def store_checkpoint(self, step: int, src: Path, keep: int, *, move: bool = True) -> None:
+        """Rank 0 stores the checkpoint every rank has written (call it on every rank: it waits for them all), in
+        the background (uploader.py: waits for the previous upload first); `src` is moved away unless move=False
+        (then hard-linked)."""
         self.rank.barrier()
         if self.rank.main and src.is_dir():
-            self.store.store_checkpoint(step, src, keep)
+            self.uploads.submit(step, src, keep, move=move)
         self.rank.barrier()
+
+    def wait_checkpoints(self) -> None:
+        """Wait until the last checkpoint is stored (raising the error of an upload that failed); rank 0's."""
+        if self.rank.main:
+            self.uploads.wait()
+
+    def _upload_checkpoint(self, step: int, src: Path, keep: int) -> None:
+        if self._upload_store is None:
+            self._upload_store = self.store.sibling()
+        self._upload_store.store_checkpoint(step, src, keep)
 
     def save_results(self, model_dir: Path, metrics: dict[str, Any], base_model: str | None = None) -> None:
         """Commit the job: every file under model_dir into pgml.files, metrics, status — atomically (rank 0, once
-        every rank has written its part of model_dir)."""
+        every rank has written its part of model_dir and the last checkpoint is stored)."""
         self.rank.barrier()
         if self.rank.main:
+            self.wait_checkpoints()
             self.store.succeed(model_dir, metrics, base_model)
 
     def staging_table(self, columns: list[tuple[str, str]]) -> str:

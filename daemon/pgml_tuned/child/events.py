@@ -11,16 +11,20 @@ Anything else a library prints goes to stderr, which the worker keeps the tail o
 from __future__ import annotations
 
 import json
+import threading
 from typing import IO, Any
 
 
 class Events:
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
+        self._lock = threading.Lock()  # the checkpoint uploader's thread emits too: one whole line at a time
 
     def emit(self, event: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(event, default=str) + "\n")
-        self.stream.flush()
+        line = json.dumps(event, default=str) + "\n"
+        with self._lock:
+            self.stream.write(line)
+            self.stream.flush()
 
     def info(self, message: str, level: str = "info", **fields: Any) -> None:
         self.emit({"event": "info", "level": level, "message": message, **fields})

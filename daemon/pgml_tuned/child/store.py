@@ -59,6 +59,10 @@ class JobStore:
         self._rate_origin: tuple[float, float] | None = None  # (step, time) of this attempt's first log
         self._progress: dict[str, Any] = {}
 
+    def sibling(self) -> JobStore:
+        """A store of the same attempt over a connection of its own (for another thread: the checkpoint uploader)."""
+        return JobStore(self.dsn, self.ticket, self.job_id, self.attempt, self.model_id, self.events, self.workdir)
+
     # ---- the connection ----
     def conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -159,7 +163,6 @@ class JobStore:
 
     def store_checkpoint(self, step: int, src: Path, keep: int) -> None:
         """Store checkpoint directory `src` in one fenced transaction; keep the newest `keep`."""
-        self.flush_logs()
         t0 = time.monotonic()
         n_files, n_bytes = self.with_retry(
             "storing a checkpoint", lambda c: jobs.store_checkpoint(c, self.job_id, self.ticket, step, src, keep)

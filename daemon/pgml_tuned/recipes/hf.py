@@ -218,17 +218,24 @@ class PgmlCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2)."""
+        """Every checkpoint the Trainer writes goes into PostgreSQL (pruned to save_total_limit, default 2), in the
+        background while training goes on (child/uploader.py). The directory is moved out of the Trainer's way,
+        unless load_best_model_at_end needs it back at the end (then it is hard-linked)."""
         src = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
-        self.ctx.store_checkpoint(state.global_step, src, keep=args.save_total_limit or 2)
+        self.ctx.store_checkpoint(
+            state.global_step, src, keep=args.save_total_limit or 2, move=not args.load_best_model_at_end
+        )
 
 
 def train(ctx: JobContext, trainer: Trainer) -> dict[str, Any]:
     """trainer.train(), resuming from this job's latest checkpoint in PostgreSQL if an earlier attempt left one;
-    raises Interrupted when a signal stopped it (the checkpoint it saved lets the next attempt resume)."""
+    raises Interrupted when a signal stopped it (the checkpoint it saved lets the next attempt resume). The last
+    checkpoint's upload may still run when it returns: evaluation overlaps it, and the job's commit
+    (ctx.save_results) waits for it."""
     resume = ctx.resume_checkpoint()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if ctx.stop_requested:
+        ctx.wait_checkpoints()  # the checkpoint the signal asked for is in PostgreSQL before the attempt exits
         raise ctx.interrupted(f"at step {trainer.state.global_step} of {trainer.state.max_steps}")
     return dict(output.metrics)
 

@@ -39,6 +39,7 @@ from .. import __version__, logconfig
 from ..config import Settings
 from ..db import RETRYABLE
 from ..states import Status, StopReason, gpus_of
+from . import scratch
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend, RegistryMissing
 from .fleet import detect_devices, free_gpus, sd_notify, watchdog_enabled
@@ -89,6 +90,7 @@ class Daemon:
         await self.backend.prepare()
         self.settings.scratch.mkdir(parents=True, exist_ok=True)
         self.devices = await anyio.to_thread.run_sync(detect_devices, self.settings.gpu_list)
+        await self.sweep_scratch()
         log.info(
             "daemon.start",
             worker=self.settings.worker_id,
@@ -120,6 +122,19 @@ class Daemon:
             await self.backend.close()
             stopped = {"message": f"stopped by {self.stopped_by}"} if self.stopped_by else {}
             log.info("daemon.stop", worker=self.settings.worker_id, jobs_claimed=self.claimed, **stopped)
+
+    async def sweep_scratch(self) -> None:
+        """Remove what attempts of a killed daemon (or child) left in the work directory: their scratch
+        directories that no living process holds (scratch.py)."""
+        removed = await anyio.to_thread.run_sync(scratch.sweep, self.settings.scratch)
+        if removed:
+            log.info(
+                "daemon.scratch_removed",
+                message=f"removed {len(removed)} scratch director{'y' if len(removed) == 1 else 'ies'} of jobs "
+                f"no process runs any more ({sum(b for _, b in removed) / 1e6:.1f} MB) from {self.settings.scratch}",
+                directories=[name for name, _ in removed],
+                bytes=sum(b for _, b in removed),
+            )
 
     def _finish_if_idle(self) -> None:
         if self.stopping and not self.attempts and self._root is not None:

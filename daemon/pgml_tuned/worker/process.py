@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import signal
 import sys
-import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
 from .. import logconfig
+from .scratch import AttemptDir
 
 log = logconfig.get("pgml_tuned.worker.process")
 
@@ -119,9 +118,9 @@ async def check_child_user(user: ChildUser, work_dir: Path, secret_files: list[P
 class ChildProcess:
     """One running child process (`python -m pgml_tuned.child`)."""
 
-    def __init__(self, process: Process, workdir: Path | None = None) -> None:
+    def __init__(self, process: Process, workdir: AttemptDir | None = None) -> None:
         self.process = process
-        self.workdir = workdir  # the child user's own work directory, removed when it exits
+        self.workdir = workdir  # the attempt's scratch directory, removed when the child has exited
         self.error: str | None = None  # the message of the child's error event
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
         self.lease_lost_reported = False
@@ -130,19 +129,24 @@ class ChildProcess:
     async def start(
         cls, payload: dict[str, Any], env: dict[str, str], *, user: ChildUser | None = None
     ) -> ChildProcess:
-        kwargs: dict[str, Any] = {}
-        workdir: Path | None = None
+        """Start the child of the attempt in `payload` in a scratch directory of its own (scratch.AttemptDir,
+        under env's PGML_WORK_DIR), removed when it exits (run())."""
+        spec = payload["spec"]
+        owner = (user.uid, user.gid) if user is not None else None
+        workdir = await anyio.to_thread.run_sync(
+            AttemptDir.create, Path(env["PGML_WORK_DIR"]), int(spec["id"]), int(spec["attempt"]), owner
+        )
+        env = {**env, "PGML_WORK_DIR": str(workdir.path)}
+        kwargs: dict[str, Any] = {"cwd": workdir.path}
         if user is not None:
-            workdir = await anyio.to_thread.run_sync(own_workdir, Path(env["PGML_WORK_DIR"]), user)
-            env = {**env, "PGML_WORK_DIR": str(workdir), "HOME": str(workdir), "USER": user.name, "LOGNAME": user.name}
-            kwargs = {"cwd": workdir, **user.process_args()}
+            env = {**env, "HOME": str(workdir.path), "USER": user.name, "LOGNAME": user.name}
+            kwargs.update(user.process_args())
         try:
             process = await anyio.open_process(
                 [sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True, **kwargs
             )
         except BaseException:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
+            await anyio.to_thread.run_sync(workdir.remove)
             raise
         child = cls(process, workdir)
         assert process.stdin is not None
@@ -152,7 +156,8 @@ class ChildProcess:
         return child
 
     async def run(self, on_event: Callable[[dict[str, Any]], None]) -> int:
-        """Forward the child's events and stderr until it exits; return its exit code (-N: signal N)."""
+        """Forward the child's events and stderr until it exits; return its exit code (-N: signal N). However it
+        ended, its scratch directory is removed."""
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read_events, on_event)
@@ -161,7 +166,10 @@ class ChildProcess:
         finally:
             if self.workdir is not None:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(lambda: shutil.rmtree(self.workdir or "", ignore_errors=True))
+                    if self.process.returncode is None:  # cancelled while it runs: it must not outlive its files
+                        self.kill()
+                        await self.process.wait()
+                    await anyio.to_thread.run_sync(self.workdir.remove)
 
     async def _read_events(self, on_event: Callable[[dict[str, Any]], None]) -> None:
         assert self.process.stdout is not None
@@ -210,13 +218,6 @@ class ChildProcess:
         if tail and not self.error:
             msg += f"; its last output:\n{tail[-2000:]}"
         return msg
-
-
-def own_workdir(scratch: Path, user: ChildUser) -> Path:
-    """A new directory under `scratch` that only `user` (and root) may enter: the child's work directory."""
-    workdir = Path(tempfile.mkdtemp(prefix="child-", dir=scratch))  # mode 0700
-    os.chown(workdir, user.uid, user.gid)
-    return workdir
 
 
 MAX_LINE = 64 * 1024  # a child's output line longer than this is cut (a line never grows the worker's memory)
