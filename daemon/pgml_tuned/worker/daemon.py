@@ -197,8 +197,8 @@ class Daemon:
         return random.random() < spread / self.fleet_idle
 
     def poll_delay(self) -> float:
-        """poll_seconds; in a fleet of more than claim_spread live workers, stretched (at most 60 s) so that the
-        fleet polls about claim_spread times per poll_seconds, and jittered so that the polls do not bunch up."""
+        """poll_seconds; in a fleet of more than claim_spread live workers, stretched (to 60 s at most) so that the
+        fleet polls about claim_spread times per poll_seconds, and jittered (x 0.5-1.5) so that polls do not bunch."""
         spread, poll = self.settings.claim_spread, self.settings.poll_seconds
         if spread <= 0 or self.fleet_live <= spread:
             return poll
