@@ -264,6 +264,18 @@ def idle_rate_named(x: dict[str, int], y: dict[str, int], seconds: float, name: 
     return (y.get(name, 0) - x.get(name, 0)) / seconds
 
 
+def empty_claim_cpu_ms(dsn: str, times: int = 5000) -> float:
+    """Server CPU of one claim_job that finds the queue empty (what each extra racer of a herd costs), in ms."""
+    params = {"worker": "calibrate", "lease_seconds": 30, "free_gpus": 0}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(50):  # past psycopg's prepare threshold, as a daemon's claims are
+            conn.execute(q("claim_job"), params)
+        cpu = process_cpu_seconds(conn.info.backend_pid)
+        for _ in range(times):
+            conn.execute(q("claim_job"), params)
+        return (process_cpu_seconds(conn.info.backend_pid) - cpu) / times * 1e3
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     logconfig.configure("json", args.log_level)
     admin = admin_dsn(args.dsn)
@@ -272,6 +284,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row = conn.execute("SHOW data_directory").fetchone()
     assert row is not None
     pid = int((Path(row[0]) / "postmaster.pid").read_text().split()[0])
+    with fresh_database(admin, "pgml_bench_fleet") as dsn:
+        empty_claim = empty_claim_cpu_ms(dsn)
+    print(f"one claim that finds the queue empty: {empty_claim * 1e3:.0f} us of server CPU", flush=True)
     rows = []
     for n in [int(x) for x in args.workers.split(",")]:
         for mode in args.modes.split(","):
@@ -292,7 +307,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
             print(f"    statements/s by name, idle: {i['by_name_per_s']}; with jobs: {bz['by_name_per_s']}", flush=True)
-    return {"at": dt.datetime.now().isoformat(), "rate": args.rate, "window": args.window, "results": rows}
+    return {
+        "at": dt.datetime.now().isoformat(),
+        "rate": args.rate,
+        "window": args.window,
+        "empty_claim_cpu_ms": empty_claim,
+        "results": rows,
+    }
 
 
 def main() -> None:
