@@ -41,7 +41,7 @@ from typing import Any
 
 import anyio
 import psycopg
-from common import admin_dsn, fresh_database, main_with_json, percentile
+from common import admin_dsn, fresh_database, machine_busy_seconds, main_with_json, percentile
 from psycopg.types.json import Jsonb
 
 from pgml_tuned import logconfig
@@ -177,7 +177,7 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
             i0, n0 = counters(conn, pid), dict(pool.counts)
             await anyio.sleep(args.idle)  # the fleet's floor: heartbeats, polls, reaps
             i1, n1 = counters(conn, pid), dict(pool.counts)
-            cpu0, wall0 = time.process_time(), time.monotonic()
+            cpu0, wall0, busy0 = time.process_time(), time.monotonic(), machine_busy_seconds()
             first = conn.execute("SELECT coalesce(max(id), 0) FROM pgml.jobs").fetchone()[0]  # type: ignore[index]
             async with await connect(dsn, app="pgml-tuned bench submit") as submit:
                 submitter = submit.info.backend_pid
@@ -197,7 +197,7 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
                 await anyio.sleep(0.1)
             await anyio.sleep(1.0)  # backends report their statements when idle
             b, nb = counters(conn, pid), dict(pool.counts)
-            client_cpu = time.process_time() - cpu0
+            client_cpu, machine = time.process_time() - cpu0, machine_busy_seconds() - busy0
             pickups = [
                 r[0]
                 for r in conn.execute(
@@ -231,6 +231,8 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
         "pickup_p50_ms": percentile(pickups, 50) * 1e3 if pickups else None,
         "pickup_p99_ms": percentile(pickups, 99) * 1e3 if pickups else None,
         "pickup_max_ms": max(pickups) * 1e3 if pickups else None,
+        "pickups_over_100ms": sum(p > 0.1 for p in pickups),
+        "pickups_over_1s": sum(p > 1.0 for p in pickups),
         "idle": {
             "statements_per_s": idle_rate("xacts"),
             "wal_bytes_per_s": idle_rate("wal"),
@@ -247,6 +249,7 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
             "submit_cpu_cores": submit_cpu / span,  # pgml.tune() in the submitting session's backend
             "queue_cpu_cores": (b["cpu"] - i1["cpu"] - submit_cpu) / span,  # the rest: the fleet's statements
             "client_cpu_cores": client_cpu / span,
+            "machine_busy_cores": machine / span,  # everything on this (shared) machine, others' work included
             "by_name_per_s": by_name(n1, nb, span),
         },
         "per_job": {
@@ -301,7 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{i['db_cpu_cores'] * 100:.1f} % | with jobs: {bz['claims_per_s']:.0f} claims/s, "
                 f"{bz['statements_per_s']:.0f} stmt/s, {bz['wal_bytes_per_s'] / 1e3:.0f} kB WAL/s, DB CPU "
                 f"{bz['db_cpu_cores'] * 100:.1f} % (queue {bz['queue_cpu_cores'] * 100:.1f} %), "
-                f"client CPU {bz['client_cpu_cores'] * 100:.0f} % | per job: "
+                f"client CPU {bz['client_cpu_cores'] * 100:.0f} %, machine {bz['machine_busy_cores']:.1f} cores busy | "
+                f"{row['pickups_over_100ms']} pickups > 100 ms, {row['pickups_over_1s']} > 1 s | per job: "
                 f"{j['claims']:.1f} claims, {j['statements']:.1f} stmt, {j['wal_bytes'] / 1e3:.1f} kB WAL, "
                 f"{j['db_cpu_ms']:.2f} ms DB CPU ({j['queue_cpu_ms']:.2f} ms queue)",
                 flush=True,
