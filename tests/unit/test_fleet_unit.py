@@ -219,6 +219,11 @@ def test_herd_control_claims_on_about_claim_spread_notices_and_spreads_the_polls
     assert daemon.wake.is_set()  # a (re)established LISTEN always looks at the queue
     delays = [daemon.poll_delay() for _ in range(1000)]
     assert 30.0 <= min(delays) < 35.0 and 85.0 < max(delays) <= 90.0  # 60 s x 0.5-1.5
+    daemon.fleet_idle = 4  # most of the fleet busy: the few idle workers keep polling every poll_seconds
+    assert daemon.poll_delay() == 2.0
+    daemon.free_slots = []  # a busy worker only reaps: its polls spread over the whole live fleet
+    assert 30.0 <= daemon.poll_delay() <= 90.0
+    daemon.free_slots = [0]
     daemon.fleet_idle = daemon.fleet_live = 8
     assert all(daemon.claims_on_notice() for _ in range(100)) and daemon.poll_delay() == 2.0
     old, _ = make(tmp_path, claim_spread=0)

@@ -197,12 +197,15 @@ class Daemon:
         return random.random() < spread / self.fleet_idle
 
     def poll_delay(self) -> float:
-        """poll_seconds; in a fleet of more than claim_spread live workers, stretched (to 60 s at most) so that the
-        fleet polls about claim_spread times per poll_seconds, and jittered (x 0.5-1.5) so that polls do not bunch."""
+        """poll_seconds; in a fleet of more than claim_spread workers like this one (idle ones while it has a free
+        slot: their polls are what claims a job whose NOTIFY nobody acted on; else all the live ones, which reap),
+        stretched (to 60 s at most) so that they poll about claim_spread times per poll_seconds between them, and
+        jittered (x 0.5-1.5) so that the polls do not bunch up."""
         spread, poll = self.settings.claim_spread, self.settings.poll_seconds
-        if spread <= 0 or self.fleet_live <= spread:
+        peers = self.fleet_idle if self.free_slots and not self.stopping else self.fleet_live
+        if spread <= 0 or peers <= spread:
             return poll
-        return min(60.0, poll * self.fleet_live / spread) * random.uniform(0.5, 1.5)
+        return min(60.0, poll * peers / spread) * random.uniform(0.5, 1.5)
 
     async def _read_fleet(self) -> None:
         """Re-read the fleet's size about every 10 heartbeats (jittered); only the herd control uses it."""
