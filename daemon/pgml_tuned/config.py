@@ -66,6 +66,13 @@ class Settings:
         help="how often to look for work without a NOTIFY (a lost NOTIFY never "
         "stalls the queue) and reap expired leases",
     )
+    claim_spread: int = setting(
+        8,
+        help="herd control for large fleets: a job_queued NOTIFY makes about this many of the idle workers claim "
+        "(each with probability claim_spread / idle workers in pgml.worker_status, re-read about once a minute), "
+        "and the fleet's polls are spread so that about this many poll per poll_seconds; 0: every notified "
+        "worker claims and each polls every poll_seconds",
+    )
     grace_seconds: float = setting(60.0, help="on SIGTERM: how long children get to checkpoint before SIGKILL")
     log_format: str = setting(
         "auto",

@@ -86,6 +86,12 @@ async def queue_empty(pool: Pool, worker: str, gpus: int = 0) -> bool:
     return bool(row and row["empty"])
 
 
+async def idle_workers(pool: Pool) -> tuple[int, int]:
+    """(live workers with a free slot, live workers) in the fleet registry, as of their last heartbeats."""
+    row = await pool.one(q("idle_workers"))
+    return (int(row["idle"]), int(row["live"])) if row else (0, 0)
+
+
 async def set_child_ticket(pool: Pool, job: Claim, ticket_hash: bytes) -> bool:
     """Record the sha256 of the attempt's child ticket; False when the attempt no longer owns the job."""
     return bool(await pool.named("set_child_ticket", id=job.id, attempt=job.attempt, hash=ticket_hash))

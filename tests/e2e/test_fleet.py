@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.rows import dict_row
 
 from pgml_tuned import cli
 from tests.conftest import DaemonProc, job_row, wait_for, wait_job
@@ -263,3 +264,33 @@ def test_sd_notify_ready_watchdog_stopping(notify_socket: tuple[socket.socket, s
         pass
     assert message.splitlines()[0] == "STOPPING=1", message
     assert d.wait(30) == 0
+
+
+def test_idle_workers_counts_the_live_workers_with_a_free_slot(worker_dsn: str) -> None:
+    """The herd control's fleet size (queries.sql idle_workers), read as the worker's own role."""
+    from psycopg.types.json import Jsonb
+
+    from pgml_tuned.db import q
+
+    TOKEN = "herd-test-token-0123456789"
+    with psycopg.connect(worker_dsn, autocommit=True, row_factory=dict_row) as w:
+        for name, free in (("herd-a", 1), ("herd-b", 0), ("herd-c", 2)):
+            info = {"host": "h", "pid": 1, "version": "t", "devices": Jsonb([]), "gpus": 0, "concurrency": 2}
+            w.execute(
+                q("worker_register"),
+                {"worker": name, "token": TOKEN, **info, "heartbeat_seconds": 5, "lease_seconds": 30},
+            )
+            w.execute(
+                q("worker_heartbeat"),
+                {
+                    "worker": name,
+                    "token": TOKEN,
+                    "free_slots": free,
+                    "free_gpus": 0,
+                    "running": [],
+                    "models_cached": Jsonb([]),
+                },
+            )
+        assert w.execute(q("idle_workers")).fetchone() == {"idle": 2, "live": 3}
+        w.execute(q("worker_stop"), {"worker": "herd-c", "token": TOKEN})
+        assert w.execute(q("idle_workers")).fetchone() == {"idle": 1, "live": 2}

@@ -146,6 +146,10 @@ class MemoryBackend:
             j.status == Status.QUEUED and not j.cancel_requested and self._gpus(j) <= gpus for j in self.jobs.values()
         )
 
+    async def idle_workers(self) -> tuple[int, int]:
+        live = 1 if self.registry else 0
+        return (live if self.registry.get("free_slots", 1) else 0), live
+
     async def register(self, info: dict[str, Any]) -> None:
         self.registry = {**info, "state": "live", "beats": 0}
 

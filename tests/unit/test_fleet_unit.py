@@ -5,6 +5,7 @@ daemon on the in-memory backend, and the systemd units (systemd-analyze verify, 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgml_tuned.config import Settings
 from pgml_tuned.worker import fleet
+from pgml_tuned.worker.backend import Notice
 from pgml_tuned.worker.daemon import Daemon
 from pgml_tuned.worker.metrics import Metrics, serve_metrics
 from tests.support.memory import MemoryBackend, fake_launcher
@@ -195,3 +198,45 @@ def test_systemd_units_verify(unit: Path, tmp_path: Path) -> None:
     )
     ours = [line for line in (done.stdout + done.stderr).splitlines() if name in line or "pgml" in line]
     assert done.returncode == 0 and not ours, done.stdout + done.stderr
+
+
+def test_herd_control_claims_on_about_claim_spread_notices_and_spreads_the_polls(tmp_path: Path) -> None:
+    """In a fleet of 1000 idle workers a job_queued NOTIFY wakes each claimer with probability 8/1000, and each
+    polls about every 250 s (capped at 60 s, then jittered); a small fleet, or claim_spread 0, behaves as before."""
+    daemon, _ = make(tmp_path)
+    daemon.settings = replace(daemon.settings, poll_seconds=2.0)
+    random.seed(7)
+    assert daemon.claims_on_notice() and daemon.poll_delay() == 2.0  # the fleet's size not read yet
+    daemon.fleet_idle = daemon.fleet_live = 1000
+    woken = 0
+    for _ in range(20_000):
+        daemon.wake = anyio.Event()
+        daemon.dispatch(Notice("job_queued", 1))
+        woken += daemon.wake.is_set()
+    assert 100 < woken < 220  # 20000 * 8 / 1000 = 160 expected
+    daemon.wake = anyio.Event()
+    daemon.dispatch(Notice("listening"))
+    assert daemon.wake.is_set()  # a (re)established LISTEN always looks at the queue
+    delays = [daemon.poll_delay() for _ in range(1000)]
+    assert 30.0 <= min(delays) < 35.0 and 85.0 < max(delays) <= 90.0  # 60 s x 0.5-1.5
+    daemon.fleet_idle = 4  # most of the fleet busy: the few idle workers keep polling every poll_seconds
+    assert daemon.poll_delay() == 2.0
+    daemon.free_slots = []  # a busy worker only reaps: its polls spread over the whole live fleet
+    assert 30.0 <= daemon.poll_delay() <= 90.0
+    daemon.free_slots = [0]
+    daemon.fleet_idle = daemon.fleet_live = 8
+    assert all(daemon.claims_on_notice() for _ in range(100)) and daemon.poll_delay() == 2.0
+    old, _ = make(tmp_path, claim_spread=0)
+    old.settings = replace(old.settings, poll_seconds=2.0)
+    old.fleet_idle = old.fleet_live = 1000
+    assert all(old.claims_on_notice() for _ in range(100)) and old.poll_delay() == 2.0
+
+
+@pytest.mark.anyio
+async def test_a_registered_worker_reads_the_fleet_size_at_its_poll(tmp_path: Path) -> None:
+    daemon, backend = make(tmp_path)
+    backend.submit(seconds=0.5)
+    with anyio.fail_after(10):
+        await daemon.serve()
+    # read while it ran its job: its registry row (renewed every 0.02 s) had no free slot
+    assert (daemon.fleet_idle, daemon.fleet_live) == (0, 1)

@@ -139,6 +139,11 @@ SELECT pgml._worker_heartbeat(%(worker)s::text, %(token)s::text, %(free_slots)s:
 -- name: worker_stop
 SELECT pgml._worker_stop(%(worker)s::text, %(token)s::text) AS owned;
 
+-- name: idle_workers
+-- How many live workers have a free job slot (their last heartbeat's): the herd control's fleet size.
+SELECT count(*) FILTER (WHERE w.free_slots > 0)::integer AS idle, count(*)::integer AS live
+FROM pgml.worker_status w WHERE w.state = 'live';
+
 -- name: registry_exists
 SELECT pg_catalog.to_regprocedure('pgml._worker_heartbeat(text, text, integer, integer, bigint[], jsonb)') IS NOT NULL
     AS found;

@@ -91,6 +91,9 @@ class Backend(Protocol):
     async def queue_empty(self, gpus: int = 0) -> bool:
         """Nothing left for a drain (see jobs.queue_empty)."""
 
+    async def idle_workers(self) -> tuple[int, int]:
+        """(live workers with a free slot, live workers) in the fleet registry (see jobs.idle_workers)."""
+
     async def register(self, info: dict[str, Any]) -> None:
         """This daemon's row in the fleet registry (raises RegistryMissing without one)."""
 
@@ -187,6 +190,9 @@ class PgBackend:
 
     async def queue_empty(self, gpus: int = 0) -> bool:
         return await jobs.queue_empty(self.pool, self.worker, gpus)
+
+    async def idle_workers(self) -> tuple[int, int]:
+        return await jobs.idle_workers(self.pool)
 
     async def register(self, info: dict[str, Any]) -> None:
         try:

@@ -2,6 +2,11 @@
 
 - listener   typed notices from the Backend (LISTEN pgml_jobs / pgml_control), routed by one dispatcher
 - poller     every poll_seconds: reap expired leases, then wake the claimer (a lost NOTIFY never stalls)
+- herd       in a fleet of more than claim_spread idle workers, a job_queued NOTIFY (which every listener
+             gets) makes each claim only with probability claim_spread / idle workers, so about claim_spread
+             claims race per job instead of the whole fleet; the polls are stretched and jittered so that the
+             fleet as a whole still polls about claim_spread times per poll_seconds (the safety net for a
+             notified job nobody claimed). The fleet's size is re-read from pgml.worker_status now and then.
 - claimer    claims queued jobs while job slots are free (FOR UPDATE SKIP LOCKED, one short statement)
 - heartbeat  every heartbeat_seconds (or at once on a cancel notice): one statement renews the leases of
              all running attempts and reads their cancel requests
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import signal
 import socket
 import time
@@ -84,6 +90,9 @@ class Daemon:
         self.waiting_on_db = False  # the heartbeat loop is in a database call (it may retry through an outage)
         self.metrics: Any = None  # a metrics.Metrics with --metrics-port (prometheus_client is imported only then)
         self.metrics_port: int | None = None  # the port /metrics listens on
+        self.fleet_idle = 0  # live workers with a free slot (pgml.worker_status), for the herd control
+        self.fleet_live = 0
+        self.fleet_read_at = -1e18  # time.monotonic() of the last read; the first poll reads it
 
     # ---- lifecycle ----
     async def serve(self) -> None:
@@ -193,14 +202,43 @@ class Daemon:
 
     def dispatch(self, notice: Notice) -> None:
         """Route one notice. None carries an order: each only makes the daemon read rows sooner."""
-        if notice.type in ("job_queued", "listening"):
+        if notice.type == "listening" or (notice.type == "job_queued" and self.claims_on_notice()):
             self.wake.set()
         elif notice.type == "cancel_requested" and notice.id in self.attempts:
             self.beat.set()  # the lease renewal reads cancel_requested from the job's row
 
+    def claims_on_notice(self) -> bool:
+        """Whether this worker claims on a job_queued NOTIFY: always in a fleet of at most claim_spread idle
+        workers (or with claim_spread 0), else with probability claim_spread / idle workers."""
+        spread = self.settings.claim_spread
+        if spread <= 0 or self.fleet_idle <= spread:
+            return True
+        return random.random() < spread / self.fleet_idle
+
+    def poll_delay(self) -> float:
+        """poll_seconds; in a fleet of more than claim_spread workers like this one (idle ones while it has a free
+        slot: their polls are what claims a job whose NOTIFY nobody acted on; else all the live ones, which reap),
+        stretched (to 60 s at most) so that they poll about claim_spread times per poll_seconds between them, and
+        jittered (x 0.5-1.5) so that the polls do not bunch up."""
+        spread, poll = self.settings.claim_spread, self.settings.poll_seconds
+        peers = self.fleet_idle if self.free_slots and not self.stopping else self.fleet_live
+        if spread <= 0 or peers <= spread:
+            return poll
+        return min(60.0, poll * peers / spread) * random.uniform(0.5, 1.5)
+
+    async def _read_fleet(self) -> None:
+        """Re-read the fleet's size about every 10 heartbeats (jittered); only the herd control uses it."""
+        now = time.monotonic()
+        if self.settings.claim_spread <= 0 or not self.registered or now < self.fleet_read_at:
+            return
+        self.fleet_read_at = now + 10 * self.settings.heartbeat_seconds * random.uniform(0.5, 1.5)
+        with contextlib.suppress(*RETRYABLE):
+            self.fleet_idle, self.fleet_live = await self.backend.idle_workers()
+
     async def _poller(self) -> None:
         while True:
-            await anyio.sleep(self.settings.poll_seconds)
+            await anyio.sleep(self.poll_delay())
+            await self._read_fleet()
             with contextlib.suppress(*RETRYABLE):
                 for row in await self.backend.reap():
                     log.warning("job.lease_expired", job_id=row["id"], attempt=row["attempt"], now=row["status"])
