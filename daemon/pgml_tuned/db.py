@@ -199,10 +199,17 @@ async def listen(conn: psycopg.AsyncConnection[DictRow], dsn: str, channels: Seq
             await conn.execute(f"LISTEN {channel}")
         async with await connect(dsn, app="pgml-tuned listen probe") as other:
             await other.execute("SELECT pg_catalog.pg_notify(%s, '')", (probe,))
-        async for note in conn.notifies(timeout=PROBE_SECONDS):
-            if note.channel == probe:
-                await conn.execute(f"UNLISTEN {probe}")
-                return
+        arrived = False
+        # closed before the next statement: a running notifies() holds the connection (notifications that come
+        # meanwhile are kept for the caller's next notifies())
+        async with contextlib.aclosing(conn.notifies(timeout=PROBE_SECONDS)) as notes:
+            async for note in notes:
+                if note.channel == probe:
+                    arrived = True
+                    break
+        if arrived:
+            await conn.execute(f"UNLISTEN {probe}")
+            return
     except RETRYABLE:
         raise
     except psycopg.Error as e:

@@ -94,7 +94,9 @@ max_client_conn = 200
 
 def submit_noop(ops: psycopg.Connection[dict[str, Any]]) -> int:
     row = ops.execute(
-        "SELECT job_id FROM pgml.tune('bouncer', task => 'noop', model_name => 'none', hyperparams => '{}'::jsonb)"
+        # 1.5 s: longer than the LISTEN probe's wait, so that a drain is still running when the listener gives up
+        "SELECT job_id FROM pgml.tune('bouncer', task => 'noop', model_name => 'none', "
+        "hyperparams => '{\"seconds\": 1.5}'::jsonb)"
     ).fetchone()
     assert row is not None
     return int(row["job_id"])
@@ -157,3 +159,24 @@ def test_the_same_statement_runs_on_whichever_server_connection_the_pooler_picks
         return pids
 
     assert len(anyio.run(run)) >= 2  # the statement did move between server connections
+
+
+def test_listen_is_proven_directly_and_found_deaf_through_the_pooler(bouncer: str, su_dsn: str) -> None:
+    async def run() -> None:
+        with anyio.fail_after(20):  # a listen() that hangs fails the test
+            await checks()
+
+    async def checks() -> None:
+        direct = as_login(su_dsn, WORKER)
+        async with await db.connect(direct) as conn:
+            await db.listen(conn, direct, ("pgml_jobs",))  # the probe arrived; the channel stays listened
+            async with await db.connect(direct) as other:
+                await other.execute("SELECT pg_catalog.pg_notify('pgml_jobs', 'hi')")
+            async with contextlib.aclosing(conn.notifies()) as notes:
+                note = await anext(notes)  # not lost to the probe's own wait
+            assert (note.channel, note.payload) == ("pgml_jobs", "hi")
+        async with await db.connect(bouncer) as conn:
+            with pytest.raises(db.ListenUnavailable, match="did not arrive"):
+                await db.listen(conn, bouncer, ("pgml_jobs",))
+
+    anyio.run(run)
