@@ -11,8 +11,10 @@
   parameter (`options`), which PgBouncer refuses (then the connection is made again without it) or drops
   (ignore_startup_parameters); the first connection to each DSN reads the effective search_path and warns, with
   the fix, when it is not pinned (ALTER ROLE ... SET search_path survives transaction pooling: it is applied to
-  every server connection of the role, at no cost per statement). No server-side prepared statements
-  (prepare_threshold=None): a statement prepared in one transaction may be gone in the next. Session state that
+  every server connection of the role, at no cost per statement). A DSN is pooled when the startup parameter
+  was refused or did not arrive (its marker setting, pgml_tuned.direct, is not set): then no server-side
+  prepared statements (prepare_threshold=None), as a statement prepared in one transaction may be on another
+  server connection by the next; directly, psycopg's default (prepared from the 5th run). Session state that
   must outlive a transaction (LISTEN, the serving lane's advisory locks) goes to a direct DSN (listen_dsn);
   `listen()` proves that notifications arrive, and callers fall back to polling when they do not.
 """
@@ -42,6 +44,7 @@ log = logconfig.get("pgml_tuned.db")
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
 SEARCH_PATH = "pg_catalog, pg_temp"
+DIRECT_MARKER = "pgml_tuned.direct"  # a custom setting sent with the startup options: there when they arrived
 
 # Errors after which a fresh connection may succeed: server restarts, terminated backends, network loss.
 RETRYABLE = (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow)
@@ -78,24 +81,20 @@ def migrations() -> list[tuple[str, str]]:
 
 def conn_kwargs(app: str, *, read_only: bool = False, options: bool = True) -> dict[str, Any]:
     """read_only: the server refuses every write of the session (the dashboard's connections). options=False: no
-    startup `options` (a pooler that refuses them); prepare_threshold=None: never a server-side prepared
-    statement, which a transaction pooler may have moved to another server connection by the next use."""
-    kwargs: dict[str, Any] = {
-        "row_factory": dict_row,
-        "application_name": app,
-        "connect_timeout": 10,
-        "prepare_threshold": None,
-    }
+    startup `options` (a pooler that refuses them), and never a server-side prepared statement."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row, "application_name": app, "connect_timeout": 10}
     if options:
-        kwargs["options"] = f"-c search_path={SEARCH_PATH.replace(' ', '')}" + (
+        kwargs["options"] = f"-c search_path={SEARCH_PATH.replace(' ', '')} -c {DIRECT_MARKER}=on" + (
             " -c default_transaction_read_only=on" if read_only else ""
         )
+    else:
+        kwargs["prepare_threshold"] = None
     return kwargs
 
 
 # DSNs whose server refused the `options` startup parameter (a pooler), and those whose search_path was checked
 _no_options: set[str] = set()
-_checked: dict[str, bool] = {}  # dsn -> search_path pinned
+_direct: dict[str, bool] = {}  # dsn -> the startup options arrived (checked once, on the first connection)
 
 
 def _refused_options(e: psycopg.OperationalError, dsn: str, read_only: bool) -> bool:
@@ -136,22 +135,28 @@ async def connect(
             if not _refused_options(e, dsn, read_only):
                 raise
             conn = await attempt(False)
-    if dsn not in _checked:
-        await _check_search_path(conn, dsn)
+    if dsn not in _direct:
+        await _check_options(conn, dsn)
+    if pooled(dsn):
+        conn.prepare_threshold = None
     return conn
 
 
-async def _check_search_path(conn: psycopg.AsyncConnection[DictRow], dsn: str) -> None:
-    """Once per DSN: is search_path pinned (the startup pin, or the role's setting behind a pooler)? A warning
-    with the fix when it is not."""
+async def _check_options(conn: psycopg.AsyncConnection[DictRow], dsn: str) -> None:
+    """Once per DSN: did the startup options arrive (else: a pooler), and is search_path pinned (by them, or by the
+    role's setting behind a pooler)? A warning with the fix when it is not."""
     async with conn.cursor() as cur:  # its own transaction in autocommit; the caller's otherwise (rolled back)
-        await cur.execute("SELECT pg_catalog.current_setting('search_path') AS sp, current_user AS who")
+        await cur.execute(
+            "SELECT pg_catalog.current_setting('search_path') AS sp, current_user AS who, "
+            "pg_catalog.current_setting(%s, true) AS direct",
+            (DIRECT_MARKER,),
+        )
         row = await cur.fetchone()
     if not conn.autocommit:
         await conn.rollback()
     assert row is not None
-    pinned = _checked[dsn] = row["sp"].replace(" ", "") == SEARCH_PATH.replace(" ", "")
-    if not pinned:
+    _direct[dsn] = row["direct"] == "on"
+    if row["sp"].replace(" ", "") != SEARCH_PATH.replace(" ", ""):
         log.warning(
             "db.search_path_not_pinned",
             search_path=row["sp"],
@@ -163,16 +168,17 @@ async def _check_search_path(conn: psycopg.AsyncConnection[DictRow], dsn: str) -
 
 
 def pooled(dsn: str) -> bool:
-    """Whether connections to `dsn` look pooled: the `options` startup parameter was refused, or did not pin
-    search_path (a pooler dropping it). Known once a connection to `dsn` was made in this process."""
-    return dsn in _no_options or _checked.get(dsn) is False
+    """Whether connections to `dsn` look pooled: the `options` startup parameter was refused, or did not arrive
+    (a pooler dropping it). Known once a connection to `dsn` was made in this process."""
+    return dsn in _no_options or _direct.get(dsn) is False
 
 
 def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[DictRow]:
-    """A blocking connection (child processes are synchronous)."""
+    """A blocking connection (child processes are synchronous; they never prepare statements server-side, so that
+    a pooler that drops the startup options unnoticed does not break them)."""
     if dsn not in _no_options:
         try:
-            return psycopg.connect(dsn, **conn_kwargs(app))
+            return psycopg.connect(dsn, **conn_kwargs(app), prepare_threshold=None)
         except psycopg.OperationalError as e:
             if not _refused_options(e, dsn, False):
                 raise
