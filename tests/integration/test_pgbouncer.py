@@ -24,7 +24,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgml_tuned import db
-from tests.conftest import ADMIN, CHILD, WORKER, DaemonProc, as_login, connect, wait_job
+from tests.conftest import ADMIN, CHILD, WORKER, DaemonProc, as_login, connect, wait_for, wait_job
 
 PGBOUNCER = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
 pytestmark = pytest.mark.skipif(PGBOUNCER is None, reason="pgbouncer is not installed (apt-get install pgbouncer)")
@@ -184,3 +184,14 @@ def test_listen_is_proven_directly_and_found_deaf_through_the_pooler(bouncer: st
                 await db.listen(conn, bouncer, ("pgml_jobs",))
 
     anyio.run(run)
+
+
+def test_no_serving_lane_through_the_pooler_without_a_direct_dsn(bouncer: str, tmp_path: Path) -> None:
+    """The lane's session advisory locks cannot go through a transaction pooler: without PGML_LISTEN_DSN the daemon
+    says so and does not start its serving process (training goes on)."""
+    d = DaemonProc(as_login(bouncer, WORKER), tmp_path, env={"PGML_LISTEN_DSN": ""})
+    try:
+        wait_for(lambda: "serving.needs_direct_dsn" in d.output(), 30, what="the serving refusal")
+        assert "serving.started" not in d.output()
+    finally:
+        d.stop()
