@@ -45,6 +45,12 @@ class Settings:
     dsn: str | None = setting(
         None, help="PostgreSQL connection string (default: $PGML_DSN, else the embedded server under --home)"
     )
+    listen_dsn: str | None = setting(
+        None,
+        help="a direct connection to PostgreSQL (not through a transaction pooler such as PgBouncer) for LISTEN and "
+        "the serving lane's session advisory locks (default: the DSN; without it behind a pooler the worker polls "
+        "every poll_seconds and does not serve pgml.transform)",
+    )
     home: Path = setting(
         factory=_default_home,
         help="state directory: embedded server, keyring, credentials, scratch space "

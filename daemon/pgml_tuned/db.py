@@ -7,15 +7,26 @@
   LISTEN keeps a dedicated connection of its own (worker/backend.py), never a pooled one.
 - Every connection pins `search_path` to pg_catalog, pg_temp: the worker's statements name every object with
   its schema, so nothing a user creates in another schema can be called by them by accident.
+- Behind a transaction pooler (PgBouncer pool_mode=transaction; README "Behind PgBouncer"): the pin is a startup
+  parameter (`options`), which PgBouncer refuses (then the connection is made again without it) or drops
+  (ignore_startup_parameters); the first connection to each DSN reads the effective search_path and warns, with
+  the fix, when it is not pinned (ALTER ROLE ... SET search_path survives transaction pooling: it is applied to
+  every server connection of the role, at no cost per statement). A DSN is pooled when the startup parameter
+  was refused or did not arrive (its marker setting, pgml_tuned.direct, is not set): then no server-side
+  prepared statements (prepare_threshold=None), as a statement prepared in one transaction may be on another
+  server connection by the next; directly, psycopg's default (prepared from the 5th run). Session state that
+  must outlive a transaction (LISTEN, the serving lane's advisory locks) goes to a direct DSN (listen_dsn);
+  `listen()` proves that notifications arrive, and callers fall back to polling when they do not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
@@ -23,6 +34,7 @@ from typing import Any, TypeVar
 
 import anyio
 import psycopg
+import psycopg.sql
 from psycopg.rows import DictRow, dict_row
 
 from . import logconfig, secrets
@@ -32,6 +44,7 @@ log = logconfig.get("pgml_tuned.db")
 SQL_DIR = Path(__file__).resolve().parent / "sql"
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
 SEARCH_PATH = "pg_catalog, pg_temp"
+DIRECT_MARKER = "pgml_tuned.direct"  # a custom setting sent with the startup options: there when they arrived
 
 # Errors after which a fresh connection may succeed: server restarts, terminated backends, network loss.
 RETRYABLE = (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow)
@@ -66,26 +79,159 @@ def migrations() -> list[tuple[str, str]]:
 # ---- connections ----
 
 
-def conn_kwargs(app: str, *, read_only: bool = False) -> dict[str, Any]:
-    """read_only: the server refuses every write of the session (the dashboard's connections)."""
-    return {
-        "row_factory": dict_row,
-        "application_name": app,
-        "connect_timeout": 10,
-        "options": f"-c search_path={SEARCH_PATH.replace(' ', '')}"
-        + (" -c default_transaction_read_only=on" if read_only else ""),
-    }
+def conn_kwargs(app: str, *, read_only: bool = False, options: bool = True) -> dict[str, Any]:
+    """read_only: the server refuses every write of the session (the dashboard's connections). options=False: no
+    startup `options` (a pooler that refuses them), and never a server-side prepared statement."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row, "application_name": app, "connect_timeout": 10}
+    if options:
+        kwargs["options"] = f"-c search_path={SEARCH_PATH.replace(' ', '')} -c {DIRECT_MARKER}=on" + (
+            " -c default_transaction_read_only=on" if read_only else ""
+        )
+    else:
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+# DSNs whose server refused the `options` startup parameter (a pooler), and those whose search_path was checked
+_no_options: set[str] = set()
+_direct: dict[str, bool] = {}  # dsn -> the startup options arrived (checked once, on the first connection)
+
+
+def _refused_options(e: psycopg.OperationalError, dsn: str, read_only: bool) -> bool:
+    """True when `e` is a pooler refusing the `options` startup parameter: then connect again without it (said once
+    per DSN). A read-only connection is never made without its read-only pin."""
+    if "unsupported startup parameter" not in str(e):
+        return False
+    if read_only:
+        raise psycopg.OperationalError(
+            f"{str(e).strip()}: a read-only connection needs its startup options; connect it directly to "
+            "PostgreSQL, not through the pooler"
+        ) from e
+    if dsn not in _no_options:
+        _no_options.add(dsn)
+        log.warning(
+            "db.pooler_refused_options",
+            error=str(e).strip(),
+            note="a connection pooler (PgBouncer?) refused the startup parameter `options`: connecting without it; "
+            "search_path must then be pinned on the role (a warning follows if it is not)",
+        )
+    return True
 
 
 async def connect(
     dsn: str, *, autocommit: bool = True, app: str = "pgml-tuned", read_only: bool = False
 ) -> psycopg.AsyncConnection[DictRow]:
-    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit, **conn_kwargs(app, read_only=read_only))
+    async def attempt(options: bool) -> psycopg.AsyncConnection[DictRow]:
+        return await psycopg.AsyncConnection.connect(
+            dsn, autocommit=autocommit, **conn_kwargs(app, read_only=read_only, options=options)
+        )
+
+    if dsn in _no_options:
+        conn = await attempt(False)
+    else:
+        try:
+            conn = await attempt(True)
+        except psycopg.OperationalError as e:
+            if not _refused_options(e, dsn, read_only):
+                raise
+            conn = await attempt(False)
+    if dsn not in _direct:
+        await _check_options(conn, dsn)
+    if pooled(dsn):
+        conn.prepare_threshold = None
+    return conn
+
+
+async def _check_options(conn: psycopg.AsyncConnection[DictRow], dsn: str) -> None:
+    """Once per DSN: did the startup options arrive (else: a pooler), and is search_path pinned (by them, or by the
+    role's setting behind a pooler)? A warning with the fix when it is not."""
+    async with conn.cursor() as cur:  # its own transaction in autocommit; the caller's otherwise (rolled back)
+        await cur.execute(
+            "SELECT pg_catalog.current_setting('search_path') AS sp, current_user AS who, "
+            "pg_catalog.current_setting(%s, true) AS direct",
+            (DIRECT_MARKER,),
+        )
+        row = await cur.fetchone()
+    if not conn.autocommit:
+        await conn.rollback()
+    assert row is not None
+    _direct[dsn] = row["direct"] == "on"
+    if row["sp"].replace(" ", "") != SEARCH_PATH.replace(" ", ""):
+        log.warning(
+            "db.search_path_not_pinned",
+            search_path=row["sp"],
+            role=row["who"],
+            note="every statement of pgml-tuned names its schemas, so this is defence in depth lost, not a failure; "
+            "behind a transaction pooler pin it on the role: "
+            f"ALTER ROLE {psycopg.sql.Identifier(row['who']).as_string(conn)} SET search_path = {SEARCH_PATH}",
+        )
+
+
+def pooled(dsn: str) -> bool:
+    """Whether connections to `dsn` look pooled: the `options` startup parameter was refused, or did not arrive
+    (a pooler dropping it). Known once a connection to `dsn` was made in this process."""
+    return dsn in _no_options or _direct.get(dsn) is False
 
 
 def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[DictRow]:
-    """A blocking connection (child processes are synchronous)."""
-    return psycopg.connect(dsn, **conn_kwargs(app))
+    """A blocking connection (child processes are synchronous; they never prepare statements server-side, so that
+    a pooler that drops the startup options unnoticed does not break them)."""
+    if dsn not in _no_options:
+        try:
+            return psycopg.connect(dsn, **conn_kwargs(app), prepare_threshold=None)
+        except psycopg.OperationalError as e:
+            if not _refused_options(e, dsn, False):
+                raise
+    return psycopg.connect(dsn, **conn_kwargs(app, options=False))
+
+
+# ---- LISTEN ----
+
+PROBE_SECONDS = 1.0
+
+
+class ListenUnavailable(Exception):
+    """LISTEN failed, or a notification sent to it did not arrive (a transaction pooler)."""
+
+
+async def listen(conn: psycopg.AsyncConnection[DictRow], dsn: str, channels: Sequence[str]) -> None:
+    """LISTEN on `channels`, then prove that notifications arrive: NOTIFY a private channel from another
+    connection and wait up to PROBE_SECONDS for it. Through PgBouncer in transaction mode LISTEN "works" but
+    notifications are lost: that raises ListenUnavailable (as does a LISTEN refused); a lost connection
+    raises its RETRYABLE error."""
+    probe = f"pgml_probe_{os.getpid()}_{os.urandom(4).hex()}"
+    try:
+        for channel in (*channels, probe):
+            await conn.execute(f"LISTEN {channel}")
+        async with await connect(dsn, app="pgml-tuned listen probe") as other:
+            await other.execute("SELECT pg_catalog.pg_notify(%s, '')", (probe,))
+        arrived = False
+        # closed before the next statement: a running notifies() holds the connection (notifications that come
+        # meanwhile are kept for the caller's next notifies())
+        async with contextlib.aclosing(conn.notifies(timeout=PROBE_SECONDS)) as notes:
+            async for note in notes:
+                if note.channel == probe:
+                    arrived = True
+                    break
+        if arrived:
+            await conn.execute(f"UNLISTEN {probe}")
+            return
+    except RETRYABLE:
+        raise
+    except psycopg.Error as e:
+        raise ListenUnavailable(f"LISTEN failed: {str(e).strip()}") from e
+    raise ListenUnavailable(f"a NOTIFY sent to this connection did not arrive within {PROBE_SECONDS} s")
+
+
+def polling_instead(event: str, error: ListenUnavailable, poll_seconds: float) -> None:
+    """The one line said when a listener gives up on LISTEN for good."""
+    log.warning(
+        event,
+        error=str(error),
+        poll_seconds=poll_seconds,
+        note=f"cannot LISTEN here (a transaction pooler such as PgBouncer?): polling every {poll_seconds} s instead; "
+        "set PGML_LISTEN_DSN (--listen-dsn) to a direct connection to PostgreSQL for instant wake-ups",
+    )
 
 
 def fetch_one(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Row:
@@ -234,29 +380,30 @@ def _new_local_key(keyring: Path) -> Any:
 async def migrate(dsn: str) -> list[str]:
     """Apply every migration not yet recorded in pgml.schema_migrations; return the versions applied.
 
-    Concurrent runs serialize on an advisory lock; each file runs in its own transaction.
+    Each file runs in its own transaction, which first takes a transaction-level advisory lock and looks again
+    whether the file was applied: concurrent runs serialize, through a transaction pooler too (a session-level
+    lock could be taken on one server connection and released on another).
     """
     applied: list[str] = []
     async with await connect(dsn, autocommit=True, app="pgml-tuned migrate") as conn:
-        await conn.execute("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pgml-tuned migrate'))")
-        try:
-            exists = await (
-                await conn.execute("SELECT pg_catalog.to_regclass('pgml.schema_migrations') AS t")
-            ).fetchone()
-            done: set[str] = set()
-            if exists and exists["t"]:
-                rows = await (await conn.execute("SELECT version FROM pgml.schema_migrations")).fetchall()
-                done = {r["version"] for r in rows}
-            for version, text in migrations():
-                if version in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(text.encode())  # a whole file: no parameters, several statements
-                    await conn.execute(
-                        "INSERT INTO pgml.schema_migrations (version) VALUES (%s) ON CONFLICT DO NOTHING",
-                        (version,),
-                    )
-                applied.append(version)
-        finally:
-            await conn.execute("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('pgml-tuned migrate'))")
+        done = await _migrations_done(conn)
+        for version, text in migrations():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgml-tuned migrate'))")
+                if version in await _migrations_done(conn):
+                    continue  # another run applied it meanwhile
+                await conn.execute(text.encode())  # a whole file: no parameters, several statements
+                await conn.execute(
+                    "INSERT INTO pgml.schema_migrations (version) VALUES (%s) ON CONFLICT DO NOTHING", (version,)
+                )
+            applied.append(version)
     return applied
+
+
+async def _migrations_done(conn: psycopg.AsyncConnection[DictRow]) -> set[str]:
+    exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.schema_migrations') AS t")).fetchone()
+    if not (exists and exists["t"]):
+        return set()
+    return {r["version"] for r in await (await conn.execute("SELECT version FROM pgml.schema_migrations")).fetchall()}

@@ -48,6 +48,7 @@ def main() -> int:
         serving_id=payload["serving_id"],
         cache_dir=Path(payload["cache_dir"]),
         model_cache_mb=int(payload["model_cache_mb"]),
+        listen_dsn=payload.get("listen_dsn"),
     )
     anyio.run(serve, config)
     return 0

@@ -43,12 +43,13 @@ class Requests:
 
     Claims and answers go through one connection of their own, the lane: the claim takes an advisory lock on each
     request for that session (0025_request_locks.sql), and once a request's answer is committed the lane releases
-    its lock, which wakes the caller waiting on it. Everything else uses the pool.
+    its lock, which wakes the caller waiting on it. Everything else uses the pool. The lane's locks outlive its
+    statements' transactions: `lane_dsn` is a direct connection (never through a transaction pooler).
     """
 
-    def __init__(self, pool: Pool, serving_id: str, lease_seconds: float) -> None:
+    def __init__(self, pool: Pool, serving_id: str, lease_seconds: float, *, lane_dsn: str | None = None) -> None:
         self.pool = pool
-        self.lane = Pool(pool.dsn, app=f"{pool.app} lane", max_size=1)
+        self.lane = Pool(lane_dsn or pool.dsn, app=f"{pool.app} lane", max_size=1)
         self.serving_id = serving_id
         self.lease_seconds = lease_seconds
 

@@ -22,7 +22,7 @@ import anyio
 import anyio.from_thread
 
 from .. import logconfig
-from ..db import RETRYABLE, Pool, backoff_delays, connect
+from ..db import RETRYABLE, ListenUnavailable, Pool, backoff_delays, connect, listen, polling_instead
 from ..errors import JobError
 from . import cache, inference
 from .requests import CHANNEL, Request, Requests
@@ -46,12 +46,18 @@ class ServingConfig:
     # the next requests of the callers just answered join one batch instead of trickling in one by one (8 sessions
     # on 2 CPUs: 4.4 requests a batch without it, 7.5 with it); a lone caller's requests are claimed at once
     batch_window_seconds: float = 0.012
+    # a direct connection (not through a transaction pooler) for LISTEN and the lane's session advisory locks
+    listen_dsn: str | None = None
+
+    @property
+    def direct_dsn(self) -> str:
+        return self.listen_dsn or self.dsn
 
 
 class Server:
     def __init__(self, config: ServingConfig, pool: Pool) -> None:
         self.config = config
-        self.requests = Requests(pool, config.serving_id, config.lease_seconds)
+        self.requests = Requests(pool, config.serving_id, config.lease_seconds, lane_dsn=config.direct_dsn)
         self.cache = cache.ModelCache(config.model_cache_mb * MiB)
         self.store = cache.SyncStore(config.dsn, config.cache_dir)
         self.wake = anyio.Event()
@@ -79,14 +85,18 @@ class Server:
         delays = backoff_delays(first=0.05, cap=5.0)
         while True:
             try:
-                async with await connect(self.config.dsn, app=f"pgml-tuned listen {self.config.serving_id}") as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                dsn = self.config.direct_dsn
+                async with await connect(dsn, app=f"pgml-tuned listen {self.config.serving_id}") as conn:
+                    await listen(conn, dsn, (CHANNEL,))
                     delays = backoff_delays(first=0.05, cap=5.0)
                     self.wake.set()  # anything queued while we were not listening
                     while True:
                         async for _ in conn.notifies(timeout=10.0):
                             self.wake.set()
                         await conn.execute("SELECT 1")
+            except ListenUnavailable as e:  # the loop still claims every poll_seconds
+                polling_instead("serving.polling", e, self.config.poll_seconds)
+                return
             except RETRYABLE as e:
                 delay = next(delays)
                 log.warning("serving.listener_reconnect", error=str(e).strip(), retry_in=round(delay, 2))

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from .. import jobs, logconfig, secrets
 from ..config import Settings
-from ..db import RETRYABLE, Pool, backoff_delays, connect, q
+from ..db import RETRYABLE, ListenUnavailable, Pool, backoff_delays, connect, listen, polling_instead, q
 from ..states import Claim, Renewal, Status
 
 log = logconfig.get("pgml_tuned.worker.backend")
@@ -140,14 +140,16 @@ class PgBackend:
         log.info("keyring.loaded", directory=str(self.keyring.directory), key_ids=sorted(self.keyring.keys))
 
     async def notices(self) -> AsyncIterator[Notice]:
-        """LISTEN on a dedicated connection, forever: re-LISTENs (and says "listening") after every reconnect."""
+        """LISTEN on a dedicated connection (to listen_dsn when set), forever: re-LISTENs (and says "listening")
+        after every reconnect. Ends, saying so once, where notifications do not arrive: the daemon's poller still
+        looks for work every poll_seconds."""
         delays = backoff_delays(first=0.05, cap=5.0)
+        dsn = self.settings.listen_dsn or self.dsn
         while True:
             try:
-                conn = await connect(self.dsn, app=f"pgml-tuned listen {self.worker}")
+                conn = await connect(dsn, app=f"pgml-tuned listen {self.worker}")
                 async with conn:
-                    await conn.execute(f"LISTEN {JOBS_CHANNEL}")
-                    await conn.execute(f"LISTEN {CONTROL_CHANNEL}")
+                    await listen(conn, dsn, (JOBS_CHANNEL, CONTROL_CHANNEL))
                     delays = backoff_delays(first=0.05, cap=5.0)  # listening again: the next outage starts over
                     yield Notice("listening")  # anything queued while we were not listening
                     while True:
@@ -156,6 +158,9 @@ class PgBackend:
                             if notice is not None:
                                 yield notice
                         await conn.execute("SELECT 1")  # quiet for a while: check the connection
+            except ListenUnavailable as e:
+                polling_instead("listener.polling", e, self.settings.poll_seconds)
+                return
             except RETRYABLE as e:
                 delay = next(delays)
                 log.warning("listener.reconnect", error=str(e).strip(), retry_in=round(delay, 2))

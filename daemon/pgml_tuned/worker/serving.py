@@ -20,7 +20,7 @@ import anyio
 
 from .. import logconfig
 from ..config import Settings
-from ..db import Pool, q
+from ..db import Pool, pooled, q
 from .process import ChildUser, child_env, lines
 
 log = logconfig.get("pgml_tuned.worker.serving")
@@ -38,7 +38,17 @@ class ServingSupervisor:
         self.cached: list[str] = []  # the models it keeps warm now (from its serving.model_loaded log lines)
 
     async def run(self) -> None:
-        """Forever: run the serving process; when it exits, release its requests and start another."""
+        """Forever: run the serving process; when it exits, release its requests and start another. Not at all
+        behind a transaction pooler without a direct DSN: its lane's session advisory locks would stay behind on
+        the pooler's server connections (the daemon has connected by now: db.pooled knows)."""
+        if not self.settings.listen_dsn and pooled(self.dsn):
+            log.error(
+                "serving.needs_direct_dsn",
+                note="the DSN goes through a transaction pooler, which cannot keep the serving lane's session advisory "
+                "locks: this worker does not answer pgml.transform; set PGML_LISTEN_DSN (--listen-dsn) to a direct "
+                "connection to PostgreSQL",
+            )
+            return
         pool = Pool(self.dsn, app=f"pgml-tuned {self.settings.worker_id} serving", max_size=1)
         delay = 0.2
         try:
@@ -69,6 +79,7 @@ class ServingSupervisor:
         env = child_env(str(work), gpus[0] if gpus else None)
         payload = {
             "dsn": self.dsn,
+            "listen_dsn": self.settings.listen_dsn,
             "serving_id": serving_id,
             "cache_dir": str(work / "models"),
             "model_cache_mb": self.settings.model_cache_mb,
