@@ -381,9 +381,9 @@ class LiveLines:
     printed as plain lines: a job's line at once when its status changed, else when it changed and at most every
     `interval` seconds."""
 
-    def __init__(self, stream: Any = None, interval: float = 10.0) -> None:
+    def __init__(self, stream: Any = None, interval: float = 10.0, *, in_place: bool = True) -> None:
         self.stream = stream or sys.stdout
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = in_place and bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval
         self.shown = 0  # lines drawn in place (tty)
         self.last: dict[int, tuple[str, float]] = {}
@@ -564,6 +564,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         last = 0
+        # --follow: the job's progress line on stderr (plain lines: stdout's log rows share the terminal)
+        live = LiveLines(sys.stderr, interval=10.0, in_place=False)
         async with await db.connect(dsn) as conn:
             while True:
                 job = await (
@@ -581,13 +583,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     print(json.dumps(log_line(r["kind"], r["logs"])), flush=True)
                     last = r["id"]
                 if job["status"] in FINAL:
-                    if job["status"] != "succeeded" or args.follow:
+                    progress = await job_progress(conn, args.job) if args.follow else None
+                    if progress is not None:  # its metrics, model id and download command, or why it failed
+                        live.finish(args.job, final_line(progress))
+                    elif job["status"] != "succeeded":
                         error = f": {job['error']}" if job["error"] else ""
                         print(f"job {args.job} {job['status']}{error}", file=sys.stderr)
                     return 0 if job["status"] == "succeeded" else 1
                 if not args.follow:
                     print(f"job {args.job} is {job['status']} (--follow keeps printing until it ends)", file=sys.stderr)
                     return 0
+                progress = await job_progress(conn, args.job)
+                if progress is not None:
+                    live.update({args.job: progress_line(progress)}, anyio.current_time())
                 await anyio.sleep(0.5)
 
     return int(_run(go))
@@ -804,7 +812,13 @@ def build_parser() -> argparse.ArgumentParser:
         'and a "message"); exit 1 if it failed or was cancelled',
     )
     lg.add_argument("job", type=int, help="the job id (pgml.tune's job_id)")
-    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    lg.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing until the job ends, with its live progress line and final line (model id, download "
+        "command) on stderr",
+    )
     lg.set_defaults(fn=cmd_logs)
 
     w = sub.add_parser(

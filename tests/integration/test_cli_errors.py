@@ -180,6 +180,7 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
     assert lines[0][0] == "info" and lines[0][1].startswith("claimed by worker ")
     assert lines[-1] == ("error", "failed: the data was bad") and "kind" in printed[-1]
     assert f"job {failed} failed: the data was bad" in err
+    assert f"job {failed} queued" in err  # the live progress line (stderr: stdout is the log rows)
     wait_job(ops, ok)
     r = cli("logs", str(failed), "--dsn", dsn)
     assert r.returncode == 1 and f"job {failed} failed: the data was bad" in r.stderr

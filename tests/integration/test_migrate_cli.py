@@ -86,6 +86,8 @@ def test_cli_status_logs_cancel_download(
     assert [r["step"] for r in printed if "kind" not in r] == [1, 2, 3]
     assert printed[0]["kind"] == "info" and printed[0]["message"].startswith("claimed by worker ")
     assert f"job {job} succeeded" in follow.stderr
+    model = wait_job(conn, job)["model_id"]
+    assert f"model {model}: pgml-tuned download {model} ./model-{model}" in follow.stderr  # the final line
     status = cli("status", "--dsn", conn_dsn)
     assert status.returncode == 0 and "succeeded 1," in status.stdout and "cli" in status.stdout
     one = json.loads(cli("status", str(job), "--dsn", conn_dsn).stdout)
