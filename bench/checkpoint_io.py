@@ -15,16 +15,20 @@ Measured in the same run, alternating (random order within each rep), --reps tim
                  (FORMAT BINARY) in 8 MB parts, finish_checkpoint). keep is large: pruning is timed apart.
 - plain store:   COPY bench_plain (path, part, data) FROM STDIN (FORMAT BINARY), one row per 8 MB part, one
                  transaction; bench_plain is a bare (path text, part int, data bytea) table, default storage.
-- pgml restore:  JobContext.resume_checkpoint() of a fresh context (attempt 2) — latest_checkpoint, then
-                 files.copy_dir_out: checkpoint_files rows through a server-side cursor, written to files.
+- pgml restore:  JobContext.resume_checkpoint() of a fresh context (attempt 2) on its own new connection —
+                 latest_checkpoint, then files.copy_dir_out: COPY (the child's query) TO STDOUT (FORMAT BINARY),
+                 rows written to files. Removing the restored files afterwards is not timed (as for plain).
 - plain restore: COPY (SELECT path, part, data FROM bench_plain ORDER BY path, part) TO STDOUT (FORMAT BINARY),
                  rows parsed by psycopg and written to files.
 
 Between reps (untimed) both tables are emptied and VACUUMed, so each rep starts from the same state.
 
-Diagnostics, also in the same run: restore variants of copy_dir_out's query (same cursor and itersize, text vs
-binary results; COPY binary out of pgml.checkpoint_files), the cost of pruning one stored checkpoint (what
-keep=N does inside the next store's transaction), and WAL bytes per store. MB here is 10^6 bytes.
+Diagnostics, also in the same run: restore variants (a named cursor with text vs binary results; COPY binary
+straight out of pgml.checkpoint_files; the plain restore on a fresh connection, as a resuming child has; the
+child's own query on the bench's long-lived connection), where the pgml restore's time goes (connect, the
+latest-checkpoint lookup, the COPY TO with its file writes, and the time inside write() alone), the cost of
+pruning one stored checkpoint (what keep=N does inside the next store's transaction), and WAL bytes per store.
+MB here is 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from psycopg.rows import dict_row
 from pgml_tuned import files
 from pgml_tuned.child.context import JobContext
 from pgml_tuned.child.events import Events
+from pgml_tuned.db import q
 
 TICKET = "bench-ticket"  # the child's ticket for the bench's job (the job row keeps its sha256)
 LATEST_CHECKPOINT = "SELECT id, step, bytes FROM pgml.checkpoints WHERE job_id = %(id)s ORDER BY step DESC LIMIT 1"
@@ -91,6 +96,52 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+writes: list[float] = []  # seconds inside file write() calls of the restore being timed
+
+
+class TimedFile:
+    """A file opened for writing whose write() calls add their time to `writes`."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+    def write(self, data: bytes) -> int:
+        t0 = time.perf_counter()
+        n = self.fh.write(data)
+        writes.append(time.perf_counter() - t0)
+        return n
+
+    def __enter__(self) -> TimedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.fh.close()
+
+
+def timed_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+    fh = open(path, mode, *args, **kwargs)
+    return TimedFile(fh) if "w" in mode else fh
+
+
+@contextlib.contextmanager
+def timing(module: Any, name: str, into: list[float]) -> Any:
+    """module.name wrapped: each call's seconds appended to `into`."""
+    fn = getattr(module, name)
+
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, fn)
+
+
 # ---- plain COPY, the reference ----
 
 
@@ -130,11 +181,17 @@ def copy_out(conn: psycopg.Connection[Any], query: str, params: dict[str, Any] |
                 stack.close()
                 target = dest / path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                out = stack.enter_context(open(target, "wb"))
+                out = stack.enter_context(timed_open(target, "wb"))
                 current = path
             out.write(data)
             n += len(data)
     return n
+
+
+def fresh_plain_restore(dsn: str, dest: Path) -> int:
+    """The plain restore as a resuming child does it: its own new connection (a new server backend)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return copy_out(conn, "SELECT path, part, data FROM bench_plain ORDER BY path, part", None, dest)
 
 
 def cursor_out(conn: psycopg.Connection[Any], query: str, params: dict[str, Any], dest: Path, binary: bool) -> int:
@@ -167,6 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="pgml-bench-ckpt-"))
     os.environ["PGML_WORK_DIR"] = str(work)
+    files.open = timed_open  # type: ignore[attr-defined]  # copy_dir_out's file writes are timed too
     try:
         src = work / "checkpoint-src"
         nbytes = make_checkpoint(src, int(args.mb * 1e6))
@@ -187,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 (TICKET, job),
             )
             spec = {"id": job, "attempt": 1, "model_id": model, "hyperparams": {}}
-            sink = Events(open(os.devnull, "w"))
+            devnull = open(os.devnull, "w")
+            sink = Events(devnull)
             writer = JobContext(spec, {}, dsn, TICKET, sink)
             plain_conn = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
             storage = conn.execute(
@@ -203,10 +262,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "restore: copy_dir_out text cursor",
                     "restore: same cursor, binary",
                     "restore: COPY binary of checkpoint_files",
+                    "restore: plain, on a fresh connection",
+                    "restore: the child's query, on the bench's connection",
                     "prune 1 checkpoint",
                 )
             }
             wal: dict[str, list[int]] = {"pgml store": [], "plain store": []}
+            phases: dict[str, list[float]] = {
+                k: []
+                for k in (
+                    "connect",
+                    "lookup (latest checkpoint)",
+                    "COPY TO + file writes",
+                    "  of which file writes",
+                    "plain: file writes",
+                )
+            }
+            downloads: list[float] = []
+            readers: list[JobContext] = []
             print(
                 f"{mb:.0f} MB in {len(FILES)} files, {args.reps} reps; bench_plain.data storage {storage!r}", flush=True
             )
@@ -227,14 +300,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 assert ckpt["bytes"] == nbytes, (ckpt, nbytes)
 
                 def pgml_restore() -> None:
+                    # phases of what a taken-over job waits for (the workdir's removal is not timed, as for plain)
+                    t0 = time.perf_counter()
                     reader = JobContext({**spec, "attempt": 2}, {}, dsn, TICKET, sink)
-                    try:
+                    readers.append(reader)
+                    reader.store.conn()
+                    t1 = time.perf_counter()
+                    writes.clear()
+                    with timing(files, "copy_dir_out", downloads):
                         got = reader.resume_checkpoint()
-                        assert got is not None and (got / "model.safetensors").stat().st_size > 0
-                    finally:
-                        if reader.store._conn is not None:
-                            reader.store._conn.close()
-                        shutil.rmtree(reader.workdir, ignore_errors=True)
+                    assert got is not None and (got / "model.safetensors").stat().st_size > 0
+                    t2 = time.perf_counter()
+                    phases["connect"].append(t1 - t0)
+                    phases["lookup (latest checkpoint)"].append(t2 - t1 - downloads[-1])
+                    phases["COPY TO + file writes"].append(downloads[-1])
+                    phases["  of which file writes"].append(sum(writes))
 
                 ck = {"checkpoint_id": ckpt["id"]}
                 restores: list[tuple[str, Callable[[], Any]]] = [
@@ -260,12 +340,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "restore: COPY binary of checkpoint_files",
                         lambda ck=ck: copy_out(plain_conn, CHECKPOINT_FILES, ck, work / "o4"),
                     ),
+                    ("restore: plain, on a fresh connection", lambda: fresh_plain_restore(dsn, work / "o6")),
+                    (
+                        "restore: the child's query, on the bench's connection",
+                        lambda ck=ck: files.copy_dir_out(
+                            plain_conn, q("child_checkpoint_files"), {**ck, "id": job, "ticket": TICKET}, work / "o7"
+                        ),
+                    ),
                 ]
                 rng.shuffle(restores)
                 for name, fn in restores:
                     secs, _ = timed(fn)
                     t[name].append(secs)
-                    for o in ("o1", "o2", "o3", "o4"):
+                    if name == "plain restore":
+                        phases["plain: file writes"].append(sum(writes))
+                    writes.clear()
+                    for reader in readers:
+                        if reader.store._conn is not None:
+                            reader.store._conn.close()
+                        shutil.rmtree(reader.workdir, ignore_errors=True)
+                    readers.clear()
+                    for o in ("o1", "o2", "o3", "o4", "o6", "o7"):
                         shutil.rmtree(work / o, ignore_errors=True)
                 # what keep=N costs the next store: deleting one stored checkpoint (cascade, TOAST chunks)
                 secs, _ = timed(lambda c=ckpt["id"]: conn.execute("DELETE FROM pgml.checkpoints WHERE id = %s", (c,)))
@@ -278,8 +373,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             empty_tables(conn, job)
             plain_conn.close()
-            writer.conn().close()
-            sink.close()
+            writer.store.conn().close()
+            devnull.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -295,8 +390,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "restore: copy_dir_out text cursor",
         "restore: same cursor, binary",
         "restore: COPY binary of checkpoint_files",
+        "restore: plain, on a fresh connection",
+        "restore: the child's query, on the bench's connection",
     ):
-        print(f"  {k[9:]:40s} {rate[k]:6.0f}")
+        print(f"  {k[9:]:44s} {rate[k]:6.0f}   ({rate[k] / rate['plain restore']:.2f}x plain)")
+    print("\npgml restore, where the time goes (median s; file writes: time inside write() calls):")
+    for k, v in phases.items():
+        print(f"  {k:40s} {statistics.median(v):7.3f}")
     print(f"\nprune 1 checkpoint (keep=N, inside the next store's transaction): {med['prune 1 checkpoint']:.2f} s")
     print("WAL per store (MB): " + ", ".join(f"{k} {statistics.median(v) / 1e6:.0f}" for k, v in wal.items()))
     return {
@@ -308,6 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": {w: rate[f"pgml {w}"] / rate[f"plain {w}"] for w in ("store", "restore")},
         "wal_bytes": wal,
         "plain_storage": storage,
+        "restore_phases": phases,
     }
 
 

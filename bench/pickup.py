@@ -1,6 +1,6 @@
 """NOTIFY → claimed: how long an idle daemon takes to claim a job after the submitting transaction commits.
 
-    python bench/pickup.py [--dsn DSN] [--jobs 200] [--warmup 10] [--profile-jobs 100]
+    python bench/pickup.py [--dsn DSN] [--jobs 200] [--warmup 10] [--profile-jobs 100] [--peers procrastinate,pgqueuer]
                            [--profile-variants baseline,inline-claim]
                            [--synchronous-commit on|off] [--json out.json] [--keep]
 
@@ -29,6 +29,11 @@ timestamps on the listener → claimer → claim path, daemon.py unchanged) and 
 Variants other than `baseline` prototype daemon changes by patching them in (see traced_daemon.py); each runs on
 its own database with its own idle daemon, samples interleaved, so they compare side by side.
 
+--peers procrastinate,pgqueuer adds, to every round in random order, one job of each peer queue on the same server
+and database (bench/peers.py: their own schema, a worker subprocess each with a no-op task): INSERT + COMMIT →
+claimed (a trigger on their job table) → body started, beside pgml-tuned's commit → claimed → the noop child's
+first log row. Each system's own COMMIT duration is printed too, and the claim minus it (the disk's flush out).
+
 --synchronous-commit off is a diagnostic only: the submitting session's COMMIT then returns (and NOTIFYs)
 without waiting for its WAL flush, which shows the daemon's part without the disk's fsync latency.
 """
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import queue
 import random
@@ -49,11 +55,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import peers
 import psycopg
 from common import DaemonProc, admin_dsn, bench_env, fresh_database, summary_ms
 
 HERE = Path(__file__).resolve().parent
-TUNE = "SELECT job_id FROM pgml.tune('bench', task => 'noop', model_name => 'none')"
+# steps 1: the noop recipe's body logs one row first thing, whose timestamp is when the body started
+TUNE = "SELECT job_id FROM pgml.tune('bench', task => 'noop', model_name => 'none', hyperparams => '{\"steps\": 1}')"
 P50_TARGET_MS, P99_TARGET_MS = 2.0, 5.0
 
 
@@ -102,21 +110,16 @@ def listener_main(kind: str, dsn: str, channel: str) -> int:
     return 0
 
 
-class Listener:
-    """A reference listener subprocess; `get()` returns its next received notification."""
+class LineProc:
+    """A subprocess that prints "ready", then one JSON object a line; `get()` returns the next one."""
 
-    def __init__(self, kind: str, dsn: str, channel: str, env: dict[str, str]) -> None:
-        self.kind, self.channel = kind, channel
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--listener", kind, "--dsn", dsn, "--channel", channel],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
+    def __init__(self, kind: str, argv: list[str], env: dict[str, str]) -> None:
+        self.kind = kind
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        if self.lines.get(timeout=30) != "ready":
-            raise RuntimeError(f"{kind} listener did not start")
+        if self.lines.get(timeout=60) != "ready":
+            raise RuntimeError(f"{kind} did not start")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -125,6 +128,14 @@ class Listener:
 
     def get(self, timeout: float = 10) -> dict[str, Any]:
         return json.loads(self.lines.get(timeout=timeout))
+
+
+class Listener(LineProc):
+    """A reference listener subprocess; `get()` returns its next received notification."""
+
+    def __init__(self, kind: str, dsn: str, channel: str, env: dict[str, str]) -> None:
+        self.channel = channel
+        super().__init__(kind, [sys.executable, __file__, "--listener", kind, "--dsn", dsn, "--channel", channel], env)
 
     def stop(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT pg_notify(%s, 'stop')", (self.channel,))
@@ -154,14 +165,45 @@ def sample_job(conn: psycopg.Connection[Any], daemon: DaemonProc) -> dict[str, f
     at = conn.execute(
         "SELECT at FROM pgml.job_events WHERE job_id = %s AND new_status = 'running' ORDER BY id LIMIT 1", (job_id,)
     ).fetchone()
-    assert at is not None
+    body = conn.execute(
+        "SELECT logs ->> 'timestamp' FROM pgml.logs WHERE job_id = %s ORDER BY id LIMIT 1", (job_id,)
+    ).fetchone()
+    assert at is not None and body is not None
     return {
         "job_id": job_id,
         "t_commit": t_commit,
         "commit": t_ack - t_commit,
         "claimed": at[0].timestamp(),
         "pickup": at[0].timestamp() - t_commit,
+        # the child's local wall clock (dt.datetime.now()), same machine
+        "body": dt.datetime.fromisoformat(body[0]).timestamp() - t_commit,
     }
+
+
+def start_peer(system: str, dsn: str, env: dict[str, str]) -> LineProc:
+    peers.install(dsn, system)
+    w = LineProc(system, [sys.executable, str(HERE / "peers.py"), system, dsn], env)
+    time.sleep(1.0)  # listening, idle
+    return w
+
+
+def sample_peer(conn: psycopg.Connection[Any], worker: LineProc) -> dict[str, float]:
+    """One job of a peer queue: INSERT + COMMIT (timestamp before COMMIT) → claimed (trigger) → body started."""
+    conn.execute("BEGIN")
+    row = conn.execute(peers.TABLES[worker.kind][2]).fetchone()
+    assert row is not None
+    job_id = int(row[0])
+    t_commit = time.time()
+    conn.execute("COMMIT")
+    t_ack = time.time()
+    got = worker.get(timeout=60)
+    if got["id"] != job_id:
+        raise RuntimeError(f"{worker.kind} ran job {got['id']}, expected {job_id}")
+    at = conn.execute(
+        "SELECT at FROM bench_claims WHERE system = %s AND job_id = %s ORDER BY at LIMIT 1", (worker.kind, job_id)
+    ).fetchone()
+    assert at is not None, f"{worker.kind} job {job_id}: no claim mark"
+    return {"commit": t_ack - t_commit, "pickup": at[0].timestamp() - t_commit, "body": got["t_body"] - t_commit}
 
 
 def sample_raw(conn: psycopg.Connection[Any], listener: Listener, n: int) -> dict[str, float]:
@@ -208,17 +250,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["synchronous_commit"] = args.synchronous_commit
         listeners = [Listener("sync", dsn, "bench_raw_sync", env), Listener("async", dsn, "bench_raw_async", env)]
         daemon = start_daemon(dsn, home, traced=False)
+        workers = [start_peer(p, dsn, env) for p in args.peers]
         jobs: list[dict[str, float]] = []
         raw: dict[str, list[dict[str, float]]] = {"sync": [], "async": []}
+        peer_jobs: dict[str, list[dict[str, float]]] = {p: [] for p in args.peers}
         try:
             for i in range(args.warmup + args.jobs):
-                steps: list[Any] = [("job", None), *(("raw", ls) for ls in listeners)]
+                steps: list[Any] = [("job", None), *(("raw", ls) for ls in listeners), *(("peer", w) for w in workers)]
                 random.shuffle(steps)
                 for kind, ls in steps:
                     if kind == "job":
                         s = sample_job(conn, daemon)
                         if i >= args.warmup:
                             jobs.append(s)
+                    elif kind == "peer":
+                        s = sample_peer(conn, ls)
+                        if i >= args.warmup:
+                            peer_jobs[ls.kind].append(s)
                     else:
                         r = sample_raw(conn, ls, i)
                         if i >= args.warmup:
@@ -230,6 +278,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rc = daemon.stop()
             for ls in listeners:
                 ls.stop(conn)
+            for w in workers:
+                w.proc.kill()  # no graceful shutdown to wait for: the database is dropped next
+                w.proc.wait(30)
         if rc != 0:
             raise RuntimeError(f"daemon exited with {rc}; log {daemon.log_path}")
 
@@ -243,6 +294,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "commit_ref": summary_ms([r["commit"] for r in raw["sync"] + raw["async"]]),
         }
         results["stats"] = stats
+        results["systems"] = {
+            name: {
+                "claim": summary_ms([s["pickup"] for s in v]),
+                "body": summary_ms([s["body"] for s in v]),
+                "commit": summary_ms([s["commit"] for s in v]),
+                # the WAL flush of the submitter's own COMMIT taken out (a slow disk hits every system alike)
+                "claim_after_ack": summary_ms([s["pickup"] - s["commit"] for s in v]),
+            }
+            for name, v in {"pgml-tuned": jobs, **peer_jobs}.items()
+        }
         # the claim happens after the commit is acknowledged? (a NOTIFY is delivered after the WAL flush)
         results["pickup_after_ack"] = summary_ms([s["pickup"] - s["commit"] for s in jobs])
         results["raw_sync_after_ack"] = summary_ms([r["recv"] - r["commit"] for r in raw["sync"]])
@@ -324,6 +385,23 @@ def report(results: dict[str, Any]) -> None:
         f"target p50 ≤ {P50_TARGET_MS} ms: {'met' if ok50 else 'MISSED'} ({p['p50']:.3f} ms); "
         f"p99 ≤ {P99_TARGET_MS} ms: {'met' if ok99 else 'MISSED'} ({p['p99']:.3f} ms)"
     )
+    systems = results["systems"]
+    if len(systems) > 1:
+        print("\nside by side, same server, alternating (ms from the timestamp before COMMIT; no-op body):")
+        ours = systems["pgml-tuned"]
+        for name, s in systems.items():
+            print(fmt(f"{name}: → job owned (claim)", s["claim"]))
+            print(fmt(f"{name}: → job body started", s["body"]))
+            print(fmt(f"{name}: its COMMIT sent → acknowledged", s["commit"]))
+            print(fmt(f"{name}: claim minus its own COMMIT", s["claim_after_ack"]))
+        for name, s in systems.items():
+            if name != "pgml-tuned":
+                c, b = ours["claim"], s["claim"]
+                print(
+                    f"  pgml-tuned / {name}: claim p50 {c['p50'] / b['p50']:.2f}x p99 {c['p99'] / b['p99']:.2f}x; "
+                    f"body p50 {ours['body']['p50'] / s['body']['p50']:.2f}x "
+                    f"p99 {ours['body']['p99'] / s['body']['p99']:.2f}x"
+                )
     for variant, phases in results.get("profile", {}).items():
         print(f"\nwhere the pickup time goes: traced daemon (bench/traced_daemon.py), variant {variant} (ms):")
         for name, s in phases.items():
@@ -366,6 +444,13 @@ def main() -> int:
         default="on",
         help="DIAGNOSTIC: synchronous_commit of the submitting session (default on, the real case); "
         "off shows the pickup without the WAL flush a COMMIT waits for",
+    )
+    ap.add_argument(
+        "--peers",
+        type=lambda v: [p for p in v.split(",") if p],
+        default=[],
+        help=f"comma-separated peer queues measured alongside, alternating: {','.join(peers.SYSTEMS)} "
+        "(bench/peers.py; pip install -e '.[bench]')",
     )
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (daemon logs) after a good run")

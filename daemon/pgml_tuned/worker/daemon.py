@@ -75,6 +75,9 @@ class Daemon:
         self.dsn = dsn
         self.drain = drain
         self.wake = anyio.Event()  # the claimer looks for work
+        # held by whoever claims (the claimer, or the listener claiming a job it just heard of): never two claim
+        # loops over the same free slots; fast_acquire: taking it free does not yield to the event loop first
+        self.claiming = anyio.Lock(fast_acquire=True)
         self.beat = anyio.Event()  # the heartbeat renews now
         self.stopping = False
         self.stopped_by: str | None = None  # the signal that stopped the daemon (SIGTERM or SIGINT), if one did
@@ -198,7 +201,13 @@ class Daemon:
     # ---- notices and polling ----
     async def _listener(self) -> None:
         async for notice in self.backend.notices():
-            self.dispatch(notice)
+            if notice.type == "job_queued" and self._tg is not None and not self.claiming.locked():
+                # claim here, in the task that heard of the job: handing it to the claimer task (an event, a task
+                # switch, a pass of the event loop) was ~0.2 ms of every pickup (bench/pickup.py)
+                async with self.claiming:
+                    await self.claim_while_free(self._tg)
+            else:
+                self.dispatch(notice)
 
     def dispatch(self, notice: Notice) -> None:
         """Route one notice. None carries an order: each only makes the daemon read rows sooner."""
@@ -372,7 +381,8 @@ class Daemon:
         while True:
             await self.wake.wait()
             self.wake = anyio.Event()
-            await self.claim_while_free(tg)
+            async with self.claiming:
+                await self.claim_while_free(tg)
             if (
                 self.drain
                 and not self.attempts
