@@ -202,6 +202,8 @@ class Daemon:
     async def _listener(self) -> None:
         async for notice in self.backend.notices():
             if notice.type == "job_queued" and self._tg is not None and not self.claiming.locked():
+                if not self.claims_on_notice():
+                    continue  # herd control: about claim_spread other idle workers race for it (polls are the net)
                 # claim here, in the task that heard of the job: handing it to the claimer task (an event, a task
                 # switch, a pass of the event loop) was ~0.2 ms of every pickup (bench/pickup.py)
                 async with self.claiming:
