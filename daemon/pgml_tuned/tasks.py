@@ -66,7 +66,7 @@ TASKS: dict[str, Task] = {
             {},
             (),
             (),
-            ("seconds", "steps", "fail", "probe", "expect_token_sha256", "resources"),
+            ("seconds", "steps", "fail", "probe", "expect_token_sha256", "resources", "fail_rank"),
             admin_only=True,
         ),
         # pgml.load_dataset: a Hugging Face dataset (or a worker-side file) into a table pgml."<source>"; queued by
