@@ -285,8 +285,11 @@ def test_wait_follows_jobs_and_ends_with_the_model_and_download_command(
     dsn = as_login(su_dsn, ADMIN)
     # stdout a pipe (not a terminal): plain lines, each job's when it changed, then the final lines
     waiting = started("wait", str(ok), str(failed), "--interval", "0", "--dsn", dsn)
+    assert waiting.stdout is not None
+    first = waiting.stdout.readline()  # the jobs as queued, before a daemon runs them
     daemon("--drain")
     out, err = waiting.communicate(timeout=120)
+    out = first + out
     assert waiting.returncode == 1, out + err  # one of them failed
     assert err == "" and "\x1b" not in out
     lines = out.splitlines()
