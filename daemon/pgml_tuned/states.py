@@ -131,9 +131,14 @@ class Claim:
         }
 
 
+def requested_gpus(hyperparams: dict[str, Any] | None) -> int:
+    """The GPUs a job asks for: hyperparams.resources.gpus, else 0 (as the claim query reads it)."""
+    return int(((hyperparams or {}).get("resources") or {}).get("gpus") or 0)
+
+
 def gpus_of(hyperparams: dict[str, Any] | None) -> int:
-    """The GPUs (job slots of a worker started with --gpus) a job takes: hyperparams.resources.gpus, else 1."""
-    return int(((hyperparams or {}).get("resources") or {}).get("gpus") or 1)
+    """The job slots (one per GPU of a worker started with --gpus) a job takes: its requested GPUs, at least 1."""
+    return max(1, requested_gpus(hyperparams))
 
 
 def settle(

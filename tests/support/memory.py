@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from pgml_tuned.states import Claim, ExitCode, Renewal, Status
+from pgml_tuned.states import Claim, ExitCode, Renewal, Status, requested_gpus
 from pgml_tuned.worker.backend import Notice
 
 
@@ -78,7 +78,7 @@ class MemoryBackend:
             (
                 j
                 for j in self.jobs.values()
-                if j.status == Status.QUEUED and not j.cancel_requested and self._gpus(j) <= free_gpus
+                if j.status == Status.QUEUED and not j.cancel_requested and requested_gpus(j.hyperparams) <= free_gpus
             ),
             None,
         )
@@ -143,7 +143,8 @@ class MemoryBackend:
 
     async def queue_empty(self, gpus: int = 0) -> bool:
         return not any(
-            j.status == Status.QUEUED and not j.cancel_requested and self._gpus(j) <= gpus for j in self.jobs.values()
+            j.status == Status.QUEUED and not j.cancel_requested and requested_gpus(j.hyperparams) <= gpus
+            for j in self.jobs.values()
         )
 
     async def idle_workers(self) -> tuple[int, int]:
@@ -162,10 +163,6 @@ class MemoryBackend:
 
     async def jobs_by_status(self) -> list[dict[str, Any]]:
         return [{"status": s, "jobs": sum(str(j.status) == s for j in self.jobs.values())} for s in Status]
-
-    @staticmethod
-    def _gpus(job: Job) -> int:
-        return int(job.hyperparams.get("resources", {}).get("gpus", 0))
 
     async def job_secrets(self, claim: Claim) -> dict[str, Any]:
         return {}
