@@ -80,6 +80,17 @@ class Settings:
         "worker claims and each polls every poll_seconds",
     )
     grace_seconds: float = setting(60.0, help="on SIGTERM: how long children get to checkpoint before SIGKILL")
+    gang_seconds: float = setting(
+        60.0,
+        help="a job across several workers (hyperparams.resources.nodes): how long its leader waits for the other "
+        "workers to join before it gives the job back to the queue, and how long their ranks wait for each other "
+        "at the rendezvous",
+    )
+    gang_address: str | None = setting(
+        None,
+        help="the address the other workers of a gang reach this worker's rank 0 at, when it leads a job across "
+        "several workers (default: this host's name resolved; 127.0.0.1 when it does not resolve)",
+    )
     log_format: str = setting(
         "auto",
         help="log lines as JSON (services) or pretty (a terminal); auto: JSON unless stderr is a terminal",

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from . import files, secrets
-from .db import Pool, fetch_one, q
+from .db import Pool, Row, fetch_one, q
 from .errors import JobError, LeaseLost
 from .states import Claim, Renewal, Status
 
@@ -95,6 +95,70 @@ async def idle_workers(pool: Pool) -> tuple[int, int]:
 async def set_child_ticket(pool: Pool, job: Claim, ticket_hash: bytes) -> bool:
     """Record the sha256 of the attempt's child ticket; False when the attempt no longer owns the job."""
     return bool(await pool.named("set_child_ticket", id=job.id, attempt=job.attempt, hash=ticket_hash))
+
+
+# ---- gangs: jobs across several workers (worker/gang.py tells the story) ----
+
+
+async def gang_open(pool: Pool, job: Claim, rendezvous: str, nodes: int) -> bool:
+    """The leader opens its attempt's gang (and wakes idle workers); False when the attempt lost the job."""
+    return bool(await pool.named("gang_open", id=job.id, attempt=job.attempt, rendezvous=rendezvous, nodes=nodes))
+
+
+async def gang_join(pool: Pool, worker: str, free_gpus: int) -> Claim | None:
+    """Join the next forming gang this worker can take a node of; None when there is none. Not retried (as claim)."""
+    try:
+        rows = await pool.named("gang_join", retry=False, worker=worker, free_gpus=free_gpus)
+    except psycopg.errors.UniqueViolation:
+        return None  # another worker took that node number in the same instant: the next wake-up looks again
+    if not rows:
+        return None
+    row = rows[0]
+    if int(row["gang_needed_after"]) > 0:
+        await pool.named("gang_notify", id=row["id"])  # more members wanted: wake the next one
+    return Claim.from_row(row)
+
+
+async def gang_state(pool: Pool, job_id: int) -> Row | None:
+    return await pool.one(q("gang_state"), {"id": job_id})
+
+
+async def gang_give_back(pool: Pool, job: Claim) -> bool:
+    """Put a job whose gang did not form back in the queue, untouched; False when the gang completed first."""
+    return bool(await pool.named("gang_give_back", id=job.id, attempt=job.attempt))
+
+
+async def gang_able(pool: Pool, gpus: int) -> int:
+    """Live workers that could each run a node of a job asking for `gpus` GPUs per node."""
+    row = await pool.one(q("gang_live_workers"), {"gpus": gpus})
+    return int(row["able"]) if row else 0
+
+
+async def gang_set_ticket(pool: Pool, job: Claim, ticket_hash: bytes) -> bool:
+    rows = await pool.named("gang_set_ticket", id=job.id, attempt=job.attempt, node=job.node, hash=ticket_hash)
+    return bool(rows)
+
+
+async def gang_member_beat(pool: Pool, worker: str, attempts: dict[int, int]) -> set[int]:
+    """Renew this worker's gang memberships ({job id: attempt}); returns the jobs that still run those attempts."""
+    ids = list(attempts)
+    rows = await pool.named("gang_member_beat", worker=worker, ids=ids, attempts=[attempts[i] for i in ids])
+    return {int(r["id"]) for r in rows}
+
+
+async def gang_member_end(
+    pool: Pool, job: Claim, outcome: str, error: str | None = None, error_at: float | None = None
+) -> None:
+    params: dict[str, Any] = {"outcome": outcome, "error": error, "error_at": error_at}
+    await pool.named("gang_member_end", id=job.id, attempt=job.attempt, node=job.node, **params)
+
+
+async def gang_members(pool: Pool, job: Claim) -> list[Row]:
+    return await pool.named("gang_members", id=job.id, attempt=job.attempt)
+
+
+async def gang_lost(pool: Pool, job: Claim, error: str) -> None:
+    await pool.named("gang_lost", id=job.id, attempt=job.attempt, error=error)
 
 
 # ---- child side (synchronous: a job's child is a plain blocking process) ----

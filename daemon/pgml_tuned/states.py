@@ -65,6 +65,7 @@ class StopReason(enum.StrEnum):
     LEASE_LOST = "lease_lost"  # the heartbeat found the job no longer ours
     SHUTDOWN = "shutdown"  # the worker is stopping (SIGTERM/SIGINT)
     OVERTIME = "overtime"  # the job ran past its max_runtime (pgml.role_limits of its submitter)
+    GANG = "gang"  # a job across several workers: another member of its gang failed or died (worker/gang.py)
 
 
 class Action(enum.StrEnum):
@@ -117,6 +118,8 @@ class Claim:
     snapshot_columns: list[str] | None = None  # the columns pgml.tune() copied into pgml.job_rows, in order
     hub_refusal: str | None = None  # why the hub allow-list refuses its model now (checked at every claim)
     queued_seconds: float | None = None  # from its submission to this claim (the pickup latency of a first attempt)
+    node: int = 0  # in a job across several workers (resources.nodes): this worker's node; 0 is the leader
+    rendezvous: str | None = None  # and the leader's host:port, where the ranks meet (worker/gang.py)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -127,7 +130,7 @@ class Claim:
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("secrets", "credential", "hub_refusal", "queued_seconds")
+            if f.name not in ("secrets", "credential", "hub_refusal", "queued_seconds", "node", "rendezvous")
         }
 
 

@@ -23,7 +23,14 @@ def tiny_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return testing.build_tiny_classifier_base(tmp_path_factory.mktemp("models") / "dist-bert", hidden=32, layers=1)
 
 
-def submit(conn: psycopg.Connection[dict[str, Any]], model: Path, *, procs: int | None, **training_args: Any) -> int:
+def submit(
+    conn: psycopg.Connection[dict[str, Any]],
+    model: Path,
+    *,
+    procs: int | None,
+    resources: dict[str, int] | None = None,
+    **training_args: Any,
+) -> int:
     conn.execute("CREATE TABLE IF NOT EXISTS texts (text text, class text)")
     if not conn.execute("SELECT 1 FROM texts LIMIT 1").fetchone():
         conn.execute(
@@ -41,8 +48,8 @@ def submit(conn: psycopg.Connection[dict[str, Any]], model: Path, *, procs: int 
             **training_args,
         },
     }
-    if procs:
-        hyperparams["resources"] = {"procs": procs}
+    if procs or resources:
+        hyperparams["resources"] = resources or {"procs": procs}
     row = conn.execute(
         "SELECT job_id FROM pgml.tune('dist', task => 'text-classification', relation_name => 'texts', "
         "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",

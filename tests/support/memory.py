@@ -35,6 +35,7 @@ class Job:
     worker: str | None = None
     error: str | None = None
     history: list[str] = field(default_factory=list)
+    gang_needed: int = 0
 
 
 class MemoryBackend:
@@ -104,6 +105,53 @@ class MemoryBackend:
 
     async def release_orphans(self, running: list[int]) -> list[int]:
         return []
+
+    # a lone in-memory worker: a gang it leads never forms (nobody joins), and it joins none
+    async def gang_open(self, claim: Claim, rendezvous: str, nodes: int) -> bool:
+        job = self.jobs[claim.id]
+        job.gang_needed = nodes - 1 if self._owned(claim.id, claim.attempt) else 0
+        return self._owned(claim.id, claim.attempt)
+
+    async def gang_join(self, free_gpus: int) -> Claim | None:
+        return None
+
+    async def gang_state(self, job_id: int) -> dict[str, Any] | None:
+        job = self.jobs[job_id]
+        nodes = int((job.hyperparams.get("resources") or {}).get("nodes") or 1)
+        return {
+            "status": str(job.status),
+            "attempt": job.attempt,
+            "gang_needed": job.gang_needed,
+            "cancel_requested": job.cancel_requested,
+            "nodes": nodes,
+        }
+
+    async def gang_give_back(self, claim: Claim) -> bool:
+        if not self._owned(claim.id, claim.attempt) or not self.jobs[claim.id].gang_needed:
+            return False
+        self.jobs[claim.id].status, self.jobs[claim.id].gang_needed = Status.QUEUED, 0
+        self._moved(self.jobs[claim.id], "given back")
+        return True
+
+    async def gang_able(self, gpus: int) -> int:
+        return 1 if self.registry else 0
+
+    async def gang_set_ticket(self, claim: Claim, ticket_hash: bytes) -> bool:
+        return False
+
+    async def gang_member_beat(self, attempts: dict[int, int]) -> set[int]:
+        return set()
+
+    async def gang_member_end(
+        self, claim: Claim, outcome: str, error: str | None = None, error_at: float | None = None
+    ) -> None:
+        pass
+
+    async def gang_members(self, claim: Claim) -> list[dict[str, Any]]:
+        return []
+
+    async def gang_lost(self, claim: Claim, error: str) -> None:
+        await self.fail(claim, error)
 
     async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
         self.renewals += 1

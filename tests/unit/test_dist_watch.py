@@ -26,7 +26,7 @@ def rank(r: int, code: str) -> _Proc:
 def watch(procs: list[_Proc], stopping: bool = False) -> tuple[int, list[dict[str, object]], float]:
     out = io.StringIO()
     t0 = time.monotonic()
-    code = _watch(procs, Events(out), lambda: stopping)
+    code = _watch(procs, Events(out), lambda: stopping, len(procs))
     for p in procs:
         p.popen.wait(5)
     return code, [json.loads(line) for line in out.getvalue().splitlines()], time.monotonic() - t0

@@ -56,6 +56,7 @@ RANKS = {
     "worker.process": 4,
     "worker.backend": 4,
     "worker.fleet": 4,
+    "worker.gang": 4,
     "worker.metrics": 5,
     "worker.serving": 5,
     "worker.attempt": 5,

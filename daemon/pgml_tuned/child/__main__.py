@@ -105,6 +105,9 @@ def main() -> int:
         return dist.launch(payload, events, Path(os.environ.get("PGML_WORK_DIR") or tempfile.gettempdir()))
     try:
         rank = dist.join(payload)
+    except dist.RendezvousError as e:
+        events.emit({"event": "error", "error": str(e)})
+        return ExitCode.ERROR
     except Exception as e:
         events.emit({"event": "error", "error": f"could not join the job's other ranks: {type(e).__name__}: {e}"})
         return ExitCode.ERROR

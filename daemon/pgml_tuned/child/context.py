@@ -41,7 +41,9 @@ class JobContext:
         self.workdir = Path(
             tempfile.mkdtemp(prefix=f"job{self.job_id}-a{self.attempt}-", dir=os.environ.get("PGML_WORK_DIR") or None)
         )
-        self.store = JobStore(dsn, ticket, self.job_id, self.attempt, self.model_id, events, self.workdir)
+        self.store = JobStore(
+            dsn, ticket, self.job_id, self.attempt, self.model_id, events, self.workdir, writer=self.rank.main
+        )
         self._upload_store: JobStore | None = None  # the uploader thread's own connection
         self.uploads = CheckpointUploader(self._upload_checkpoint, self.workdir / "uploads")
         self._resume: Path | None = None
@@ -93,8 +95,11 @@ class JobContext:
                 self._resume = self.store.latest_checkpoint(root)
                 if self._resume is None:
                     self.start_over("no earlier attempt of this job stored a checkpoint")
-            self.rank.barrier()  # every rank resumes from the checkpoint rank 0 downloaded
-            if not self.rank.main:
+            elif self.rank.local_main:
+                # a gang's other host: its first rank fetches the same checkpoint (reads only) for its ranks
+                self._resume = self.store.latest_checkpoint(root, record=False)
+            self.rank.barrier()  # every rank resumes from the checkpoint its host's first rank downloaded
+            if not self.rank.local_main:
                 found = sorted(root.glob("checkpoint-*")) if root.is_dir() else []
                 self._resume = found[0] if found else None
         return self._resume

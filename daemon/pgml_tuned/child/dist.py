@@ -42,10 +42,20 @@ from .events import Events
 MAX_RANKS = 64  # as pgml._check_resources
 
 
-def world_size(hyperparams: dict[str, Any]) -> int:
-    """The number of ranks a job asks for (1 without resources)."""
+def per_node(hyperparams: dict[str, Any]) -> int:
+    """The ranks a job runs on each of its hosts (1 without resources)."""
     resources = hyperparams.get("resources") or {}
     return int(resources.get("gpus") or resources.get("procs") or 1)
+
+
+def nodes(hyperparams: dict[str, Any]) -> int:
+    """The hosts (workers) a job runs on at once: resources.nodes, 1 without it (worker/gang.py forms the gang)."""
+    return int((hyperparams.get("resources") or {}).get("nodes") or 1)
+
+
+def world_size(hyperparams: dict[str, Any]) -> int:
+    """The number of ranks a job asks for, over all its hosts (1 without resources)."""
+    return per_node(hyperparams) * nodes(hyperparams)
 
 
 def on_cpu(hyperparams: dict[str, Any]) -> bool:
@@ -61,10 +71,17 @@ class Rank:
     rank: int = 0
     world_size: int = 1
     shared: Path | None = None
+    local_rank: int = 0  # its place on its own host
+    node: int = 0  # its host's place in the job's gang (0: the leader's, where rank 0 runs)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def local_main(self) -> bool:
+        """The first rank on its host: the one that fetches what the host's ranks share (a resumed checkpoint)."""
+        return self.local_rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -101,17 +118,46 @@ def join(payload: dict[str, Any]) -> Rank:
     import torch
     import torch.distributed as dist
 
-    me = Rank(int(place["rank"]), int(place["world_size"]), Path(place["shared"]))
+    me = Rank(
+        int(place["rank"]),
+        int(place["world_size"]),
+        Path(place["shared"]),
+        int(place.get("local_rank", place["rank"])),
+        int(place.get("node") or 0),
+    )
     gpu = not place.get("cpu") and torch.cuda.is_available()
     if gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", me.rank)))
+        torch.cuda.set_device(me.local_rank)
     # the Trainer (accelerate) uses this group as it is; ddp_timeout, if given, bounds a collective as there
     training_args = (payload["spec"].get("hyperparams") or {}).get("training_args") or {}
     timeout = dt.timedelta(seconds=int(training_args.get("ddp_timeout") or 1800))
     # NCCL for the GPUs' tensors, gloo beside it for CPU tensors (FSDP's full state dict gathers on the CPU)
     backend = "cuda:nccl,cpu:gloo" if gpu else "gloo"
-    dist.init_process_group(backend, rank=me.rank, world_size=me.world_size, timeout=timeout)
+    if not place.get("rendezvous_seconds"):
+        dist.init_process_group(backend, rank=me.rank, world_size=me.world_size, timeout=timeout)
+        return me
+    # a gang (several hosts): rank 0 hosts the store at the leader's rendezvous address; every rank waits at most
+    # rendezvous_seconds for all the others (a host whose ranks never come fails the job, not after ddp_timeout)
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    wait = float(place["rendezvous_seconds"])
+    try:
+        store = dist.TCPStore(
+            host, port, me.world_size, me.main, timeout=dt.timedelta(seconds=wait), wait_for_workers=True
+        )
+    except Exception as e:
+        raise RendezvousError(
+            f"the rendezvous of the job's {place.get('nodes')} hosts at {host}:{port} did not complete in "
+            f"{wait:.0f} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'timed out'}): "
+            "a host of the gang did not start its ranks (its worker stopped or was killed), or this host cannot "
+            "reach the leader's address (set gang_address on the workers)"
+        ) from None
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=store, rank=me.rank, world_size=me.world_size, timeout=timeout)
     return me
+
+
+class RendezvousError(Exception):
+    """The ranks of a gang did not all arrive at the rendezvous in time."""
 
 
 def leave(me: Rank) -> None:
@@ -139,15 +185,24 @@ class _Proc:
     lease_lost: dict[str, Any] | None = None
     exit: int | None = None
     reported_at: float = 0.0  # when its error (or lease_lost) event arrived: the first to fail is the culprit
+    reported_wall: float = 0.0  # the same, as wall-clock time (a gang's hosts compare their first failures)
 
 
 def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
-    """Run the job's ranks (as torchrun --standalone would) and return the job's exit code (states.ExitCode)."""
+    """Run this host's ranks of the job (as torchrun would: --standalone on one host; in a gang, payload["gang"]
+    gives this host's node number and the leader's rendezvous address) and return the exit code
+    (states.ExitCode)."""
     spec = payload["spec"]
     hyperparams = spec.get("hyperparams") or {}
-    n = world_size(hyperparams)
+    n, local = world_size(hyperparams), per_node(hyperparams)
+    gang = payload.get("gang") or {}
+    node = int(gang.get("node") or 0)
     shared = Path(tempfile.mkdtemp(prefix=f"job{spec['id']}-a{spec['attempt']}-ranks-", dir=workdir))
-    port = free_port()
+    if gang:
+        addr, _, port_text = str(gang["rendezvous"]).rpartition(":")
+        port = int(port_text)
+    else:
+        addr, port = "127.0.0.1", free_port()
     procs: list[_Proc] = []
     stopping = False
 
@@ -161,23 +216,27 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_stop)  # (set by main before anything else; now the launcher's)
     signal.signal(signal.SIGINT, on_stop)
-    events.info(f"starting {n} ranks", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo")
+    where = f" on node {node} of {nodes(hyperparams)} (rendezvous {addr}:{port})" if gang else ""
+    events.info(
+        f"starting {local} of {n} ranks{where}", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo"
+    )
     try:
-        for r in range(n):
+        for lr in range(local):
+            r = node * local + lr
             env = {
                 **os.environ,
                 "PGML_RANK": str(r),
                 "RANK": str(r),
-                "LOCAL_RANK": str(r),
+                "LOCAL_RANK": str(lr),
                 "WORLD_SIZE": str(n),
-                "LOCAL_WORLD_SIZE": str(n),
-                "GROUP_RANK": "0",
-                "MASTER_ADDR": "127.0.0.1",
+                "LOCAL_WORLD_SIZE": str(local),
+                "GROUP_RANK": str(node),
+                "MASTER_ADDR": addr,
                 "MASTER_PORT": str(port),
             }
             if on_cpu(hyperparams):
                 env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks: no rank grabs a GPU
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local)))
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pgml_tuned.child"],
                 stdin=subprocess.PIPE,
@@ -186,20 +245,29 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
                 cwd=os.getcwd(),
             )
             procs.append(_Proc(r, popen))
-            place = {"rank": r, "world_size": n, "shared": str(shared), "cpu": on_cpu(hyperparams)}
+            place = {
+                "rank": r,
+                "world_size": n,
+                "shared": str(shared),
+                "cpu": on_cpu(hyperparams),
+                "local_rank": lr,
+                "node": node,
+            }
+            if gang:
+                place.update(rendezvous_seconds=float(gang["rendezvous_seconds"]), nodes=nodes(hyperparams))
             assert popen.stdin is not None
             popen.stdin.write(json.dumps({**payload, "rank": place}, default=str).encode())
             popen.stdin.close()
-        return _watch(procs, events, lambda: stopping)
+        return _watch(procs, events, lambda: stopping, n)
     finally:
         _stop(procs)  # none outlives the launcher
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def _watch(procs: list[_Proc], events: Events, stopping: Any) -> int:
-    """Forward rank 0's events; return the job's exit code once every rank has exited, or at the first failure
-    (the others are then killed)."""
-    n = len(procs)
+def _watch(procs: list[_Proc], events: Events, stopping: Any, n: int) -> int:
+    """Forward the events of rank 0 (of this host's first rank, on a gang's other hosts); return the job's exit
+    code once every rank here has exited, or at the first failure (the others are then killed). `n`: the job's
+    world size."""
     sel = selectors.DefaultSelector()
     for p in procs:
         assert p.popen.stdout is not None
@@ -212,7 +280,7 @@ def _watch(procs: list[_Proc], events: Events, stopping: Any) -> int:
             stream: IO[bytes] = key.fileobj  # type: ignore[assignment]
             chunk = stream.read()
             if chunk:
-                _events_of(p, chunk, events)
+                _events_of(p, chunk, events, procs[0])
             elif chunk == b"":
                 sel.unregister(stream)
         for p in procs:
@@ -229,7 +297,7 @@ def _watch(procs: list[_Proc], events: Events, stopping: Any) -> int:
             # checkpoint without it; the job goes back to the queue from its last stored checkpoint
             _stop(procs)
             return ExitCode.REQUEUE
-        if procs[0].exit == ExitCode.OK and not failed:
+        if procs[0].rank == 0 and procs[0].exit == ExitCode.OK and not failed:
             # rank 0 committed the job (or had nothing to do): what the others do from here changes nothing
             _stop(procs)
             return ExitCode.OK
@@ -246,7 +314,7 @@ def _still_readable(sel: selectors.BaseSelector, p: _Proc) -> bool:
     return True
 
 
-def _events_of(p: _Proc, chunk: bytes, events: Events) -> None:
+def _events_of(p: _Proc, chunk: bytes, events: Events, first: _Proc) -> None:
     p.buffer += chunk
     *lines, p.buffer = p.buffer.split(b"\n")
     for raw in lines:
@@ -260,12 +328,12 @@ def _events_of(p: _Proc, chunk: bytes, events: Events) -> None:
             continue
         kind = event.get("event")
         if kind in ("error", "lease_lost") and not (p.error or p.lease_lost):
-            p.reported_at = time.monotonic()
+            p.reported_at, p.reported_wall = time.monotonic(), time.time()
             if kind == "error":
                 p.error = event
             else:
                 p.lease_lost = event
-        elif p.rank == 0:
+        elif p is first:
             events.emit(event)
 
 
@@ -289,5 +357,7 @@ def _fail(procs: list[_Proc], culprit: _Proc, events: Events, n: int) -> int:
         rc = culprit.popen.returncode
         how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
         error = {"event": "error", "error": f"rank {culprit.rank} of {n} {how}; the other ranks were stopped"}
+    # when it failed (a gang's leader compares its hosts' first failures: the earliest is the culprit)
+    error["at"] = culprit.reported_wall or time.time()
     events.emit(error)
     return ExitCode.ERROR

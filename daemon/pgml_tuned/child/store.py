@@ -43,9 +43,21 @@ def number(v: Any) -> Any:
 
 class JobStore:
     def __init__(
-        self, dsn: str, ticket: str, job_id: int, attempt: int, model_id: int, events: Events, workdir: Path
+        self,
+        dsn: str,
+        ticket: str,
+        job_id: int,
+        attempt: int,
+        model_id: int,
+        events: Events,
+        workdir: Path,
+        *,
+        writer: bool = True,
     ) -> None:
         self.dsn = dsn
+        # rank 0 writes the job's log rows; another rank's notes go to its worker's log only (its ticket may only
+        # read, on a gang's other hosts, and its lines would repeat rank 0's)
+        self.writer = writer
         self.ticket = ticket
         self.job_id = job_id
         self.attempt = attempt
@@ -133,8 +145,9 @@ class JobStore:
         )
 
     # ---- checkpoints ----
-    def latest_checkpoint(self, dest_root: Path) -> Path | None:
-        """The latest stored checkpoint of this job (any earlier attempt), downloaded under dest_root."""
+    def latest_checkpoint(self, dest_root: Path, *, record: bool = True) -> Path | None:
+        """The latest stored checkpoint of this job (any earlier attempt), downloaded under dest_root; `record`: say
+        so in the job's logs (the writer's part; a gang's other hosts only read)."""
         row = self.fetch_row("looking for a checkpoint", "child_latest_checkpoint", {})
         if row is None:
             return None
@@ -145,9 +158,10 @@ class JobStore:
                 c, q("child_checkpoint_files"), {**self._ticket, "checkpoint_id": row["id"]}, dest
             ),
         )
-        self.resume(
-            row["step"], f"resuming from the checkpoint at step {row['step']} (stored by attempt {row['attempt']})"
-        )
+        if record:
+            self.resume(
+                row["step"], f"resuming from the checkpoint at step {row['step']} (stored by attempt {row['attempt']})"
+            )
         return dest
 
     def resume(self, step: int, message: str) -> None:
@@ -185,7 +199,7 @@ class JobStore:
         """A line about the job: to the worker (its log) and into pgml.logs as a row of kind info or warning,
         {"message": message, **fields} (buffered like the training rows; `flush`: try to write it now)."""
         self.events.info(message, level, **fields)
-        if self._finished:
+        if self._finished or not self.writer:
             return
         kind = "info" if level in ("info", "debug") else "warning"
         self._pending.append((self._next_seq(), kind, {"message": message, **fields}))

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..child.context import JobContext
-from ..child.dist import on_cpu
+from ..child.dist import nodes, on_cpu
 from ..errors import JobError
 from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
@@ -179,12 +179,34 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
             )
             ctx.info(message, level="warning")
             ctx.log({"warning": message})
+    elif nodes(ctx.hyperparams) > 1:
+        check_across_hosts(given)
     args.update(overrides or {})
     args["output_dir"] = str(ctx.output_root / "trainer")
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError, ImportError) as e:
         raise JobError(f"training_args rejected by transformers: {e}") from e
+
+
+def check_across_hosts(given: dict[str, Any]) -> None:
+    """A job across several hosts (resources.nodes) stores the checkpoints its rank 0 writes, on the leader's host:
+    DDP (rank 0 writes the whole state) and FSDP with a full state dict. Sharded states (FSDP's sharded state dict,
+    DeepSpeed ZeRO) would leave the other hosts' shards out of the checkpoint: refused before training starts."""
+    if given.get("deepspeed"):
+        raise JobError(
+            "training_args.deepspeed across several hosts (resources.nodes > 1) is not supported: each host's ranks "
+            "write their own ZeRO shards, which the job's checkpoints (stored by rank 0) would miss; use fsdp with "
+            'fsdp_config {"state_dict_type": "FULL_STATE_DICT"}, or run on one host (resources.nodes 1)'
+        )
+    config = given.get("fsdp_config")
+    kind = str(config.get("state_dict_type") or "") if isinstance(config, dict) else ""
+    if given.get("fsdp") and kind.upper() != "FULL_STATE_DICT":
+        raise JobError(
+            "training_args.fsdp across several hosts (resources.nodes > 1) needs a full state dict in its "
+            'checkpoints: add "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"} (rank 0 then gathers the whole '
+            "model; a sharded state dict would leave the other hosts' shards out of the stored checkpoint)"
+        )
 
 
 class PgmlCallback(TrainerCallback):

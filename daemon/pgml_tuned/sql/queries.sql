@@ -13,7 +13,9 @@ SET status = 'running',
     started_at = coalesce(j.started_at, clock_timestamp()),
     updated_at = clock_timestamp(),
     error = NULL,
-    child_ticket = NULL  -- the attempt's child gets a ticket of its own when it starts (set_child_ticket)
+    child_ticket = NULL,  -- the attempt's child gets a ticket of its own when it starts (set_child_ticket)
+    rendezvous = NULL,
+    gang_needed = 0
 WHERE j.id = (
     SELECT q.id FROM pgml.jobs q
     WHERE q.status = 'queued' AND NOT q.cancel_requested
@@ -34,6 +36,126 @@ RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, 
           (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
           -- the hub allow-list may have changed since the job was submitted: checked again at every claim
           (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal;
+
+-- name: gang_open
+-- The leader of a job across several workers (resources.nodes, 0027_gangs) records where its rank 0 hosts the
+-- rendezvous and opens the gang; the NOTIFY only wakes idle workers (they read the rows).
+WITH opened AS (
+    UPDATE pgml.jobs
+    SET rendezvous = %(rendezvous)s, gang_needed = %(nodes)s - 1, updated_at = clock_timestamp()
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING id
+)
+SELECT id, pg_notify('pgml_jobs', json_build_object('type', 'gang_forming', 'id', id)::text) IS NOT NULL AS notified
+FROM opened;
+
+-- name: gang_join
+-- Join the next forming gang this worker can take a part of (its free GPUs; never one it is already in): one
+-- statement takes the node number (FOR UPDATE SKIP LOCKED) and writes the member's row. Returns the job as
+-- claim_job does, with the node and the rendezvous.
+WITH found AS (
+    SELECT q.id FROM pgml.jobs q
+    WHERE q.gang_needed > 0 AND q.status = 'running' AND NOT q.cancel_requested
+      AND q.worker IS DISTINCT FROM %(worker)s
+      AND coalesce((q.hyperparams -> 'resources' ->> 'gpus')::integer, 0) <= %(free_gpus)s
+      AND NOT EXISTS (SELECT 1 FROM pgml.gang_members m
+                      WHERE m.job_id = q.id AND m.attempt = q.attempt AND m.worker = %(worker)s)
+    ORDER BY q.priority DESC, q.id
+    FOR UPDATE SKIP LOCKED
+    LIMIT 1
+), joined AS (
+    UPDATE pgml.jobs j SET gang_needed = j.gang_needed - 1
+    FROM found WHERE j.id = found.id
+    RETURNING j.*
+), member AS (
+    INSERT INTO pgml.gang_members (job_id, attempt, node, worker)
+    SELECT id, attempt, coalesce((hyperparams -> 'resources' ->> 'nodes')::integer, 1) - 1 - gang_needed, %(worker)s
+    FROM joined
+    RETURNING job_id, node
+)
+SELECT j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
+       j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.credential, j.submitted_by,
+       j.snapshot_columns, j.rendezvous, m.node, j.gang_needed AS gang_needed_after,
+       (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
+       (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal
+FROM joined j JOIN member m ON m.job_id = j.id;
+
+-- name: gang_notify
+SELECT pg_notify('pgml_jobs', json_build_object('type', 'gang_forming', 'id', %(id)s::bigint)::text);
+
+-- name: gang_state
+-- How a job's gang stands for one attempt (the leader and its members poll it while the gang forms).
+SELECT j.status, j.attempt, j.gang_needed, j.cancel_requested,
+       coalesce((j.hyperparams -> 'resources' ->> 'nodes')::integer, 1) AS nodes
+FROM pgml.jobs j WHERE j.id = %(id)s;
+
+-- name: gang_give_back
+-- A gang that did not form in time: the job goes back to the queue untouched (nothing counted against
+-- max_attempts), the members' rows go. Matches nothing once the gang is complete (a last member joined first).
+WITH back AS (
+    UPDATE pgml.jobs
+    SET status = 'queued', worker = NULL, lease_expires_at = NULL, rendezvous = NULL, gang_needed = 0,
+        child_ticket = NULL, updated_at = clock_timestamp()
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND gang_needed > 0
+    RETURNING id, attempt
+), gone AS (
+    DELETE FROM pgml.gang_members m USING back WHERE m.job_id = back.id AND m.attempt = back.attempt
+)
+SELECT id FROM back;
+
+-- name: gang_live_workers
+-- Live workers that could each run a part of the job (its GPUs): whether a gang of `nodes` can ever form now.
+SELECT count(*)::integer AS able
+FROM pgml.worker_status w
+WHERE w.state IN ('live', 'late') AND w.gpus >= %(gpus)s;
+
+-- name: gang_set_ticket
+UPDATE pgml.gang_members m SET child_ticket = %(hash)s, heartbeat_at = clock_timestamp()
+FROM pgml.jobs j
+WHERE m.job_id = %(id)s AND m.attempt = %(attempt)s AND m.node = %(node)s
+  AND j.id = m.job_id AND j.attempt = m.attempt AND j.status = 'running'
+RETURNING m.job_id;
+
+-- name: gang_member_beat
+-- A member's heartbeat (every heartbeat_seconds): renews its row; returns the ones whose job still runs this attempt.
+UPDATE pgml.gang_members m SET heartbeat_at = clock_timestamp()
+FROM pgml.jobs j, unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS a (id, attempt)
+WHERE m.job_id = a.id AND m.attempt = a.attempt AND m.worker = %(worker)s
+  AND j.id = m.job_id AND j.attempt = m.attempt AND j.status = 'running'
+RETURNING m.job_id AS id;
+
+-- name: gang_member_end
+-- How a member's ranks ended: ok, error (with its launcher's error and when it saw it) or stopped.
+UPDATE pgml.gang_members
+SET outcome = %(outcome)s, error = %(error)s, error_at = %(error_at)s, heartbeat_at = clock_timestamp()
+WHERE job_id = %(id)s AND attempt = %(attempt)s AND node = %(node)s
+RETURNING job_id;
+
+-- name: gang_members
+-- The leader's view of its gang: each member's outcome, and whether its worker still heartbeats.
+SELECT m.node, m.worker, m.outcome, m.error, m.error_at,
+       extract(epoch FROM clock_timestamp() - m.heartbeat_at)::float8 AS silent_seconds,
+       coalesce((SELECT w.state FROM pgml.worker_status w WHERE w.id = m.worker), 'gone') AS worker_state
+FROM pgml.gang_members m
+WHERE m.job_id = %(id)s AND m.attempt = %(attempt)s
+ORDER BY m.node;
+
+-- name: gang_lost
+-- A member of the gang died (its worker stopped heartbeating, or never reported how its ranks ended): the attempt
+-- is lost as if the job's own worker had died (reap_expired): requeued, or failed after max_attempts lost ones.
+UPDATE pgml.jobs j
+SET failed_attempts = j.failed_attempts + 1,
+    status = CASE WHEN j.failed_attempts + 1 >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+    errors = j.errors || jsonb_build_object('attempt', j.attempt, 'worker', j.worker, 'at', clock_timestamp(),
+                                            'error', %(error)s::text),
+    error = CASE WHEN j.failed_attempts + 1 >= j.max_attempts THEN
+        format('gave up after %%s attempts: %%s', j.failed_attempts + 1, %(error)s::text) END,
+    finished_at = CASE WHEN j.failed_attempts + 1 >= j.max_attempts THEN clock_timestamp() END,
+    lease_expires_at = NULL,
+    worker = NULL,
+    updated_at = clock_timestamp()
+WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.status = 'running'
+RETURNING j.id, j.status;
 
 -- name: renew_leases
 -- One statement renews every running attempt of a worker (parallel arrays of job ids and attempts); a job that
@@ -118,7 +240,7 @@ SELECT status, attempt, error FROM pgml.jobs WHERE id = %(id)s;
 -- What a draining worker still waits for: queued jobs it could run (with all its GPUs), and jobs held by a worker that stopped heartbeating (its lease
 -- runs out, the poller reaps the job, and the drain takes it over) — a registered holder that is not live, or any
 -- holder whose lease has already expired.
-SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE status = 'queued' AND NOT cancel_requested
+SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE (status = 'queued' OR gang_needed > 0) AND NOT cancel_requested
                    AND coalesce((hyperparams -> 'resources' ->> 'gpus')::integer, 0) <= %(gpus)s)
    AND NOT EXISTS (
        SELECT 1 FROM pgml.jobs j

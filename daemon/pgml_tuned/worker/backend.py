@@ -38,7 +38,8 @@ class RegistryMissing(Exception):
 
 @dataclass(frozen=True)
 class Notice:
-    """A typed wake-up: "job_queued", "cancel_requested", or "listening" (LISTEN (re)established)."""
+    """A typed wake-up: "job_queued", "gang_forming" (a job across several workers wants members), "cancel_requested",
+    or "listening" (LISTEN (re)established)."""
 
     type: str
     id: int | None = None
@@ -54,6 +55,8 @@ def parse_notice(channel: str, payload: str) -> Notice | None:
         data = {}
     job_id = data.get("id") if isinstance(data.get("id"), int) else None
     if channel == JOBS_CHANNEL:
+        if data.get("type") == "gang_forming":
+            return Notice("gang_forming", job_id)  # it only makes idle workers look for gangs to join
         return Notice("job_queued", job_id)  # any payload: it only wakes the claimer
     if channel == CONTROL_CHANNEL and data.get("type") == "cancel_requested":
         return Notice("cancel_requested", job_id)
@@ -71,6 +74,29 @@ class Backend(Protocol):
         when the reply was lost."""
 
     async def release_orphans(self, running: list[int]) -> list[int]: ...
+
+    # a job across several workers (gang.py)
+    async def gang_open(self, claim: Claim, rendezvous: str, nodes: int) -> bool: ...
+
+    async def gang_join(self, free_gpus: int) -> Claim | None: ...
+
+    async def gang_state(self, job_id: int) -> dict[str, Any] | None: ...
+
+    async def gang_give_back(self, claim: Claim) -> bool: ...
+
+    async def gang_able(self, gpus: int) -> int: ...
+
+    async def gang_set_ticket(self, claim: Claim, ticket_hash: bytes) -> bool: ...
+
+    async def gang_member_beat(self, attempts: dict[int, int]) -> set[int]: ...
+
+    async def gang_member_end(
+        self, claim: Claim, outcome: str, error: str | None = None, error_at: float | None = None
+    ) -> None: ...
+
+    async def gang_members(self, claim: Claim) -> list[dict[str, Any]]: ...
+
+    async def gang_lost(self, claim: Claim, error: str) -> None: ...
 
     async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
         """What the renewal found of the attempts still owned (see jobs.renew_leases)."""
@@ -171,6 +197,38 @@ class PgBackend:
 
     async def release_orphans(self, running: list[int]) -> list[int]:
         return await jobs.release_orphans(self.pool, self.worker, running)
+
+    async def gang_open(self, claim: Claim, rendezvous: str, nodes: int) -> bool:
+        return await jobs.gang_open(self.pool, claim, rendezvous, nodes)
+
+    async def gang_join(self, free_gpus: int) -> Claim | None:
+        return await jobs.gang_join(self.pool, self.worker, free_gpus)
+
+    async def gang_state(self, job_id: int) -> dict[str, Any] | None:
+        return await jobs.gang_state(self.pool, job_id)
+
+    async def gang_give_back(self, claim: Claim) -> bool:
+        return await jobs.gang_give_back(self.pool, claim)
+
+    async def gang_able(self, gpus: int) -> int:
+        return await jobs.gang_able(self.pool, gpus)
+
+    async def gang_set_ticket(self, claim: Claim, ticket_hash: bytes) -> bool:
+        return await jobs.gang_set_ticket(self.pool, claim, ticket_hash)
+
+    async def gang_member_beat(self, attempts: dict[int, int]) -> set[int]:
+        return await jobs.gang_member_beat(self.pool, self.worker, attempts)
+
+    async def gang_member_end(
+        self, claim: Claim, outcome: str, error: str | None = None, error_at: float | None = None
+    ) -> None:
+        await jobs.gang_member_end(self.pool, claim, outcome, error, error_at)
+
+    async def gang_members(self, claim: Claim) -> list[dict[str, Any]]:
+        return await jobs.gang_members(self.pool, claim)
+
+    async def gang_lost(self, claim: Claim, error: str) -> None:
+        await jobs.gang_lost(self.pool, claim, error)
 
     async def renew(self, attempts: dict[int, int], lease_seconds: float) -> dict[int, Renewal]:
         return await jobs.renew_leases(self.pool, attempts, lease_seconds)

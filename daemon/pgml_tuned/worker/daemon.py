@@ -7,7 +7,9 @@
              claims race per job instead of the whole fleet; the polls are stretched and jittered so that the
              fleet as a whole still polls about claim_spread times per poll_seconds (the safety net for a
              notified job nobody claimed). The fleet's size is re-read from pgml.worker_status now and then.
-- claimer    claims queued jobs while job slots are free (FOR UPDATE SKIP LOCKED, one short statement)
+- claimer    claims queued jobs while job slots are free (FOR UPDATE SKIP LOCKED, one short statement); after a
+             gang_forming NOTIFY (and at every poll) it first looks for a gang to join (a job across several
+             workers, gang.py)
 - heartbeat  every heartbeat_seconds (or at once on a cancel notice): one statement renews the leases of
              all running attempts and reads their cancel requests
 - one task per running attempt (attempt.py): child process, then settle
@@ -44,8 +46,8 @@ from anyio.abc import TaskGroup
 from .. import __version__, logconfig
 from ..config import Settings
 from ..db import RETRYABLE
-from ..states import Status, StopReason, gpus_of
-from . import scratch
+from ..states import Claim, Status, StopReason, gpus_of
+from . import gang, scratch
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend, RegistryMissing
 from .fleet import detect_devices, free_gpus, sd_notify, watchdog_enabled
@@ -96,6 +98,7 @@ class Daemon:
         self.fleet_idle = 0  # live workers with a free slot (pgml.worker_status), for the herd control
         self.fleet_live = 0
         self.fleet_read_at = -1e18  # time.monotonic() of the last read; the first poll reads it
+        self.gang_hint = True  # a gang may be forming (a gang_forming NOTIFY, a poll): look for one to join
 
     # ---- lifecycle ----
     async def serve(self) -> None:
@@ -201,6 +204,12 @@ class Daemon:
     # ---- notices and polling ----
     async def _listener(self) -> None:
         async for notice in self.backend.notices():
+            if notice.type == "gang_forming":
+                self.gang_hint = True  # every idle worker looks: SKIP LOCKED sorts them out, each join wakes the next
+                if self._tg is not None and self.free_slots and not self.claiming.locked():
+                    async with self.claiming:
+                        await self.claim_while_free(self._tg)
+                continue
             if notice.type == "job_queued" and self._tg is not None and not self.claiming.locked():
                 if not self.claims_on_notice():
                     continue  # herd control: about claim_spread other idle workers race for it (polls are the net)
@@ -214,6 +223,7 @@ class Daemon:
     def dispatch(self, notice: Notice) -> None:
         """Route one notice. None carries an order: each only makes the daemon read rows sooner."""
         if notice.type == "listening" or (notice.type == "job_queued" and self.claims_on_notice()):
+            self.gang_hint = self.gang_hint or notice.type == "listening"
             self.wake.set()
         elif notice.type == "cancel_requested" and notice.id in self.attempts:
             self.beat.set()  # the lease renewal reads cancel_requested from the job's row
@@ -255,6 +265,7 @@ class Daemon:
                     log.warning("job.lease_expired", job_id=row["id"], attempt=row["attempt"], now=row["status"])
                     if self.metrics is not None:
                         self.metrics.takeovers.inc()
+            self.gang_hint = True  # the net under a lost gang_forming NOTIFY
             self.wake.set()
 
     # ---- leases and the fleet registry ----
@@ -356,9 +367,16 @@ class Daemon:
         await serve_metrics(self.settings.metrics_host, port, self.metrics, refresh, task_status=task_status)
 
     async def renew_leases(self) -> None:
-        attempts = dict(self.attempts)
+        members = {i: a for i, a in self.attempts.items() if a.member}
+        if members:
+            await self._renew_memberships(members)
+        attempts = {i: a for i, a in self.attempts.items() if not a.member}
+        if not attempts:
+            return
         owned = await self.backend.renew({i: a.claim.attempt for i, a in attempts.items()}, self.settings.lease_seconds)
         for job_id, attempt in attempts.items():
+            if job_id in owned and attempt.plan is not None and attempt.child is not None:
+                await self._watch_gang(attempt)
             if job_id in owned:
                 if owned[job_id].cancel_requested:
                     log.info("job.cancel", job_id=job_id)
@@ -377,6 +395,27 @@ class Daemon:
                 note="another worker owns this job now; stopping the child",
             )
             attempt.stop(StopReason.LEASE_LOST, kill=True)
+
+    async def _renew_memberships(self, members: dict[int, Attempt]) -> None:
+        """This worker's parts in other workers' gangs: renewed in one statement; a part whose job no longer runs
+        its attempt (ended, given back, taken over) stops its ranks."""
+        alive = await self.backend.gang_member_beat({i: a.claim.attempt for i, a in members.items()})
+        for job_id, attempt in members.items():
+            if job_id not in alive:
+                log.info("job.gang_ended", job_id=job_id, note="the job left this attempt: stopping the ranks")
+                attempt.stop(StopReason.LEASE_LOST, kill=True)
+
+    async def _watch_gang(self, attempt: Attempt) -> None:
+        """A gang's leader: stop its own ranks when a member's failed or its worker went silent (its ranks would
+        wait on the dead ones until a collective times out)."""
+        plan = attempt.plan
+        assert plan is not None
+        with contextlib.suppress(*RETRYABLE):
+            members = [gang.Member.from_row(r) for r in await self.backend.gang_members(attempt.claim)]
+            culprit = gang.failing(members, plan.silent_seconds)
+            if culprit is not None:
+                log.warning("job.gang_member_failed", job_id=attempt.claim.id, node=culprit.node, worker=culprit.worker)
+                attempt.stop(StopReason.GANG, kill=True)
 
     # ---- claiming ----
     async def _claimer(self, tg: TaskGroup) -> None:
@@ -399,6 +438,17 @@ class Daemon:
         """Claim queued jobs until the slots are full or the queue is empty; start an attempt for each."""
         while self.free_slots and not self.stopping:
             # with --gpus, a job takes one slot per GPU it asks for; without, each job gets one slot (all devices)
+            if self.gang_hint:
+                try:
+                    joined = await self.backend.gang_join(self.free_gpus())
+                except RETRYABLE as e:
+                    log.warning("gang.join_failed", error=str(e).strip())
+                    joined = None
+                if joined is None:
+                    self.gang_hint = False
+                else:
+                    self._start(tg, joined)
+                    continue
             try:
                 claim = await self.backend.claim(self.settings.lease_seconds, self.free_gpus())
             except RETRYABLE as e:
@@ -413,10 +463,25 @@ class Daemon:
             self.claimed += 1
             if self.metrics is not None and claim.attempt == 1 and claim.queued_seconds is not None:
                 self.metrics.pickup.observe(claim.queued_seconds)
-            slots = [self.free_slots.pop(0) for _ in range(min(gpus_of(claim.hyperparams), len(self.free_slots)))]
-            attempt = Attempt(claim, slots[0], slots, self.metrics)
-            self.attempts[claim.id] = attempt
-            tg.start_soon(self._run_attempt, attempt)
+            self._start(tg, claim)
+
+    def _start(self, tg: TaskGroup, claim: Claim) -> None:
+        """Run an attempt at a job claimed (or a part of a gang joined) in the slots it takes."""
+        slots = [self.free_slots.pop(0) for _ in range(min(gpus_of(claim.hyperparams), len(self.free_slots)))]
+        plan = None
+        nodes = gang.nodes_of(claim.hyperparams)
+        if nodes > 1:
+            plan = gang.Plan(
+                node=claim.node,
+                nodes=nodes,
+                form_seconds=self.settings.gang_seconds,
+                silent_seconds=2 * self.settings.heartbeat_seconds + 1,
+                address=self.settings.gang_address or gang.default_address(),
+                rendezvous=claim.rendezvous,
+            )
+        attempt = Attempt(claim, slots[0], slots, self.metrics, plan, self.settings.worker_id)
+        self.attempts[claim.id] = attempt
+        tg.start_soon(self._run_attempt, attempt)
 
     async def _run_attempt(self, attempt: Attempt) -> None:
         gpus = self.settings.gpu_list
