@@ -320,6 +320,13 @@ def psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
             "declares num_train_epochs: float",
         ),
         ("pgml.load_dataset_async('../etc/passwd.csv')", "leaves its directory", "below the workers' datasets"),
+        ("pgml.transform('bogus', inputs => ARRAY['x'])", "pgml.transform does not serve task 'bogus'", "serve "),
+        (
+            # raised in the loopback (pgml.request over dblink): its statement is never shown
+            'pgml.transform(\'{"task": "text-classification", "model": "pgml:nope"}\'::jsonb, inputs => ARRAY[\'x\'])',
+            "model 'pgml:nope': there is no successful model",
+            "SELECT id, project_id, status FROM pgml.models",
+        ),
         (
             "INSERT INTO pgml.tune_requests (project_name, task, relation_name, model_name, hyperparams) VALUES "
             "('p', 'text-classification', 'public.reviews', 'm', '{\"dataset_args\": {\"text_column\": \"x\"}}')",
@@ -339,6 +346,7 @@ def test_psql_shows_the_message_its_hint_and_one_context_line(
     context = [line for line in lines if line.startswith("CONTEXT:")]
     assert len(lines) <= 3 and len(context) <= 1, r.stderr  # not 5-8 lines quoting internal PL/pgSQL
     assert "_fail" not in r.stderr and "SQL statement" not in r.stderr, r.stderr
+    assert "loopback" not in r.stderr and "dblink" not in r.stderr, r.stderr
 
 
 def test_no_function_raises_through_pgml_fail(su: psycopg.Connection[dict[str, Any]]) -> None:
@@ -418,7 +426,11 @@ def test_the_training_arg_types_are_those_of_the_installed_transformers() -> Non
         ({"procs": 0}, "hyperparams.resources.procs must be a positive whole number, not 0", "procs"),
         ({"procs": 1.5}, "hyperparams.resources.procs must be a positive whole number, not 1.5", "procs"),
         ({"gpus": 65}, "hyperparams.resources.gpus = 65 is more than the most a job may ask for (64)", "gpus"),
-        ({"nodes": 2, "gpus": 8}, "nodes = 2: training across several hosts is not supported yet", "one host"),
+        (
+            {"nodes": 17, "gpus": 8},
+            "hyperparams.resources.nodes = 17 is more than the most a job may ask for (16)",
+            "nodes",
+        ),
         ({"gpus": 2, "procs": 2}, "hyperparams.resources gives both gpus and procs", "not both"),
     ],
 )
