@@ -19,12 +19,15 @@ The thread does nothing but I/O (file reads, COPY), which releases the GIL: the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+UPLOAD_NICENESS = 10  # added to the upload thread's nice value
 
 Upload = Callable[[int, Path, int], None]  # (step, directory, keep): store it, in one transaction
 
@@ -63,6 +66,10 @@ class CheckpointUploader:
             raise error
 
     def _run(self) -> None:
+        # the upload can wait, training cannot: where CPUs are scarce, this thread yields to the training thread
+        # (Linux: a thread's own nice value; the upload still has until the next save to finish)
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
         while True:
             step, staged, keep = self._queue.get()
             try:
