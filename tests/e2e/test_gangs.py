@@ -144,3 +144,45 @@ def test_a_member_killed_at_the_rendezvous_loses_the_attempt_then_the_job_fails_
     # the next attempt found the fleet too small for the gang: a clear error, not a wait forever
     assert "needs 2 workers at once" in done["error"], done["error"]
     assert not ops.execute("SELECT 1 FROM pgml.files WHERE model_id = %s", (done["model_id"],)).fetchone()
+
+
+def test_a_member_killed_mid_job_then_a_new_gang_resumes_from_the_stored_checkpoint(
+    conn: psycopg.Connection[dict[str, Any]],
+    ops: psycopg.Connection[dict[str, Any]],
+    daemon: Any,
+    tiny_classifier: Path,
+) -> None:
+    daemon("--worker-id", "keep", *GANG)
+    live(ops, "keep")
+    job = submit(
+        conn,
+        tiny_classifier,
+        procs=None,
+        resources={"procs": 1, "nodes": 2},
+        max_steps=16,
+        save_steps=4,
+        save_total_limit=2,
+    )
+    wait_for(lambda: job_row(ops, job)["gang_needed"] == 1, 30, what="the gang to open")
+    dies = daemon("--worker-id", "dies", *GANG)
+    checkpoints = "SELECT step FROM pgml.checkpoints WHERE job_id = %s ORDER BY step"
+    wait_for(lambda: conn.execute(checkpoints, (job,)).fetchone(), 180, interval=0.02, what="a stored checkpoint")
+    dies.signal(signal.SIGKILL)  # the member's worker dies, its rank with it: the leader's rank loses its peer
+    dies.wait(10)
+    stored = [r["step"] for r in conn.execute(checkpoints, (job,))][-1]
+    # the attempt is lost for the whole gang (as for a dead worker), the job queued again and led anew
+    wait_for(lambda: job_row(ops, job)["failed_attempts"] == 1, 60, what="the attempt to be lost")
+    daemon("--worker-id", "joins", *GANG)
+    done = wait_job(conn, job, 240)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["metrics"]["world_size"] == 2
+    assert "node 1" in done["errors"][0]["error"] and "worker dies" in done["errors"][0]["error"], done["errors"]
+    last = [e["step"] for e in loss_steps(conn, job, done["attempt"])]
+    assert last[0] >= stored + 1, (
+        f"attempt {done['attempt']} restarted at step {last[0]}, the checkpoint was at {stored}"
+    )
+    assert last == list(range(last[0], 17)), "one log row per step, the leader's rank 0 only"
+    members = ops.execute(
+        "SELECT worker FROM pgml.gang_members WHERE job_id = %s AND attempt = %s", (job, done["attempt"])
+    ).fetchall()
+    assert len(members) == 1 and {members[0]["worker"], done["worker"]} == {"keep", "joins"}, (members, done["worker"])
