@@ -166,7 +166,8 @@ def sample_job(conn: psycopg.Connection[Any], daemon: DaemonProc) -> dict[str, f
         "SELECT at FROM pgml.job_events WHERE job_id = %s AND new_status = 'running' ORDER BY id LIMIT 1", (job_id,)
     ).fetchone()
     body = conn.execute(
-        "SELECT logs ->> 'timestamp' FROM pgml.logs WHERE job_id = %s ORDER BY id LIMIT 1", (job_id,)
+        "SELECT logs ->> 'timestamp' FROM pgml.logs WHERE job_id = %s AND logs ? 'timestamp' ORDER BY id LIMIT 1",
+        (job_id,),
     ).fetchone()
     assert at is not None and body is not None
     return {
