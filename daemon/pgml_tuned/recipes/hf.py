@@ -155,6 +155,15 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
         args["save_strategy"] = "no"
     args.setdefault("disable_tqdm", True)
     args.setdefault("report_to", "none")
+    chosen = speed_defaults(given, gpu_capabilities(ctx), weights_dtype=str(ctx.hyperparams.get("torch_dtype") or ""))
+    if chosen:
+        args.update(chosen)
+        ctx.info(
+            "chosen for speed on this GPU: "
+            + ", ".join(f"{k}={v!r}" for k, v in chosen.items())
+            + " (set any of them in training_args to choose otherwise)",
+            speed_defaults=chosen,
+        )
 
     if args.get("push_to_hub"):
         if hub_offline():
@@ -187,6 +196,46 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
         return TrainingArguments(**args)
     except (ValueError, TypeError, ImportError) as e:
         raise JobError(f"training_args rejected by transformers: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """What the job's GPU supports, as far as the speed defaults care."""
+
+    bf16: bool = False  # bfloat16 mixed precision (Ampere and newer)
+    tf32: bool = False  # TF32 matmuls (compute capability 8.0 and newer)
+
+
+def gpu_capabilities(ctx: JobContext) -> Gpu | None:
+    """The job's GPU, or None when it trains on CPUs (no GPU, use_cpu, resources.procs)."""
+    if ctx.training_args.get("use_cpu") or (ctx.rank.distributed and on_cpu(ctx.hyperparams)):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    major, _ = torch.cuda.get_device_capability()
+    return Gpu(bf16=bool(torch.cuda.is_bf16_supported()), tf32=major >= 8)
+
+
+def speed_defaults(given: dict[str, Any], gpu: Gpu | None, *, weights_dtype: str = "") -> dict[str, Any]:
+    """On a GPU, what makes the Trainer fast, for each setting the user did not give (the guide's training_args give
+    none of them): bf16 mixed precision where the GPU has it (not over float16 weights), TF32 matmuls, the fused
+    AdamW kernel, an evaluation batch twice the training one (no gradients to hold). transformers 5 already loads
+    models with SDPA attention and the recipes pad each batch to its longest row. Nothing on CPUs."""
+    if gpu is None:
+        return {}
+    chosen: dict[str, Any] = {}
+    precision = {"bf16", "fp16", "bf16_full_eval", "fp16_full_eval"} & set(given)
+    if gpu.bf16 and not precision and weights_dtype != "float16":
+        chosen["bf16"] = True
+    if gpu.tf32 and "tf32" not in given:
+        chosen["tf32"] = True
+    if "optim" not in given:
+        chosen["optim"] = "adamw_torch_fused"
+    if "per_device_eval_batch_size" not in given:
+        chosen["per_device_eval_batch_size"] = 2 * int(given.get("per_device_train_batch_size", 8))
+    return chosen
 
 
 def check_across_hosts(given: dict[str, Any]) -> None:
