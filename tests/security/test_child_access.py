@@ -235,3 +235,37 @@ def test_the_worker_login_can_stand_in_for_a_child_login(two_jobs: Any, worker_d
         # what only a child needs, the worker no longer has directly
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             worker.execute("SELECT * FROM pgml.job_rows")
+
+
+def test_a_gang_members_ticket_only_reads_its_own_running_attempt(
+    two_jobs: Any, child_dsn: str, tmp_path: Path
+) -> None:
+    """A job across several workers (0027_gangs): a member's child reads what the leader's reads — the job's rows,
+    its checkpoints — and writes nothing; not another job's, not after the attempt."""
+    a, b, worker = two_jobs
+    attempt = worker.execute("SELECT attempt FROM pgml.jobs WHERE id = %s", (a["job_id"],)).fetchone()["attempt"]
+    worker.execute(
+        "INSERT INTO pgml.gang_members (job_id, attempt, node, worker, child_ticket) VALUES (%s, %s, 1, 'w2', %s)",
+        (a["job_id"], attempt, hashlib.sha256(b"member-a").digest()),
+    )
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "w.bin").write_bytes(b"w" * 100)
+    with connect(child_dsn) as child:
+        assert len(rows(child, a["job_id"], "member-a")) == 10
+        jobs.store_checkpoint(child, a["job_id"], "ticket-a", 3, tmp_path / "ckpt", keep=2)  # the leader's
+        latest = child.execute(q("child_latest_checkpoint"), {"id": a["job_id"], "ticket": "member-a"}).fetchone()
+        assert latest is not None and latest["step"] == 3
+        with pytest.raises(LeaseLost):
+            log(child, a["job_id"], "member-a")
+        with pytest.raises(LeaseLost):
+            jobs.store_checkpoint(child, a["job_id"], "member-a", 4, tmp_path / "ckpt", keep=2)
+        with pytest.raises(LeaseLost):
+            jobs.succeed(child, a["job_id"], "member-a", tmp_path / "ckpt", {}, None)
+        with pytest.raises(psycopg.Error) as other:
+            rows(child, b["job_id"], "member-a")
+        assert other.value.sqlstate == jobs.TICKET_REFUSED
+    # a later attempt: the member's ticket of the old one reads nothing any more
+    worker.execute("UPDATE pgml.jobs SET attempt = attempt + 1 WHERE id = %s", (a["job_id"],))
+    with connect(child_dsn) as child, pytest.raises(psycopg.Error) as stale:
+        rows(child, a["job_id"], "member-a")
+    assert stale.value.sqlstate == jobs.TICKET_REFUSED
