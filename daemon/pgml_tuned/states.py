@@ -24,6 +24,15 @@ States (pgml.jobs.status):
 | requeue    | worker on SIGTERM (after the      | status queued, worker/lease cleared (requeue_job)          |
 |            | child checkpointed)               |                                                            |
 | reap       | any worker, every poll            | failed_attempts+1, errors[], queued or failed (reap_expired)|
+| gang: open | the claimer of a job with         | rendezvous, gang_needed = nodes - 1 (gang_open)            |
+|            | resources.nodes > 1 (its leader)  |                                                            |
+| gang: join | an idle worker, before it claims  | gang_needed - 1, a pgml.gang_members row (gang_join)       |
+| gang: give | the leader, the gang not formed   | status queued, untouched (gang_give_back: no failed        |
+|   back     | in gang_seconds (or stopping)     | attempt counted)                                           |
+| gang: lost | the leader, a member went silent  | as reap, for its attempt (gang_lost)                       |
+
+A job across several workers (worker/gang.py) is one attempt for the whole gang: its leader holds the lease and
+alone writes the job's transitions; the members only renew and report on their pgml.gang_members rows.
 
 Every worker-side write after the claim is fenced on (id, attempt, status = 'running'): a worker whose lease
 was reaped (and maybe re-claimed) matches no row and stops; it can never overwrite the new owner's results.
