@@ -250,6 +250,23 @@ def daemon(worker_dsn: str, child_dsn: str, tmp_path: Path, session_env: Path) -
         d.stop()
 
 
+def job_children(daemon_pid: int, *, recursive: bool = False) -> list[Any]:
+    """The daemon's job children (psutil.Process): `python -m pgml_tuned.child` processes in an attempt's scratch
+    directory (job<id>-a<n>-…), not the spare child waiting for the next job in the scratch root."""
+    import psutil
+
+    try:
+        kids = psutil.Process(daemon_pid).children(recursive=recursive)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in kids:
+        with contextlib.suppress(psutil.Error):
+            if "pgml_tuned.child" in " ".join(p.cmdline()) and Path(p.cwd()).name.startswith("job"):
+                found.append(p)
+    return found
+
+
 def job_row(conn: psycopg.Connection[dict[str, Any]], job_id: int) -> dict[str, Any]:
     row = conn.execute("SELECT * FROM pgml.jobs WHERE id = %s", (job_id,)).fetchone()
     assert row is not None

@@ -30,7 +30,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from tests.conftest import STATE, DaemonProc, job_row, wait_for, wait_job
+from tests.conftest import STATE, DaemonProc, job_children, job_row, wait_for, wait_job
 
 # ---- helpers ----
 
@@ -81,11 +81,7 @@ def claim_delay(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: int
 
 
 def child_procs(daemon_pid: int) -> list[psutil.Process]:
-    try:
-        kids = psutil.Process(daemon_pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    return [p for p in kids if "pgml_tuned.child" in " ".join(p.cmdline())]
+    return job_children(daemon_pid)  # not the spare child waiting for the next job
 
 
 def gone(p: psutil.Process) -> bool:
@@ -387,7 +383,8 @@ def test_partitioned_worker_cannot_overwrite_the_new_owner(
         job = submit_noop(conn, seconds=3)  # no log rows: after its sleep the child goes straight to save_results
     kids = wait_for(lambda: child_procs(a.proc.pid), 10, interval=0.02, what="A's child")
     if phase == "committing":
-        time.sleep(max(0.0, kids[0].create_time() + 2.6 - time.time()))  # ~0.5-0.9 s of sleep left
+        # ~0.5-0.9 s of the child's 3 s sleep left (it started right after the claim: the spare took the job)
+        time.sleep(max(0.0, job_row(conn, job)["started_at"].timestamp() + 2.3 - time.time()))
     a.signal(signal.SIGSTOP)
     for k in kids:
         k.suspend()  # SIGSTOP

@@ -8,11 +8,10 @@ import signal
 import time
 from typing import Any
 
-import psutil
 import psycopg
 import pytest
 
-from tests.conftest import job_row, wait_for, wait_job
+from tests.conftest import job_children, job_row, wait_for, wait_job
 
 
 @pytest.fixture
@@ -88,7 +87,7 @@ def test_failing_job_is_recorded_and_the_daemon_keeps_serving(
 
 
 def child_pids(daemon_pid: int) -> list[int]:
-    return [p.pid for p in psutil.Process(daemon_pid).children() if "pgml_tuned.child" in " ".join(p.cmdline())]
+    return [p.pid for p in job_children(daemon_pid)]
 
 
 def test_killed_child_fails_the_job_daemon_survives(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:

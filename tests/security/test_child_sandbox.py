@@ -9,13 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 import pytest
 
 from pgml_tuned.errors import JobError
 from pgml_tuned.models import outside_paths, refuse_outside_paths
-from tests.conftest import wait_for, wait_job
+from tests.conftest import job_children, wait_for, wait_job
 from tests.support import models as testing
 
 SECRETS_IN_THE_WORKER_ENV = {
@@ -26,12 +25,6 @@ SECRETS_IN_THE_WORKER_ENV = {
 }
 
 
-def child_processes(daemon_pid: int) -> list[psutil.Process]:
-    return [
-        p for p in psutil.Process(daemon_pid).children(recursive=True) if "pgml_tuned.child" in " ".join(p.cmdline())
-    ]
-
-
 def test_a_child_inherits_no_credential(ops: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
     conn = ops  # noop is an administrator's task
     d = daemon(env=SECRETS_IN_THE_WORKER_ENV)
@@ -40,7 +33,7 @@ def test_a_child_inherits_no_credential(ops: psycopg.Connection[dict[str, Any]],
         "hyperparams => '{\"seconds\": 30}')"
     ).fetchone()
     assert row is not None
-    (child,) = wait_for(lambda: child_processes(d.proc.pid), 30, what="the job's child process")
+    (child,) = wait_for(lambda: job_children(d.proc.pid, recursive=True), 30, what="the job's child process")
     env = child.environ()
     cmdline = " ".join(child.cmdline())
     conn.execute("SELECT pgml.cancel(%s)", (row["job_id"],))

@@ -76,9 +76,21 @@ def hold_workdir() -> int | None:
     return fd
 
 
+def take_environment(overrides: dict[str, str | None] | None) -> None:
+    """A spare child (worker/process.py Spare) was started before its job: the attempt's own part of the environment
+    (its work directory, GPUs, HOME) arrives with the payload, before anything of the job reads it."""
+    for key, value in (overrides or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    work = os.environ.get("PGML_WORK_DIR")
+    if overrides and work:
+        os.chdir(work)
+
+
 def main() -> int:
     die_with_parent()
-    hold_workdir()
     # our stdout is the event channel; everything else that prints goes to stderr
     events = Events(os.fdopen(os.dup(1), "w", buffering=1))
     os.dup2(2, 1)
@@ -99,6 +111,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_stop)  # from the start: a rank joining its group takes seconds
     signal.signal(signal.SIGINT, on_stop)
     payload = json.loads(sys.stdin.read())
+    take_environment(payload.get("env"))
+    hold_workdir()
     spec, secrets = payload["spec"], payload.get("secrets") or {}
     if "rank" not in payload and dist.world_size(spec.get("hyperparams") or {}) > 1:
         # several ranks: this process starts and watches them (as torchrun would) and trains nothing itself

@@ -216,10 +216,10 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_stop)  # (set by main before anything else; now the launcher's)
     signal.signal(signal.SIGINT, on_stop)
-    where = f" on node {node} of {nodes(hyperparams)} (rendezvous {addr}:{port})" if gang else ""
-    events.info(
-        f"starting {local} of {n} ranks{where}", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo"
-    )
+    what = f"{n} ranks"
+    if gang:
+        what = f"{local} of {n} ranks on node {node} of {nodes(hyperparams)} (rendezvous {addr}:{port})"
+    events.info(f"starting {what}", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo")
     try:
         for lr in range(local):
             r = node * local + lr

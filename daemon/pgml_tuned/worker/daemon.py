@@ -52,7 +52,7 @@ from . import gang, scratch
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend, RegistryMissing
 from .fleet import detect_devices, free_gpus, sd_notify, watchdog_enabled
-from .process import ChildProcess, ChildUser, check_child_user, child_env
+from .process import ChildProcess, ChildUser, Spare, check_child_user, child_env
 from .serving import ServingSupervisor
 
 log = logconfig.get("pgml_tuned.daemon")
@@ -529,7 +529,8 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         secret_files = [p for d in (settings.keyring, settings.credentials) if d.is_dir() for p in d.iterdir()]
         await check_child_user(user, settings.scratch, secret_files)
         log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
-    launch = functools.partial(ChildProcess.start, user=user)
+    spare = Spare(user)  # the next job's child, started ahead of it
+    launch = functools.partial(ChildProcess.start, user=user, spare=spare)
     supervisor = ServingSupervisor(settings, dsn, user) if settings.serving else None
     daemon = Daemon(
         settings,
@@ -544,5 +545,11 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         from .metrics import Metrics
 
         daemon.metrics = Metrics()
-    await daemon.serve()
+    try:
+        settings.scratch.mkdir(parents=True, exist_ok=True)
+        datasets_dir = str(settings.datasets_dir) if settings.datasets_dir else None
+        await spare.refill(child_env(str(settings.scratch), None, datasets_dir=datasets_dir), settings.scratch)
+        await daemon.serve()
+    finally:
+        await spare.close()
     return daemon

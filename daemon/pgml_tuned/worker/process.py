@@ -11,6 +11,7 @@ the Attempt's business (attempt.py); this module only sends the signals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -115,6 +116,89 @@ async def check_child_user(user: ChildUser, work_dir: Path, secret_files: list[P
         )
 
 
+# What differs between one attempt's child environment and another's: given to a spare child with its payload
+# (None: unset), applied before it reads anything of its job.
+PER_ATTEMPT = ("PGML_WORK_DIR", "CUDA_VISIBLE_DEVICES", "HOME", "USER", "LOGNAME")
+
+
+class Spare:
+    """One child process started ahead of its job: Python up and the child's modules imported (~0.4 s of a no-op
+    job's start, bench/pickup.py), blocked reading its payload. It is started with the environment the daemon's
+    children share (in the scratch root, as the child user) and told its attempt's own part — the work directory,
+    its GPUs, HOME — in its payload (the child applies it before anything else). The next job takes it if its
+    environment matches, and a new spare is started at once for the one after; else the job's child starts fresh."""
+
+    def __init__(self, user: ChildUser | None = None) -> None:
+        self.user = user
+        self.process: Process | None = None
+        self.base: dict[str, str] = {}  # its environment, PER_ATTEMPT keys left out
+        self.stale: list[Process] = []  # spares that did not fit, killed, to be reaped
+
+    @staticmethod
+    def base_of(env: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in env.items() if k not in PER_ATTEMPT}
+
+    def take(self, env: dict[str, str]) -> tuple[Process, dict[str, str | None]] | None:
+        """The waiting spare and the environment overrides that make it `env`'s child; None when there is none
+        that fits (none started, it died, another environment)."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.returncode is not None or self.base != self.base_of(env):
+            self.stale.append(process)  # killed and reaped by the next refill (or close)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            return None
+        return process, {k: env.get(k) for k in PER_ATTEMPT}
+
+    async def refill(self, env: dict[str, str], root: Path) -> None:
+        """Start the spare for the next job like `env` (its per-attempt part left for the payload), in `root`."""
+        while self.stale:
+            await _discard(self.stale.pop())
+        if self.process is not None:
+            return
+        base = self.base_of(env)
+        spare_env = {**base, "PGML_WORK_DIR": str(root)}
+        kwargs: dict[str, Any] = {"cwd": root}
+        if self.user is not None:
+            spare_env.update(HOME=str(root), USER=self.user.name, LOGNAME=self.user.name)
+            kwargs.update(self.user.process_args())
+        try:
+            self.process = await anyio.open_process(
+                [sys.executable, "-m", "pgml_tuned.child"], env=spare_env, start_new_session=True, **kwargs
+            )
+        except OSError as e:
+            log.warning("child.spare_failed", error=str(e))
+            return
+        self.base = base
+
+    async def close(self) -> None:
+        process, self.process = self.process, None
+        for p in [*self.stale, *([process] if process is not None else [])]:
+            await _discard(p)
+        self.stale.clear()
+
+
+async def _send(process: Process, payload: dict[str, Any]) -> bool:
+    """The payload on the child's stdin, which is then closed; False when the child is gone."""
+    assert process.stdin is not None
+    with anyio.CancelScope(shield=True):
+        try:
+            await process.stdin.send(json.dumps(payload, default=str).encode())
+            await process.stdin.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return False
+    return True
+
+
+async def _discard(process: Process) -> None:
+    with anyio.CancelScope(shield=True):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        await process.aclose()
+
+
 class ChildProcess:
     """One running child process (`python -m pgml_tuned.child`)."""
 
@@ -127,32 +211,45 @@ class ChildProcess:
 
     @classmethod
     async def start(
-        cls, payload: dict[str, Any], env: dict[str, str], *, user: ChildUser | None = None
+        cls,
+        payload: dict[str, Any],
+        env: dict[str, str],
+        *,
+        user: ChildUser | None = None,
+        spare: Spare | None = None,
     ) -> ChildProcess:
         """Start the child of the attempt in `payload` in a scratch directory of its own (scratch.AttemptDir,
-        under env's PGML_WORK_DIR), removed when it exits (run())."""
+        under env's PGML_WORK_DIR), removed when it exits (run()). With `spare`: hand the job to the spare child if
+        it fits, and start the spare for the next job."""
         spec = payload["spec"]
         owner = (user.uid, user.gid) if user is not None else None
-        workdir = await anyio.to_thread.run_sync(
-            AttemptDir.create, Path(env["PGML_WORK_DIR"]), int(spec["id"]), int(spec["attempt"]), owner
-        )
+        root = Path(env["PGML_WORK_DIR"])
+        workdir = await anyio.to_thread.run_sync(AttemptDir.create, root, int(spec["id"]), int(spec["attempt"]), owner)
         env = {**env, "PGML_WORK_DIR": str(workdir.path)}
         kwargs: dict[str, Any] = {"cwd": workdir.path}
         if user is not None:
             env = {**env, "HOME": str(workdir.path), "USER": user.name, "LOGNAME": user.name}
             kwargs.update(user.process_args())
+        taken = spare.take(env) if spare is not None else None
         try:
-            process = await anyio.open_process(
-                [sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True, **kwargs
-            )
+            process = None
+            if taken is not None:
+                process = taken[0]
+                if not await _send(process, {**payload, "env": taken[1]}):
+                    log.warning("child.spare_gone", job_id=spec["id"], note="starting a fresh child")
+                    await _discard(process)
+                    process = None
+            if process is None:
+                process = await anyio.open_process(
+                    [sys.executable, "-m", "pgml_tuned.child"], env=env, start_new_session=True, **kwargs
+                )
+                await _send(process, payload)
         except BaseException:
             await anyio.to_thread.run_sync(workdir.remove)
             raise
         child = cls(process, workdir)
-        assert process.stdin is not None
-        with anyio.CancelScope(shield=True):
-            await process.stdin.send(json.dumps(payload, default=str).encode())
-            await process.stdin.aclose()
+        if spare is not None:
+            await spare.refill(env, root)
         return child
 
     async def run(self, on_event: Callable[[dict[str, Any]], None]) -> int:
