@@ -170,8 +170,11 @@ def test_logs_exit_non_zero_for_a_failed_or_cancelled_job(
     ops.execute("SELECT pgml.cancel(%s)", (cancelled,))
     # --follow started before the job ends: it waits, prints the failure, exits 1
     follow = started("logs", str(failed), "--follow", "--dsn", dsn)
+    assert follow.stderr is not None
+    first = follow.stderr.readline()  # the job as queued, before a daemon runs it (a spare child runs it in ms)
     daemon("--drain")
     out, err = follow.communicate(timeout=120)
+    err = first + err
     assert follow.returncode == 1 and "Traceback" not in err
     printed = [json.loads(line) for line in out.splitlines()]
     assert [r["step"] for r in printed if "kind" not in r] == [1, 2]
