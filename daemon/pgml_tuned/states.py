@@ -148,6 +148,11 @@ def requested_gpus(hyperparams: dict[str, Any] | None) -> int:
     return int(((hyperparams or {}).get("resources") or {}).get("gpus") or 0)
 
 
+def requested_nodes(hyperparams: dict[str, Any] | None) -> int:
+    """The workers a job runs on at once: hyperparams.resources.nodes, else 1 (worker/gang.py forms the gang)."""
+    return int(((hyperparams or {}).get("resources") or {}).get("nodes") or 1)
+
+
 def gpus_of(hyperparams: dict[str, Any] | None) -> int:
     """The job slots (one per GPU of a worker started with --gpus) a job takes: its requested GPUs, at least 1."""
     return max(1, requested_gpus(hyperparams))

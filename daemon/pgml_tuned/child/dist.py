@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..states import ExitCode
+from ..states import ExitCode, requested_nodes
 from .events import Events
 
 MAX_RANKS = 64  # as pgml._check_resources
@@ -48,9 +48,7 @@ def per_node(hyperparams: dict[str, Any]) -> int:
     return int(resources.get("gpus") or resources.get("procs") or 1)
 
 
-def nodes(hyperparams: dict[str, Any]) -> int:
-    """The hosts (workers) a job runs on at once: resources.nodes, 1 without it (worker/gang.py forms the gang)."""
-    return int((hyperparams.get("resources") or {}).get("nodes") or 1)
+nodes = requested_nodes  # the hosts (workers) a job runs on at once (worker/gang.py forms the gang)
 
 
 def world_size(hyperparams: dict[str, Any]) -> int:

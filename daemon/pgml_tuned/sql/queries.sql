@@ -132,10 +132,9 @@ WHERE job_id = %(id)s AND attempt = %(attempt)s AND node = %(node)s
 RETURNING job_id;
 
 -- name: gang_members
--- The leader's view of its gang: each member's outcome, and whether its worker still heartbeats.
+-- The leader's view of its gang: each member's outcome, and how long its worker has not renewed its row.
 SELECT m.node, m.worker, m.outcome, m.error, m.error_at,
-       extract(epoch FROM clock_timestamp() - m.heartbeat_at)::float8 AS silent_seconds,
-       coalesce((SELECT w.state FROM pgml.worker_status w WHERE w.id = m.worker), 'gone') AS worker_state
+       extract(epoch FROM clock_timestamp() - m.heartbeat_at)::float8 AS silent_seconds
 FROM pgml.gang_members m
 WHERE m.job_id = %(id)s AND m.attempt = %(attempt)s
 ORDER BY m.node;

@@ -19,7 +19,7 @@ import anyio
 import structlog
 
 from .. import logconfig, secrets
-from ..states import Action, Claim, Status, StopReason, settle
+from ..states import Action, Claim, ExitCode, Status, StopReason, requested_gpus, settle
 from . import gang
 from .backend import Backend
 
@@ -217,7 +217,7 @@ class Attempt:
         it ever to form, else give it back untouched. Returns the rendezvous when the last member joined first."""
         job, plan = self.claim, self.plan
         assert plan is not None
-        able = await backend.gang_able(int((job.hyperparams.get("resources") or {}).get("gpus") or 0))
+        able = await backend.gang_able(requested_gpus(job.hyperparams))
         if self.stop_reason is None and able < plan.nodes:
             error = (
                 f"hyperparams.resources.nodes = {plan.nodes}: the job needs {plan.nodes} workers at once and "
@@ -266,7 +266,7 @@ class Attempt:
             await backend.gang_member_end(self.claim, "ok")
         elif child.error is not None:
             await backend.gang_member_end(self.claim, "error", child.error, self.error_at)
-        elif self.stop_reason is not None or rc == 75:
+        elif self.stop_reason is not None or rc == ExitCode.REQUEUE:
             await backend.gang_member_end(self.claim, "stopped")
         else:
             await backend.gang_member_end(self.claim, "error", child.describe_exit(rc), self.error_at or time.time())

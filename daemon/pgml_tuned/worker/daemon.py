@@ -491,7 +491,6 @@ class Daemon:
                 form_seconds=self.settings.gang_seconds,
                 silent_seconds=2 * self.settings.heartbeat_seconds + 1,
                 address=self.settings.gang_address or gang.default_address(),
-                rendezvous=claim.rendezvous,
             )
         attempt = Attempt(claim, slots[0], slots, self.metrics, plan, self.settings.worker_id)
         self.attempts[claim.id] = attempt

@@ -29,14 +29,12 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from ..states import requested_gpus
+from ..states import requested_nodes
 
 POLL_SECONDS = 0.1  # how often the leader and the members look at a forming gang
 
 
-def nodes_of(hyperparams: dict[str, Any] | None) -> int:
-    """The workers a job runs on at once: hyperparams.resources.nodes, else 1."""
-    return int(((hyperparams or {}).get("resources") or {}).get("nodes") or 1)
+nodes_of = requested_nodes  # the workers a job runs on at once
 
 
 def default_address() -> str:
@@ -64,8 +62,7 @@ class Plan:
     nodes: int
     form_seconds: float
     silent_seconds: float
-    address: str = "127.0.0.1"  # the leader's: where its rank 0 hosts the rendezvous
-    rendezvous: str | None = None  # a member's: the leader's host:port
+    address: str = "127.0.0.1"  # the leader's: where its rank 0 hosts the rendezvous (a member's is in its Claim)
 
     @property
     def leader(self) -> bool:
@@ -152,8 +149,3 @@ def judge(
         return Verdict()
     _, node, worker, error = min(failures, key=lambda f: (f[0], f[1]))
     return Verdict("fail", f"{error} (node {node} of {len(members) + 1}, worker {worker})")
-
-
-def fits(hyperparams: dict[str, Any] | None, free_gpus: int) -> bool:
-    """Whether a worker with `free_gpus` free GPUs can run a node of the job (as the claim and gang_join read it)."""
-    return requested_gpus(hyperparams) <= free_gpus

@@ -111,10 +111,6 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE OR REPLACE FUNCTION pgml._fleet_shortfall(gpus integer) RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT pgml._fleet_shortfall(_fleet_shortfall.gpus, 1) $$;
 
 CREATE OR REPLACE FUNCTION pgml._wait_advice(job_id bigint) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -297,6 +293,9 @@ BEGIN
     WHERE f.checkpoint_id = _child_checkpoint_files.checkpoint_id AND c.job_id = _child_checkpoint_files.job_id
     ORDER BY f.path, f.part;
 END $$;
+
+-- every caller of the 1-argument form (0022) is replaced above
+DROP FUNCTION IF EXISTS pgml._fleet_shortfall(integer);
 
 SELECT pgml._own_everything();
 REVOKE ALL ON FUNCTION pgml._child_reader(bigint, text), pgml._fleet_shortfall(integer, integer) FROM PUBLIC;
