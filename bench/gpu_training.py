@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pgml_tuned.recipes.hf import Gpu, speed_defaults
+from pgml_tuned.recipes.hf import speed_defaults, this_gpu
 
 GUIDE = {
     "learning_rate": 2e-5,
@@ -54,14 +54,6 @@ def reviews(n: int, words: int, seed: int = 0) -> list[tuple[str, int]]:
         k = max(20, int(rng.gauss(words, words / 3)))
         out.append((" ".join(rng.choice(WORDS) for _ in range(k)), rng.randrange(2)))
     return out
-
-
-def gpu_caps() -> Gpu | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return Gpu(bf16=bool(torch.cuda.is_bf16_supported()), tf32=torch.cuda.get_device_capability()[0] >= 8)
 
 
 def run(variant: str, args: argparse.Namespace, rows: list[tuple[str, int]], tok: Any, work: Path) -> dict[str, Any]:
@@ -91,7 +83,7 @@ def run(variant: str, args: argparse.Namespace, rows: list[tuple[str, int]], tok
     data = Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}).map(
         encode, batched=True, remove_columns=["text"]
     )
-    chosen = speed_defaults(GUIDE, gpu_caps()) if variant == "ours" else {}
+    chosen = speed_defaults(GUIDE, this_gpu()) if variant == "ours" else {}
     targs = TrainingArguments(
         output_dir=str(work / variant.replace(" ", "_").replace(",", "")),
         max_steps=args.steps + args.warmup,

@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 TRAINING_ARGS = {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 5e-5, "seed": 42}
 TEST_SIZE, TEST_SAMPLING = 0.2, "last"
 TARGET = 1.10
+GPU_TARGET = 1.03
 BUSY_CORES = 0.25  # others using more than this many cores on average during a run: flagged as disturbed
 TUNE = (
     "SELECT job_id FROM pgml.tune('bench_overhead', task => 'text-classification', relation_name => "
@@ -94,6 +95,31 @@ def reviews_csv() -> Path:
     return Path(pgml_tuned.__file__).parent / "data" / "reviews.csv"
 
 
+def repeated_csv(path: Path, copies: int, home: Path) -> Path:
+    """The CSV's rows `copies` times over (one file both sides read: the table is loaded from it in file order)."""
+    if copies <= 1:
+        return path
+    header, *rows = path.read_text().splitlines(keepends=True)
+    out = home / f"reviews-x{copies}.csv"
+    out.write_text(header + "".join(rows * copies))
+    return out
+
+
+def same_arguments(epochs: float) -> tuple[dict[str, Any], float]:
+    """The training_args both sides get, and the target. On a GPU the recipe would add its speed defaults
+    (recipes/hf.py speed_defaults) to what the user left unset, which the plain script would not: both sides get
+    them explicitly, so the comparison stays like for like (the recipe then chooses nothing). Target: ≤ 1.10x on
+    the CPU (short jobs: the fixed cost weighs), ≤ 1.03x on a GPU (issue 10's figure, for a job of minutes)."""
+    import torch
+
+    from pgml_tuned.recipes.hf import speed_defaults, this_gpu
+
+    given = {**TRAINING_ARGS, "num_train_epochs": epochs}
+    if not torch.cuda.is_available():
+        return given, TARGET
+    return {**given, **speed_defaults(given, this_gpu())}, GPU_TARGET
+
+
 def load_table(conn: psycopg.Connection[Any], path: Path) -> int:
     """reviews.csv → public.reviews (text, class), in file order; checks that a scan returns that order."""
     with open(path, newline="") as f:
@@ -109,7 +135,9 @@ def load_table(conn: psycopg.Connection[Any], path: Path) -> int:
     return len(rows)
 
 
-def run_plain(model: Path, csv_path: Path, home: Path, env: dict[str, str]) -> dict[str, Any]:
+def run_plain(
+    model: Path, csv_path: Path, home: Path, env: dict[str, str], training_args: dict[str, Any]
+) -> dict[str, Any]:
     result = home / "plain-result.json"
     result.unlink(missing_ok=True)
     cmd = [
@@ -120,7 +148,7 @@ def run_plain(model: Path, csv_path: Path, home: Path, env: dict[str, str]) -> d
         "--model",
         str(model),
         "--training-args",
-        json.dumps(TRAINING_ARGS),
+        json.dumps(training_args),
         "--test-size",
         str(TEST_SIZE),
         "--test-sampling",
@@ -164,8 +192,10 @@ def run_plain(model: Path, csv_path: Path, home: Path, env: dict[str, str]) -> d
     }
 
 
-def run_ours(conn: psycopg.Connection[Any], model: Path, dsn: str, home: Path, env: dict[str, str]) -> dict[str, Any]:
-    hyperparams = {"dataset_args": {"text_column": "text", "class_column": "class"}, "training_args": TRAINING_ARGS}
+def run_ours(
+    conn: psycopg.Connection[Any], model: Path, dsn: str, home: Path, env: dict[str, str], training_args: dict[str, Any]
+) -> dict[str, Any]:
+    hyperparams = {"dataset_args": {"text_column": "text", "class_column": "class"}, "training_args": training_args}
     t0 = time.time()
     row = conn.execute(TUNE, (str(model), TEST_SIZE, TEST_SAMPLING, json.dumps(hyperparams))).fetchone()
     t_tuned = time.time()
@@ -257,7 +287,7 @@ def _outside_training(run: dict[str, Any]) -> float:
     return run["seconds"] - run["phases"]["train (Trainer train_runtime)"] - run["phases"]["evaluate (eval_runtime)"]
 
 
-def report(rounds: list[dict[str, Any]]) -> float:
+def report(rounds: list[dict[str, Any]], target: float) -> float:
     print("\nend to end, same model / data / split / training_args (seconds)")
     print(
         "  cpu: user+sys CPU-seconds of the timed process tree (plain: the script; ours: daemon + training "
@@ -291,8 +321,8 @@ def report(rounds: list[dict[str, Any]]) -> float:
         if med != med:  # the first list that has rounds: undisturbed ones when there are any
             med = m
         print(
-            f"  {label} ({len(rs)}): median ours/plain {m:.3f}x wall clock (target ≤ {TARGET:.2f}x: "
-            f"{'met' if m <= TARGET else 'MISSED'}); CPU-time ratio median {statistics.median(cpu):.3f}x"
+            f"  {label} ({len(rs)}): median ours/plain {m:.3f}x wall clock (target ≤ {target:.2f}x: "
+            f"{'met' if m <= target else 'MISSED'}); CPU-time ratio median {statistics.median(cpu):.3f}x"
         )
         print(
             f"    ours - plain outside Trainer.train/evaluate (the same work in both, so their run-to-run noise "
@@ -346,6 +376,13 @@ def main() -> int:
         help="rounds added, at most, to replace rounds that other work on the machine disturbed "
         f"(others using > {BUSY_CORES} cores on average; default 2)",
     )
+    ap.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="the 400 review rows repeated this many times (a longer job: on a GPU the 400 rows train in ~1 s)",
+    )
+    ap.add_argument("--epochs", type=float, default=1.0, help="num_train_epochs (default 1)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (daemon logs) after a good run")
     args = ap.parse_args()
@@ -355,32 +392,35 @@ def main() -> int:
     from pgml_tuned.demo import minilm_path
 
     model = minilm_path()
-    csv_path = reviews_csv()
     admin = admin_dsn(args.dsn)
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-overhead-"))
     (home / "work").mkdir()
+    csv_path = repeated_csv(reviews_csv(), args.copies, home)
+    training_args, target = same_arguments(args.epochs)
     env = bench_env(home)
     subprocess.run([sys.executable, "-c", WARM, str(model)], env=env, check=True, capture_output=True)
 
     rounds: list[dict[str, Any]] = []
     with fresh_database(admin, "pgml_bench_overhead") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         n = load_table(conn, csv_path)
-        print(f"{n} rows, model {model}, training_args {json.dumps(TRAINING_ARGS)}", file=sys.stderr)
+        print(f"{n} rows, model {model}, training_args {json.dumps(training_args)}", file=sys.stderr)
         while True:
             clean = sum(not disturbed(r) for r in rounds)
             if len(rounds) >= args.rounds and (clean >= args.rounds or len(rounds) >= args.rounds + args.extra_rounds):
                 break
             i = len(rounds) + 1
-            plain = measured(lambda: run_plain(model, csv_path, home, env), args.quiet_wait)
+            plain = measured(lambda: run_plain(model, csv_path, home, env, training_args), args.quiet_wait)
             print(f"  round {i}: plain {plain['seconds']:.2f} s", file=sys.stderr, flush=True)
-            ours = measured(lambda: run_ours(conn, model, dsn, home, env), args.quiet_wait)
+            ours = measured(lambda: run_ours(conn, model, dsn, home, env, training_args), args.quiet_wait)
             print(f"  round {i}: ours  {ours['seconds']:.2f} s", file=sys.stderr, flush=True)
             rounds.append({"plain": plain, "ours": ours})
             if disturbed(rounds[-1]):
                 print(f"  round {i} was disturbed by other work on the machine", file=sys.stderr, flush=True)
-    med = report(rounds)
+    med = report(rounds, target)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rounds": rounds, "median_ratio": med}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"rounds": rounds, "median_ratio": med, "training_args": training_args}, indent=2)
+        )
     if not args.keep:
         shutil.rmtree(home, ignore_errors=True)
     return 0

@@ -84,10 +84,16 @@ def throughput(dsn: str, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def build_llama(home: Path) -> Path:
+def build_llama(home: Path, size: str) -> Path:
+    """small: hidden 256, 4 layers (CPU); 1b: bench/gpu_conversation.py's 1.07B Llama in bf16 (GPU)."""
     from tests.support.models import build_tiny_llama, install_in_hf_cache
 
-    path = build_tiny_llama(home / "small-llama", hidden=256, layers=4, heads=8, kv_heads=4)
+    if size == "1b":
+        from bench.gpu_conversation import build_model
+
+        path = build_model(home, tiny=False)
+    else:
+        path = build_tiny_llama(home / "small-llama", hidden=256, layers=4, heads=8, kv_heads=4)
     install_in_hf_cache(path, CHAT_MODEL, home / "hf")
     return path
 
@@ -97,13 +103,15 @@ def chat_rates(dsn: str, path: Path, rounds: int) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import pgml_tuned
+    from pgml_tuned.serving.cache import device
 
     client = pgml_tuned.OpenSourceAI(dsn)
     options = {"model": CHAT_MODEL, "temperature": 0, "min_new_tokens": NEW_TOKENS}
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).to(device()).eval()  # where the serving process puts it
     ids = torch.tensor(
-        [tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)]
+        [tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)],
+        device=device(),
     )
     client.chat_completions_create(options, MESSAGES, max_tokens=NEW_TOKENS)  # warm
     with torch.inference_mode():
@@ -124,7 +132,13 @@ def chat_rates(dsn: str, path: Path, rounds: int) -> dict[str, Any]:
                 local.append(time.perf_counter() - t0)
     lane_rate = NEW_TOKENS / sorted(lane)[len(lane) // 2]
     local_rate = NEW_TOKENS / sorted(local)[len(local) // 2]
-    return {"lane_tokens_per_s": lane_rate, "in_process_tokens_per_s": local_rate, "ratio": lane_rate / local_rate}
+    return {
+        "lane_tokens_per_s": lane_rate,
+        "in_process_tokens_per_s": local_rate,
+        "ratio": lane_rate / local_rate,
+        "dtype": str(model.dtype),
+        "device": device(),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,12 +148,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     admin = admin_dsn(args.dsn)
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-transform-"))
-    path, llama = build_model(home), build_llama(home)
+    from pgml_tuned.serving.cache import device
+
+    path, llama = build_model(home), build_llama(home, args.chat_model)
+    where = device()
+    if where == "cuda":
+        import torch
+
+        where = f"cuda ({torch.cuda.get_device_name()})"
+    print(f"both sides on {where}", flush=True)
     with fresh_database(admin, "bench_transform") as dsn:
         daemon = DaemonProc(dsn, home, "--poll-seconds", "2", env=bench_env(home))
         try:
             daemon.wait_event(lambda e: e.get("event") == "serving.start", 120)
-            pipe = pipeline("text-classification", model=str(path), tokenizer=str(path))
+            pipe = pipeline("text-classification", model=str(path), tokenizer=str(path), device=device())
             with psycopg.connect(dsn, autocommit=True) as conn:
                 for _ in range(10):  # the model warm in the serving process, the loopback open, the pipeline warm
                     got = transform(conn)
@@ -173,6 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "throughput": {"one": one, "many": many, "ratio": many["per_second"] / one["per_second"]},
         "chat": chat,
+        "device": where,
     }
     print(f"pgml.transform, the guide's 2 inputs, {args.requests} calls each side, interleaved:")
     print(f"  in-process pipeline   p50 {local_ms['p50']:.2f} ms  p99 {local_ms['p99']:.2f} ms")
@@ -186,7 +209,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"ratio {result['throughput']['ratio']:.2f}x"
     )
     print(
-        f"chat completions, {NEW_TOKENS} tokens: OpenSourceAI {chat['lane_tokens_per_s']:.1f} tokens/s vs "
+        f"chat completions ({args.chat_model} Llama, {chat['dtype']}), {NEW_TOKENS} tokens: "
+        f"OpenSourceAI {chat['lane_tokens_per_s']:.1f} tokens/s vs "
         f"in-process generate {chat['in_process_tokens_per_s']:.1f} tokens/s: {chat['ratio']:.2f}x"
     )
     return result
@@ -199,4 +223,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--chat-rounds", type=int, default=10)
+    parser.add_argument(
+        "--chat-model", choices=["small", "1b"], default="small", help="1b: a 1.07B bf16 Llama (for a GPU)"
+    )
     main_with_json(parser, run)

@@ -210,6 +210,11 @@ def gpu_capabilities(ctx: JobContext) -> Gpu | None:
     """The job's GPU, or None when it trains on CPUs (no GPU, use_cpu, resources.procs)."""
     if ctx.training_args.get("use_cpu") or (ctx.rank.distributed and on_cpu(ctx.hyperparams)):
         return None
+    return this_gpu()
+
+
+def this_gpu() -> Gpu | None:
+    """What this process's CUDA device offers (bf16, TF32), or None without one."""
     import torch
 
     if not torch.cuda.is_available():

