@@ -120,21 +120,37 @@ def same_arguments(epochs: float) -> tuple[dict[str, Any], float]:
     return {**given, **speed_defaults(given, this_gpu())}, GPU_TARGET
 
 
-def load_table(conn: psycopg.Connection[Any], path: Path) -> int:
-    """reviews.csv → public.reviews (text, class), in file order; checks that a scan returns that order."""
+def load_table(conn: psycopg.Connection[Any], path: Path, home: Path) -> tuple[int, Path]:
+    """reviews.csv → public.reviews (text, class), in file order. Returns the row count and the CSV the plain side
+    reads: the table's rows in the order a scan returns them, which is the order pgml.tune() copies them (a table
+    loaded with COPY can hold some rows out of file order: the free space map places a later, shorter row on an
+    earlier page), so that both sides split 'last' the same rows."""
     with open(path, newline="") as f:
         rows = [(r["text"], r["class"]) for r in csv.DictReader(f)]
     conn.execute("CREATE TABLE public.reviews (text text, class text)")
     with conn.cursor() as cur, cur.copy("COPY public.reviews (text, class) FROM STDIN") as cp:
         for r in rows:
             cp.write_row(r)
-    conn.execute("SET max_parallel_workers_per_gather = 0")  # a parallel scan returns the rows in any order
+    # one serial scan from the first page, as the copy into the job's table reads it
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    conn.execute("SET synchronize_seqscans = off")
     with conn.cursor() as cur, cur.copy("COPY (SELECT text::text, class::text FROM public.reviews) TO STDOUT") as cp:
         back = [tuple(r) for r in cp.rows()]
     conn.execute("RESET max_parallel_workers_per_gather")
-    if back != rows:
-        raise RuntimeError("public.reviews does not scan in CSV order: the 'last' splits would differ")
-    return len(rows)
+    conn.execute("RESET synchronize_seqscans")
+    if back == rows:
+        return len(rows), path
+    moved = sum(a != b for a, b in zip(rows, back, strict=True))
+    print(
+        f"public.reviews scans {moved} of {len(rows)} rows out of file order: plain reads the scan order",
+        file=sys.stderr,
+    )
+    scanned = home / "reviews-scan-order.csv"
+    with open(scanned, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "class"])
+        out.writerows(back)
+    return len(rows), scanned
 
 
 def run_plain(
@@ -404,7 +420,7 @@ def main() -> int:
 
     rounds: list[dict[str, Any]] = []
     with fresh_database(admin, "pgml_bench_overhead") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
-        n = load_table(conn, csv_path)
+        n, csv_path = load_table(conn, csv_path, home)
         print(f"{n} rows, model {model}, training_args {json.dumps(training_args)}", file=sys.stderr)
         while True:
             clean = sum(not disturbed(r) for r in rounds)

@@ -68,3 +68,27 @@ def test_the_table_goes_with_the_job_and_never_makes_its_end_wait(
     assert tables(su) == [f"job_{kept}"]  # the next end swept the one left behind
     su.execute("DELETE FROM pgml.jobs WHERE id = %s", (kept,))
     assert tables(su) == []
+
+
+def test_the_child_reads_the_rows_in_the_order_tune_copied_them(
+    conn: Conn, su: Conn, worker_dsn: str, child_dsn: str
+) -> None:
+    """test_sampling 'last' splits by the copy's order. Rows of very different sizes, copied without two of their
+    columns, make the free space map put some later rows on earlier pages of the job table (its physical order
+    differs: checked, so this test can fail), and the child still reads them in the order the copy's SELECT
+    produced them (migration 0030)."""
+    from tests.security.test_child_access import rows, start
+
+    conn.execute("CREATE TABLE public.sized (id bigint, text text, class text, pad bigint)")
+    conn.execute(
+        "INSERT INTO public.sized SELECT i, i || ' ' || repeat('x', (i * 7919) % 1800), (i % 2)::text, i "
+        "FROM generate_series(1, 2000) i"
+    )
+    conn.execute("SET synchronize_seqscans = off")
+    source = [r["text"] for r in conn.execute("SELECT text FROM public.sized")]  # the order the copy's scan saw
+    job = tune(conn, relation_name="public.sized")["job_id"]
+    physical = [r["c1"] for r in su.execute(f"SELECT c1 FROM pgml_rows.job_{job}")]
+    assert sorted(physical) == sorted(source) and physical != source
+    with connect(worker_dsn) as worker, connect(child_dsn) as child:
+        assert start(worker, "ticket")["id"] == job
+        assert [v[0] for v in rows(child, job, "ticket")] == source
