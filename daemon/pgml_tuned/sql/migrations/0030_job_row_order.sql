@@ -64,3 +64,5 @@ BEGIN
     RETURN QUERY SELECT (ARRAY[r.c1, r.c2, r.c3, r.c4, r.c5, r.c6, r.c7, r.c8])[1:k]
                  FROM pgml.job_rows r WHERE r.job_id = _child_rows.job_id ORDER BY r.n;
 END $$;
+
+INSERT INTO pgml.schema_migrations (version) VALUES ('0030_job_row_order') ON CONFLICT DO NOTHING;
