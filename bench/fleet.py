@@ -164,6 +164,17 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
                         d.dispatch(notice)
 
         tg.start_soon(fan_out)
+        stalls: list[float] = []
+
+        async def watch_loop() -> None:  # the simulation's own fidelity: 1000 daemons share one event loop
+            while True:
+                t0 = time.monotonic()
+                await anyio.sleep(0.01)
+                late = time.monotonic() - t0 - 0.01
+                if late > 0.05:
+                    stalls.append(late)
+
+        tg.start_soon(watch_loop)
         for d in daemons:
             tg.start_soon(d.serve)
         while not all(d.registered for d in daemons):  # noqa: ASYNC110 (a benchmark watching N daemons)
@@ -178,6 +189,7 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
             await anyio.sleep(args.idle)  # the fleet's floor: heartbeats, polls, reaps
             i1, n1 = counters(conn, pid), dict(pool.counts)
             cpu0, wall0, busy0 = time.process_time(), time.monotonic(), machine_busy_seconds()
+            stalls.clear()
             first = conn.execute("SELECT coalesce(max(id), 0) FROM pgml.jobs").fetchone()[0]  # type: ignore[index]
             async with await connect(dsn, app="pgml-tuned bench submit") as submit:
                 submitter = submit.info.backend_pid
@@ -198,6 +210,7 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
             await anyio.sleep(1.0)  # backends report their statements when idle
             b, nb = counters(conn, pid), dict(pool.counts)
             client_cpu, machine = time.process_time() - cpu0, machine_busy_seconds() - busy0
+            busy_stalls = list(stalls)
             pickups = [
                 r[0]
                 for r in conn.execute(
@@ -233,6 +246,9 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
         "pickup_max_ms": max(pickups) * 1e3 if pickups else None,
         "pickups_over_100ms": sum(p > 0.1 for p in pickups),
         "pickups_over_1s": sum(p > 1.0 for p in pickups),
+        # the simulating process's event loop late by > 50 ms (all 1000 daemons wait meanwhile: not a real fleet's)
+        "client_stalls": len(busy_stalls),
+        "client_stall_max_ms": max(busy_stalls, default=0.0) * 1e3,
         "idle": {
             "statements_per_s": idle_rate("xacts"),
             "wal_bytes_per_s": idle_rate("wal"),
@@ -305,7 +321,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{bz['statements_per_s']:.0f} stmt/s, {bz['wal_bytes_per_s'] / 1e3:.0f} kB WAL/s, DB CPU "
                 f"{bz['db_cpu_cores'] * 100:.1f} % (queue {bz['queue_cpu_cores'] * 100:.1f} %), "
                 f"client CPU {bz['client_cpu_cores'] * 100:.0f} %, machine {bz['machine_busy_cores']:.1f} cores busy | "
-                f"{row['pickups_over_100ms']} pickups > 100 ms, {row['pickups_over_1s']} > 1 s | per job: "
+                f"{row['pickups_over_100ms']} pickups > 100 ms, {row['pickups_over_1s']} > 1 s (simulation's event "
+                f"loop late > 50 ms {row['client_stalls']} times, at most {row['client_stall_max_ms']:.0f} ms) | "
+                "per job: "
                 f"{j['claims']:.1f} claims, {j['statements']:.1f} stmt, {j['wal_bytes'] / 1e3:.1f} kB WAL, "
                 f"{j['db_cpu_ms']:.2f} ms DB CPU ({j['queue_cpu_ms']:.2f} ms queue)",
                 flush=True,
