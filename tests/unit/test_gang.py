@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from pgml_tuned.config import Settings
+from pgml_tuned.states import requested_nodes
 from pgml_tuned.worker import gang
 from pgml_tuned.worker.daemon import Daemon
 from tests.support.memory import FakeChild, MemoryBackend, fake_launcher
@@ -50,8 +51,8 @@ def test_failing_and_settled() -> None:
 def test_rendezvous_address_and_nodes() -> None:
     host, _, port = gang.rendezvous_at("127.0.0.1").rpartition(":")
     assert host == "127.0.0.1" and int(port) > 0
-    assert gang.nodes_of({"resources": {"nodes": 3, "gpus": 2}}) == 3
-    assert gang.nodes_of({}) == 1 and gang.nodes_of(None) == 1
+    assert requested_nodes({"resources": {"nodes": 3, "gpus": 2}}) == 3
+    assert requested_nodes({}) == 1 and requested_nodes(None) == 1
 
 
 @pytest.mark.anyio

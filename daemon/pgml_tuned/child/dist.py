@@ -48,12 +48,9 @@ def per_node(hyperparams: dict[str, Any]) -> int:
     return int(resources.get("gpus") or resources.get("procs") or 1)
 
 
-nodes = requested_nodes  # the hosts (workers) a job runs on at once (worker/gang.py forms the gang)
-
-
 def world_size(hyperparams: dict[str, Any]) -> int:
     """The number of ranks a job asks for, over all its hosts (1 without resources)."""
-    return per_node(hyperparams) * nodes(hyperparams)
+    return per_node(hyperparams) * requested_nodes(hyperparams)
 
 
 def on_cpu(hyperparams: dict[str, Any]) -> bool:
@@ -216,7 +213,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
     signal.signal(signal.SIGINT, on_stop)
     what = f"{n} ranks"
     if gang:
-        what = f"{local} of {n} ranks on node {node} of {nodes(hyperparams)} (rendezvous {addr}:{port})"
+        what = f"{local} of {n} ranks on node {node} of {requested_nodes(hyperparams)} (rendezvous {addr}:{port})"
     events.info(f"starting {what}", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo")
     try:
         for lr in range(local):
@@ -252,7 +249,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
                 "node": node,
             }
             if gang:
-                place.update(rendezvous_seconds=float(gang["rendezvous_seconds"]), nodes=nodes(hyperparams))
+                place.update(rendezvous_seconds=float(gang["rendezvous_seconds"]), nodes=requested_nodes(hyperparams))
             assert popen.stdin is not None
             popen.stdin.write(json.dumps({**payload, "rank": place}, default=str).encode())
             popen.stdin.close()

@@ -13,10 +13,11 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..child.context import JobContext
-from ..child.dist import nodes, on_cpu
+from ..child.dist import on_cpu
 from ..errors import JobError
 from ..hub_access import hub_offline
 from ..secrets import SECRET_KEYS
+from ..states import requested_nodes
 from .arg_types import check_training_arg_types
 
 # Keys older tutorials use that transformers 5 renamed.
@@ -188,7 +189,7 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
             )
             ctx.info(message, level="warning")
             ctx.log({"warning": message})
-    elif nodes(ctx.hyperparams) > 1:
+    elif requested_nodes(ctx.hyperparams) > 1:
         check_across_hosts(given)
     args.update(overrides or {})
     args["output_dir"] = str(ctx.output_root / "trainer")

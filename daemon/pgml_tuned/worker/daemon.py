@@ -47,7 +47,7 @@ from anyio.abc import TaskGroup
 from .. import __version__, logconfig
 from ..config import Settings
 from ..db import RETRYABLE
-from ..states import Claim, Status, StopReason, gpus_of
+from ..states import Claim, Status, StopReason, gpus_of, requested_nodes
 from . import gang, scratch
 from .attempt import Attempt, Launcher
 from .backend import Backend, Notice, PgBackend, RegistryMissing
@@ -483,7 +483,7 @@ class Daemon:
         """Run an attempt at a job claimed (or a part of a gang joined) in the slots it takes."""
         slots = [self.free_slots.pop(0) for _ in range(min(gpus_of(claim.hyperparams), len(self.free_slots)))]
         plan = None
-        nodes = gang.nodes_of(claim.hyperparams)
+        nodes = requested_nodes(claim.hyperparams)
         if nodes > 1:
             plan = gang.Plan(
                 node=claim.node,

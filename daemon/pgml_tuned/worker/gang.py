@@ -29,12 +29,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from ..states import requested_nodes
-
 POLL_SECONDS = 0.1  # how often the leader and the members look at a forming gang
-
-
-nodes_of = requested_nodes  # the workers a job runs on at once
 
 
 def default_address() -> str:

@@ -1,10 +1,10 @@
 -- A job reads its rows in the order pgml.tune() copied them: test_sampling 'last' takes the test rows from the end of
 -- that order, and every rank of a job must see the same split. 0024 relied on the job table's physical order being
 -- the order its one INSERT ... SELECT wrote, which does not hold: once a page is full, the free space map can hand a
--- later, shorter row a place on an earlier page (55 of 12,000 reviews landed out of order on PostgreSQL 15 here; a
--- scan that PostgreSQL plans in parallel for a large table returns rows in whatever order its workers produce). The job table
--- now numbers its rows (n, an identity column after c1..ck, filled by the INSERT in the order its SELECT produced
--- them) and the child reads ORDER BY n. Both functions start from their last definitions (0024, 0027).
+-- later, shorter row a place on an earlier page (55 of 12,000 reviews landed out of order on PostgreSQL 15 here;
+-- a scan PostgreSQL plans in parallel for a large table returns rows in whatever order its workers produce). The
+-- job table now numbers its rows (n, an identity column after c1..ck, filled by the INSERT in the order its SELECT
+-- produced them) and the child reads ORDER BY n. Both functions start from their last definitions (0024, 0027).
 
 CREATE OR REPLACE FUNCTION pgml._job_table_begin(job_id bigint) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
