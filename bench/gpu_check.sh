@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of issues 9 and 10 in one prepared run, for a lent GPU machine (the device tool) or any CUDA host.
 #
-#     bench/gpu_check.sh            # the full run (~6 min on an H200)
+#     bench/gpu_check.sh            # the full run (~8 min on an H200)
 #     bench/gpu_check.sh --smoke    # tiny sizes: checks that every step runs, on whatever is here (CPU is fine)
 #     STEPS='training overhead' bench/gpu_check.sh   # only those steps
 #
@@ -57,13 +57,16 @@ step() {  # name seconds command...; STEPS="training overhead" runs only those
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }
 if [ $smoke = 1 ]; then
-    step training 600 python3 bench/gpu_training.py --tiny --repeats 1 --json "$OUT/training.json"
+    step training 600 python3 bench/gpu_training.py --tiny --repeats 1 --profile 3 --json "$OUT/training.json" \
+        --variants "guide, padded;ours;ours, no nan filter;ours, loader workers;ours, both;ours, pad 64"
     step overhead 600 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --json "$OUT/overhead.json"
     step transform 600 python3 bench/transform.py --requests 10 --seconds 2 --chat-rounds 2 --json "$OUT/transform.json"
     step conversation 600 python3 bench/gpu_conversation.py --tiny --repeats 1 --only bf16
 else
-    step training 150 python3 bench/gpu_training.py --repeats 2 --json "$OUT/training.json"
-    step overhead 230 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 \
+    step training 240 python3 bench/gpu_training.py --steps 120 --warmup 10 --repeats 2 --profile 10 \
+        --variants "guide, padded;ours;ours, no nan filter;ours, loader workers;ours, both;ours, pad 64" \
+        --json "$OUT/training.json"
+    step overhead 300 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 --epochs 3 \
         --json "$OUT/overhead.json"
     step transform 130 python3 bench/transform.py --requests 200 --seconds 10 --chat-rounds 5 --chat-model 1b \
         --json "$OUT/transform.json"

@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from transformers import TrainerCallback
+
 from pgml_tuned.recipes.hf import speed_defaults, this_gpu
 
 GUIDE = {
@@ -60,7 +62,70 @@ def reviews(n: int, words: int, seed: int = 0) -> list[tuple[str, int]]:
     return out
 
 
-def run(variant: str, args: argparse.Namespace, rows: list[tuple[str, int]], tok: Any, work: Path) -> dict[str, Any]:
+# settings the recipe could choose as well, measured beside "ours" (each is "ours" plus these)
+CANDIDATES: dict[str, dict[str, Any]] = {
+    # Trainer checks every step's loss for nan/inf with a Python `if` on a CUDA tensor: a device sync per step,
+    # so the CPU can never queue the next step's kernels while the GPU runs this one
+    "ours, no nan filter": {"logging_nan_inf_filter": False},
+    # padding and collating in loader processes instead of between steps on the main thread
+    "ours, loader workers": {"dataloader_num_workers": 2, "dataloader_persistent_workers": True},
+    "ours, both": {
+        "logging_nan_inf_filter": False,
+        "dataloader_num_workers": 2,
+        "dataloader_persistent_workers": True,
+    },
+}
+
+# batches padded to a multiple of this many tokens (fewer distinct shapes: each new one costs kernel selection and
+# loading the first time it is seen)
+PAD_TO: dict[str, int] = {"ours, pad 64": 64}
+CANDIDATES["ours, pad 64"] = {}
+
+
+class Profiler(TrainerCallback):
+    """torch.profiler over `steps` training steps after the warm-up: where a step's time goes (CPU dispatch vs the
+    GPU's kernels, and the Python/torch ops that cost the most on the CPU)."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.first, self.last, self.prof, self.t0 = warmup, warmup + steps, None, 0.0
+
+    def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        if state.global_step == self.first:
+            if cuda:
+                torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif state.global_step == self.last and self.prof is not None:
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            n = self.last - self.first
+            events = self.prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in events)
+            print(
+                f"profile over {n} steps: wall {wall / n * 1e3:.2f} ms/step, GPU kernels {gpu_us / n / 1e3:.2f} "
+                f"ms/step (GPU busy {gpu_us / 1e6 / wall:.0%})",
+                flush=True,
+            )
+            print(events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
+            print(events.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=60), flush=True)
+            self.prof = None
+
+
+def run(
+    variant: str,
+    args: argparse.Namespace,
+    rows: list[tuple[str, int]],
+    tok: Any,
+    work: Path,
+    profile: int = 0,
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import (
@@ -92,6 +157,7 @@ def run(variant: str, args: argparse.Namespace, rows: list[tuple[str, int]], tok
         encode, batched=True, remove_columns=["text"]
     )
     chosen = speed_defaults(GUIDE, this_gpu()) if variant.startswith("ours") else {}
+    chosen = {**chosen, **CANDIDATES.get(variant, {})}
     if variant == "ours, grouped":  # not a default (it changes the sampling order): how much it would add
         import inspect
 
@@ -117,12 +183,10 @@ def run(variant: str, args: argparse.Namespace, rows: list[tuple[str, int]], tok
         args=targs,
         train_dataset=data,
         eval_dataset=data.select(range(min(len(data), args.eval_rows))),
-        data_collator=None if padded else DataCollatorWithPadding(tok),
+        data_collator=None if padded else DataCollatorWithPadding(tok, pad_to_multiple_of=PAD_TO.get(variant)),
     )
     # warm-up steps (kernels, allocator) outside the timing: train a few, then time the rest from a fresh clock
     marks: list[float] = []
-
-    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -132,6 +196,8 @@ def run(variant: str, args: argparse.Namespace, rows: list[tuple[str, int]], tok
                 marks.append(time.perf_counter())
 
     trainer.add_callback(Clock())
+    if profile:
+        trainer.add_callback(Profiler(args.warmup, profile))
     trainer.train()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -156,6 +222,12 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--eval-rows", type=int, default=512)
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--variants",
+        default="guide, padded;guide, dynamic;ours;ours, grouped",
+        help="';'-separated; also: " + "; ".join(CANDIDATES),
+    )
+    p.add_argument("--profile", type=int, default=0, help="then profile N steps of 'guide, padded' and of 'ours'")
     args = p.parse_args()
     if args.tiny:
         args.steps, args.warmup, args.max_length, args.eval_rows, args.words = 6, 2, 128, 32, 60
@@ -167,7 +239,7 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     rows = reviews(GUIDE["per_device_train_batch_size"] * (args.steps + args.warmup), args.words)
-    variants = ["guide, padded", "guide, dynamic", "ours", "ours, grouped"]
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         # one untimed run first: CUDA context, cuBLAS handles and kernel loading would otherwise land on whichever
@@ -184,10 +256,15 @@ def main() -> int:
                     f"{r['eval_samples_per_s']:8.1f} samples/s  attention {r['attention']}  chosen {r['chosen']}",
                     flush=True,
                 )
+        if args.profile:
+            for v in ("guide, padded", "ours"):
+                print(f"\n=== profile: {v}", flush=True)
+                longer = argparse.Namespace(**{**vars(args), "steps": args.profile + 2})
+                run(v, longer, rows, tok, Path(tmp), args.profile)
     med = {v: statistics.median(r["train_samples_per_s"] for r in rs) for v, rs in results.items()}
     print("\nmedian train samples/s: " + ", ".join(f"{v} {s:.1f}" for v, s in med.items()))
-    for ours in ("ours", "ours, grouped"):
-        for base in ("guide, padded", "guide, dynamic"):
+    for ours in (v for v in variants if v.startswith("ours")):
+        for base in (v for v in ("guide, padded", "guide, dynamic") if v in med):
             print(f"{ours} / {base}: {med[ours] / med[base]:.2f}x  (target >= 6x the padded guide)")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "median": med}, indent=2))
