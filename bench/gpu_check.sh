@@ -58,16 +58,17 @@ step() {  # name seconds command...; STEPS="training overhead" runs only those
 }
 if [ $smoke = 1 ]; then
     step training 600 python3 bench/gpu_training.py --tiny --repeats 1 --profile 3 --json "$OUT/training.json" \
-        --variants "guide, padded;ours;ours, no nan filter;ours, loader workers;ours, both;ours, pad 64"
+        --variants "guide, padded;ours;ours, no loader workers;ours, pad 64;ours, compiled"
     step overhead 600 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --json "$OUT/overhead.json"
     step transform 600 python3 bench/transform.py --requests 10 --seconds 2 --chat-rounds 2 --json "$OUT/transform.json"
     step conversation 600 python3 bench/gpu_conversation.py --tiny --repeats 1 --only bf16
 else
-    step training 240 python3 bench/gpu_training.py --steps 120 --warmup 10 --repeats 2 --profile 10 \
-        --variants "guide, padded;ours;ours, no nan filter;ours, loader workers;ours, both;ours, pad 64" \
+    step training ${TRAINING_S:-240} python3 bench/gpu_training.py --steps 120 --warmup 10 \
+        --repeats "${TRAINING_REPEATS:-2}" --profile "${TRAINING_PROFILE:-10}" \
+        --variants "${TRAINING_VARIANTS:-guide, padded;ours;ours, no loader workers;ours, pad 64;ours, compiled}" \
         --json "$OUT/training.json"
-    step overhead 300 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 --epochs 3 \
-        --json "$OUT/overhead.json"
+    step overhead ${OVERHEAD_S:-300} python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --copies 60 \
+        --epochs "${OVERHEAD_EPOCHS:-3}" --json "$OUT/overhead.json"
     step transform 130 python3 bench/transform.py --requests 200 --seconds 10 --chat-rounds 5 --chat-model 1b \
         --json "$OUT/transform.json"
     step conversation 170 python3 bench/gpu_conversation.py --rows 512 --repeats 1 --json "$OUT/conversation.json"
