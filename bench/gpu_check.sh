@@ -53,6 +53,17 @@ step() {  # name seconds command...; STEPS="training overhead" runs only those
     echo "=== $name: $*"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
+    # a step stopped by its time limit can leave a daemon, a job's child (its own session) or a PostgreSQL server
+    # behind, still training on the GPU: the next step's figures would then share the machine with it
+    local left i
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        left=$(pgrep -f "pgml_tuned|plain_trainer.py|embedded_postgres|pgserver" | grep -vx "$$" || true)
+        [ -z "$left" ] && break
+        [ "$i" = 1 ] && echo "=== $name: processes left behind, stopping them: $(echo $left)"
+        kill -TERM $left 2>/dev/null
+        sleep 1
+    done
+    [ -n "$left" ] && kill -KILL $left 2>/dev/null
     tail -n 40 "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
 }

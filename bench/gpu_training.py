@@ -89,6 +89,7 @@ class Profiler(TrainerCallback):
 
     def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
         import torch
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         cuda = torch.cuda.is_available()
@@ -105,7 +106,8 @@ class Profiler(TrainerCallback):
             self.prof.__exit__(None, None, None)
             n = self.last - self.first
             events = self.prof.key_averages()
-            gpu_us = sum(e.self_device_time_total for e in events)
+            # the kernels themselves (the aten ops that launch them carry the same time again: not summed twice)
+            gpu_us = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)
             print(
                 f"profile over {n} steps: wall {wall / n * 1e3:.2f} ms/step, GPU kernels {gpu_us / n / 1e3:.2f} "
                 f"ms/step (GPU busy {gpu_us / 1e6 / wall:.0%})",
