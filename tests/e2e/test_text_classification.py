@@ -232,7 +232,13 @@ def test_text_pair_classification(conn: psycopg.Connection[dict[str, Any]], daem
             json.dumps(
                 {
                     "dataset_args": {"text1_column": "premise", "text2_column": "hypothesis", "class_column": "label"},
-                    "training_args": {"num_train_epochs": 1},
+                    # what the speed defaults choose on a GPU host (recipes/hf.py): loader processes forked by the
+                    # sandboxed child, kept across training and evaluation
+                    "training_args": {
+                        "num_train_epochs": 1,
+                        "dataloader_num_workers": 2,
+                        "dataloader_persistent_workers": True,
+                    },
                 }
             ),
         ),
