@@ -92,3 +92,28 @@ def test_the_child_reads_the_rows_in_the_order_tune_copied_them(
     with connect(worker_dsn) as worker, connect(child_dsn) as child:
         assert start(worker, "ticket")["id"] == job
         assert [v[0] for v in rows(child, job, "ticket")] == source
+
+
+def test_only_the_end_of_a_job_with_rows_looks_for_job_tables(su: Conn, conn: Conn, reviews: str) -> None:  # noqa: F811
+    """0031: the search through pgml_rows (~170 us) runs at the end of a job that had rows, not of one without."""
+
+    def searches_at_cancel(job: int) -> int:
+        with su.transaction():
+            su.execute("SET LOCAL track_functions = 'all'")  # this transaction's calls: pg_stat_xact_user_functions
+            assert su.execute("SELECT pgml.cancel(%s) AS s", (job,)).fetchone() == {"s": "cancelled"}
+            row = su.execute(
+                "SELECT coalesce(sum(calls), 0)::int AS n FROM pg_stat_xact_user_functions "
+                "WHERE schemaname = 'pgml' AND funcname = '_job_tables_drop'"
+            ).fetchone()
+        assert row is not None
+        return int(row["n"])
+
+    without_rows = su.execute(
+        "SELECT job_id FROM pgml.tune('no rows', task => 'noop', model_name => 'none')"
+    ).fetchone()
+    assert without_rows is not None
+    assert searches_at_cancel(without_rows["job_id"]) == 0
+    with_rows = tune(conn)["job_id"]
+    assert tables(su) == [f"job_{with_rows}"]
+    assert searches_at_cancel(with_rows) == 1
+    assert tables(su) == []
