@@ -72,12 +72,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # torch.compile (inductor): fewer, fused kernels and far less Python per step, for a compile at the start and
     # again at the first new sequence length (then dynamic); not a default, a user's choice ("torch_compile": true)
     "ours, compiled": {"torch_compile": True},
+    "ours, pad 64": {},  # the collator's setting, not a training argument: PAD_TO
 }
 
 # batches padded to a multiple of this many tokens (fewer distinct shapes: each new one costs kernel selection and
 # loading the first time it is seen)
 PAD_TO: dict[str, int] = {"ours, pad 64": 64}
-CANDIDATES["ours, pad 64"] = {}
 
 
 class Profiler(TrainerCallback):
@@ -97,13 +97,13 @@ class Profiler(TrainerCallback):
             if cuda:
                 torch.cuda.synchronize()
             self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-            self.prof.__enter__()
+            self.prof.start()
             self.t0 = time.perf_counter()
         elif state.global_step == self.last and self.prof is not None:
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             n = self.last - self.first
             events = self.prof.key_averages()
             # the kernels themselves (the aten ops that launch them carry the same time again: not summed twice)
