@@ -41,7 +41,17 @@ from . import logconfig, secrets
 
 log = logconfig.get("pgml_tuned.db")
 
-SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+
+def _sql_dir() -> Path:
+    """sql/: inside the package when installed from a wheel (pyproject maps pgml_tuned.sql to the repository's
+    top-level sql/), at the top of the checkout when running from source or an editable install."""
+    here = Path(__file__).resolve().parent
+    installed = here / "sql"
+    return installed if (installed / "migrations").is_dir() else here.parents[1] / "sql"
+
+
+SQL_DIR = _sql_dir()
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
 SEARCH_PATH = "pg_catalog, pg_temp"
 DIRECT_MARKER = "pgml_tuned.direct"  # a custom setting sent with the startup options: there when they arrived
