@@ -27,6 +27,11 @@ from .config import Settings, field_type
 COMMON_SETTINGS = ("dsn", "home", "log_format", "log_level")  # every command takes these; serve takes all
 
 
+def q(name: str) -> str:
+    """The named statement `name` of sql/cli.sql."""
+    return db.q(name, file="cli.sql")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})
 
@@ -92,10 +97,7 @@ def check_database(dsn: str, *, schema: bool) -> None:
     check_syntax(dsn)
     try:
         with db.sync_connect(dsn) as conn:
-            found = conn.execute(
-                "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = 'pgml' AND c.relname = 'schema_migrations'"
-            ).fetchone()
+            found = conn.execute(q("schema_installed")).fetchone()
     except psycopg.OperationalError as e:
         raise CliError(
             f"cannot connect to {shown_dsn(dsn)}: {_reason(e, dsn)} (check --dsn or PGML_DSN; without either, "
@@ -209,14 +211,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 state = "registered" if args.no_activate else "registered and active: inline tokens are sealed to it"
                 print(f"key {key_id} {state}")
             elif args.action in ("activate", "retire"):
-                await conn.execute(f"SELECT pgml.{args.action}_sealing_key(%s)", (args.file,))
+                await conn.execute(q(f"{args.action}_sealing_key"), {"key_id": args.file})
                 print(f"key {args.file} {args.action}d")
-            rows = await (
-                await conn.execute(
-                    "SELECT key_id, active, created_at, retired_at, pending_jobs FROM pgml.sealing_key_use "
-                    "ORDER BY created_at"
-                )
-            ).fetchall()
+            rows = await (await conn.execute(q("sealing_keys"))).fetchall()
             if args.action == "list":
                 for r in rows:
                     print("  ".join(f"{k}={v}" for k, v in r.items()))
@@ -332,16 +329,9 @@ def _eval_part(metrics: dict[str, Any] | None) -> str:
     )
 
 
-PROGRESS_SQL = (
-    "SELECT s.id, s.task, s.status, s.step, s.max_steps, s.progress_pct, s.last_loss, s.eta, s.error, s.metrics, "
-    "s.model_id, (SELECT l.logs FROM pgml.logs l WHERE l.job_id = s.id AND l.logs ? 'eval_loss' "
-    "ORDER BY l.id DESC LIMIT 1) AS last_eval FROM pgml.job_status s WHERE s.id = %s"
-)
-
-
 async def job_progress(conn: psycopg.AsyncConnection[Any], job_id: int) -> dict[str, Any] | None:
     """What progress_line() and final_line() show of job `job_id` (None: no such job, or another user's)."""
-    row = await (await conn.execute(PROGRESS_SQL, (job_id,))).fetchone()
+    row = await (await conn.execute(q("job_progress"), {"job_id": job_id})).fetchone()
     return dict(row) if row else None
 
 
@@ -454,21 +444,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def go() -> None:
         async with await db.connect(dsn) as conn:
             if args.job:
-                row = await (await conn.execute("SELECT * FROM pgml.job_status WHERE id = %s", (args.job,))).fetchone()
+                row = await (await conn.execute(q("job_status"), {"job_id": args.job})).fetchone()
                 if row is None:
                     raise CliError(f"no job {args.job} (or it is another user's): see `pgml-tuned status`")
                 print(json.dumps(plain(row), indent=2))
                 return
-            summary = await (await conn.execute("SELECT * FROM pgml.queue_summary")).fetchall()
-            rows = await (
-                await conn.execute(
-                    "SELECT id, project, task, status, attempt, worker, step, max_steps, progress_pct, last_loss, "
-                    "eta, heartbeat_age, metrics, model_id, error FROM pgml.job_status "
-                    "WHERE status IN ('queued', 'running') "
-                    "OR finished_at > now() - interval '1 hour' ORDER BY id DESC LIMIT %s",
-                    (args.limit,),
-                )
-            ).fetchall()
+            summary = await (await conn.execute(q("queue_summary"))).fetchall()
+            rows = await (await conn.execute(q("recent_jobs"), {"limit": args.limit})).fetchall()
             workers = await fleet_rows(conn)
             for r in rows:
                 r["key_metric"], r["key_metric_value"] = key_metric(r["task"], r["metrics"]) or (None, None)
@@ -514,16 +496,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 async def fleet_rows(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
     """The fleet registry (pgml.worker_status), live workers first; [] on a schema without it (before 0022)."""
-    exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.worker_status') AS v")).fetchone()
+    exists = await (await conn.execute(q("has_worker_status"))).fetchone()
     if not exists or exists["v"] is None:
         return []
-    return await (
-        await conn.execute(
-            "SELECT id, host, state, heartbeat_age, gpus, devices, concurrency, free_slots, free_gpus, running, "
-            "models_cached, version, started_at FROM pgml.worker_status "
-            "ORDER BY array_position(ARRAY['live', 'late', 'gone', 'stopped'], state), id"
-        )
-    ).fetchall()
+    return await (await conn.execute(q("workers"))).fetchall()
 
 
 def fleet_lines(workers: list[dict[str, Any]]) -> list[str]:
@@ -568,17 +544,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
         live = LiveLines(sys.stderr, interval=10.0, in_place=False)
         async with await db.connect(dsn) as conn:
             while True:
-                job = await (
-                    await conn.execute("SELECT status, error FROM pgml.jobs WHERE id = %s", (args.job,))
-                ).fetchone()
+                job = await (await conn.execute(q("job_state"), {"job_id": args.job})).fetchone()
                 if job is None:
                     raise CliError(f"no job {args.job} (or it is another user's): see `pgml-tuned status`")
-                rows = await (
-                    await conn.execute(
-                        "SELECT id, kind, logs FROM pgml.logs WHERE job_id = %s AND id > %s ORDER BY id",
-                        (args.job, last),
-                    )
-                ).fetchall()
+                rows = await (await conn.execute(q("job_logs_after"), {"job_id": args.job, "after": last})).fetchall()
                 for r in rows:
                     print(json.dumps(log_line(r["kind"], r["logs"])), flush=True)
                     last = r["id"]
@@ -606,7 +575,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     async def go() -> str:
         async with await db.connect(dsn) as conn:
-            row = await (await conn.execute("SELECT pgml.cancel(%s) AS status", (args.job,))).fetchone()
+            row = await (await conn.execute(q("cancel_job"), {"job_id": args.job})).fetchone()
             return str(row["status"]) if row else "?"
 
     print(f"job {args.job}: {_run(go)}")
@@ -628,12 +597,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _why_no_files(conn: psycopg.Connection[Any], model_id: int) -> str:
     """Why model `model_id` has no files to download, from its latest job."""
-    job = conn.execute(
-        "SELECT m.id AS model_id, j.id, j.status, j.error FROM pgml.models m LEFT JOIN LATERAL "
-        "(SELECT id, status, error FROM pgml.jobs WHERE model_id = m.id ORDER BY id DESC LIMIT 1) j ON true "
-        "WHERE m.id = %s",
-        (model_id,),
-    ).fetchone()
+    job = conn.execute(q("model_latest_job"), {"model_id": model_id}).fetchone()
     if job is None:
         return (
             f"no model {model_id} (or it is another user's): a model id is pgml.jobs.model_id, "
@@ -712,9 +676,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with db.sync_connect(dsn) as conn:
         try:
             rows = conn.execute(
-                "SELECT * FROM pgml.gc(keep_last => %s, logs_older_than => %s::interval, include_kept => %s, "
-                "apply => %s)",
-                (args.keep_last, age, args.include_kept, args.apply),
+                q("gc"),
+                {
+                    "keep_last": args.keep_last,
+                    "logs_older_than": age,
+                    "include_kept": args.include_kept,
+                    "apply": args.apply,
+                },
             ).fetchall()
         except psycopg.errors.InsufficientPrivilege as e:
             if "function gc" not in str(e) and "pgml_admin" not in str(e):

@@ -22,9 +22,11 @@ RANKS = {
     "config": 0,
     "secrets": 0,
     "embedded": 0,
-    "client": 0,  # PostgresML's OpenSourceAI: psycopg only (pgml_tuned.OpenSourceAI loads it lazily)
+    "client_shapes": 0,  # what the client sends and answers, without a connection
     "db": 1,
     "hub_access": 1,
+    "client_requests": 2,  # the client's round trip of a request: psycopg and sql/client.sql (db.q)
+    "client": 3,  # PostgresML's OpenSourceAI (pgml_tuned.OpenSourceAI loads it lazily)
     "files": 2,
     "jobs": 3,
     "models": 4,
