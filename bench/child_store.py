@@ -1,6 +1,6 @@
 """What the child's narrow login costs on model files: a ~100 MB model stored and read back.
 
-- child store:  jobs.succeed as the children's login (a member of pgml_child only) with the attempt's ticket —
+- child store:  writes.succeed as the children's login (a member of pgml_child only) with the attempt's ticket —
                 pgml._child_files_begin, COPY into pgml.file_parts through its per-row ticket check, _child_succeed
 - plain store:  DELETE + the same COPY into a table like pgml.file_parts without the trigger (what the worker's login
                 did before), in one transaction
@@ -27,7 +27,8 @@ from common import admin_dsn, fresh_database, main_with_json, with_db
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
-from pgml_tuned import files, jobs
+from pgml_tuned import files
+from pgml_tuned.child import writes
 
 TICKET = "bench-ticket"
 CHILD = "pgml_bench_child"
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     su.execute("VACUUM pgml.file_parts, bench_parts")
                     su.execute("CHECKPOINT")
                     t0 = time.perf_counter()
-                    jobs.succeed(child, job_id, TICKET, model, {}, None)
+                    writes.succeed(child, job_id, TICKET, model, {}, None)
                     t["child store"].append(time.perf_counter() - t0)
                     su.execute("CHECKPOINT")
                     t0 = time.perf_counter()

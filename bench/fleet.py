@@ -47,8 +47,9 @@ from psycopg.types.json import Jsonb
 from pgml_tuned import logconfig
 from pgml_tuned.config import Settings
 from pgml_tuned.db import Pool, connect, q, queries
-from pgml_tuned.worker.backend import JOBS_CHANNEL, Notice, PgBackend, parse_notice
+from pgml_tuned.worker.backend import JOBS_CHANNEL, Notice, parse_notice
 from pgml_tuned.worker.daemon import Daemon
+from pgml_tuned.worker.pg import PgBackend
 
 TUNE = "SELECT job_id FROM pgml.tune('fleet', task => 'noop', model_name => 'none', hyperparams => '{\"seconds\": 0}')"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -177,11 +178,11 @@ async def run_fleet(dsn: str, home: Path, n: int, spread: int, pid: int, args: a
         tg.start_soon(watch_loop)
         for d in daemons:
             tg.start_soon(d.serve)
-        while not all(d.registered for d in daemons):  # noqa: ASYNC110 (a benchmark watching N daemons)
+        while not all(d.fleet.registered for d in daemons):  # noqa: ASYNC110 (a benchmark watching N daemons)
             await anyio.sleep(0.2)
         await anyio.sleep(args.settle)  # every registry row has had a heartbeat with its free slots
         for d in daemons:
-            d.fleet_read_at = 0  # re-read the fleet's size at the next poll (a fleet up for a minute has)
+            d.fleet.read_at = 0  # re-read the fleet's size at the next poll (a fleet up for a minute has)
             d.dispatch(Notice("listening"))
         await anyio.sleep(args.settle)
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -5,7 +5,7 @@
 The daemon is not changed: this wrapper patches, in this process only,
 
 - psycopg.AsyncConnection.notifies:  when the listener receives a `pgml_jobs` notification
-- pgml_tuned.jobs.claim:             when it is called (the claimer task has woken up) and when it returns
+- PgBackend.claim (worker/pg.py):    when it is called (the claimer task has woken up) and when it returns
 - Pool._acquire:                     when the claim holds a pooled connection (the statement is sent right after)
 
 and prints one JSON line per claimed job to stderr (`trace.claim`), after the claim has returned, so no
@@ -30,11 +30,12 @@ from typing import Any
 import anyio
 import psycopg
 
-from pgml_tuned import cli, jobs
+from pgml_tuned import cli
 from pgml_tuned.db import Pool
 from pgml_tuned.states import Claim
 from pgml_tuned.worker.backend import Notice
 from pgml_tuned.worker.daemon import Daemon
+from pgml_tuned.worker.pg import PgBackend
 
 VARIANT = {v.strip() for v in os.environ.get("PGML_BENCH_VARIANT", "").split(",") if v.strip()}
 _last: dict[str, float] = {}
@@ -58,12 +59,12 @@ async def _acquire(self: Pool) -> Any:
     return conn
 
 
-_orig_claim = jobs.claim
+_orig_claim = PgBackend.claim
 
 
-async def _claim(pool: Pool, worker: str, lease_seconds: float) -> Claim | None:
+async def _claim(self: PgBackend, lease_seconds: float, free_gpus: int = 0) -> Claim | None:
     t_call = time.time()
-    job = await _orig_claim(pool, worker, lease_seconds)
+    job = await _orig_claim(self, lease_seconds, free_gpus)
     t_return = time.time()
     if job is not None:
         print(
@@ -107,7 +108,7 @@ def _dispatch_inline(self: Daemon, notice: Notice) -> None:
 
 psycopg.AsyncConnection.notifies = _notifies  # type: ignore[method-assign]
 Pool._acquire = _acquire  # type: ignore[method-assign]
-jobs.claim = _claim
+PgBackend.claim = _claim  # type: ignore[method-assign]
 if "inline-claim" in VARIANT:
     Daemon.claim_while_free = _claim_locked  # type: ignore[method-assign]
     Daemon.dispatch = _dispatch_inline  # type: ignore[method-assign]

@@ -1,5 +1,6 @@
 -- Every statement the daemon and its training children run, as named blocks (`-- name: x`), loaded by
--- pgml_tuned/db.py and run through pgml_tuned/jobs.py. The job state machine is documented in pgml_tuned/states.py.
+-- pgml_tuned/db.py: the worker's sent by pgml_tuned/worker/pg.py, the children's by pgml_tuned/child/store.py and
+-- child/writes.py. The job state machine is documented in pgml_tuned/states.py.
 -- Writes by a worker are fenced: they match the job's current `attempt`, so a worker that lost its lease
 -- can never overwrite the new owner's work.
 

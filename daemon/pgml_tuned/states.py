@@ -10,14 +10,14 @@ States (pgml.jobs.status):
       └────requeue──────┤
       └────reap─────────┘ (lease expired; ──▶ failed after max_attempts lost leases)
 
-| transition | who                               | what it writes (sql/queries.sql, through jobs.py)          |
+| transition | who                               | what it writes (sql/queries.sql)                           |
 |------------|-----------------------------------|------------------------------------------------------------|
 | submit     | pgml.tune() (SQL, the caller)     | projects, models (in_progress), jobs (queued)              |
 | claim      | worker claimer                    | attempt+1, worker, lease, started_at  (claim_job)          |
 | heartbeat  | worker, one statement for all its | lease_expires_at, heartbeat_at; reads cancel_requested     |
 |            | running jobs                      | (renew_leases)                                             |
-| log        | training child                    | pgml.logs rows + jobs.progress (append_logs)               |
-| succeed    | training child, one transaction   | pgml.files, metrics on job + model, status (succeed_job)   |
+| log        | training child                    | pgml.logs rows + jobs.progress (child_log)                 |
+| succeed    | training child, one transaction   | pgml.files, metrics on job + model, status (child_succeed) |
 | fail       | worker, when the child errs/dies  | error, errors[] (fail_job)                                 |
 | cancel     | pgml.cancel() for queued jobs;    | status cancelled (pgml.cancel / cancel_running)            |
 |            | worker for running ones           |                                                            |
@@ -30,6 +30,9 @@ States (pgml.jobs.status):
 | gang: give | the leader, the gang not formed   | status queued, untouched (gang_give_back: no failed        |
 |   back     | in gang_seconds (or stopping)     | attempt counted)                                           |
 | gang: lost | the leader, a member went silent  | as reap, for its attempt (gang_lost)                       |
+
+The worker's statements are sent by worker/pg.py (the PostgreSQL Backend), the training child's by child/store.py
+and child/writes.py.
 
 A job across several workers (worker/gang.py) is one attempt for the whole gang: its leader holds the lease and
 alone writes the job's transitions; the members only renew and report on their pgml.gang_members rows.

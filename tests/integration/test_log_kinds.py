@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgml_tuned import jobs
+from pgml_tuned.child import writes
 from pgml_tuned.db import q
 from pgml_tuned.errors import LeaseLost
 from tests.conftest import OTHER_USER, as_login, connect
@@ -22,7 +22,7 @@ GUIDE = (  # the guide's loss query, verbatim but for the model id
 )
 
 
-def train_rows(steps: range, attempt: int, first_seq: int = 1) -> list[jobs.LogRow]:
+def train_rows(steps: range, attempt: int, first_seq: int = 1) -> list[writes.LogRow]:
     return [
         (first_seq + i, "train", {"loss": 1.0 / s, "step": s, "max_steps": 10, "epoch": s / 10, "attempt": attempt})
         for i, s in enumerate(steps)
@@ -43,20 +43,20 @@ def test_a_resume_moves_the_repeated_steps_apart_atomically(
     with connect(worker_dsn) as worker, connect(child_dsn) as child:
         first = start(worker, "first")
         # attempt 1 trains to step 7 (its checkpoint is at step 5), says so, and is interrupted with a summary
-        jobs.append_logs(child, job["job_id"], "first", train_rows(range(1, 8), 1), {"step": 7})
+        writes.append_logs(child, job["job_id"], "first", train_rows(range(1, 8), 1), {"step": 7})
         summary = {"train_runtime": 1.5, "train_loss": 0.4, "step": 7, "max_steps": 10}
-        jobs.append_logs(
+        writes.append_logs(
             child, job["job_id"], "first", [(8, "train", summary), (9, "info", {"message": "read 10 rows"})], {}
         )
         assert worker.execute(q("requeue_job"), {"id": job["job_id"], "attempt": 1}).fetchone() is not None
         second = worker.execute(q("claim_job"), {"worker": "w2", "lease_seconds": 60, "free_gpus": 0}).fetchone()
         assert second is not None and second["attempt"] == 2 and issue(worker, second, "second")
         entry = {"message": "resuming from the checkpoint at step 5 (stored by attempt 1)", "from_step": 5}
-        assert jobs.resume(child, job["job_id"], "second", 5, 1, entry) == 3  # steps 6, 7 and the summary
-        assert jobs.resume(child, job["job_id"], "second", 5, 1, entry) == 0  # a retry moves and adds nothing
+        assert writes.resume(child, job["job_id"], "second", 5, 1, entry) == 3  # steps 6, 7 and the summary
+        assert writes.resume(child, job["job_id"], "second", 5, 1, entry) == 0  # a retry moves and adds nothing
         with pytest.raises(LeaseLost):  # attempt 1's ticket can neither log nor resume any more
-            jobs.resume(child, job["job_id"], "first", 0, 99, entry)
-        jobs.append_logs(child, job["job_id"], "second", train_rows(range(6, 11), 2, first_seq=2), {"step": 10})
+            writes.resume(child, job["job_id"], "first", 0, 99, entry)
+        writes.append_logs(child, job["job_id"], "second", train_rows(range(6, 11), 2, first_seq=2), {"step": 10})
 
     # the guide's query: each step once, steps 1-5 from attempt 1, 6-10 from attempt 2
     steps = conn.execute(GUIDE.format(job["model_id"])).fetchall()
@@ -110,8 +110,8 @@ def test_a_child_writes_info_and_warning_rows_only(conn: Conn, worker_dsn: str, 
         start(worker, "t")
         for kind in ("error", "debug", ""):  # the job's failure is the worker's to record, never a child's
             with pytest.raises(psycopg.errors.InvalidParameterValue):
-                jobs.append_logs(child, job["job_id"], "t", [(1, kind, {"message": "failed: forged"})], {})
-        jobs.append_logs(child, job["job_id"], "t", [(1, "warning", {"message": "careful"})], {})
+                writes.append_logs(child, job["job_id"], "t", [(1, kind, {"message": "failed: forged"})], {})
+        writes.append_logs(child, job["job_id"], "t", [(1, "warning", {"message": "careful"})], {})
         assert worker.execute(q("fail_job"), {"id": job["job_id"], "attempt": 1, "error": "it broke"}).fetchone()
     assert lines(conn, job["job_id"]) == [
         ("info", "claimed by worker w (attempt 1)"),

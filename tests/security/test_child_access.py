@@ -14,7 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgml_tuned import files, jobs
+from pgml_tuned import files
+from pgml_tuned.child import writes
 from pgml_tuned.db import q
 from pgml_tuned.errors import LeaseLost
 from tests.conftest import OTHER_USER, as_login, connect
@@ -54,7 +55,7 @@ def rows(child: Conn, job_id: int, ticket: str) -> list[Any]:
 
 
 def log(child: Conn, job_id: int, ticket: str, seq: int = 1) -> None:
-    jobs.append_logs(child, job_id, ticket, [(seq, "train", {"loss": 0.5})], {"loss": 0.5})
+    writes.append_logs(child, job_id, ticket, [(seq, "train", {"loss": 0.5})], {"loss": 0.5})
 
 
 @pytest.fixture
@@ -78,12 +79,12 @@ def test_a_child_reads_and_writes_its_own_job(two_jobs: Any, child_dsn: str, su:
         log(child, a["job_id"], "ticket-a")  # a retried batch inserts nothing twice
         (tmp_path / "ckpt").mkdir()
         (tmp_path / "ckpt" / "w.bin").write_bytes(b"w" * 1000)
-        assert jobs.store_checkpoint(child, a["job_id"], "ticket-a", 5, tmp_path / "ckpt", keep=2) == (1, 1000)
+        assert writes.store_checkpoint(child, a["job_id"], "ticket-a", 5, tmp_path / "ckpt", keep=2) == (1, 1000)
         latest = child.execute(q("child_latest_checkpoint"), {"id": a["job_id"], "ticket": "ticket-a"}).fetchone()
         assert latest is not None and latest["step"] == 5 and latest["bytes"] == 1000
         (tmp_path / "model").mkdir()
         (tmp_path / "model" / "config.json").write_text("{}")
-        assert jobs.succeed(child, a["job_id"], "ticket-a", tmp_path / "model", {"acc": 1}, None) == (1, 2)
+        assert writes.succeed(child, a["job_id"], "ticket-a", tmp_path / "model", {"acc": 1}, None) == (1, 2)
         with pytest.raises(LeaseLost):  # a job that succeeded has no running attempt any more
             log(child, a["job_id"], "ticket-a", seq=2)
     assert su.execute(
@@ -101,7 +102,7 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
     (tmp_path / "model" / "weights.bin").write_bytes(b"mine")
     with connect(child_dsn) as child:
         # B's own child stores B's model: a model A's child must not read
-        jobs.succeed(child, b["job_id"], "ticket-b", tmp_path / "model", {}, None)
+        writes.succeed(child, b["job_id"], "ticket-b", tmp_path / "model", {}, None)
         refused = [
             lambda: rows(child, b["job_id"], "ticket-a"),  # another job's training rows
             lambda: child.execute(  # another job's logs
@@ -123,7 +124,7 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
         for attempt in refused:
             with pytest.raises(psycopg.Error) as e:
                 attempt()
-            assert e.value.sqlstate == jobs.TICKET_REFUSED
+            assert e.value.sqlstate == writes.TICKET_REFUSED
         # another user's model: neither found nor downloaded, though it exists with files
         ticket_a = {"id": a["job_id"], "ticket": "ticket-a"}
         find = {**ticket_a, "model_id": b["model_id"], "project": None}
@@ -141,13 +142,13 @@ def test_a_child_cannot_reach_another_job(two_jobs: Any, child_dsn: str, su: Con
             files.copy_dir_in(child, q("copy_files"), b["model_id"], tmp_path / "model")
         with pytest.raises(psycopg.Error) as no_ticket:  # outside a storing transaction: nothing at all
             child.execute(INSERT_PART, (a["model_id"],))
-        assert no_ticket.value.sqlstate == jobs.TICKET_REFUSED
+        assert no_ticket.value.sqlstate == writes.TICKET_REFUSED
         # a forged transaction setting (the ticket is checked again on every row)
         with pytest.raises(psycopg.Error) as forged, child.transaction():
             child.execute("SELECT set_config('pgml.child_job', %s, true)", (str(b["job_id"]),))
             child.execute("SELECT set_config('pgml.child_ticket', 'guess', true)")
             child.execute(INSERT_PART, (b["model_id"],))
-        assert forged.value.sqlstate == jobs.TICKET_REFUSED
+        assert forged.value.sqlstate == writes.TICKET_REFUSED
     assert su.execute("SELECT status FROM pgml.jobs WHERE id = %s", (a["job_id"],)).fetchone() == {"status": "running"}
     # (the rows the jobs' transitions wrote, the claims and B's success, have no seq: a child's rows have one)
     assert su.execute("SELECT count(*) AS n FROM pgml.logs WHERE seq IS NOT NULL").fetchone() == {"n": 0}
@@ -252,20 +253,20 @@ def test_a_gang_members_ticket_only_reads_its_own_running_attempt(
     (tmp_path / "ckpt" / "w.bin").write_bytes(b"w" * 100)
     with connect(child_dsn) as child:
         assert len(rows(child, a["job_id"], "member-a")) == 10
-        jobs.store_checkpoint(child, a["job_id"], "ticket-a", 3, tmp_path / "ckpt", keep=2)  # the leader's
+        writes.store_checkpoint(child, a["job_id"], "ticket-a", 3, tmp_path / "ckpt", keep=2)  # the leader's
         latest = child.execute(q("child_latest_checkpoint"), {"id": a["job_id"], "ticket": "member-a"}).fetchone()
         assert latest is not None and latest["step"] == 3
         with pytest.raises(LeaseLost):
             log(child, a["job_id"], "member-a")
         with pytest.raises(LeaseLost):
-            jobs.store_checkpoint(child, a["job_id"], "member-a", 4, tmp_path / "ckpt", keep=2)
+            writes.store_checkpoint(child, a["job_id"], "member-a", 4, tmp_path / "ckpt", keep=2)
         with pytest.raises(LeaseLost):
-            jobs.succeed(child, a["job_id"], "member-a", tmp_path / "ckpt", {}, None)
+            writes.succeed(child, a["job_id"], "member-a", tmp_path / "ckpt", {}, None)
         with pytest.raises(psycopg.Error) as other:
             rows(child, b["job_id"], "member-a")
-        assert other.value.sqlstate == jobs.TICKET_REFUSED
+        assert other.value.sqlstate == writes.TICKET_REFUSED
     # a later attempt: the member's ticket of the old one reads nothing any more
     worker.execute("UPDATE pgml.jobs SET attempt = attempt + 1 WHERE id = %s", (a["job_id"],))
     with connect(child_dsn) as child, pytest.raises(psycopg.Error) as stale:
         rows(child, a["job_id"], "member-a")
-    assert stale.value.sqlstate == jobs.TICKET_REFUSED
+    assert stale.value.sqlstate == writes.TICKET_REFUSED

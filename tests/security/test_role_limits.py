@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgml_tuned import jobs
+from pgml_tuned.child import writes
 from pgml_tuned.db import q
 from pgml_tuned.errors import JobError
 from tests.conftest import USER, connect
@@ -87,6 +87,6 @@ def test_running_jobs_runtime_and_checkpoints(
             connect(child_dsn) as child,
             pytest.raises(JobError, match="checkpoints would hold 0 MB in PostgreSQL; its submitter may keep 0 MB"),
         ):
-            jobs.store_checkpoint(child, first, "t", 10, tmp_path, keep=2)
+            writes.store_checkpoint(child, first, "t", 10, tmp_path, keep=2)
         assert su.execute("SELECT count(*) AS n FROM pgml.checkpoints").fetchone() == {"n": 0}
     assert su.execute("SELECT status FROM pgml.jobs WHERE id = %s", (second,)).fetchone() == {"status": "queued"}

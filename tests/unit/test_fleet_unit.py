@@ -204,10 +204,10 @@ def test_herd_control_claims_on_about_claim_spread_notices_and_spreads_the_polls
     """In a fleet of 1000 idle workers a job_queued NOTIFY wakes each claimer with probability 8/1000, and each
     polls about every 250 s (capped at 60 s, then jittered); a small fleet, or claim_spread 0, behaves as before."""
     daemon, _ = make(tmp_path)
-    daemon.settings = replace(daemon.settings, poll_seconds=2.0)
+    daemon.settings = daemon.fleet.settings = replace(daemon.settings, poll_seconds=2.0)
     random.seed(7)
-    assert daemon.claims_on_notice() and daemon.poll_delay() == 2.0  # the fleet's size not read yet
-    daemon.fleet_idle = daemon.fleet_live = 1000
+    assert daemon.fleet.claims_on_notice() and daemon.poll_delay() == 2.0  # the fleet's size not read yet
+    daemon.fleet.idle = daemon.fleet.live = 1000
     woken = 0
     for _ in range(20_000):
         daemon.wake = anyio.Event()
@@ -219,17 +219,17 @@ def test_herd_control_claims_on_about_claim_spread_notices_and_spreads_the_polls
     assert daemon.wake.is_set()  # a (re)established LISTEN always looks at the queue
     delays = [daemon.poll_delay() for _ in range(1000)]
     assert 30.0 <= min(delays) < 35.0 and 85.0 < max(delays) <= 90.0  # 60 s x 0.5-1.5
-    daemon.fleet_idle = 4  # most of the fleet busy: the few idle workers keep polling every poll_seconds
+    daemon.fleet.idle = 4  # most of the fleet busy: the few idle workers keep polling every poll_seconds
     assert daemon.poll_delay() == 2.0
     daemon.free_slots = []  # a busy worker only reaps: its polls spread over the whole live fleet
     assert 30.0 <= daemon.poll_delay() <= 90.0
     daemon.free_slots = [0]
-    daemon.fleet_idle = daemon.fleet_live = 8
-    assert all(daemon.claims_on_notice() for _ in range(100)) and daemon.poll_delay() == 2.0
+    daemon.fleet.idle = daemon.fleet.live = 8
+    assert all(daemon.fleet.claims_on_notice() for _ in range(100)) and daemon.poll_delay() == 2.0
     old, _ = make(tmp_path, claim_spread=0)
-    old.settings = replace(old.settings, poll_seconds=2.0)
-    old.fleet_idle = old.fleet_live = 1000
-    assert all(old.claims_on_notice() for _ in range(100)) and old.poll_delay() == 2.0
+    old.settings = old.fleet.settings = replace(old.settings, poll_seconds=2.0)
+    old.fleet.idle = old.fleet.live = 1000
+    assert all(old.fleet.claims_on_notice() for _ in range(100)) and old.poll_delay() == 2.0
 
 
 @pytest.mark.anyio
@@ -239,4 +239,4 @@ async def test_a_registered_worker_reads_the_fleet_size_at_its_poll(tmp_path: Pa
     with anyio.fail_after(10):
         await daemon.serve()
     # read while it ran its job: its registry row (renewed every 0.02 s) had no free slot
-    assert (daemon.fleet_idle, daemon.fleet_live) == (0, 1)
+    assert (daemon.fleet.idle, daemon.fleet.live) == (0, 1)

@@ -28,12 +28,12 @@ RANKS = {
     "client_requests": 2,  # the client's round trip of a request: psycopg and sql/client.sql (db.q)
     "client": 3,  # PostgresML's OpenSourceAI (pgml_tuned.OpenSourceAI loads it lazily)
     "files": 2,
-    "jobs": 3,
     "models": 4,
     # the child process
     "child": 4,
     "child.events": 4,
     "child.uploader": 4,
+    "child.writes": 4,
     "child.store": 5,
     "child.dist": 5,
     "child.context": 6,
@@ -56,13 +56,15 @@ RANKS = {
     "worker": 4,
     "worker.scratch": 3,
     "worker.process": 4,
-    "worker.backend": 4,
-    "worker.fleet": 4,
+    "worker.backend": 4,  # the Backend interface
     "worker.gang": 4,
-    "worker.metrics": 5,
+    "worker.pg": 5,  # the Backend in PostgreSQL: the worker's statements
+    "worker.fleet": 5,
     "worker.serving": 5,
     "worker.attempt": 5,
-    "worker.daemon": 6,
+    "worker.metrics": 6,
+    "worker.heartbeat": 6,
+    "worker.daemon": 7,
     # the serving process (beside the child and the worker: neither imports it)
     "serving": 4,
     "serving.requests": 4,

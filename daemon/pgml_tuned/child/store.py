@@ -3,7 +3,8 @@ and fenced write a job makes — the training rows, log rows, checkpoints, store
 
 Every statement is a ticketed pgml._child_* function (migration 0010): the child's login may read its own job's
 rows and the models its submitter may start from, and write its own job's logs, checkpoints and results — nothing
-else. Writes go through jobs.py (a refused ticket is LeaseLost: another attempt owns the job now, or it ended).
+else. Reads are sent from here; the writes are the fenced transactions of writes.py, run here with retries (a
+refused ticket is LeaseLost: another attempt owns the job now, or it ended).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from .. import files, jobs
+from .. import files
 from ..db import RETRYABLE, Row, backoff_delays, q, sync_connect
 from ..errors import JobError
+from . import writes
 from .events import Events
 
 T = TypeVar("T")
@@ -65,7 +67,7 @@ class JobStore:
         self.events = events
         self.workdir = workdir
         self._conn: psycopg.Connection[Any] | None = None
-        self._pending: list[jobs.LogRow] = []
+        self._pending: list[writes.LogRow] = []
         self._seq = 0
         self._finished = False  # the job's final transaction committed: no more log rows (the ticket is spent)
         self._rate_origin: tuple[float, float] | None = None  # (step, time) of this attempt's first log
@@ -87,7 +89,7 @@ class JobStore:
         deadline = time.monotonic() + DB_RETRY_SECONDS
         for delay in backoff_delays(first=0.1, cap=5.0):
             try:
-                with jobs.fenced(self.job_id):
+                with writes.fenced(self.job_id):
                     return fn(self.conn())
             except RETRYABLE as e:
                 self._conn = None
@@ -171,7 +173,7 @@ class JobStore:
         seq = self._next_seq()
         entry = {"message": message, "from_step": step}
         moved = self.with_retry(
-            "recording the resume", lambda c: jobs.resume(c, self.job_id, self.ticket, step, seq, entry)
+            "recording the resume", lambda c: writes.resume(c, self.job_id, self.ticket, step, seq, entry)
         )
         self.events.info(message, from_step=step, superseded=moved)
 
@@ -179,7 +181,7 @@ class JobStore:
         """Store checkpoint directory `src` in one fenced transaction; keep the newest `keep`."""
         t0 = time.monotonic()
         n_files, n_bytes = self.with_retry(
-            "storing a checkpoint", lambda c: jobs.store_checkpoint(c, self.job_id, self.ticket, step, src, keep)
+            "storing a checkpoint", lambda c: writes.store_checkpoint(c, self.job_id, self.ticket, step, src, keep)
         )
         seconds = time.monotonic() - t0
         self.note(
@@ -229,7 +231,7 @@ class JobStore:
         progress = progress_of([e for _, kind, e in batch if kind == "train"], self._progress)
 
         def write(conn: psycopg.Connection[Any]) -> None:
-            jobs.append_logs(conn, self.job_id, self.ticket, batch, progress)
+            writes.append_logs(conn, self.job_id, self.ticket, batch, progress)
 
         if wait:
             self.with_retry("writing logs", write)
@@ -246,7 +248,7 @@ class JobStore:
         """The staging table (in schema pgml) this attempt loads its rows into."""
         with refusals_as_job_errors():
             return self.with_retry(
-                "creating the staging table", lambda c: jobs.begin_dataset(c, self.job_id, self.ticket, names, types)
+                "creating the staging table", lambda c: writes.begin_dataset(c, self.job_id, self.ticket, names, types)
             )
 
     def copy_csv(self, table: str, names: list[str], chunks: Callable[[], Iterable[tuple[bytes, int]]]) -> int:
@@ -274,13 +276,14 @@ class JobStore:
         """The job's output table, emptied when `restart` (an attempt's rows replace an earlier attempt's)."""
         with refusals_as_job_errors():
             return self.with_retry(
-                "creating the output table", lambda c: jobs.write_predictions(c, self.job_id, self.ticket, [], restart)
+                "creating the output table",
+                lambda c: writes.write_predictions(c, self.job_id, self.ticket, [], restart),
             )
 
     def write_predictions(self, rows: list[tuple[str, str, float]]) -> None:
         with refusals_as_job_errors():
             self.with_retry(
-                "writing predictions", lambda c: jobs.write_predictions(c, self.job_id, self.ticket, rows, False)
+                "writing predictions", lambda c: writes.write_predictions(c, self.job_id, self.ticket, rows, False)
             )
 
     def finish_dataset(self, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -288,14 +291,14 @@ class JobStore:
         self.flush_logs()
         seq = self._next_seq()
 
-        def report(result: dict[str, Any]) -> jobs.LogRow:
+        def report(result: dict[str, Any]) -> writes.LogRow:
             seconds = f" in {metrics['seconds']:.2f} s" if isinstance(metrics.get("seconds"), int | float) else ""
             return seq, "info", {"message": f"loaded {rows} rows into {result['table_name']}{seconds}", **result}
 
         with refusals_as_job_errors():
             result = self.with_retry(
                 "storing the dataset",
-                lambda c: jobs.finish_dataset(c, self.job_id, self.ticket, rows, metrics, report),
+                lambda c: writes.finish_dataset(c, self.job_id, self.ticket, rows, metrics, report),
             )
         self._finished = True
         self.events.info(report(result)[2]["message"], table_name=result.get("table_name"), rows=rows)
@@ -308,13 +311,13 @@ class JobStore:
         metrics = {k: number(v) for k, v in metrics.items()}
         seq = self._next_seq()
 
-        def report(n_files: int, n_bytes: int) -> jobs.LogRow:
+        def report(n_files: int, n_bytes: int) -> writes.LogRow:
             message = f"stored {n_files} files ({n_bytes / 1e6:.1f} MB) in pgml.files for model {self.model_id}"
             return seq, "info", {"message": message, "files": n_files, "bytes": n_bytes}
 
         n_files, n_bytes = self.with_retry(
             "storing the model",
-            lambda c: jobs.succeed(c, self.job_id, self.ticket, model_dir, metrics, base_model, report),
+            lambda c: writes.succeed(c, self.job_id, self.ticket, model_dir, metrics, base_model, report),
         )
         self._finished = True
         _, _, entry = report(n_files, n_bytes)

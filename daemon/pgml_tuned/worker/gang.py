@@ -29,6 +29,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Settings
+from ..states import Claim, requested_nodes
+
 POLL_SECONDS = 0.1  # how often the leader and the members look at a forming gang
 
 
@@ -58,6 +61,20 @@ class Plan:
     form_seconds: float
     silent_seconds: float
     address: str = "127.0.0.1"  # the leader's: where its rank 0 hosts the rendezvous (a member's is in its Claim)
+
+    @classmethod
+    def of(cls, claim: Claim, settings: Settings) -> Plan | None:
+        """This worker's part in the job it claimed or joined; None for a job on one host."""
+        nodes = requested_nodes(claim.hyperparams)
+        if nodes <= 1:
+            return None
+        return cls(
+            node=claim.node,
+            nodes=nodes,
+            form_seconds=settings.gang_seconds,
+            silent_seconds=2 * settings.heartbeat_seconds + 1,
+            address=settings.gang_address or default_address(),
+        )
 
     @property
     def leader(self) -> bool:

@@ -27,6 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+
+from .. import logconfig
+
+log = logconfig.get("pgml_tuned.daemon")
+
 # an attempt's directory; ".job…" is one being created (made, locked, then renamed to its visible name), and
 # "child-…" the name an attempt directory had before (a leftover of an older version)
 ATTEMPT_DIR = re.compile(r"^(?:\.?job\d+-a\d+-[A-Za-z0-9_]+|child-[A-Za-z0-9_]+)$")
@@ -102,6 +108,20 @@ def sweep(scratch: Path) -> list[tuple[str, int]]:
         finally:
             os.close(fd)
     return removed
+
+
+async def sweep_leftovers(scratch: Path) -> None:
+    """sweep() when a daemon starts (in a thread), saying what it removed: the scratch directories of attempts of
+    a killed daemon (or child) that no living process holds."""
+    removed = await anyio.to_thread.run_sync(sweep, scratch)
+    if removed:
+        log.info(
+            "daemon.scratch_removed",
+            message=f"removed {len(removed)} scratch director{'y' if len(removed) == 1 else 'ies'} of jobs "
+            f"no process runs any more ({sum(b for _, b in removed) / 1e6:.1f} MB) from {scratch}",
+            directories=[name for name, _ in removed],
+            bytes=sum(b for _, b in removed),
+        )
 
 
 def tree_bytes(root: Path) -> int:
