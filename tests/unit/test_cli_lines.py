@@ -7,7 +7,7 @@ import decimal
 import io
 from typing import Any
 
-from pgml_tuned.cli import LiveLines, final_line, key_metric, progress_line
+from pgml_tuned.cli.output import LiveLines, final_line, key_metric, progress_line
 
 
 def job(**kw: Any) -> dict[str, Any]:

@@ -76,7 +76,16 @@ RANKS = {
     "demo": 8,
     "dashboard": 8,
     "dashboard.server": 8,
-    "cli": 9,
+    "cli.dsn": 9,  # the database a command talks to, CliError, sql/cli.sql
+    "cli.output": 9,
+    "cli.jobs": 10,
+    "cli.models": 10,
+    "cli.admin": 10,
+    "cli.services": 10,
+    "cli.parser": 11,
+    "cli.app": 12,
+    "cli": 13,
+    "cli.__main__": 13,
 }
 
 
