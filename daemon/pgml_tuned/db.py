@@ -1,7 +1,7 @@
 """Connections, the SQL files, migrations and the one retry helper.
 
-- `q(name)`: a named statement of sql/queries.sql (`-- name: claim_job` blocks); `migrations()`: the files of
-  sql/migrations in order. SQL lives in those files, never in Python strings that build schema.
+- `q(name)`: a named statement of sql/queries.sql (`-- name: claim_job` blocks) or of another file of sql/;
+  `migrate()`: the files sql/install.sql lists, migrations once, functions every time. SQL lives in those files.
 - `Pool`: the worker's connection pool. Every statement is a short autocommit transaction of its own; a
   connection found broken is replaced; `retrying()` retries a statement through server restarts.
   LISTEN keeps a dedicated connection of its own (worker/backend.py), never a pooled one.
@@ -42,7 +42,6 @@ from . import logconfig, secrets
 log = logconfig.get("pgml_tuned.db")
 
 
-
 def _sql_dir() -> Path:
     """sql/: inside the package when installed from a wheel (pyproject maps pgml_tuned.sql to the repository's
     top-level sql/), at the top of the checkout when running from source or an editable install."""
@@ -80,10 +79,23 @@ def q(name: str, file: str = "queries.sql") -> str:
         raise KeyError(f"no query named {name!r} in {SQL_DIR / file}") from None
 
 
+_INCLUDE = re.compile(r"^\\ir\s+((?:migrations|functions)/\S+)\s*$", re.M)  # not pending.psql: psql's own
+
+
+def install_files() -> list[Path]:
+    """The files sql/install.sql includes, in its order: the functions tables' constraints call, migrations/, then
+    the other files of functions/ (grants last)."""
+    return [SQL_DIR / name for name in _INCLUDE.findall((SQL_DIR / "install.sql").read_text())]
+
+
+def is_migration(file: Path) -> bool:
+    """A one-time change (applied once, recorded), as against a file of functions/ (applied by every migrate)."""
+    return file.parent.name == "migrations"
+
+
 def migrations() -> list[tuple[str, str]]:
     """(version, sql) of every migration, in order."""
-    files = sorted((SQL_DIR / "migrations").glob("[0-9][0-9][0-9][0-9]_*.sql"))
-    return [(f.stem, f.read_text()) for f in files]
+    return [(f.stem, f.read_text()) for f in install_files() if is_migration(f)]
 
 
 # ---- connections ----
@@ -373,7 +385,7 @@ async def local_sealing_key(admin_dsn: str, keyring: Path) -> str | None:
     administrator does the same with `pgml-tuned keys generate` / `keys register`; a worker never does.
     Returns the new key's id, or None when a key is active already."""
     async with await connect(admin_dsn, app="pgml-tuned setup") as conn:
-        row = await (await conn.execute("SELECT key_id FROM pgml.sealing_keys WHERE active")).fetchone()
+        row = await (await conn.execute(q("active_sealing_key", file="migrate.sql"))).fetchone()
         if row:
             return None
         key = await anyio.to_thread.run_sync(_new_local_key, keyring)  # key generation and files: blocking
@@ -388,32 +400,30 @@ def _new_local_key(keyring: Path) -> Any:
 
 
 async def migrate(dsn: str) -> list[str]:
-    """Apply every migration not yet recorded in pgml.schema_migrations; return the versions applied.
+    """Apply the files sql/install.sql lists, in its order: every migration not yet recorded in
+    pgml.schema_migrations, every file of sql/functions; return the versions of the migrations applied.
 
-    Each file runs in its own transaction, which first takes a transaction-level advisory lock and looks again
-    whether the file was applied: concurrent runs serialize, through a transaction pooler too (a session-level
-    lock could be taken on one server connection and released on another).
+    All of it is one transaction, which first takes a transaction-level advisory lock and then reads which
+    migrations were applied: concurrent runs serialize (through a transaction pooler too), and a database is never
+    left between two versions. The functions, views, triggers and grants are applied every time (CREATE OR
+    REPLACE), so each has one definition, in sql/functions, and an upgraded database gets the same as a new one.
     """
     applied: list[str] = []
-    async with await connect(dsn, autocommit=True, app="pgml-tuned migrate") as conn:
+    async with await connect(dsn, autocommit=True, app="pgml-tuned migrate") as conn, conn.transaction():
+        await conn.execute(q("migrate_lock", file="migrate.sql"))
         done = await _migrations_done(conn)
-        for version, text in migrations():
-            if version in done:
+        for file in install_files():
+            if is_migration(file) and file.stem in done:
                 continue
-            async with conn.transaction():
-                await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgml-tuned migrate'))")
-                if version in await _migrations_done(conn):
-                    continue  # another run applied it meanwhile
-                await conn.execute(text.encode())  # a whole file: no parameters, several statements
-                await conn.execute(
-                    "INSERT INTO pgml.schema_migrations (version) VALUES (%s) ON CONFLICT DO NOTHING", (version,)
-                )
-            applied.append(version)
+            await conn.execute(file.read_text().encode())  # a whole file: no parameters, several statements
+            if is_migration(file):
+                await conn.execute(q("migration_record", file="migrate.sql"), {"version": file.stem})
+                applied.append(file.stem)
     return applied
 
 
 async def _migrations_done(conn: psycopg.AsyncConnection[DictRow]) -> set[str]:
-    exists = await (await conn.execute("SELECT pg_catalog.to_regclass('pgml.schema_migrations') AS t")).fetchone()
-    if not (exists and exists["t"]):
+    present = await (await conn.execute(q("migrations_table", file="migrate.sql"))).fetchone()
+    if not (present and present["present"]):
         return set()
-    return {r["version"] for r in await (await conn.execute("SELECT version FROM pgml.schema_migrations")).fetchall()}
+    return {r["version"] for r in await (await conn.execute(q("migrations_done", file="migrate.sql"))).fetchall()}

@@ -115,28 +115,4 @@ CREATE TABLE IF NOT EXISTS pgml.job_events (
 );
 CREATE INDEX IF NOT EXISTS job_events_job_idx ON pgml.job_events (job_id, id);
 
-CREATE OR REPLACE FUNCTION pgml._job_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status OR NEW.attempt IS DISTINCT FROM OLD.attempt THEN
-        INSERT INTO pgml.job_events (job_id, attempt, worker, old_status, new_status, lease_expires_at)
-        VALUES (NEW.id, NEW.attempt, NEW.worker, CASE WHEN TG_OP = 'UPDATE' THEN OLD.status END,
-                NEW.status, NEW.lease_expires_at);
-        -- clients LISTEN pgml_job_status to follow jobs without polling
-        PERFORM pg_notify('pgml_job_status', json_build_object('id', NEW.id, 'status', NEW.status,
-                                                               'attempt', NEW.attempt)::text);
-    END IF;
-    -- the model row follows its job: one place keeps them consistent
-    IF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status
-       AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
-        UPDATE pgml.models SET status = CASE NEW.status WHEN 'succeeded' THEN 'successful' ELSE NEW.status END,
-                               updated_at = clock_timestamp()
-        WHERE id = NEW.model_id;
-    END IF;
-    RETURN NULL;
-END $$;
-
-DROP TRIGGER IF EXISTS jobs_changed ON pgml.jobs;
-CREATE TRIGGER jobs_changed AFTER INSERT OR UPDATE OF status, attempt ON pgml.jobs
-    FOR EACH ROW EXECUTE FUNCTION pgml._job_changed();
-
 INSERT INTO pgml.schema_migrations (version) VALUES ('0001_schema') ON CONFLICT DO NOTHING;

@@ -1,0 +1,736 @@
+-- Submitting a job: pgml.tune() and the checks it runs in SQL (task, columns, limits, resources, training_args), the rows copied into a job table, the tune_requests view the guide inserts into.
+--
+-- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
+-- definition here, and only here. Grants are in 90_grants.sql.
+
+CREATE OR REPLACE FUNCTION pgml._fail(message text, hint text, code text DEFAULT 'invalid_parameter_value')
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING MESSAGE = message, HINT = hint, ERRCODE = code;
+END $$;
+
+-- 0007_limits: bounds every submitted job must respect, checked as the job row is written (by pgml.tune()
+-- or any later entry point), so nothing out of bounds is ever queued. Plain SQL, idempotent, runnable with psql.
+
+CREATE OR REPLACE FUNCTION pgml._check_job_limits() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_bytes integer := octet_length(NEW.hyperparams::text);
+BEGIN
+    IF v_bytes > 65536 THEN
+        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+            MESSAGE = format('hyperparams is %s bytes of JSON; at most 65536 are accepted', v_bytes),
+            HINT = 'hyperparams holds settings; put data in the relation the job trains on';
+    END IF;
+    IF NEW.max_attempts > 20 THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('max_attempts %s is more than 20', NEW.max_attempts),
+            HINT = 'max_attempts counts workers lost mid-job; a few (the default is 3) is plenty';
+    END IF;
+    RETURN NEW;
+END $$;
+
+-- Inserts are calls: INSERT INTO pgml.tune_requests (...) VALUES (...) RETURNING job_id queues exactly as
+-- pgml.tune() does (same checks, same snapshot, same submitter), for clients that can only write rows.
+CREATE OR REPLACE VIEW pgml.tune_requests AS
+SELECT NULL::text AS project_name, NULL::text AS task, NULL::text AS relation_name, NULL::text AS y_column_name,
+       NULL::text AS model_name, NULL::jsonb AS hyperparams, NULL::double precision AS test_size,
+       NULL::text AS test_sampling, NULL::boolean AS automatic_deploy, NULL::boolean AS materialize_snapshot,
+       NULL::integer AS max_attempts, NULL::integer AS priority,
+       NULL::bigint AS job_id, NULL::text AS status, NULL::bigint AS project_id, NULL::bigint AS model_id
+WHERE false;
+
+-- END training_arg_types
+
+-- pgml._check_column: as in 0003, each pgml._fail a RAISE
+CREATE OR REPLACE FUNCTION pgml._check_column(rel regclass, arg text, col text, want_text boolean)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    typ_category "char";
+    typ_name text;
+    available text;
+BEGIN
+    SELECT t.typcategory, format_type(a.atttypid, a.atttypmod) INTO typ_category, typ_name
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO available
+        FROM pg_attribute WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped;
+        RAISE EXCEPTION USING MESSAGE = format('column %L (dataset_args.%s) does not exist in %s', col, arg, rel),
+            HINT = format('columns of %s are: %s. Set "dataset_args": {"%s": "<column>"} in hyperparams.',
+                   rel, coalesce(available, '(none)'), arg),
+            ERRCODE = 'undefined_column';
+    END IF;
+    IF want_text AND typ_category <> 'S' THEN
+        RAISE EXCEPTION USING MESSAGE = format('column %L (dataset_args.%s) of %s has type %s, but it must hold text',
+                                  col, arg, rel, typ_name),
+            HINT = format('cast it in a view, e.g. CREATE VIEW v AS SELECT %I::text AS %I, ... FROM %s', col, col, rel),
+            ERRCODE = 'datatype_mismatch';
+    END IF;
+END $$;
+
+-- pgml._submit: as in 0009, each pgml._fail a RAISE
+CREATE OR REPLACE FUNCTION pgml._submit(
+    project_name         text,
+    task                 text,
+    relation_name        text,
+    y_column_name        text,
+    model_name           text,
+    hyperparams          jsonb,
+    test_size            double precision,
+    test_sampling        text,
+    automatic_deploy     boolean,
+    materialize_snapshot boolean,
+    max_attempts         integer,
+    priority             integer,
+    caller_search_path   text,
+    rel                  oid,   -- relation_name as the caller resolved it (NULL: not found)
+    rel_error            text   -- why the caller could not resolve it, if it could not
+) RETURNS TABLE (job_id bigint, project_id bigint, model_id bigint, relation text, columns text[])
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_task     text := _submit.task;
+    v_project  pgml.projects;
+    v_rel      regclass;
+    v_relkind  "char";
+    v_schema   text;
+    v_table    text;
+    v_hp       jsonb := coalesce(_submit.hyperparams, '{}');
+    v_clean    jsonb;
+    v_secrets  jsonb;
+    v_sealed   text;
+    v_dargs    jsonb;
+    v_taskrow  pgml.tasks;
+    v_arg      text;
+    v_col      text;
+    v_model_id bigint;
+    v_job_id   bigint;
+    v_known    text;
+    v_cols     text[] := '{}';
+    v_admin    boolean := pg_has_role(session_user, 'pgml_admin', 'MEMBER');
+    v_relname  text;
+    v_cred     text;
+    v_bad      record;
+BEGIN
+    -- project and task
+    IF project_name IS NULL OR btrim(project_name) = '' THEN
+        RAISE EXCEPTION USING MESSAGE = 'project_name is required',
+            HINT = 'pass a name, e.g. pgml.tune(''my_project'', ...)',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_project FROM pgml.projects p WHERE p.name = project_name AND p.owner = session_user;
+    IF v_task IS NULL THEN
+        v_task := v_project.task;
+        IF v_task IS NULL THEN
+            RAISE EXCEPTION USING MESSAGE = format('task is required: project %L does not exist yet', project_name),
+                HINT = 'pass task => ''text-classification'' (or another task in pgml.tasks)',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    SELECT * INTO v_taskrow FROM pgml.tasks t WHERE t.name = v_task;
+    IF NOT FOUND THEN
+        SELECT string_agg(quote_literal(t.name), ', ' ORDER BY t.name) INTO v_known FROM pgml.tasks t;
+        RAISE EXCEPTION USING MESSAGE = format('unknown task %L', v_task),
+            HINT = format('tasks are: %s', v_known),
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_taskrow.admin_only AND NOT v_admin THEN
+        RAISE EXCEPTION USING MESSAGE = format('task %L is a diagnostic task for administrators', v_task),
+            HINT = format('a member of pgml_admin may run it (GRANT pgml_admin TO %I)', session_user),
+            ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF priority > 0 AND NOT v_admin THEN
+        RAISE EXCEPTION USING MESSAGE = format('priority %s: a priority above 0 is for administrators', priority),
+            HINT = 'leave priority out (0), or ask a member of pgml_admin to raise it',
+            ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF v_project.task IS NOT NULL AND v_project.task <> v_task THEN
+        RAISE EXCEPTION USING MESSAGE = format('project %L is a %s project, not %s', project_name, v_project.task, v_task),
+            HINT = 'use another project_name for another task',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- hyperparams
+    IF jsonb_typeof(v_hp) <> 'object' THEN
+        RAISE EXCEPTION USING MESSAGE = format('hyperparams must be a JSON object, got a JSON %s', jsonb_typeof(v_hp)),
+            HINT = 'e.g. hyperparams => ''{"training_args": {"num_train_epochs": 1}}''',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR v_arg IN SELECT k FROM jsonb_object_keys(v_hp) k
+                 WHERE k <> ALL (v_taskrow.hyperparams || pgml._secret_keys() || 'hub_credential'::text) LOOP
+        RAISE EXCEPTION USING MESSAGE = format('unknown hyperparams key %L for task %s', v_arg, v_task),
+            HINT = format('keys for %s are: %s', v_task, array_to_string(v_taskrow.hyperparams, ', ')),
+            ERRCODE = 'invalid_parameter_value';
+    END LOOP;
+    FOREACH v_arg IN ARRAY ARRAY['training_args', 'dataset_args', 'lora_config'] LOOP
+        IF v_hp ? v_arg AND jsonb_typeof(v_hp -> v_arg) <> 'object' THEN
+            RAISE EXCEPTION USING MESSAGE = format('hyperparams.%s must be a JSON object, got a JSON %s', v_arg,
+                                      jsonb_typeof(v_hp -> v_arg)),
+                HINT = format('e.g. "%s": {"key": "value"}', v_arg),
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    -- training_args values of the types transformers declares for them (pgml.training_arg_types): found here,
+    -- not as "could not convert string to float" in the worker
+    SELECT a.key, a.value, t.python_type, t.json_types, t.example INTO v_bad
+    FROM jsonb_each(CASE WHEN jsonb_typeof(v_hp -> 'training_args') = 'object' THEN v_hp -> 'training_args'
+                         ELSE '{}' END) a
+    JOIN pgml.training_arg_types t ON t.key = a.key
+    WHERE NOT (jsonb_typeof(a.value) = ANY (t.json_types)
+               OR (jsonb_typeof(a.value) = 'number' AND 'integer' = ANY (t.json_types)
+                   AND (a.value #>> '{}')::numeric = trunc((a.value #>> '{}')::numeric)))
+    ORDER BY a.key LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION USING
+            MESSAGE = format('training_args.%s must be %s, not %s', v_bad.key,
+                (SELECT string_agg(CASE k WHEN 'integer' THEN 'a whole number' WHEN 'number' THEN 'a number'
+                                          WHEN 'boolean' THEN 'true or false' WHEN 'string' THEN 'a string'
+                                          WHEN 'object' THEN 'a JSON object' WHEN 'array' THEN 'a JSON array'
+                                          ELSE 'null' END, ' or ' ORDER BY o)
+                 FROM unnest(v_bad.json_types) WITH ORDINALITY AS u (k, o)),
+                CASE WHEN v_bad.key = ANY (pgml._secret_keys()) THEN 'a JSON ' || jsonb_typeof(v_bad.value)
+                     WHEN jsonb_typeof(v_bad.value) = 'string' THEN 'the string ' || left(v_bad.value::text, 60)
+                     ELSE left(v_bad.value::text, 60) END),
+            HINT = format('transformers.TrainingArguments declares %s: %s. Write it as JSON, e.g. "%s": %s',
+                          v_bad.key, v_bad.python_type, v_bad.key, v_bad.example),
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_hp ? 'max_seq_length' AND NOT (jsonb_typeof(v_hp -> 'max_seq_length') = 'number'
+            AND (v_hp ->> 'max_seq_length')::numeric = trunc((v_hp ->> 'max_seq_length')::numeric)
+            AND (v_hp ->> 'max_seq_length')::numeric >= 1) THEN
+        RAISE EXCEPTION USING
+            MESSAGE = format('hyperparams.max_seq_length must be a whole number of tokens, at least 1, not %s',
+                             left((v_hp -> 'max_seq_length')::text, 60)),
+            HINT = 'e.g. "max_seq_length": 256 (at most the model''s own limit: the job fails before training above it)',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- test split
+    IF test_size IS NULL OR test_size <= 0 OR test_size = 1 OR (test_size > 1 AND test_size <> trunc(test_size))
+    THEN
+        RAISE EXCEPTION USING MESSAGE = format('test_size %s is out of range', coalesce(test_size::text, 'NULL')),
+            HINT = 'use a fraction between 0 and 1 (0.2 = 20% of rows for evaluation) or a whole row count of at least 2',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF test_sampling IS NULL OR test_sampling NOT IN ('last', 'random', 'stratified') THEN
+        RAISE EXCEPTION USING MESSAGE = format('unknown test_sampling %L', test_sampling),
+            HINT = 'use ''last'' (relation order), ''random'' or ''stratified'' (by class)',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF model_name IS NULL OR btrim(model_name) = '' THEN
+        RAISE EXCEPTION USING MESSAGE = 'model_name is required',
+            HINT = 'pass a Hugging Face model id, a directory on the workers, or pgml:<project> / pgml:model:<id>',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_attempts IS NULL OR max_attempts < 1 THEN
+        RAISE EXCEPTION USING MESSAGE = 'max_attempts must be at least 1',
+            HINT = 'max_attempts => 3 retries a job whose worker died',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- relation and columns
+    IF v_task <> 'noop' OR relation_name IS NOT NULL THEN
+        IF relation_name IS NULL OR btrim(relation_name) = '' THEN
+            RAISE EXCEPTION USING MESSAGE = 'relation_name is required',
+                HINT = 'pass the table or view to train on, e.g. ''public.reviews''',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF rel_error IS NOT NULL THEN
+            RAISE EXCEPTION USING MESSAGE = format('relation_name %L is not a valid relation name: %s', relation_name, rel_error),
+                HINT = 'write schema.table, double-quoting names that need it: ''"My Schema"."My Table"''',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_rel := rel;
+        IF v_rel IS NULL THEN
+            RAISE EXCEPTION USING MESSAGE = format('relation %L does not exist', relation_name),
+                HINT = 'check the spelling and schema (search_path is ' || coalesce(caller_search_path, '') || ')',
+                ERRCODE = 'undefined_table';
+        END IF;
+        SELECT c.relkind, n.nspname, c.relname INTO v_relkind, v_schema, v_table
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = v_rel;
+        IF v_relkind NOT IN ('r', 'v', 'm', 'p', 'f') THEN
+            RAISE EXCEPTION USING MESSAGE = format('%s is not a table or view', v_rel),
+                HINT = 'pass a table, view or materialized view',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT has_table_privilege(session_user, v_rel, 'SELECT') THEN
+            RAISE EXCEPTION USING MESSAGE = format('permission denied: %s may not SELECT from %s', session_user, v_rel),
+                HINT = format('GRANT SELECT ON %s TO %I', v_rel, session_user),
+                ERRCODE = 'insufficient_privilege';
+        END IF;
+        v_relname := format('%I.%I', v_schema, v_table);
+        v_dargs := coalesce(v_hp -> 'dataset_args', '{}');
+        FOR v_arg, v_col IN SELECT key, value FROM jsonb_each_text(v_taskrow.required_columns) LOOP
+            v_col := coalesce(v_dargs ->> v_arg, CASE WHEN v_arg = 'class_column' THEN y_column_name END, v_col);
+            IF v_col IS NULL THEN
+                RAISE EXCEPTION USING MESSAGE = format('dataset_args.%s is required for task %s', v_arg, v_task),
+                    HINT = format('set "dataset_args": {"%s": "<column>"} in hyperparams (or y_column_name)', v_arg),
+                    ERRCODE = 'invalid_parameter_value';
+            END IF;
+            PERFORM pgml._check_column(v_rel, v_arg, v_col, v_arg = ANY (v_taskrow.text_columns));
+            v_cols := v_cols || v_col;
+        END LOOP;
+        FOREACH v_arg IN ARRAY v_taskrow.optional_columns LOOP
+            IF v_dargs ? v_arg THEN
+                PERFORM pgml._check_column(v_rel, v_arg, v_dargs ->> v_arg, v_arg = ANY (v_taskrow.text_columns));
+                v_cols := v_cols || (v_dargs ->> v_arg);
+            END IF;
+        END LOOP;
+        IF y_column_name IS NOT NULL AND NOT v_dargs ? 'class_column' AND v_taskrow.required_columns ? 'class_column'
+        THEN
+            v_hp := jsonb_set(v_hp, '{dataset_args}', v_dargs || jsonb_build_object('class_column', y_column_name));
+        END IF;
+    END IF;
+
+    -- secrets: a named credential the caller may use (recorded by name), or inline tokens sealed for this job
+    -- and this submitter with the active sealing key; removed from everything stored in clear
+    SELECT s.clean, s.secrets INTO v_clean, v_secrets FROM pgml._split_secrets(v_hp) s;
+    IF v_clean ? 'hub_credential' THEN
+        IF jsonb_typeof(v_clean -> 'hub_credential') <> 'string' THEN
+            RAISE EXCEPTION USING MESSAGE = 'hyperparams.hub_credential must be a credential name (a JSON string)',
+                HINT = 'e.g. "hub_credential": "my-org-token"',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+        v_cred := v_clean ->> 'hub_credential';
+        v_clean := v_clean - 'hub_credential';
+        IF v_secrets <> '{}' THEN
+            RAISE EXCEPTION USING MESSAGE = 'hyperparams has both hub_credential and an inline token',
+                HINT = 'pass one: "hub_credential": "<name>" (recommended) or the token',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pgml.credentials c WHERE c.name = v_cred) THEN
+            RAISE EXCEPTION USING MESSAGE = format('unknown credential %L', v_cred),
+                HINT = format('an administrator creates it on the workers and allows it: SELECT pgml.allow_credential(%L, %L)',
+                       v_cred, session_user),
+                ERRCODE = 'undefined_object';
+        END IF;
+        IF NOT pgml._may_use_credential(session_user, v_cred) THEN
+            RAISE EXCEPTION USING MESSAGE = format('permission denied: %s may not use credential %L', session_user, v_cred),
+                HINT = format('ask an administrator: SELECT pgml.allow_credential(%L, %L)', v_cred, session_user),
+                ERRCODE = 'insufficient_privilege';
+        END IF;
+    END IF;
+    v_job_id := nextval(pg_get_serial_sequence('pgml.jobs', 'id'));
+    IF v_secrets <> '{}' THEN
+        v_sealed := pgml._seal(v_secrets, v_job_id, session_user);
+    END IF;
+
+    INSERT INTO pgml.projects AS p (name, task, owner) VALUES (project_name, v_task, session_user)
+    ON CONFLICT (owner, name) DO UPDATE SET updated_at = clock_timestamp()
+    RETURNING * INTO v_project;
+
+    INSERT INTO pgml.models (project_id, task, model_name, relation_name, hyperparams, owner)
+    VALUES (v_project.id, v_task, _submit.model_name, _submit.relation_name, v_clean, session_user)
+    RETURNING id INTO v_model_id;
+
+    -- 'submitting': invisible to workers until pgml._submitted() has seen the rows arrive
+    INSERT INTO pgml.jobs (id, project_id, model_id, task, relation_name, relation_schema, relation_table,
+                           model_name, test_size, test_sampling, hyperparams, secrets, credential, priority,
+                           max_attempts, status, submitted_by, snapshot_columns, keep_snapshot)
+    VALUES (v_job_id, v_project.id, v_model_id, v_task, _submit.relation_name, v_schema, v_table,
+            _submit.model_name, _submit.test_size, _submit.test_sampling, v_clean, v_sealed, v_cred,
+            _submit.priority, _submit.max_attempts, 'submitting', session_user,
+            CASE WHEN v_relname IS NOT NULL THEN v_cols END, coalesce(materialize_snapshot, false));
+
+    RETURN QUERY SELECT v_job_id, v_project.id, v_model_id, v_relname, v_cols;
+END $$;
+
+-- pgml._tune_request (INSERT INTO pgml.tune_requests): as in 0008, raised again at its level too (not pinned:
+-- it passes the inserter's search_path on)
+CREATE OR REPLACE FUNCTION pgml._tune_request() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v_msg    text;
+    v_detail text;
+    v_hint   text;
+    v_code   text;
+BEGIN
+    SELECT * INTO r FROM pgml.tune(
+        NEW.project_name, NEW.task, NEW.relation_name, NEW.y_column_name, NEW.model_name,
+        COALESCE(NEW.hyperparams, '{}'::jsonb), COALESCE(NEW.test_size, 0.25::float8),
+        COALESCE(NEW.test_sampling, 'stratified'::text), COALESCE(NEW.automatic_deploy, true),
+        COALESCE(NEW.materialize_snapshot, false), COALESCE(NEW.max_attempts, 3),
+        COALESCE(NEW.priority, 0), pg_catalog.current_setting('search_path'));
+    NEW.job_id := r.job_id;
+    NEW.status := r.status;
+    NEW.project_id := r.project_id;
+    NEW.model_id := r.model_id;
+    RETURN NEW;
+EXCEPTION WHEN OTHERS THEN
+    -- raised again here, where the caller's statement is: psql shows the message, its HINT and this one CONTEXT
+    -- line, not the internal calls that found the problem. An error without a HINT (an unexpected one) keeps
+    -- its whole context.
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' THEN
+        RAISE;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+-- One check for every way a job is queued: 0022's BEFORE INSERT trigger on pgml.jobs parses resources with
+-- pgml._job_resources, which now validates through pgml._check_resources first (what this worker can run: up to 64
+-- GPUs or CPU processes of one host, not both).
+CREATE OR REPLACE FUNCTION pgml._job_resources(hyperparams jsonb, OUT gpus integer, OUT procs integer,
+                                               OUT nodes integer)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r jsonb := hyperparams -> 'resources';
+BEGIN
+    PERFORM pgml._check_resources(hyperparams);
+    gpus := coalesce((r ->> 'gpus')::integer, 0);
+    procs := coalesce((r ->> 'procs')::integer, 1);
+    nodes := coalesce((r ->> 'nodes')::integer, 1);
+END $$;
+
+-- The name of a job's table (schema pgml_rows).
+CREATE OR REPLACE FUNCTION pgml._job_table(job_id bigint) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 'job_' || job_id::text $$;
+
+-- Drops the tables of these jobs (their end, or their deletion) and of any other job that has ended or is gone,
+-- unless an ended job keeps its snapshot (tune(materialize_snapshot => true); only its deletion drops that one).
+-- A table someone is reading right now (a submitter's open transaction holds a lock on it) is left for a later
+-- call: the worker's commit of a job's end never waits on a user's lock.
+CREATE OR REPLACE FUNCTION pgml._job_tables_drop(job_ids bigint[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text;
+    v_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    PERFORM pg_catalog.set_config('lock_timeout', '50ms', true);
+    FOR v_name IN
+        SELECT c.relname FROM pg_catalog.pg_class c
+        LEFT JOIN pgml.jobs j ON j.id = CASE WHEN c.relname ~ '^job_[0-9]{1,18}$'
+                                             THEN pg_catalog.substr(c.relname::text, 5)::bigint END
+        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
+          AND (c.relname = ANY (SELECT pgml._job_table(i) FROM pg_catalog.unnest(job_ids) AS i)
+               OR j.id IS NULL
+               OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
+          AND NOT (j.id IS NOT NULL AND j.status NOT IN ('succeeded', 'failed', 'cancelled'))
+          AND NOT (j.id IS NOT NULL AND j.keep_snapshot AND j.id <> ALL (job_ids))
+    LOOP
+        BEGIN
+            EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', v_name);
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- in use: the next job's end (or pgml-tuned gc) drops it
+        END;
+    END LOOP;
+    PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml._job_table_ended() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pgml._job_tables_drop(ARRAY[NEW.id]);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml._job_tables_deleted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pgml._job_tables_drop((SELECT pg_catalog.array_agg(g.id) FROM gone g));
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml._submitted(job_id bigint, copied bigint DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_who   name := pgml._submitter();
+    v_job   pgml.jobs;
+    v_lim   pgml.role_limits;
+    v_bytes bigint;
+    v_rows  bigint;
+    v_queued bigint;
+    v_table regclass;
+BEGIN
+    SELECT * INTO v_lim FROM pgml.role_limits l WHERE l.role = v_who;
+    IF NOT FOUND AND NOT pg_has_role(v_who, 'pgml_admin', 'MEMBER') THEN
+        SELECT * INTO v_lim FROM pgml.role_limits l WHERE l.role = 'pgml_user';
+    END IF;
+    v_table := pg_catalog.to_regclass(pg_catalog.format('pgml_rows.%I', pgml._job_table(_submitted.job_id)));
+    IF v_table IS NOT NULL THEN
+        -- the job's own table: its size is known without reading it, the INSERT counted its rows (the count comes
+        -- from the caller, so what matters is checked here: at least two rows are there), and the submitter may
+        -- add no more once the job is queued
+        EXECUTE pg_catalog.format('REVOKE INSERT ON %s FROM %I', v_table, v_who);
+        v_bytes := pg_catalog.pg_total_relation_size(v_table);
+        EXECUTE pg_catalog.format('SELECT count(*) FROM (SELECT 1 FROM %s LIMIT 2) s', v_table) INTO v_rows;
+        IF v_rows >= 2 AND copied IS NOT NULL THEN
+            v_rows := greatest(copied, 2);
+        ELSIF v_rows >= 2 THEN
+            EXECUTE pg_catalog.format('SELECT count(*) FROM %s', v_table) INTO v_rows;
+        END IF;
+    -- older jobs' rows in pgml.job_rows: the size is summed only when it could be over the limit
+    ELSIF v_lim.max_snapshot_bytes IS NOT NULL
+       AND pg_catalog.pg_total_relation_size('pgml.job_rows'::regclass) > v_lim.max_snapshot_bytes THEN
+        SELECT count(*), coalesce(sum(coalesce(pg_column_size(r.c1), 0) + coalesce(pg_column_size(r.c2), 0)
+                                      + coalesce(pg_column_size(r.c3), 0) + coalesce(pg_column_size(r.c4), 0)
+                                      + coalesce(pg_column_size(r.c5), 0) + coalesce(pg_column_size(r.c6), 0)
+                                      + coalesce(pg_column_size(r.c7), 0) + coalesce(pg_column_size(r.c8), 0)), 0)
+            INTO v_rows, v_bytes
+        FROM pgml.job_rows r WHERE r.job_id = _submitted.job_id;
+    ELSE
+        SELECT count(*), 0 INTO v_rows, v_bytes FROM pgml.job_rows r WHERE r.job_id = _submitted.job_id;
+    END IF;
+    IF v_bytes > v_lim.max_snapshot_bytes THEN
+        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+            MESSAGE = format('the job''s rows are %s MB; the limit for %s is %s MB', round(v_bytes / 1e6, 1),
+                             v_lim.role, round(v_lim.max_snapshot_bytes / 1e6, 1)),
+            HINT = 'train on fewer rows or shorter texts, or ask an administrator (pgml.role_limits)';
+    END IF;
+    SELECT count(*) INTO v_queued FROM pgml.jobs j WHERE j.submitted_by = v_who AND j.status = 'queued';
+    IF v_queued >= v_lim.max_queued THEN
+        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+            MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', v_who, v_queued,
+                             v_lim.role, v_lim.max_queued),
+            HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
+    END IF;
+    UPDATE pgml.jobs j
+    SET status = 'queued',
+        snapshot_rows = CASE WHEN j.snapshot_columns IS NOT NULL THEN v_rows END,
+        max_running = v_lim.max_running,
+        max_runtime = v_lim.max_runtime,
+        max_checkpoint_bytes = v_lim.max_checkpoint_bytes,
+        updated_at = clock_timestamp()
+    WHERE j.id = _submitted.job_id AND j.submitted_by = v_who AND j.status = 'submitting'
+    RETURNING * INTO v_job;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('job %s is not being submitted by %s', _submitted.job_id, v_who),
+            HINT = 'submit jobs with pgml.tune(...) or INSERT INTO pgml.tune_requests';
+    END IF;
+    IF v_job.snapshot_rows < 2 THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('%s has %s rows; at least 2 are needed (one to train, one to test)',
+                             v_job.relation_name, v_job.snapshot_rows),
+            HINT = 'check the relation (or view) returns the rows you expect';
+    END IF;
+    RETURN v_job.snapshot_rows;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml.tune(
+    project_name         text,
+    task                 text DEFAULT NULL,
+    relation_name        text DEFAULT NULL,
+    y_column_name        text DEFAULT NULL,
+    model_name           text DEFAULT NULL,
+    hyperparams          jsonb DEFAULT '{}',
+    test_size            double precision DEFAULT 0.25,
+    test_sampling        text DEFAULT 'stratified',
+    automatic_deploy     boolean DEFAULT true,
+    materialize_snapshot boolean DEFAULT false,
+    max_attempts         integer DEFAULT 3,
+    priority             integer DEFAULT 0,
+    caller_search_path   text DEFAULT pg_catalog.current_setting('search_path')
+) RETURNS TABLE (job_id bigint, status text, project_id bigint, model_id bigint)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    s record;
+    v_rel oid;
+    v_error text;
+    v_copied bigint;
+    v_table text;
+    v_msg    text;
+    v_detail text;
+    v_hint   text;
+    v_code   text;
+BEGIN
+    IF relation_name IS NOT NULL THEN
+        BEGIN  -- the name resolves as the caller resolves it: its search_path, its schema privileges
+            PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
+            v_rel := pg_catalog.to_regclass(relation_name);
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        EXCEPTION WHEN OTHERS THEN
+            v_error := SQLERRM;
+        END;
+    END IF;
+    SELECT * INTO s FROM pgml._submit(tune.project_name, tune.task, tune.relation_name, tune.y_column_name,
+                                      tune.model_name, tune.hyperparams, tune.test_size, tune.test_sampling,
+                                      tune.automatic_deploy, tune.materialize_snapshot, tune.max_attempts,
+                                      tune.priority, tune.caller_search_path, v_rel, v_error);
+    IF s.relation IS NOT NULL THEN
+        v_table := pgml._job_table_begin(s.job_id);
+        -- the caller's view runs as the caller, with the caller's search_path (its functions may rely on it)
+        PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
+        EXECUTE pg_catalog.format('INSERT INTO %s SELECT %s FROM %s', v_table,
+                                  (SELECT pg_catalog.string_agg(pg_catalog.format('%I::text', c), ', ' ORDER BY i)
+                                   FROM pg_catalog.unnest(s.columns) WITH ORDINALITY AS x (c, i)),
+                                  s.relation);
+        GET DIAGNOSTICS v_copied = ROW_COUNT;
+        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    END IF;
+    PERFORM pgml._submitted(s.job_id, v_copied);
+    RETURN QUERY SELECT s.job_id, 'queued'::text, s.project_id, s.model_id;
+EXCEPTION WHEN OTHERS THEN
+    -- as in 0021: raised again here, where the caller's statement is, so psql shows the message, its HINT and one
+    -- CONTEXT line; an error without a HINT (an unexpected one) keeps its whole context
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' THEN
+        RAISE;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+COMMENT ON FUNCTION pgml.tune(text, text, text, text, text, jsonb, double precision, text, boolean, boolean,
+                              integer, integer, text) IS
+    'Queue a fine-tuning job (PostgresML API). Returns at once; a pgml-tuned worker trains it. '
+    'Follow it with CALL pgml.wait(job_id) or SELECT * FROM pgml.jobs.';
+
+-- ---- hyperparams.resources.nodes: now up to 16 hosts ----------------------------------------------------------
+CREATE OR REPLACE FUNCTION pgml._check_resources(hyperparams jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r jsonb;
+    k text;
+    v jsonb;
+    n numeric;
+    caps constant jsonb := '{"gpus": 64, "procs": 64, "nodes": 16}';
+    example constant text := 'e.g. "resources": {"gpus": 4} (one rank per GPU), {"procs": 2} (CPU ranks), '
+                             '{"nodes": 2, "gpus": 8} (8 GPUs on each of 2 workers)';
+BEGIN
+    IF hyperparams IS NULL OR pg_catalog.jsonb_typeof(hyperparams) <> 'object' OR NOT hyperparams ? 'resources' THEN
+        RETURN;  -- pgml._submit names a hyperparams that is not an object
+    END IF;
+    r := hyperparams -> 'resources';
+    IF pg_catalog.jsonb_typeof(r) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = pg_catalog.format('hyperparams.resources must be a JSON object, got a JSON %s',
+                                             pg_catalog.jsonb_typeof(r)), HINT = example;
+    END IF;
+    FOR k, v IN SELECT e.key, e.value FROM pg_catalog.jsonb_each(r) AS e LOOP
+        IF NOT caps ? k THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = pg_catalog.format('unknown key hyperparams.resources.%s', k), HINT = 'the keys of hyperparams.resources are gpus, procs and nodes; ' || example;
+        END IF;
+        IF pg_catalog.jsonb_typeof(v) <> 'number' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = pg_catalog.format('hyperparams.resources.%s must be a positive whole number, got a JSON %s',
+                                                 k, pg_catalog.jsonb_typeof(v)), HINT = example;
+        END IF;
+        n := (v #>> '{}')::numeric;
+        IF n <> pg_catalog.trunc(n) OR n < 1 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = pg_catalog.format('hyperparams.resources.%s must be a positive whole number, not %s',
+                                                 k, v), HINT = example;
+        END IF;
+        IF n > (caps ->> k)::numeric THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = pg_catalog.format('hyperparams.resources.%s = %s is more than the most a job may ask '
+                                                 'for (%s)', k, v, caps ->> k), HINT = example;
+        END IF;
+    END LOOP;
+    IF r ? 'gpus' AND r ? 'procs' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = 'hyperparams.resources gives both gpus and procs', HINT = 'give "gpus" (one rank per GPU) or "procs" (ranks on CPUs), not both';
+    END IF;
+END $$;
+
+-- pgml.tune: resources checked (nothing queued on a bad value), a NOTICE when the fleet could not run it now
+CREATE OR REPLACE FUNCTION pgml._jobs_resources_check() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    v_why text;
+BEGIN
+    SELECT * INTO r FROM pgml._job_resources(NEW.hyperparams);  -- raises on a bad value
+    IF TG_WHEN = 'AFTER' AND (r.gpus > 0 OR r.nodes > 1) THEN
+        v_why := pgml._fleet_shortfall(r.gpus, r.nodes);
+        IF v_why IS NOT NULL THEN
+            RAISE NOTICE USING MESSAGE = format('job %s is queued, but %s', NEW.id, v_why),
+                HINT = CASE WHEN r.nodes > 1 THEN
+                    format('it waits until %s workers%s are free at once (pgml-tuned serve on each host); '
+                           'SELECT * FROM pgml.worker_status shows the fleet', r.nodes,
+                           CASE WHEN r.gpus > 0 THEN format(' with %s GPU%s each', r.gpus,
+                                                            CASE WHEN r.gpus = 1 THEN '' ELSE 's' END) ELSE '' END)
+                ELSE
+                    format('it waits until a worker with %s GPU%s starts (pgml-tuned serve --gpus ...); '
+                           'SELECT * FROM pgml.worker_status shows the fleet', r.gpus,
+                           CASE WHEN r.gpus = 1 THEN '' ELSE 's' END) END;
+        END IF;
+    END IF;
+    RETURN NEW;
+END $$;
+
+-- A job reads its rows in the order pgml.tune() copied them: test_sampling 'last' takes the test rows from the end of
+-- that order, and every rank of a job must see the same split. 0024 relied on the job table's physical order being
+-- the order its one INSERT ... SELECT wrote, which does not hold: once a page is full, the free space map can hand a
+-- later, shorter row a place on an earlier page (55 of 12,000 reviews landed out of order on PostgreSQL 15 here;
+-- a scan PostgreSQL plans in parallel for a large table returns rows in whatever order its workers produce). The
+-- job table now numbers its rows (n, an identity column after c1..ck, filled by the INSERT in the order its SELECT
+-- produced them) and the child reads ORDER BY n. Both functions start from their last definitions (0024, 0027).
+
+CREATE OR REPLACE FUNCTION pgml._job_table_begin(job_id bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_who  name := pgml._submitter();
+    v_cols text[];
+    v_name text := pgml._job_table(_job_table_begin.job_id);
+BEGIN
+    SELECT j.snapshot_columns INTO v_cols FROM pgml.jobs j
+    WHERE j.id = _job_table_begin.job_id AND j.submitted_by = v_who AND j.status = 'submitting';
+    IF v_cols IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = pg_catalog.format('job %s is not being submitted by %s with a relation', _job_table_begin.job_id,
+                                        v_who),
+            HINT = 'submit jobs with pgml.tune(...) or INSERT INTO pgml.tune_requests';
+    END IF;
+    IF pg_catalog.cardinality(v_cols) > 8 THEN
+        RAISE EXCEPTION 'a job copies at most 8 columns, not %', pg_catalog.cardinality(v_cols)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    -- written once, read once or twice, then dropped: autovacuum has nothing to do on it. The last column, n,
+    -- numbers the rows in the order the submitting INSERT ... SELECT produced them (it fills c1..ck only)
+    EXECUTE pg_catalog.format(
+        'CREATE TABLE pgml_rows.%I (%s, n bigint GENERATED ALWAYS AS IDENTITY) '
+        'WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false)',
+        v_name, (SELECT pg_catalog.string_agg(pg_catalog.format('c%s text', i), ', ' ORDER BY i)
+                 FROM pg_catalog.generate_series(1, pg_catalog.cardinality(v_cols)) AS i));
+    EXECUTE pg_catalog.format('GRANT INSERT, SELECT ON pgml_rows.%I TO %I', v_name, v_who);
+    EXECUTE pg_catalog.format('GRANT SELECT ON pgml_rows.%I TO pgml_admin', v_name);
+    RETURN pg_catalog.format('pgml_rows.%I', v_name);
+END $$;
+
+CREATE OR REPLACE TRIGGER jobs_limits BEFORE INSERT ON pgml.jobs FOR EACH ROW EXECUTE FUNCTION pgml._check_job_limits();
+
+CREATE OR REPLACE TRIGGER tune_requests_insert INSTEAD OF INSERT ON pgml.tune_requests
+    FOR EACH ROW EXECUTE FUNCTION pgml._tune_request();
+
+CREATE OR REPLACE TRIGGER jobs_resources_check BEFORE INSERT ON pgml.jobs
+    FOR EACH ROW WHEN (NEW.hyperparams ? 'resources') EXECUTE FUNCTION pgml._jobs_resources_check();
+
+CREATE OR REPLACE TRIGGER jobs_resources_notice AFTER INSERT ON pgml.jobs
+    FOR EACH ROW WHEN (NEW.hyperparams ? 'resources') EXECUTE FUNCTION pgml._jobs_resources_check();
+
+CREATE OR REPLACE TRIGGER jobs_tables_deleted AFTER DELETE ON pgml.jobs REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION pgml._job_tables_deleted();
+
+CREATE OR REPLACE TRIGGER jobs_table_ended AFTER UPDATE OF status ON pgml.jobs FOR EACH ROW
+    WHEN (NEW.status IN ('succeeded', 'failed', 'cancelled') AND OLD.status IS DISTINCT FROM NEW.status
+          AND NOT NEW.keep_snapshot AND NEW.snapshot_columns IS NOT NULL)
+    EXECUTE FUNCTION pgml._job_table_ended();

@@ -1,0 +1,320 @@
+
+-- ---- triggers run as the owner: a worker's UPDATE records events and moves models without grants of its own
+CREATE OR REPLACE FUNCTION pgml._job_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.status = 'submitting' THEN
+        RETURN NULL;  -- pgml.tune() is still copying its rows: the job is born when it becomes queued
+    END IF;
+    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status OR NEW.attempt IS DISTINCT FROM OLD.attempt THEN
+        INSERT INTO pgml.job_events (job_id, attempt, worker, old_status, new_status, lease_expires_at)
+        VALUES (NEW.id, NEW.attempt, NEW.worker,
+                CASE WHEN TG_OP = 'UPDATE' AND OLD.status <> 'submitting' THEN OLD.status END,
+                NEW.status, NEW.lease_expires_at);
+        -- clients LISTEN pgml_job_status to follow jobs without polling
+        PERFORM pg_notify('pgml_job_status', json_build_object(
+            'id', NEW.id, 'status', NEW.status, 'attempt', NEW.attempt)::text);
+    END IF;
+    -- workers LISTEN pgml_jobs: a job that becomes queued (submitted, requeued, reaped) wakes one at once
+    IF NEW.status = 'queued' AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'queued') THEN
+        PERFORM pg_notify('pgml_jobs', json_build_object('type', 'job_queued', 'id', NEW.id)::text);
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status
+       AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
+        -- the model row follows its job: one place keeps them consistent
+        UPDATE pgml.models SET status = CASE NEW.status WHEN 'succeeded' THEN 'successful' ELSE NEW.status END,
+                               updated_at = clock_timestamp()
+        WHERE id = NEW.model_id;
+        -- nothing of a finished job is kept that it no longer needs: its sealed secrets, and (unless
+        -- materialize_snapshot) its rows and checkpoints
+        UPDATE pgml.jobs SET secrets = NULL WHERE id = NEW.id AND secrets IS NOT NULL;
+        IF NOT NEW.keep_snapshot THEN
+            DELETE FROM pgml.job_rows WHERE job_id = NEW.id;
+            DELETE FROM pgml.checkpoints WHERE job_id = NEW.id;
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- a deleted job's rows go with it (pgml.job_rows has no foreign key, see above)
+CREATE OR REPLACE FUNCTION pgml._job_deleted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgml.job_rows r USING gone g WHERE r.job_id = g.id;
+    RETURN NULL;
+END $$;
+
+-- ---- views: what a role may see of the queue ------------------------------------------------------------
+-- (They run as their owner on PostgreSQL 14, which has no security_invoker views: the filter is explicit.)
+CREATE OR REPLACE VIEW pgml.job_status AS
+SELECT j.id,
+       p.name AS project,
+       j.task,
+       j.status,
+       j.attempt,
+       j.max_attempts,
+       j.worker,
+       CASE WHEN j.status = 'running' THEN
+           round(extract(epoch FROM clock_timestamp() - j.heartbeat_at)::numeric, 1) END AS heartbeat_age,
+       (j.progress ->> 'step')::bigint AS step,
+       (j.progress ->> 'max_steps')::bigint AS max_steps,
+       round(100.0 * (j.progress ->> 'step')::numeric / nullif((j.progress ->> 'max_steps')::numeric, 0), 1)
+           AS progress_pct,
+       (j.progress ->> 'loss')::float8 AS last_loss,
+       CASE WHEN j.status = 'running' AND (j.progress ->> 'steps_per_second')::float8 > 0 THEN
+           make_interval(secs => greatest(0, ((j.progress ->> 'max_steps')::float8 - (j.progress ->> 'step')::float8)
+                                        / (j.progress ->> 'steps_per_second')::float8)) END AS eta,
+       j.cancel_requested,
+       j.error,
+       j.metrics,
+       j.model_id,
+       j.created_at,
+       j.started_at,
+       j.finished_at,
+       j.submitted_by
+FROM pgml.jobs j
+JOIN pgml.projects p ON p.id = j.project_id
+WHERE j.submitted_by = session_user OR pg_has_role(session_user, 'pgml_admin', 'MEMBER')
+   OR pg_has_role(session_user, 'pgml_worker', 'MEMBER');
+
+CREATE OR REPLACE FUNCTION pgml.cancel(job_id bigint) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_who   name := pgml._submitter();
+    v_status text;
+BEGIN
+    UPDATE pgml.jobs j
+    SET cancel_requested = true,
+        status = CASE WHEN j.status = 'queued' THEN 'cancelled' ELSE j.status END,
+        error = CASE WHEN j.status = 'queued' THEN 'cancelled by ' || v_who ELSE j.error END,
+        finished_at = CASE WHEN j.status = 'queued' THEN clock_timestamp() ELSE j.finished_at END,
+        updated_at = clock_timestamp()
+    WHERE j.id = cancel.job_id AND j.status IN ('queued', 'running')
+      AND (j.submitted_by = v_who OR pg_has_role(v_who, 'pgml_admin', 'MEMBER'))
+    RETURNING j.status INTO v_status;
+    IF v_status = 'running' THEN
+        PERFORM pg_notify('pgml_control', json_build_object('type', 'cancel_requested', 'id', cancel.job_id)::text);
+        RETURN 'cancelling';
+    ELSIF v_status IS NOT NULL THEN
+        RETURN v_status;
+    END IF;
+    SELECT j.status INTO v_status FROM pgml.jobs j WHERE j.id = cancel.job_id
+        AND (j.submitted_by = v_who OR pg_has_role(v_who, 'pgml_admin', 'MEMBER'));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING MESSAGE = format('no job %s', cancel.job_id), ERRCODE = 'no_data_found',
+            HINT = 'SELECT id, status FROM pgml.jobs ORDER BY id DESC lists your jobs';
+    END IF;
+    RETURN v_status;  -- already succeeded, failed or cancelled
+END $$;
+
+-- ---- what happens to the job: one row per change, in the transaction that makes it ------------------------------
+CREATE OR REPLACE FUNCTION pgml._job_logged() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_kind text := 'info';
+    v_event text;
+    v_message text;
+    v_last jsonb := NEW.errors -> -1;  -- the latest attempt's error, if it failed
+BEGIN
+    IF OLD.status = 'submitting' OR (NEW.status IS NOT DISTINCT FROM OLD.status
+                                     AND NEW.attempt IS NOT DISTINCT FROM OLD.attempt) THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.status = 'running' AND NEW.attempt > OLD.attempt THEN
+        IF OLD.attempt > 0 AND NEW.failed_attempts > 0 AND (v_last ->> 'attempt')::integer = OLD.attempt THEN
+            v_event := 'taken_over';
+            v_message := pg_catalog.format('taken over by worker %s (attempt %s) after worker %s stopped renewing '
+                                           'its lease', NEW.worker, NEW.attempt, v_last ->> 'worker');
+        ELSE
+            v_event := 'claimed';
+            v_message := pg_catalog.format('claimed by worker %s (attempt %s)', NEW.worker, NEW.attempt);
+        END IF;
+    ELSIF OLD.status = 'running' AND NEW.status = 'queued' AND NEW.failed_attempts > OLD.failed_attempts THEN
+        v_kind := 'warning';
+        v_event := 'lease_expired';
+        v_message := pg_catalog.format('worker %s stopped renewing its lease (killed, crashed or cut off; last '
+                                       'heartbeat %s): attempt %s is over, the job is back in the queue (%s of %s '
+                                       'attempts failed)', OLD.worker, OLD.heartbeat_at, OLD.attempt,
+                                       NEW.failed_attempts, NEW.max_attempts);
+    ELSIF OLD.status = 'running' AND NEW.status = 'queued' THEN
+        v_event := 'requeued';
+        v_message := pg_catalog.format('requeued by worker %s: attempt %s stopped before the end; the next attempt '
+                                       'resumes from the job''s latest checkpoint', OLD.worker, OLD.attempt);
+    ELSIF NEW.status = 'failed' THEN
+        v_kind := 'error';
+        v_event := 'failed';
+        v_message := pg_catalog.format('failed: %s', coalesce(NEW.error, v_last ->> 'error', 'no reason recorded'));
+    ELSIF NEW.status = 'cancelled' THEN
+        v_event := 'cancelled';
+        v_message := CASE WHEN OLD.status = 'running'
+                          THEN pg_catalog.format('cancelled while worker %s ran attempt %s', OLD.worker, OLD.attempt)
+                          ELSE 'cancelled before it started' END
+                     || coalesce(' (' || NEW.error || ')', '');
+    ELSIF NEW.status = 'succeeded' THEN
+        v_event := 'succeeded';
+        v_message := pg_catalog.format('succeeded (attempt %s, worker %s)', NEW.attempt, OLD.worker);
+    ELSE
+        RETURN NULL;
+    END IF;
+    INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, kind, logs)
+    VALUES (NEW.model_id, NEW.project_id, NEW.id, NEW.attempt, v_kind,
+            pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+                'message', v_message, 'event', v_event, 'status', NEW.status,
+                'worker', coalesce(NEW.worker, OLD.worker), 'attempt', NEW.attempt)));
+    RETURN NULL;
+END $$;
+
+-- 0020_log_notices: new log rows wake whoever follows a job (the dashboard's live curves), as status changes
+-- already do on pgml_job_status.
+--
+-- NOTIFY pgml_logs '{"type": "logs_written", "job_id": N}' once per statement that inserts log rows, per job in
+-- it (pgml._child_log inserts one job's batch per statement, so this is one notice per batch, not per row). A
+-- wake-up only, like every notice of the schema: a listener re-reads pgml.logs with its own rights (row-level
+-- security decides what it sees); the payload says no more than pgml_job_status does (a job id).
+
+CREATE OR REPLACE FUNCTION pgml._logs_written() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job bigint;
+BEGIN
+    FOR v_job IN SELECT DISTINCT n.job_id FROM new_rows n WHERE n.job_id IS NOT NULL LOOP
+        PERFORM pg_catalog.pg_notify('pgml_logs',
+            pg_catalog.json_build_object('type', 'logs_written', 'job_id', v_job)::text);
+    END LOOP;
+    RETURN NULL;
+END $$;
+
+-- 0026_wait_log_kinds: CALL pgml.wait prints the lines about a job (pgml.logs rows of kind info, warning, error:
+-- 0018_log_kinds) as text, in order with its training rows, which it prints as before (pretty JSON):
+--     INFO:  claimed by worker w1 (attempt 1)
+--     INFO:  read 288 rows
+--     INFO:  { "loss": 0.69, ... "step": 10 ... }
+--     INFO:  requeued by worker w1: attempt 1 stopped before the end; ...
+--     INFO:  warning: worker w1 stopped renewing its lease (...)
+--     INFO:  taken over by worker w2 (attempt 2) after worker w1 stopped renewing its lease
+--     INFO:  resuming from the checkpoint at step 26 (stored by attempt 1); ...
+-- It is 0022_fleet's pgml.wait (with the fleet's advice) with that one change; it comes after 0022 because the last
+-- definition wins. It runs as its caller (row-level security: one's own jobs) and COMMITs between polls; a procedure
+-- that commits cannot pin its search_path, so every name in it is schema-qualified.
+
+CREATE OR REPLACE PROCEDURE pgml.wait(job_id bigint, poll_seconds real DEFAULT 0.5, timeout_seconds real DEFAULT NULL)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_last bigint := 0;
+    v_log record;
+    v_job record;
+    v_start timestamptz := pg_catalog.clock_timestamp();
+    v_advice text;
+    v_said text;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = wait.job_id) THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('no job %s', wait.job_id), ERRCODE = 'no_data_found',
+            HINT = 'pgml.tune() returns the job id; SELECT id, status FROM pgml.jobs lists your jobs';
+    END IF;
+    LOOP
+        SELECT j.status, j.error, j.metrics, j.attempt INTO v_job FROM pgml.jobs j WHERE j.id = wait.job_id;
+        FOR v_log IN SELECT l.id, l.kind, l.logs FROM pgml.logs l WHERE l.job_id = wait.job_id AND l.id > v_last
+                     ORDER BY l.id LOOP
+            IF v_log.kind = 'train' THEN
+                RAISE INFO '%', pg_catalog.jsonb_pretty(v_log.logs);
+            ELSE  -- a line about the job (0018_log_kinds): its text, "warning: " / "error: " before the others
+                RAISE INFO '%', CASE WHEN v_log.kind = 'info' THEN '' ELSE v_log.kind || ': ' END
+                    || coalesce(v_log.logs ->> 'message', v_log.logs::text);
+            END IF;
+            v_last := v_log.id;
+        END LOOP;
+        EXIT WHEN v_job.status IN ('succeeded', 'failed', 'cancelled');
+        v_advice := pgml._wait_advice(wait.job_id);
+        IF v_advice IS NOT NULL AND v_advice IS DISTINCT FROM v_said THEN
+            RAISE INFO '%', v_advice;
+        END IF;
+        v_said := v_advice;
+        IF timeout_seconds IS NOT NULL
+           AND pg_catalog.clock_timestamp() - v_start > pg_catalog.make_interval(secs => timeout_seconds) THEN
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s is still %s after %s s', wait.job_id,
+                                                              v_job.status, timeout_seconds),
+                ERRCODE = 'query_canceled', HINT = 'CALL pgml.wait again to keep following it';
+        END IF;
+        COMMIT;
+        PERFORM pg_catalog.pg_sleep(poll_seconds);
+    END LOOP;
+    IF v_job.status = 'failed' THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s failed: %s', wait.job_id, v_job.error),
+            HINT = pg_catalog.format('SELECT errors FROM pgml.jobs WHERE id = %s shows every attempt', wait.job_id);
+    END IF;
+    RAISE INFO '%', pg_catalog.jsonb_pretty(pg_catalog.jsonb_build_object('job_id', wait.job_id, 'status',
+        v_job.status, 'metrics', v_job.metrics, 'error', v_job.error));
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml._wait_advice(job_id bigint) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v pgml.jobs;
+    v_gpus integer;
+    v_nodes integer;
+    v_why text;
+    v_holder record;
+BEGIN
+    SELECT * INTO v FROM pgml.jobs j WHERE j.id = _wait_advice.job_id;
+    IF NOT FOUND OR NOT (v.submitted_by = session_user OR pg_has_role(session_user, 'pgml_admin', 'MEMBER')
+                         OR pg_has_role(session_user, 'pgml_worker', 'MEMBER')) THEN
+        RETURN NULL;
+    END IF;
+    v_gpus := coalesce((v.hyperparams -> 'resources' ->> 'gpus')::integer, 0);
+    v_nodes := coalesce((v.hyperparams -> 'resources' ->> 'nodes')::integer, 1);
+    IF v.status = 'queued' OR (v.status = 'running' AND v.gang_needed > 0) THEN
+        v_why := pgml._fleet_shortfall(v_gpus, v_nodes);
+        -- with no worker at all, say so once the job has waited a little (a daemon may be starting)
+        IF v_why IS NOT NULL AND (v_gpus > 0 OR v_nodes > 1
+                                  OR pg_catalog.clock_timestamp() - v.updated_at > interval '5 seconds') THEN
+            RETURN format('job %s is %s, but %s: it waits until %s (pgml-tuned serve%s)',
+                          v.id, CASE WHEN v.status = 'queued' THEN 'queued' ELSE 'forming its gang' END, v_why,
+                          CASE WHEN v_nodes > 1 THEN format('%s workers are free at once', v_nodes)
+                               ELSE 'one starts' END,
+                          CASE WHEN v_gpus > 0 THEN format(' --gpus on a host with %s', v_gpus) END);
+        END IF;
+        IF v.status = 'running' THEN
+            RETURN format('job %s is forming its gang: %s of %s workers joined; it starts when %s more join%s',
+                          v.id, v_nodes - v.gang_needed, v_nodes, v.gang_needed,
+                          CASE WHEN v.gang_needed = 1 THEN 's' ELSE '' END);
+        END IF;
+    ELSIF v.status = 'running' AND v.lease_expires_at < pg_catalog.clock_timestamp() THEN
+        IF NOT EXISTS (SELECT 1 FROM pgml.worker_status w WHERE w.state IN ('live', 'late')) THEN
+            SELECT w.state, w.heartbeat_at INTO v_holder FROM pgml.worker_status w WHERE w.id = v.worker;
+            RETURN format('job %s: its worker %s stopped heartbeating (last heartbeat %s, lease expired %s) and no '
+                          'live worker is left to take it over: it resumes (attempt %s of %s) when a worker starts '
+                          '(pgml-tuned serve)', v.id, v.worker, coalesce(v_holder.heartbeat_at, v.heartbeat_at),
+                          v.lease_expires_at, v.attempt + 1, v.max_attempts);
+        END IF;
+    END IF;
+    RETURN NULL;
+END $$;
+-- A job's life after submit: the status triggers (NOTIFY, job events, log rows), waiting (pgml.wait), cancelling, and the job_status view.
+--
+-- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
+-- definition here, and only here. Grants are in 90_grants.sql.
+
+CREATE OR REPLACE TRIGGER jobs_changed AFTER INSERT OR UPDATE OF status, attempt ON pgml.jobs
+    FOR EACH ROW EXECUTE FUNCTION pgml._job_changed();
+
+CREATE OR REPLACE TRIGGER jobs_deleted AFTER DELETE ON pgml.jobs REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION pgml._job_deleted();
+
+CREATE OR REPLACE TRIGGER jobs_logged AFTER UPDATE OF status, attempt ON pgml.jobs
+    FOR EACH ROW EXECUTE FUNCTION pgml._job_logged();
+
+CREATE OR REPLACE TRIGGER logs_written AFTER INSERT ON pgml.logs
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgml._logs_written();

@@ -1,0 +1,691 @@
+-- Synchronous requests (pgml.transform, pgml.request): rows the serving lane claims, answers in chunks, and the waiting call reads.
+--
+-- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
+-- definition here, and only here. Grants are in 90_grants.sql.
+
+-- requests and chunks: no policy for anyone; only the functions below (running as the owner) touch them
+
+-- The stored model `ref` names for `submitter`, among the models it may read (its own; any for a pgml_admin
+-- member), as 0008's resolve_model_ref: `model:<id>` that model; `<project>` that project's deployed model
+-- (its latest deployment, else its latest successful model). No row: no such model (or not the submitter's).
+CREATE OR REPLACE FUNCTION pgml._serving_model(submitter name, ref text)
+RETURNS TABLE (id bigint, status text, base_model text, task text, project_name text)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH who AS (
+        SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                       WHERE r.rolname = submitter AND pg_catalog.pg_has_role(r.oid, 'pgml_admin', 'MEMBER')) AS admin
+    ), by_id AS (
+        SELECT m.id, m.status, m.base_model, m.task, p.name AS project_name
+        FROM pgml.models m JOIN pgml.projects p ON p.id OPERATOR(pg_catalog.=) m.project_id, who
+        WHERE ref OPERATOR(pg_catalog.~) '^model:[0-9]+$'
+          AND m.id OPERATOR(pg_catalog.=) pg_catalog.substr(ref, 7)::bigint
+          AND (m.owner OPERATOR(pg_catalog.=) submitter OR who.admin)
+    ), project AS (
+        SELECT p.id, p.name FROM pgml.projects p, who
+        WHERE ref OPERATOR(pg_catalog.!~) '^model:' AND p.name OPERATOR(pg_catalog.=) ref
+          AND (p.owner OPERATOR(pg_catalog.=) submitter OR who.admin)
+        ORDER BY (p.owner OPERATOR(pg_catalog.=) submitter) DESC, p.id
+        LIMIT 1
+    ), deployed AS (
+        SELECT m.id, m.status, m.base_model, m.task, pr.name AS project_name
+        FROM project pr
+        JOIN LATERAL (
+            SELECT x.id FROM (
+                (SELECT d.model_id AS id, 0 AS rank, d.id AS seq FROM pgml.deployments d
+                 WHERE d.project_id OPERATOR(pg_catalog.=) pr.id ORDER BY d.id DESC LIMIT 1)
+                UNION ALL
+                (SELECT m2.id, 1, m2.id FROM pgml.models m2
+                 WHERE m2.project_id OPERATOR(pg_catalog.=) pr.id AND m2.status OPERATOR(pg_catalog.=) 'successful'
+                 ORDER BY m2.id DESC LIMIT 1)
+            ) x ORDER BY x.rank, x.seq DESC LIMIT 1
+        ) pick ON true
+        JOIN pgml.models m ON m.id OPERATOR(pg_catalog.=) pick.id
+    )
+    SELECT * FROM by_id UNION ALL SELECT * FROM deployed
+$$;
+
+-- Which kinds a stored model of a task may serve.
+CREATE OR REPLACE FUNCTION pgml._serving_kinds(task text) RETURNS text[]
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE task
+        WHEN 'text-classification' THEN ARRAY['classify']
+        WHEN 'text-pair-classification' THEN ARRAY['classify']
+        WHEN 'conversation' THEN ARRAY['generate', 'chat']
+        WHEN 'text-generation' THEN ARRAY['generate', 'chat']
+        ELSE ARRAY[]::text[] END
+$$;
+
+-- The answer to request `id`, once: a finished request (done or failed) is returned and deleted with its chunks;
+-- an unfinished one returns its status (queued/running) and stays; an unknown one returns no row (consumed, or
+-- expired, or never the caller's). Callers: the request's submitter, or a role that may submit for others.
+CREATE OR REPLACE FUNCTION pgml._request_answer(id bigint)
+RETURNS TABLE (status text, result jsonb, error text, usage jsonb)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_trusted boolean := pg_catalog.has_function_privilege(pgml._submitter(),
+                             'pgml._request_submit(name, text, text, jsonb, jsonb)', 'EXECUTE');
+    v_status  text;
+BEGIN
+    LOOP
+        RETURN QUERY
+        DELETE FROM pgml.requests r
+        WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id AND r.status IN ('done', 'failed')
+          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter())
+        RETURNING r.status, r.result, r.error, r.usage;
+        IF FOUND THEN
+            RETURN;
+        END IF;
+        SELECT r.status INTO v_status FROM pgml.requests r
+        WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id
+          AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter());
+        IF NOT FOUND THEN
+            RETURN;  -- consumed, expired, or never the caller's
+        END IF;
+        -- answered between the DELETE's snapshot and now: consume it (the loop's next DELETE sees it)
+        EXIT WHEN v_status NOT IN ('done', 'failed');
+    END LOOP;
+    status := v_status;
+    RETURN NEXT;
+END $$;
+
+-- The streamed pieces of request `id` after `after_seq`, in order (read them while it runs; the answer ends it).
+CREATE OR REPLACE FUNCTION pgml._request_chunks(id bigint, after_seq integer DEFAULT -1)
+RETURNS TABLE (seq integer, text text)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.seq, c.text FROM pgml.request_chunks c JOIN pgml.requests r ON r.id OPERATOR(pg_catalog.=) c.request_id
+    WHERE c.request_id OPERATOR(pg_catalog.=) _request_chunks.id AND c.seq OPERATOR(pg_catalog.>) after_seq
+      AND (r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter()
+           OR pg_catalog.has_function_privilege(pgml._submitter(), 'pgml._request_submit(name, text, text, jsonb, jsonb)',
+                                                'EXECUTE'))
+    ORDER BY c.seq
+$$;
+
+-- The submitter gave up (statement_timeout, cancel): its request goes at once, whatever its state.
+CREATE OR REPLACE FUNCTION pgml._request_abandon(id bigint) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM pgml.requests r WHERE r.id OPERATOR(pg_catalog.=) _request_abandon.id
+          AND (r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter()
+               OR pg_catalog.has_function_privilege(pgml._submitter(), 'pgml._request_submit(name, text, text, jsonb, jsonb)',
+                                                    'EXECUTE'))
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM gone)
+$$;
+
+-- Renew the leases of this serving process's running requests; returns the ids it still owns.
+CREATE OR REPLACE FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision)
+RETURNS SETOF bigint
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE pgml.requests r
+    SET lease_expires_at = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => lease_seconds)
+    WHERE r.claimed_by OPERATOR(pg_catalog.=) serving_id AND r.status OPERATOR(pg_catalog.=) 'running'
+    RETURNING r.id
+$$;
+
+-- Answer (result, usage) or fail (error), fenced on the claim: a request taken over after a lost lease is not
+-- overwritten. NOTIFY pgml_answers {"type": "request_answered", "id": N} wakes a client waiting for it.
+CREATE OR REPLACE FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE pgml.requests r
+    SET status = CASE WHEN _request_finish.error IS NULL THEN 'done' ELSE 'failed' END,
+        result = _request_finish.result, usage = _request_finish.usage,
+        error = pg_catalog.left(_request_finish.error, 8000),
+        answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
+    WHERE r.id OPERATOR(pg_catalog.=) _request_finish.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
+      AND r.status OPERATOR(pg_catalog.=) 'running';
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pg_catalog.pg_notify('pgml_answers',
+        pg_catalog.json_build_object('type', 'request_answered', 'id', _request_finish.id)::text);
+    RETURN true;
+END $$;
+
+-- The answers of a whole batch in one statement (one commit, one NOTIFY each): ids[i] gets results[i]; returns
+-- the ids this process still owned (the others were taken over and are not overwritten).
+CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    FOR v_id IN
+        UPDATE pgml.requests r
+        SET status = 'done', result = a.result, answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
+        FROM unnest(ids, results) AS a (id, result)
+        WHERE r.id OPERATOR(pg_catalog.=) a.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
+          AND r.status OPERATOR(pg_catalog.=) 'running'
+        RETURNING r.id
+    LOOP
+        PERFORM pg_catalog.pg_notify('pgml_answers',
+            pg_catalog.json_build_object('type', 'request_answered', 'id', v_id)::text);
+        RETURN NEXT v_id;
+    END LOOP;
+END $$;
+
+-- Streamed pieces of a running request: texts[i] gets seq first_seq + i - 1.
+CREATE OR REPLACE FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[])
+RETURNS boolean
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH owned AS (
+        SELECT r.id FROM pgml.requests r
+        WHERE r.id OPERATOR(pg_catalog.=) _request_chunk.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
+          AND r.status OPERATOR(pg_catalog.=) 'running'
+    ), ins AS (
+        INSERT INTO pgml.request_chunks (request_id, seq, text)
+        SELECT o.id, first_seq OPERATOR(pg_catalog.+) (t.n OPERATOR(pg_catalog.-) 1)::integer, t.text
+        FROM owned o, unnest(texts) WITH ORDINALITY AS t (text, n)
+        ON CONFLICT DO NOTHING
+        RETURNING 1)
+    SELECT EXISTS (SELECT 1 FROM owned)
+$$;
+
+-- The running requests of a serving process that died (its daemon saw it exit), or of every serving process
+-- whose lease ran out: retried once (back to queued, their chunks dropped), then failed saying why.
+CREATE OR REPLACE FUNCTION pgml._requests_release(serving_id text DEFAULT NULL)
+RETURNS TABLE (id bigint, status text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH lost AS (
+        SELECT r.id FROM pgml.requests r
+        WHERE r.status OPERATOR(pg_catalog.=) 'running'
+          AND CASE WHEN serving_id IS NULL THEN r.lease_expires_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp()
+                   ELSE r.claimed_by OPERATOR(pg_catalog.=) serving_id END
+        FOR UPDATE SKIP LOCKED
+    ), chunks AS (
+        DELETE FROM pgml.request_chunks c USING lost WHERE c.request_id OPERATOR(pg_catalog.=) lost.id
+    )
+    UPDATE pgml.requests r
+    SET status = CASE WHEN r.attempts OPERATOR(pg_catalog.<) 2 THEN 'queued' ELSE 'failed' END,
+        error = CASE WHEN r.attempts OPERATOR(pg_catalog.<) 2 THEN NULL ELSE
+            pg_catalog.format('the serving process %s stopped while answering (twice: killed, out of memory, or its '
+                              'worker died); the request was not answered', r.claimed_by) END,
+        answered_at = CASE WHEN r.attempts OPERATOR(pg_catalog.<) 2 THEN NULL ELSE pg_catalog.clock_timestamp() END,
+        claimed_by = NULL, lease_expires_at = NULL,
+        deadline = GREATEST(r.deadline, pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) interval '30 seconds')
+    FROM lost
+    WHERE r.id OPERATOR(pg_catalog.=) lost.id
+    RETURNING r.id, r.status;
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify('pgml_requests', '{"type": "request_queued"}');
+    END IF;
+END $$;
+
+-- What nobody will read again: requests nobody picked up by their deadline, and answers nobody consumed within
+-- a minute (their caller gave up). Returns how many went.
+CREATE OR REPLACE FUNCTION pgml._requests_expire() RETURNS bigint
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM pgml.requests r
+        WHERE (r.status OPERATOR(pg_catalog.=) 'queued' AND r.deadline OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp())
+           OR (r.status IN ('done', 'failed')
+               AND r.answered_at OPERATOR(pg_catalog.<) (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) interval '60 seconds'))
+        RETURNING 1)
+    SELECT pg_catalog.count(*) FROM gone
+$$;
+
+-- 0015_sync_calls: the synchronous entry points of the inference lane and of load_dataset (PostgresML's
+-- signatures), on the loopback of 0014 and the requests of 0013.
+--
+-- pgml.transform submits a request through the loopback (committed at once, whatever the caller's transaction
+-- does), then waits for the answer: in READ COMMITTED every statement of this function sees the serving
+-- process's commit, so it polls its own session (an index lookup every 1-20 ms); under REPEATABLE READ or
+-- SERIALIZABLE it polls through the loopback. The answer is taken (and deleted) through the loopback. A caller
+-- that gives up (statement_timeout, pg_cancel_backend) abandons its request before the error goes on; a
+-- request nobody claims within its timeout is abandoned and the call says no worker is serving.
+
+-- Requests are submitted, read and abandoned as the caller (pgml._submitter(): session_user, or through the
+-- loopback the user whose session sent it). Users call them directly too (the Python client does).
+CREATE OR REPLACE FUNCTION pgml.request(kind text, model text, args jsonb, inputs jsonb) RETURNS bigint
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgml._request_submit(pgml._submitter(), kind, model, args, inputs)
+$$;
+
+-- The serving process (the worker's login) reads a stored model's files while it answers a request whose
+-- submitter may read that model (0010 took pgml.files from pgml_worker: the children read through tickets).
+CREATE OR REPLACE FUNCTION pgml._serving_model_files(model_id bigint)
+RETURNS TABLE (path text, part integer, data bytea)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT f.path, f.part, f.data FROM pgml.file_parts f JOIN pgml.models m ON m.id = f.model_id
+    WHERE f.model_id = _serving_model_files.model_id
+      AND EXISTS (SELECT 1 FROM pgml.requests r
+                  WHERE r.status IN ('queued', 'running') AND pgml._may_read_model(m.owner, r.submitted_by))
+    ORDER BY f.path, f.part
+$$;
+
+-- PostgresML's task names → the serving kinds.
+CREATE OR REPLACE FUNCTION pgml._transform_kind(task text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE task
+        WHEN 'text-classification' THEN 'classify'
+        WHEN 'sentiment-analysis' THEN 'classify'
+        WHEN 'text-generation' THEN 'generate'
+        WHEN 'conversational' THEN 'chat'
+        WHEN 'conversation' THEN 'chat'
+        WHEN 'chat' THEN 'chat'
+    END
+$$;
+
+CREATE OR REPLACE FUNCTION pgml._transform(task jsonb, args jsonb, inputs jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_task    text;
+    v_kind    text;
+    v_model   text;
+    v_args    jsonb := coalesce(args, '{}');
+    v_id      bigint;
+    v_timeout double precision;
+    v_result  jsonb;
+BEGIN
+    IF task IS NULL OR pg_catalog.jsonb_typeof(task) <> 'object' THEN
+        RAISE EXCEPTION 'task must be a JSON object such as {"task": "text-classification", "model": "..."}'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_task := task ->> 'task';
+    v_model := task ->> 'model';
+    v_kind := pgml._transform_kind(v_task);
+    IF v_kind IS NULL THEN
+        RAISE EXCEPTION 'pgml.transform does not serve task %', coalesce(pg_catalog.quote_literal(v_task), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'serve "text-classification", "text-generation" or "conversational"';
+    END IF;
+    IF v_model IS NULL OR pg_catalog.btrim(v_model) = '' THEN
+        RAISE EXCEPTION 'pgml.transform needs a model: {"task": "%", "model": "..."}', v_task
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'a hub id, pgml:<project> (its deployed model), pgml:model:<id>, or one of your project names';
+    END IF;
+    IF pg_catalog.jsonb_typeof(v_args) <> 'object' THEN
+        RAISE EXCEPTION 'args must be a JSON object, not %', pg_catalog.jsonb_typeof(v_args)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the task object's other keys (e.g. "token", "load_in_8bit", "torch_dtype") are model options
+    v_args := (task - 'task' - 'model') || v_args;
+    v_timeout := coalesce((v_args ->> 'timeout')::double precision, 30);
+    v_id := (pgml._loopback(format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
+                                   v_kind, v_model, v_args, inputs)) #>> '{}')::bigint;
+    v_result := pgml._await_request(v_id, v_timeout);
+    RETURN v_result;
+END $$;
+
+-- pgml._request_submit: as in 0014, each pgml._fail a RAISE
+CREATE OR REPLACE FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_args    jsonb := coalesce(_request_submit.args, '{}');  -- secrets ("token": ...) are dropped below
+    v_model   text := pg_catalog.btrim(coalesce(_request_submit.model, ''));
+    v_ref     text;
+    v_row     record;
+    v_msg     jsonb;
+    v_i       integer := 0;
+    v_timeout double precision;
+    v_id      bigint;
+    v_stream  boolean;
+BEGIN
+    IF submitter IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = submitter) THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('unknown submitter %L', submitter),
+            HINT = 'pass the login that asks',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF kind IS NULL OR kind OPERATOR(pg_catalog.<>) ALL (ARRAY['classify', 'generate', 'chat']) THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('unknown request kind %L', kind),
+            HINT = 'kinds are: ''classify'', ''generate'', ''chat''',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_model OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION USING MESSAGE = 'a model is required',
+            HINT = 'name a Hugging Face model id, pgml:<project> (its deployed model) or pgml:model:<id>',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pg_catalog.jsonb_typeof(v_args) OPERATOR(pg_catalog.<>) 'object' THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('args must be a JSON object, got a JSON %s', pg_catalog.jsonb_typeof(v_args)),
+            HINT = 'e.g. ''{"max_new_tokens": 32}''',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pg_catalog.octet_length(v_args::text) OPERATOR(pg_catalog.>) 65536 THEN
+        RAISE EXCEPTION USING MESSAGE = 'args are over 64 KiB',
+            HINT = 'pass only the settings the pipeline needs',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- a hub token is never stored: gated models are served with the workers' own hub access
+    v_args := v_args OPERATOR(pg_catalog.-) pgml._secret_keys();
+    v_stream := coalesce(pg_catalog.jsonb_typeof(v_args -> 'stream') OPERATOR(pg_catalog.=) 'boolean'
+                         AND (v_args ->> 'stream')::boolean, false);
+    IF v_stream AND kind OPERATOR(pg_catalog.=) 'classify' THEN
+        RAISE EXCEPTION USING MESSAGE = 'stream is for generation',
+            HINT = 'leave "stream" out of a classification''s args',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_args ? 'timeout' THEN
+        IF pg_catalog.jsonb_typeof(v_args -> 'timeout') OPERATOR(pg_catalog.<>) 'number'
+           OR (v_args ->> 'timeout')::double precision NOT BETWEEN 0.1 AND 3600 THEN
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('args.timeout %s is not a number of seconds from 0.1 to 3600',
+                                                 v_args -> 'timeout'),
+                HINT = 'e.g. "timeout": 30',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+    v_timeout := coalesce((v_args ->> 'timeout')::double precision, 60);
+
+    -- inputs
+    IF inputs IS NULL OR pg_catalog.jsonb_typeof(inputs) OPERATOR(pg_catalog.<>) 'array'
+       OR pg_catalog.jsonb_array_length(inputs) OPERATOR(pg_catalog.=) 0 THEN
+        RAISE EXCEPTION USING MESSAGE = 'inputs are empty or NULL',
+            HINT = CASE WHEN kind OPERATOR(pg_catalog.=) 'chat' THEN
+                'pass the conversation: [{"role": "user", "content": "..."}]'
+            ELSE 'pass at least one text, e.g. ARRAY[''I love this movie'']' END,
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pg_catalog.octet_length(inputs::text) OPERATOR(pg_catalog.>) 1048576 THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('inputs are %s bytes, over the limit of 1 MiB',
+                                             pg_catalog.octet_length(inputs::text)),
+            HINT = 'split them into several calls (or a batch job over a table)',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF pg_catalog.jsonb_array_length(inputs) OPERATOR(pg_catalog.>) 1000 THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('%s inputs, over the limit of 1000 per call',
+                                             pg_catalog.jsonb_array_length(inputs)),
+            HINT = 'split them into several calls (or a batch job over a table)',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF kind OPERATOR(pg_catalog.=) 'chat' THEN
+        FOR v_msg IN SELECT e FROM pg_catalog.jsonb_array_elements(inputs) e LOOP
+            v_i := v_i OPERATOR(pg_catalog.+) 1;
+            IF pg_catalog.jsonb_typeof(v_msg) OPERATOR(pg_catalog.<>) 'object'
+               OR pg_catalog.jsonb_typeof(v_msg -> 'role') IS DISTINCT FROM 'string'
+               OR pg_catalog.jsonb_typeof(v_msg -> 'content') IS DISTINCT FROM 'string' THEN
+                RAISE EXCEPTION USING MESSAGE = pg_catalog.format('message %s is malformed: %s', v_i, pg_catalog.left(v_msg::text, 200)),
+                    HINT = 'each message is {"role": "system"|"user"|"assistant", "content": "text"}',
+                    ERRCODE = 'invalid_parameter_value';
+            END IF;
+            IF (v_msg ->> 'role') OPERATOR(pg_catalog.<>) ALL (ARRAY['system', 'user', 'assistant', 'tool']) THEN
+                RAISE EXCEPTION USING MESSAGE = pg_catalog.format('message %s has an unknown role %L', v_i, v_msg ->> 'role'),
+                    HINT = 'roles are system, user, assistant (and tool)',
+                    ERRCODE = 'invalid_parameter_value';
+            END IF;
+        END LOOP;
+    ELSIF EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(inputs) e
+                  WHERE pg_catalog.jsonb_typeof(e) OPERATOR(pg_catalog.<>) 'string') THEN
+        RAISE EXCEPTION USING MESSAGE = 'inputs must be texts (a JSON array of strings), with no NULL among them',
+            HINT = 'e.g. ARRAY[''I love this movie'', ''I hated it'']',
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- the model: a stored one only if the submitter may read it, and only for a kind its task serves
+    IF v_model LIKE 'pgml:%' THEN
+        v_ref := pg_catalog.substr(v_model, 6);
+        IF v_ref LIKE 'model:%' AND v_ref OPERATOR(pg_catalog.!~) '^model:[0-9]+$' THEN
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L: write pgml:model:<id> with a numeric id', v_model),
+                HINT = 'e.g. pgml:model:42',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+    ELSIF v_model OPERATOR(pg_catalog.!~) '[/~]' AND v_model NOT LIKE '.%'
+          AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name OPERATOR(pg_catalog.=) v_model
+                      AND p.owner OPERATOR(pg_catalog.=) submitter) THEN
+        v_ref := v_model;  -- a bare project name of the submitter's: that project (a hub id otherwise)
+        v_model := 'pgml:' OPERATOR(pg_catalog.||) v_model;
+    END IF;
+    IF v_ref IS NOT NULL THEN
+        SELECT * INTO v_row FROM pgml._serving_model(submitter, v_ref) LIMIT 1;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L: there is no %s that %s may use', v_model,
+                                   CASE WHEN v_ref LIKE 'model:%' THEN 'such model' ELSE 'successful model in such a project' END,
+                                   submitter),
+                HINT = 'SELECT id, project_id, status FROM pgml.models lists the models you may use',
+                ERRCODE = 'undefined_object';
+        END IF;
+        IF v_row.status OPERATOR(pg_catalog.<>) 'successful' THEN
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L: model %s is %s, not successful', v_model, v_row.id, v_row.status),
+                HINT = 'serve a model whose training succeeded',
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF NOT (kind OPERATOR(pg_catalog.=) ANY (pgml._serving_kinds(v_row.task))) THEN
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer a %s request', v_model,
+                                                 v_row.task, kind),
+                HINT = CASE WHEN v_row.task LIKE '%classification' THEN 'use it for text-classification'
+                     ELSE 'use it for text-generation or chat' END,
+                ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+
+    -- now and then, what nobody will read again goes (a lane with no serving process never grows either)
+    IF pg_catalog.random() OPERATOR(pg_catalog.<) 0.01 THEN
+        PERFORM pgml._requests_expire();
+    END IF;
+
+    INSERT INTO pgml.requests (submitted_by, kind, model, args, inputs, stream, deadline)
+    VALUES (submitter, kind, v_model, v_args, inputs, v_stream,
+            pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout))
+    RETURNING id INTO v_id;
+    PERFORM pg_catalog.pg_notify('pgml_requests', '{"type": "request_queued"}');
+    RETURN v_id;
+END $$;
+
+-- 0025_request_locks: a pgml.transform caller waits on a lock instead of polling.
+-- The serving process takes a session-level advisory lock on each request it claims (on its lane connection, in the
+-- claim statement, so the lock is held before the claim is visible) and releases it after its answer is committed
+-- (serving/requests.py). A caller that sees its request running waits for that lock (shared), then reads the
+-- answer: no pg_sleep polling every 1-5 ms by every waiting session (CPU the model needs on a small machine, and up
+-- to 5 ms between an answer and its caller noticing it). A request not yet claimed is still polled; a lock that
+-- was never taken (the serving process's connection broke: its locks went with it) is acquired at once, and the
+-- caller falls back to polling.
+
+-- The advisory lock of a request: (space, key) of pg_advisory_lock(int, int).
+CREATE OR REPLACE FUNCTION pgml._request_lock_space() RETURNS integer
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 1885826412 $$;  -- 'pgml' as bytes
+
+CREATE OR REPLACE FUNCTION pgml._request_lock_key(id bigint) RETURNS integer
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT (id OPERATOR(pg_catalog.%) 2147483647)::integer $$;
+
+CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision)
+RETURNS TABLE (id bigint, submitted_by name, kind text, model text, args jsonb, inputs jsonb, stream boolean,
+               attempts integer)
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH picked AS (
+        SELECT q.id FROM pgml.requests q
+        WHERE q.status OPERATOR(pg_catalog.=) 'queued' AND q.deadline OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()
+        ORDER BY q.id
+        FOR UPDATE SKIP LOCKED
+        LIMIT max_n
+    ), claimed AS (
+        UPDATE pgml.requests r
+        SET status = 'running', claimed_by = serving_id, attempts = r.attempts OPERATOR(pg_catalog.+) 1,
+            lease_expires_at = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => lease_seconds)
+        FROM picked
+        WHERE r.id OPERATOR(pg_catalog.=) picked.id
+        RETURNING r.id, r.submitted_by, r.kind, r.model, r.args, r.inputs, r.stream, r.attempts
+    )
+    -- held by this session (the serving process's lane connection) until its answer is committed
+    SELECT c.id, c.submitted_by, c.kind, c.model, c.args, c.inputs, c.stream, c.attempts
+    FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l
+$$;
+
+CREATE OR REPLACE FUNCTION pgml._await_request(p_id bigint, p_timeout double precision) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_start   timestamptz := pg_catalog.clock_timestamp();
+    v_local   boolean := pg_catalog.current_setting('transaction_isolation') = 'read committed';
+    v_status  text;
+    v_worker  text;
+    v_answer  jsonb;
+    v_elapsed double precision;
+    v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    BEGIN
+        LOOP
+            IF v_local THEN
+                SELECT r.status, r.claimed_by INTO v_status, v_worker FROM pgml.requests r WHERE r.id = p_id;
+            ELSE  -- a snapshot that cannot see the answer: ask through the loopback (a finished one is taken)
+                v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+                v_status := v_answer ->> 'status';
+            END IF;
+            EXIT WHEN v_status IS NULL OR v_status IN ('done', 'failed');
+            v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
+            IF v_elapsed > p_timeout THEN
+                PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+                IF v_status = 'queued' THEN
+                    RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited %s s and nobody took it',
+                        round(v_elapsed::numeric, 1)
+                        USING ERRCODE = 'lock_not_available',
+                              HINT = 'start one (pgml-tuned serve) or check SELECT * FROM pgml.queue_summary; '
+                                     'args => ''{"timeout": 120}'' waits longer';
+                END IF;
+                RAISE EXCEPTION 'the request timed out after %s s while % was answering it',
+                    round(v_elapsed::numeric, 1), coalesce(v_worker, 'a worker')
+                    USING ERRCODE = 'query_canceled',
+                          HINT = 'args => ''{"timeout": 300}'' waits longer (long generations need it)';
+            END IF;
+            IF v_local AND v_status = 'running' THEN
+                -- the serving process holds this lock from its claim until its answer is committed: wait on it
+                -- instead of polling (no CPU spent, woken the moment the answer is there), a quarter of a second
+                -- at a time at most (then the status is read again: a request taken over after a lost lease has
+                -- a new holder; anyone may take advisory locks, so a lock held by someone else costs that much)
+                PERFORM pg_catalog.set_config('lock_timeout', pg_catalog.format('%sms',
+                    greatest(1, least(250, ((p_timeout - coalesce(v_elapsed, 0)) * 1000)::integer))), true);
+                BEGIN
+                    PERFORM pg_catalog.pg_advisory_lock_shared(pgml._request_lock_space(), pgml._request_lock_key(p_id));
+                    PERFORM pg_catalog.pg_advisory_unlock_shared(pgml._request_lock_space(), pgml._request_lock_key(p_id));
+                EXCEPTION WHEN lock_not_available THEN
+                    NULL;
+                END;
+                PERFORM pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
+            ELSE
+                PERFORM pg_catalog.pg_sleep(CASE WHEN v_elapsed IS NULL OR v_elapsed < 0.05 THEN 0.001
+                                                 WHEN v_elapsed < 1 THEN 0.005 ELSE 0.02 END);
+            END IF;
+            v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
+        END LOOP;
+    EXCEPTION WHEN query_canceled THEN
+        -- statement_timeout or a cancel: leave nothing behind
+        PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+        RAISE;
+    END;
+    IF v_local OR v_status IS NULL THEN
+        v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+    END IF;
+    IF v_answer IS NULL THEN
+        RAISE EXCEPTION 'request % is gone (it expired, or its serving process failed it twice)', p_id
+            USING ERRCODE = 'no_data_found', HINT = 'try again; pgml-tuned status shows the serving workers';
+    END IF;
+    IF v_answer ->> 'status' = 'failed' THEN
+        RAISE EXCEPTION '%', v_answer ->> 'error' USING ERRCODE = 'data_exception';
+    END IF;
+    RETURN v_answer -> 'result';
+END $$;
+
+-- 0028_transform_errors: pgml.transform's errors as psql should show them — the message, its HINT and one CONTEXT
+-- line — as pgml.tune's since 0021. The three overloads were SQL functions over pgml._transform, and an error raised
+-- in the loopback (pgml.request, run by the caller's own role over dblink) came back with six CONTEXT lines, one of
+-- them quoting the loopback's statement. Each overload is now PL/pgSQL and raises such an error again itself: the
+-- caller sees where it called, not the internals (an error without a HINT too: nothing inside is the caller's to
+-- read). Plain SQL, idempotent, runnable with psql.
+
+CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb DEFAULT '{}', inputs text[] DEFAULT ARRAY[]::text[],
+                                          cache_model boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    RETURN pgml._transform(task, args, pg_catalog.to_jsonb(inputs));
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml.transform(task text, args jsonb DEFAULT '{}', inputs text[] DEFAULT ARRAY[]::text[],
+                                          cache_model boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    RETURN pgml._transform(pg_catalog.jsonb_build_object('task', task) || coalesce(args -> 'task_args', '{}'),
+                           args - 'task_args', pg_catalog.to_jsonb(inputs));
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+-- Conversations: inputs are the messages, [{"role": "user", "content": "..."}, ...].
+CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb, inputs jsonb[], cache_model boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    RETURN pgml._transform(task, args, pg_catalog.to_jsonb(inputs));
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
