@@ -1,7 +1,7 @@
 """One typed Settings object: command-line flags > environment (PGML_<FIELD>) > defaults.
 
 Each field's type (from its annotation) parses its value, wherever it comes from; each field's help text
-is its `--flag`'s help (cli.py builds the flags from these fields).
+is its `--flag`'s help (cli/parser.py builds the flags from these fields).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ RANKS = {
     "embedded": 0,
     "client_shapes": 0,  # what the client sends and answers, without a connection
     "db": 1,
+    "catalog": 2,  # the schema as normalised text (sql/catalog.sql): scripts/schema_dump, the schema tests
     "hub_access": 1,
     "client_requests": 2,  # the client's round trip of a request: psycopg and sql/client.sql (db.q)
     "client": 3,  # PostgresML's OpenSourceAI (pgml_tuned.OpenSourceAI loads it lazily)
