@@ -1,10 +1,11 @@
--- Ownership and the schema guard: who owns what pgml-tuned creates, and the event trigger that keeps users' DDL out of pgml-tuned's objects.
+-- Ownership and the schema guard: who owns what pgml-tuned creates, and the event trigger that keeps users' DDL out
+-- of pgml-tuned's objects.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.
 
 -- ---- ownership and privileges ---------------------------------------------------------------------------
--- Every object of schema pgml belongs to pgml_owner (later migrations call this again).
+-- Every object of schema pgml belongs to pgml_owner (called by every migrate, first thing in 90_grants.sql).
 CREATE OR REPLACE FUNCTION pgml._own_everything() RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

@@ -1,10 +1,10 @@
--- Secrets: sealing keys (RSA-OAEP in PL/pgSQL), inline tokens sealed at submit, named credentials and who may use them.
+-- Secrets: sealing keys (RSA-OAEP in PL/pgSQL), inline tokens sealed at submit, named credentials and who may use
+-- them.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.
 
--- 0002_secrets: Hugging Face tokens are never stored in plain text.
--- Plain SQL, idempotent, runnable with psql: psql "$DSN" -v ON_ERROR_STOP=1 -f sql/migrations/0002_secrets.sql
+-- (since 0002) Hugging Face tokens are never stored in plain text.
 --
 -- Workers own an RSA key pair (daemon/pgml_tuned/secrets.py); they register the public half in
 -- pgml.worker_keys. pgml._seal() encrypts a jsonb object of secrets with the newest registered key, in pure
@@ -71,8 +71,7 @@ BEGIN
     RETURN result;
 END $$;
 
--- 0006_typed_notices: NOTIFY payloads become typed JSON, and the names of secret hyperparams live in one place.
--- Plain SQL, idempotent, runnable with psql.
+-- (since 0006) NOTIFY payloads become typed JSON, and the names of secret hyperparams live in one place.
 --
 -- pgml_jobs    {"type": "job_queued", "id": N}, sent by the jobs trigger whenever a job becomes queued (submitted,
 --              requeued after a SIGTERM, or put back by the reaper), so an idle worker wakes at once in every case.

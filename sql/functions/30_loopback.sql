@@ -1,4 +1,5 @@
--- The loopback: an autonomous connection (dblink) through which synchronous calls submit and see the answer, and how a statement that arrives through it proves who sent it.
+-- The loopback: an autonomous connection (dblink) through which synchronous calls submit and see the answer, and
+-- how a statement that arrives through it proves who sent it.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.

@@ -1,4 +1,5 @@
--- Hub policy: which Hugging Face model ids a job may download (the administrator's allowlist), checked at submit and again at claim.
+-- Hub policy: which Hugging Face model ids a job may download (the administrator's allowlist), checked at submit
+-- and again at claim.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.

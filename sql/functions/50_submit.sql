@@ -1,4 +1,5 @@
--- Submitting a job: pgml.tune() and the checks it runs in SQL (task, columns, limits, resources, training_args), the rows copied into a job table, the tune_requests view the guide inserts into.
+-- Submitting a job: pgml.tune() and the checks it runs in SQL (task, columns, limits, resources, training_args),
+-- the rows copied into a job table, the tune_requests view the guide inserts into.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.
@@ -10,8 +11,8 @@ BEGIN
     RAISE EXCEPTION USING MESSAGE = message, HINT = hint, ERRCODE = code;
 END $$;
 
--- 0007_limits: bounds every submitted job must respect, checked as the job row is written (by pgml.tune()
--- or any later entry point), so nothing out of bounds is ever queued. Plain SQL, idempotent, runnable with psql.
+-- (since 0007) bounds every submitted job must respect, checked as the job row is written (by pgml.tune()
+-- or any later entry point), so nothing out of bounds is ever queued.
 
 CREATE OR REPLACE FUNCTION pgml._check_job_limits() RETURNS trigger
 LANGUAGE plpgsql

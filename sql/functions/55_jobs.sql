@@ -172,7 +172,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- 0020_log_notices: new log rows wake whoever follows a job (the dashboard's live curves), as status changes
+-- (since 0020) new log rows wake whoever follows a job (the dashboard's live curves), as status changes
 -- already do on pgml_job_status.
 --
 -- NOTIFY pgml_logs '{"type": "logs_written", "job_id": N}' once per statement that inserts log rows, per job in
@@ -194,7 +194,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- 0026_wait_log_kinds: CALL pgml.wait prints the lines about a job (pgml.logs rows of kind info, warning, error:
+-- (since 0026) CALL pgml.wait prints the lines about a job (pgml.logs rows of kind info, warning, error:
 -- 0018_log_kinds) as text, in order with its training rows, which it prints as before (pretty JSON):
 --     INFO:  claimed by worker w1 (attempt 1)
 --     INFO:  read 288 rows

@@ -1,4 +1,5 @@
--- The training child's API: ticketed functions a job's child process calls (as pgml_child) to read its rows and model files and to write logs, checkpoints, files and predictions.
+-- The training child's API: ticketed functions a job's child process calls (as pgml_child) to read its rows and
+-- model files and to write logs, checkpoints, files and predictions.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.
@@ -264,8 +265,8 @@ BEGIN
     RETURN v_moved;
 END $$;
 
--- 0019_cleanup: checkpoints that upload while training goes on, and `pgml-tuned gc` (pgml.gc) for what old jobs
--- hold. Plain SQL, idempotent, runnable with psql by an administrator.
+-- (since 0019) checkpoints that upload while training goes on, and `pgml-tuned gc` (pgml.gc) for what old jobs
+-- hold.
 --
 -- 1. A checkpoint is still stored in ONE transaction (pgml._child_checkpoint_begin, COPY of its files into
 --    pgml.checkpoint_files, pgml._child_checkpoint_end): a checkpoint row exists, for a resume to pick, only once

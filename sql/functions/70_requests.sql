@@ -1,4 +1,5 @@
--- Synchronous requests (pgml.transform, pgml.request): rows the serving lane claims, answers in chunks, and the waiting call reads.
+-- Synchronous requests (pgml.transform, pgml.request): rows the serving lane claims, answers in chunks, and the
+-- waiting call reads.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.
@@ -249,7 +250,7 @@ AS $$
     SELECT pg_catalog.count(*) FROM gone
 $$;
 
--- 0015_sync_calls: the synchronous entry points of the inference lane and of load_dataset (PostgresML's
+-- (since 0015) the synchronous entry points of the inference lane and of load_dataset (PostgresML's
 -- signatures), on the loopback of 0014 and the requests of 0013.
 --
 -- pgml.transform submits a request through the loopback (committed at once, whatever the caller's transaction
@@ -496,7 +497,7 @@ BEGIN
     RETURN v_id;
 END $$;
 
--- 0025_request_locks: a pgml.transform caller waits on a lock instead of polling.
+-- (since 0025) a pgml.transform caller waits on a lock instead of polling.
 -- The serving process takes a session-level advisory lock on each request it claims (on its lane connection, in the
 -- claim statement, so the lock is held before the claim is visible) and releases it after its answer is committed
 -- (serving/requests.py). A caller that sees its request running waits for that lock (shared), then reads the
@@ -616,12 +617,12 @@ BEGIN
     RETURN v_answer -> 'result';
 END $$;
 
--- 0028_transform_errors: pgml.transform's errors as psql should show them — the message, its HINT and one CONTEXT
+-- (since 0028) pgml.transform's errors as psql should show them — the message, its HINT and one CONTEXT
 -- line — as pgml.tune's since 0021. The three overloads were SQL functions over pgml._transform, and an error raised
 -- in the loopback (pgml.request, run by the caller's own role over dblink) came back with six CONTEXT lines, one of
 -- them quoting the loopback's statement. Each overload is now PL/pgSQL and raises such an error again itself: the
 -- caller sees where it called, not the internals (an error without a HINT too: nothing inside is the caller's to
--- read). Plain SQL, idempotent, runnable with psql.
+-- read).
 
 CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb DEFAULT '{}', inputs text[] DEFAULT ARRAY[]::text[],
                                           cache_model boolean DEFAULT false) RETURNS jsonb

@@ -1,4 +1,5 @@
--- Models after training: deployment (automatic and pgml.deploy), the deployed model of a project, pgml.predict_batch.
+-- Models after training: deployment (automatic and pgml.deploy), the deployed model of a project,
+-- pgml.predict_batch.
 --
 -- Re-applied by every `pgml-tuned migrate` (after sql/migrations, in the same transaction): edit the
 -- definition here, and only here. Grants are in 90_grants.sql.

@@ -145,14 +145,14 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- 0029_async_bookkeeping: the queue's own bookkeeping commits without waiting for its WAL to be flushed
+-- (since 0029) the queue's own bookkeeping commits without waiting for its WAL to be flushed
 -- (synchronous_commit off, for that transaction only). What it writes is re-derived after a server crash, so losing
 -- the last few hundred milliseconds of it is harmless: a lost heartbeat or lease renewal is renewed again (and after
 -- a restart every worker gets a full lease of uptime before its job is reaped), a lost claim or child ticket puts
 -- the job back in the queue (the worker's fenced writes then match nothing and it lets the job go), a lost reap is
 -- reaped again. Everything a user or a job's result depends on — pgml.tune, a job's success, failure, cancellation
 -- or requeue, its logs, files and checkpoints — still commits synchronously. On a fleet of 1000 workers the registry
--- heartbeat alone is 200 commits a second (bench/fleet.py). Plain SQL, idempotent, runnable with psql.
+-- heartbeat alone is 200 commits a second (bench/fleet.py).
 
 -- Makes the current transaction commit asynchronously; true. For the worker's own statements (sql/queries.sql).
 CREATE OR REPLACE FUNCTION pgml._async_commit() RETURNS boolean
