@@ -255,12 +255,8 @@ class Daemon:
             self.wake = anyio.Event()
             async with self.claiming:
                 await self.claim_while_free(tg)
-            if (
-                self.drain
-                and not self.attempts
-                and not self.stopping
-                and await self.backend.queue_empty(len(self.devices))
-            ):
+            idle = self.drain and not self.attempts and not self.stopping
+            if idle and await self.backend.queue_empty(len(self.devices)):
                 log.info("daemon.drained", jobs_claimed=self.claimed)
                 self.stopping = True
             self._finish_if_idle()
