@@ -22,15 +22,9 @@ from .worker.daemon import serve
 
 DATA = Path(__file__).parent / "data" / "reviews.csv"
 
-TUNE_SQL = """SELECT job_id FROM pgml.tune(
-    'demo_review_sentiment',
-    task => 'text-classification',
-    relation_name => 'public.pgml_demo_reviews',
-    model_name => %(model)s,
-    test_size => 0.2,
-    test_sampling => 'stratified',
-    hyperparams => %(hyperparams)s::jsonb
-)"""
+
+def _q(name: str) -> str:
+    return db.q(name, file="demo.sql")
 
 
 def run_demo(
@@ -53,38 +47,35 @@ def run_demo(
     }
     anyio.run(db.migrate, admin_dsn, backend="asyncio")
     with db.sync_connect(dsn) as conn:
-        conn.execute("DROP TABLE IF EXISTS public.pgml_demo_reviews")
-        conn.execute("CREATE TABLE public.pgml_demo_reviews (id serial PRIMARY KEY, text text NOT NULL, class text)")
+        conn.execute(_q("demo_table"))
         with (
             conn.cursor() as cur,
-            cur.copy("COPY public.pgml_demo_reviews (text, class) FROM STDIN") as copy,
+            cur.copy(_q("demo_copy")) as copy,
             open(DATA, newline="") as fh,
         ):
             for row in csv.DictReader(fh):
                 copy.write_row((row["text"], row["class"]))
-        n = db.fetch_one(conn, "SELECT count(*) AS n FROM public.pgml_demo_reviews")["n"]
+        n = db.fetch_one(conn, _q("demo_rows"))["n"]
         print(f"\n== loaded {n} labeled movie reviews into public.pgml_demo_reviews")
         print(
             "== queueing, as any SQL client would:\n"
-            + TUNE_SQL.replace("%(model)s", repr(model)).replace("%(hyperparams)s", repr(json.dumps(hyperparams)))
+            + _q("demo_tune")
+            .replace("%(model)s", repr(model))
+            .replace("%(hyperparams)s", repr(json.dumps(hyperparams)))
         )
-        job_id = db.fetch_one(conn, TUNE_SQL, {"model": model, "hyperparams": json.dumps(hyperparams)})["job_id"]
+        job_id = db.fetch_one(conn, _q("demo_tune"), {"model": model, "hyperparams": json.dumps(hyperparams)})["job_id"]
         conn.commit()
     print(f"== job {job_id} queued; running the daemon until the queue is empty (pgml-tuned serve --drain)\n")
 
     anyio.run(lambda: serve(settings, worker_dsn, child_dsn=child_dsn, drain=True), backend="asyncio")
 
     with db.sync_connect(dsn) as conn:
-        job = db.fetch_one(conn, "SELECT * FROM pgml.jobs WHERE id = %s", (job_id,))
+        job = db.fetch_one(conn, _q("demo_job"), {"job_id": job_id})
         print(f"\n== job {job_id}: {job['status']}" + (f" — {job['error']}" if job["error"] else ""))
         if job["status"] != "succeeded":
             return 1
         model_id = job["model_id"]
-        rows = conn.execute(
-            "SELECT logs->>'epoch' AS epoch, logs->>'step' AS step, logs->>'loss' AS loss FROM pgml.logs "
-            "WHERE model_id = %s AND jsonb_exists(logs, 'loss') ORDER BY id",
-            (model_id,),
-        ).fetchall()
+        rows = conn.execute(_q("demo_losses"), {"model_id": model_id}).fetchall()
         print(f"== {len(rows)} training log rows in pgml.logs (model_id {model_id}); first and last:")
         for r in [*rows[:3], *rows[-3:]]:
             print(f"   epoch {float(r['epoch']):5.2f}  step {r['step']:>4}  loss {float(r['loss']):.4f}")
@@ -93,11 +84,7 @@ def run_demo(
             f"== metrics (pgml.models.metrics): eval_accuracy {m['eval_accuracy']:.3f}  eval_f1 {m['eval_f1']:.3f}  "
             f"eval_loss {m['eval_loss']:.4f}  train_runtime {m['train_runtime']:.1f} s"
         )
-        files = conn.execute(
-            "SELECT path, count(*) AS parts, sum(length(data)) AS bytes FROM pgml.files "
-            "WHERE model_id = %s GROUP BY path ORDER BY path",
-            (model_id,),
-        ).fetchall()
+        files = conn.execute(_q("demo_files"), {"model_id": model_id}).fetchall()
         print(f"== {len(files)} model files in pgml.files:")
         for f in files:
             print(f"   {f['path']:<28} {int(f['bytes']) / 1e6:8.2f} MB in {f['parts']} part(s)")
