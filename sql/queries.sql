@@ -401,3 +401,7 @@ SELECT path, part, data FROM pgml._serving_model_files(%(model_id)s);
 -- name: child_predictions_begin
 -- A predict_batch child's transaction: (re)creates its output table (emptied when restart), lets its COPY in.
 SELECT pgml._child_predictions_begin(%(id)s, %(ticket)s, %(restart)s) AS output;
+
+-- name: listen_probe
+-- listening.listen(): a NOTIFY on a private channel, from another connection, that the listening one must see
+SELECT pg_catalog.pg_notify(%(channel)s, '');

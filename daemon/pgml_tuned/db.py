@@ -22,11 +22,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
@@ -205,55 +204,6 @@ def sync_connect(dsn: str, app: str = "pgml-tuned") -> psycopg.Connection[DictRo
             if not _refused_options(e, dsn, False):
                 raise
     return psycopg.connect(dsn, **conn_kwargs(app, options=False))
-
-
-# ---- LISTEN ----
-
-PROBE_SECONDS = 1.0
-
-
-class ListenUnavailable(Exception):
-    """LISTEN failed, or a notification sent to it did not arrive (a transaction pooler)."""
-
-
-async def listen(conn: psycopg.AsyncConnection[DictRow], dsn: str, channels: Sequence[str]) -> None:
-    """LISTEN on `channels`, then prove that notifications arrive: NOTIFY a private channel from another
-    connection and wait up to PROBE_SECONDS for it. Through PgBouncer in transaction mode LISTEN "works" but
-    notifications are lost: that raises ListenUnavailable (as does a LISTEN refused); a lost connection
-    raises its RETRYABLE error."""
-    probe = f"pgml_probe_{os.getpid()}_{os.urandom(4).hex()}"
-    try:
-        for channel in (*channels, probe):
-            await conn.execute(f"LISTEN {channel}")
-        async with await connect(dsn, app="pgml-tuned listen probe") as other:
-            await other.execute("SELECT pg_catalog.pg_notify(%s, '')", (probe,))
-        arrived = False
-        # closed before the next statement: a running notifies() holds the connection (notifications that come
-        # meanwhile are kept for the caller's next notifies())
-        async with contextlib.aclosing(conn.notifies(timeout=PROBE_SECONDS)) as notes:
-            async for note in notes:
-                if note.channel == probe:
-                    arrived = True
-                    break
-        if arrived:
-            await conn.execute(f"UNLISTEN {probe}")
-            return
-    except RETRYABLE:
-        raise
-    except psycopg.Error as e:
-        raise ListenUnavailable(f"LISTEN failed: {str(e).strip()}") from e
-    raise ListenUnavailable(f"a NOTIFY sent to this connection did not arrive within {PROBE_SECONDS} s")
-
-
-def polling_instead(event: str, error: ListenUnavailable, poll_seconds: float) -> None:
-    """The one line said when a listener gives up on LISTEN for good."""
-    log.warning(
-        event,
-        error=str(error),
-        poll_seconds=poll_seconds,
-        note=f"cannot LISTEN here (a transaction pooler such as PgBouncer?): polling every {poll_seconds} s instead; "
-        "set PGML_LISTEN_DSN (--listen-dsn) to a direct connection to PostgreSQL for instant wake-ups",
-    )
 
 
 def fetch_one(conn: psycopg.Connection[Any], query: Any, params: Any = None) -> Row:

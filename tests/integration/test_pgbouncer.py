@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgml_tuned import db
+from pgml_tuned import db, listening
 from tests.conftest import ADMIN, CHILD, WORKER, DaemonProc, as_login, connect, wait_for, wait_job
 
 PGBOUNCER = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
@@ -173,15 +173,15 @@ def test_listen_is_proven_directly_and_found_deaf_through_the_pooler(bouncer: st
     async def checks() -> None:
         direct = as_login(su_dsn, WORKER)
         async with await db.connect(direct) as conn:
-            await db.listen(conn, direct, ("pgml_jobs",))  # the probe arrived; the channel stays listened
+            await listening.listen(conn, direct, ("pgml_jobs",))  # the probe arrived; the channel stays listened
             async with await db.connect(direct) as other:
                 await other.execute("SELECT pg_catalog.pg_notify('pgml_jobs', 'hi')")
             async with contextlib.aclosing(conn.notifies()) as notes:
                 note = await anext(notes)  # not lost to the probe's own wait
             assert (note.channel, note.payload) == ("pgml_jobs", "hi")
         async with await db.connect(bouncer) as conn:
-            with pytest.raises(db.ListenUnavailable, match="did not arrive"):
-                await db.listen(conn, bouncer, ("pgml_jobs",))
+            with pytest.raises(listening.ListenUnavailable, match="did not arrive"):
+                await listening.listen(conn, bouncer, ("pgml_jobs",))
 
     anyio.run(run)
 

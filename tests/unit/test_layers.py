@@ -24,6 +24,7 @@ RANKS = {
     "embedded": 0,
     "client_shapes": 0,  # what the client sends and answers, without a connection
     "db": 1,
+    "listening": 2,  # LISTEN proved to work, or polling (the worker's listener, the serving lane)
     "catalog": 2,  # the schema as normalised text (sql/catalog.sql): scripts/schema_dump, the schema tests
     "hub_access": 1,
     "client_requests": 2,  # the client's round trip of a request: psycopg and sql/client.sql (db.q)

@@ -22,8 +22,9 @@ import anyio
 import anyio.from_thread
 
 from .. import logconfig
-from ..db import RETRYABLE, ListenUnavailable, Pool, backoff_delays, connect, listen, polling_instead
+from ..db import RETRYABLE, Pool, backoff_delays, connect
 from ..errors import JobError
+from ..listening import ListenUnavailable, listen, polling_instead
 from . import cache, inference
 from .requests import CHANNEL, Request, Requests
 

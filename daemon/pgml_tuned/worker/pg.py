@@ -19,7 +19,8 @@ from psycopg.types.json import Jsonb
 
 from .. import logconfig, secrets
 from ..config import Settings
-from ..db import RETRYABLE, ListenUnavailable, Pool, Row, backoff_delays, connect, listen, polling_instead, q
+from ..db import RETRYABLE, Pool, Row, backoff_delays, connect, q
+from ..listening import ListenUnavailable, listen, polling_instead
 from ..states import Claim, Renewal, Status
 from .backend import CONTROL_CHANNEL, JOBS_CHANNEL, Notice, RegistryMissing, parse_notice
 
