@@ -14,7 +14,12 @@ How a document runs (one test per document, one fresh migrated database each):
 - Hub models the documents name (distilbert-base-uncased, ...) are tiny local models placed in the offline hub cache
   under those names, the way tests/e2e/test_text_classification.py serves the guide's; `imdb` is a tiny copy in the
   offline datasets cache. Nothing reaches the network.
-- When the document is done, every job it queued must have ended, and none may have failed.
+- A document that runs a worker (`daemon` below, or a `pgml-tuned serve` of its own) has every job it queued end,
+  and none may fail. Without one, its jobs stay queued: it shows what happens at submit time (pgml.tune checks
+  every key and type of what it is given then). A `pgml-tuned serve --drain` block runs what is queued so far.
+- Fast: tiny models, `noop` jobs where the task does not matter, and the serving process warmed (its imports) while
+  a document's first job trains when the document calls pgml.transform. `DOC_TEST_SHOW=1` with `-s` prints what
+  each block printed, to check the ```text examples beside it.
 
 An HTML comment on the line before a fence (blank lines between are allowed) says how to run it:
 
