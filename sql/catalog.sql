@@ -110,6 +110,14 @@ JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname = ANY (%(schemas)s)
 ORDER BY 1;
 
+-- name: catalog_memberships
+-- Which of pgml-tuned's roles include which (roles are the cluster's: only these fixed names are the schema's)
+SELECT r.rolname AS role, m.rolname AS member
+FROM pg_catalog.pg_auth_members a
+JOIN pg_catalog.pg_roles r ON r.oid = a.roleid JOIN pg_catalog.pg_roles m ON m.oid = a.member
+WHERE r.rolname = ANY (%(roles)s) AND m.rolname = ANY (%(roles)s)
+ORDER BY 1, 2;
+
 -- name: catalog_default_acls
 SELECT d.defaclrole AS owner, n.nspname AS schema, d.defaclobjtype AS kind, d.defaclacl::text[] AS acl
 FROM pg_catalog.pg_default_acl d JOIN pg_catalog.pg_namespace n ON n.oid = d.defaclnamespace

@@ -4784,6 +4784,11 @@ GRANT EXECUTE ON PROCEDURE pgml.wait(IN job_id bigint, IN poll_seconds real, IN 
 
 CREATE EVENT TRIGGER pgml_guard_schema ON ddl_command_end EXECUTE FUNCTION pgml._guard_schema();  -- enabled: O
 
+-- ==== roles that include other roles ====
+
+GRANT pgml_child TO pgml_worker;
+GRANT pgml_user TO pgml_admin;
+
 -- ==== grants on schemas, default privileges ====
 
 GRANT CREATE, USAGE ON SCHEMA pgml TO pgml_user;

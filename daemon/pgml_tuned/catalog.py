@@ -26,6 +26,7 @@ from psycopg import sql
 from .db import q
 
 SCHEMAS = ["pgml", "pgml_rows", "pgml_dblink"]
+ROLES = ["pgml_owner", "pgml_user", "pgml_worker", "pgml_admin", "pgml_child", "pgml_loopback"]
 # the rows the migrations and sql/functions write, by the columns that do not depend on when they ran
 REFERENCE_TABLES = {"pgml.schema_migrations": ["version"], "pgml.tasks": ["*"], "pgml.training_arg_types": ["*"]}
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_$]*$")
@@ -86,7 +87,8 @@ def _ident(name: str) -> str:
 
 
 def _rows(conn: psycopg.Connection[Any], name: str, **params: Any) -> list[dict[str, Any]]:
-    return [dict(r) for r in conn.execute(q(name, file="catalog.sql"), {"schemas": SCHEMAS, **params}).fetchall()]
+    params = {"schemas": SCHEMAS, "roles": ROLES, **params}
+    return [dict(r) for r in conn.execute(q(name, file="catalog.sql"), params).fetchall()]
 
 
 def _comment(on: str, text: str | None) -> list[str]:
@@ -141,6 +143,10 @@ def dump(conn: psycopg.Connection[Any]) -> str:
         tags = f" WHEN TAG IN ({', '.join(sql.quote(t) for t in e['tags'])})" if e["tags"] else ""
         out.append(f"CREATE EVENT TRIGGER {e['name']} ON {e['event']}{tags} EXECUTE FUNCTION {e['function']};"
                    f"  -- enabled: {e['enabled']}")  # fmt: skip
+
+    section("roles that include other roles")
+    for m in _rows(conn, "catalog_memberships"):
+        out.append(f"GRANT {m['role']} TO {m['member']};")
 
     section("grants on schemas, default privileges")
     for s in _rows(conn, "catalog_schemas"):

@@ -25,6 +25,11 @@ REVOKE ALL ON
     pgml.tasks, pgml.training_arg_types, pgml.tune_requests, pgml.worker_status,
     pgml.workers
     FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback;
+-- which roles include which: an administrator is also a user; a worker may act for its children (when they have
+-- no login of their own, PGML_CHILD_DSN unset). The roles themselves are created by sql/migrations (0008, 0010, 0013).
+GRANT pgml_user TO pgml_admin;
+GRANT pgml_child TO pgml_worker;
+
 GRANT USAGE ON SCHEMA pgml TO pgml_user, pgml_worker, pgml_child;
 -- dblink's own schema (sql/migrations/0013): only pgml_owner may use it (pgml._setup_loopback grants that)
 DO $$

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS pgml.models (
 );
 CREATE INDEX IF NOT EXISTS models_project_idx ON pgml.models (project_id, id);
 
--- The queue. Every column a worker writes is fenced by `attempt` (see daemon/pgml_tuned/jobs.py for the
+-- The queue. Every column a worker writes is fenced by `attempt` (see daemon/pgml_tuned/states.py for the
 -- state machine: which process moves a job between which states, and what each transition writes).
 CREATE TABLE IF NOT EXISTS pgml.jobs (
     id               bigserial PRIMARY KEY,
