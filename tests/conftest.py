@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,118 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from tests.support.parallel import Turns, file_lock
+
 # before anything imports huggingface_hub, which reads these once: tests never reach the network
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".pgml-test"
+
+# ---- parallel runs (pytest-xdist) ----
+# pyproject's addopts ask for `--numprocesses=auto`: WORKERS processes (PGML_TEST_WORKERS to change it; `-n 0` runs
+# in this process, as does naming single tests with `file::test`), each with its own template database, daemons,
+# keyring and HF_HOME. More workers than cores: much of an end-to-end test is waiting on its subprocesses.
+# Three kinds of tests (tests/support/parallel.py), run in this order:
+# - serial (marked: timing asserts, leases of seconds): one at a time, and no heavy test meanwhile
+# - light (neither end-to-end nor starting a daemon: unit tests, SQL): any time, beside anything
+# - heavy (the rest): side by side, never beside a serial test
+# The workers start on the serial and light tests (the first chunks xdist hands out), so the light ones fill the cores
+# while the serial ones run. Tests sharing the machine run their torch processes (the daemons' training children,
+# the tests' own models) with one thread each, as OpenMP's spinning threads would otherwise take the cores from the
+# other workers (a quarter of the suite's CPU time); a serial test's processes get every core, as in a serial run.
+WORKERS = 4
+_TURNS = pytest.StashKey[Turns]()
+_RUN_DIR = pytest.StashKey[Path]()
+_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")  # the caller's: kept for every test when set
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    without_xdist = not pluginmanager.has_plugin("xdist") and (
+        pluginmanager.is_blocked("xdist")  # -p no:xdist
+        or importlib.util.find_spec("xdist") is None
+        or bool(os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"))
+    )
+    if without_xdist:  # pyproject's addopts still parse (and mean nothing)
+        group = parser.getgroup("xdist", "pytest-xdist is not loaded: this option is ignored")
+        group.addoption("--numprocesses", dest="numprocesses", default=None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    if os.environ.get("PGML_TEST_WORKERS"):
+        return int(os.environ["PGML_TEST_WORKERS"])
+    if config.args and all("::" in arg for arg in config.args):
+        return 0  # single tests named: no workers to start
+    return WORKERS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """The controller: a directory of lock files every worker of this run shares (tests/support/parallel.py)."""
+    config = node.config
+    if _RUN_DIR not in config.stash:
+        config.stash[_RUN_DIR] = Path(tempfile.mkdtemp(prefix="pgml-test-run-"))
+    node.workerinput["pgml_run_dir"] = str(config.stash[_RUN_DIR])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    run_dir = getattr(config, "workerinput", {}).get("pgml_run_dir")
+    config.stash[_TURNS] = Turns(Path(run_dir) if run_dir else None)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_DIR in config.stash:
+        shutil.rmtree(config.stash[_RUN_DIR], ignore_errors=True)
+
+
+SERIAL, LIGHT, HEAVY = "serial", "light", "heavy"
+
+
+def kind_of(item: pytest.Item) -> str:
+    if item.get_closest_marker("serial"):
+        return SERIAL
+    if "e2e" in item.path.parts or "daemon" in getattr(item, "fixturenames", ()):
+        return HEAVY
+    return LIGHT
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Serial tests first, then the light ones, then the heavy ones (stable otherwise: the long end-to-end tests lead
+    the heavy ones)."""
+    order = {SERIAL: 0, LIGHT: 1, HEAVY: 2}
+    items.sort(key=lambda item: order[kind_of(item)])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    turns = item.config.stash[_TURNS]
+    kind = kind_of(item)
+    if kind == LIGHT:
+        _torch_threads(1 if turns.run_dir is not None else None)
+        return (yield)
+    if kind == HEAVY:
+        _torch_threads(1 if turns.run_dir is not None else None)
+        with turns.shared():
+            return (yield)
+    turns.begin_alone()
+    _torch_threads(None)
+    try:
+        return (yield)
+    finally:
+        if nextitem is None or kind_of(nextitem) != SERIAL:
+            turns.end_alone()  # a run of serial tests keeps its turn to the last of them
+
+
+def _torch_threads(n: int | None) -> None:
+    """OMP_NUM_THREADS for the processes a test starts: `n`, or torch's default (every core) when None."""
+    if _OMP_THREADS is not None:
+        return
+    if n is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
 
 
 def with_db(dsn: str, dbname: str, user: str | None = None) -> str:
@@ -51,7 +160,8 @@ def admin_dsn() -> str:
         return os.environ["PGML_TEST_DSN"]
     from pgml_tuned import embedded
 
-    return embedded.ensure(STATE)
+    with file_lock(STATE / "embedded.lock"):  # one first start (initdb), however many workers ask at once
+        return embedded.ensure(STATE)
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +177,28 @@ def session_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def template_db(admin_dsn: str, session_env: Path) -> str:
+def template_db(admin_dsn: str, session_env: Path) -> Iterator[str]:
+    name = f"pgml_tpl_{os.getpid()}"
+    # One setup at a time on the server (workers of this run, other runs): the migrations create cluster-wide roles
+    # (pgml_user, ...) and grant them, as this fixture does for the test logins; concurrently, two sessions would
+    # both try to create the same role. The lock is the server's (an advisory lock in the admin database).
+    with psycopg.connect(admin_dsn, autocommit=True) as setup_lock:  # held until this session closes
+        setup_lock.execute("SELECT pg_advisory_lock(hashtext('pgml-tuned tests: template setup'))")
+        loopback = _create_template(admin_dsn, name)
+    yield name
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if loopback:  # the loopback login of the template (and of its copies); roles outlive databases
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(f'DROP ROLE IF EXISTS "{loopback}"')
+
+
+def _create_template(admin_dsn: str, name: str) -> str | None:
+    """Database `name`, migrated, with the session's sealing key and the test logins; its loopback login."""
     import anyio
 
     from pgml_tuned import db, secrets
 
-    name = f"pgml_tpl_{os.getpid()}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -99,12 +225,7 @@ def template_db(admin_dsn: str, session_env: Path) -> str:
         conn.execute(f'GRANT CREATE ON SCHEMA public TO "{USER}", "{OTHER_USER}", "{ADMIN}"')
     with psycopg.connect(dsn, autocommit=True) as conn:
         loopback = conn.execute("SELECT login FROM pgml.loopback_login").fetchone()
-    yield name
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        if loopback:  # the loopback login of the template (and of its copies); roles outlive databases
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(f'DROP ROLE IF EXISTS "{loopback[0]}"')
+    return str(loopback[0]) if loopback else None
 
 
 @contextlib.contextmanager

@@ -32,6 +32,10 @@ from psycopg.rows import dict_row
 
 from tests.conftest import STATE, DaemonProc, job_children, job_row, wait_for, wait_job
 
+# leases of 3 s, pickups within 3 s, a second SIGTERM within 2 s, sub-second windows: alone, CPU contention of other
+# tests would stretch them; and the churn test keeps both cores busy by itself
+pytestmark = pytest.mark.serial
+
 # ---- helpers ----
 
 

@@ -129,7 +129,8 @@ def test_the_next_start_removes_what_a_killed_daemon_left(
 def uploading(su: psycopg.Connection[dict[str, Any]]) -> bool:
     return bool(
         su.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'COPY pgml.checkpoint_files%'"
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+            "AND query LIKE 'COPY pgml.checkpoint_files%'"
         ).fetchone()
     )
 

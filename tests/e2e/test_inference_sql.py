@@ -264,5 +264,9 @@ def test_a_caller_waits_on_the_serving_lock_instead_of_polling(
     assert len(got) == 1 and not isinstance(got[0], Exception), got
     assert ("Lock", "advisory") in seen, seen
     assert len(got[0]) == 1 and got[0][0]["finish_reason"] == "length"
-    # nothing is left locked: the serving process released its lock, the caller its shared one
-    assert su.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'").fetchone() == {"n": 0}
+    # nothing is left locked: the serving process released its lock, the caller its shared one (in this database:
+    # advisory locks are per database, and other tests' are theirs)
+    assert su.execute(
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    ).fetchone() == {"n": 0}

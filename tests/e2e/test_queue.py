@@ -28,6 +28,7 @@ def submit_noop(conn: psycopg.Connection[dict[str, Any]], project: str = "ops", 
     return int(row["job_id"])
 
 
+@pytest.mark.serial  # pickup within 2 s
 def test_notify_wakes_an_idle_daemon(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
     d = daemon("--poll-seconds", "60")  # the fallback poll cannot be what picks the job up
     wait_for(lambda: "daemon.start" in d.output(), 30, what="daemon start")

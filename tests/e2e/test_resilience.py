@@ -102,6 +102,7 @@ def logged_steps(conn: psycopg.Connection[dict[str, Any]], job: int, attempt: in
     ]
 
 
+@pytest.mark.serial  # the takeover within 15 s of the kill: a 3 s lease, and the second daemon's start
 def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
     su_dsn: str, conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path
 ) -> None:
@@ -178,6 +179,7 @@ def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
     assert steps == list(range(1, STEPS + 1)), "pgml.wait prints each step once"
 
 
+@pytest.mark.serial  # the exit within 20 s of SIGTERM, a checkpoint uploaded meanwhile
 def test_sigterm_checkpoints_requeues_and_exits_in_time(
     conn: psycopg.Connection[dict[str, Any]], daemon: Any, small_bert: Path
 ) -> None:
@@ -213,6 +215,7 @@ def test_sigterm_checkpoints_requeues_and_exits_in_time(
     assert summaries == [{"attempt": 2, "step": STEPS}]
 
 
+@pytest.mark.serial  # cancelled within 5 s
 def test_cancel_queued_and_running(conn: psycopg.Connection[dict[str, Any]], daemon: Any) -> None:
     q = conn.execute("SELECT job_id FROM pgml.tune('c', task => 'noop', model_name => 'none')").fetchone()["job_id"]
     assert conn.execute("SELECT pgml.cancel(%s) AS s", (q,)).fetchone()["s"] == "cancelled"

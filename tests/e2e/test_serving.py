@@ -136,7 +136,8 @@ def serving(daemon: Any, su: psycopg.Connection[dict[str, Any]]) -> Any:
     d = daemon()
     wait_for(
         lambda: su.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'pgml-tuned listen %/serving-%'"
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'pgml-tuned listen %/serving-%'"
         ).fetchone(),
         60,
         what="the serving process to listen",
@@ -250,21 +251,24 @@ def testing_tokenizer(tiny: dict[str, Path]) -> Any:
 
 
 def test_streamed_chunks_add_up_to_the_answer(
-    serving: Any, ops: psycopg.Connection[dict[str, Any]], tiny: dict[str, Path]
+    serving: Any, ops: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], tiny: dict[str, Path]
 ) -> None:
     rid = submit(ops, "chat", "tiny/llama", CHAT, {"stream": True, "max_tokens": 30, "min_new_tokens": 30})
-    # read the chunks as they come, then the answer (which consumes the request and its chunks)
+    # read the chunks as they come, then the answer (which consumes the request and its chunks). Whether it has
+    # ended is looked at (without consuming it) before the chunks are read: once it has, that read has every piece,
+    # and only then is the answer taken (taken between a read and the last pieces, it would delete those with it)
     got = None
     pieces: list[str] = []
     last = -1
     deadline = time.monotonic() + 60
     while got is None and time.monotonic() < deadline:
+        ended = su.execute("SELECT status IN ('done', 'failed') AS e FROM pgml.requests WHERE id = %s", (rid,))
+        ended_row = ended.fetchone()
         chunks = ops.execute("SELECT seq, text FROM pgml._request_chunks(%s, %s)", (rid, last)).fetchall()
         pieces += [c["text"] for c in chunks]
         last = chunks[-1]["seq"] if chunks else last
-        row = ops.execute("SELECT * FROM pgml._request_answer(%s)", (rid,)).fetchone()
-        if row is not None and row["status"] in ("done", "failed"):
-            got = row
+        if ended_row is not None and ended_row["e"]:
+            got = ops.execute("SELECT * FROM pgml._request_answer(%s)", (rid,)).fetchone()
         time.sleep(0.005)
     assert got is not None and got["status"] == "done", got
     assert "".join(pieces) == got["result"]["content"]
@@ -288,6 +292,7 @@ def wait_running(su: psycopg.Connection[dict[str, Any]], rid: int) -> None:
     wait_for(running, 60, interval=0.002, what=f"request {rid} to run")
 
 
+@pytest.mark.serial  # restarted and answered within 30 s: a generation of 32 x 150 tokens, CPU-bound
 def test_a_killed_serving_process_is_restarted_and_its_request_retried(
     serving: Any, ops: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], tiny: dict[str, Path]
 ) -> None:

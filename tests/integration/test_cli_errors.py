@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ def test_no_dsn_and_no_embedded_server_says_how_to_start(tmp_path: Path) -> None
 
 
 def test_no_dsn_and_an_embedded_server_without_the_schema() -> None:
-    home = STATE / "embedded-no-schema"
+    home = STATE / f"embedded-no-schema-{uuid.uuid4().hex[:8]}"  # of its own: other workers, other runs
     try:
         embedded.ensure(home)  # a server someone started, never migrated
         r = cli("status", "--home", str(home), env=NO_DSN)

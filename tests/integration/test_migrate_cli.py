@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def test_the_embedded_default_separates_users_from_workers() -> None:
     what a newcomer sees is the secure setup, not a superuser."""
     from tests.conftest import STATE
 
-    home = STATE / "embedded-default"
+    home = STATE / f"embedded-default-{uuid.uuid4().hex[:8]}"  # of its own: other workers, other runs
     env = {"PGML_DSN": "", "PGML_KEYRING_DIR": str(home / "keyring")}  # its own keyring, not the session's
     try:
         user_dsn = cli("db", "dsn", "--home", str(home), env=env)

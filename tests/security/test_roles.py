@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import OTHER_USER, USER, WORKER, as_login, connect, wait_job
+from tests.conftest import OTHER_USER, USER, WORKER, as_login, connect, wait_for, wait_job
 from tests.support import models as testing
 
 HP = json.dumps({"dataset_args": {"text_column": "text", "class_column": "class"}, "training_args": {"max_steps": 2}})
@@ -174,6 +174,10 @@ def test_another_users_jobs_models_and_projects_are_out_of_reach(
         ]
 
 
+def job_heartbeat(ops: psycopg.Connection[dict[str, Any]], job: int) -> Any:
+    return ops.execute("SELECT heartbeat_at FROM pgml.jobs WHERE id = %s", (job,)).fetchone()["heartbeat_at"]
+
+
 def test_a_stranger_cannot_control_the_daemon(
     ops: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], su_dsn: str, daemon: Any
 ) -> None:
@@ -194,7 +198,12 @@ def test_a_stranger_cannot_control_the_daemon(
                 stranger.execute("SELECT pg_notify('pgml_control', %s)", (payload,))
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 stranger.execute("SELECT pgml.cancel(%s)", (job,))
-        time.sleep(2)  # several heartbeats
+        # several heartbeats after the notices: the daemon's loop went round, the job still runs
+        beat = ops.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
+        for _ in range(3):
+            beat = wait_for(
+                lambda b=beat: (r := job_heartbeat(ops, job)) is not None and r > b and r, 10, what="a heartbeat"
+            )
         assert ops.execute("SELECT status FROM pgml.jobs WHERE id = %s", (job,)).fetchone()["status"] == "running"
         assert ops.execute("SELECT pgml.cancel(%s) AS s", (job,)).fetchone()["s"] == "cancelling"
         assert wait_job(ops, job, 20)["status"] == "cancelled"

@@ -16,6 +16,7 @@ import pytest
 from pgml_tuned.child.uploader import CheckpointUploader
 from pgml_tuned.errors import LeaseLost
 from pgml_tuned.worker import scratch
+from tests.conftest import wait_for
 
 
 def test_an_attempt_dir_is_named_locked_and_removed(tmp_path: Path) -> None:
@@ -113,8 +114,7 @@ def test_uploads_run_behind_training_one_at_a_time(tmp_path: Path) -> None:
     up.submit(10, src, keep=2)
     assert time.monotonic() - t0 < 1.0  # returned while the upload is still running
     assert not src.exists()  # moved out of the Trainer's way
-    time.sleep(0.1)
-    assert started == [10]
+    wait_for(lambda: started == [10], 10, interval=0.01, what="the upload to start")
 
     # the next save waits for the one in flight (at most one pending)
     second_done = threading.Event()
