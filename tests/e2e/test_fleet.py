@@ -102,6 +102,15 @@ def test_registry_row_appears_then_goes_stale_after_kill(
     # a clean exit marks it stopped
     d2 = daemon("--worker-id", "fleet-b", *NO_SERVING)
     live(conn, "fleet-b")
+    # up, not still starting: a heartbeat after its registration (its SIGTERM handler is set up by then)
+    registered = su.execute("SELECT heartbeat_at FROM pgml.workers WHERE id = 'fleet-b'").fetchone()["heartbeat_at"]
+    wait_for(
+        lambda: su.execute(
+            "SELECT heartbeat_at > %s AS beat FROM pgml.workers WHERE id = 'fleet-b'", (registered,)
+        ).fetchone()["beat"],
+        30,
+        what="worker fleet-b's first heartbeat",
+    )
     d2.signal(signal.SIGTERM)
     assert d2.wait(30) == 0
     stopped = worker(conn, "fleet-b")
