@@ -249,7 +249,7 @@ CREATE POLICY worker_all ON pgml.job_rows FOR ALL TO pgml_worker
 GRANT INSERT, SELECT ON TABLE pgml.job_rows TO pgml_user;
 
 -- view pgml.job_status, owner pgml_owner
-CREATE VIEW pgml.job_status AS
+CREATE VIEW pgml.job_status WITH (security_invoker=true) AS
  SELECT j.id,
     p.name AS project,
     j.task,
@@ -330,7 +330,8 @@ CREATE TABLE pgml.jobs (
     CONSTRAINT jobs_model_id_fkey FOREIGN KEY (model_id) REFERENCES pgml.models(id) ON DELETE CASCADE,
     CONSTRAINT jobs_pkey PRIMARY KEY (id),
     CONSTRAINT jobs_project_id_fkey FOREIGN KEY (project_id) REFERENCES pgml.projects(id) ON DELETE CASCADE,
-    CONSTRAINT jobs_status_check CHECK (status = ANY (ARRAY['submitting'::text, 'queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text]))
+    CONSTRAINT jobs_status_check CHECK (status = ANY (ARRAY['submitting'::text, 'queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'cancelled'::text])),
+    CONSTRAINT jobs_submitted_at_commit TRIGGER DEFERRABLE INITIALLY DEFERRED
 ) WITH (fillfactor=80, autovacuum_analyze_threshold=5000);
 ALTER TABLE pgml.jobs ENABLE ROW LEVEL SECURITY;
 CREATE INDEX jobs_gang_forming ON pgml.jobs USING btree (priority DESC, id) WHERE ((gang_needed > 0) AND (status = 'running'::text));
@@ -348,6 +349,7 @@ CREATE TRIGGER jobs_limits BEFORE INSERT ON pgml.jobs FOR EACH ROW EXECUTE FUNCT
 CREATE TRIGGER jobs_logged AFTER UPDATE OF status, attempt ON pgml.jobs FOR EACH ROW EXECUTE FUNCTION pgml._job_logged();
 CREATE TRIGGER jobs_resources_check BEFORE INSERT ON pgml.jobs FOR EACH ROW WHEN (new.hyperparams ? 'resources'::text) EXECUTE FUNCTION pgml._jobs_resources_check();
 CREATE TRIGGER jobs_resources_notice AFTER INSERT ON pgml.jobs FOR EACH ROW WHEN (new.hyperparams ? 'resources'::text) EXECUTE FUNCTION pgml._jobs_resources_check();
+CREATE CONSTRAINT TRIGGER jobs_submitted_at_commit AFTER INSERT OR UPDATE OF status ON pgml.jobs DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (new.status = 'submitting'::text) EXECUTE FUNCTION pgml._job_submit_ended();
 CREATE TRIGGER jobs_succeeded_deploy AFTER UPDATE OF status ON pgml.jobs FOR EACH ROW WHEN (new.status = 'succeeded'::text AND old.status IS DISTINCT FROM 'succeeded'::text) EXECUTE FUNCTION pgml._job_succeeded_deploy();
 CREATE TRIGGER jobs_table_ended AFTER UPDATE OF status ON pgml.jobs FOR EACH ROW WHEN ((new.status = ANY (ARRAY['succeeded'::text, 'failed'::text, 'cancelled'::text])) AND old.status IS DISTINCT FROM new.status AND NOT new.keep_snapshot AND new.snapshot_columns IS NOT NULL) EXECUTE FUNCTION pgml._job_table_ended();
 CREATE TRIGGER jobs_tables_deleted AFTER DELETE ON pgml.jobs REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION pgml._job_tables_deleted();
@@ -483,7 +485,7 @@ CREATE SEQUENCE pgml.projects_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MA
 GRANT USAGE ON SEQUENCE pgml.projects_id_seq TO pgml_worker;
 
 -- view pgml.queue_summary, owner pgml_owner
-CREATE VIEW pgml.queue_summary AS
+CREATE VIEW pgml.queue_summary WITH (security_invoker=true) AS
  SELECT s.status,
     count(j.id) AS jobs,
     count(DISTINCT j.worker) FILTER (WHERE j.status = 'running'::text) AS workers,
@@ -567,7 +569,7 @@ CREATE TABLE pgml.schema_migrations (
 );
 
 -- view pgml.sealing_key_use, owner pgml_owner
-CREATE VIEW pgml.sealing_key_use AS
+CREATE VIEW pgml.sealing_key_use WITH (security_invoker=true) AS
  SELECT key_id,
     active,
     created_at,
@@ -657,7 +659,7 @@ COMMENT ON TABLE pgml.training_arg_types IS 'The JSON types of each transformers
 GRANT SELECT ON TABLE pgml.training_arg_types TO pgml_user;
 
 -- view pgml.tune_requests, owner pgml_owner
-CREATE VIEW pgml.tune_requests AS
+CREATE VIEW pgml.tune_requests WITH (security_barrier=true) AS
  SELECT NULL::text AS project_name,
     NULL::text AS task,
     NULL::text AS relation_name,
@@ -679,7 +681,7 @@ CREATE TRIGGER tune_requests_insert INSTEAD OF INSERT ON pgml.tune_requests FOR 
 GRANT INSERT, SELECT ON VIEW pgml.tune_requests TO pgml_user;
 
 -- view pgml.worker_status, owner pgml_owner
-CREATE VIEW pgml.worker_status AS
+CREATE VIEW pgml.worker_status WITH (security_barrier=true) AS
  SELECT id,
     host,
     pid,
@@ -766,7 +768,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    SELECT * INTO v_current FROM pgml.models WHERE id = pgml.deployed_model(v_model.project_id);
+    SELECT * INTO v_current FROM pgml.models WHERE id = pgml._deployed_model(v_model.project_id);
     IF v_current.id IS NOT NULL THEN
         SELECT * INTO v_new FROM pgml._key_metric(v_model.metrics, v_model.task);
         SELECT * INTO v_old FROM pgml._key_metric(v_current.metrics, v_current.task);
@@ -963,7 +965,6 @@ BEGIN
             HINT = 'choose another output_table (an existing table is never overwritten)';
     END IF;
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._check_output_table(p_name text, who name) TO pgml_user;
 
 -- FUNCTION pgml._check_resources(hyperparams jsonb), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._check_resources(hyperparams jsonb)
@@ -1011,7 +1012,6 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = 'hyperparams.resources gives both gpus and procs', HINT = 'give "gpus" (one rank per GPU) or "procs" (ranks on CPUs), not both';
     END IF;
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._check_resources(hyperparams jsonb) TO pgml_user;
 
 -- FUNCTION pgml._child_checkpoint_begin(job_id bigint, ticket text, step bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._child_checkpoint_begin(job_id bigint, ticket text, step bigint)
@@ -1109,7 +1109,7 @@ BEGIN
            OR (_child_find_model.model_id IS NULL AND p.name = project AND m.status = 'successful'
                AND p.task IN ('text-classification', 'text-pair-classification', 'conversation')))
       AND pgml._may_read_model(m.owner, v_owner)
-    ORDER BY (p.owner = v_owner) DESC, (m.id = pgml.deployed_model(p.id)) DESC, m.id DESC
+    ORDER BY (p.owner = v_owner) DESC, (m.id = pgml._deployed_model(p.id)) DESC, m.id DESC
     LIMIT 1;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._child_find_model(job_id bigint, ticket text, model_id bigint, project text) TO pgml_child;
@@ -1751,6 +1751,16 @@ AS $function$
     WHERE e.extname = 'dblink'
 $function$;
 
+-- FUNCTION pgml._deployed_model(p_project_id bigint), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._deployed_model(p_project_id bigint)
+ RETURNS bigint
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT d.model_id FROM pgml.deployments d WHERE d.project_id = p_project_id ORDER BY d.id DESC LIMIT 1
+$function$;
+
 -- FUNCTION pgml._fail(message text, hint text, code text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._fail(message text, hint text, code text DEFAULT 'invalid_parameter_value'::text)
  RETURNS void
@@ -1824,7 +1834,7 @@ AS $function$
     CROSS JOIN LATERAL (SELECT pg_catalog.count(*) AS parts, coalesce(pg_catalog.sum(pg_catalog.length(fp.data)), 0)::bigint AS bytes
                         FROM pgml.file_parts fp WHERE fp.model_id = s.id) f
     WHERE s.newest > greatest(keep_last, 1)
-      AND s.id IS DISTINCT FROM pgml.deployed_model(s.project_id)
+      AND s.id IS DISTINCT FROM pgml._deployed_model(s.project_id)
       AND s.id NOT IN (SELECT b.id FROM best b)
       AND s.id NOT IN (SELECT r.id FROM referenced r WHERE r.id IS NOT NULL)
       AND f.parts > 0
@@ -2109,8 +2119,24 @@ BEGIN
     procs := coalesce((r ->> 'procs')::integer, 1);
     nodes := coalesce((r ->> 'nodes')::integer, 1);
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._job_resources(hyperparams jsonb, OUT gpus integer, OUT procs integer, OUT nodes integer) TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml._job_resources(hyperparams jsonb, OUT gpus integer, OUT procs integer, OUT nodes integer) TO pgml_worker;
+
+-- FUNCTION pgml._job_submit_ended(), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._job_submit_ended()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = NEW.id AND j.status = 'submitting') THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = pg_catalog.format('job %s is still being submitted: a job is committed only once '
+                                        'pgml._submitted has checked and queued it', NEW.id),
+            HINT = 'submit jobs with pgml.tune(...) or INSERT INTO pgml.tune_requests';
+    END IF;
+    RETURN NULL;
+END $function$;
 
 -- FUNCTION pgml._job_succeeded_deploy(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._job_succeeded_deploy()
@@ -2166,11 +2192,12 @@ BEGIN
         'WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false)',
         v_name, (SELECT pg_catalog.string_agg(pg_catalog.format('c%s text', i), ', ' ORDER BY i)
                  FROM pg_catalog.generate_series(1, pg_catalog.cardinality(v_cols)) AS i));
+    EXECUTE pg_catalog.format('CREATE TRIGGER size_limit AFTER INSERT ON pgml_rows.%I '
+                              'FOR EACH STATEMENT EXECUTE FUNCTION pgml._job_table_size()', v_name);
     EXECUTE pg_catalog.format('GRANT INSERT, SELECT ON pgml_rows.%I TO %I', v_name, v_who);
     EXECUTE pg_catalog.format('GRANT SELECT ON pgml_rows.%I TO pgml_admin', v_name);
     RETURN pg_catalog.format('pgml_rows.%I', v_name);
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._job_table_begin(job_id bigint) TO pgml_user;
 
 -- FUNCTION pgml._job_table_ended(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._job_table_ended()
@@ -2181,6 +2208,36 @@ CREATE OR REPLACE FUNCTION pgml._job_table_ended()
 AS $function$
 BEGIN
     PERFORM pgml._job_tables_drop(ARRAY[NEW.id]);
+    RETURN NULL;
+END $function$;
+
+-- FUNCTION pgml._job_table_size(), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._job_table_size()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_who   name;
+    v_lim   pgml.role_limits;
+    v_bytes bigint;
+BEGIN
+    SELECT j.submitted_by INTO v_who FROM pgml.jobs j
+    WHERE j.id = pg_catalog.substr(TG_TABLE_NAME::text, 5)::bigint;
+    v_lim := pgml._role_limits(coalesce(v_who, session_user));
+    IF v_lim.max_snapshot_bytes IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_bytes := pg_catalog.pg_total_relation_size(TG_RELID);
+    IF v_bytes > v_lim.max_snapshot_bytes THEN
+        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+            MESSAGE = pg_catalog.format('the job''s rows are %s MB; the limit for %s is %s MB (max_snapshot_bytes)',
+                                        pg_catalog.round(v_bytes / 1e6, 1), v_lim.role,
+                                        pg_catalog.round(v_lim.max_snapshot_bytes / 1e6, 1)),
+            HINT = 'train on fewer rows or shorter texts (a view with a WHERE or LIMIT), or ask an administrator to '
+                   'raise max_snapshot_bytes (UPDATE pgml.role_limits)';
+    END IF;
     RETURN NULL;
 END $function$;
 
@@ -2791,7 +2848,6 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_key(id bigint)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT (id OPERATOR(pg_catalog.%) 2147483647)::integer $function$;
-GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_worker;
 
 -- FUNCTION pgml._request_lock_space(), owner pgml_owner
@@ -2801,7 +2857,6 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_space()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT 1885826412 $function$;
-GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_worker;
 
 -- FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb), owner pgml_owner
@@ -3096,6 +3151,23 @@ BEGIN
     END IF;
 END $function$;
 
+-- FUNCTION pgml._role_limits(who name), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._role_limits(who name)
+ RETURNS pgml.role_limits
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v pgml.role_limits;
+BEGIN
+    SELECT * INTO v FROM pgml.role_limits l WHERE l.role = who;
+    IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
+        SELECT * INTO v FROM pgml.role_limits l WHERE l.role = 'pgml_user';
+    END IF;
+    RETURN v;
+END $function$;
+
 -- FUNCTION pgml._seal(secrets jsonb, job_id bigint, submitter text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._seal(secrets jsonb, job_id bigint, submitter text)
  RETURNS text
@@ -3324,6 +3396,8 @@ DECLARE
     v_relname  text;
     v_cred     text;
     v_bad      record;
+    v_lim      pgml.role_limits;
+    v_queued   bigint;
 BEGIN
     -- project and task
     IF project_name IS NULL OR btrim(project_name) = '' THEN
@@ -3361,6 +3435,24 @@ BEGIN
         RAISE EXCEPTION USING MESSAGE = format('project %L is a %s project, not %s', project_name, v_project.task, v_task),
             HINT = 'use another project_name for another task',
             ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the queue limit counts the jobs being submitted too: pgml._submit called on its own, any number of times in
+    -- one transaction, queues no more than pgml.tune would (and no job is ever committed while 'submitting': the
+    -- constraint trigger jobs_submitted_at_commit below)
+    v_lim := pgml._role_limits(session_user);
+    IF v_lim.max_queued IS NOT NULL THEN
+        SELECT count(*) INTO v_queued FROM pgml.jobs j
+        WHERE j.submitted_by = session_user AND j.status IN ('queued', 'submitting');
+        IF v_queued >= v_lim.max_queued THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', session_user, v_queued,
+                                 v_lim.role, v_lim.max_queued),
+                HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
+        END IF;
+    END IF;
+    -- predict_batch writes pgml.<output_table>: the name is checked here, where pgml_user's rights do not reach
+    IF v_task = 'predict_batch' THEN
+        PERFORM pgml._check_output_table(coalesce(_submit.hyperparams, '{}') ->> 'output_table', session_user);
     END IF;
 
     -- hyperparams
@@ -3536,7 +3628,9 @@ BEGIN
     VALUES (v_project.id, v_task, _submit.model_name, _submit.relation_name, v_clean, session_user)
     RETURNING id INTO v_model_id;
 
-    -- 'submitting': invisible to workers until pgml._submitted() has seen the rows arrive
+    -- 'submitting': invisible to workers until pgml._submitted() has seen the rows arrive. Nothing commits the job
+    -- before that (a caller's SET CONSTRAINTS ... IMMEDIATE would refuse it at this INSERT: deferred again here)
+    SET CONSTRAINTS pgml.jobs_submitted_at_commit DEFERRED;
     INSERT INTO pgml.jobs (id, project_id, model_id, task, relation_name, relation_schema, relation_table,
                            model_name, test_size, test_sampling, hyperparams, secrets, credential, priority,
                            max_attempts, status, submitted_by, snapshot_columns, keep_snapshot)
@@ -3544,6 +3638,10 @@ BEGIN
             _submit.model_name, _submit.test_size, _submit.test_sampling, v_clean, v_sealed, v_cred,
             _submit.priority, _submit.max_attempts, 'submitting', session_user,
             CASE WHEN v_relname IS NOT NULL THEN v_cols END, coalesce(materialize_snapshot, false));
+    -- the job's table (pgml_rows.job_<id>), which pgml.tune fills as its caller
+    IF v_relname IS NOT NULL THEN
+        PERFORM pgml._job_table_begin(v_job_id);
+    END IF;
 
     RETURN QUERY SELECT v_job_id, v_project.id, v_model_id, v_relname, v_cols;
 END $function$;
@@ -3600,7 +3698,8 @@ BEGIN
                              v_lim.role, round(v_lim.max_snapshot_bytes / 1e6, 1)),
             HINT = 'train on fewer rows or shorter texts, or ask an administrator (pgml.role_limits)';
     END IF;
-    SELECT count(*) INTO v_queued FROM pgml.jobs j WHERE j.submitted_by = v_who AND j.status = 'queued';
+    SELECT count(*) INTO v_queued FROM pgml.jobs j
+    WHERE j.submitted_by = v_who AND (j.status = 'queued' OR (j.status = 'submitting' AND j.id <> _submitted.job_id));
     IF v_queued >= v_lim.max_queued THEN
         RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
             MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', v_who, v_queued,
@@ -3700,7 +3799,6 @@ BEGIN
     v_result := pgml._await_request(v_id, v_timeout);
     RETURN v_result;
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._transform(task jsonb, args jsonb, inputs jsonb) TO pgml_user;
 
 -- FUNCTION pgml._transform_kind(task text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._transform_kind(task text)
@@ -4055,7 +4153,7 @@ BEGIN
         ORDER BY CASE WHEN k.higher THEN -k.value ELSE k.value END, m.id DESC LIMIT 1;
     ELSIF deploy.strategy = 'rollback' THEN
         SELECT d.model_id INTO v_model FROM pgml.deployments d
-        WHERE d.project_id = v_project.id AND d.model_id IS DISTINCT FROM pgml.deployed_model(v_project.id)
+        WHERE d.project_id = v_project.id AND d.model_id IS DISTINCT FROM pgml._deployed_model(v_project.id)
         ORDER BY d.id DESC LIMIT 1;
     ELSE
         RAISE EXCEPTION 'unknown deployment strategy %', pg_catalog.quote_literal(deploy.strategy)
@@ -4082,7 +4180,10 @@ CREATE OR REPLACE FUNCTION pgml.deployed_model(p_project_id bigint)
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT d.model_id FROM pgml.deployments d WHERE d.project_id = p_project_id ORDER BY d.id DESC LIMIT 1
+    SELECT pgml._deployed_model(p.id) FROM pgml.projects p
+    WHERE p.id = p_project_id
+      AND (p.owner = pgml._submitter() OR pg_catalog.pg_has_role(pgml._submitter(), 'pgml_admin', 'MEMBER')
+           OR pg_catalog.pg_has_role(session_user, 'pgml_worker', 'MEMBER'))
 $function$;
 GRANT EXECUTE ON FUNCTION pgml.deployed_model(p_project_id bigint) TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml.deployed_model(p_project_id bigint) TO pgml_worker;
@@ -4134,7 +4235,7 @@ BEGIN
                 -- checked again at the delete: a model deployed since the listing keeps its files
                 DELETE FROM pgml.file_parts fp
                 WHERE fp.model_id = r.model_id
-                  AND r.model_id IS DISTINCT FROM (SELECT pgml.deployed_model(m.project_id) FROM pgml.models m
+                  AND r.model_id IS DISTINCT FROM (SELECT pgml._deployed_model(m.project_id) FROM pgml.models m
                                                    WHERE m.id = r.model_id);
                 IF FOUND THEN
                     UPDATE pgml.models m SET files_freed_at = pg_catalog.clock_timestamp() WHERE m.id = r.model_id;
@@ -4153,6 +4254,29 @@ BEGIN
         END IF;
         kind := r.kind; project := r.project; job_id := r.job_id; model_id := r.model_id;
         items := r.items; bytes := r.bytes; note := r.note;
+        RETURN NEXT;
+    END LOOP;
+    -- A job committed while 'submitting' (possible before the constraint trigger jobs_submitted_at_commit,
+    -- 50_submit.sql: pgml._submit called on its own) was never queued and never will be: it goes, with its model
+    -- row and its table. (Another session's submission in progress is not committed, so not seen here.)
+    FOR r IN
+        SELECT j.id AS job, j.model_id, p.name AS project, j.created_at,
+               pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(
+                   pg_catalog.format('pgml_rows.%I', pgml._job_table(j.id)))) AS size
+        FROM pgml.jobs j JOIN pgml.projects p ON p.id = j.project_id
+        WHERE j.status = 'submitting'
+        ORDER BY j.id
+    LOOP
+        kind := 'submitting'; project := r.project; job_id := r.job; model_id := r.model_id; items := 1;
+        bytes := coalesce(r.size, 0);
+        note := pg_catalog.format('job %s left in ''submitting'' since %s (never queued)', r.job, r.created_at);
+        IF apply THEN
+            -- the job goes with its model (ON DELETE CASCADE); its table with the job (jobs_tables_deleted)
+            DELETE FROM pgml.models m WHERE m.id = r.model_id
+              AND EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = r.job AND j.status = 'submitting')
+              AND NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.model_id = r.model_id AND j.id <> r.job);
+            DELETE FROM pgml.jobs j WHERE j.id = r.job AND j.status = 'submitting';
+        END IF;
         RETURN NEXT;
     END LOOP;
     -- A job's rows in a table of its own (pgml_rows.job_<id>, when a later migration keeps them there): dropped
@@ -4513,7 +4637,7 @@ BEGIN
         RAISE EXCEPTION 'predict_batch needs a model' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'a hub id, pgml:<project> (its deployed model), pgml:model:<id>, or one of your project names';
     END IF;
-    PERFORM pgml._check_output_table(output_table, session_user);
+    -- output_table is checked by pgml._submit (task predict_batch), where pgml_user's rights do not reach
     SELECT t.job_id INTO v_job FROM pgml.tune(
         output_table, task => 'predict_batch', relation_name => relation_name, model_name => v_model,
         hyperparams => pg_catalog.jsonb_build_object(
@@ -4600,6 +4724,7 @@ GRANT EXECUTE ON FUNCTION pgml.revoke_credential(name text, role name) TO pgml_a
 CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb, inputs jsonb[], cache_model boolean DEFAULT false)
  RETURNS jsonb
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -4624,6 +4749,7 @@ GRANT EXECUTE ON FUNCTION pgml.transform(task jsonb, args jsonb, inputs jsonb[],
 CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb DEFAULT '{}'::jsonb, inputs text[] DEFAULT ARRAY[]::text[], cache_model boolean DEFAULT false)
  RETURNS jsonb
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -4648,6 +4774,7 @@ GRANT EXECUTE ON FUNCTION pgml.transform(task jsonb, args jsonb, inputs text[], 
 CREATE OR REPLACE FUNCTION pgml.transform(task text, args jsonb DEFAULT '{}'::jsonb, inputs text[] DEFAULT ARRAY[]::text[], cache_model boolean DEFAULT false)
  RETURNS jsonb
  LANGUAGE plpgsql
+ SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
@@ -4700,7 +4827,7 @@ BEGIN
                                       tune.automatic_deploy, tune.materialize_snapshot, tune.max_attempts,
                                       tune.priority, tune.caller_search_path, v_rel, v_error);
     IF s.relation IS NOT NULL THEN
-        v_table := pgml._job_table_begin(s.job_id);
+        v_table := pg_catalog.format('pgml_rows.%I', 'job_' || s.job_id);  -- pgml._job_table: made by pgml._submit
         -- the caller's view runs as the caller, with the caller's search_path (its functions may rely on it)
         PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
         EXECUTE pg_catalog.format('INSERT INTO %s SELECT %s FROM %s', v_table,

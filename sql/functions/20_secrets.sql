@@ -244,7 +244,8 @@ BEGIN
 END $$;
 
 -- Per key: how many unfinished jobs hold secrets sealed with it (a retired key's file may go at 0).
-CREATE OR REPLACE VIEW pgml.sealing_key_use AS
+-- (security_invoker: read with the caller's rights, row-level security on both tables: administrators only.)
+CREATE OR REPLACE VIEW pgml.sealing_key_use WITH (security_invoker = true) AS
 SELECT k.key_id, k.active, k.created_at, k.retired_at,
        (SELECT count(*) FROM pgml.jobs j
         WHERE j.secrets LIKE 'v2:' || k.key_id || ':%' AND j.status IN ('submitting', 'queued', 'running'))

@@ -36,7 +36,8 @@ END $$;
 
 -- Inserts are calls: INSERT INTO pgml.tune_requests (...) VALUES (...) RETURNING job_id queues exactly as
 -- pgml.tune() does (same checks, same snapshot, same submitter), for clients that can only write rows.
-CREATE OR REPLACE VIEW pgml.tune_requests AS
+-- (It reads no table; security_barrier as every view a user reads: tests/security/test_view_leaks.py.)
+CREATE OR REPLACE VIEW pgml.tune_requests WITH (security_barrier = true) AS
 SELECT NULL::text AS project_name, NULL::text AS task, NULL::text AS relation_name, NULL::text AS y_column_name,
        NULL::text AS model_name, NULL::jsonb AS hyperparams, NULL::double precision AS test_size,
        NULL::text AS test_sampling, NULL::boolean AS automatic_deploy, NULL::boolean AS materialize_snapshot,
@@ -118,6 +119,8 @@ DECLARE
     v_relname  text;
     v_cred     text;
     v_bad      record;
+    v_lim      pgml.role_limits;
+    v_queued   bigint;
 BEGIN
     -- project and task
     IF project_name IS NULL OR btrim(project_name) = '' THEN
@@ -155,6 +158,24 @@ BEGIN
         RAISE EXCEPTION USING MESSAGE = format('project %L is a %s project, not %s', project_name, v_project.task, v_task),
             HINT = 'use another project_name for another task',
             ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- the queue limit counts the jobs being submitted too: pgml._submit called on its own, any number of times in
+    -- one transaction, queues no more than pgml.tune would (and no job is ever committed while 'submitting': the
+    -- constraint trigger jobs_submitted_at_commit below)
+    v_lim := pgml._role_limits(session_user);
+    IF v_lim.max_queued IS NOT NULL THEN
+        SELECT count(*) INTO v_queued FROM pgml.jobs j
+        WHERE j.submitted_by = session_user AND j.status IN ('queued', 'submitting');
+        IF v_queued >= v_lim.max_queued THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', session_user, v_queued,
+                                 v_lim.role, v_lim.max_queued),
+                HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
+        END IF;
+    END IF;
+    -- predict_batch writes pgml.<output_table>: the name is checked here, where pgml_user's rights do not reach
+    IF v_task = 'predict_batch' THEN
+        PERFORM pgml._check_output_table(coalesce(_submit.hyperparams, '{}') ->> 'output_table', session_user);
     END IF;
 
     -- hyperparams
@@ -330,7 +351,9 @@ BEGIN
     VALUES (v_project.id, v_task, _submit.model_name, _submit.relation_name, v_clean, session_user)
     RETURNING id INTO v_model_id;
 
-    -- 'submitting': invisible to workers until pgml._submitted() has seen the rows arrive
+    -- 'submitting': invisible to workers until pgml._submitted() has seen the rows arrive. Nothing commits the job
+    -- before that (a caller's SET CONSTRAINTS ... IMMEDIATE would refuse it at this INSERT: deferred again here)
+    SET CONSTRAINTS pgml.jobs_submitted_at_commit DEFERRED;
     INSERT INTO pgml.jobs (id, project_id, model_id, task, relation_name, relation_schema, relation_table,
                            model_name, test_size, test_sampling, hyperparams, secrets, credential, priority,
                            max_attempts, status, submitted_by, snapshot_columns, keep_snapshot)
@@ -338,6 +361,10 @@ BEGIN
             _submit.model_name, _submit.test_size, _submit.test_sampling, v_clean, v_sealed, v_cred,
             _submit.priority, _submit.max_attempts, 'submitting', session_user,
             CASE WHEN v_relname IS NOT NULL THEN v_cols END, coalesce(materialize_snapshot, false));
+    -- the job's table (pgml_rows.job_<id>), which pgml.tune fills as its caller
+    IF v_relname IS NOT NULL THEN
+        PERFORM pgml._job_table_begin(v_job_id);
+    END IF;
 
     RETURN QUERY SELECT v_job_id, v_project.id, v_model_id, v_relname, v_cols;
 END $$;
@@ -500,7 +527,8 @@ BEGIN
                              v_lim.role, round(v_lim.max_snapshot_bytes / 1e6, 1)),
             HINT = 'train on fewer rows or shorter texts, or ask an administrator (pgml.role_limits)';
     END IF;
-    SELECT count(*) INTO v_queued FROM pgml.jobs j WHERE j.submitted_by = v_who AND j.status = 'queued';
+    SELECT count(*) INTO v_queued FROM pgml.jobs j
+    WHERE j.submitted_by = v_who AND (j.status = 'queued' OR (j.status = 'submitting' AND j.id <> _submitted.job_id));
     IF v_queued >= v_lim.max_queued THEN
         RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
             MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', v_who, v_queued,
@@ -573,7 +601,7 @@ BEGIN
                                       tune.automatic_deploy, tune.materialize_snapshot, tune.max_attempts,
                                       tune.priority, tune.caller_search_path, v_rel, v_error);
     IF s.relation IS NOT NULL THEN
-        v_table := pgml._job_table_begin(s.job_id);
+        v_table := pg_catalog.format('pgml_rows.%I', 'job_' || s.job_id);  -- pgml._job_table: made by pgml._submit
         -- the caller's view runs as the caller, with the caller's search_path (its functions may rely on it)
         PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
         EXECUTE pg_catalog.format('INSERT INTO %s SELECT %s FROM %s', v_table,
@@ -712,9 +740,87 @@ BEGIN
         'WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false)',
         v_name, (SELECT pg_catalog.string_agg(pg_catalog.format('c%s text', i), ', ' ORDER BY i)
                  FROM pg_catalog.generate_series(1, pg_catalog.cardinality(v_cols)) AS i));
+    EXECUTE pg_catalog.format('CREATE TRIGGER size_limit AFTER INSERT ON pgml_rows.%I '
+                              'FOR EACH STATEMENT EXECUTE FUNCTION pgml._job_table_size()', v_name);
     EXECUTE pg_catalog.format('GRANT INSERT, SELECT ON pgml_rows.%I TO %I', v_name, v_who);
     EXECUTE pg_catalog.format('GRANT SELECT ON pgml_rows.%I TO pgml_admin', v_name);
     RETURN pg_catalog.format('pgml_rows.%I', v_name);
+END $$;
+
+-- ---- a job being submitted: bounded, and never committed half-way ------------------------------------------
+-- pgml.tune's invoker half (it reads the caller's relation with the caller's rights) calls pgml._submit, fills the
+-- job's table, and calls pgml._submitted, which checks what arrived and queues the job. Those two stay callable by
+-- pgml_user, so each is safe on its own: _submit counts the jobs being submitted against the queue limit, the job's
+-- table refuses more than the submitter's max_snapshot_bytes at every INSERT, _submitted revokes INSERT on it, and
+-- the deferred constraint trigger below refuses to commit a job still 'submitting' (whatever was called, or not).
+
+-- A login's limits (pgml.role_limits): its own row, else pgml_user's; an administrator without a row has none.
+CREATE OR REPLACE FUNCTION pgml._role_limits(who name) RETURNS pgml.role_limits
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v pgml.role_limits;
+BEGIN
+    SELECT * INTO v FROM pgml.role_limits l WHERE l.role = who;
+    IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
+        SELECT * INTO v FROM pgml.role_limits l WHERE l.role = 'pgml_user';
+    END IF;
+    RETURN v;
+END $$;
+
+-- After every INSERT into a job's table (pgml_rows.job_<id>): no more than the submitter's max_snapshot_bytes.
+CREATE OR REPLACE FUNCTION pgml._job_table_size() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_who   name;
+    v_lim   pgml.role_limits;
+    v_bytes bigint;
+BEGIN
+    SELECT j.submitted_by INTO v_who FROM pgml.jobs j
+    WHERE j.id = pg_catalog.substr(TG_TABLE_NAME::text, 5)::bigint;
+    v_lim := pgml._role_limits(coalesce(v_who, session_user));
+    IF v_lim.max_snapshot_bytes IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_bytes := pg_catalog.pg_total_relation_size(TG_RELID);
+    IF v_bytes > v_lim.max_snapshot_bytes THEN
+        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+            MESSAGE = pg_catalog.format('the job''s rows are %s MB; the limit for %s is %s MB (max_snapshot_bytes)',
+                                        pg_catalog.round(v_bytes / 1e6, 1), v_lim.role,
+                                        pg_catalog.round(v_lim.max_snapshot_bytes / 1e6, 1)),
+            HINT = 'train on fewer rows or shorter texts (a view with a WHERE or LIMIT), or ask an administrator to '
+                   'raise max_snapshot_bytes (UPDATE pgml.role_limits)';
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- At commit (deferred): a job may not stay 'submitting'. pgml._submit defers it again (SET CONSTRAINTS ... DEFERRED)
+-- before it inserts the job, so a caller's SET CONSTRAINTS ALL IMMEDIATE refuses only a job it left half-way.
+CREATE OR REPLACE FUNCTION pgml._job_submit_ended() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = NEW.id AND j.status = 'submitting') THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = pg_catalog.format('job %s is still being submitted: a job is committed only once '
+                                        'pgml._submitted has checked and queued it', NEW.id),
+            HINT = 'submit jobs with pgml.tune(...) or INSERT INTO pgml.tune_requests';
+    END IF;
+    RETURN NULL;
+END $$;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger
+                   WHERE tgrelid = 'pgml.jobs'::regclass AND tgname = 'jobs_submitted_at_commit') THEN
+        CREATE CONSTRAINT TRIGGER jobs_submitted_at_commit AFTER INSERT OR UPDATE OF status ON pgml.jobs
+            DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW WHEN (NEW.status = 'submitting') EXECUTE FUNCTION pgml._job_submit_ended();
+    END IF;
 END $$;
 
 CREATE OR REPLACE TRIGGER jobs_limits BEFORE INSERT ON pgml.jobs FOR EACH ROW EXECUTE FUNCTION pgml._check_job_limits();

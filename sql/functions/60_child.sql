@@ -353,7 +353,7 @@ BEGIN
            OR (_child_find_model.model_id IS NULL AND p.name = project AND m.status = 'successful'
                AND p.task IN ('text-classification', 'text-pair-classification', 'conversation')))
       AND pgml._may_read_model(m.owner, v_owner)
-    ORDER BY (p.owner = v_owner) DESC, (m.id = pgml.deployed_model(p.id)) DESC, m.id DESC
+    ORDER BY (p.owner = v_owner) DESC, (m.id = pgml._deployed_model(p.id)) DESC, m.id DESC
     LIMIT 1;
 END $$;
 

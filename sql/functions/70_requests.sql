@@ -622,11 +622,12 @@ END $$;
 -- in the loopback (pgml.request, run by the caller's own role over dblink) came back with six CONTEXT lines, one of
 -- them quoting the loopback's statement. Each overload is now PL/pgSQL and raises such an error again itself: the
 -- caller sees where it called, not the internals (an error without a HINT too: nothing inside is the caller's to
--- read).
+-- read). They are SECURITY DEFINER, so pgml._transform is not pgml_user's to call: nothing in them reads as the caller
+-- (who the request is for is session_user, through pgml._submitter).
 
 CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb DEFAULT '{}', inputs text[] DEFAULT ARRAY[]::text[],
                                           cache_model boolean DEFAULT false) RETURNS jsonb
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -648,7 +649,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION pgml.transform(task text, args jsonb DEFAULT '{}', inputs text[] DEFAULT ARRAY[]::text[],
                                           cache_model boolean DEFAULT false) RETURNS jsonb
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -671,7 +672,7 @@ END $$;
 
 -- Conversations: inputs are the messages, [{"role": "user", "content": "..."}, ...].
 CREATE OR REPLACE FUNCTION pgml.transform(task jsonb, args jsonb, inputs jsonb[], cache_model boolean DEFAULT false) RETURNS jsonb
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

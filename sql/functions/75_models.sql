@@ -23,11 +23,24 @@ AS $$
            task NOT IN ('conversation', 'text-generation')
 $$;
 
-CREATE OR REPLACE FUNCTION pgml.deployed_model(p_project_id bigint) RETURNS bigint
+-- The model a project serves now, for the functions of the schema (not granted: it answers for any project).
+CREATE OR REPLACE FUNCTION pgml._deployed_model(p_project_id bigint) RETURNS bigint
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT d.model_id FROM pgml.deployments d WHERE d.project_id = p_project_id ORDER BY d.id DESC LIMIT 1
+$$;
+
+-- The same for a caller: only a project it may see (as row-level security on pgml.projects: its owner, an
+-- administrator, a worker); anyone else's, like one that does not exist, is NULL.
+CREATE OR REPLACE FUNCTION pgml.deployed_model(p_project_id bigint) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pgml._deployed_model(p.id) FROM pgml.projects p
+    WHERE p.id = p_project_id
+      AND (p.owner = pgml._submitter() OR pg_catalog.pg_has_role(pgml._submitter(), 'pgml_admin', 'MEMBER')
+           OR pg_catalog.pg_has_role(session_user, 'pgml_worker', 'MEMBER'))
 $$;
 
 -- After a model's job succeeded: deploy it when the rule says so.
@@ -45,7 +58,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    SELECT * INTO v_current FROM pgml.models WHERE id = pgml.deployed_model(v_model.project_id);
+    SELECT * INTO v_current FROM pgml.models WHERE id = pgml._deployed_model(v_model.project_id);
     IF v_current.id IS NOT NULL THEN
         SELECT * INTO v_new FROM pgml._key_metric(v_model.metrics, v_model.task);
         SELECT * INTO v_old FROM pgml._key_metric(v_current.metrics, v_current.task);
@@ -115,7 +128,7 @@ BEGIN
         ORDER BY CASE WHEN k.higher THEN -k.value ELSE k.value END, m.id DESC LIMIT 1;
     ELSIF deploy.strategy = 'rollback' THEN
         SELECT d.model_id INTO v_model FROM pgml.deployments d
-        WHERE d.project_id = v_project.id AND d.model_id IS DISTINCT FROM pgml.deployed_model(v_project.id)
+        WHERE d.project_id = v_project.id AND d.model_id IS DISTINCT FROM pgml._deployed_model(v_project.id)
         ORDER BY d.id DESC LIMIT 1;
     ELSE
         RAISE EXCEPTION 'unknown deployment strategy %', pg_catalog.quote_literal(deploy.strategy)
@@ -205,7 +218,7 @@ BEGIN
         RAISE EXCEPTION 'predict_batch needs a model' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'a hub id, pgml:<project> (its deployed model), pgml:model:<id>, or one of your project names';
     END IF;
-    PERFORM pgml._check_output_table(output_table, session_user);
+    -- output_table is checked by pgml._submit (task predict_batch), where pgml_user's rights do not reach
     SELECT t.job_id INTO v_job FROM pgml.tune(
         output_table, task => 'predict_batch', relation_name => relation_name, model_name => v_model,
         hyperparams => pg_catalog.jsonb_build_object(

@@ -4,8 +4,10 @@
 -- definition here, and only here. Grants are in 90_grants.sql.
 
 -- live: heartbeat within two intervals; late: missed some, lease not yet over; gone: silent for longer than its
--- lease (killed, crashed, cut off); stopped: exited cleanly. (Runs as its owner, so the filter is explicit.)
-CREATE OR REPLACE VIEW pgml.worker_status AS
+-- lease (killed, crashed, cut off); stopped: exited cleanly. It runs as its owner (pgml.workers holds token hashes
+-- no other role reads), so what a user may not see is masked in its columns, and security_barrier keeps a caller's
+-- functions above the view: they see only what it returns.
+CREATE OR REPLACE VIEW pgml.worker_status WITH (security_barrier = true) AS
 SELECT w.id,
        w.host,
        w.pid,
@@ -93,7 +95,9 @@ BEGIN
 END $$;
 
 -- ---- the queue summary, with the fleet (the same fleet columns on every status row) --------------------------
-CREATE OR REPLACE VIEW pgml.queue_summary AS
+-- security_invoker: pgml.jobs with the caller's rights (its row-level security: one's own jobs, or all for an
+-- administrator or a worker), the fleet through pgml.worker_status
+CREATE OR REPLACE VIEW pgml.queue_summary WITH (security_invoker = true) AS
 SELECT s.status,
        count(j.id) AS jobs,
        count(DISTINCT j.worker) FILTER (WHERE j.status = 'running') AS workers,

@@ -34,7 +34,7 @@ AS $$
     CROSS JOIN LATERAL (SELECT pg_catalog.count(*) AS parts, coalesce(pg_catalog.sum(pg_catalog.length(fp.data)), 0)::bigint AS bytes
                         FROM pgml.file_parts fp WHERE fp.model_id = s.id) f
     WHERE s.newest > greatest(keep_last, 1)
-      AND s.id IS DISTINCT FROM pgml.deployed_model(s.project_id)
+      AND s.id IS DISTINCT FROM pgml._deployed_model(s.project_id)
       AND s.id NOT IN (SELECT b.id FROM best b)
       AND s.id NOT IN (SELECT r.id FROM referenced r WHERE r.id IS NOT NULL)
       AND f.parts > 0
@@ -98,7 +98,7 @@ BEGIN
                 -- checked again at the delete: a model deployed since the listing keeps its files
                 DELETE FROM pgml.file_parts fp
                 WHERE fp.model_id = r.model_id
-                  AND r.model_id IS DISTINCT FROM (SELECT pgml.deployed_model(m.project_id) FROM pgml.models m
+                  AND r.model_id IS DISTINCT FROM (SELECT pgml._deployed_model(m.project_id) FROM pgml.models m
                                                    WHERE m.id = r.model_id);
                 IF FOUND THEN
                     UPDATE pgml.models m SET files_freed_at = pg_catalog.clock_timestamp() WHERE m.id = r.model_id;
@@ -117,6 +117,29 @@ BEGIN
         END IF;
         kind := r.kind; project := r.project; job_id := r.job_id; model_id := r.model_id;
         items := r.items; bytes := r.bytes; note := r.note;
+        RETURN NEXT;
+    END LOOP;
+    -- A job committed while 'submitting' (possible before the constraint trigger jobs_submitted_at_commit,
+    -- 50_submit.sql: pgml._submit called on its own) was never queued and never will be: it goes, with its model
+    -- row and its table. (Another session's submission in progress is not committed, so not seen here.)
+    FOR r IN
+        SELECT j.id AS job, j.model_id, p.name AS project, j.created_at,
+               pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(
+                   pg_catalog.format('pgml_rows.%I', pgml._job_table(j.id)))) AS size
+        FROM pgml.jobs j JOIN pgml.projects p ON p.id = j.project_id
+        WHERE j.status = 'submitting'
+        ORDER BY j.id
+    LOOP
+        kind := 'submitting'; project := r.project; job_id := r.job; model_id := r.model_id; items := 1;
+        bytes := coalesce(r.size, 0);
+        note := pg_catalog.format('job %s left in ''submitting'' since %s (never queued)', r.job, r.created_at);
+        IF apply THEN
+            -- the job goes with its model (ON DELETE CASCADE); its table with the job (jobs_tables_deleted)
+            DELETE FROM pgml.models m WHERE m.id = r.model_id
+              AND EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = r.job AND j.status = 'submitting')
+              AND NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.model_id = r.model_id AND j.id <> r.job);
+            DELETE FROM pgml.jobs j WHERE j.id = r.job AND j.status = 'submitting';
+        END IF;
         RETURN NEXT;
     END LOOP;
     -- A job's rows in a table of its own (pgml_rows.job_<id>, when a later migration keeps them there): dropped

@@ -46,22 +46,26 @@ GRANT SELECT ON pgml.checkpoints, pgml.credential_grants, pgml.credentials, pgml
     pgml.files, pgml.hub_allowlist, pgml.job_events, pgml.job_status, pgml.jobs, pgml.logs, pgml.models,
     pgml.output_tables, pgml.projects, pgml.queue_summary, pgml.role_limits, pgml.superseded_logs, pgml.tasks,
     pgml.training_arg_types, pgml.worker_status TO pgml_user;
+-- Internal functions (pgml._*) are not pgml_user's to call; the API functions call them as pgml_owner (SECURITY
+-- DEFINER). Those left, and why each must stay callable (tests/security/test_privileges.py lists every decision):
 GRANT EXECUTE ON ROUTINE
-    pgml._check_output_table(text,name),
-    pgml._check_resources(jsonb),
-    pgml._dataset_kwargs(),
+    -- pgml.tune runs as its caller (it reads the caller's relation with the caller's rights): the two definer
+    -- steps around its INSERT ... SELECT. Safe on their own: the queue limit counts 'submitting' jobs, the job's
+    -- table has a size limit, and no job is committed while 'submitting' (50_submit.sql)
+    pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text),
+    pgml._submitted(bigint,bigint),
+    -- pgml.wait is a procedure that COMMITs between polls, so it cannot be SECURITY DEFINER; answers only for a
+    -- job the caller may see
+    pgml._wait_advice(bigint),
+    -- the documented way to read a load_dataset_async job's result; runs as its caller (row-level security)
     pgml._dataset_result(bigint),
-    pgml._job_resources(jsonb),
-    pgml._job_table_begin(bigint),
+    -- the list of kwargs load_dataset passes on (a constant: documentation for its callers)
+    pgml._dataset_kwargs(),
+    -- the answer, stream and abandon calls of an asynchronous pgml.request (the Python client, sql/client.sql);
+    -- each answers only the request's submitter
     pgml._request_abandon(bigint),
     pgml._request_answer(bigint),
     pgml._request_chunks(bigint,integer),
-    pgml._request_lock_key(bigint),
-    pgml._request_lock_space(),
-    pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text),
-    pgml._submitted(bigint,bigint),
-    pgml._transform(jsonb,jsonb,jsonb),
-    pgml._wait_advice(bigint),
     pgml.cancel(bigint),
     pgml.check_hub_model(text),
     pgml.deploy(text,bigint),

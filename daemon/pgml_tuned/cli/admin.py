@@ -69,6 +69,7 @@ GC_TABLES: dict[str, str | None] = {
     "checkpoints": "pgml.checkpoint_files",
     "job_rows": "pgml.job_rows",
     "job_table": None,  # dropped: its space is returned at once
+    "submitting": None,  # a job never queued: deleted with its table
 }
 
 
