@@ -246,7 +246,7 @@ CREATE POLICY user_submit ON pgml.job_rows FOR INSERT TO pgml_user
 CREATE POLICY worker_all ON pgml.job_rows FOR ALL TO pgml_worker
     USING (true)
     WITH CHECK (true);
-GRANT INSERT, SELECT ON TABLE pgml.job_rows TO pgml_user;
+GRANT SELECT ON TABLE pgml.job_rows TO pgml_user;
 
 -- view pgml.job_status, owner pgml_owner
 CREATE VIEW pgml.job_status WITH (security_invoker=true) AS

@@ -41,9 +41,11 @@ END $$;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_user, pgml_admin;
 
 -- ---- pgml_user ----
-GRANT INSERT, SELECT ON pgml.job_rows, pgml.tune_requests TO pgml_user;
+GRANT INSERT, SELECT ON pgml.tune_requests TO pgml_user;
+-- (pgml.job_rows: read only. pgml.tune copies rows into a job table of its own since 0024; an INSERT there, in a
+-- submission of one's own, was a way around the size limit, which checks the job's table)
 GRANT SELECT ON pgml.checkpoints, pgml.credential_grants, pgml.credentials, pgml.datasets, pgml.deployments,
-    pgml.files, pgml.hub_allowlist, pgml.job_events, pgml.job_status, pgml.jobs, pgml.logs, pgml.models,
+    pgml.files, pgml.hub_allowlist, pgml.job_events, pgml.job_rows, pgml.job_status, pgml.jobs, pgml.logs, pgml.models,
     pgml.output_tables, pgml.projects, pgml.queue_summary, pgml.role_limits, pgml.superseded_logs, pgml.tasks,
     pgml.training_arg_types, pgml.worker_status TO pgml_user;
 -- Internal functions (pgml._*) are not pgml_user's to call; the API functions call them as pgml_owner (SECURITY
