@@ -47,8 +47,14 @@ def job_table(conn: psycopg.Connection[dict[str, Any]], job: int) -> str:
     return name
 
 
+def one(conn: psycopg.Connection[dict[str, Any]], query: str, params: tuple[Any, ...] = ()) -> dict[str, Any]:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row
+
+
 def submitting(su: psycopg.Connection[dict[str, Any]]) -> int:
-    return int(su.execute("SELECT count(*) AS n FROM pgml.jobs WHERE status = 'submitting'").fetchone()["n"])
+    return int(one(su, "SELECT count(*) AS n FROM pgml.jobs WHERE status = 'submitting'")["n"])
 
 
 def test_a_job_is_never_committed_while_submitting(
@@ -99,7 +105,7 @@ def test_a_job_table_takes_no_more_than_the_size_limit(
     limit(su, max_snapshot_bytes=200_000)
     with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"the limit for .* is 0\.2 MB") as e:
         with conn.transaction():
-            job = conn.execute(SUBMIT, (HP,)).fetchone()["job_id"]
+            job = one(conn, SUBMIT, (HP,))["job_id"]
             table = job_table(conn, job)
             conn.execute(f"INSERT INTO {table} (c1, c2) SELECT {BIG}, '1' FROM generate_series(1, 1000) i")
             # and commits, without pgml._submitted
@@ -124,7 +130,7 @@ def test_gc_removes_jobs_left_submitting_and_tables_without_a_job(
     su.execute("INSERT INTO public.reviews SELECT 'review ' || i, (i % 2)::text FROM generate_series(1, 8) i")
     with su.transaction():
         su.execute("SET LOCAL session_replication_role = replica")  # no triggers: as before the constraint trigger
-        job = su.execute(SUBMIT, (HP,)).fetchone()["job_id"]
+        job = one(su, SUBMIT, (HP,))["job_id"]
         table = job_table(su, job)
         su.execute(f"INSERT INTO {table} (c1, c2) SELECT text, class FROM public.reviews")
     su.execute("CREATE TABLE pgml_rows.job_987654 (c1 text)")
