@@ -2192,8 +2192,6 @@ BEGIN
         'WITH (autovacuum_enabled = false, toast.autovacuum_enabled = false)',
         v_name, (SELECT pg_catalog.string_agg(pg_catalog.format('c%s text', i), ', ' ORDER BY i)
                  FROM pg_catalog.generate_series(1, pg_catalog.cardinality(v_cols)) AS i));
-    EXECUTE pg_catalog.format('CREATE TRIGGER size_limit AFTER INSERT ON pgml_rows.%I '
-                              'FOR EACH STATEMENT EXECUTE FUNCTION pgml._job_table_size()', v_name);
     EXECUTE pg_catalog.format('GRANT INSERT, SELECT ON pgml_rows.%I TO %I', v_name, v_who);
     EXECUTE pg_catalog.format('GRANT SELECT ON pgml_rows.%I TO pgml_admin', v_name);
     RETURN pg_catalog.format('pgml_rows.%I', v_name);
@@ -2208,36 +2206,6 @@ CREATE OR REPLACE FUNCTION pgml._job_table_ended()
 AS $function$
 BEGIN
     PERFORM pgml._job_tables_drop(ARRAY[NEW.id]);
-    RETURN NULL;
-END $function$;
-
--- FUNCTION pgml._job_table_size(), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._job_table_size()
- RETURNS trigger
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-    v_who   name;
-    v_lim   pgml.role_limits;
-    v_bytes bigint;
-BEGIN
-    SELECT j.submitted_by INTO v_who FROM pgml.jobs j
-    WHERE j.id = pg_catalog.substr(TG_TABLE_NAME::text, 5)::bigint;
-    v_lim := pgml._role_limits(coalesce(v_who, session_user));
-    IF v_lim.max_snapshot_bytes IS NULL THEN
-        RETURN NULL;
-    END IF;
-    v_bytes := pg_catalog.pg_total_relation_size(TG_RELID);
-    IF v_bytes > v_lim.max_snapshot_bytes THEN
-        RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
-            MESSAGE = pg_catalog.format('the job''s rows are %s MB; the limit for %s is %s MB (max_snapshot_bytes)',
-                                        pg_catalog.round(v_bytes / 1e6, 1), v_lim.role,
-                                        pg_catalog.round(v_lim.max_snapshot_bytes / 1e6, 1)),
-            HINT = 'train on fewer rows or shorter texts (a view with a WHERE or LIMIT), or ask an administrator to '
-                   'raise max_snapshot_bytes (UPDATE pgml.role_limits)';
-    END IF;
     RETURN NULL;
 END $function$;
 
@@ -3440,9 +3408,10 @@ BEGIN
     -- one transaction, queues no more than pgml.tune would (and no job is ever committed while 'submitting': the
     -- constraint trigger jobs_submitted_at_commit below)
     v_lim := pgml._role_limits(session_user);
+    -- (the jobs being submitted only, an index's few rows: pgml._submitted counts the queued ones too)
     IF v_lim.max_queued IS NOT NULL THEN
         SELECT count(*) INTO v_queued FROM pgml.jobs j
-        WHERE j.submitted_by = session_user AND j.status IN ('queued', 'submitting');
+        WHERE j.submitted_by = session_user AND j.status = 'submitting';
         IF v_queued >= v_lim.max_queued THEN
             RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
                 MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', session_user, v_queued,
@@ -3694,9 +3663,10 @@ BEGIN
     END IF;
     IF v_bytes > v_lim.max_snapshot_bytes THEN
         RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
-            MESSAGE = format('the job''s rows are %s MB; the limit for %s is %s MB', round(v_bytes / 1e6, 1),
-                             v_lim.role, round(v_lim.max_snapshot_bytes / 1e6, 1)),
-            HINT = 'train on fewer rows or shorter texts, or ask an administrator (pgml.role_limits)';
+            MESSAGE = format('the job''s rows are %s MB; the limit for %s is %s MB (max_snapshot_bytes)',
+                             round(v_bytes / 1e6, 1), v_lim.role, round(v_lim.max_snapshot_bytes / 1e6, 1)),
+            HINT = 'train on fewer rows or shorter texts (a view with a WHERE or LIMIT), or ask an administrator to '
+                   'raise max_snapshot_bytes (UPDATE pgml.role_limits)';
     END IF;
     SELECT count(*) INTO v_queued FROM pgml.jobs j
     WHERE j.submitted_by = v_who AND (j.status = 'queued' OR (j.status = 'submitting' AND j.id <> _submitted.job_id));

@@ -52,8 +52,8 @@ GRANT SELECT ON pgml.checkpoints, pgml.credential_grants, pgml.credentials, pgml
 -- DEFINER). Those left, and why each must stay callable (tests/security/test_privileges.py lists every decision):
 GRANT EXECUTE ON ROUTINE
     -- pgml.tune runs as its caller (it reads the caller's relation with the caller's rights): the two definer
-    -- steps around its INSERT ... SELECT. Safe on their own: the queue limit counts 'submitting' jobs, the job's
-    -- table has a size limit, and no job is committed while 'submitting' (50_submit.sql)
+    -- steps around its INSERT ... SELECT. Safe on their own: the queue limit counts 'submitting' jobs, and no job
+    -- is committed while 'submitting', so none without _submitted's size check (50_submit.sql)
     pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text),
     pgml._submitted(bigint,bigint),
     -- pgml.wait is a procedure that COMMITs between polls, so it cannot be SECURITY DEFINER; answers only for a

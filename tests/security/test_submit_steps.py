@@ -103,22 +103,33 @@ def test_a_job_table_takes_no_more_than_the_size_limit(
     conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], reviews: str
 ) -> None:
     limit(su, max_snapshot_bytes=200_000)
-    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"the limit for .* is 0\.2 MB") as e:
+    # rows put into the job's table directly: not committed without pgml._submitted's check...
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="still being submitted"):
         with conn.transaction():
             job = one(conn, SUBMIT, (HP,))["job_id"]
-            table = job_table(conn, job)
-            conn.execute(f"INSERT INTO {table} (c1, c2) SELECT {BIG}, '1' FROM generate_series(1, 1000) i")
-            # and commits, without pgml._submitted
-    assert "max_snapshot_bytes" in (e.value.diag.message_hint or "") + (e.value.diag.message_primary or "")
+            conn.execute(
+                f"INSERT INTO {job_table(conn, job)} (c1, c2) SELECT {BIG}, '1' FROM generate_series(1, 1000) i"
+            )
     assert submitting(su) == 0
+    assert one(su, "SELECT count(*) AS n FROM pg_class WHERE relnamespace = 'pgml_rows'::regnamespace") == {"n": 0}
+    # ...which refuses them, naming the limit and the fix
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"the limit for .* is 0\.2 MB \(max_snapshot") as e:
+        with conn.transaction():
+            job = one(conn, SUBMIT, (HP,))["job_id"]
+            conn.execute(
+                f"INSERT INTO {job_table(conn, job)} (c1, c2) SELECT {BIG}, '1' FROM generate_series(1, 1000) i"
+            )
+            conn.execute("SELECT pgml._submitted(%s, 1000)", (job,))
+    assert "raise max_snapshot_bytes" in (e.value.diag.message_hint or "")
     # through pgml.tune: the same limit, the same message
     conn.execute(f"INSERT INTO reviews SELECT {BIG}, '1' FROM generate_series(1, 1000) i")
-    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"the limit for .* is 0\.2 MB"):
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=r"the limit for .* is 0\.2 MB \(max_snapshot"):
         conn.execute(
             "SELECT * FROM pgml.tune('p', task => 'text-classification', relation_name => 'public.reviews', "
             "model_name => 'm', hyperparams => %s::jsonb)",
             (HP,),
         )
+    assert submitting(su) == 0
 
 
 def test_gc_removes_jobs_left_submitting_and_tables_without_a_job(
