@@ -719,7 +719,7 @@ BEGIN
             HINT = pg_catalog.format('ask for %s GPU%s or fewer (or {"nodes": N, "gpus": %s} across workers); '
                                      'SELECT * FROM pgml.worker_status shows the fleet', v_most_gpus,
                                      CASE WHEN v_most_gpus OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END,
-                                     pg_catalog.greatest(v_most_gpus, 1));
+                                     GREATEST(v_most_gpus, 1));
     END IF;
     IF v_procs OPERATOR(pg_catalog.>) v_most_cpus THEN
         RAISE EXCEPTION USING ERRCODE = 'insufficient_resources',
@@ -738,7 +738,7 @@ BEGIN
                                              WHEN v_procs IS NOT NULL THEN pg_catalog.format(' (%s CPUs each)', v_procs)
                                              ELSE '' END),
             HINT = pg_catalog.format('ask for %s nodes or fewer; SELECT * FROM pgml.worker_status shows the fleet',
-                                     pg_catalog.greatest(v_able, 1));
+                                     GREATEST(v_able, 1));
     END IF;
 END $$;
 

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import JobError
 from .cache import Loaded
 
+
 @dataclass(frozen=True)
 class Arg:
     type: str  # integer | number | boolean | string | flag (true/false, or a string saying so)
