@@ -99,7 +99,6 @@ def test_one_users_flood_does_not_starve_another_users_transform(
         assert other.execute(transform, (task, json.dumps({"timeout": 120}), ["warm"])).fetchone()
         answered(su, request(conn, "classify", "pgml:flood", ["warm"]))
         texts = [f"great film {i}" for i in range(1000)]
-        ]
         flood = [request(conn, "classify", "pgml:flood", texts) for _ in range(40)]
         t0 = time.monotonic()
         got = other.execute(transform, (task, json.dumps({"timeout": 120}), ["Shares rose"])).fetchone()
