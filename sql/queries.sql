@@ -256,7 +256,7 @@ SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE (status = 'queued' OR gang_need
 -- The fleet registry (0022_fleet): each daemon's own row, fenced on its token.
 SELECT pgml._worker_register(%(worker)s::text, %(token)s::text, %(host)s::text, %(pid)s::integer, %(version)s::text,
                              %(devices)s::jsonb, %(gpus)s::integer, %(concurrency)s::integer,
-                             %(heartbeat_seconds)s::real, %(lease_seconds)s::real);
+                             %(heartbeat_seconds)s::real, %(lease_seconds)s::real, %(cpus)s::integer);
 
 -- name: worker_heartbeat
 SELECT pgml._worker_heartbeat(%(worker)s::text, %(token)s::text, %(free_slots)s::integer, %(free_gpus)s::integer,
@@ -360,7 +360,7 @@ SELECT pgml._dataset_commit(%(id)s, %(ticket)s, %(rows)s) AS result;
 
 -- name: claim_requests
 -- The inference lane (the serving process; the functions of 0014_serving.sql).
-SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s);
+SELECT * FROM pgml._requests_claim(%(serving_id)s, %(max_n)s, %(lease_seconds)s, %(max_inputs)s);
 
 -- name: renew_requests
 SELECT id FROM pgml._requests_renew(%(serving_id)s, %(lease_seconds)s) AS r (id);

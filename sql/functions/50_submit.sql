@@ -678,7 +678,88 @@ BEGIN
     END IF;
 END $$;
 
--- pgml.tune: resources checked (nothing queued on a bad value), a NOTICE when the fleet could not run it now
+-- (since 0033) The limits of a login (pgml.role_limits): its own row, else pgml_user's; none (a row of NULLs, role
+-- NULL) for a pgml_admin member without a row of its own. As pgml._submitted reads them for jobs.
+CREATE OR REPLACE FUNCTION pgml._limits_of(who name) RETURNS pgml.role_limits
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v pgml.role_limits;
+BEGIN
+    SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) who;
+    IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
+        SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) 'pgml_user';
+    END IF;
+    RETURN v;
+END $$;
+
+-- (since 0033) What one job may ask of the fleet (hyperparams.resources, already well-formed): never more than the
+-- submitter's caps (pgml.role_limits max_gpus, max_procs, max_nodes), and, for a login with limits, never more than
+-- one live worker can give — GPUs on one worker (the largest live one's), CPU ranks on one worker (its CPUs): ranks
+-- past them would be started on a worker that cannot hold them. With no live worker at all (a fresh install, a fleet
+-- being restarted) the job queues and pgml.tune says so (a NOTICE, as before); so does an administrator's job (no row
+-- of their own: no limits), which may wait for the worker they are about to start. resources.nodes past the live
+-- workers is not refused: a gang forms as workers join (pgml-tuned serve on another host), the NOTICE says it waits,
+-- and a gang that does not form fails the job clearly after --gang-seconds; the role's max_nodes bounds it.
+CREATE OR REPLACE FUNCTION pgml._resources_allowed(who name, resources jsonb) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lim   pgml.role_limits := pgml._limits_of(who);
+    v_gpus  integer := coalesce((resources ->> 'gpus')::integer, 0);
+    v_procs integer := (resources ->> 'procs')::integer;  -- NULL: not asked (GPU ranks, or one process)
+    v_key   text;
+    v_asked integer;
+    v_cap   integer;
+    v_live  bigint;
+    v_most_gpus integer;
+    v_most_cpus integer;
+BEGIN
+    FOREACH v_key IN ARRAY ARRAY['gpus', 'procs', 'nodes'] LOOP
+        v_asked := (resources ->> v_key)::integer;
+        v_cap := CASE v_key WHEN 'gpus' THEN v_lim.max_gpus WHEN 'procs' THEN v_lim.max_procs ELSE v_lim.max_nodes END;
+        IF v_asked OPERATOR(pg_catalog.>) v_cap THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = pg_catalog.format('hyperparams.resources.%s = %s is more than %s may ask for: the limit for %s is %s',
+                                            v_key, v_asked, who, v_lim.role, v_cap),
+                HINT = pg_catalog.format('ask for %s or fewer, or ask an administrator to raise pgml.role_limits.max_%s '
+                                         '(UPDATE pgml.role_limits SET max_%s = ... WHERE role = %L, or a row for %L)',
+                                         v_cap, v_key, v_key, v_lim.role, who);
+        END IF;
+    END LOOP;
+    IF v_lim.role IS NULL THEN
+        RETURN;  -- an administrator without limits: the NOTICE of pgml._jobs_resources_check says what is missing
+    END IF;
+    SELECT count(*), max(s.gpus), max(w.cpus)
+    INTO v_live, v_most_gpus, v_most_cpus
+    FROM pgml.worker_status s JOIN pgml.workers w ON w.id OPERATOR(pg_catalog.=) s.id
+    WHERE s.state IN ('live', 'late');
+    IF v_live OPERATOR(pg_catalog.=) 0 THEN
+        RETURN;  -- no fleet to measure against: queued, with a NOTICE
+    END IF;
+    IF v_gpus OPERATOR(pg_catalog.>) v_most_gpus THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_resources',
+            MESSAGE = pg_catalog.format('hyperparams.resources.gpus = %s is more than the fleet can give: the most GPUs on '
+                                        'one live worker is %s (%s live worker%s)', v_gpus, v_most_gpus, v_live,
+                                        CASE WHEN v_live OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END),
+            HINT = pg_catalog.format('ask for %s GPU%s or fewer (or {"nodes": N, "gpus": %s} across workers); '
+                                     'SELECT * FROM pgml.worker_status shows the fleet', v_most_gpus,
+                                     CASE WHEN v_most_gpus OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END,
+                                     GREATEST(v_most_gpus, 1));
+    END IF;
+    IF v_procs OPERATOR(pg_catalog.>) v_most_cpus THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_resources',
+            MESSAGE = pg_catalog.format('hyperparams.resources.procs = %s is more than the fleet can give: the most CPUs on '
+                                        'one live worker is %s', v_procs, v_most_cpus),
+            HINT = pg_catalog.format('ask for %s processes or fewer (one rank per CPU); SELECT * FROM '
+                                     'pgml.worker_status shows the fleet', v_most_cpus);
+    END IF;
+END $$;
+
+-- pgml.tune: resources checked (nothing queued on a bad value, nor past the submitter's caps or, when a fleet is
+-- live, past what it can give), a NOTICE when the fleet could not run it now
 CREATE OR REPLACE FUNCTION pgml._jobs_resources_check() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -688,6 +769,9 @@ DECLARE
     v_why text;
 BEGIN
     SELECT * INTO r FROM pgml._job_resources(NEW.hyperparams);  -- raises on a bad value
+    IF TG_WHEN = 'BEFORE' THEN
+        PERFORM pgml._resources_allowed(NEW.submitted_by, NEW.hyperparams -> 'resources');
+    END IF;
     IF TG_WHEN = 'AFTER' AND (r.gpus > 0 OR r.nodes > 1) THEN
         v_why := pgml._fleet_shortfall(r.gpus, r.nodes);
         IF v_why IS NOT NULL THEN

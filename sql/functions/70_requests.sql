@@ -341,6 +341,105 @@ BEGIN
     RETURN v_result;
 END $$;
 
+-- (since 0033) The args a request of each kind may carry: one row per (kind, key), with its JSON type and bounds.
+-- use: pipeline (the text-classification pipeline's call), generate (model.generate), lane (the lane's own:
+-- timeout, stream), ignored (options PostgresML's clients send that the worker decides itself: accepted, never
+-- passed on). Anything else (num_workers, device, device_map, torch_dtype, trust_remote_code, model_kwargs, ...) is
+-- refused at submit, naming the key and what is allowed; the serving process checks the same table again
+-- (serving/inference.py ARGS, which a test keeps equal to this).
+CREATE OR REPLACE FUNCTION pgml._request_args()
+RETURNS TABLE (kind text, key text, type text, min numeric, max numeric, choices text[], use text)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.kind, a.key, a.type, a.min, a.max, a.choices, a.use
+    FROM (VALUES ('classify'), ('generate'), ('chat')) AS k (kind)
+    JOIN (VALUES
+        ('*',        'timeout',              'number',  0.1,  3600, NULL::text[], 'lane'),
+        ('*',        'load_in_8bit',         'flag',    NULL, NULL, NULL, 'ignored'),
+        ('*',        'load_in_4bit',         'flag',    NULL, NULL, NULL, 'ignored'),
+        ('*',        'cache_model',          'flag',    NULL, NULL, NULL, 'ignored'),
+        ('classify', 'top_k',                'integer', 1,    1000, NULL, 'pipeline'),
+        ('classify', 'function_to_apply',    'string',  NULL, NULL, ARRAY['sigmoid', 'softmax', 'none'], 'pipeline'),
+        ('classify', 'truncation',           'boolean', NULL, NULL, NULL, 'pipeline'),
+        ('classify', 'max_length',           'integer', 1,    8192, NULL, 'pipeline'),
+        ('classify', 'batch_size',           'integer', 1,    64,   NULL, 'pipeline'),
+        ('gen',      'stream',               'boolean', NULL, NULL, NULL, 'lane'),
+        ('gen',      'max_new_tokens',       'integer', 1,    4096, NULL, 'generate'),
+        ('gen',      'max_tokens',           'integer', 1,    4096, NULL, 'generate'),
+        ('gen',      'min_new_tokens',       'integer', 0,    4096, NULL, 'generate'),
+        ('gen',      'temperature',          'number',  0,    100,  NULL, 'generate'),
+        ('gen',      'top_p',                'number',  0,    1,    NULL, 'generate'),
+        ('gen',      'top_k',                'integer', 0,    1000, NULL, 'generate'),
+        ('gen',      'typical_p',            'number',  0,    1,    NULL, 'generate'),
+        ('gen',      'repetition_penalty',   'number',  0.01, 100,  NULL, 'generate'),
+        ('gen',      'length_penalty',       'number',  -100, 100,  NULL, 'generate'),
+        ('gen',      'no_repeat_ngram_size', 'integer', 0,    64,   NULL, 'generate'),
+        ('gen',      'num_beams',            'integer', 1,    8,    NULL, 'generate'),
+        ('gen',      'do_sample',            'boolean', NULL, NULL, NULL, 'generate')
+    ) AS a (kinds, key, type, min, max, choices, use)
+      ON a.kinds = '*' OR a.kinds = k.kind OR (a.kinds = 'gen' AND k.kind IN ('generate', 'chat'))
+$$;
+
+-- Raises unless every key of `args` is allowed for `kind` with a value of its type within its bounds.
+CREATE OR REPLACE FUNCTION pgml._request_args_check(kind text, args jsonb) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_bad     text;
+    v_allowed text;
+    r         record;
+    v_num     numeric;
+    v_ok      boolean;
+BEGIN
+    SELECT pg_catalog.string_agg(e.key, ', ' ORDER BY e.key), pg_catalog.count(*) INTO r
+    FROM pg_catalog.jsonb_object_keys(args) AS e (key)
+    WHERE NOT EXISTS (SELECT 1 FROM pgml._request_args() a
+                      WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind
+                        AND a.key OPERATOR(pg_catalog.=) e.key);
+    v_bad := r.string_agg;
+    IF v_bad IS NOT NULL THEN
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s (%s)', a.key,
+                   CASE WHEN a.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(a.choices, ', ')
+                        WHEN a.min IS NOT NULL THEN pg_catalog.format('%s %s..%s', a.type, a.min, a.max)
+                        ELSE a.type END), ', ' ORDER BY a.key)
+        INTO v_allowed
+        FROM pgml._request_args() a
+        WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.use OPERATOR(pg_catalog.<>) 'ignored';
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('args %s %s not allowed in a %s request', v_bad,
+                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, kind),
+            HINT = pg_catalog.format('a %s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
+                                     'and ignored: the worker decides how it loads a model)', kind, v_allowed);
+    END IF;
+    FOR r IN SELECT e.key, e.value, a.type, a.min, a.max, a.choices
+             FROM pg_catalog.jsonb_each(args) AS e JOIN pgml._request_args() a
+               ON a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.key OPERATOR(pg_catalog.=) e.key
+    LOOP
+        v_num := CASE WHEN pg_catalog.jsonb_typeof(r.value) OPERATOR(pg_catalog.=) 'number' THEN (r.value #>> '{}')::numeric END;
+        v_ok := CASE r.type
+                WHEN 'integer' THEN v_num IS NOT NULL AND v_num OPERATOR(pg_catalog.=) pg_catalog.trunc(v_num)
+                WHEN 'number' THEN v_num IS NOT NULL
+                WHEN 'boolean' THEN pg_catalog.jsonb_typeof(r.value) OPERATOR(pg_catalog.=) 'boolean'
+                WHEN 'string' THEN pg_catalog.jsonb_typeof(r.value) OPERATOR(pg_catalog.=) 'string'
+                    AND (r.choices IS NULL OR (r.value #>> '{}') OPERATOR(pg_catalog.=) ANY (r.choices))
+                ELSE pg_catalog.jsonb_typeof(r.value) IN ('boolean', 'string', 'null') END;
+        IF NOT v_ok OR v_num OPERATOR(pg_catalog.<) r.min OR v_num OPERATOR(pg_catalog.>) r.max THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = pg_catalog.format('args.%s = %s: a %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), kind,
+                    CASE WHEN r.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(r.choices, ', ')
+                         WHEN r.min IS NOT NULL THEN pg_catalog.format('%s %s from %s to %s',
+                                  CASE r.type WHEN 'integer' THEN 'a whole number' ELSE 'a number' END, r.key, r.min, r.max)
+                         WHEN r.type OPERATOR(pg_catalog.=) 'flag' THEN 'true or false'
+                         ELSE pg_catalog.format('a JSON %s', r.type) END),
+                HINT = CASE WHEN r.max IS NOT NULL THEN pg_catalog.format('e.g. "%s": %s', r.key, r.max)
+                            WHEN r.type OPERATOR(pg_catalog.=) 'boolean' THEN pg_catalog.format('e.g. "%s": true', r.key)
+                            ELSE 'see the inference docs' END;
+        END IF;
+    END LOOP;
+END $$;
+
 -- pgml._request_submit: as in 0014, each pgml._fail a RAISE
 CREATE OR REPLACE FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb)
 RETURNS bigint
@@ -357,6 +456,9 @@ DECLARE
     v_timeout double precision;
     v_id      bigint;
     v_stream  boolean;
+    v_n       integer;
+    v_lim     pgml.role_limits;
+    v_pending record;
 BEGIN
     IF submitter IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = submitter) THEN
         RAISE EXCEPTION USING MESSAGE = pg_catalog.format('unknown submitter %L', submitter),
@@ -484,14 +586,44 @@ BEGIN
         END IF;
     END IF;
 
+    -- (since 0033) only the args of the allow-list, within their bounds
+    PERFORM pgml._request_args_check(kind, v_args);
+
+    -- (since 0033) what one login may have pending in the lane: requests, and their texts all together. Counted
+    -- without a lock (a lock by login name is one anybody could hold): concurrent submits of one login may pass a
+    -- cap by as many as it has sessions submitting at once
+    v_n := CASE WHEN kind OPERATOR(pg_catalog.=) 'chat' THEN 1 ELSE pg_catalog.jsonb_array_length(inputs) END;
+    v_lim := pgml._limits_of(submitter);
+    IF v_lim.max_pending_requests IS NOT NULL OR v_lim.max_pending_inputs IS NOT NULL THEN
+        SELECT pg_catalog.count(*) AS n, coalesce(pg_catalog.sum(r.n_inputs), 0) AS texts INTO v_pending
+        FROM pgml.requests r
+        WHERE r.submitted_by OPERATOR(pg_catalog.=) submitter AND r.status IN ('queued', 'running');
+        IF v_pending.n OPERATOR(pg_catalog.>=) v_lim.max_pending_requests THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = pg_catalog.format('%s has %s requests pending in the inference lane; the limit for %s is %s '
+                                            '(pgml.role_limits.max_pending_requests)', submitter, v_pending.n,
+                                            v_lim.role, v_lim.max_pending_requests),
+                HINT = 'wait for their answers before sending more (or send more texts per request), or ask an '
+                       'administrator to raise pgml.role_limits.max_pending_requests';
+        END IF;
+        IF v_pending.texts OPERATOR(pg_catalog.+) v_n OPERATOR(pg_catalog.>) v_lim.max_pending_inputs THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = pg_catalog.format('%s has %s texts pending in the inference lane and this request adds %s; the '
+                                            'limit for %s is %s (pgml.role_limits.max_pending_inputs)', submitter,
+                                            v_pending.texts, v_n, v_lim.role, v_lim.max_pending_inputs),
+                HINT = 'wait for their answers before sending more, use pgml.predict_batch for a whole table, or ask '
+                       'an administrator to raise pgml.role_limits.max_pending_inputs';
+        END IF;
+    END IF;
+
     -- now and then, what nobody will read again goes (a lane with no serving process never grows either)
     IF pg_catalog.random() OPERATOR(pg_catalog.<) 0.01 THEN
         PERFORM pgml._requests_expire();
     END IF;
 
-    INSERT INTO pgml.requests (submitted_by, kind, model, args, inputs, stream, deadline)
+    INSERT INTO pgml.requests (submitted_by, kind, model, args, inputs, stream, deadline, n_inputs)
     VALUES (submitter, kind, v_model, v_args, inputs, v_stream,
-            pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout))
+            pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout), v_n)
     RETURNING id INTO v_id;
     PERFORM pg_catalog.pg_notify('pgml_requests', '{"type": "request_queued"}');
     RETURN v_id;
@@ -517,29 +649,65 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT (id OPERATOR(pg_catalog.%) 2147483647)::integer $$;
 
-CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision)
+-- (since 0033) Fair: round-robin across submitters, weighted by texts. Each submitter's queued requests are taken
+-- in order (requests_pending_idx, walked once per submitter: the distinct submitters by a skip scan of the same
+-- index), each placed at its submitter's texts up to and including it; the claim takes the lowest places first
+-- (ties: the older request), up to max_n requests and, past the first, max_inputs texts. A submitter of one
+-- short request goes before another's thousandth text, whoever came first; two submitters of equal requests
+-- alternate. Rows come back in that order (the serving process answers them so).
+CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision,
+                                                max_inputs integer DEFAULT 512)
 RETURNS TABLE (id bigint, submitted_by name, kind text, model text, args jsonb, inputs jsonb, stream boolean,
                attempts integer)
 LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH picked AS (
-        SELECT q.id FROM pgml.requests q
-        WHERE q.status OPERATOR(pg_catalog.=) 'queued' AND q.deadline OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()
-        ORDER BY q.id
-        FOR UPDATE SKIP LOCKED
-        LIMIT max_n
+    WITH RECURSIVE submitters AS (
+        (SELECT q.submitted_by FROM pgml.requests q
+         WHERE q.status IN ('queued', 'running')
+         ORDER BY q.submitted_by LIMIT 1)
+        UNION ALL
+        SELECT (SELECT q.submitted_by FROM pgml.requests q
+                WHERE q.status IN ('queued', 'running') AND q.submitted_by OPERATOR(pg_catalog.>) s.submitted_by
+                ORDER BY q.submitted_by LIMIT 1)
+        FROM submitters s WHERE s.submitted_by IS NOT NULL
+    ), placed AS (
+        SELECT c.id, c.n_inputs, c.place
+        FROM submitters s, LATERAL (
+            SELECT q.id, q.n_inputs, pg_catalog.sum(q.n_inputs) OVER (ORDER BY q.id) AS place
+            FROM pgml.requests q
+            WHERE q.submitted_by OPERATOR(pg_catalog.=) s.submitted_by AND q.status IN ('queued', 'running')
+              AND q.status OPERATOR(pg_catalog.=) 'queued'
+              AND q.deadline OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()
+            ORDER BY q.id
+            LIMIT max_n
+        ) c
+        WHERE s.submitted_by IS NOT NULL
+    ), chosen AS (
+        SELECT x.id, x.rank FROM (
+            SELECT p.id, pg_catalog.row_number() OVER w AS rank,
+                   pg_catalog.sum(p.n_inputs) OVER w OPERATOR(pg_catalog.-) p.n_inputs AS before
+            FROM placed p
+            WINDOW w AS (ORDER BY p.place, p.id)
+        ) x
+        WHERE x.rank OPERATOR(pg_catalog.<=) max_n
+          AND (x.rank OPERATOR(pg_catalog.=) 1 OR x.before OPERATOR(pg_catalog.<) max_inputs)
+    ), picked AS (
+        SELECT q.id, ch.rank FROM pgml.requests q JOIN chosen ch ON ch.id OPERATOR(pg_catalog.=) q.id
+        WHERE q.status OPERATOR(pg_catalog.=) 'queued'
+        FOR UPDATE OF q SKIP LOCKED
     ), claimed AS (
         UPDATE pgml.requests r
         SET status = 'running', claimed_by = serving_id, attempts = r.attempts OPERATOR(pg_catalog.+) 1,
             lease_expires_at = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => lease_seconds)
         FROM picked
         WHERE r.id OPERATOR(pg_catalog.=) picked.id
-        RETURNING r.id, r.submitted_by, r.kind, r.model, r.args, r.inputs, r.stream, r.attempts
+        RETURNING r.id, r.submitted_by, r.kind, r.model, r.args, r.inputs, r.stream, r.attempts, picked.rank
     )
     -- held by this session (the serving process's lane connection) until its answer is committed
     SELECT c.id, c.submitted_by, c.kind, c.model, c.args, c.inputs, c.stream, c.attempts
     FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l
+    ORDER BY c.rank
 $$;
 
 CREATE OR REPLACE FUNCTION pgml._await_request(p_id bigint, p_timeout double precision) RETURNS jsonb

@@ -44,7 +44,8 @@ FROM pgml.workers w;
 -- old process's token then matches nothing, and it says so in its log.
 CREATE OR REPLACE FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text,
                                                  devices jsonb, gpus integer, concurrency integer,
-                                                 heartbeat_seconds real, lease_seconds real) RETURNS void
+                                                 heartbeat_seconds real, lease_seconds real,
+                                                 cpus integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -53,7 +54,7 @@ DECLARE
 BEGIN
     IF worker_id IS NULL OR length(worker_id) NOT BETWEEN 1 AND 200 OR coalesce(length(token), 0) < 16
        OR jsonb_typeof(devices) <> 'array' OR gpus < 0 OR concurrency < 1 OR heartbeat_seconds <= 0
-       OR lease_seconds <= 0 THEN
+       OR lease_seconds <= 0 OR cpus < 1 THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('pgml._worker_register: invalid registration of worker %L', worker_id),
             HINT = 'a worker id of 1 to 200 characters, a token of 16 or more, devices a JSON array';
@@ -67,12 +68,12 @@ BEGIN
             HINT = 'give each daemon its own --worker-id (PGML_WORKER_ID)';
     END IF;
     INSERT INTO pgml.workers AS w (id, login, token_hash, host, pid, version, devices, gpus, concurrency,
-                                   free_slots, free_gpus, heartbeat_seconds, lease_seconds)
+                                   free_slots, free_gpus, heartbeat_seconds, lease_seconds, cpus)
     VALUES (worker_id, session_user, pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8')), host, pid, version,
-            devices, gpus, concurrency, concurrency, gpus, heartbeat_seconds, lease_seconds)
+            devices, gpus, concurrency, concurrency, gpus, heartbeat_seconds, lease_seconds, cpus)
     ON CONFLICT (id) DO UPDATE
     SET login = EXCLUDED.login, token_hash = EXCLUDED.token_hash, host = EXCLUDED.host, pid = EXCLUDED.pid,
-        version = EXCLUDED.version, devices = EXCLUDED.devices, gpus = EXCLUDED.gpus,
+        version = EXCLUDED.version, devices = EXCLUDED.devices, gpus = EXCLUDED.gpus, cpus = EXCLUDED.cpus,
         concurrency = EXCLUDED.concurrency, free_slots = EXCLUDED.free_slots, free_gpus = EXCLUDED.free_gpus,
         running = '{}', models_cached = '[]', heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         lease_seconds = EXCLUDED.lease_seconds, started_at = pg_catalog.clock_timestamp(),

@@ -284,7 +284,7 @@ def test_idle_workers_counts_the_live_workers_with_a_free_slot(worker_dsn: str) 
     TOKEN = "herd-test-token-0123456789"
     with psycopg.connect(worker_dsn, autocommit=True, row_factory=dict_row) as w:
         for name, free in (("herd-a", 1), ("herd-b", 0), ("herd-c", 2)):
-            info = {"host": "h", "pid": 1, "version": "t", "devices": Jsonb([]), "gpus": 0, "concurrency": 2}
+            info = {"host": "h", "pid": 1, "version": "t", "devices": Jsonb([]), "gpus": 0, "concurrency": 2, "cpus": 2}
             w.execute(
                 q("worker_register"),
                 {"worker": name, "token": TOKEN, **info, "heartbeat_seconds": 5, "lease_seconds": 30},

@@ -17,40 +17,104 @@ from typing import Any
 from ..errors import JobError
 from .cache import Loaded
 
-OURS = frozenset({"stream", "timeout"})  # the lane's own args, never passed on
-# what a client may send that concerns loading or the client (the OpenAI-shaped call sends them): not generate's
-IGNORED = frozenset({"load_in_8bit", "load_in_4bit", "dtype", "torch_dtype", "cache_model", "model", "device"})
-GENERATE_ARGS = frozenset(
-    {
-        "max_new_tokens",
-        "min_new_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "repetition_penalty",
-        "do_sample",
-        "num_beams",
-        "no_repeat_ngram_size",
-        "length_penalty",
-        "typical_p",
-    }
-)
+
+@dataclass(frozen=True)
+class Arg:
+    type: str  # integer | number | boolean | string | flag (true/false, or a string saying so)
+    use: str  # pipeline | generate | lane (the lane's own) | ignored (accepted from clients, never passed on)
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] | None = None
+
+
+# The args a request of each kind may carry: the same table as pgml._request_args() (70_requests.sql), which refuses
+# anything else at submit; a test keeps the two equal. The serving process checks again (defence in depth): nothing
+# outside it (num_workers, device_map, trust_remote_code, model_kwargs, ...) reaches transformers.
+_COMMON = {
+    "timeout": Arg("number", "lane", 0.1, 3600),
+    "load_in_8bit": Arg("flag", "ignored"),
+    "load_in_4bit": Arg("flag", "ignored"),
+    "cache_model": Arg("flag", "ignored"),
+}
+_GENERATE = {
+    "stream": Arg("boolean", "lane"),
+    "max_new_tokens": Arg("integer", "generate", 1, 4096),
+    "max_tokens": Arg("integer", "generate", 1, 4096),
+    "min_new_tokens": Arg("integer", "generate", 0, 4096),
+    "temperature": Arg("number", "generate", 0, 100),
+    "top_p": Arg("number", "generate", 0, 1),
+    "top_k": Arg("integer", "generate", 0, 1000),
+    "typical_p": Arg("number", "generate", 0, 1),
+    "repetition_penalty": Arg("number", "generate", 0.01, 100),
+    "length_penalty": Arg("number", "generate", -100, 100),
+    "no_repeat_ngram_size": Arg("integer", "generate", 0, 64),
+    "num_beams": Arg("integer", "generate", 1, 8),
+    "do_sample": Arg("boolean", "generate"),
+}
+ARGS: dict[str, dict[str, Arg]] = {
+    "classify": {
+        **_COMMON,
+        "top_k": Arg("integer", "pipeline", 1, 1000),
+        "function_to_apply": Arg("string", "pipeline", choices=("sigmoid", "softmax", "none")),
+        "truncation": Arg("boolean", "pipeline"),
+        "max_length": Arg("integer", "pipeline", 1, 8192),
+        "batch_size": Arg("integer", "pipeline", 1, 64),
+    },
+    "generate": {**_COMMON, **_GENERATE},
+    "chat": {**_COMMON, **_GENERATE},
+}
 MAX_NEW_TOKENS = 4096
 
 
+def _fits(arg: Arg, value: Any) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if arg.type == "integer":
+        ok = number and float(value).is_integer()
+    elif arg.type == "number":
+        ok = number
+    elif arg.type == "boolean":
+        ok = isinstance(value, bool)
+    elif arg.type == "string":
+        ok = isinstance(value, str) and (arg.choices is None or value in arg.choices)
+    else:  # flag
+        ok = value is None or isinstance(value, (bool, str))
+    if ok and number and arg.min is not None and arg.max is not None:
+        ok = arg.min <= value <= arg.max
+    return ok
+
+
+def check_args(kind: str, args: dict[str, Any]) -> None:
+    """Raises JobError naming every arg outside the allow-list of `kind`, or the first out of its bounds."""
+    allowed = ARGS.get(kind, {})
+    unknown = sorted(k for k in args if k not in allowed)
+    if unknown:
+        raise JobError(
+            f"args {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not allowed in a {kind} request; "
+            f"allowed: {', '.join(sorted(k for k, a in allowed.items() if a.use != 'ignored'))}"
+        )
+    for k, v in args.items():
+        if not _fits(allowed[k], v):
+            raise JobError(f"args.{k} = {json.dumps(v)[:100]} is outside what a {kind} request takes")
+
+
 def pipeline_args(args: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in args.items() if k not in OURS and k not in IGNORED}
+    """What goes to the text-classification pipeline's call: the allowed pipeline args, nothing else."""
+    allowed = ARGS["classify"]
+    return {k: _plain(allowed[k], v) for k, v in args.items() if k in allowed and allowed[k].use == "pipeline"}
+
+
+def _plain(arg: Arg, value: Any) -> Any:
+    """An integer arg as an int (JSON may say 32.0)."""
+    return int(value) if arg.type == "integer" and isinstance(value, float) else value
 
 
 def generation_kwargs(args: dict[str, Any]) -> dict[str, Any]:
     """generate()'s keyword arguments from a request's args (OpenAI names accepted: max_tokens)."""
     kw: dict[str, Any] = {}
-    for k, v in pipeline_args(args).items():
-        if k == "max_tokens":
-            k = "max_new_tokens"
-        if k not in GENERATE_ARGS:
-            raise JobError(f"unknown generation argument {k!r}; known: max_tokens, {', '.join(sorted(GENERATE_ARGS))}")
-        kw[k] = v
+    for k, v in args.items():
+        arg = _GENERATE.get(k)
+        if arg is not None and arg.use == "generate":  # not the lane's own, nor what is accepted and ignored
+            kw["max_new_tokens" if k == "max_tokens" else k] = _plain(arg, v)
     kw.setdefault("max_new_tokens", 64)
     if not isinstance(kw["max_new_tokens"], int) or not 1 <= kw["max_new_tokens"] <= MAX_NEW_TOKENS:
         raise JobError(
@@ -70,7 +134,7 @@ def generation_kwargs(args: dict[str, Any]) -> dict[str, Any]:
 
 def batch_key(args: dict[str, Any]) -> str:
     """Requests whose args give the same call can share a batch."""
-    return json.dumps(pipeline_args(args), sort_keys=True)
+    return json.dumps({k: v for k, v in args.items() if k not in _COMMON and k != "stream"}, sort_keys=True)
 
 
 def classify(loaded: Loaded, texts: list[str], args: dict[str, Any]) -> list[Any]:

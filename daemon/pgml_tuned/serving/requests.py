@@ -62,9 +62,15 @@ class Requests:
         with contextlib.suppress(*RETRYABLE):
             await self.lane.named("unlock_requests", retry=False, ids=ids)
 
-    async def claim(self, max_n: int) -> list[Request]:
+    async def claim(self, max_n: int, max_inputs: int) -> list[Request]:
+        """Up to `max_n` queued requests (and, past the first, `max_inputs` texts), fairly across submitters
+        (0033_fair_lanes.sql), in the order they should be answered."""
         rows = await self.lane.named(
-            "claim_requests", serving_id=self.serving_id, max_n=max_n, lease_seconds=self.lease_seconds
+            "claim_requests",
+            serving_id=self.serving_id,
+            max_n=max_n,
+            lease_seconds=self.lease_seconds,
+            max_inputs=max_inputs,
         )
         return [Request.from_row(r) for r in rows]
 

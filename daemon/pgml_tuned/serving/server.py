@@ -32,6 +32,7 @@ log = logconfig.get("pgml_tuned.serving")
 
 MiB = 1024 * 1024
 GENERATE_BATCH = 32  # prompts per generate() call
+CLASSIFY_ANSWER_TEXTS = 256  # a classification group is answered this many texts at a time (its first requests first)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ServingConfig:
     lease_seconds: float = 6.0
     poll_seconds: float = 1.0
     max_batch: int = 64
+    # texts one claim takes past its first request: a submitter's 1000-text requests do not fill a batch that
+    # another's one text waits behind (the claim is fair across submitters: 0033_fair_lanes.sql)
+    max_batch_inputs: int = 512
     # after a batch of several requests (callers are concurrent), wait this long before claiming again, so that
     # the next requests of the callers just answered join one batch instead of trickling in one by one (8 sessions
     # on 2 CPUs: 4.4 requests a batch without it, 7.5 with it); a lone caller's requests are claimed at once
@@ -123,7 +127,7 @@ class Server:
             self.wake = anyio.Event()
             while True:
                 try:
-                    batch = await self.requests.claim(self.config.max_batch)
+                    batch = await self.requests.claim(self.config.max_batch, self.config.max_batch_inputs)
                 except RETRYABLE as e:
                     log.warning("serving.claim_failed", error=str(e).strip())
                     break  # a claim whose reply was lost: its lease runs out and it is retried
@@ -143,6 +147,7 @@ class Server:
         keys: dict[tuple[str, str, str], cache.ModelKey] = {}
         for r in batch:
             try:
+                inference.check_args(r.kind, r.args)  # as pgml.request did: nothing else reaches transformers
                 who = (r.submitted_by, r.model, cache.family(r.kind))
                 key = keys.get(who) or await self.key_for(r)
                 keys[who] = key
@@ -203,13 +208,23 @@ class Server:
         return loaded
 
     async def classify(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
-        texts = [t for r in reqs for t in r.inputs]
-        results = await anyio.to_thread.run_sync(inference.classify, loaded, texts, reqs[0].args)
-        answers, at = [], 0
-        for r in reqs:
-            answers.append((r.id, results[at : at + len(r.inputs)]))
-            at += len(r.inputs)
-        await self.requests.answer_all(answers)
+        """In claim order, a few hundred texts at a time, each part answered at once: a short request claimed with
+        a long one is not held until the long one is done."""
+        start = 0
+        while start < len(reqs):
+            end, n = start, 0
+            while end < len(reqs) and (end == start or n + len(reqs[end].inputs) <= CLASSIFY_ANSWER_TEXTS):
+                n += len(reqs[end].inputs)
+                end += 1
+            part = reqs[start:end]
+            texts = [t for r in part for t in r.inputs]
+            results = await anyio.to_thread.run_sync(inference.classify, loaded, texts, part[0].args)
+            answers, at = [], 0
+            for r in part:
+                answers.append((r.id, results[at : at + len(r.inputs)]))
+                at += len(r.inputs)
+            await self.requests.answer_all(answers)
+            start = end
 
     async def generate(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
         kwargs = inference.generation_kwargs(reqs[0].args)  # the group shares its args
@@ -221,21 +236,25 @@ class Server:
             except JobError as e:
                 await self.requests.fail(r.id, str(e))
         answers: dict[int, list[inference.Generated]] = {}
+        left = {r.id: 0 for r, _ in prompts}
+        for r, _ in prompts:
+            left[r.id] += 1
         for i in range(0, len(prompts), GENERATE_BATCH):
             part = prompts[i : i + GENERATE_BATCH]
             on_text = self.streamer(part[0][0]) if part[0][0].stream else None
             out = await anyio.to_thread.run_sync(inference.generate, loaded, [p for _, p in part], kwargs, on_text)
             for (r, _), answer in zip(part, out, strict=True):
                 answers.setdefault(r.id, []).append(answer)
-        for r in reqs:
-            if r.id not in answers:
-                continue
-            got = answers[r.id]
-            if r.kind == "chat":
-                result: Any = {"role": "assistant", "content": got[0].text, "finish_reason": got[0].finish_reason}
-            else:
-                result = [{"generated_text": a.text, "finish_reason": a.finish_reason} for a in got]
-            await self.requests.answer(r.id, result, inference.usage(got))
+                left[r.id] -= 1
+                if not left[r.id]:  # its last prompt: answered now, not after the rest of the group
+                    await self._answer_generated(r, answers.pop(r.id))
+
+    async def _answer_generated(self, r: Request, got: list[inference.Generated]) -> None:
+        if r.kind == "chat":
+            result: Any = {"role": "assistant", "content": got[0].text, "finish_reason": got[0].finish_reason}
+        else:
+            result = [{"generated_text": a.text, "finish_reason": a.finish_reason} for a in got]
+        await self.requests.answer(r.id, result, inference.usage(got))
 
     def streamer(self, r: Request) -> Any:
         """A callback for the generating thread: each piece of text becomes the next chunk row, committed at once

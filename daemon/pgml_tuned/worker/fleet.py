@@ -59,6 +59,7 @@ class Fleet:
             "devices": devices,
             "gpus": len(devices),
             "concurrency": self.settings.concurrency,
+            "cpus": cpu_count(),  # resources.procs of a job is bounded by the largest live worker's (0033)
             # how often its row is renewed at the least (pgml.worker_status: live within two such intervals)
             "heartbeat_seconds": REGISTRY_EVERY * self.settings.heartbeat_seconds,
             "lease_seconds": self.settings.lease_seconds,
@@ -187,6 +188,13 @@ def detect_devices(gpu_ids: list[str]) -> list[dict[str, Any]]:
     else:
         devices = [found.get(i, {"index": i, "name": None, "memory_mb": None}) for i in wanted]
     return [{k: d.get(k) for k in ("index", "name", "memory_mb")} for d in devices]
+
+
+def cpu_count() -> int:
+    """The CPUs this daemon may run on (its affinity, where the system has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def free_gpus(gpu_ids: list[str], devices: list[dict[str, Any]], free_slots: list[int]) -> int:
