@@ -3,7 +3,8 @@
 -- autocommit: a request is committed at once, so the serving lane sees it.
 
 -- name: listen_answers
--- Wake this connection when a request is answered (the serving lane notifies pgml_answers).
+-- Wake this connection when a request is answered (the serving lane notifies pgml_answers, naming no request:
+-- any answer wakes it, and the caller looks at its own request again).
 LISTEN pgml_answers;
 
 -- name: request
@@ -28,7 +29,8 @@ SELECT seq, text FROM pgml._request_chunks(%(id)s, %(after)s);
 SELECT * FROM pgml.tune(%(project_name)s{});
 
 -- name: listen_job_status
--- Wake this connection when a job changes state (every change of a job's status notifies pgml_job_status).
+-- Wake this connection when a job changes state (every change of a job's status notifies pgml_job_status, naming
+-- no job: any job's change wakes it, and the caller reads its job's row again).
 LISTEN pgml_job_status;
 
 -- name: job_end

@@ -49,7 +49,7 @@ WITH opened AS (
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
     RETURNING id
 )
-SELECT id, pg_notify('pgml_jobs', json_build_object('type', 'gang_forming', 'id', id)::text) IS NOT NULL AS notified
+SELECT id, pg_notify('pgml_jobs', '{"type": "gang_forming"}') IS NOT NULL AS notified
 FROM opened;
 
 -- name: gang_join
@@ -84,7 +84,8 @@ SELECT j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.r
 FROM joined j JOIN member m ON m.job_id = j.id;
 
 -- name: gang_notify
-SELECT pg_notify('pgml_jobs', json_build_object('type', 'gang_forming', 'id', %(id)s::bigint)::text);
+-- More members wanted: wake idle workers (the payload names no job: anyone may LISTEN on pgml_jobs).
+SELECT pg_notify('pgml_jobs', '{"type": "gang_forming"}');
 
 -- name: gang_state
 -- How a job's gang stands for one attempt (the leader and its members poll it while the gang forms).

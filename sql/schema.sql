@@ -782,8 +782,7 @@ BEGIN
     END IF;
     INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
     VALUES (v_model.project_id, v_model.id, 'automatic', v_model.owner);
-    PERFORM pg_catalog.pg_notify('pgml_deployments', json_build_object('type', 'deployed', 'project_id',
-                                 v_model.project_id, 'model_id', v_model.id)::text);
+    PERFORM pg_catalog.pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
     RETURN true;
 END $function$;
 
@@ -1992,13 +1991,16 @@ BEGIN
         VALUES (NEW.id, NEW.attempt, NEW.worker,
                 CASE WHEN TG_OP = 'UPDATE' AND OLD.status <> 'submitting' THEN OLD.status END,
                 NEW.status, NEW.lease_expires_at);
-        -- clients LISTEN pgml_job_status to follow jobs without polling
-        PERFORM pg_notify('pgml_job_status', json_build_object(
-            'id', NEW.id, 'status', NEW.status, 'attempt', NEW.attempt)::text);
+        -- clients LISTEN pgml_job_status to follow jobs without polling: a wake-up naming nothing (anyone may
+        -- LISTEN on any channel), after which a waiter reads its own jobs' rows (row-level security)
+        PERFORM pg_catalog.pg_notify('pgml_job_status', '{"type": "job_status"}');
     END IF;
-    -- workers LISTEN pgml_jobs: a job that becomes queued (submitted, requeued, reaped) wakes one at once
+    -- workers LISTEN pgml_jobs: a job that becomes queued (submitted, requeued, reaped) wakes one at once. The
+    -- nonce names nothing; it keeps the notices of one transaction apart (PostgreSQL folds identical ones into one),
+    -- so k jobs queued at once still wake the herd control's claimers k times.
     IF NEW.status = 'queued' AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'queued') THEN
-        PERFORM pg_notify('pgml_jobs', json_build_object('type', 'job_queued', 'id', NEW.id)::text);
+        PERFORM pg_catalog.pg_notify('pgml_jobs', pg_catalog.json_build_object(
+            'type', 'job_queued', 'nonce', pg_catalog.gen_random_uuid())::text);
     END IF;
     IF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status
        AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
@@ -2313,13 +2315,10 @@ CREATE OR REPLACE FUNCTION pgml._logs_written()
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-    v_job bigint;
 BEGIN
-    FOR v_job IN SELECT DISTINCT n.job_id FROM new_rows n WHERE n.job_id IS NOT NULL LOOP
-        PERFORM pg_catalog.pg_notify('pgml_logs',
-            pg_catalog.json_build_object('type', 'logs_written', 'job_id', v_job)::text);
-    END LOOP;
+    IF EXISTS (SELECT 1 FROM new_rows n WHERE n.job_id IS NOT NULL) THEN
+        PERFORM pg_catalog.pg_notify('pgml_logs', '{"type": "logs_written"}');
+    END IF;
     RETURN NULL;
 END $function$;
 
@@ -2803,8 +2802,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pg_catalog.pg_notify('pgml_answers',
-        pg_catalog.json_build_object('type', 'request_answered', 'id', _request_finish.id)::text);
+    PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
     RETURN true;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_worker;
@@ -3003,10 +3001,11 @@ BEGIN
           AND r.status OPERATOR(pg_catalog.=) 'running'
         RETURNING r.id
     LOOP
-        PERFORM pg_catalog.pg_notify('pgml_answers',
-            pg_catalog.json_build_object('type', 'request_answered', 'id', v_id)::text);
         RETURN NEXT v_id;
     END LOOP;
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
+    END IF;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_worker;
 
@@ -4041,7 +4040,9 @@ BEGIN
       AND (j.submitted_by = v_who OR pg_has_role(v_who, 'pgml_admin', 'MEMBER'))
     RETURNING j.status INTO v_status;
     IF v_status = 'running' THEN
-        PERFORM pg_notify('pgml_control', json_build_object('type', 'cancel_requested', 'id', cancel.job_id)::text);
+        -- every worker running something renews its leases at once; the renewal reads cancel_requested from the
+        -- row (the payload names no job: anyone may LISTEN on pgml_control)
+        PERFORM pg_catalog.pg_notify('pgml_control', '{"type": "cancel_requested"}');
         RETURN 'cancelling';
     ELSIF v_status IS NOT NULL THEN
         RETURN v_status;
@@ -4095,8 +4096,7 @@ BEGIN
     END IF;
     INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
     VALUES (v_project.id, v_model.id, 'model_id', v_who);
-    PERFORM pg_catalog.pg_notify('pgml_deployments', json_build_object('type', 'deployed', 'project_id',
-                                 v_project.id, 'model_id', v_model.id)::text);
+    PERFORM pg_catalog.pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
     RETURN QUERY SELECT v_project.name, 'model_id'::text, v_model.id;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml.deploy(project_name text, model_id bigint) TO pgml_user;
@@ -4137,8 +4137,7 @@ BEGIN
     END IF;
     INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
     VALUES (v_project.id, v_model, deploy.strategy, v_who);
-    PERFORM pg_catalog.pg_notify('pgml_deployments', json_build_object('type', 'deployed', 'project_id',
-                                 v_project.id, 'model_id', v_model)::text);
+    PERFORM pg_catalog.pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
     RETURN QUERY SELECT v_project.name, deploy.strategy, v_model;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml.deploy(project_name text, strategy text) TO pgml_user;

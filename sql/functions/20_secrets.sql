@@ -77,6 +77,8 @@ END $$;
 --              requeued after a SIGTERM, or put back by the reaper), so an idle worker wakes at once in every case.
 -- pgml_control {"type": "cancel_requested", "id": N}, sent by pgml.cancel() for a running job.
 -- A payload only wakes a worker: what it does comes from the rows it reads (cancel_requested, status).
+-- (Since issue 20 no payload names a job, 55_jobs.sql: {"type": "job_queued", "nonce": <random uuid>} and
+-- {"type": "cancel_requested"}; any session may LISTEN on any channel.)
 
 -- The hyperparams keys (at the top level and inside training_args) whose values are secrets: sealed at submit,
 -- never stored in clear. Python reads the same list (pgml_tuned.secrets.SECRET_KEYS; a test checks they agree).

@@ -13,13 +13,16 @@ BEGIN
         VALUES (NEW.id, NEW.attempt, NEW.worker,
                 CASE WHEN TG_OP = 'UPDATE' AND OLD.status <> 'submitting' THEN OLD.status END,
                 NEW.status, NEW.lease_expires_at);
-        -- clients LISTEN pgml_job_status to follow jobs without polling
-        PERFORM pg_notify('pgml_job_status', json_build_object(
-            'id', NEW.id, 'status', NEW.status, 'attempt', NEW.attempt)::text);
+        -- clients LISTEN pgml_job_status to follow jobs without polling: a wake-up naming nothing (anyone may
+        -- LISTEN on any channel), after which a waiter reads its own jobs' rows (row-level security)
+        PERFORM pg_catalog.pg_notify('pgml_job_status', '{"type": "job_status"}');
     END IF;
-    -- workers LISTEN pgml_jobs: a job that becomes queued (submitted, requeued, reaped) wakes one at once
+    -- workers LISTEN pgml_jobs: a job that becomes queued (submitted, requeued, reaped) wakes one at once. The
+    -- nonce names nothing; it keeps the notices of one transaction apart (PostgreSQL folds identical ones into one),
+    -- so k jobs queued at once still wake the herd control's claimers k times.
     IF NEW.status = 'queued' AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'queued') THEN
-        PERFORM pg_notify('pgml_jobs', json_build_object('type', 'job_queued', 'id', NEW.id)::text);
+        PERFORM pg_catalog.pg_notify('pgml_jobs', pg_catalog.json_build_object(
+            'type', 'job_queued', 'nonce', pg_catalog.gen_random_uuid())::text);
     END IF;
     IF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status
        AND NEW.status IN ('succeeded', 'failed', 'cancelled') THEN
@@ -102,7 +105,9 @@ BEGIN
       AND (j.submitted_by = v_who OR pg_has_role(v_who, 'pgml_admin', 'MEMBER'))
     RETURNING j.status INTO v_status;
     IF v_status = 'running' THEN
-        PERFORM pg_notify('pgml_control', json_build_object('type', 'cancel_requested', 'id', cancel.job_id)::text);
+        -- every worker running something renews its leases at once; the renewal reads cancel_requested from the
+        -- row (the payload names no job: anyone may LISTEN on pgml_control)
+        PERFORM pg_catalog.pg_notify('pgml_control', '{"type": "cancel_requested"}');
         RETURN 'cancelling';
     ELSIF v_status IS NOT NULL THEN
         RETURN v_status;
@@ -178,22 +183,19 @@ END $$;
 -- (since 0020) new log rows wake whoever follows a job (the dashboard's live curves), as status changes
 -- already do on pgml_job_status.
 --
--- NOTIFY pgml_logs '{"type": "logs_written", "job_id": N}' once per statement that inserts log rows, per job in
--- it (pgml._child_log inserts one job's batch per statement, so this is one notice per batch, not per row). A
--- wake-up only, like every notice of the schema: a listener re-reads pgml.logs with its own rights (row-level
--- security decides what it sees); the payload says no more than pgml_job_status does (a job id).
+-- NOTIFY pgml_logs '{"type": "logs_written"}' once per statement that inserts log rows of a job (pgml._child_log
+-- inserts one job's batch per statement, so this is one notice per batch, not per row). A wake-up only, like every
+-- notice of the schema: a listener re-reads pgml.logs with its own rights (row-level security decides what it
+-- sees). (Since issue 20 the payload names no job: any session may LISTEN on any channel.)
 
 CREATE OR REPLACE FUNCTION pgml._logs_written() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_job bigint;
 BEGIN
-    FOR v_job IN SELECT DISTINCT n.job_id FROM new_rows n WHERE n.job_id IS NOT NULL LOOP
-        PERFORM pg_catalog.pg_notify('pgml_logs',
-            pg_catalog.json_build_object('type', 'logs_written', 'job_id', v_job)::text);
-    END LOOP;
+    IF EXISTS (SELECT 1 FROM new_rows n WHERE n.job_id IS NOT NULL) THEN
+        PERFORM pg_catalog.pg_notify('pgml_logs', '{"type": "logs_written"}');
+    END IF;
     RETURN NULL;
 END $$;
 

@@ -136,7 +136,8 @@ AS $$
 $$;
 
 -- Answer (result, usage) or fail (error), fenced on the claim: a request taken over after a lost lease is not
--- overwritten. NOTIFY pgml_answers {"type": "request_answered", "id": N} wakes a client waiting for it.
+-- overwritten. NOTIFY pgml_answers {"type": "request_answered"} wakes the clients waiting (each then looks at its
+-- own request): the payload names no request, since any session may LISTEN on any channel.
 CREATE OR REPLACE FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
@@ -153,13 +154,12 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
-    PERFORM pg_catalog.pg_notify('pgml_answers',
-        pg_catalog.json_build_object('type', 'request_answered', 'id', _request_finish.id)::text);
+    PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
     RETURN true;
 END $$;
 
--- The answers of a whole batch in one statement (one commit, one NOTIFY each): ids[i] gets results[i]; returns
--- the ids this process still owned (the others were taken over and are not overwritten).
+-- The answers of a whole batch in one statement (one commit, one NOTIFY for them all): ids[i] gets results[i];
+-- returns the ids this process still owned (the others were taken over and are not overwritten).
 CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[])
 RETURNS SETOF bigint
 LANGUAGE plpgsql SECURITY DEFINER
@@ -176,10 +176,11 @@ BEGIN
           AND r.status OPERATOR(pg_catalog.=) 'running'
         RETURNING r.id
     LOOP
-        PERFORM pg_catalog.pg_notify('pgml_answers',
-            pg_catalog.json_build_object('type', 'request_answered', 'id', v_id)::text);
         RETURN NEXT v_id;
     END LOOP;
+    IF FOUND THEN
+        PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
+    END IF;
 END $$;
 
 -- Streamed pieces of a running request: texts[i] gets seq first_seq + i - 1.

@@ -72,8 +72,7 @@ BEGIN
     END IF;
     INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
     VALUES (v_model.project_id, v_model.id, 'automatic', v_model.owner);
-    PERFORM pg_catalog.pg_notify('pgml_deployments', json_build_object('type', 'deployed', 'project_id',
-                                 v_model.project_id, 'model_id', v_model.id)::text);
+    PERFORM pg_catalog.pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
     RETURN true;
 END $$;
 
@@ -103,8 +102,7 @@ BEGIN
     END IF;
     INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
     VALUES (v_project.id, v_model.id, 'model_id', v_who);
-    PERFORM pg_catalog.pg_notify('pgml_deployments', json_build_object('type', 'deployed', 'project_id',
-                                 v_project.id, 'model_id', v_model.id)::text);
+    PERFORM pg_catalog.pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
     RETURN QUERY SELECT v_project.name, 'model_id'::text, v_model.id;
 END $$;
 
@@ -142,8 +140,7 @@ BEGIN
     END IF;
     INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
     VALUES (v_project.id, v_model, deploy.strategy, v_who);
-    PERFORM pg_catalog.pg_notify('pgml_deployments', json_build_object('type', 'deployed', 'project_id',
-                                 v_project.id, 'model_id', v_model)::text);
+    PERFORM pg_catalog.pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
     RETURN QUERY SELECT v_project.name, deploy.strategy, v_model;
 END $$;
 

@@ -217,19 +217,24 @@ def test_secrets_are_sealed_never_stored_in_clear(conn: psycopg.Connection[dict[
     assert job["secrets"].startswith("v2:")
 
 
-def test_notify_carries_the_job_id(
+def test_notify_wakes_the_workers_naming_no_job(
     conn_dsn: str, conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], reviews: str
 ) -> None:
+    """A queued job wakes the workers; the payload names no job (anyone may LISTEN), but the notices of one
+    transaction stay apart (a nonce each), so k jobs queued at once are k wake-ups."""
     with psycopg.connect(conn_dsn, autocommit=True) as listener:
         listener.execute("LISTEN pgml_jobs")
         row = tune(conn)
-        notes = list(listener.notifies(timeout=2, stop_after=1))
-        assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]
-        # a job put back in the queue (requeue, reaped lease) wakes the workers too
-        su.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1 WHERE id = %s", (row["job_id"],))
-        su.execute("UPDATE pgml.jobs SET status = 'queued' WHERE id = %s", (row["job_id"],))
-        notes = list(listener.notifies(timeout=2, stop_after=1))
-        assert [json.loads(n.payload) for n in notes] == [{"type": "job_queued", "id": row["job_id"]}]
+        notes = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=1)]
+        assert [n["type"] for n in notes] == ["job_queued"] and set(notes[0]) == {"type", "nonce"}
+        # jobs put back in the queue (requeue, reaped lease) wake the workers too, once each
+        other = tune(conn)
+        list(listener.notifies(timeout=2, stop_after=1))
+        ids = [row["job_id"], other["job_id"]]
+        su.execute("UPDATE pgml.jobs SET status = 'running', attempt = 1 WHERE id = ANY(%s)", (ids,))
+        su.execute("UPDATE pgml.jobs SET status = 'queued' WHERE id = ANY(%s)", (ids,))
+        notes = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=2)]
+        assert [n["type"] for n in notes] == ["job_queued"] * 2 and notes[0]["nonce"] != notes[1]["nonce"]
 
 
 def test_limits_refuse_oversized_requests(ops: psycopg.Connection[dict[str, Any]]) -> None:

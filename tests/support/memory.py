@@ -55,12 +55,12 @@ class MemoryBackend:
     def submit(self, **hyperparams: Any) -> int:
         job = Job(next(self._ids), hyperparams)
         self.jobs[job.id] = job
-        self._send.send_nowait(Notice("job_queued", job.id))
+        self._send.send_nowait(Notice("job_queued"))
         return job.id
 
     def request_cancel(self, job_id: int) -> None:
         self.jobs[job_id].cancel_requested = True
-        self._send.send_nowait(Notice("cancel_requested", job_id))
+        self._send.send_nowait(Notice("cancel_requested"))
 
     def statuses(self) -> dict[int, str]:
         return {i: str(j.status) for i, j in self.jobs.items()}

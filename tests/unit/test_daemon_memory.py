@@ -133,7 +133,7 @@ async def test_cancel_is_read_from_the_row_not_the_notice(tmp_path: Path) -> Non
 
     async def body() -> None:
         await until(lambda: len(started) == 1)
-        daemon.dispatch(Notice("cancel_requested", job))
+        daemon.dispatch(Notice("cancel_requested"))
         await anyio.sleep(0.1)
         assert backend.jobs[job].status == "running"  # a notice alone changes nothing
         backend.request_cancel(job)

@@ -211,7 +211,7 @@ def test_herd_control_claims_on_about_claim_spread_notices_and_spreads_the_polls
     woken = 0
     for _ in range(20_000):
         daemon.wake = anyio.Event()
-        daemon.dispatch(Notice("job_queued", 1))
+        daemon.dispatch(Notice("job_queued"))
         woken += daemon.wake.is_set()
     assert 100 < woken < 220  # 20000 * 8 / 1000 = 160 expected
     daemon.wake = anyio.Event()

@@ -91,14 +91,17 @@ def test_claim_spec_never_carries_secrets() -> None:
 @pytest.mark.parametrize(
     ("channel", "payload", "notice"),
     [
-        ("pgml_jobs", '{"type": "job_queued", "id": 7}', Notice("job_queued", 7)),
+        ("pgml_jobs", '{"type": "job_queued", "nonce": "5f0c…"}', Notice("job_queued")),
+        ("pgml_jobs", '{"type": "job_queued", "id": 7}', Notice("job_queued")),  # an id (before issue 20): unread
         ("pgml_jobs", "7", Notice("job_queued")),  # any payload on pgml_jobs only wakes the claimer
         ("pgml_jobs", "", Notice("job_queued")),
-        ("pgml_control", '{"type": "cancel_requested", "id": 7}', Notice("cancel_requested", 7)),
+        ("pgml_jobs", '{"type": "gang_forming"}', Notice("gang_forming")),
+        ("pgml_control", '{"type": "cancel_requested"}', Notice("cancel_requested")),
+        ("pgml_control", '{"type": "cancel_requested", "id": 7}', Notice("cancel_requested")),
         ("pgml_control", "cancel:7", None),  # the old untyped form: ignored
         ("pgml_control", '{"type": "shutdown"}', None),
         ("pgml_control", '["cancel_requested", 7]', None),
-        ("pgml_control", '{"type": "cancel_requested", "id": "7; DROP"}', Notice("cancel_requested", None)),
+        ("pgml_control", '{"type": "cancel_requested", "id": "7; DROP"}', Notice("cancel_requested")),
         ("elsewhere", '{"type": "job_queued"}', None),
     ],
 )

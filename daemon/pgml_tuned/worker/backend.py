@@ -6,7 +6,8 @@ in-memory Backend (tests/support/memory.py) in milliseconds.
 
 Notifications are typed (Notice): a NOTIFY only wakes the worker or makes it look at rows sooner; what it
 does is decided from the rows it reads (a cancel request is read from pgml.jobs by the lease renewal, never
-taken from a payload).
+taken from a payload). A payload names no job either (issue 20): any session may LISTEN on any channel, so only
+its type is read.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Protocol
 
 from ..states import Claim, Renewal, Status
 
-JOBS_CHANNEL = "pgml_jobs"  # {"type": "job_queued", "id": N}: a job became queued
-CONTROL_CHANNEL = "pgml_control"  # {"type": "cancel_requested", "id": N}: look at that job's row now
+JOBS_CHANNEL = "pgml_jobs"  # {"type": "job_queued", "nonce": ...}: a job became queued; {"type": "gang_forming"}
+CONTROL_CHANNEL = "pgml_control"  # {"type": "cancel_requested"}: a job was cancelled: look at the rows now
 
 
 class RegistryMissing(Exception):
@@ -32,24 +33,22 @@ class Notice:
     or "listening" (LISTEN (re)established)."""
 
     type: str
-    id: int | None = None
 
 
 def parse_notice(channel: str, payload: str) -> Notice | None:
-    """The Notice a NOTIFY carries; None for one that is not ours (it is ignored)."""
+    """The Notice a NOTIFY carries (its type; anything else in it is ignored); None for one that is not ours."""
     try:
         data = json.loads(payload) if payload else {}
     except json.JSONDecodeError:
         data = {}
     if not isinstance(data, dict):
         data = {}
-    job_id = data.get("id") if isinstance(data.get("id"), int) else None
     if channel == JOBS_CHANNEL:
         if data.get("type") == "gang_forming":
-            return Notice("gang_forming", job_id)  # it only makes idle workers look for gangs to join
-        return Notice("job_queued", job_id)  # any payload: it only wakes the claimer
+            return Notice("gang_forming")  # it only makes idle workers look for gangs to join
+        return Notice("job_queued")  # any payload: it only wakes the claimer
     if channel == CONTROL_CHANNEL and data.get("type") == "cancel_requested":
-        return Notice("cancel_requested", job_id)
+        return Notice("cancel_requested")
     return None
 
 

@@ -200,8 +200,9 @@ class Daemon:
         if notice.type == "listening" or (notice.type == "job_queued" and self.fleet.claims_on_notice()):
             self.gang_hint = self.gang_hint or notice.type == "listening"
             self.wake.set()
-        elif notice.type == "cancel_requested" and notice.id in self.attempts:
-            self.heartbeat.now.set()  # the lease renewal reads cancel_requested from the job's row
+        elif notice.type == "cancel_requested" and self.attempts:
+            # some job was cancelled (the notice names none): the lease renewal reads cancel_requested from the rows
+            self.heartbeat.now.set()
 
     def poll_delay(self) -> float:
         """How long the poller sleeps (fleet.py: the herd control), among the idle workers while this one has a

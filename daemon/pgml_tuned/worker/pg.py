@@ -141,7 +141,7 @@ class PgBackend:
             return None
         row = rows[0]
         if int(row["gang_needed_after"]) > 0:
-            await self.pool.named("gang_notify", id=row["id"])  # more members wanted: wake the next one
+            await self.pool.named("gang_notify")  # more members wanted: wake the next one
         return Claim.from_row(row)
 
     async def gang_state(self, job_id: int) -> Row | None:
