@@ -64,7 +64,8 @@ class Places:
     def of(cls, model_dirs: list[Path], state: list[tuple[Path, str]]) -> Places:
         return cls(
             tuple(Path(os.path.realpath(d)) for d in model_dirs),
-            tuple((Path(os.path.realpath(p)), what) for p, what in state),
+            # the deepest first: a Hugging Face cache inside the worker's home is named as such
+            tuple(sorted(((Path(os.path.realpath(p)), what) for p, what in state), key=lambda s: -len(s[0].parts))),
         )
 
     @classmethod

@@ -333,3 +333,31 @@ def test_a_warm_hub_model_is_checked_for_every_submitter(
     assert got["status"] == "failed", "alice loaded a private model by its hub cache directory"
     assert "lies in the worker's Hugging Face cache" in got["error"]
     assert os.path.isdir(snapshot)
+
+
+# ---- the setting ----
+def test_the_model_dirs_setting_reaches_children_and_never_lists_the_workers_state(tmp_path: Path) -> None:
+    from pgml_tuned.config import Settings
+    from pgml_tuned.worker.daemon import job_env
+
+    home = tmp_path / "home"
+    s = Settings.from_env({"PGML_HOME": str(home), "PGML_MODEL_DIRS": f"/srv/models{os.pathsep}{tmp_path}"})
+    assert s.model_dir_list == [Path("/srv/models"), tmp_path]  # a parent of the state is allowed: below, refused
+    env = job_env(s, None)
+    assert env["PGML_MODEL_DIRS"].split(os.pathsep) == ["/srv/models", str(tmp_path)]
+    assert str(home / "work") in env["PGML_STATE_DIRS"].split(os.pathsep)
+    assert Settings.from_env({"PGML_HOME": str(home)}).model_dir_list == []  # empty by default
+    with pytest.raises(ValueError, match="'models' is not an absolute path"):
+        Settings.from_env({"PGML_HOME": str(home), "PGML_MODEL_DIRS": "models"})
+    with pytest.raises(ValueError, match="lies in the worker's own state"):
+        Settings.from_env({"PGML_HOME": str(home), "PGML_MODEL_DIRS": str(home / "work" / "serving")})
+
+
+def test_a_name_that_is_no_reference_is_refused() -> None:
+    from pgml_tuned import model_refs
+
+    assert model_refs.kind("org/name") == model_refs.HUB and model_refs.kind("gpt2") == model_refs.HUB
+    assert model_refs.kind("pgml:model:3") == model_refs.STORED and model_refs.kind("/x") == model_refs.DIRECTORY
+    for bad in ("a/b/c", "org/../x", "x y", "org--x/y", ""):
+        with pytest.raises(JobError, match="is not a model reference"):
+            model_refs.kind(bad)
