@@ -281,7 +281,7 @@ def test_a_served_model_cannot_be_taken_by_its_cache_directory(
     assert (cached / "config.json").is_file()
 
     taken = answer(ops, submit(ops, USER, str(cached)))
-    assert taken["status"] == "failed"
+    assert taken["status"] == "failed", "alice was served bob's model by its cache directory"
     assert f"model_name '{cached}' lies in the worker's" in taken["error"]
     assert "pgml:<project> or pgml:model:<id>" in taken["error"]
 
