@@ -11,14 +11,17 @@ a request is grouped with others and answered, its own submitter passes
 - for a directory: model_refs.model_dir (in the administrators' model directories, not in the worker's state),
   checked again for every request (a symlink may have moved).
 
-Decisions are cached per (submitter, name) for DECISION_SECONDS: a busy model costs one database round trip per
-submitter every few seconds, not one per request (bench/transform: see docs/benchmarks.md); a change of the
-allow-list or the ledger reaches warm models within that time.
+Decisions are cached for DECISION_SECONDS (the allow-list per submitter and name, the ledger per name): a busy
+model costs one database round trip per submitter every few seconds, not one per request; a change of the
+allow-list or the ledger reaches warm models within that time. An online worker asks the hub itself (no token:
+the same answer for every submitter) once a minute per warm model.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -27,6 +30,7 @@ from ..db import Pool, q
 from ..errors import JobError
 
 DECISION_SECONDS = 2.0
+ONLINE_SECONDS = 60.0  # an online worker's hub check (auth_check) of a warm model: a request to the hub
 MAX_DECISIONS = 4096
 
 
@@ -44,29 +48,35 @@ class Admission:
 
     async def check(self, name: str, owner: str) -> None:
         """Raise the JobError a cold load would raise for `owner` (a hub id or pgml:model:<id>)."""
+        await self._decided((owner, name), self.seconds, lambda: self._allow_list(name, owner))
+        if model_refs.kind(name) == model_refs.HUB:
+            await self.check_private((name,))
+
+    async def check_private(self, hub_ids: tuple[str, ...]) -> None:
+        """The ledger (offline) or the hub (online) for hub models, asked with no token as at a load: the same for
+        every submitter. Online it is a request to the hub, kept longer."""
+        seconds = self.seconds if hub_access.hub_offline() else ONLINE_SECONDS
+        for hub_id in hub_ids:
+            await self._decided(("", hub_id), seconds, functools.partial(self._private, hub_id))
+
+    async def _decided(self, key: tuple[str, str], seconds: float, decide: Callable[[], Awaitable[str | None]]) -> None:
         now = time.monotonic()
-        decided = self.decisions.get((owner, name))
+        decided = self.decisions.get(key)
         if decided is None or decided[0] < now:
-            decided = (now + self.seconds, await self._decide(name, owner))
+            decided = (now + seconds, await decide())
             if len(self.decisions) >= MAX_DECISIONS:
                 self.decisions = {k: v for k, v in self.decisions.items() if v[0] >= now}
-            self.decisions[(owner, name)] = decided
+            self.decisions[key] = decided
         if decided[1] is not None:
             raise JobError(decided[1])
 
-    async def check_private(self, hub_ids: tuple[str, ...]) -> None:
-        """The ledger for the hub models a warm stored model was loaded onto (no token: as at its load)."""
-        for hub_id in hub_ids:
-            await self.check(hub_id, "")
+    async def _allow_list(self, name: str, owner: str) -> str | None:
+        rows = await self.pool.fetch(q("hub_refusal"), {"model_name": name, "owner": owner})
+        return str(rows[0]["error"]) if rows and rows[0]["error"] else None
 
-    async def _decide(self, name: str, owner: str) -> str | None:
-        if owner:
-            rows = await self.pool.fetch(q("hub_refusal"), {"model_name": name, "owner": owner})
-            if rows and rows[0]["error"]:
-                return str(rows[0]["error"])
-        if model_refs.kind(name) == model_refs.HUB:
-            try:
-                await anyio.to_thread.run_sync(hub_access.check_cached_access, name, None)
-            except JobError as e:
-                return str(e)
+    async def _private(self, hub_id: str) -> str | None:
+        try:
+            await anyio.to_thread.run_sync(hub_access.check_cached_access, hub_id, None)
+        except JobError as e:
+            return str(e)
         return None
