@@ -60,14 +60,18 @@ def fresh_database(admin: str, prefix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def bench_env(home: Path) -> dict[str, str]:
-    """The environment of every process a benchmark starts (offline, no tokenizer threads)."""
-    return {
+def bench_env(home: Path, model_dirs: list[Path] | None = None) -> dict[str, str]:
+    """The environment of every process a benchmark starts (offline, no tokenizer threads); `model_dirs`: the
+    directories whose models a job may name by path (PGML_MODEL_DIRS; never inside the daemon's home)."""
+    env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(home / "hf"),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if model_dirs:
+        env["PGML_MODEL_DIRS"] = os.pathsep.join(str(d) for d in model_dirs)
+    return env
 
 
 def iso_epoch(stamp: str) -> float:

@@ -72,7 +72,7 @@ def one_run(
         (str(model), json.dumps(hyperparams)),
     ).fetchone()["job_id"]
     t0 = time.monotonic()
-    env = bench_env(home)
+    env = bench_env(home, [model.parent])  # the model is loaded by path: its directory is a model directory
     if threads:
         env["OMP_NUM_THREADS"] = threads
     d = DaemonProc(dsn, home, "--drain", env=env)
@@ -119,9 +119,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fresh_database(admin, "pgml_bench_dist") as dsn,
         psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
         tempfile.TemporaryDirectory(prefix="pgml-bench-dist-") as tmp,
+        tempfile.TemporaryDirectory(prefix="pgml-bench-dist-models-") as models,
     ):
         home = Path(tmp)
-        model = build_tiny_classifier_base(home / "bert", hidden=64, layers=2)
+        model = build_tiny_classifier_base(Path(models) / "bert", hidden=64, layers=2)  # outside the daemon's home
         conn.execute("CREATE TABLE bench_texts (text text, class text)")
         conn.execute(
             "INSERT INTO bench_texts SELECT 'sample text number ' || i || ' is ' || "

@@ -415,7 +415,7 @@ def main() -> int:
     (home / "work").mkdir()
     csv_path = repeated_csv(reviews_csv(), args.copies, home)
     training_args, target = same_arguments(args.epochs)
-    env = bench_env(home)
+    env = bench_env(home, [model])  # the bundled model is loaded by its path
     subprocess.run([sys.executable, "-c", WARM, str(model)], env=env, check=True, capture_output=True)
 
     rounds: list[dict[str, Any]] = []

@@ -172,6 +172,9 @@ def session_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["PGML_CREDENTIALS_DIR"] = str(home / "credentials")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = str(home / "hf")
+    # the tiny models tests build (tmp_path_factory) are loaded by path: the session's temporary root is the
+    # workers' model directory (a daemon's own home below it, and the hub cache, stay refused: model_refs.py)
+    os.environ["PGML_MODEL_DIRS"] = str(tmp_path_factory.getbasetemp())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return home
 

@@ -131,6 +131,13 @@ class Settings:
         help="the directory (and below) whose csv / json / jsonl / parquet files pgml.load_dataset may read on "
         "this worker (default: none; hub datasets only)",
     )
+    model_dirs: str | None = setting(
+        None,
+        help="directories (absolute, separated by ':') whose models pgml.tune, pgml.transform and predict_batch may "
+        "load by path (model_name '/srv/models/x'); never the worker's own state (home, scratch, keyring, "
+        "credentials, Hugging Face cache), even below a listed directory (default: none: models come from the hub "
+        "or pgml.models only)",
+    )
     child_dsn: str | None = setting(
         None,
         help="the training children's login (a member of pgml_child only); default: the embedded server's child "
@@ -154,6 +161,16 @@ class Settings:
     @property
     def scratch(self) -> Path:
         return self.work_dir or self.home / "work"
+
+    @property
+    def model_dir_list(self) -> list[Path]:
+        """The model_dirs setting as paths."""
+        return [Path(p).expanduser() for p in (self.model_dirs or "").split(os.pathsep) if p.strip()]
+
+    @property
+    def state_dirs(self) -> list[Path]:
+        """The worker's own files, never loaded as models (model_refs): home, scratch, keyring, credentials."""
+        return [self.home, self.scratch, self.keyring, self.credentials]
 
     @property
     def gpu_list(self) -> list[str]:
@@ -192,6 +209,18 @@ class Settings:
             raise ValueError(f"metrics_port must be a TCP port (0 to 65535), got {self.metrics_port}")
         if self.model_cache_mb < 0:
             raise ValueError(f"model_cache_mb must be 0 or more, got {self.model_cache_mb}")
+        for d in self.model_dir_list:
+            if not d.is_absolute():
+                raise ValueError(
+                    f"model_dirs: {str(d)!r} is not an absolute path; list absolute directories separated by "
+                    f"{os.pathsep!r}, e.g. /srv/models"
+                )
+            for state in self.state_dirs:
+                if d.resolve() == state.resolve() or d.resolve().is_relative_to(state.resolve()):
+                    raise ValueError(
+                        f"model_dirs: {str(d)!r} lies in the worker's own state ({state}), which models are never "
+                        "loaded from; list a directory of its own, e.g. /srv/models"
+                    )
         if self.gpus is not None and len(self.gpu_list) < self.concurrency:
             raise ValueError(f"--gpus {self.gpus!r} names fewer GPUs than --concurrency {self.concurrency}")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -33,6 +35,8 @@ def run_demo(
     """Migrate as the administrator, load and submit as the user (`dsn`), serve as the worker (its children as
     `child_dsn`)."""
     model = str(minilm_path())
+    # the bundled model is loaded by its path: its directory joins the workers' model directories for the demo
+    settings = replace(settings, model_dirs=os.pathsep.join(filter(None, [settings.model_dirs, model])))
     hyperparams = {
         "training_args": {
             "learning_rate": 5e-5,

@@ -3,8 +3,9 @@
 A model_name is one of
 - `pgml:model:<id>`  model <id> of pgml.models (its files come from pgml.files),
 - `pgml:<project>`   that project's latest successful model,
-- a directory on the worker (`/…`, `./…`, `~/…`), or
+- a directory under the workers' model directories (PGML_MODEL_DIRS; never the worker's own state), or
 - a Hugging Face hub id (the worker's hub cache; HF_HUB_OFFLINE=1 keeps it offline).
+model_refs.py holds the rules; resolve() is the one place every path (tune, serving, predict_batch) applies them.
 A stored LoRA adapter loads onto its recorded base model (itself any of the above).
 
 Training recipes and (next) the inference lane load through here, so both see the same models the same way.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import hub_access
+from . import hub_access, model_refs
 from .errors import JobError
 
 # torch_dtype names users may write → the canonical name (torch is imported only when a model is loaded: a
@@ -84,26 +85,29 @@ def resolve(
     *,
     token: str | None = None,
     owner: str = "",
+    places: model_refs.Places | None = None,
 ) -> Resolved:
-    """A loadable source for `model_name`; stored models are downloaded under workdir (only those `owner`, the
-    job's submitter, may read). Every model's configuration files are checked (refuse_outside_paths) before
-    anything loads them."""
-    if not model_name.startswith("pgml:"):
-        if model_name.startswith(("/", "./", "~")):
-            if not Path(model_name).expanduser().is_dir():
-                raise JobError(
-                    f"model_name {model_name!r} is not a directory on worker {os.uname().nodename}; "
-                    "pass a directory that exists on every worker, a hub id, or pgml:<project>"
-                )
-            source = str(Path(model_name).expanduser())
-            refuse_outside_paths(Path(source), model_name)
-        else:
-            source = model_name
-            check_hub_model(model_name, store, token=token, owner=owner)
-            configs = hub_configs(model_name, token)
-            hub_access.note_fetched(model_name, token)
-            refuse_outside_paths(configs, model_name)
-        return Resolved(model_name, source, None)
+    """A loadable source for `model_name` under the rules of model_refs: stored models are downloaded under workdir
+    (only those `owner`, the job's or request's submitter, may read); hub models pass the allow-list and the
+    private-model ledger for `owner` / `token`; directories must lie in the workers' model directories (`places`,
+    default: this process's) and outside the worker's own state. Every model's configuration files are checked
+    (refuse_outside_paths) before anything loads them."""
+    ref_kind = model_refs.kind(model_name)
+    if ref_kind == model_refs.DIRECTORY:
+        source = model_refs.model_dir(model_name, places or model_refs.Places.from_env())
+        refuse_outside_paths(source, model_name)
+        return Resolved(model_name, str(source), None)
+    if ref_kind == model_refs.HUB:
+        if os.path.lexists(model_name):  # from_pretrained would load that local path instead of the hub model
+            raise JobError(
+                f"model_name {model_name!r} is also a path relative to the worker's working directory; "
+                "name a hub model that is not, or a directory by its absolute path"
+            )
+        check_hub_model(model_name, store, token=token, owner=owner)
+        configs = hub_configs(model_name, token)
+        hub_access.note_fetched(model_name, token)
+        refuse_outside_paths(configs, model_name)
+        return Resolved(model_name, model_name, None)
     ref = model_name.removeprefix("pgml:")
     if ref.startswith("model:") and not ref.removeprefix("model:").isdigit():
         raise JobError(f"model_name {model_name!r}: write pgml:model:<id> with a numeric id")

@@ -136,10 +136,17 @@ def uploading(su: psycopg.Connection[dict[str, Any]]) -> bool:
 
 
 def test_a_kill_during_an_upload_leaves_no_half_checkpoint(
-    conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path
+    conn: psycopg.Connection[dict[str, Any]],
+    su: psycopg.Connection[dict[str, Any]],
+    daemon: Any,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    # checkpoints of ~15 MB: each upload takes a while, and training goes on meanwhile
-    model = testing.build_tiny_classifier_base(tmp_path / "bert-192", hidden=192, layers=2, heads=4, verify=False)
+    # checkpoints of ~15 MB: each upload takes a while, and training goes on meanwhile (the model outside the
+    # daemon's home, tmp_path: a worker never loads a model from its own state)
+    model = testing.build_tiny_classifier_base(
+        tmp_path_factory.mktemp("models") / "bert-192", hidden=192, layers=2, heads=4, verify=False
+    )
     job = tune(conn, model, max_steps=24, save_steps=3, save_total_limit=2)
     first = daemon("--worker-id", "first")
     wait_for(lambda: checkpoint_steps(conn, job), 180, interval=0.05, what="a first stored checkpoint")

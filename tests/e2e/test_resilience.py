@@ -298,9 +298,12 @@ def test_status_view_and_queue_summary(conn: psycopg.Connection[dict[str, Any]],
 
 
 def test_lora_adapter_checkpoint_resumes_after_sigterm(
-    conn: psycopg.Connection[dict[str, Any]], daemon: Any, tmp_path: Path, su: psycopg.Connection[dict[str, Any]]
+    conn: psycopg.Connection[dict[str, Any]],
+    daemon: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    su: psycopg.Connection[dict[str, Any]],
 ) -> None:
-    llama = testing.build_tiny_llama(tmp_path / "llama")
+    llama = testing.build_tiny_llama(tmp_path_factory.mktemp("models") / "llama")  # outside the daemon's home
     conn.execute("CREATE TABLE chats (q text, a text)")
     conn.execute(
         "INSERT INTO chats SELECT 'what is ' || i || ' plus one?', (i + 1)::text FROM generate_series(1, 48) i"

@@ -3,7 +3,8 @@ bounded by memory.
 
 The key of a stored model is its id (`pgml:model:<id>`), found per batch from the request's name and submitter
 (pgml.<project> = its deployed model, read again for every batch: a new deployment is served at once, and an
-old model's entry simply ages out of the cache). Hub ids and worker directories are their own keys. Loading
+old model's entry simply ages out of the cache). Hub ids and directories (by their real path) are their own keys,
+whoever loaded them first: every request's submitter passes admission.py before a cached model answers it. Loading
 resolves through models.py (only models the submitter may read; config files checked), downloads stored files
 into a directory per model id (kept: a model's files never change), and puts a LoRA adapter on its recorded base,
 merged for speed.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import db, files, logconfig, models
+from .. import db, files, logconfig, model_refs, models
 from ..errors import JobError
 
 log = logconfig.get("pgml_tuned.serving.cache")
@@ -53,6 +54,7 @@ class Loaded:
     device: str
     nbytes: int
     pipeline: Any = None  # text-classification
+    hub_ids: tuple[str, ...] = ()  # the hub models a stored model was loaded onto (checked again when served warm)
 
 
 class SyncStore:
@@ -108,12 +110,15 @@ def load(key: ModelKey, store: models.ModelStore, cache_dir: Path) -> Loaded:
 
     resolved = models.resolve(key.name, store, cache_dir, info, owner=key.owner)
     adapter = resolved.adapter_dir
+    hub_ids: tuple[str, ...] = ()
     weights, tokenizer_source = resolved.source, resolved.source
     if adapter is not None:
         base_name = resolved.adapter_base()
         if not base_name:
             raise JobError(f"model {key.name!r} is a LoRA adapter with no recorded base model")
         weights = models.resolve(base_name, store, cache_dir, info, owner=key.owner).source
+        if model_refs.kind(base_name) == model_refs.HUB:
+            hub_ids = (base_name,)
         if not (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = weights
     dev = device()
@@ -129,7 +134,7 @@ def load(key: ModelKey, store: models.ModelStore, cache_dir: Path) -> Loaded:
         if adapter is not None:
             model = models.attach_adapter(model, adapter, trainable=False).merge_and_unload()
         model.to(dev).eval()
-    loaded = Loaded(key, model, tokenizer, dev, model_bytes(model))
+    loaded = Loaded(key, model, tokenizer, dev, model_bytes(model), hub_ids=hub_ids)
     if key.family == CLASSIFY:
         loaded.pipeline = pipeline("text-classification", model=model, tokenizer=tokenizer, device=dev)
     elif tokenizer.pad_token_id is None:

@@ -21,11 +21,12 @@ from typing import Any
 import anyio
 import anyio.from_thread
 
-from .. import logconfig
+from .. import logconfig, model_refs
 from ..db import RETRYABLE, Pool, backoff_delays, connect
 from ..errors import JobError
 from ..listening import ListenUnavailable, listen, polling_instead
 from . import cache, inference
+from .admission import Admission
 from .requests import CHANNEL, Request, Requests
 
 log = logconfig.get("pgml_tuned.serving")
@@ -65,6 +66,7 @@ class Server:
         self.requests = Requests(pool, config.serving_id, config.lease_seconds, lane_dsn=config.direct_dsn)
         self.cache = cache.ModelCache(config.model_cache_mb * MiB)
         self.store = cache.SyncStore(config.dsn, config.cache_dir)
+        self.admission = Admission(pool, model_refs.Places.from_env())
         self.wake = anyio.Event()
         self.inflight = False
         self.answered = 0
@@ -177,34 +179,43 @@ class Server:
             )
 
     async def key_for(self, r: Request) -> cache.ModelKey:
-        """The cache key of a request's model. pgml:<project> is read again for every batch: a new deployment is
-        served at once."""
+        """The cache key of a request's model, once its submitter passed the checks a load makes (admission.py):
+        a hub id, a stored model's id (pgml:<project> is read again for every batch: a new deployment is served at
+        once), or a directory's real path."""
         fam = cache.family(r.kind)
-        if not r.model.startswith("pgml:"):
+        kind = model_refs.kind(r.model)
+        if kind == model_refs.DIRECTORY:
+            return cache.ModelKey(fam, self.admission.directory(r.model), r.submitted_by)
+        if kind == model_refs.HUB:
+            await self.admission.check(r.model, r.submitted_by)
             return cache.ModelKey(fam, r.model, r.submitted_by)
         row = await self.requests.stored_model(r.submitted_by, r.model.removeprefix("pgml:"))
         if row is None:
             raise JobError(f"model {r.model!r}: there is no such model that {r.submitted_by} may use")
         if row["status"] != "successful":
             raise JobError(f"model {r.model!r}: model {row['id']} is {row['status']}, not successful")
-        return cache.ModelKey(fam, f"pgml:model:{row['id']}", r.submitted_by)
+        name = f"pgml:model:{row['id']}"
+        await self.admission.check(name, r.submitted_by)
+        return cache.ModelKey(fam, name, r.submitted_by)
 
     async def model(self, key: cache.ModelKey) -> cache.Loaded:
         loaded = self.cache.get(key)
-        if loaded is None:
-            started = time.monotonic()
-            loaded = await anyio.to_thread.run_sync(cache.load, key, self.store, self.store.cache_dir)
-            evicted = self.cache.put(loaded)
-            log.info(
-                "serving.model_loaded",
-                model=key.name,
-                family=key.family,
-                device=loaded.device,
-                mb=round(loaded.nbytes / MiB, 1),
-                seconds=round(time.monotonic() - started, 2),
-                evicted=evicted,
-                cached=[e.key.name for e in self.cache.entries.values()],  # the fleet registry shows these
-            )
+        if loaded is not None:
+            await self.admission.check_private(loaded.hub_ids)
+            return loaded
+        started = time.monotonic()
+        loaded = await anyio.to_thread.run_sync(cache.load, key, self.store, self.store.cache_dir)
+        evicted = self.cache.put(loaded)
+        log.info(
+            "serving.model_loaded",
+            model=key.name,
+            family=key.family,
+            device=loaded.device,
+            mb=round(loaded.nbytes / MiB, 1),
+            seconds=round(time.monotonic() - started, 2),
+            evicted=evicted,
+            cached=[e.key.name for e in self.cache.entries.values()],  # the fleet registry shows these
+        )
         return loaded
 
     async def classify(self, loaded: cache.Loaded, reqs: list[Request]) -> None:

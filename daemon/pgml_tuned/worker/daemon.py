@@ -317,7 +317,13 @@ class Daemon:
 def job_env(settings: Settings, devices: str | None) -> dict[str, str]:
     """A job's child's environment (process.child_env), seeing `devices` (CUDA_VISIBLE_DEVICES) when not None."""
     datasets_dir = str(settings.datasets_dir) if settings.datasets_dir else None
-    return child_env(str(settings.scratch), devices, datasets_dir=datasets_dir)
+    return child_env(
+        str(settings.scratch),
+        devices,
+        datasets_dir=datasets_dir,
+        model_dirs=settings.model_dir_list,
+        state_dirs=settings.state_dirs,
+    )
 
 
 async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, drain: bool = False) -> Daemon:

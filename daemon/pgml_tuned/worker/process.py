@@ -380,10 +380,16 @@ INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "PYTORCH_", "OMP_", "M
 
 
 def child_env(
-    work_dir: str, gpu: str | None, parent: dict[str, str] | None = None, datasets_dir: str | None = None
+    work_dir: str,
+    gpu: str | None,
+    parent: dict[str, str] | None = None,
+    datasets_dir: str | None = None,
+    model_dirs: list[Path] | None = None,
+    state_dirs: list[Path] | None = None,
 ) -> dict[str, str]:
     """The whole environment of a child: an allow-list of the worker's, and its own settings (the only directory
-    of local files pgml.load_dataset may read: PGML_DATASETS_DIR, never inherited)."""
+    of local files pgml.load_dataset may read: PGML_DATASETS_DIR; the directories models may be loaded from,
+    PGML_MODEL_DIRS, and the worker's own state they may never be, PGML_STATE_DIRS: never inherited)."""
     parent = dict(os.environ) if parent is None else parent
     env = {k: v for k, v in parent.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
     env.update(
@@ -396,4 +402,6 @@ def child_env(
         env["CUDA_VISIBLE_DEVICES"] = gpu
     if datasets_dir:
         env["PGML_DATASETS_DIR"] = datasets_dir
+    env["PGML_MODEL_DIRS"] = os.pathsep.join(str(d) for d in model_dirs or [])
+    env["PGML_STATE_DIRS"] = os.pathsep.join(str(d) for d in state_dirs or [])
     return env

@@ -73,10 +73,15 @@ class ServingSupervisor:
     async def run_once(self, serving_id: str) -> int:
         gpus = self.settings.gpu_list
         work = self.settings.scratch / "serving"
+        work.mkdir(parents=True, exist_ok=True)  # its working directory: no name is a path relative to the daemon's
         if self.user is not None:  # its own directory, the child user's (its model cache lives there)
-            work.mkdir(parents=True, exist_ok=True)
             os.chown(work, self.user.uid, self.user.gid)
-        env = child_env(str(work), gpus[0] if gpus else None)
+        env = child_env(
+            str(work),
+            gpus[0] if gpus else None,
+            model_dirs=self.settings.model_dir_list,
+            state_dirs=self.settings.state_dirs,
+        )
         payload = {
             "dsn": self.dsn,
             "listen_dsn": self.settings.listen_dsn,
@@ -88,6 +93,7 @@ class ServingSupervisor:
         process = await anyio.open_process(
             [sys.executable, "-m", "pgml_tuned.serving"],
             env=env,
+            cwd=work,
             start_new_session=True,
             **(self.user.process_args() if self.user is not None else {}),
         )
