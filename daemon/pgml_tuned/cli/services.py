@@ -7,13 +7,14 @@ import argparse
 
 from .. import db, embedded, logconfig
 from .dsn import CliError, child_dsn, reading_dsn, resolve_dsn, run, settings_of, shown_dsn
+from .output import log_options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..worker.daemon import serve
 
     settings = settings_of(args)
-    logconfig.configure(settings.log_format, settings.log_level)
+    logconfig.configure(settings.log_format, settings.log_level, **log_options())
     # the embedded server is migrated by resolve_dsn; a daemon waits for a database that is not up yet
     dsn = resolve_dsn(settings, role="worker", check="reach" if args.migrate else "none")
     if args.migrate and settings.dsn:
@@ -26,7 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     settings = settings_of(args)
-    logconfig.configure(settings.log_format, settings.log_level)
+    logconfig.configure(settings.log_format, settings.log_level, **log_options())
     admin = resolve_dsn(settings, role="admin")
     user, worker = (
         (admin, admin) if settings.dsn else (embedded.as_login(admin, "user"), embedded.as_login(admin, "worker"))
@@ -44,7 +45,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             "pip install 'pgml-tuned[dashboard]'"
         ) from None
     settings = settings_of(args)
-    logconfig.configure(settings.log_format, settings.log_level)
+    logconfig.configure(settings.log_format, settings.log_level, **log_options())
     dsn = reading_dsn(args)
     sock = bind(args.host, args.port)
 
