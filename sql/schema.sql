@@ -1952,6 +1952,7 @@ BEGIN
     END LOOP;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_child;
+GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_worker;
 
 -- FUNCTION pgml._is_hub_id(model_name text), owner pgml_owner
@@ -2741,6 +2742,7 @@ AS $function$
         RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM owned)
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]) TO pgml_worker;
 
 -- FUNCTION pgml._request_chunks(id bigint, after_seq integer), owner pgml_owner
@@ -2782,6 +2784,7 @@ BEGIN
         pg_catalog.json_build_object('type', 'request_answered', 'id', _request_finish.id)::text);
     RETURN true;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_worker;
 
 -- FUNCTION pgml._request_lock_key(id bigint), owner pgml_owner
@@ -2791,6 +2794,7 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_key(id bigint)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT (id OPERATOR(pg_catalog.%) 2147483647)::integer $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_worker;
 
@@ -2801,6 +2805,7 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_space()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT 1885826412 $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_worker;
 
@@ -2985,6 +2990,7 @@ BEGIN
         RETURN NEXT v_id;
     END LOOP;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_worker;
 
 -- FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision), owner pgml_owner
@@ -3012,6 +3018,7 @@ AS $function$
     SELECT c.id, c.submitted_by, c.kind, c.model, c.args, c.inputs, c.stream, c.attempts
     FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision) TO pgml_worker;
 
 -- FUNCTION pgml._requests_expire(), owner pgml_owner
@@ -3029,6 +3036,7 @@ AS $function$
         RETURNING 1)
     SELECT pg_catalog.count(*) FROM gone
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_expire() TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_expire() TO pgml_worker;
 
 -- FUNCTION pgml._requests_release(serving_id text), owner pgml_owner
@@ -3064,6 +3072,7 @@ BEGIN
         PERFORM pg_catalog.pg_notify('pgml_requests', '{"type": "request_queued"}');
     END IF;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_release(serving_id text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_release(serving_id text) TO pgml_worker;
 
 -- FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision), owner pgml_owner
@@ -3078,6 +3087,7 @@ AS $function$
     WHERE r.claimed_by OPERATOR(pg_catalog.=) serving_id AND r.status OPERATOR(pg_catalog.=) 'running'
     RETURNING r.id
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision) TO pgml_worker;
 
 -- FUNCTION pgml._require_admin(what text), owner pgml_owner
@@ -3206,6 +3216,7 @@ AS $function$
     )
     SELECT * FROM by_id UNION ALL SELECT * FROM deployed
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._serving_model(submitter name, ref text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._serving_model(submitter name, ref text) TO pgml_worker;
 
 -- FUNCTION pgml._serving_model_files(model_id bigint), owner pgml_owner
@@ -3221,6 +3232,7 @@ AS $function$
                   WHERE r.status IN ('queued', 'running') AND pgml._may_read_model(m.owner, r.submitted_by))
     ORDER BY f.path, f.part
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._serving_model_files(model_id bigint) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._serving_model_files(model_id bigint) TO pgml_worker;
 
 -- FUNCTION pgml._setup_loopback(p_conninfo text), owner pgml_owner
@@ -4787,6 +4799,7 @@ CREATE EVENT TRIGGER pgml_guard_schema ON ddl_command_end EXECUTE FUNCTION pgml.
 -- ==== roles that include other roles ====
 
 GRANT pgml_child TO pgml_worker;
+GRANT pgml_serving TO pgml_worker;
 GRANT pgml_user TO pgml_admin;
 
 -- ==== grants on schemas, default privileges ====
@@ -4794,6 +4807,7 @@ GRANT pgml_user TO pgml_admin;
 GRANT CREATE, USAGE ON SCHEMA pgml TO pgml_user;
 GRANT USAGE ON SCHEMA pgml TO pgml_child;
 GRANT USAGE ON SCHEMA pgml TO pgml_loopback_<database>;
+GRANT USAGE ON SCHEMA pgml TO pgml_serving;
 GRANT USAGE ON SCHEMA pgml TO pgml_worker;
 GRANT USAGE ON SCHEMA pgml_dblink TO pgml_owner;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_admin;
@@ -4801,6 +4815,6 @@ GRANT USAGE ON SCHEMA pgml_rows TO pgml_user;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 31 rows, md5 432c5fc3e1778219ae2dea3119bbfd7d
+-- pgml.schema_migrations: 32 rows, md5 993eedb886144803b545257efbb47d25
 -- pgml.tasks: 6 rows, md5 ed8314b74119876f06e783f5420f46f4
 -- pgml.training_arg_types: 113 rows, md5 3a4871d47975d072fb12224baffa84ea

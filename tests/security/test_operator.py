@@ -8,11 +8,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
 
-from tests.conftest import ADMIN, as_login, wait_job
+from tests.conftest import ADMIN, USER, WORKER, as_login, connect, wait_for, wait_job
 from tests.integration.test_migrate_cli import cli
 
 # ESC[2J clears the screen, OSC 0 sets the window title, a bidi override (U+202E) and isolate (U+2066) make a
@@ -56,3 +61,144 @@ def test_cli_output_shows_control_characters_escaped(
     data = json.loads(outputs["status --json"].stdout)
     assert HOSTILE in [j["project"] for j in data["jobs"]]
     assert json.loads(outputs["status <job>"].stdout)["project"] == HOSTILE
+
+
+# ---- `serve` refuses a login that bypasses row-level security ----
+@pytest.fixture
+def new_login(su: psycopg.Connection[dict[str, Any]], su_dsn: str) -> Iterator[Any]:
+    """new_login(role): a new login in `role` only, its DSN; dropped at the end (roles are the cluster's)."""
+    made: list[str] = []
+
+    def make(role: str) -> str:
+        name = f"pgml_test_op_{uuid.uuid4().hex[:8]}"
+        su.execute(f'CREATE ROLE "{name}" LOGIN')
+        su.execute(f'GRANT "{role}" TO "{name}"')
+        made.append(name)
+        return as_login(su_dsn, name)
+
+    yield make
+    for name in made:
+        su.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+        su.execute(f'DROP OWNED BY "{name}"')
+        su.execute(f'DROP ROLE "{name}"')
+
+
+def test_serve_refuses_a_superuser_or_table_owner_login(su_dsn: str, new_login: Any) -> None:
+    """A superuser, or a member of the role owning pgml's tables, is not subject to row-level security: `serve`
+    refuses it at once (exit 2), naming the fix; --allow-superuser is the explicit way round."""
+    for dsn in (su_dsn, new_login("pgml_owner")):
+        r = cli("serve", "--dsn", dsn, "--drain", "--serving", "false", "--poll-seconds", "0.2")
+        assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+        assert "row-level security" in r.stderr and "GRANT pgml_worker TO" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    r = cli("serve", "--dsn", su_dsn, "--drain", "--serving", "false", "--allow-superuser")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "daemon.login_bypasses_rls" in r.stderr
+
+
+def test_serve_accepts_a_worker_login(worker_dsn: str) -> None:
+    r = cli("serve", "--dsn", worker_dsn, "--drain", "--serving", "false", "--poll-seconds", "0.2")
+    assert r.returncode == 0 and "row-level security" not in r.stderr, r.stderr[-2000:]
+
+
+# ---- the serving process's own role ----
+def test_the_serving_role_reads_no_table_and_calls_only_the_lane(
+    new_login: Any, ops: psycopg.Connection[dict[str, Any]]
+) -> None:
+    """pgml_serving reads none of the jobs, logs, models, files or requests of anyone, nor submits; it may claim,
+    answer and release requests and read a model that a request's submitter may read."""
+    ops.execute("SELECT pgml.tune('mine', task => 'noop', model_name => 'none')")
+    with connect(new_login("pgml_serving")) as lane:
+        for table in (
+            "jobs",
+            "logs",
+            "models",
+            "files",
+            "file_parts",
+            "requests",
+            "projects",
+            "job_status",
+            "deployments",
+            "credentials",
+            "worker_status",
+            "workers",
+            "checkpoints",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                lane.execute(f"SELECT count(*) FROM pgml.{table}")
+        for call in (
+            "pgml.tune('x', task => 'noop', model_name => 'none')",
+            "pgml.job_credential(1, 1)",
+            "pgml._worker_stop('w', 't')",
+            "pgml.deployed_model(1)",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                lane.execute(f"SELECT {call}")
+        assert lane.execute("SELECT count(*) AS n FROM pgml._requests_claim('s', 4, 5)").fetchone()["n"] == 0
+        assert lane.execute("SELECT count(*) AS n FROM pgml._requests_release(NULL)").fetchone()["n"] == 0
+        assert lane.execute("SELECT count(*) AS n FROM pgml._serving_model(%s, 'mine')", (ADMIN,)).fetchone()
+
+
+def test_without_a_login_of_its_own_the_serving_process_acts_as_pgml_serving(worker_dsn: str) -> None:
+    """The fallback (no PGML_SERVING_DSN): the worker's login, every connection in role pgml_serving."""
+    import anyio
+
+    from pgml_tuned import db
+
+    async def check() -> tuple[str, str]:
+        async with await db.connect(worker_dsn) as c:
+            row = await (await c.execute("SELECT current_user AS r, session_user AS s")).fetchone()
+            assert row is not None
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await c.execute("SELECT count(*) FROM pgml.jobs")
+            return row["r"], row["s"]
+
+    try:
+        db.act_as("pgml_serving")
+        role, login = anyio.run(check)
+        with db.sync_connect(worker_dsn) as c:
+            assert c.execute("SELECT current_user AS r").fetchone()["r"] == "pgml_serving"  # the model loader's
+    finally:
+        db._role.clear()
+    assert (role, login) == ("pgml_serving", WORKER)
+
+
+def test_the_serving_process_connects_as_its_own_login_and_serves(
+    new_login: Any,
+    su: psycopg.Connection[dict[str, Any]],
+    ops: psycopg.Connection[dict[str, Any]],
+    daemon: Any,
+    session_env: Path,
+    tmp_path: Path,
+) -> None:
+    """With PGML_SERVING_DSN the serving process's every connection is that login's, and transform still works:
+    a hub model and a stored one (its files read through pgml._serving_model_files)."""
+    from tests.support import models as testing
+    from tests.support.stored import add_model
+
+    model = testing.build_tiny_classifier_base(tmp_path / "clf", hidden=32, layers=1)
+    testing.install_in_hf_cache(model, "tiny/operator-clf", session_env / "hf")
+    stored = add_model(su, USER, "opclf", "text-classification", path=model)
+    lane = new_login("pgml_serving")
+    d = daemon(env={"PGML_SERVING_DSN": lane})
+    for name in ("tiny/operator-clf", f"pgml:model:{stored}"):
+        rid = ops.execute(
+            "SELECT pgml._request_submit(%s, 'classify', %s, '{}'::jsonb, %s) AS id",
+            (USER, name, json.dumps(["good", "bad"])),
+        ).fetchone()["id"]
+        got = wait_for(
+            lambda rid=rid: (
+                (r := ops.execute("SELECT * FROM pgml._request_answer(%s)", (rid,)).fetchone())
+                and r["status"] in ("done", "failed")
+                and r
+            ),
+            120,
+            what=f"request {rid}",
+        )
+        assert got["status"] == "done", (got["error"], d.output()[-3000:])
+        assert len(got["result"]) == 2
+    logins = su.execute(
+        "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE '%/serving-%'"
+    ).fetchall()
+    assert [r["usename"] for r in logins] == [conninfo_to_dict(lane)["user"]], logins

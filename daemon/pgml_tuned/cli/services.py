@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 
 from .. import db, embedded, logconfig
-from .dsn import CliError, child_dsn, reading_dsn, resolve_dsn, run, settings_of, shown_dsn
+from .dsn import CliError, child_dsn, reading_dsn, resolve_dsn, run, serving_dsn, settings_of, shown_dsn
 from .output import log_options
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..worker.daemon import serve
+    from ..worker.pg import LoginRefused
 
     settings = settings_of(args)
     logconfig.configure(settings.log_format, settings.log_level, **log_options())
@@ -19,7 +20,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(settings, role="worker", check="reach" if args.migrate else "none")
     if args.migrate and settings.dsn:
         run(lambda: db.migrate(dsn))
-    run(lambda: serve(settings, dsn, child_dsn=child_dsn(settings), drain=args.drain))
+    try:
+        run(
+            lambda: serve(
+                settings,
+                dsn,
+                child_dsn=child_dsn(settings),
+                serving_dsn=serving_dsn(settings),
+                drain=args.drain,
+                allow_superuser=args.allow_superuser,
+            )
+        )
+    except LoginRefused as e:
+        raise CliError(str(e), 2) from None
     return 0
 
 
