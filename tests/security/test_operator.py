@@ -231,3 +231,62 @@ def test_systemd_units_are_hardened(unit: Path, tmp_path: Path) -> None:
     assert "SystemCallFilter=@system-service" in settings and "NoNewPrivileges=yes" in settings
     assert "DeviceAllow=char-nvidia-frontend rw" in settings and "DeviceAllow=char-nvidia-uvm rw" in settings
     assert not any(s.startswith(("PrivateDevices=yes", "MemoryDenyWriteExecute=yes")) for s in settings)
+
+
+# ---- the dashboard's token ----
+def _http(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One request; (status, headers, the first bytes of the body: an event stream never ends)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read(64 if "stream" in url else -1)
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def test_dashboard_token_is_not_a_cookie_other_local_services_receive(conn_dsn: str, tmp_path: Path) -> None:
+    """Cookies are not port-isolated (RFC 6265): a token kept in one would be sent to every web service of the host.
+    The printed URL carries the token in its fragment (never sent to a server), the page sends it as a header, the
+    event stream takes a single-use ticket; no response sets a cookie, and a cookie holding the token opens nothing."""
+    import sys
+
+    home = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgml_tuned.cli", "dashboard", "--dsn", conn_dsn, "--home", home, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.search(r"(http://127\.0\.0\.1:(\d+)/)([?#])token=(\S+)", line)
+        assert found, line
+        base, port, sep, token = found.groups()
+        # what a browser sends for the printed URL (a fragment stays in the browser), then the page's requests
+        opened = base + (f"?token={token}" if sep == "?" else "")
+        bearer = {"Authorization": f"Bearer {token}"}
+        responses = [_http(opened), _http(base + "static/app.js"), _http(base + "api/whoami", bearer)]
+        assert [r[0] for r in responses] == [200, 200, 200]
+        assert [r[1].get("set-cookie") for r in responses] == [None, None, None]
+        assert sep == "#", f"the token travels to the server in the URL it printed: {line}"
+        # another local service that got hold of a cookie or a query string: nothing opens with them
+        for name in (f"pgml_dashboard_{port}", f"pgml_tuned_token_{port}", "pgml_tuned_token"):
+            assert _http(base + "api/jobs", {"Cookie": f"{name}={token}"})[0] == 403
+        assert _http(base + f"api/jobs?token={token}")[0] == 403
+        assert _http(base + "api/jobs", bearer)[0] == 200
+        assert _http(base + "api/jobs", {"Authorization": "Bearer wrong"})[0] == 403
+        # the stream's ticket: only with the token, and once
+        assert _http(base + "api/ticket", method="POST")[0] == 403
+        status, _, body = _http(base + "api/ticket", bearer, method="POST")
+        ticket = json.loads(body)["ticket"]
+        assert status == 200 and ticket != token
+        status, headers, _ = _http(base + f"api/stream?models=&ticket={ticket}")
+        assert status == 200 and headers["content-type"].startswith("text/event-stream")
+        assert _http(base + f"api/stream?models=&ticket={ticket}")[0] == 403
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
