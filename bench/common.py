@@ -67,6 +67,7 @@ def bench_env(home: Path) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(home / "hf"),
         "TOKENIZERS_PARALLELISM": "false",
+        "PGML_ALLOW_SUPERUSER": "1",  # the benchmarks serve as the server's superuser (refused otherwise)
     }
 
 

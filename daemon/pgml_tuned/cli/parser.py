@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-superuser",
         action="store_true",
         help="serve even as a login that bypasses row-level security (a superuser, BYPASSRLS, a member of "
-        "pgml_owner): a throwaway test database only; refused otherwise, with the SQL of a worker login",
+        "pgml_owner; or PGML_ALLOW_SUPERUSER=1): a throwaway test database only; refused otherwise, with the SQL "
+        "of a worker login",
     )
     s.add_argument(
         "--migrate",

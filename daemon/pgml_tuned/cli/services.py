@@ -4,6 +4,7 @@ and dashboard (the read-only web page)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from .. import db, embedded, logconfig
 from .dsn import CliError, child_dsn, reading_dsn, resolve_dsn, run, serving_dsn, settings_of, shown_dsn
@@ -28,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 child_dsn=child_dsn(settings),
                 serving_dsn=serving_dsn(settings),
                 drain=args.drain,
-                allow_superuser=args.allow_superuser,
+                allow_superuser=args.allow_superuser or os.environ.get("PGML_ALLOW_SUPERUSER") == "1",
             )
         )
     except LoginRefused as e:
