@@ -87,9 +87,11 @@ class ServingSupervisor:
         env = child_env(str(work), gpus[0] if gpus else None)
         own = self.serving_dsn is not None
         payload = {
-            "dsn": self.serving_dsn if own else self.dsn,
+            # its own login, a direct connection; else the worker's, direct too (PGML_LISTEN_DSN behind a pooler):
+            # the startup option that sets its role does not pass a transaction pooler
+            "dsn": self.serving_dsn if own else self.settings.listen_dsn or self.dsn,
             "role": None if own else self.ROLE,
-            "listen_dsn": None if own else self.settings.listen_dsn,  # its own login connects directly
+            "listen_dsn": None if own else self.settings.listen_dsn,
             "serving_id": serving_id,
             "cache_dir": str(work / "models"),
             "model_cache_mb": self.settings.model_cache_mb,
