@@ -68,6 +68,7 @@ def bench_env(home: Path, model_dirs: list[Path] | None = None) -> dict[str, str
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(home / "hf"),
         "TOKENIZERS_PARALLELISM": "false",
+        "PGML_ALLOW_SUPERUSER": "1",  # the benchmarks serve as the server's superuser (refused otherwise)
     }
     if model_dirs:
         env["PGML_MODEL_DIRS"] = os.pathsep.join(str(d) for d in model_dirs)

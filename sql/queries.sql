@@ -253,6 +253,19 @@ SELECT NOT EXISTS (SELECT 1 FROM pgml.jobs WHERE (status = 'queued' OR gang_need
          AND (j.lease_expires_at < clock_timestamp()
               OR EXISTS (SELECT 1 FROM pgml.worker_status w WHERE w.id = j.worker AND w.state <> 'live'))) AS empty;
 
+-- name: worker_login
+-- Before the daemon serves (worker/pg.py): may its login bypass row-level security? A superuser, a role with
+-- BYPASSRLS, or a member of the role owning pgml's tables (pgml_owner: an owner is not subject to its tables'
+-- policies) would make every user's rows the worker's to read, and a child's or the serving process's too.
+SELECT current_user AS login, r.rolsuper AS superuser, r.rolbypassrls AS bypassrls,
+       o.rolname AS owner,
+       coalesce(o.oid IS NOT NULL AND (pg_catalog.pg_has_role(current_user, o.oid, 'MEMBER')
+                                       OR pg_catalog.pg_has_role(current_user, o.oid, 'USAGE')), false) AS owns
+FROM pg_catalog.pg_roles r
+LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass('pgml.jobs')
+LEFT JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
+WHERE r.rolname = current_user;
+
 -- name: worker_register
 -- The fleet registry (0022_fleet): each daemon's own row, fenced on its token.
 SELECT pgml._worker_register(%(worker)s::text, %(token)s::text, %(host)s::text, %(pid)s::integer, %(version)s::text,

@@ -26,7 +26,7 @@ from psycopg import sql
 from .db import q
 
 SCHEMAS = ["pgml", "pgml_rows", "pgml_dblink"]
-ROLES = ["pgml_owner", "pgml_user", "pgml_worker", "pgml_admin", "pgml_child", "pgml_loopback"]
+ROLES = ["pgml_owner", "pgml_user", "pgml_worker", "pgml_admin", "pgml_child", "pgml_loopback", "pgml_serving"]
 # the rows the migrations and sql/functions write, by the columns that do not depend on when they ran
 REFERENCE_TABLES = {"pgml.schema_migrations": ["version"], "pgml.tasks": ["*"], "pgml.training_arg_types": ["*"]}
 _PLAIN = re.compile(r"^[a-z_][a-z0-9_$]*$")

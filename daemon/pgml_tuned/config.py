@@ -143,6 +143,12 @@ class Settings:
         help="the training children's login (a member of pgml_child only); default: the embedded server's child "
         "login, else the worker's own DSN (children then still use only their ticketed functions)",
     )
+    serving_dsn: str | None = setting(
+        None,
+        help="the serving process's login (a member of pgml_serving only: the inference lane's functions, no "
+        "table), a direct connection; default: the embedded server's serving login, else the worker's own DSN "
+        "as role pgml_serving (SET ROLE: the process then still holds the worker's credentials)",
+    )
     child_user: str | None = setting(
         None,
         help="run children as this system user (the daemon must run as root): they cannot read the worker key "

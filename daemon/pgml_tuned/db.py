@@ -100,13 +100,30 @@ def migrations() -> list[tuple[str, str]]:
 # ---- connections ----
 
 
+_role: list[str] = []  # act_as(): the role every connection of this process takes at its start
+
+
+def act_as(role: str) -> None:
+    """Every connection this process opens from now on takes `role` at its start (the startup option role=, i.e.
+    SET ROLE; a login not in `role` is refused at connect): the serving process on the worker's login, as
+    pgml_serving. Never through a pooler (it would not keep the option): connecting without options then fails."""
+    if not _PLAIN_ROLE.match(role):
+        raise ValueError(f"not a plain role name: {role!r}")
+    _role[:] = [role]
+
+
+_PLAIN_ROLE = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
 def conn_kwargs(app: str, *, read_only: bool = False, options: bool = True) -> dict[str, Any]:
     """read_only: the server refuses every write of the session (the dashboard's connections). options=False: no
     startup `options` (a pooler that refuses them), and never a server-side prepared statement."""
     kwargs: dict[str, Any] = {"row_factory": dict_row, "application_name": app, "connect_timeout": 10}
     if options:
-        kwargs["options"] = f"-c search_path={SEARCH_PATH.replace(' ', '')} -c {DIRECT_MARKER}=on" + (
-            " -c default_transaction_read_only=on" if read_only else ""
+        kwargs["options"] = (
+            f"-c search_path={SEARCH_PATH.replace(' ', '')} -c {DIRECT_MARKER}=on"
+            + (" -c default_transaction_read_only=on" if read_only else "")
+            + "".join(f" -c role={r}" for r in _role)
         )
     else:
         kwargs["prepare_threshold"] = None
@@ -123,6 +140,11 @@ def _refused_options(e: psycopg.OperationalError, dsn: str, read_only: bool) -> 
     per DSN). A read-only connection is never made without its read-only pin."""
     if "unsupported startup parameter" not in str(e):
         return False
+    if _role:
+        raise psycopg.OperationalError(
+            f"{str(e).strip()}: a connection as role {_role[0]} needs its startup options; give the serving process "
+            "a login of its own (PGML_SERVING_DSN, a member of pgml_serving) or connect it directly to PostgreSQL"
+        ) from e
     if read_only:
         raise psycopg.OperationalError(
             f"{str(e).strip()}: a read-only connection needs its startup options; connect it directly to "
@@ -176,6 +198,12 @@ async def _check_options(conn: psycopg.AsyncConnection[DictRow], dsn: str) -> No
     if not conn.autocommit:
         await conn.rollback()
     assert row is not None
+    if _role and row["who"] != _role[0]:  # a pooler dropped the startup options unnoticed
+        await conn.close()
+        raise psycopg.OperationalError(
+            f"connected as {row['who']}, not as role {_role[0]} (the startup options did not arrive: a pooler?): "
+            "give the serving process a login of its own (PGML_SERVING_DSN) or connect it directly to PostgreSQL"
+        )
     _direct[dsn] = row["direct"] == "on"
     if row["sp"].replace(" ", "") != SEARCH_PATH.replace(" ", ""):
         log.warning(

@@ -71,7 +71,11 @@ def run_demo(
         conn.commit()
     print(f"== job {job_id} queued; running the daemon until the queue is empty (pgml-tuned serve --drain)\n")
 
-    anyio.run(lambda: serve(settings, worker_dsn, child_dsn=child_dsn, drain=True), backend="asyncio")
+    # with --dsn the demo serves as the administrator who set it up (a throwaway run: said in a warning)
+    allow = worker_dsn == dsn
+    anyio.run(
+        lambda: serve(settings, worker_dsn, child_dsn=child_dsn, drain=True, allow_superuser=allow), backend="asyncio"
+    )
 
     with db.sync_connect(dsn) as conn:
         job = db.fetch_one(conn, _q("demo_job"), {"job_id": job_id})

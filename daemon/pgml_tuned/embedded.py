@@ -34,12 +34,17 @@ def ensure(home: Path) -> str:
 
 
 # The embedded server's logins (sql/local_logins.sql): what `pgml-tuned` connects as, per command.
-LOGINS = {"user": "pgml_local_user", "worker": "pgml_local_worker", "child": "pgml_local_child"}
+LOGINS = {
+    "user": "pgml_local_user",
+    "worker": "pgml_local_worker",
+    "child": "pgml_local_child",
+    "serving": "pgml_local_serving",
+}
 
 
 def as_login(admin_dsn: str, role: str) -> str:
-    """The DSN of the embedded server for `role`: "admin" (its superuser), "user", "worker" or "child" (the
-    training children's login: a member of pgml_child only)."""
+    """The DSN of the embedded server for `role`: "admin" (its superuser), "user", "worker", "child" (the
+    training children's login: a member of pgml_child only) or "serving" (the serving process's: pgml_serving)."""
     if role == "admin":
         return admin_dsn
     from psycopg.conninfo import conninfo_to_dict, make_conninfo

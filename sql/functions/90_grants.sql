@@ -10,7 +10,8 @@
 -- first, everything the migrating role created in schema pgml goes to pgml_owner (10_security.sql)
 SELECT pgml._own_everything();
 
-REVOKE ALL ON ALL ROUTINES IN SCHEMA pgml FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA pgml FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback,
+    pgml_serving;
 ALTER DEFAULT PRIVILEGES FOR ROLE pgml_owner IN SCHEMA pgml REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 REVOKE ALL ON
     pgml.checkpoint_files, pgml.checkpoints, pgml.checkpoints_id_seq, pgml.credential_grants,
@@ -24,13 +25,14 @@ REVOKE ALL ON
     pgml.schema_migrations, pgml.sealing_key_use, pgml.sealing_keys, pgml.superseded_logs,
     pgml.tasks, pgml.training_arg_types, pgml.tune_requests, pgml.worker_status,
     pgml.workers
-    FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback;
+    FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback, pgml_serving;
 -- which roles include which: an administrator is also a user; a worker may act for its children (when they have
 -- no login of their own, PGML_CHILD_DSN unset). The roles themselves are created by sql/migrations (0008, 0010, 0013).
 GRANT pgml_user TO pgml_admin;
 GRANT pgml_child TO pgml_worker;
+GRANT pgml_serving TO pgml_worker;  -- its serving process without a login of its own (PGML_SERVING_DSN unset)
 
-GRANT USAGE ON SCHEMA pgml TO pgml_user, pgml_worker, pgml_child;
+GRANT USAGE ON SCHEMA pgml TO pgml_user, pgml_worker, pgml_child, pgml_serving;
 -- dblink's own schema (sql/migrations/0013): only pgml_owner may use it (pgml._setup_loopback grants that)
 DO $$
 BEGIN
@@ -158,6 +160,23 @@ GRANT EXECUTE ON ROUTINE
     pgml._dataset_kwargs(),
     pgml._hub_refusal(text,name,text)
 TO pgml_child;
+
+-- ---- pgml_serving ----
+-- the serving process (0035): the inference lane's functions (sql/queries.sql, the statements of serving/), no table
+GRANT EXECUTE ON ROUTINE
+    pgml._hub_refusal(text,name,text),
+    pgml._request_chunk(bigint,text,integer,text[]),
+    pgml._request_finish(bigint,text,jsonb,jsonb,text),
+    pgml._request_lock_key(bigint),
+    pgml._request_lock_space(),
+    pgml._requests_answer(text,bigint[],jsonb[]),
+    pgml._requests_claim(text,integer,double precision),
+    pgml._requests_expire(),
+    pgml._requests_release(text),
+    pgml._requests_renew(text,double precision),
+    pgml._serving_model(name,text),
+    pgml._serving_model_files(bigint)
+TO pgml_serving;
 
 -- ---- pgml_loopback ----
 GRANT EXECUTE ON ROUTINE

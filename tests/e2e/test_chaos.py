@@ -214,7 +214,10 @@ def test_postgres_restart_mid_job_nothing_lost(dedicated_pg: tuple[Any, str], tm
     """
     server, dsn = dedicated_pg
     daemons = [
-        DaemonProc(dsn, tmp_path, "--concurrency", "2", "--worker-id", f"r{i}", "--lease-seconds", "7")
+        # the dedicated server's superuser: a throwaway server
+        DaemonProc(
+            dsn, tmp_path, "--allow-superuser", "--concurrency", "2", "--worker-id", f"r{i}", "--lease-seconds", "7"
+        )
         for i in range(2)
     ]
     try:

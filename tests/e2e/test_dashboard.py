@@ -44,16 +44,16 @@ class Dashboard:
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        found = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=(\S+)", line)
+        found = re.search(r"(http://127\.0\.0\.1:\d+/)#token=(\S+)", line)
         assert found, f"no URL in the dashboard's first line: {line!r}"
         self.url = found.group(0)
         self.base, self.token = found.group(1), found.group(2)
 
-    def get(self, path: str, token: bool = True) -> tuple[int, Any]:
-        sep = "&" if "?" in path else "?"
-        url = self.base + path.lstrip("/") + (f"{sep}token={self.token}" if token else "")
+    def get(self, path: str, token: bool = True, method: str = "GET") -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"} if token else {}
+        request = urllib.request.Request(self.base + path.lstrip("/"), headers=headers, method=method)
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             body = e.read().decode()
@@ -164,7 +164,8 @@ def test_dashboard_json_follows_the_viewers_rights(
 
     # the live stream: the jobs, then the model's log rows, as server-sent events; then a new log row arrives at
     # once, through pgml_logs (its poll is 10 minutes away)
-    with urllib.request.urlopen(f"{mine.base}api/stream?models={job['model_id']}&token={mine.token}", timeout=20) as r:
+    ticket = mine.get("/api/ticket", method="POST")[1]["ticket"]
+    with urllib.request.urlopen(f"{mine.base}api/stream?models={job['model_id']}&ticket={ticket}", timeout=20) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
 
         def next_event() -> tuple[str, Any]:

@@ -9,11 +9,19 @@ import psycopg
 
 from .. import __version__
 from .dsn import CliError
+from .output import sanitised
 from .parser import build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. A user's error is one line on stderr, never a traceback: exit 2 for a wrong invocation
+    """Run one command, everything it prints (results, errors, a daemon's log lines) through output.safe():
+    control characters from the database (a project's name, an error) reach the terminal shown escaped."""
+    with sanitised():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    """A user's error is one line on stderr, never a traceback: exit 2 for a wrong invocation
     or an unreachable database, 1 for what the database refused and for failed jobs."""
     args = build_parser().parse_args(argv)
     try:

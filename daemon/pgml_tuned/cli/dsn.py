@@ -157,6 +157,14 @@ def child_dsn(settings: Settings) -> str | None:
     return embedded.as_login(embedded.ensure(settings.home), "child")
 
 
+def serving_dsn(settings: Settings) -> str | None:
+    """The serving process's login: --serving-dsn / PGML_SERVING_DSN; else the embedded server's serving login;
+    else None (the serving process uses the worker's DSN as role pgml_serving)."""
+    if settings.serving_dsn or settings.dsn:
+        return settings.serving_dsn
+    return embedded.as_login(embedded.ensure(settings.home), "serving")
+
+
 def reading_dsn(args: argparse.Namespace) -> str:
     """The DSN of a command that reads jobs someone submitted: the database must hold the pgml schema."""
     return resolve_dsn(settings_of(args), announce=False, check="schema", setup=False)

@@ -3,12 +3,85 @@ follow jobs live (`wait`, `logs --follow`)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import io
 import os
+import re
 import sys
+from collections.abc import Iterator, MutableMapping
 from typing import Any
+
+# What may never reach the operator's terminal raw: C0 controls but tab and newline (ESC among them: colours,
+# cursor moves, title and clipboard sequences), DEL, C1 (0x9b is a one-byte CSI), the bidi embeddings, overrides
+# and isolates (a name that reads differently than it is), and the line / paragraph separators.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def _escaped(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x7F else f"\\u{code:04x}"  # DEL as \\u007f: valid in a JSON line too
+
+
+def safe(text: str) -> str:
+    """`text` with every control character shown escaped (`\\x1b`, `\\u202e`): what the database holds (project
+    names, errors, model names, worker ids, log messages) is anyone's, and a terminal obeys what it is sent. A JSON
+    line stays valid JSON: json.dumps escapes all of these but DEL, shown here as \\u007f."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+def safe_event(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> dict[str, Any]:
+    """A structlog processor: the event's values (and keys) safe() before the console renderer colours them (a
+    value that is not text as its repr(), as the renderer shows it; an exception as it is, for its traceback)."""
+    return {safe(str(k)): _safe_value(k, v) for k, v in event.items()}
+
+
+def _safe_value(key: str, value: Any) -> Any:
+    if key in ("exc_info", "exception") or value is None or isinstance(value, bool | int | float):
+        return value
+    return safe(value if isinstance(value, str) else repr(value))
+
+
+class SafeStream:
+    """sys.stdout / sys.stderr while a command runs (app.main): everything printed goes through safe(). What
+    draws on purpose (LiveLines' cursor moves) writes to `raw`, its own text made safe first."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def write(self, text: str) -> int:
+        self.raw.write(safe(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, buffer ...
+        return getattr(self.raw, name)
+
+
+@contextlib.contextmanager
+def sanitised() -> Iterator[None]:
+    """While a command runs: sys.stdout and sys.stderr through safe() (print, errors, the daemon's log lines)."""
+    before = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(raw(sys.stdout)), SafeStream(raw(sys.stderr))
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = before
+
+
+def log_options() -> dict[str, Any]:
+    """logconfig.configure()'s arguments for a command: console lines made safe before they are coloured, then
+    written to the terminal as they are (JSON lines go through sys.stderr, made safe there)."""
+    return {"clean": safe_event, "console_stream": raw(sys.stderr)}
+
+
+def raw(stream: Any) -> Any:
+    """The stream under a SafeStream (itself otherwise)."""
+    return stream.raw if isinstance(stream, SafeStream) else stream
 
 
 def plain(value: Any) -> Any:
@@ -34,17 +107,17 @@ def cell(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, datetime.timedelta):
         return str(value - datetime.timedelta(microseconds=value.microseconds))
-    return str(value)
+    return safe(str(value))  # escaped before the widths are measured
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """Aligned columns under their names (numbers right-aligned), two spaces apart."""
     if not rows:
         return []
-    cols = list(rows[0])
-    cells = [[cell(r[c]) for c in cols] for r in rows]
+    cols = [safe(c) for c in rows[0]]
+    cells = [[cell(r[c]) for c in rows[0]] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    numeric = [all(isinstance(r[c], int | float | decimal.Decimal) or r[c] is None for r in rows) for c in cols]
+    numeric = [all(isinstance(r[c], int | float | decimal.Decimal) or r[c] is None for r in rows) for c in rows[0]]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
     for row in cells:
         lines.append(
@@ -120,7 +193,7 @@ class LiveLines:
     `interval` seconds."""
 
     def __init__(self, stream: Any = None, interval: float = 10.0, *, in_place: bool = True) -> None:
-        self.stream = stream or sys.stdout
+        self.stream = raw(stream or sys.stdout)  # its own cursor moves pass; every line is made safe()
         self.tty = in_place and bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval
         self.shown = 0  # lines drawn in place (tty)
@@ -130,14 +203,14 @@ class LiveLines:
         if self.tty:
             up = f"\x1b[{self.shown}F" if self.shown else ""
             width = self.width()  # a line that wrapped would take two rows: the next draw would go up too few
-            self.stream.write(up + "".join(f"\x1b[2K{line[:width]}\n" for line in lines.values()))
+            self.stream.write(up + "".join(f"\x1b[2K{safe(line)[:width]}\n" for line in lines.values()))
             self.shown = len(lines)
         else:
             for job, line in lines.items():
                 before = self.last.get(job)
                 moved = before is not None and before[0].split("  ")[0] != line.split("  ")[0]  # e.g. queued → running
                 if before is None or moved or (before[0] != line and now - before[1] >= self.interval):
-                    self.stream.write(line + "\n")
+                    self.stream.write(safe(line) + "\n")
                     self.last[job] = (line, now)
         self.stream.flush()
 
@@ -150,10 +223,10 @@ class LiveLines:
     def finish(self, job: int, line: str) -> None:
         """Print a job's final line; on a terminal it takes the place of the job's live line."""
         if self.tty and self.shown:
-            self.stream.write(f"\x1b[{self.shown}F\x1b[2K{line}\n" + ("\n" * (self.shown - 1)))
+            self.stream.write(f"\x1b[{self.shown}F\x1b[2K{safe(line)}\n" + ("\n" * (self.shown - 1)))
             self.shown -= 1
         else:
-            self.stream.write(line + "\n")
+            self.stream.write(safe(line) + "\n")
         self.stream.flush()
 
 

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain", action="store_true", help="run queued jobs, exit 0 when the queue is empty")
     add_setting_flags(s, tuple(f.name for f in fields(Settings) if f.name not in COMMON_SETTINGS))
     s.add_argument(
+        "--allow-superuser",
+        action="store_true",
+        help="serve even as a login that bypasses row-level security (a superuser, BYPASSRLS, a member of "
+        "pgml_owner; or PGML_ALLOW_SUPERUSER=1): a throwaway test database only; refused otherwise, with the SQL "
+        "of a worker login",
+    )
+    s.add_argument(
         "--migrate",
         action="store_true",
         help="apply pending migrations first (needs an administrator's DSN; workers normally run with the "

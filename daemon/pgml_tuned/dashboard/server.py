@@ -8,8 +8,10 @@
   viewer's rights. A payload is never read: any session may NOTIFY any channel. A stream also re-reads every
   `poll_seconds` (PGML_POLL_SECONDS: heartbeats and ETAs move without a notice; a reconnecting listener may
   miss one).
-- Access: it binds 127.0.0.1 by default, and every request needs the random token of the URL it prints (kept in
-  a cookie after the first page): another local user who reaches the port cannot read through the viewer's login.
+- Access: it binds 127.0.0.1 by default, and every read needs the random token of the URL it prints (in its
+  fragment, #token=…: the page's script keeps it in sessionStorage and sends it as a header; the event stream gets a
+  single-use ticket for it): another local user who reaches the port cannot read through the viewer's login, and
+  no cookie hands the token to the other web services of the host (TokenGate).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -230,36 +233,55 @@ def build_app(reader: Reader, wakeups: Wakeups, viewer: str, poll_seconds: float
 
 
 class TokenGate:
-    """Every request must carry the server's token: `?token=` (the URL it prints) or the cookie set from it."""
+    """The page and its static files are open (they hold no data); every /api/ request needs the server's token, in
+    an `Authorization: Bearer` header (the page's script keeps it in sessionStorage: this origin's own, its port
+    included), or, for the event stream (EventSource sends no header), a ticket: single-use, valid TICKET_SECONDS,
+    from POST /api/ticket. Never a cookie: a browser sends a cookie to every service on the host, whatever its port
+    (RFC 6265), so another local web service would receive the token."""
 
-    def __init__(self, app: ASGIApp, token: str, cookie: str) -> None:
-        self.app, self.token, self.cookie = app, token, cookie
+    TICKET_SECONDS = 30.0
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self.token = app, token
+        self.tickets: dict[str, float] = {}  # ticket -> when it expires (time.monotonic())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        in_query = request.query_params.get("token")
-        given = in_query or request.cookies.get(self.cookie) or ""
-        if not secrets.compare_digest(given.encode(), self.token.encode()):
+        ticket = request.query_params.get("ticket") if scope["path"] == "/api/stream" else None
+        if not (self._redeem(ticket) if ticket is not None else self._bearer(request)):
             refused = PlainTextResponse(
-                "this dashboard needs its token: open the URL `pgml-tuned dashboard` printed (…/?token=…)",
+                "this dashboard needs its token: open the URL `pgml-tuned dashboard` printed (…/#token=…)",
                 status_code=403,
             )
             await refused(scope, receive, send)
             return
-        if not in_query:
-            await self.app(scope, receive, send)
+        if scope["path"] == "/api/ticket":
+            answer: Response = (
+                JSONResponse({"ticket": self._issue(), "seconds": self.TICKET_SECONDS})
+                if request.method == "POST"
+                else JSONResponse({"error": "POST /api/ticket"}, status_code=405)
+            )
+            await answer(scope, receive, send)
             return
-        cookie = f"{self.cookie}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+        await self.app(scope, receive, send)
 
-        async def send_with_cookie(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"set-cookie", cookie.encode())]
-            await send(message)
+    def _bearer(self, request: Request) -> bool:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), self.token.encode())
 
-        await self.app(scope, receive, send_with_cookie)
+    def _issue(self) -> str:
+        now = time.monotonic()
+        self.tickets = {t: until for t, until in self.tickets.items() if until > now}
+        ticket = secrets.token_urlsafe(24)
+        self.tickets[ticket] = now + self.TICKET_SECONDS
+        return ticket
+
+    def _redeem(self, ticket: str) -> bool:
+        until = self.tickets.pop(ticket, None)
+        return until is not None and until > time.monotonic()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -286,7 +308,7 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket, token: str) -> str:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/?token={token}"
+    return f"http://{shown}:{port}/#token={token}"  # a fragment: never sent to the server, nor kept in its logs
 
 
 async def serve_dashboard(
@@ -300,10 +322,9 @@ async def serve_dashboard(
 ) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's handlers) — `on_ready(url)` once it accepts connections."""
     token = token or secrets.token_urlsafe(24)
-    port = sock.getsockname()[1]
     wakeups = Wakeups()
     async with db.pool(dsn, "pgml-tuned dashboard", max_size=4, read_only=True) as pool:
-        app = TokenGate(build_app(Reader(pool), wakeups, viewer, poll_seconds), token, f"pgml_dashboard_{port}")
+        app = TokenGate(build_app(Reader(pool), wakeups, viewer, poll_seconds), token)
         config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=1)
         server = _Server(config, lambda: on_ready(url_of(sock, token)), wakeups.close)
         async with anyio.create_task_group() as tg:

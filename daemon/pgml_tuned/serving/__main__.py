@@ -3,8 +3,9 @@
     python -m pgml_tuned.serving      (its settings and the DSN arrive as JSON on stdin)
 
 Its environment is a training child's (worker/process.py child_env: no credential); it opens its own
-connections, logs JSON lines on stderr (the daemon forwards them), dies with the daemon, and on SIGTERM puts the
-requests it is answering back in the queue and exits.
+connections, as its own login (a member of pgml_serving: the inference lane's functions, no table) or, when it has
+none, as the worker's login in role pgml_serving; it logs JSON lines on stderr (the daemon forwards them), dies
+with the daemon, and on SIGTERM puts the requests it is answering back in the queue and exits.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import anyio
 
 from .. import logconfig
 from ..child.__main__ import die_with_parent
-from ..db import Pool
+from ..db import Pool, act_as
 from .server import Server, ServingConfig
 
 
@@ -43,6 +44,8 @@ def main() -> int:
     die_with_parent()
     payload = json.loads(sys.stdin.read())
     logconfig.configure("json", payload.get("log_level", "info"))
+    if payload.get("role"):  # no login of its own: the worker's, as pgml_serving (worker/serving.py)
+        act_as(payload["role"])
     config = ServingConfig(
         dsn=payload["dsn"],
         serving_id=payload["serving_id"],

@@ -326,9 +326,19 @@ def job_env(settings: Settings, devices: str | None) -> dict[str, str]:
     )
 
 
-async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, drain: bool = False) -> Daemon:
+async def serve(
+    settings: Settings,
+    dsn: str,
+    *,
+    child_dsn: str | None = None,
+    serving_dsn: str | None = None,
+    drain: bool = False,
+    allow_superuser: bool = False,
+) -> Daemon:
     """Run the daemon against PostgreSQL at `dsn` until it is stopped (or drained); its children connect with
-    `child_dsn` (else settings.child_dsn, else `dsn`) and run as settings.child_user if that is set."""
+    `child_dsn` (else settings.child_dsn, else `dsn`) and run as settings.child_user if that is set; its serving
+    process with `serving_dsn` (else settings.serving_dsn, else `dsn` as role pgml_serving). A login that bypasses
+    row-level security is refused (pg.LoginRefused) unless `allow_superuser`."""
     user = ChildUser.lookup(settings.child_user) if settings.child_user else None  # not root: refused now
     child_dsn = child_dsn or settings.child_dsn
     if not child_dsn:
@@ -345,10 +355,11 @@ async def serve(settings: Settings, dsn: str, *, child_dsn: str | None = None, d
         log.info("daemon.child_user", user=user.name, uid=user.uid, gid=user.gid)
     spare = Spare(user)  # the next job's child, started ahead of it
     launch = functools.partial(ChildProcess.start, user=user, spare=spare)
-    supervisor = ServingSupervisor(settings, dsn, user) if settings.serving else None
+    serving_dsn = serving_dsn or settings.serving_dsn
+    supervisor = ServingSupervisor(settings, dsn, user, serving_dsn=serving_dsn) if settings.serving else None
     daemon = Daemon(
         settings,
-        PgBackend(settings, dsn),
+        PgBackend(settings, dsn, allow_superuser=allow_superuser),
         launch,
         dsn=child_dsn or dsn,
         drain=drain,

@@ -27,12 +27,39 @@ from .backend import CONTROL_CHANNEL, JOBS_CHANNEL, Notice, RegistryMissing, par
 log = logconfig.get("pgml_tuned.worker.backend")
 
 
+class LoginRefused(Exception):
+    """The worker's login would bypass row-level security: `serve` refuses it (its message says the fix)."""
+
+
+def login_refusal(row: Row) -> str | None:
+    """Why the worker's login (the worker_login row) may not serve: None when it is subject to row-level security."""
+    why = (
+        "a superuser"
+        if row["superuser"]
+        else "a role with BYPASSRLS"
+        if row["bypassrls"]
+        else f"a member of {row['owner']}, the owner of pgml's tables"
+        if row["owns"]
+        else None
+    )
+    if why is None:
+        return None
+    return (
+        f"the worker's login {row['login']} is {why}: row-level security does not apply to it, so this daemon, its "
+        "training children and its serving process would read and write every user's rows. Serve as a login that "
+        "is only in pgml_worker: CREATE ROLE pgml_worker_login LOGIN PASSWORD '...'; "
+        "GRANT pgml_worker TO pgml_worker_login; then PGML_DSN=postgresql://pgml_worker_login@HOST/DB "
+        "(a throwaway test database only: --allow-superuser)"
+    )
+
+
 class PgBackend:
     """The worker's Backend (backend.py) over PostgreSQL."""
 
-    def __init__(self, settings: Settings, dsn: str) -> None:
+    def __init__(self, settings: Settings, dsn: str, *, allow_superuser: bool = False) -> None:
         self.settings = settings
         self.dsn = dsn
+        self.allow_superuser = allow_superuser
         self.worker = settings.worker_id
         # claimer, poller, heartbeat and each settling attempt: a few statements at once at most
         self.pool = Pool(dsn, app=f"pgml-tuned {self.worker}", max_size=3 + settings.concurrency)
@@ -42,13 +69,20 @@ class PgBackend:
     async def prepare(self) -> None:
         # the private keys an administrator put here; a worker never creates or registers one
         await self._load_keyring()
+        login: Row | None = None
         for delay in backoff_delays(first=0.2, cap=10.0):
             try:
-                async with await connect(self.dsn):
+                async with await connect(self.dsn) as conn:
+                    login = await (await conn.execute(q("worker_login"))).fetchone()
                     break
             except RETRYABLE as e:
                 log.warning("daemon.db_unavailable", error=str(e).strip(), retry_in=round(delay, 2))
                 await anyio.sleep(delay)
+        refusal = login_refusal(login) if login is not None else None
+        if refusal is not None and not self.allow_superuser:
+            raise LoginRefused(refusal)
+        if refusal is not None:
+            log.warning("daemon.login_bypasses_rls", login=login["login"] if login else None, note=refusal)
         await self.pool.open()
 
     async def _load_keyring(self) -> None:

@@ -5,7 +5,10 @@ blocks training: it is another process). When it dies, the requests it was answe
 seconds anyway, when the whole worker dies.
 
 Its environment is a training child's (child_env: an allow-list, no credential); the DSN and its settings go
-on its stdin. Its JSON log lines are passed through to the daemon's stderr.
+on its stdin. It connects as a login of its own (settings.serving_dsn: a member of pgml_serving, which may call
+only the inference lane's functions and read no table); without one, as the worker's login in role pgml_serving
+(act_as: the same rights in SQL, but the process holds the worker's credentials, as children without a login of
+their own do). Its JSON log lines are passed through to the daemon's stderr.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ STABLE_SECONDS = 30.0  # a process that ran this long restarts at once; one that
 
 
 class ServingSupervisor:
-    def __init__(self, settings: Settings, dsn: str, user: ChildUser | None = None) -> None:
+    ROLE = "pgml_serving"
+
+    def __init__(
+        self, settings: Settings, dsn: str, user: ChildUser | None = None, *, serving_dsn: str | None = None
+    ) -> None:
         self.settings = settings
-        self.dsn = dsn
+        self.dsn = dsn  # the worker's: releasing a dead serving process's requests
+        self.serving_dsn = serving_dsn  # the serving process's own login (direct), if it has one
         self.user = user  # the training children's system user, when the daemon runs them as one: this one too
         self.starts = 0
         self.pid: int | None = None  # of the running serving process (tests and operators)
@@ -41,7 +49,7 @@ class ServingSupervisor:
         """Forever: run the serving process; when it exits, release its requests and start another. Not at all
         behind a transaction pooler without a direct DSN: its lane's session advisory locks would stay behind on
         the pooler's server connections (the daemon has connected by now: db.pooled knows)."""
-        if not self.settings.listen_dsn and pooled(self.dsn):
+        if not self.settings.listen_dsn and not self.serving_dsn and pooled(self.dsn):
             log.error(
                 "serving.needs_direct_dsn",
                 note="the DSN goes through a transaction pooler, which cannot keep the serving lane's session advisory "
@@ -82,9 +90,13 @@ class ServingSupervisor:
             model_dirs=self.settings.model_dir_list,
             state_dirs=self.settings.state_dirs,
         )
+        own = self.serving_dsn is not None
         payload = {
-            "dsn": self.dsn,
-            "listen_dsn": self.settings.listen_dsn,
+            # its own login, a direct connection; else the worker's, direct too (PGML_LISTEN_DSN behind a pooler):
+            # the startup option that sets its role does not pass a transaction pooler
+            "dsn": self.serving_dsn if own else self.settings.listen_dsn or self.dsn,
+            "role": None if own else self.ROLE,
+            "listen_dsn": None if own else self.settings.listen_dsn,
             "serving_id": serving_id,
             "cache_dir": str(work / "models"),
             "model_cache_mb": self.settings.model_cache_mb,

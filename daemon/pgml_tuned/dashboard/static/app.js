@@ -60,8 +60,21 @@ function keyMetric(metrics) {
   return "–";
 }
 
-async function getJSON(url) {
-  const r = await fetch(url, { credentials: "same-origin" });
+// The access token: in the URL's fragment (#token=…, never sent to a server), kept in this origin's sessionStorage
+// (its port included) and sent as a header; never a cookie, which every service on the host would receive.
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.hash.slice(1)).get("token")
+    || new URLSearchParams(location.search).get("token");
+  if (given) {
+    sessionStorage.setItem("pgml_tuned_token", given);
+    history.replaceState(null, "", location.pathname);  // out of the address bar and the history
+  }
+  return sessionStorage.getItem("pgml_tuned_token") || "";
+})();
+const AUTH = { Authorization: `Bearer ${TOKEN}` };
+
+async function getJSON(url, options) {
+  const r = await fetch(url, { credentials: "omit", ...options, headers: AUTH });
   const body = await r.json();
   if (!r.ok) throw new Error(body.error || r.statusText);
   return body;
@@ -207,15 +220,33 @@ function show(slot, modelId) {
   loadDetails(slot);
 }
 
-function openStream() {
-  if (state.stream) state.stream.close();
+// EventSource sends no header: each connection of the stream gets a single-use ticket (POST /api/ticket), and a
+// dropped one opens again with a new ticket
+let streamGeneration = 0;
+
+async function openStream() {
+  const generation = ++streamGeneration;
+  if (state.stream) { state.stream.close(); state.stream = null; }
+  const live = document.getElementById("live");
+  let ticket;
+  try {
+    ticket = (await getJSON("/api/ticket", { method: "POST" })).ticket;
+  } catch (e) {
+    live.textContent = "reconnecting…"; live.classList.add("off");
+    setTimeout(() => { if (generation === streamGeneration) openStream(); }, 2000);
+    return;
+  }
+  if (generation !== streamGeneration) return;  // another one was asked for meanwhile
   const models = [...new Set([state.panels.a, state.panels.b].filter((m) => m !== null))];
   for (const m of models) state.curves.delete(m);  // the stream sends every row again
-  const live = document.getElementById("live");
-  const es = new EventSource(`/api/stream?models=${models.join(",")}`);
+  const es = new EventSource(`/api/stream?models=${models.join(",")}&ticket=${encodeURIComponent(ticket)}`);
   state.stream = es;
   es.onopen = () => { live.textContent = "live"; live.classList.remove("off"); };
-  es.onerror = () => { live.textContent = "reconnecting…"; live.classList.add("off"); };
+  es.onerror = () => {
+    live.textContent = "reconnecting…"; live.classList.add("off");
+    es.close();  // its own retry would present the spent ticket again
+    setTimeout(() => { if (generation === streamGeneration) openStream(); }, 2000);
+  };
   es.addEventListener("jobs", (e) => {
     state.jobs = JSON.parse(e.data);
     if (!state.chosen) {
