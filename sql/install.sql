@@ -165,6 +165,11 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \if :pgml_pending
 \ir migrations/0031_cheaper_job_end.sql
 \endif
+\set pgml_version 0034_rendezvous_staging
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0034_rendezvous_staging.sql
+\endif
 \ir functions/10_security.sql
 \ir functions/20_secrets.sql
 \ir functions/30_loopback.sql
