@@ -29,14 +29,17 @@ GLOO_KEYS = ["default_pg/0//cpu//0/0", "default_pg/0//cpu//0/1", "0//cpu//0/0", 
 
 
 def non_loopback_address() -> str | None:
-    """An IPv4 address of this machine that is not loopback (the one a route out would use), or None."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.255", 9))  # no packet is sent: this only picks the source address
+    """An IPv4 address of this machine that is not loopback (the source address of a route out), or None."""
+    for target in ("198.51.100.1", "10.255.255.255", "8.8.8.8"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 9))  # no packet is sent: this only picks the source address
+            except OSError:
+                continue
             address = str(s.getsockname()[0])
-        except OSError:
-            return None
-    return None if ipaddress.ip_address(address).is_loopback else address
+        if not ipaddress.ip_address(address).is_loopback and address != "0.0.0.0":
+            return address
+    return None
 
 
 def free_port() -> int:
