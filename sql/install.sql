@@ -170,6 +170,11 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \if :pgml_pending
 \ir migrations/0033_fair_lanes.sql
 \endif
+\set pgml_version 0034_rendezvous_staging
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0034_rendezvous_staging.sql
+\endif
 \set pgml_version 0035_serving_role
 \ir pending.psql
 \if :pgml_pending

@@ -42,12 +42,17 @@ RETURNING j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, 
 
 -- name: gang_open
 -- The leader of a job across several workers (resources.nodes, 0027_gangs) records where its rank 0 hosts the
--- rendezvous and opens the gang; the NOTIFY only wakes idle workers (they read the rows).
+-- rendezvous, and the attempt's rendezvous secret where only the workers read it (pgml.gang_secrets, 0034), and
+-- opens the gang; the NOTIFY only wakes idle workers (they read the rows).
 WITH opened AS (
     UPDATE pgml.jobs
     SET rendezvous = %(rendezvous)s, gang_needed = %(nodes)s - 1, updated_at = clock_timestamp()
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
-    RETURNING id
+    RETURNING id, attempt
+), secret AS (
+    INSERT INTO pgml.gang_secrets (job_id, attempt, secret)
+    SELECT id, attempt, %(secret)s FROM opened
+    ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, secret = EXCLUDED.secret
 )
 SELECT id, pg_notify('pgml_jobs', '{"type": "gang_forming"}') IS NOT NULL AS notified
 FROM opened;
@@ -79,6 +84,8 @@ WITH found AS (
 SELECT j.id, j.attempt, j.project_id, j.model_id, j.task, j.relation_schema, j.relation_table,
        j.model_name, j.test_size, j.test_sampling, j.hyperparams, j.secrets, j.credential, j.submitted_by,
        j.snapshot_columns, j.rendezvous, m.node, j.gang_needed AS gang_needed_after,
+       (SELECT s.secret FROM pgml.gang_secrets s WHERE s.job_id = j.id AND s.attempt = j.attempt)
+           AS rendezvous_secret,
        (SELECT name FROM pgml.projects p WHERE p.id = j.project_id) AS project_name,
        (SELECT h.error FROM pgml._hub_refusal(j.model_name, j.submitted_by, j.task) h) AS hub_refusal
 FROM joined j JOIN member m ON m.job_id = j.id;
@@ -104,6 +111,8 @@ WITH back AS (
     RETURNING id, attempt
 ), gone AS (
     DELETE FROM pgml.gang_members m USING back WHERE m.job_id = back.id AND m.attempt = back.attempt
+), secret AS (
+    DELETE FROM pgml.gang_secrets s USING back WHERE s.job_id = back.id
 )
 SELECT id FROM back;
 
@@ -419,3 +428,8 @@ SELECT pgml._child_predictions_begin(%(id)s, %(ticket)s, %(restart)s) AS output;
 -- name: listen_probe
 -- listening.listen(): a NOTIFY on a private channel, from another connection, that the listening one must see
 SELECT pg_catalog.pg_notify(%(channel)s, '');
+
+-- name: job_tables_sweep
+-- The background pass over the job tables and staging tables that were in use when their job ended (a user's lock):
+-- each dropped only if it is free at once (pgml._job_tables_sweep). Returns how many it dropped.
+SELECT pgml._job_tables_sweep() AS dropped;

@@ -49,7 +49,7 @@ transition it returns (worker/attempt.py). Nothing in this module does I/O.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -132,6 +132,8 @@ class Claim:
     queued_seconds: float | None = None  # from its submission to this claim (the pickup latency of a first attempt)
     node: int = 0  # in a job across several workers (resources.nodes): this worker's node; 0 is the leader
     rendezvous: str | None = None  # and the leader's host:port, where the ranks meet (worker/gang.py)
+    # and the attempt's rendezvous secret (child/rendezvous.py), read by a member from pgml.gang_secrets
+    rendezvous_secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -142,7 +144,8 @@ class Claim:
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)
-            if f.name not in ("secrets", "credential", "hub_refusal", "queued_seconds", "node", "rendezvous")
+            if f.name
+            not in ("secrets", "credential", "hub_refusal", "queued_seconds", "node", "rendezvous", "rendezvous_secret")
         }
 
 

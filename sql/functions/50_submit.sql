@@ -429,37 +429,84 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 'job_' || job_id::text $$;
 
--- Drops the tables of these jobs (their end, or their deletion) and of any other job that has ended or is gone,
--- unless an ended job keeps its snapshot (tune(materialize_snapshot => true); only its deletion drops that one).
--- A table someone is reading right now (a submitter's open transaction holds a lock on it) is left for a later
--- call: the worker's commit of a job's end never waits on a user's lock.
+-- Drops one table if nobody holds a lock on it, at once; false when it is in use (left to a later pass). Any login
+-- can hold a lock on a table it sees in pg_class, its own job tables and others' (a reader's open transaction, or
+-- pg_relation_size(oid) in one): a drop that waited would let it stall whoever drops (a job's end, pgml.cancel).
+-- NOWAIT for the table itself; the tiny lock_timeout bounds the wait for what the drop also locks (its TOAST
+-- table, its identity sequence), which such a session can hold as well.
+CREATE OR REPLACE FUNCTION pgml._drop_unlocked(schema_name text, table_name text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '10ms'
+AS $$
+BEGIN
+    EXECUTE pg_catalog.format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE NOWAIT', schema_name, table_name);
+    EXECUTE pg_catalog.format('DROP TABLE %I.%I', schema_name, table_name);
+    RETURN true;
+EXCEPTION
+    WHEN lock_not_available THEN
+        RETURN false;
+    WHEN undefined_table THEN
+        RETURN true;  -- dropped meanwhile
+END $$;
+
+-- Drops the tables of these jobs (their end, or their deletion), unless an ended job keeps its snapshot
+-- (tune(materialize_snapshot => true); only its deletion drops that one). A table someone holds a lock on (a
+-- submitter reading it in an open transaction, or holding it on purpose) is left as it is, at once: the worker's
+-- commit of a job's end and pgml.cancel never wait on a user's lock. pgml._job_tables_sweep (the workers' periodic
+-- pass, and pgml.gc) drops it once it is free, with any other table left behind.
 CREATE OR REPLACE FUNCTION pgml._job_tables_drop(job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_name text;
-    v_timeout text := pg_catalog.current_setting('lock_timeout');
 BEGIN
-    PERFORM pg_catalog.set_config('lock_timeout', '50ms', true);
     FOR v_name IN
-        SELECT c.relname FROM pg_catalog.pg_class c
+        SELECT c.relname FROM pg_catalog.unnest(job_ids) AS i (id)
+        JOIN pg_catalog.pg_class c ON c.relname = pgml._job_table(i.id)
+                                  AND c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
+        LEFT JOIN pgml.jobs j ON j.id = i.id
+        WHERE j.id IS NULL OR j.status IN ('succeeded', 'failed', 'cancelled')
+    LOOP
+        PERFORM pgml._drop_unlocked('pgml_rows', v_name);
+    END LOOP;
+END $$;
+
+-- The background pass over what job ends and cancels left behind (a table that was in use then): the tables of
+-- ended jobs that nothing keeps, of jobs that are gone, and load_dataset's staging tables of attempts that no longer
+-- run. Each one is dropped only if it is free at once (pgml._drop_unlocked); the rest waits for the next pass. Run
+-- by every worker about every 10 s (pgml_tuned/worker/daemon.py) and by pgml.gc. Returns the tables dropped.
+CREATE OR REPLACE FUNCTION pgml._job_tables_sweep() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    v_dropped integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'pgml_rows' AS nsp, c.relname::text AS relname FROM pg_catalog.pg_class c
         LEFT JOIN pgml.jobs j ON j.id = CASE WHEN c.relname ~ '^job_[0-9]{1,18}$'
                                              THEN pg_catalog.substr(c.relname::text, 5)::bigint END
-        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
-          AND (c.relname = ANY (SELECT pgml._job_table(i) FROM pg_catalog.unnest(job_ids) AS i)
-               OR j.id IS NULL
-               OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
-          AND NOT (j.id IS NOT NULL AND j.status NOT IN ('succeeded', 'failed', 'cancelled'))
-          AND NOT (j.id IS NOT NULL AND j.keep_snapshot AND j.id <> ALL (job_ids))
+        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^job_[0-9]{1,18}$'
+          AND (j.id IS NULL OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
+        UNION ALL
+        SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL pg_catalog.regexp_match(c.relname::text,
+            '^(?:load|_dataset_load)_([0-9]{1,18})_([0-9]{1,9})(?:_[0-9a-f]{16})?$') AS m (part)
+        LEFT JOIN pgml.jobs j ON j.id = m.part[1]::bigint
+        WHERE c.relkind = 'r'
+          AND ((n.nspname = 'pgml_staging' AND c.relname ~ '^load_')
+               OR (n.nspname = 'pgml' AND c.relname ~ '^_dataset_load_[0-9]+_[0-9]+$'))  -- made before 0034
+          AND (j.id IS NULL OR j.status <> 'running' OR j.attempt <> m.part[2]::integer)
     LOOP
-        BEGIN
-            EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', v_name);
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;  -- in use: the next job's end (or pgml-tuned gc) drops it
-        END;
+        IF pgml._drop_unlocked(r.nsp, r.relname) THEN
+            v_dropped := v_dropped + 1;
+        END IF;
     END LOOP;
-    PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+    RETURN v_dropped;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgml._job_table_ended() RETURNS trigger

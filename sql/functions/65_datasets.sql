@@ -16,11 +16,44 @@ AS $$
                  'columns']
 $$;
 
--- The staging table of one attempt of a load job (its name never collides with a dataset's: see below).
+-- The staging table of one attempt of a load job, in schema pgml_staging (0034: only pgml_owner creates names
+-- there, nobody else may use it), as pgml._dataset_begin named it: load_<job>_<attempt>_<16 random hex digits>, a
+-- name nobody can know before it exists. NULL when the attempt has none.
 CREATE OR REPLACE FUNCTION pgml._dataset_staging(job_id bigint, attempt integer) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT format('_dataset_load_%s_%s', job_id, attempt) $$;
+AS $$
+    SELECT c.relname::text FROM pg_catalog.pg_class c
+    WHERE c.relnamespace = 'pgml_staging'::regnamespace AND c.relkind = 'r'
+      AND c.relname ~ pg_catalog.format('^load_%s_%s_[0-9a-f]{16}$', job_id, attempt)
+    ORDER BY c.oid DESC LIMIT 1
+$$;
+
+-- Moves a load's staging table in as pgml.<name> (no relation of that name exists now): renamed when nobody holds a
+-- lock on it, at once; otherwise its rows are copied into a new table and the staging table is left to the sweep
+-- (pgml._job_tables_sweep). Any login can hold a lock on a table it sees in pg_class (pg_relation_size(oid) in an
+-- open transaction): the load must not wait for it.
+CREATE OR REPLACE FUNCTION pgml._dataset_move_in(staging text, name text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    BEGIN
+        PERFORM pg_catalog.set_config('lock_timeout', '10ms', true);  -- what the move also locks (its TOAST table)
+        EXECUTE format('LOCK TABLE pgml_staging.%I IN ACCESS EXCLUSIVE MODE NOWAIT', staging);
+        EXECUTE format('ALTER TABLE pgml_staging.%I RENAME TO %I', staging, name);
+        EXECUTE format('ALTER TABLE pgml_staging.%I SET SCHEMA pgml', name);
+        PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+        RETURN;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- (the subtransaction's lock_timeout is undone with it)
+    END;
+    EXECUTE format('CREATE TABLE pgml.%I (LIKE pgml_staging.%I)', name, staging);
+    EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml_staging.%I', name, staging);
+    PERFORM pgml._drop_unlocked('pgml_staging', staging);
+END $$;
 
 -- The job's row if `attempt` owns it now (the worker's fence), locked against a concurrent settle.
 CREATE OR REPLACE FUNCTION pgml._dataset_job(job_id bigint, ticket text) RETURNS pgml.jobs
@@ -37,25 +70,23 @@ BEGIN
     RETURN v_job;
 END $$;
 
--- Drops the staging tables of a job's attempts (all of them, or all but `keep`). A table another session still
--- holds is left for the next load's sweep rather than blocking the caller (a settle, a claim).
+-- Drops the staging tables of a job's attempts (all of them, or all but `keep`), each only if nobody holds a lock
+-- on it at once (pgml._drop_unlocked): a table in use is left to the sweep (pgml._job_tables_sweep), never waited for
+-- by the caller (a settle, a claim, a cancel).
 CREATE OR REPLACE FUNCTION pgml._dataset_drop_staging(job_id bigint, keep text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET lock_timeout = '2s'
 AS $$
 DECLARE
-    v_table text;
+    r record;
 BEGIN
-    FOR v_table IN SELECT c.relname FROM pg_class c
-                   WHERE c.relnamespace = 'pgml'::regnamespace AND c.relkind = 'r'
-                     AND c.relname LIKE format('\_dataset\_load\_%s\_%%', job_id)
-                     AND c.relname IS DISTINCT FROM keep LOOP
-        BEGIN
-            EXECUTE format('DROP TABLE IF EXISTS pgml.%I', v_table);
-        EXCEPTION WHEN lock_not_available THEN
-            RAISE WARNING 'pgml.%: staging table of job % still in use; the next load drops it', v_table, job_id;
-        END;
+    FOR r IN SELECT n.nspname::text AS nsp, c.relname::text AS relname FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r'
+               AND ((n.nspname = 'pgml_staging' AND c.relname ~ format('^load_%s_[0-9]+_[0-9a-f]{16}$', job_id))
+                    OR (n.nspname = 'pgml' AND c.relname ~ format('^_dataset_load_%s_[0-9]+$', job_id)))
+               AND c.relname IS DISTINCT FROM keep LOOP
+        PERFORM pgml._drop_unlocked(r.nsp, r.relname);
     END LOOP;
 END $$;
 
@@ -379,9 +410,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_job     pgml.jobs := pgml._dataset_job(job_id, ticket);
-    v_staging text := pgml._dataset_staging(job_id, v_job.attempt);
+    v_staging text := pg_catalog.format('load_%s_%s_%s', job_id, v_job.attempt,
+                                        pg_catalog.left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 16));
     v_cols    text;
-    v_old     bigint;
 BEGIN
     PERFORM pgml._dataset_check_target(v_job.hyperparams ->> 'source', v_job.submitted_by::name);
     IF coalesce(cardinality(names), 0) = 0 OR cardinality(names) <> cardinality(types) OR cardinality(names) > 1600
@@ -409,21 +440,14 @@ BEGIN
             HINT = 'a worker bug',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- this job's earlier attempts, and any other job's left behind (a settle that could not take its lock)
+    -- this job's earlier attempts (what other jobs left is the sweep's: pgml._job_tables_sweep)
     PERFORM pgml._dataset_drop_staging(job_id);
-    FOR v_old IN SELECT DISTINCT (regexp_match(c.relname, '^_dataset_load_(\d+)_\d+$'))[1]::bigint
-                 FROM pg_class c
-                 WHERE c.relnamespace = 'pgml'::regnamespace AND c.relname ~ '^_dataset_load_\d+_\d+$' LOOP
-        IF NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = v_old AND j.status = 'running') THEN
-            PERFORM pgml._dataset_drop_staging(v_old);
-        END IF;
-    END LOOP;
     SELECT string_agg(format('%I %s', n, t), ', ' ORDER BY i) INTO v_cols
     FROM unnest(names, types) WITH ORDINALITY AS c (n, t, i);
-    EXECUTE format('CREATE TABLE pgml.%I (%s)', v_staging, v_cols);
-    EXECUTE format('REVOKE ALL ON pgml.%I FROM PUBLIC', v_staging);
-    EXECUTE format('GRANT INSERT ON pgml.%I TO %I', v_staging, session_user);
-    RETURN v_staging;
+    EXECUTE format('CREATE TABLE pgml_staging.%I (%s)', v_staging, v_cols);
+    EXECUTE format('REVOKE ALL ON pgml_staging.%I FROM PUBLIC', v_staging);
+    EXECUTE format('GRANT INSERT ON pgml_staging.%I TO %I', v_staging, session_user);
+    RETURN format('pgml_staging.%I', v_staging);
 END $$;
 
 -- pgml._dataset_commit: as in 0012, each pgml._fail a RAISE
@@ -442,13 +466,13 @@ DECLARE
     v_deps     text;
     v_previous name;
 BEGIN
-    IF to_regclass(format('pgml.%I', v_staging)) IS NULL THEN
+    IF v_staging IS NULL THEN
         RAISE EXCEPTION USING MESSAGE = format('job %s attempt %s has no staging table', job_id, v_job.attempt),
             HINT = 'a worker bug',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    EXECUTE format('REVOKE ALL ON pgml.%I FROM %I', v_staging, session_user);
-    EXECUTE format('SELECT count(*) FROM pgml.%I', v_staging) INTO v_count;
+    EXECUTE format('REVOKE ALL ON pgml_staging.%I FROM %I', v_staging, session_user);
+    EXECUTE format('SELECT count(*) FROM pgml_staging.%I', v_staging) INTO v_count;
     IF v_count <> rows THEN
         RAISE EXCEPTION USING MESSAGE = format('the worker wrote %s rows but the staging table holds %s', rows, v_count),
             HINT = 'a worker bug',
@@ -456,7 +480,7 @@ BEGIN
     END IF;
     SELECT jsonb_agg(jsonb_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod))
                      ORDER BY a.attnum) INTO v_columns
-    FROM pg_attribute a WHERE a.attrelid = format('pgml.%I', v_staging)::regclass AND a.attnum > 0
+    FROM pg_attribute a WHERE a.attrelid = format('pgml_staging.%I', v_staging)::regclass AND a.attnum > 0
                           AND NOT a.attisdropped;
 
     PERFORM pgml._dataset_check_target(v_name, v_job.submitted_by::name);
@@ -477,11 +501,11 @@ BEGIN
         END IF;
         IF v_deps IS NULL THEN
             EXECUTE format('DROP TABLE pgml.%I', v_name);
-            EXECUTE format('ALTER TABLE pgml.%I RENAME TO %I', v_staging, v_name);
+            PERFORM pgml._dataset_move_in(v_staging, v_name);
         ELSIF v_old_cols = v_columns THEN
             EXECUTE format('TRUNCATE pgml.%I', v_name);
-            EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml.%I', v_name, v_staging);
-            EXECUTE format('DROP TABLE pgml.%I', v_staging);
+            EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml_staging.%I', v_name, v_staging);
+            PERFORM pgml._drop_unlocked('pgml_staging', v_staging);
         ELSE
             RAISE EXCEPTION USING MESSAGE = format('pgml.%I has dependent objects (%s) and the new load''s columns %s differ from '
                                       'its columns %s', v_name, v_deps, v_columns, v_old_cols),
@@ -489,7 +513,7 @@ BEGIN
                 ERRCODE = 'dependent_objects_still_exist';
         END IF;
     ELSE
-        EXECUTE format('ALTER TABLE pgml.%I RENAME TO %I', v_staging, v_name);
+        PERFORM pgml._dataset_move_in(v_staging, v_name);
     END IF;
     EXECUTE format('GRANT SELECT ON pgml.%I TO %I', v_name, v_job.submitted_by);
 

@@ -161,13 +161,8 @@ BEGIN
         note := CASE WHEN r.job IS NULL THEN pg_catalog.format('pgml_rows.%I: its job is gone', r.relname)
                      WHEN r.kept THEN pg_catalog.format('pgml_rows.%I: kept by materialize_snapshot', r.relname)
                      ELSE pg_catalog.format('pgml_rows.%I: left by an ended job', r.relname) END;
-        IF apply THEN
-            BEGIN
-                PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
-                EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', r.relname);
-            EXCEPTION WHEN lock_not_available THEN
-                note := note || ' (in use: not dropped; run gc again)';
-            END;
+        IF apply AND NOT pgml._drop_unlocked('pgml_rows', r.relname) THEN  -- never waits on a user's lock
+            note := note || ' (in use: not dropped; the workers'' sweep drops it once it is free)';
         END IF;
         RETURN NEXT;
     END LOOP;

@@ -16,7 +16,7 @@ ALTER DEFAULT PRIVILEGES FOR ROLE pgml_owner IN SCHEMA pgml REVOKE EXECUTE ON FU
 REVOKE ALL ON
     pgml.checkpoint_files, pgml.checkpoints, pgml.checkpoints_id_seq, pgml.credential_grants,
     pgml.credentials, pgml.datasets, pgml.deployments, pgml.deployments_id_seq,
-    pgml.file_parts, pgml.files, pgml.files_id_seq, pgml.gang_members,
+    pgml.file_parts, pgml.files, pgml.files_id_seq, pgml.gang_members, pgml.gang_secrets,
     pgml.hub_allowlist, pgml.job_events, pgml.job_events_id_seq, pgml.job_rows,
     pgml.job_status, pgml.jobs, pgml.jobs_id_seq, pgml.logs,
     pgml.logs_id_seq, pgml.loopback_login, pgml.models, pgml.models_id_seq,
@@ -41,6 +41,9 @@ BEGIN
     END IF;
 END $$;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_user, pgml_admin;
+-- load_dataset's staging tables (0034): a child COPYs into its own (granted INSERT on it alone); nobody else
+REVOKE ALL ON SCHEMA pgml_staging FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback;
+GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ---- pgml_user ----
 GRANT INSERT, SELECT ON pgml.tune_requests TO pgml_user;
@@ -89,6 +92,7 @@ TO pgml_user;
 
 -- ---- pgml_worker ----
 GRANT DELETE, INSERT, SELECT, UPDATE ON pgml.gang_members TO pgml_worker;
+GRANT DELETE, INSERT, SELECT, UPDATE ON pgml.gang_secrets TO pgml_worker;  -- the workers' alone (0034)
 GRANT SELECT ON pgml.deployments, pgml.hub_allowlist, pgml.job_events, pgml.job_status, pgml.logs, pgml.models,
     pgml.projects, pgml.queue_summary, pgml.superseded_logs, pgml.tasks, pgml.worker_status TO pgml_worker;
 GRANT SELECT, UPDATE ON pgml.jobs TO pgml_worker;
@@ -98,6 +102,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._async_commit(),
     pgml._hub_refusal(text,name,text),
     pgml._job_resources(jsonb),
+    pgml._job_tables_sweep(),
     pgml._model_ref(bigint,text,name),
     pgml._request_chunk(bigint,text,integer,text[]),
     pgml._request_finish(bigint,text,jsonb,jsonb,text),

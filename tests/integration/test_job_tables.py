@@ -65,7 +65,9 @@ def test_the_table_goes_with_the_job_and_never_makes_its_end_wait(
         reader.execute("COMMIT")
     third = tune(conn)["job_id"]
     assert conn.execute("SELECT pgml.cancel(%s) AS s", (third,)).fetchone() == {"s": "cancelled"}
-    assert tables(su) == [f"job_{kept}"]  # the next end swept the one left behind
+    assert tables(su) == [f"job_{first}", f"job_{kept}"]  # a job's end drops its own table, nothing more
+    assert su.execute("SELECT pgml._job_tables_sweep() AS n").fetchone() == {"n": 1}  # the workers' pass does
+    assert tables(su) == [f"job_{kept}"]
     su.execute("DELETE FROM pgml.jobs WHERE id = %s", (kept,))
     assert tables(su) == []
 

@@ -103,11 +103,14 @@ class MemoryBackend:
             secrets=None,
         )
 
+    async def sweep_tables(self) -> int:
+        return 0  # no tables in memory
+
     async def release_orphans(self, running: list[int]) -> list[int]:
         return []
 
     # a lone in-memory worker: a gang it leads never forms (nobody joins), and it joins none
-    async def gang_open(self, claim: Claim, rendezvous: str, nodes: int) -> bool:
+    async def gang_open(self, claim: Claim, rendezvous: str, secret: str, nodes: int) -> bool:
         job = self.jobs[claim.id]
         job.gang_needed = nodes - 1 if self._owned(claim.id, claim.attempt) else 0
         return self._owned(claim.id, claim.attempt)

@@ -152,11 +152,11 @@ class JobContext:
             self.store.succeed(model_dir, metrics, base_model)
 
     def staging_table(self, columns: list[tuple[str, str]]) -> str:
-        """load_dataset: this attempt's empty staging table of `columns` ((name, PostgreSQL type)), in pgml."""
+        """load_dataset: this attempt's empty staging table of `columns` ((name, PostgreSQL type)), as schema.name."""
         return self.store.begin_dataset([n for n, _ in columns], [t for _, t in columns])
 
     def copy_rows(self, table: str, names: list[str], chunks: Callable[[], Iterable[tuple[bytes, int]]]) -> int:
-        """COPY the CSV chunks() — (bytes, rows) — into pgml.<table>, one statement; chunks() is called again
+        """COPY the CSV chunks() — (bytes, rows) — into that table, one statement; chunks() is called again
         from the start if the database connection is lost. Returns the rows copied."""
         return self.store.copy_csv(table, names, chunks)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..states import ExitCode, requested_nodes
+from . import rendezvous
 from .events import Events
 
 MAX_RANKS = 64  # as pgml._check_resources
@@ -128,27 +129,37 @@ def join(payload: dict[str, Any]) -> Rank:
     timeout = dt.timedelta(seconds=int(training_args.get("ddp_timeout") or 1800))
     # NCCL for the GPUs' tensors, gloo beside it for CPU tensors (FSDP's full state dict gathers on the CPU)
     backend = "cuda:nccl,cpu:gloo" if gpu else "gloo"
-    if not place.get("rendezvous_seconds"):
-        dist.init_process_group(backend, rank=me.rank, world_size=me.world_size, timeout=timeout)
-        return me
-    # a gang (several hosts): rank 0 hosts the store at the leader's rendezvous address; every rank waits at most
-    # rendezvous_seconds for all the others (a host whose ranks never come fails the job, not after ddp_timeout)
+    # rank 0 hosts the store at MASTER_ADDR:MASTER_PORT — 127.0.0.1 on one host, the leader's rendezvous address in a
+    # gang — bound to that address alone; every rank proves the job's secret there before the group forms
+    # (rendezvous.py). A gang's ranks wait at most rendezvous_seconds for all the others (a host whose ranks never
+    # come fails the job, not after ddp_timeout).
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    wait = float(place["rendezvous_seconds"])
+    wait = float(place.get("rendezvous_seconds") or timeout.total_seconds())
     try:
-        store = dist.TCPStore(
-            host, port, me.world_size, me.main, timeout=dt.timedelta(seconds=wait), wait_for_workers=True
-        )
+        raw, sock = rendezvous.open_store(host, port, me.main, wait)
+        store = rendezvous.handshake(raw, str(place["secret"]), me.rank, me.world_size)
+    except rendezvous.HandshakeError as e:
+        raise RendezvousError(f"the rendezvous at {host}:{port} was refused: {e}") from None
     except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'timed out'}"
+        if place.get("rendezvous_seconds"):
+            what = f"the job's {place.get('nodes')} hosts"
+            cause = (
+                "a host of the gang did not start its ranks (its worker stopped or was killed), or this host cannot "
+                "reach the leader's address (set gang_address on the workers)"
+            )
+        else:
+            what, cause = "the job's ranks", "a rank did not start, or another process took the port first"
         raise RendezvousError(
-            f"the rendezvous of the job's {place.get('nodes')} hosts at {host}:{port} did not complete in "
-            f"{wait:.0f} s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'timed out'}): "
-            "a host of the gang did not start its ranks (its worker stopped or was killed), or this host cannot "
-            "reach the leader's address (set gang_address on the workers)"
+            f"the rendezvous of {what} at {host}:{port} did not complete in {wait:.0f} s ({why}): {cause}"
         ) from None
-    store.set_timeout(timeout)
+    _KEEP.append((raw, sock))  # rank 0's socket lives as long as its store: the whole process
+    raw.set_timeout(timeout)
     dist.init_process_group(backend, store=store, rank=me.rank, world_size=me.world_size, timeout=timeout)
     return me
+
+
+_KEEP: list[Any] = []  # the store's socket (rank 0) and the raw store, for the process's lifetime
 
 
 class RendezvousError(Exception):
@@ -195,9 +206,9 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
     shared = Path(tempfile.mkdtemp(prefix=f"job{spec['id']}-a{spec['attempt']}-ranks-", dir=workdir))
     if gang:
         addr, _, port_text = str(gang["rendezvous"]).rpartition(":")
-        port = int(port_text)
+        port, secret = int(port_text), str(gang["secret"])  # the leader worker's, the same on every host
     else:
-        addr, port = "127.0.0.1", free_port()
+        addr, port, secret = "127.0.0.1", free_port(), rendezvous.new_secret()
     procs: list[_Proc] = []
     stopping = False
 
@@ -215,6 +226,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
     if gang:
         what = f"{local} of {n} ranks on node {node} of {requested_nodes(hyperparams)} (rendezvous {addr}:{port})"
     events.info(f"starting {what}", world_size=n, backend="gloo" if on_cpu(hyperparams) else "nccl/gloo")
+    loopback = rendezvous.loopback_interface()
     try:
         for lr in range(local):
             r = node * local + lr
@@ -229,6 +241,9 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
                 "MASTER_ADDR": addr,
                 "MASTER_PORT": str(port),
             }
+            if not gang:  # one host: the ranks' own connections (gloo's, NCCL's bootstrap) stay on loopback too
+                env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+                env.setdefault("NCCL_SOCKET_IFNAME", loopback)
             if on_cpu(hyperparams):
                 env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks: no rank grabs a GPU
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local)))
@@ -247,6 +262,7 @@ def launch(payload: dict[str, Any], events: Events, workdir: Path) -> int:
                 "cpu": on_cpu(hyperparams),
                 "local_rank": lr,
                 "node": node,
+                "secret": secret,  # on stdin only (rendezvous.py)
             }
             if gang:
                 place.update(rendezvous_seconds=float(gang["rendezvous_seconds"]), nodes=requested_nodes(hyperparams))

@@ -245,7 +245,8 @@ class JobStore:
 
     # ---- a loaded dataset (task load_dataset) ----
     def begin_dataset(self, names: list[str], types: list[str]) -> str:
-        """The staging table (in schema pgml) this attempt loads its rows into."""
+        """The staging table this attempt loads its rows into: schema.name (pgml_staging since 0034), or a name in
+        schema pgml."""
         with refusals_as_job_errors():
             return self.with_retry(
                 "creating the staging table", lambda c: writes.begin_dataset(c, self.job_id, self.ticket, names, types)
@@ -255,8 +256,9 @@ class JobStore:
         """COPY chunks() — (CSV bytes, rows) — into pgml.<table> as one statement over a connection of its own
         (log rows keep flowing on this one meanwhile); a retry after a lost connection starts over, from a table
         the failed statement left empty. Returns the rows copied."""
+        schema, _, name = table.rpartition(".")
         stmt = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-            sql.Identifier("pgml", table), sql.SQL(", ").join(map(sql.Identifier, names))
+            sql.Identifier(schema or "pgml", name), sql.SQL(", ").join(map(sql.Identifier, names))
         )
 
         def copy(_: psycopg.Connection[Any]) -> int:

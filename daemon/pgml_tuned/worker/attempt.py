@@ -19,6 +19,7 @@ import anyio
 import structlog
 
 from .. import logconfig, secrets
+from ..child.rendezvous import new_secret
 from ..states import Action, Claim, ExitCode, Status, StopReason, requested_gpus, settle
 from . import gang
 from .backend import Backend
@@ -71,6 +72,8 @@ class Attempt:
         self.child: Child | None = None
         self.stop_reason: StopReason | None = None
         self.error_at: float | None = None  # when the child's launcher saw its first failure (a gang compares)
+        # a gang's rendezvous secret (child/rendezvous.py): made by its leader, read from the database by a member
+        self.rendezvous_secret: str | None = claim.rendezvous_secret
         self._kill = False
         self._signal = signal.SIGTERM
 
@@ -136,7 +139,12 @@ class Attempt:
             return
         payload: dict[str, Any] = {"spec": job.spec(), "secrets": unsealed, "dsn": dsn, "ticket": ticket}
         if self.plan is not None and rendezvous is not None:
-            payload["gang"] = self.plan.payload(rendezvous)
+            if not self.rendezvous_secret:  # a member reads it with the job (gang_join): not found is a bug
+                error = "this gang member found no rendezvous secret for the attempt (pgml.gang_secrets)"
+                await backend.gang_member_end(job, "error", error, time.time())
+                log.error("job.failed", error=error)
+                return
+            payload["gang"] = self.plan.payload(rendezvous, self.rendezvous_secret)
         child = await launch(payload, env)
         self.child = child
         if self.stop_reason is not None:
@@ -189,7 +197,8 @@ class Attempt:
         job, plan = self.claim, self.plan
         assert plan is not None
         rendezvous = gang.rendezvous_at(plan.address)
-        if not await backend.gang_open(job, rendezvous, plan.nodes):
+        self.rendezvous_secret = new_secret()  # for this attempt's ranks only (pgml.gang_secrets for the members)
+        if not await backend.gang_open(job, rendezvous, self.rendezvous_secret, plan.nodes):
             log.warning("job.abandoned", reason="lease lost before the gang formed")
             return None
         log.info("job.gang_forming", nodes=plan.nodes, rendezvous=rendezvous, wait_seconds=plan.form_seconds)

@@ -69,7 +69,7 @@ class Backend(Protocol):
         """Requeue the jobs claimed by this worker that it does not run (`running`): a claim whose reply was lost."""
 
     # a job across several workers (gang.py)
-    async def gang_open(self, claim: Claim, rendezvous: str, nodes: int) -> bool:
+    async def gang_open(self, claim: Claim, rendezvous: str, secret: str, nodes: int) -> bool:
         """The leader opens its attempt's gang (and wakes idle workers); False when the attempt lost the job."""
 
     async def gang_join(self, free_gpus: int) -> Claim | None:
@@ -115,6 +115,10 @@ class Backend(Protocol):
 
     async def reap(self) -> list[dict[str, Any]]:
         """Settle the jobs whose lease expired (queued again, or failed after max_attempts): their rows."""
+
+    async def sweep_tables(self) -> int:
+        """Drop the job tables and staging tables left behind because a session held a lock on them when their job
+        ended (each only if free at once); returns how many were dropped."""
 
     async def queue_empty(self, gpus: int = 0) -> bool:
         """Nothing left for a draining worker with `gpus` GPUs: no job it could run is queued, and no job is held

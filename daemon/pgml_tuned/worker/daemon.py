@@ -1,7 +1,8 @@
 """The worker's daemon: one root anyio task group with
 
 - listener   typed notices from the Backend (LISTEN pgml_jobs / pgml_control), routed by one dispatcher
-- poller     every poll_seconds: reap expired leases, then wake the claimer (a lost NOTIFY never stalls)
+- poller     every poll_seconds: reap expired leases, then wake the claimer (a lost NOTIFY never stalls); about
+             every SWEEP_SECONDS, drop the job and staging tables a job's end left because a session held them
 - herd       in a large fleet, a job_queued NOTIFY makes only about claim_spread idle workers claim, and the polls
              are stretched to match (fleet.py)
 - claimer    claims queued jobs while job slots are free (FOR UPDATE SKIP LOCKED, one short statement); after a
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -50,6 +52,9 @@ from .process import ChildProcess, ChildUser, Spare, check_child_user, child_env
 from .serving import ServingSupervisor
 
 log = logconfig.get("pgml_tuned.daemon")
+
+
+SWEEP_SECONDS = 10.0  # how often the poller drops the tables left in use at a job's end (pgml._job_tables_sweep)
 
 
 class Daemon:
@@ -210,6 +215,7 @@ class Daemon:
         return self.fleet.poll_delay(looking=bool(self.free_slots) and not self.stopping)
 
     async def _poller(self) -> None:
+        swept = time.monotonic()
         while True:
             await anyio.sleep(self.poll_delay())
             await self.fleet.read_size()
@@ -218,6 +224,12 @@ class Daemon:
                     log.warning("job.lease_expired", job_id=row["id"], attempt=row["attempt"], now=row["status"])
                     if self.metrics is not None:
                         self.metrics.takeovers.inc()
+            if time.monotonic() - swept > SWEEP_SECONDS:
+                # the tables a job's end or a cancel left because a session held a lock on them (they never wait)
+                swept = time.monotonic()
+                with contextlib.suppress(*RETRYABLE):
+                    if dropped := await self.backend.sweep_tables():
+                        log.info("job_tables.swept", dropped=dropped)
             self.gang_hint = True  # the net under a lost gang_forming NOTIFY
             self.wake.set()
 

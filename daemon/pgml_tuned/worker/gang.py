@@ -80,10 +80,17 @@ class Plan:
     def leader(self) -> bool:
         return self.node == 0
 
-    def payload(self, rendezvous: str) -> dict[str, Any]:
-        """What the job's launcher (child/dist.py) needs to start this host's ranks."""
+    def payload(self, rendezvous: str, secret: str) -> dict[str, Any]:
+        """What the job's launcher (child/dist.py) needs to start this host's ranks (on its stdin, with the rest of
+        the payload: the secret never goes on a command line)."""
         wait = self.form_seconds
-        return {"node": self.node, "nodes": self.nodes, "rendezvous": rendezvous, "rendezvous_seconds": wait}
+        return {
+            "node": self.node,
+            "nodes": self.nodes,
+            "rendezvous": rendezvous,
+            "rendezvous_seconds": wait,
+            "secret": secret,
+        }
 
 
 @dataclass(frozen=True)

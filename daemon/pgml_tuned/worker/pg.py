@@ -155,14 +155,18 @@ class PgBackend:
     async def reap(self) -> list[dict[str, Any]]:
         return await self.pool.named("reap_expired")
 
+    async def sweep_tables(self) -> int:
+        row = await self.pool.one(q("job_tables_sweep"), {})
+        return int(row["dropped"]) if row else 0
+
     async def queue_empty(self, gpus: int = 0) -> bool:
         row = await self.pool.one(q("queue_empty"), {"worker": self.worker, "gpus": gpus})
         return bool(row and row["empty"])
 
     # ---- gangs: jobs across several workers (gang.py tells the story) ----
-    async def gang_open(self, claim: Claim, rendezvous: str, nodes: int) -> bool:
+    async def gang_open(self, claim: Claim, rendezvous: str, secret: str, nodes: int) -> bool:
         rows = await self.pool.named(
-            "gang_open", id=claim.id, attempt=claim.attempt, rendezvous=rendezvous, nodes=nodes
+            "gang_open", id=claim.id, attempt=claim.attempt, rendezvous=rendezvous, secret=secret, nodes=nodes
         )
         return bool(rows)
 
