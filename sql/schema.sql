@@ -180,6 +180,16 @@ CREATE TABLE pgml.gang_members (
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE pgml.gang_members TO pgml_worker;
 GRANT SELECT ON TABLE pgml.gang_members TO pgml_admin;
 
+-- table pgml.gang_secrets, owner pgml_owner
+CREATE TABLE pgml.gang_secrets (
+    job_id bigint NOT NULL,
+    attempt integer NOT NULL,
+    secret text NOT NULL,
+    CONSTRAINT gang_secrets_job_id_fkey FOREIGN KEY (job_id) REFERENCES pgml.jobs(id) ON DELETE CASCADE,
+    CONSTRAINT gang_secrets_pkey PRIMARY KEY (job_id)
+);
+GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE pgml.gang_secrets TO pgml_worker;
+
 -- table pgml.hub_allowlist, owner pgml_owner
 CREATE TABLE pgml.hub_allowlist (
     pattern text NOT NULL,
@@ -537,11 +547,13 @@ CREATE TABLE pgml.requests (
     usage jsonb,
     created_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     answered_at timestamp with time zone,
+    n_inputs integer DEFAULT 1 NOT NULL,
     CONSTRAINT requests_kind_check CHECK (kind = ANY (ARRAY['classify'::text, 'generate'::text, 'chat'::text])),
     CONSTRAINT requests_pkey PRIMARY KEY (id),
     CONSTRAINT requests_status_check CHECK (status = ANY (ARRAY['queued'::text, 'running'::text, 'done'::text, 'failed'::text]))
 );
 ALTER TABLE pgml.requests ENABLE ROW LEVEL SECURITY;
+CREATE INDEX requests_pending_idx ON pgml.requests USING btree (submitted_by, id) INCLUDE (n_inputs) WHERE (status = ANY (ARRAY['queued'::text, 'running'::text]));
 CREATE INDEX requests_queued_idx ON pgml.requests USING btree (id) WHERE (status = 'queued'::text);
 CREATE INDEX requests_running_idx ON pgml.requests USING btree (claimed_by) WHERE (status = 'running'::text);
 
@@ -556,6 +568,11 @@ CREATE TABLE pgml.role_limits (
     max_snapshot_bytes bigint,
     max_runtime interval,
     max_checkpoint_bytes bigint,
+    max_gpus integer,
+    max_procs integer,
+    max_nodes integer,
+    max_pending_requests integer,
+    max_pending_inputs integer,
     CONSTRAINT role_limits_pkey PRIMARY KEY (role)
 );
 GRANT DELETE, INSERT, UPDATE ON TABLE pgml.role_limits TO pgml_admin;
@@ -737,6 +754,7 @@ CREATE TABLE pgml.workers (
     started_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     heartbeat_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     stopped_at timestamp with time zone,
+    cpus integer,
     CONSTRAINT workers_pkey PRIMARY KEY (id)
 );
 
@@ -1425,9 +1443,9 @@ CREATE OR REPLACE FUNCTION pgml._dataset_begin(job_id bigint, ticket text, names
 AS $function$
 DECLARE
     v_job     pgml.jobs := pgml._dataset_job(job_id, ticket);
-    v_staging text := pgml._dataset_staging(job_id, v_job.attempt);
+    v_staging text := pg_catalog.format('load_%s_%s_%s', job_id, v_job.attempt,
+                                        pg_catalog.left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 16));
     v_cols    text;
-    v_old     bigint;
 BEGIN
     PERFORM pgml._dataset_check_target(v_job.hyperparams ->> 'source', v_job.submitted_by::name);
     IF coalesce(cardinality(names), 0) = 0 OR cardinality(names) <> cardinality(types) OR cardinality(names) > 1600
@@ -1455,21 +1473,14 @@ BEGIN
             HINT = 'a worker bug',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- this job's earlier attempts, and any other job's left behind (a settle that could not take its lock)
+    -- this job's earlier attempts (what other jobs left is the sweep's: pgml._job_tables_sweep)
     PERFORM pgml._dataset_drop_staging(job_id);
-    FOR v_old IN SELECT DISTINCT (regexp_match(c.relname, '^_dataset_load_(\d+)_\d+$'))[1]::bigint
-                 FROM pg_class c
-                 WHERE c.relnamespace = 'pgml'::regnamespace AND c.relname ~ '^_dataset_load_\d+_\d+$' LOOP
-        IF NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = v_old AND j.status = 'running') THEN
-            PERFORM pgml._dataset_drop_staging(v_old);
-        END IF;
-    END LOOP;
     SELECT string_agg(format('%I %s', n, t), ', ' ORDER BY i) INTO v_cols
     FROM unnest(names, types) WITH ORDINALITY AS c (n, t, i);
-    EXECUTE format('CREATE TABLE pgml.%I (%s)', v_staging, v_cols);
-    EXECUTE format('REVOKE ALL ON pgml.%I FROM PUBLIC', v_staging);
-    EXECUTE format('GRANT INSERT ON pgml.%I TO %I', v_staging, session_user);
-    RETURN v_staging;
+    EXECUTE format('CREATE TABLE pgml_staging.%I (%s)', v_staging, v_cols);
+    EXECUTE format('REVOKE ALL ON pgml_staging.%I FROM PUBLIC', v_staging);
+    EXECUTE format('GRANT INSERT ON pgml_staging.%I TO %I', v_staging, session_user);
+    RETURN format('pgml_staging.%I', v_staging);
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._dataset_begin(job_id bigint, ticket text, names text[], types text[]) TO pgml_child;
 
@@ -1549,13 +1560,13 @@ DECLARE
     v_deps     text;
     v_previous name;
 BEGIN
-    IF to_regclass(format('pgml.%I', v_staging)) IS NULL THEN
+    IF v_staging IS NULL THEN
         RAISE EXCEPTION USING MESSAGE = format('job %s attempt %s has no staging table', job_id, v_job.attempt),
             HINT = 'a worker bug',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    EXECUTE format('REVOKE ALL ON pgml.%I FROM %I', v_staging, session_user);
-    EXECUTE format('SELECT count(*) FROM pgml.%I', v_staging) INTO v_count;
+    EXECUTE format('REVOKE ALL ON pgml_staging.%I FROM %I', v_staging, session_user);
+    EXECUTE format('SELECT count(*) FROM pgml_staging.%I', v_staging) INTO v_count;
     IF v_count <> rows THEN
         RAISE EXCEPTION USING MESSAGE = format('the worker wrote %s rows but the staging table holds %s', rows, v_count),
             HINT = 'a worker bug',
@@ -1563,7 +1574,7 @@ BEGIN
     END IF;
     SELECT jsonb_agg(jsonb_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod))
                      ORDER BY a.attnum) INTO v_columns
-    FROM pg_attribute a WHERE a.attrelid = format('pgml.%I', v_staging)::regclass AND a.attnum > 0
+    FROM pg_attribute a WHERE a.attrelid = format('pgml_staging.%I', v_staging)::regclass AND a.attnum > 0
                           AND NOT a.attisdropped;
 
     PERFORM pgml._dataset_check_target(v_name, v_job.submitted_by::name);
@@ -1584,11 +1595,11 @@ BEGIN
         END IF;
         IF v_deps IS NULL THEN
             EXECUTE format('DROP TABLE pgml.%I', v_name);
-            EXECUTE format('ALTER TABLE pgml.%I RENAME TO %I', v_staging, v_name);
+            PERFORM pgml._dataset_move_in(v_staging, v_name);
         ELSIF v_old_cols = v_columns THEN
             EXECUTE format('TRUNCATE pgml.%I', v_name);
-            EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml.%I', v_name, v_staging);
-            EXECUTE format('DROP TABLE pgml.%I', v_staging);
+            EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml_staging.%I', v_name, v_staging);
+            PERFORM pgml._drop_unlocked('pgml_staging', v_staging);
         ELSE
             RAISE EXCEPTION USING MESSAGE = format('pgml.%I has dependent objects (%s) and the new load''s columns %s differ from '
                                       'its columns %s', v_name, v_deps, v_columns, v_old_cols),
@@ -1596,7 +1607,7 @@ BEGIN
                 ERRCODE = 'dependent_objects_still_exist';
         END IF;
     ELSE
-        EXECUTE format('ALTER TABLE pgml.%I RENAME TO %I', v_staging, v_name);
+        PERFORM pgml._dataset_move_in(v_staging, v_name);
     END IF;
     EXECUTE format('GRANT SELECT ON pgml.%I TO %I', v_name, v_job.submitted_by);
 
@@ -1615,20 +1626,17 @@ CREATE OR REPLACE FUNCTION pgml._dataset_drop_staging(job_id bigint, keep text D
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
- SET lock_timeout TO '2s'
 AS $function$
 DECLARE
-    v_table text;
+    r record;
 BEGIN
-    FOR v_table IN SELECT c.relname FROM pg_class c
-                   WHERE c.relnamespace = 'pgml'::regnamespace AND c.relkind = 'r'
-                     AND c.relname LIKE format('\_dataset\_load\_%s\_%%', job_id)
-                     AND c.relname IS DISTINCT FROM keep LOOP
-        BEGIN
-            EXECUTE format('DROP TABLE IF EXISTS pgml.%I', v_table);
-        EXCEPTION WHEN lock_not_available THEN
-            RAISE WARNING 'pgml.%: staging table of job % still in use; the next load drops it', v_table, job_id;
-        END;
+    FOR r IN SELECT n.nspname::text AS nsp, c.relname::text AS relname FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r'
+               AND ((n.nspname = 'pgml_staging' AND c.relname ~ format('^load_%s_[0-9]+_[0-9a-f]{16}$', job_id))
+                    OR (n.nspname = 'pgml' AND c.relname ~ format('^_dataset_load_%s_[0-9]+$', job_id)))
+               AND c.relname IS DISTINCT FROM keep LOOP
+        PERFORM pgml._drop_unlocked(r.nsp, r.relname);
     END LOOP;
 END $function$;
 
@@ -1687,6 +1695,30 @@ $function$;
 GRANT EXECUTE ON FUNCTION pgml._dataset_kwargs() TO pgml_child;
 GRANT EXECUTE ON FUNCTION pgml._dataset_kwargs() TO pgml_user;
 
+-- FUNCTION pgml._dataset_move_in(staging text, name text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._dataset_move_in(staging text, name text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    BEGIN
+        PERFORM pg_catalog.set_config('lock_timeout', '10ms', true);  -- what the move also locks (its TOAST table)
+        EXECUTE format('LOCK TABLE pgml_staging.%I IN ACCESS EXCLUSIVE MODE NOWAIT', staging);
+        EXECUTE format('ALTER TABLE pgml_staging.%I RENAME TO %I', staging, name);
+        EXECUTE format('ALTER TABLE pgml_staging.%I SET SCHEMA pgml', name);
+        PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+        RETURN;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- (the subtransaction's lock_timeout is undone with it)
+    END;
+    EXECUTE format('CREATE TABLE pgml.%I (LIKE pgml_staging.%I)', name, staging);
+    EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml_staging.%I', name, staging);
+    PERFORM pgml._drop_unlocked('pgml_staging', staging);
+END $function$;
+
 -- FUNCTION pgml._dataset_result(job_id bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._dataset_result(job_id bigint)
  RETURNS TABLE(table_name text, rows bigint)
@@ -1722,9 +1754,14 @@ GRANT EXECUTE ON FUNCTION pgml._dataset_result(job_id bigint) TO pgml_user;
 CREATE OR REPLACE FUNCTION pgml._dataset_staging(job_id bigint, attempt integer)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE
+ STABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$ SELECT format('_dataset_load_%s_%s', job_id, attempt) $function$;
+AS $function$
+    SELECT c.relname::text FROM pg_catalog.pg_class c
+    WHERE c.relnamespace = 'pgml_staging'::regnamespace AND c.relkind = 'r'
+      AND c.relname ~ pg_catalog.format('^load_%s_%s_[0-9a-f]{16}$', job_id, attempt)
+    ORDER BY c.oid DESC LIMIT 1
+$function$;
 
 -- FUNCTION pgml._dblink_connections(v_schema name), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._dblink_connections(v_schema name)
@@ -1759,6 +1796,24 @@ CREATE OR REPLACE FUNCTION pgml._deployed_model(p_project_id bigint)
 AS $function$
     SELECT d.model_id FROM pgml.deployments d WHERE d.project_id = p_project_id ORDER BY d.id DESC LIMIT 1
 $function$;
+
+-- FUNCTION pgml._drop_unlocked(schema_name text, table_name text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._drop_unlocked(schema_name text, table_name text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET lock_timeout TO '10ms'
+AS $function$
+BEGIN
+    EXECUTE pg_catalog.format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE NOWAIT', schema_name, table_name);
+    EXECUTE pg_catalog.format('DROP TABLE %I.%I', schema_name, table_name);
+    RETURN true;
+EXCEPTION
+    WHEN lock_not_available THEN
+        RETURN false;
+    WHEN undefined_table THEN
+        RETURN true;  -- dropped meanwhile
+END $function$;
 
 -- FUNCTION pgml._fail(message text, hint text, code text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._fail(message text, hint text, code text DEFAULT 'invalid_parameter_value'::text)
@@ -1961,6 +2016,7 @@ BEGIN
     END LOOP;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_child;
+GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_worker;
 
 -- FUNCTION pgml._is_hub_id(model_name text), owner pgml_owner
@@ -2232,28 +2288,53 @@ CREATE OR REPLACE FUNCTION pgml._job_tables_drop(job_ids bigint[])
 AS $function$
 DECLARE
     v_name text;
-    v_timeout text := pg_catalog.current_setting('lock_timeout');
 BEGIN
-    PERFORM pg_catalog.set_config('lock_timeout', '50ms', true);
     FOR v_name IN
-        SELECT c.relname FROM pg_catalog.pg_class c
+        SELECT c.relname FROM pg_catalog.unnest(job_ids) AS i (id)
+        JOIN pg_catalog.pg_class c ON c.relname = pgml._job_table(i.id)
+                                  AND c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
+        LEFT JOIN pgml.jobs j ON j.id = i.id
+        WHERE j.id IS NULL OR j.status IN ('succeeded', 'failed', 'cancelled')
+    LOOP
+        PERFORM pgml._drop_unlocked('pgml_rows', v_name);
+    END LOOP;
+END $function$;
+
+-- FUNCTION pgml._job_tables_sweep(), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._job_tables_sweep()
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    r record;
+    v_dropped integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'pgml_rows' AS nsp, c.relname::text AS relname FROM pg_catalog.pg_class c
         LEFT JOIN pgml.jobs j ON j.id = CASE WHEN c.relname ~ '^job_[0-9]{1,18}$'
                                              THEN pg_catalog.substr(c.relname::text, 5)::bigint END
-        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
-          AND (c.relname = ANY (SELECT pgml._job_table(i) FROM pg_catalog.unnest(job_ids) AS i)
-               OR j.id IS NULL
-               OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
-          AND NOT (j.id IS NOT NULL AND j.status NOT IN ('succeeded', 'failed', 'cancelled'))
-          AND NOT (j.id IS NOT NULL AND j.keep_snapshot AND j.id <> ALL (job_ids))
+        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^job_[0-9]{1,18}$'
+          AND (j.id IS NULL OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
+        UNION ALL
+        SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL pg_catalog.regexp_match(c.relname::text,
+            '^(?:load|_dataset_load)_([0-9]{1,18})_([0-9]{1,9})(?:_[0-9a-f]{16})?$') AS m (part)
+        LEFT JOIN pgml.jobs j ON j.id = m.part[1]::bigint
+        WHERE c.relkind = 'r'
+          AND ((n.nspname = 'pgml_staging' AND c.relname ~ '^load_')
+               OR (n.nspname = 'pgml' AND c.relname ~ '^_dataset_load_[0-9]+_[0-9]+$'))  -- made before 0034
+          AND (j.id IS NULL OR j.status <> 'running' OR j.attempt <> m.part[2]::integer)
     LOOP
-        BEGIN
-            EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', v_name);
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;  -- in use: the next job's end (or pgml-tuned gc) drops it
-        END;
+        IF pgml._drop_unlocked(r.nsp, r.relname) THEN
+            v_dropped := v_dropped + 1;
+        END IF;
     END LOOP;
-    PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+    RETURN v_dropped;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._job_tables_sweep() TO pgml_worker;
 
 -- FUNCTION pgml._jobs_resources_check(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._jobs_resources_check()
@@ -2267,6 +2348,9 @@ DECLARE
     v_why text;
 BEGIN
     SELECT * INTO r FROM pgml._job_resources(NEW.hyperparams);  -- raises on a bad value
+    IF TG_WHEN = 'BEFORE' THEN
+        PERFORM pgml._resources_allowed(NEW.submitted_by, NEW.hyperparams -> 'resources');
+    END IF;
     IF TG_WHEN = 'AFTER' AND (r.gpus > 0 OR r.nodes > 1) THEN
         v_why := pgml._fleet_shortfall(r.gpus, r.nodes);
         IF v_why IS NOT NULL THEN
@@ -2307,6 +2391,23 @@ AS $function$
                               (metrics ->> 'eval_f1')::double precision) END,
            task NOT IN ('conversation', 'text-generation')
 $function$;
+
+-- FUNCTION pgml._limits_of(who name), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._limits_of(who name)
+ RETURNS pgml.role_limits
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v pgml.role_limits;
+BEGIN
+    SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) who;
+    IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
+        SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) 'pgml_user';
+    END IF;
+    RETURN v;
+END $function$;
 
 -- FUNCTION pgml._logs_written(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._logs_written()
@@ -2746,6 +2847,103 @@ GRANT EXECUTE ON FUNCTION pgml._request_answer(id bigint) TO pgml_admin;
 GRANT EXECUTE ON FUNCTION pgml._request_answer(id bigint) TO pgml_loopback;
 GRANT EXECUTE ON FUNCTION pgml._request_answer(id bigint) TO pgml_user;
 
+-- FUNCTION pgml._request_args(), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._request_args()
+ RETURNS TABLE(kind text, key text, type text, min numeric, max numeric, choices text[], use text)
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT k.kind, a.key, a.type, a.min, a.max, a.choices, a.use
+    FROM (VALUES ('classify'), ('generate'), ('chat')) AS k (kind)
+    JOIN (VALUES
+        ('*',        'timeout',              'number',  0.1,  3600, NULL::text[], 'lane'),
+        ('*',        'load_in_8bit',         'flag',    NULL, NULL, NULL, 'ignored'),
+        ('*',        'load_in_4bit',         'flag',    NULL, NULL, NULL, 'ignored'),
+        ('*',        'cache_model',          'flag',    NULL, NULL, NULL, 'ignored'),
+        ('classify', 'top_k',                'integer', 1,    1000, NULL, 'pipeline'),
+        ('classify', 'function_to_apply',    'string',  NULL, NULL, ARRAY['sigmoid', 'softmax', 'none'], 'pipeline'),
+        ('classify', 'truncation',           'boolean', NULL, NULL, NULL, 'pipeline'),
+        ('classify', 'max_length',           'integer', 1,    8192, NULL, 'pipeline'),
+        ('classify', 'batch_size',           'integer', 1,    64,   NULL, 'pipeline'),
+        ('gen',      'stream',               'boolean', NULL, NULL, NULL, 'lane'),
+        ('gen',      'max_new_tokens',       'integer', 1,    4096, NULL, 'generate'),
+        ('gen',      'max_tokens',           'integer', 1,    4096, NULL, 'generate'),
+        ('gen',      'min_new_tokens',       'integer', 0,    4096, NULL, 'generate'),
+        ('gen',      'temperature',          'number',  0,    100,  NULL, 'generate'),
+        ('gen',      'top_p',                'number',  0,    1,    NULL, 'generate'),
+        ('gen',      'top_k',                'integer', 0,    1000, NULL, 'generate'),
+        ('gen',      'typical_p',            'number',  0,    1,    NULL, 'generate'),
+        ('gen',      'repetition_penalty',   'number',  0.01, 100,  NULL, 'generate'),
+        ('gen',      'length_penalty',       'number',  -100, 100,  NULL, 'generate'),
+        ('gen',      'no_repeat_ngram_size', 'integer', 0,    64,   NULL, 'generate'),
+        ('gen',      'num_beams',            'integer', 1,    8,    NULL, 'generate'),
+        ('gen',      'do_sample',            'boolean', NULL, NULL, NULL, 'generate')
+    ) AS a (kinds, key, type, min, max, choices, use)
+      ON a.kinds = '*' OR a.kinds = k.kind OR (a.kinds = 'gen' AND k.kind IN ('generate', 'chat'))
+$function$;
+
+-- FUNCTION pgml._request_args_check(kind text, args jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._request_args_check(kind text, args jsonb)
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_bad     text;
+    v_allowed text;
+    r         record;
+    v_num     numeric;
+    v_ok      boolean;
+BEGIN
+    SELECT pg_catalog.string_agg(e.key, ', ' ORDER BY e.key), pg_catalog.count(*) INTO r
+    FROM pg_catalog.jsonb_object_keys(args) AS e (key)
+    WHERE NOT EXISTS (SELECT 1 FROM pgml._request_args() a
+                      WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind
+                        AND a.key OPERATOR(pg_catalog.=) e.key);
+    v_bad := r.string_agg;
+    IF v_bad IS NOT NULL THEN
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s (%s)', a.key,
+                   CASE WHEN a.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(a.choices, ', ')
+                        WHEN a.min IS NOT NULL THEN pg_catalog.format('%s %s..%s', a.type, a.min, a.max)
+                        ELSE a.type END), ', ' ORDER BY a.key)
+        INTO v_allowed
+        FROM pgml._request_args() a
+        WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.use OPERATOR(pg_catalog.<>) 'ignored';
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('args %s %s not allowed in a %s request', v_bad,
+                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, kind),
+            HINT = pg_catalog.format('a %s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
+                                     'and ignored: the worker decides how it loads a model)', kind, v_allowed);
+    END IF;
+    FOR r IN SELECT e.key, e.value, a.type, a.min, a.max, a.choices
+             FROM pg_catalog.jsonb_each(args) AS e JOIN pgml._request_args() a
+               ON a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.key OPERATOR(pg_catalog.=) e.key
+    LOOP
+        v_num := CASE WHEN pg_catalog.jsonb_typeof(r.value) OPERATOR(pg_catalog.=) 'number' THEN (r.value #>> '{}')::numeric END;
+        v_ok := CASE r.type
+                WHEN 'integer' THEN v_num IS NOT NULL AND v_num OPERATOR(pg_catalog.=) pg_catalog.trunc(v_num)
+                WHEN 'number' THEN v_num IS NOT NULL
+                WHEN 'boolean' THEN pg_catalog.jsonb_typeof(r.value) OPERATOR(pg_catalog.=) 'boolean'
+                WHEN 'string' THEN pg_catalog.jsonb_typeof(r.value) OPERATOR(pg_catalog.=) 'string'
+                    AND (r.choices IS NULL OR (r.value #>> '{}') OPERATOR(pg_catalog.=) ANY (r.choices))
+                ELSE pg_catalog.jsonb_typeof(r.value) IN ('boolean', 'string', 'null') END;
+        IF NOT v_ok OR v_num OPERATOR(pg_catalog.<) r.min OR v_num OPERATOR(pg_catalog.>) r.max THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = pg_catalog.format('args.%s = %s: a %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), kind,
+                    CASE WHEN r.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(r.choices, ', ')
+                         WHEN r.min IS NOT NULL THEN pg_catalog.format('%s %s from %s to %s',
+                                  CASE r.type WHEN 'integer' THEN 'a whole number' ELSE 'a number' END, r.key, r.min, r.max)
+                         WHEN r.type OPERATOR(pg_catalog.=) 'flag' THEN 'true or false'
+                         ELSE pg_catalog.format('a JSON %s', r.type) END),
+                HINT = CASE WHEN r.max IS NOT NULL THEN pg_catalog.format('e.g. "%s": %s', r.key, r.max)
+                            WHEN r.type OPERATOR(pg_catalog.=) 'boolean' THEN pg_catalog.format('e.g. "%s": true', r.key)
+                            ELSE 'see the inference docs' END;
+        END IF;
+    END LOOP;
+END $function$;
+
 -- FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[])
  RETURNS boolean
@@ -2765,6 +2963,7 @@ AS $function$
         RETURNING 1)
     SELECT EXISTS (SELECT 1 FROM owned)
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]) TO pgml_worker;
 
 -- FUNCTION pgml._request_chunks(id bigint, after_seq integer), owner pgml_owner
@@ -2805,6 +3004,7 @@ BEGIN
     PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
     RETURN true;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_worker;
 
 -- FUNCTION pgml._request_lock_key(id bigint), owner pgml_owner
@@ -2814,6 +3014,7 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_key(id bigint)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT (id OPERATOR(pg_catalog.%) 2147483647)::integer $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_worker;
 
 -- FUNCTION pgml._request_lock_space(), owner pgml_owner
@@ -2823,6 +3024,7 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_space()
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT 1885826412 $function$;
+GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_worker;
 
 -- FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb), owner pgml_owner
@@ -2842,6 +3044,9 @@ DECLARE
     v_timeout double precision;
     v_id      bigint;
     v_stream  boolean;
+    v_n       integer;
+    v_lim     pgml.role_limits;
+    v_pending record;
 BEGIN
     IF submitter IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = submitter) THEN
         RAISE EXCEPTION USING MESSAGE = pg_catalog.format('unknown submitter %L', submitter),
@@ -2969,14 +3174,44 @@ BEGIN
         END IF;
     END IF;
 
+    -- (since 0033) only the args of the allow-list, within their bounds
+    PERFORM pgml._request_args_check(kind, v_args);
+
+    -- (since 0033) what one login may have pending in the lane: requests, and their texts all together. Counted
+    -- without a lock (a lock by login name is one anybody could hold): concurrent submits of one login may pass a
+    -- cap by as many as it has sessions submitting at once
+    v_n := CASE WHEN kind OPERATOR(pg_catalog.=) 'chat' THEN 1 ELSE pg_catalog.jsonb_array_length(inputs) END;
+    v_lim := pgml._limits_of(submitter);
+    IF v_lim.max_pending_requests IS NOT NULL OR v_lim.max_pending_inputs IS NOT NULL THEN
+        SELECT pg_catalog.count(*) AS n, coalesce(pg_catalog.sum(r.n_inputs), 0) AS texts INTO v_pending
+        FROM pgml.requests r
+        WHERE r.submitted_by OPERATOR(pg_catalog.=) submitter AND r.status IN ('queued', 'running');
+        IF v_pending.n OPERATOR(pg_catalog.>=) v_lim.max_pending_requests THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = pg_catalog.format('%s has %s requests pending in the inference lane; the limit for %s is %s '
+                                            '(pgml.role_limits.max_pending_requests)', submitter, v_pending.n,
+                                            v_lim.role, v_lim.max_pending_requests),
+                HINT = 'wait for their answers before sending more (or send more texts per request), or ask an '
+                       'administrator to raise pgml.role_limits.max_pending_requests';
+        END IF;
+        IF v_pending.texts OPERATOR(pg_catalog.+) v_n OPERATOR(pg_catalog.>) v_lim.max_pending_inputs THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = pg_catalog.format('%s has %s texts pending in the inference lane and this request adds %s; the '
+                                            'limit for %s is %s (pgml.role_limits.max_pending_inputs)', submitter,
+                                            v_pending.texts, v_n, v_lim.role, v_lim.max_pending_inputs),
+                HINT = 'wait for their answers before sending more, use pgml.predict_batch for a whole table, or ask '
+                       'an administrator to raise pgml.role_limits.max_pending_inputs';
+        END IF;
+    END IF;
+
     -- now and then, what nobody will read again goes (a lane with no serving process never grows either)
     IF pg_catalog.random() OPERATOR(pg_catalog.<) 0.01 THEN
         PERFORM pgml._requests_expire();
     END IF;
 
-    INSERT INTO pgml.requests (submitted_by, kind, model, args, inputs, stream, deadline)
+    INSERT INTO pgml.requests (submitted_by, kind, model, args, inputs, stream, deadline, n_inputs)
     VALUES (submitter, kind, v_model, v_args, inputs, v_stream,
-            pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout))
+            pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => v_timeout), v_n)
     RETURNING id INTO v_id;
     PERFORM pg_catalog.pg_notify('pgml_requests', '{"type": "request_queued"}');
     RETURN v_id;
@@ -3007,34 +3242,65 @@ BEGIN
         PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
     END IF;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_worker;
 
--- FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision)
+-- FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer DEFAULT 512)
  RETURNS TABLE(id bigint, submitted_by name, kind text, model text, args jsonb, inputs jsonb, stream boolean, attempts integer)
  LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    WITH picked AS (
-        SELECT q.id FROM pgml.requests q
-        WHERE q.status OPERATOR(pg_catalog.=) 'queued' AND q.deadline OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()
-        ORDER BY q.id
-        FOR UPDATE SKIP LOCKED
-        LIMIT max_n
+    WITH RECURSIVE submitters AS (
+        (SELECT q.submitted_by FROM pgml.requests q
+         WHERE q.status IN ('queued', 'running')
+         ORDER BY q.submitted_by LIMIT 1)
+        UNION ALL
+        SELECT (SELECT q.submitted_by FROM pgml.requests q
+                WHERE q.status IN ('queued', 'running') AND q.submitted_by OPERATOR(pg_catalog.>) s.submitted_by
+                ORDER BY q.submitted_by LIMIT 1)
+        FROM submitters s WHERE s.submitted_by IS NOT NULL
+    ), placed AS (
+        SELECT c.id, c.n_inputs, c.place
+        FROM submitters s, LATERAL (
+            SELECT q.id, q.n_inputs, pg_catalog.sum(q.n_inputs) OVER (ORDER BY q.id) AS place
+            FROM pgml.requests q
+            WHERE q.submitted_by OPERATOR(pg_catalog.=) s.submitted_by AND q.status IN ('queued', 'running')
+              AND q.status OPERATOR(pg_catalog.=) 'queued'
+              AND q.deadline OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()
+            ORDER BY q.id
+            LIMIT max_n
+        ) c
+        WHERE s.submitted_by IS NOT NULL
+    ), chosen AS (
+        SELECT x.id, x.rank FROM (
+            SELECT p.id, pg_catalog.row_number() OVER w AS rank,
+                   pg_catalog.sum(p.n_inputs) OVER w OPERATOR(pg_catalog.-) p.n_inputs AS before
+            FROM placed p
+            WINDOW w AS (ORDER BY p.place, p.id)
+        ) x
+        WHERE x.rank OPERATOR(pg_catalog.<=) max_n
+          AND (x.rank OPERATOR(pg_catalog.=) 1 OR x.before OPERATOR(pg_catalog.<) max_inputs)
+    ), picked AS (
+        SELECT q.id, ch.rank FROM pgml.requests q JOIN chosen ch ON ch.id OPERATOR(pg_catalog.=) q.id
+        WHERE q.status OPERATOR(pg_catalog.=) 'queued'
+        FOR UPDATE OF q SKIP LOCKED
     ), claimed AS (
         UPDATE pgml.requests r
         SET status = 'running', claimed_by = serving_id, attempts = r.attempts OPERATOR(pg_catalog.+) 1,
             lease_expires_at = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => lease_seconds)
         FROM picked
         WHERE r.id OPERATOR(pg_catalog.=) picked.id
-        RETURNING r.id, r.submitted_by, r.kind, r.model, r.args, r.inputs, r.stream, r.attempts
+        RETURNING r.id, r.submitted_by, r.kind, r.model, r.args, r.inputs, r.stream, r.attempts, picked.rank
     )
     -- held by this session (the serving process's lane connection) until its answer is committed
     SELECT c.id, c.submitted_by, c.kind, c.model, c.args, c.inputs, c.stream, c.attempts
     FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l
+    ORDER BY c.rank
 $function$;
-GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision) TO pgml_worker;
+GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer) TO pgml_serving;
+GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer) TO pgml_worker;
 
 -- FUNCTION pgml._requests_expire(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_expire()
@@ -3051,6 +3317,7 @@ AS $function$
         RETURNING 1)
     SELECT pg_catalog.count(*) FROM gone
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_expire() TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_expire() TO pgml_worker;
 
 -- FUNCTION pgml._requests_release(serving_id text), owner pgml_owner
@@ -3086,6 +3353,7 @@ BEGIN
         PERFORM pg_catalog.pg_notify('pgml_requests', '{"type": "request_queued"}');
     END IF;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_release(serving_id text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_release(serving_id text) TO pgml_worker;
 
 -- FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision), owner pgml_owner
@@ -3100,6 +3368,7 @@ AS $function$
     WHERE r.claimed_by OPERATOR(pg_catalog.=) serving_id AND r.status OPERATOR(pg_catalog.=) 'running'
     RETURNING r.id
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision) TO pgml_worker;
 
 -- FUNCTION pgml._require_admin(what text), owner pgml_owner
@@ -3115,6 +3384,65 @@ BEGIN
             MESSAGE = pg_catalog.format('%s is for administrators; %I is not a member of pgml_admin', what,
                                         session_user),
             HINT = 'ask a member of pgml_admin to run it';
+    END IF;
+END $function$;
+
+-- FUNCTION pgml._resources_allowed(who name, resources jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._resources_allowed(who name, resources jsonb)
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_lim   pgml.role_limits := pgml._limits_of(who);
+    v_gpus  integer := coalesce((resources ->> 'gpus')::integer, 0);
+    v_procs integer := (resources ->> 'procs')::integer;  -- NULL: not asked (GPU ranks, or one process)
+    v_key   text;
+    v_asked integer;
+    v_cap   integer;
+    v_live  bigint;
+    v_most_gpus integer;
+    v_most_cpus integer;
+BEGIN
+    FOREACH v_key IN ARRAY ARRAY['gpus', 'procs', 'nodes'] LOOP
+        v_asked := (resources ->> v_key)::integer;
+        v_cap := CASE v_key WHEN 'gpus' THEN v_lim.max_gpus WHEN 'procs' THEN v_lim.max_procs ELSE v_lim.max_nodes END;
+        IF v_asked OPERATOR(pg_catalog.>) v_cap THEN
+            RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
+                MESSAGE = pg_catalog.format('hyperparams.resources.%s = %s is more than %s may ask for: the limit for %s is %s',
+                                            v_key, v_asked, who, v_lim.role, v_cap),
+                HINT = pg_catalog.format('ask for %s or fewer, or ask an administrator to raise pgml.role_limits.max_%s '
+                                         '(UPDATE pgml.role_limits SET max_%s = ... WHERE role = %L, or a row for %L)',
+                                         v_cap, v_key, v_key, v_lim.role, who);
+        END IF;
+    END LOOP;
+    IF v_lim.role IS NULL THEN
+        RETURN;  -- an administrator without limits: the NOTICE of pgml._jobs_resources_check says what is missing
+    END IF;
+    SELECT count(*), max(s.gpus), max(w.cpus)
+    INTO v_live, v_most_gpus, v_most_cpus
+    FROM pgml.worker_status s JOIN pgml.workers w ON w.id OPERATOR(pg_catalog.=) s.id
+    WHERE s.state IN ('live', 'late');
+    IF v_live OPERATOR(pg_catalog.=) 0 THEN
+        RETURN;  -- no fleet to measure against: queued, with a NOTICE
+    END IF;
+    IF v_gpus OPERATOR(pg_catalog.>) v_most_gpus THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_resources',
+            MESSAGE = pg_catalog.format('hyperparams.resources.gpus = %s is more than the fleet can give: the most GPUs on '
+                                        'one live worker is %s (%s live worker%s)', v_gpus, v_most_gpus, v_live,
+                                        CASE WHEN v_live OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END),
+            HINT = pg_catalog.format('ask for %s GPU%s or fewer (or {"nodes": N, "gpus": %s} across workers); '
+                                     'SELECT * FROM pgml.worker_status shows the fleet', v_most_gpus,
+                                     CASE WHEN v_most_gpus OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END,
+                                     GREATEST(v_most_gpus, 1));
+    END IF;
+    IF v_procs OPERATOR(pg_catalog.>) v_most_cpus THEN
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_resources',
+            MESSAGE = pg_catalog.format('hyperparams.resources.procs = %s is more than the fleet can give: the most CPUs on '
+                                        'one live worker is %s', v_procs, v_most_cpus),
+            HINT = pg_catalog.format('ask for %s processes or fewer (one rank per CPU); SELECT * FROM '
+                                     'pgml.worker_status shows the fleet', v_most_cpus);
     END IF;
 END $function$;
 
@@ -3245,6 +3573,7 @@ AS $function$
     )
     SELECT * FROM by_id UNION ALL SELECT * FROM deployed
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._serving_model(submitter name, ref text) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._serving_model(submitter name, ref text) TO pgml_worker;
 
 -- FUNCTION pgml._serving_model_files(model_id bigint), owner pgml_owner
@@ -3260,6 +3589,7 @@ AS $function$
                   WHERE r.status IN ('queued', 'running') AND pgml._may_read_model(m.owner, r.submitted_by))
     ORDER BY f.path, f.part
 $function$;
+GRANT EXECUTE ON FUNCTION pgml._serving_model_files(model_id bigint) TO pgml_serving;
 GRANT EXECUTE ON FUNCTION pgml._serving_model_files(model_id bigint) TO pgml_worker;
 
 -- FUNCTION pgml._setup_loopback(p_conninfo text), owner pgml_owner
@@ -3894,8 +4224,8 @@ BEGIN
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb) TO pgml_worker;
 
--- FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real)
+-- FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real, cpus integer), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real, cpus integer DEFAULT NULL::integer)
  RETURNS void
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -3906,7 +4236,7 @@ DECLARE
 BEGIN
     IF worker_id IS NULL OR length(worker_id) NOT BETWEEN 1 AND 200 OR coalesce(length(token), 0) < 16
        OR jsonb_typeof(devices) <> 'array' OR gpus < 0 OR concurrency < 1 OR heartbeat_seconds <= 0
-       OR lease_seconds <= 0 THEN
+       OR lease_seconds <= 0 OR cpus < 1 THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('pgml._worker_register: invalid registration of worker %L', worker_id),
             HINT = 'a worker id of 1 to 200 characters, a token of 16 or more, devices a JSON array';
@@ -3920,12 +4250,12 @@ BEGIN
             HINT = 'give each daemon its own --worker-id (PGML_WORKER_ID)';
     END IF;
     INSERT INTO pgml.workers AS w (id, login, token_hash, host, pid, version, devices, gpus, concurrency,
-                                   free_slots, free_gpus, heartbeat_seconds, lease_seconds)
+                                   free_slots, free_gpus, heartbeat_seconds, lease_seconds, cpus)
     VALUES (worker_id, session_user, pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8')), host, pid, version,
-            devices, gpus, concurrency, concurrency, gpus, heartbeat_seconds, lease_seconds)
+            devices, gpus, concurrency, concurrency, gpus, heartbeat_seconds, lease_seconds, cpus)
     ON CONFLICT (id) DO UPDATE
     SET login = EXCLUDED.login, token_hash = EXCLUDED.token_hash, host = EXCLUDED.host, pid = EXCLUDED.pid,
-        version = EXCLUDED.version, devices = EXCLUDED.devices, gpus = EXCLUDED.gpus,
+        version = EXCLUDED.version, devices = EXCLUDED.devices, gpus = EXCLUDED.gpus, cpus = EXCLUDED.cpus,
         concurrency = EXCLUDED.concurrency, free_slots = EXCLUDED.free_slots, free_gpus = EXCLUDED.free_gpus,
         running = '{}', models_cached = '[]', heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         lease_seconds = EXCLUDED.lease_seconds, started_at = pg_catalog.clock_timestamp(),
@@ -3933,7 +4263,7 @@ BEGIN
     -- nobody needs rows of workers silent for a week
     DELETE FROM pgml.workers w WHERE w.heartbeat_at < pg_catalog.clock_timestamp() - interval '7 days';
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real) TO pgml_worker;
+GRANT EXECUTE ON FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real, cpus integer) TO pgml_worker;
 
 -- FUNCTION pgml._worker_stop(worker_id text, token text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._worker_stop(worker_id text, token text)
@@ -4267,13 +4597,8 @@ BEGIN
         note := CASE WHEN r.job IS NULL THEN pg_catalog.format('pgml_rows.%I: its job is gone', r.relname)
                      WHEN r.kept THEN pg_catalog.format('pgml_rows.%I: kept by materialize_snapshot', r.relname)
                      ELSE pg_catalog.format('pgml_rows.%I: left by an ended job', r.relname) END;
-        IF apply THEN
-            BEGIN
-                PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
-                EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', r.relname);
-            EXCEPTION WHEN lock_not_available THEN
-                note := note || ' (in use: not dropped; run gc again)';
-            END;
+        IF apply AND NOT pgml._drop_unlocked('pgml_rows', r.relname) THEN  -- never waits on a user's lock
+            note := note || ' (in use: not dropped; the workers'' sweep drops it once it is free)';
         END IF;
         RETURN NEXT;
     END LOOP;
@@ -4883,6 +5208,7 @@ CREATE EVENT TRIGGER pgml_guard_schema ON ddl_command_end EXECUTE FUNCTION pgml.
 -- ==== roles that include other roles ====
 
 GRANT pgml_child TO pgml_worker;
+GRANT pgml_serving TO pgml_worker;
 GRANT pgml_user TO pgml_admin;
 
 -- ==== grants on schemas, default privileges ====
@@ -4890,6 +5216,7 @@ GRANT pgml_user TO pgml_admin;
 GRANT CREATE, USAGE ON SCHEMA pgml TO pgml_user;
 GRANT USAGE ON SCHEMA pgml TO pgml_child;
 GRANT USAGE ON SCHEMA pgml TO pgml_loopback_<database>;
+GRANT USAGE ON SCHEMA pgml TO pgml_serving;
 GRANT USAGE ON SCHEMA pgml TO pgml_worker;
 GRANT USAGE ON SCHEMA pgml_dblink TO pgml_owner;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_admin;
@@ -4897,6 +5224,6 @@ GRANT USAGE ON SCHEMA pgml_rows TO pgml_user;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 31 rows, md5 432c5fc3e1778219ae2dea3119bbfd7d
+-- pgml.schema_migrations: 34 rows, md5 cb28b6f7bc1ca0aa11a5d753062f78a5
 -- pgml.tasks: 6 rows, md5 ed8314b74119876f06e783f5420f46f4
 -- pgml.training_arg_types: 113 rows, md5 3a4871d47975d072fb12224baffa84ea

@@ -42,7 +42,7 @@ BEGIN
 END $$;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_user, pgml_admin;
 -- load_dataset's staging tables (0034): a child COPYs into its own (granted INSERT on it alone); nobody else
-REVOKE ALL ON SCHEMA pgml_staging FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback;
+REVOKE ALL ON SCHEMA pgml_staging FROM PUBLIC, pgml_user, pgml_worker, pgml_admin, pgml_child, pgml_loopback, pgml_serving;
 GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ---- pgml_user ----
@@ -175,7 +175,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._request_lock_key(bigint),
     pgml._request_lock_space(),
     pgml._requests_answer(text,bigint[],jsonb[]),
-    pgml._requests_claim(text,integer,double precision),
+    pgml._requests_claim(text,integer,double precision,integer),
     pgml._requests_expire(),
     pgml._requests_release(text),
     pgml._requests_renew(text,double precision),
