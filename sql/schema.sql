@@ -180,6 +180,16 @@ CREATE TABLE pgml.gang_members (
 GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE pgml.gang_members TO pgml_worker;
 GRANT SELECT ON TABLE pgml.gang_members TO pgml_admin;
 
+-- table pgml.gang_secrets, owner pgml_owner
+CREATE TABLE pgml.gang_secrets (
+    job_id bigint NOT NULL,
+    attempt integer NOT NULL,
+    secret text NOT NULL,
+    CONSTRAINT gang_secrets_job_id_fkey FOREIGN KEY (job_id) REFERENCES pgml.jobs(id) ON DELETE CASCADE,
+    CONSTRAINT gang_secrets_pkey PRIMARY KEY (job_id)
+);
+GRANT DELETE, INSERT, SELECT, UPDATE ON TABLE pgml.gang_secrets TO pgml_worker;
+
 -- table pgml.hub_allowlist, owner pgml_owner
 CREATE TABLE pgml.hub_allowlist (
     pattern text NOT NULL,
@@ -1426,9 +1436,9 @@ CREATE OR REPLACE FUNCTION pgml._dataset_begin(job_id bigint, ticket text, names
 AS $function$
 DECLARE
     v_job     pgml.jobs := pgml._dataset_job(job_id, ticket);
-    v_staging text := pgml._dataset_staging(job_id, v_job.attempt);
+    v_staging text := pg_catalog.format('load_%s_%s_%s', job_id, v_job.attempt,
+                                        pg_catalog.left(pg_catalog.md5(pg_catalog.gen_random_uuid()::text), 16));
     v_cols    text;
-    v_old     bigint;
 BEGIN
     PERFORM pgml._dataset_check_target(v_job.hyperparams ->> 'source', v_job.submitted_by::name);
     IF coalesce(cardinality(names), 0) = 0 OR cardinality(names) <> cardinality(types) OR cardinality(names) > 1600
@@ -1456,21 +1466,14 @@ BEGIN
             HINT = 'a worker bug',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- this job's earlier attempts, and any other job's left behind (a settle that could not take its lock)
+    -- this job's earlier attempts (what other jobs left is the sweep's: pgml._job_tables_sweep)
     PERFORM pgml._dataset_drop_staging(job_id);
-    FOR v_old IN SELECT DISTINCT (regexp_match(c.relname, '^_dataset_load_(\d+)_\d+$'))[1]::bigint
-                 FROM pg_class c
-                 WHERE c.relnamespace = 'pgml'::regnamespace AND c.relname ~ '^_dataset_load_\d+_\d+$' LOOP
-        IF NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = v_old AND j.status = 'running') THEN
-            PERFORM pgml._dataset_drop_staging(v_old);
-        END IF;
-    END LOOP;
     SELECT string_agg(format('%I %s', n, t), ', ' ORDER BY i) INTO v_cols
     FROM unnest(names, types) WITH ORDINALITY AS c (n, t, i);
-    EXECUTE format('CREATE TABLE pgml.%I (%s)', v_staging, v_cols);
-    EXECUTE format('REVOKE ALL ON pgml.%I FROM PUBLIC', v_staging);
-    EXECUTE format('GRANT INSERT ON pgml.%I TO %I', v_staging, session_user);
-    RETURN v_staging;
+    EXECUTE format('CREATE TABLE pgml_staging.%I (%s)', v_staging, v_cols);
+    EXECUTE format('REVOKE ALL ON pgml_staging.%I FROM PUBLIC', v_staging);
+    EXECUTE format('GRANT INSERT ON pgml_staging.%I TO %I', v_staging, session_user);
+    RETURN format('pgml_staging.%I', v_staging);
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._dataset_begin(job_id bigint, ticket text, names text[], types text[]) TO pgml_child;
 
@@ -1550,13 +1553,13 @@ DECLARE
     v_deps     text;
     v_previous name;
 BEGIN
-    IF to_regclass(format('pgml.%I', v_staging)) IS NULL THEN
+    IF v_staging IS NULL THEN
         RAISE EXCEPTION USING MESSAGE = format('job %s attempt %s has no staging table', job_id, v_job.attempt),
             HINT = 'a worker bug',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    EXECUTE format('REVOKE ALL ON pgml.%I FROM %I', v_staging, session_user);
-    EXECUTE format('SELECT count(*) FROM pgml.%I', v_staging) INTO v_count;
+    EXECUTE format('REVOKE ALL ON pgml_staging.%I FROM %I', v_staging, session_user);
+    EXECUTE format('SELECT count(*) FROM pgml_staging.%I', v_staging) INTO v_count;
     IF v_count <> rows THEN
         RAISE EXCEPTION USING MESSAGE = format('the worker wrote %s rows but the staging table holds %s', rows, v_count),
             HINT = 'a worker bug',
@@ -1564,7 +1567,7 @@ BEGIN
     END IF;
     SELECT jsonb_agg(jsonb_build_object('name', a.attname, 'type', format_type(a.atttypid, a.atttypmod))
                      ORDER BY a.attnum) INTO v_columns
-    FROM pg_attribute a WHERE a.attrelid = format('pgml.%I', v_staging)::regclass AND a.attnum > 0
+    FROM pg_attribute a WHERE a.attrelid = format('pgml_staging.%I', v_staging)::regclass AND a.attnum > 0
                           AND NOT a.attisdropped;
 
     PERFORM pgml._dataset_check_target(v_name, v_job.submitted_by::name);
@@ -1585,11 +1588,11 @@ BEGIN
         END IF;
         IF v_deps IS NULL THEN
             EXECUTE format('DROP TABLE pgml.%I', v_name);
-            EXECUTE format('ALTER TABLE pgml.%I RENAME TO %I', v_staging, v_name);
+            PERFORM pgml._dataset_move_in(v_staging, v_name);
         ELSIF v_old_cols = v_columns THEN
             EXECUTE format('TRUNCATE pgml.%I', v_name);
-            EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml.%I', v_name, v_staging);
-            EXECUTE format('DROP TABLE pgml.%I', v_staging);
+            EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml_staging.%I', v_name, v_staging);
+            PERFORM pgml._drop_unlocked('pgml_staging', v_staging);
         ELSE
             RAISE EXCEPTION USING MESSAGE = format('pgml.%I has dependent objects (%s) and the new load''s columns %s differ from '
                                       'its columns %s', v_name, v_deps, v_columns, v_old_cols),
@@ -1597,7 +1600,7 @@ BEGIN
                 ERRCODE = 'dependent_objects_still_exist';
         END IF;
     ELSE
-        EXECUTE format('ALTER TABLE pgml.%I RENAME TO %I', v_staging, v_name);
+        PERFORM pgml._dataset_move_in(v_staging, v_name);
     END IF;
     EXECUTE format('GRANT SELECT ON pgml.%I TO %I', v_name, v_job.submitted_by);
 
@@ -1616,20 +1619,17 @@ CREATE OR REPLACE FUNCTION pgml._dataset_drop_staging(job_id bigint, keep text D
  RETURNS void
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'pg_temp'
- SET lock_timeout TO '2s'
 AS $function$
 DECLARE
-    v_table text;
+    r record;
 BEGIN
-    FOR v_table IN SELECT c.relname FROM pg_class c
-                   WHERE c.relnamespace = 'pgml'::regnamespace AND c.relkind = 'r'
-                     AND c.relname LIKE format('\_dataset\_load\_%s\_%%', job_id)
-                     AND c.relname IS DISTINCT FROM keep LOOP
-        BEGIN
-            EXECUTE format('DROP TABLE IF EXISTS pgml.%I', v_table);
-        EXCEPTION WHEN lock_not_available THEN
-            RAISE WARNING 'pgml.%: staging table of job % still in use; the next load drops it', v_table, job_id;
-        END;
+    FOR r IN SELECT n.nspname::text AS nsp, c.relname::text AS relname FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r'
+               AND ((n.nspname = 'pgml_staging' AND c.relname ~ format('^load_%s_[0-9]+_[0-9a-f]{16}$', job_id))
+                    OR (n.nspname = 'pgml' AND c.relname ~ format('^_dataset_load_%s_[0-9]+$', job_id)))
+               AND c.relname IS DISTINCT FROM keep LOOP
+        PERFORM pgml._drop_unlocked(r.nsp, r.relname);
     END LOOP;
 END $function$;
 
@@ -1688,6 +1688,30 @@ $function$;
 GRANT EXECUTE ON FUNCTION pgml._dataset_kwargs() TO pgml_child;
 GRANT EXECUTE ON FUNCTION pgml._dataset_kwargs() TO pgml_user;
 
+-- FUNCTION pgml._dataset_move_in(staging text, name text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._dataset_move_in(staging text, name text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+    BEGIN
+        PERFORM pg_catalog.set_config('lock_timeout', '10ms', true);  -- what the move also locks (its TOAST table)
+        EXECUTE format('LOCK TABLE pgml_staging.%I IN ACCESS EXCLUSIVE MODE NOWAIT', staging);
+        EXECUTE format('ALTER TABLE pgml_staging.%I RENAME TO %I', staging, name);
+        EXECUTE format('ALTER TABLE pgml_staging.%I SET SCHEMA pgml', name);
+        PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+        RETURN;
+    EXCEPTION WHEN lock_not_available THEN
+        NULL;  -- (the subtransaction's lock_timeout is undone with it)
+    END;
+    EXECUTE format('CREATE TABLE pgml.%I (LIKE pgml_staging.%I)', name, staging);
+    EXECUTE format('INSERT INTO pgml.%I SELECT * FROM pgml_staging.%I', name, staging);
+    PERFORM pgml._drop_unlocked('pgml_staging', staging);
+END $function$;
+
 -- FUNCTION pgml._dataset_result(job_id bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._dataset_result(job_id bigint)
  RETURNS TABLE(table_name text, rows bigint)
@@ -1723,9 +1747,14 @@ GRANT EXECUTE ON FUNCTION pgml._dataset_result(job_id bigint) TO pgml_user;
 CREATE OR REPLACE FUNCTION pgml._dataset_staging(job_id bigint, attempt integer)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE
+ STABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$ SELECT format('_dataset_load_%s_%s', job_id, attempt) $function$;
+AS $function$
+    SELECT c.relname::text FROM pg_catalog.pg_class c
+    WHERE c.relnamespace = 'pgml_staging'::regnamespace AND c.relkind = 'r'
+      AND c.relname ~ pg_catalog.format('^load_%s_%s_[0-9a-f]{16}$', job_id, attempt)
+    ORDER BY c.oid DESC LIMIT 1
+$function$;
 
 -- FUNCTION pgml._dblink_connections(v_schema name), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._dblink_connections(v_schema name)
@@ -1750,6 +1779,24 @@ AS $function$
     SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
     WHERE e.extname = 'dblink'
 $function$;
+
+-- FUNCTION pgml._drop_unlocked(schema_name text, table_name text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._drop_unlocked(schema_name text, table_name text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET lock_timeout TO '10ms'
+AS $function$
+BEGIN
+    EXECUTE pg_catalog.format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE NOWAIT', schema_name, table_name);
+    EXECUTE pg_catalog.format('DROP TABLE %I.%I', schema_name, table_name);
+    RETURN true;
+EXCEPTION
+    WHEN lock_not_available THEN
+        RETURN false;
+    WHEN undefined_table THEN
+        RETURN true;  -- dropped meanwhile
+END $function$;
 
 -- FUNCTION pgml._fail(message text, hint text, code text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._fail(message text, hint text, code text DEFAULT 'invalid_parameter_value'::text)
@@ -2205,28 +2252,53 @@ CREATE OR REPLACE FUNCTION pgml._job_tables_drop(job_ids bigint[])
 AS $function$
 DECLARE
     v_name text;
-    v_timeout text := pg_catalog.current_setting('lock_timeout');
 BEGIN
-    PERFORM pg_catalog.set_config('lock_timeout', '50ms', true);
     FOR v_name IN
-        SELECT c.relname FROM pg_catalog.pg_class c
+        SELECT c.relname FROM pg_catalog.unnest(job_ids) AS i (id)
+        JOIN pg_catalog.pg_class c ON c.relname = pgml._job_table(i.id)
+                                  AND c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
+        LEFT JOIN pgml.jobs j ON j.id = i.id
+        WHERE j.id IS NULL OR j.status IN ('succeeded', 'failed', 'cancelled')
+    LOOP
+        PERFORM pgml._drop_unlocked('pgml_rows', v_name);
+    END LOOP;
+END $function$;
+
+-- FUNCTION pgml._job_tables_sweep(), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._job_tables_sweep()
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    r record;
+    v_dropped integer := 0;
+BEGIN
+    FOR r IN
+        SELECT 'pgml_rows' AS nsp, c.relname::text AS relname FROM pg_catalog.pg_class c
         LEFT JOIN pgml.jobs j ON j.id = CASE WHEN c.relname ~ '^job_[0-9]{1,18}$'
                                              THEN pg_catalog.substr(c.relname::text, 5)::bigint END
-        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r'
-          AND (c.relname = ANY (SELECT pgml._job_table(i) FROM pg_catalog.unnest(job_ids) AS i)
-               OR j.id IS NULL
-               OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
-          AND NOT (j.id IS NOT NULL AND j.status NOT IN ('succeeded', 'failed', 'cancelled'))
-          AND NOT (j.id IS NOT NULL AND j.keep_snapshot AND j.id <> ALL (job_ids))
+        WHERE c.relnamespace = 'pgml_rows'::regnamespace AND c.relkind = 'r' AND c.relname ~ '^job_[0-9]{1,18}$'
+          AND (j.id IS NULL OR (j.status IN ('succeeded', 'failed', 'cancelled') AND NOT j.keep_snapshot))
+        UNION ALL
+        SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL pg_catalog.regexp_match(c.relname::text,
+            '^(?:load|_dataset_load)_([0-9]{1,18})_([0-9]{1,9})(?:_[0-9a-f]{16})?$') AS m (part)
+        LEFT JOIN pgml.jobs j ON j.id = m.part[1]::bigint
+        WHERE c.relkind = 'r'
+          AND ((n.nspname = 'pgml_staging' AND c.relname ~ '^load_')
+               OR (n.nspname = 'pgml' AND c.relname ~ '^_dataset_load_[0-9]+_[0-9]+$'))  -- made before 0034
+          AND (j.id IS NULL OR j.status <> 'running' OR j.attempt <> m.part[2]::integer)
     LOOP
-        BEGIN
-            EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', v_name);
-        EXCEPTION WHEN lock_not_available THEN
-            NULL;  -- in use: the next job's end (or pgml-tuned gc) drops it
-        END;
+        IF pgml._drop_unlocked(r.nsp, r.relname) THEN
+            v_dropped := v_dropped + 1;
+        END IF;
     END LOOP;
-    PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+    RETURN v_dropped;
 END $function$;
+GRANT EXECUTE ON FUNCTION pgml._job_tables_sweep() TO pgml_worker;
 
 -- FUNCTION pgml._jobs_resources_check(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._jobs_resources_check()
@@ -4174,13 +4246,8 @@ BEGIN
         note := CASE WHEN r.job IS NULL THEN pg_catalog.format('pgml_rows.%I: its job is gone', r.relname)
                      WHEN r.kept THEN pg_catalog.format('pgml_rows.%I: kept by materialize_snapshot', r.relname)
                      ELSE pg_catalog.format('pgml_rows.%I: left by an ended job', r.relname) END;
-        IF apply THEN
-            BEGIN
-                PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
-                EXECUTE pg_catalog.format('DROP TABLE pgml_rows.%I', r.relname);
-            EXCEPTION WHEN lock_not_available THEN
-                note := note || ' (in use: not dropped; run gc again)';
-            END;
+        IF apply AND NOT pgml._drop_unlocked('pgml_rows', r.relname) THEN  -- never waits on a user's lock
+            note := note || ' (in use: not dropped; the workers'' sweep drops it once it is free)';
         END IF;
         RETURN NEXT;
     END LOOP;
@@ -4801,6 +4868,6 @@ GRANT USAGE ON SCHEMA pgml_rows TO pgml_user;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 31 rows, md5 432c5fc3e1778219ae2dea3119bbfd7d
+-- pgml.schema_migrations: 32 rows, md5 2cae3fea8056a5e3d2820531c155dae1
 -- pgml.tasks: 6 rows, md5 ed8314b74119876f06e783f5420f46f4
 -- pgml.training_arg_types: 113 rows, md5 3a4871d47975d072fb12224baffa84ea

@@ -18,6 +18,5 @@ CREATE TABLE IF NOT EXISTS pgml.gang_secrets (
 
 CREATE SCHEMA IF NOT EXISTS pgml_staging;
 ALTER SCHEMA pgml_staging OWNER TO pgml_owner;
-REVOKE ALL ON SCHEMA pgml_staging FROM PUBLIC;
 
 INSERT INTO pgml.schema_migrations (version) VALUES ('0034_rendezvous_staging') ON CONFLICT DO NOTHING;

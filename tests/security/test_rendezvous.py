@@ -140,7 +140,7 @@ def test_a_wrong_proof_under_the_right_prefix_is_refused() -> None:
         dist.TCPStore("127.0.0.1", port, None, False, timeout=dt.timedelta(seconds=5)),
     )
     intruder.wait(["nonce"])
-    intruder.set("proof/1", b"0" * 64)
+    intruder.set("proof/1", "0" * 64)
     t.join(30)
     assert isinstance(out[0], rendezvous.HandshakeError), out[0]
     assert "rank 1 did not prove" in str(out[0])
