@@ -6,6 +6,7 @@
 CREATE SCHEMA pgml;  -- owner pgml_owner
 CREATE SCHEMA pgml_dblink;  -- owner <superuser>
 CREATE SCHEMA pgml_rows;  -- owner pgml_owner
+CREATE SCHEMA pgml_staging;  -- owner pgml_owner
 
 -- ==== extensions ====
 
@@ -4865,6 +4866,7 @@ GRANT USAGE ON SCHEMA pgml TO pgml_worker;
 GRANT USAGE ON SCHEMA pgml_dblink TO pgml_owner;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_admin;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_user;
+GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
