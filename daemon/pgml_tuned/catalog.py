@@ -11,7 +11,8 @@ release. The form is made to compare, and to read:
 - nothing that depends on who migrated or where: grantors are left out, a superuser's name prints as <superuser>,
   a database's loopback login (pgml_loopback_<database oid>) as pgml_loopback_<database>;
 - what a database holds at run time is left out (a job's table in pgml_rows, a load's in pgml_staging, datasets,
-  prediction tables); the contents of the reference tables (tasks, training_arg_types, schema_migrations) are in, as a count and an md5.
+  prediction tables); the contents of the reference tables (tasks, training_arg_types, schema_migrations) are in,
+  as a count and an md5.
 """
 
 from __future__ import annotations

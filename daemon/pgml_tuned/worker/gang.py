@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import socket
 from dataclasses import dataclass
+from secrets import token_hex
 from typing import Any
 
 from ..config import Settings
@@ -41,6 +42,12 @@ def default_address() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def new_secret() -> str:
+    """A gang attempt's rendezvous secret (child/rendezvous.py makes a one-host job's the same way): its ranks prove
+    it at the rendezvous; the members read it from pgml.gang_secrets, which only the workers' login reads."""
+    return token_hex(32)
 
 
 def rendezvous_at(address: str) -> str:
