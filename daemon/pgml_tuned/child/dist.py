@@ -136,7 +136,7 @@ def join(payload: dict[str, Any]) -> Rank:
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     wait = float(place.get("rendezvous_seconds") or timeout.total_seconds())
     try:
-        raw, sock = rendezvous.open_store(host, port, me.main, wait)
+        raw = rendezvous.open_store(host, port, me.main, wait)
         store = rendezvous.handshake(raw, str(place["secret"]), me.rank, me.world_size)
     except rendezvous.HandshakeError as e:
         raise RendezvousError(f"the rendezvous at {host}:{port} was refused: {e}") from None
@@ -153,13 +153,9 @@ def join(payload: dict[str, Any]) -> Rank:
         raise RendezvousError(
             f"the rendezvous of {what} at {host}:{port} did not complete in {wait:.0f} s ({why}): {cause}"
         ) from None
-    _KEEP.append((raw, sock))  # rank 0's socket lives as long as its store: the whole process
     raw.set_timeout(timeout)
     dist.init_process_group(backend, store=store, rank=me.rank, world_size=me.world_size, timeout=timeout)
     return me
-
-
-_KEEP: list[Any] = []  # the store's socket (rank 0) and the raw store, for the process's lifetime
 
 
 class RendezvousError(Exception):

@@ -67,14 +67,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def open_store(host: str, port: int, main: bool, wait: float) -> tuple[Any, socket.socket | None]:
+def open_store(host: str, port: int, main: bool, wait: float) -> Any:
     """The job's TCPStore: hosted by rank 0 on a socket bound to `host` only, joined by the others (who retry for up
-    to `wait` seconds while rank 0 starts). Returns the store and rank 0's socket (kept open as long as the store)."""
+    to `wait` seconds while rank 0 starts)."""
     import torch.distributed as dist
 
     timeout = dt.timedelta(seconds=wait)
     if not main:
-        return dist.TCPStore(host.strip("[]"), port, None, False, timeout=timeout), None
+        return dist.TCPStore(host.strip("[]"), port, None, False, timeout=timeout)
     sock = listen(host, port)
     try:
         store = dist.TCPStore(
@@ -83,7 +83,8 @@ def open_store(host: str, port: int, main: bool, wait: float) -> tuple[Any, sock
     except Exception:
         sock.close()
         raise
-    return store, sock
+    sock.detach()  # the store's server owns the descriptor now (it closes it): Python must not close it too
+    return store
 
 
 def handshake(store: Any, secret: str, rank: int, world_size: int) -> Any:
