@@ -2297,6 +2297,8 @@ BEGIN
             v_dropped := v_dropped + 1;
         END IF;
     END LOOP;
+    DELETE FROM pgml.gang_secrets s
+    WHERE NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = s.job_id AND j.attempt = s.attempt AND j.status = 'running');
     RETURN v_dropped;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._job_tables_sweep() TO pgml_worker;

@@ -157,6 +157,13 @@ def test_only_the_workers_read_the_gang_secrets(conn: Conn, ops: Conn) -> None:
         who.rollback()
 
 
+def test_a_gang_attempts_secret_is_forgotten_once_the_attempt_is_over(ops: Conn, su: Conn) -> None:
+    job = ops.execute("SELECT job_id FROM pgml.tune('gs', task => 'noop', model_name => 'none')").fetchone()["job_id"]
+    su.execute("INSERT INTO pgml.gang_secrets (job_id, attempt, secret) VALUES (%s, 1, 'x')", (job,))
+    su.execute("SELECT pgml._job_tables_sweep()")  # the workers' periodic pass: the job is not running attempt 1
+    assert not su.execute("SELECT 1 FROM pgml.gang_secrets WHERE job_id = %s", (job,)).fetchone()
+
+
 # ---- a real {"procs": 2} job -------------------------------------------------------------------------------------
 def job_processes(daemon_pid: int) -> list[Any]:
     import psutil
