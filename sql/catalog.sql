@@ -34,6 +34,7 @@ LEFT JOIN pg_catalog.pg_sequence s ON s.seqrelid = c.oid
 WHERE n.nspname = ANY (%(schemas)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
   AND NOT c.relispartition
   AND NOT (n.nspname = 'pgml_rows' AND c.relname ~ '^job_[0-9]+$')
+  AND n.nspname <> 'pgml_staging'  -- a load's staging tables (0034): made at run time
   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                   JOIN pg_catalog.pg_class t ON t.oid = d.refobjid
                   JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace

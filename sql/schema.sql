@@ -6,6 +6,7 @@
 CREATE SCHEMA pgml;  -- owner pgml_owner
 CREATE SCHEMA pgml_dblink;  -- owner <superuser>
 CREATE SCHEMA pgml_rows;  -- owner pgml_owner
+CREATE SCHEMA pgml_staging;  -- owner pgml_owner
 
 -- ==== extensions ====
 
@@ -2332,6 +2333,8 @@ BEGIN
             v_dropped := v_dropped + 1;
         END IF;
     END LOOP;
+    DELETE FROM pgml.gang_secrets s
+    WHERE NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = s.job_id AND j.attempt = s.attempt AND j.status = 'running');
     RETURN v_dropped;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._job_tables_sweep() TO pgml_worker;
@@ -5221,6 +5224,7 @@ GRANT USAGE ON SCHEMA pgml TO pgml_worker;
 GRANT USAGE ON SCHEMA pgml_dblink TO pgml_owner;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_admin;
 GRANT USAGE ON SCHEMA pgml_rows TO pgml_user;
+GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 

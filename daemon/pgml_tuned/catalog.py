@@ -10,8 +10,9 @@ release. The form is made to compare, and to read:
   matter but every clause does;
 - nothing that depends on who migrated or where: grantors are left out, a superuser's name prints as <superuser>,
   a database's loopback login (pgml_loopback_<database oid>) as pgml_loopback_<database>;
-- what a database holds at run time is left out (a job's table in pgml_rows, datasets, prediction tables); the
-  contents of the reference tables (tasks, training_arg_types, schema_migrations) are in, as a count and an md5.
+- what a database holds at run time is left out (a job's table in pgml_rows, a load's in pgml_staging, datasets,
+  prediction tables); the contents of the reference tables (tasks, training_arg_types, schema_migrations) are in,
+  as a count and an md5.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from psycopg import sql
 
 from .db import q
 
-SCHEMAS = ["pgml", "pgml_rows", "pgml_dblink"]
+SCHEMAS = ["pgml", "pgml_rows", "pgml_staging", "pgml_dblink"]
 ROLES = ["pgml_owner", "pgml_user", "pgml_worker", "pgml_admin", "pgml_child", "pgml_loopback", "pgml_serving"]
 # the rows the migrations and sql/functions write, by the columns that do not depend on when they ran
 REFERENCE_TABLES = {"pgml.schema_migrations": ["version"], "pgml.tasks": ["*"], "pgml.training_arg_types": ["*"]}

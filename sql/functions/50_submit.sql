@@ -453,8 +453,8 @@ END $$;
 -- Drops the tables of these jobs (their end, or their deletion), unless an ended job keeps its snapshot
 -- (tune(materialize_snapshot => true); only its deletion drops that one). A table someone holds a lock on (a
 -- submitter reading it in an open transaction, or holding it on purpose) is left as it is, at once: the worker's
--- commit of a job's end and pgml.cancel never wait on a user's lock. pgml._job_tables_sweep (the workers' periodic
--- pass, and pgml.gc) drops it once it is free, with any other table left behind.
+-- commit of a job's end and pgml.cancel never wait on a user's lock. The workers' periodic pass
+-- (pgml._job_tables_sweep) or pgml.gc drops it once it is free, with any other table left behind.
 CREATE OR REPLACE FUNCTION pgml._job_tables_drop(job_ids bigint[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -476,7 +476,8 @@ END $$;
 -- The background pass over what job ends and cancels left behind (a table that was in use then): the tables of
 -- ended jobs that nothing keeps, of jobs that are gone, and load_dataset's staging tables of attempts that no longer
 -- run. Each one is dropped only if it is free at once (pgml._drop_unlocked); the rest waits for the next pass. Run
--- by every worker about every 10 s (pgml_tuned/worker/daemon.py) and by pgml.gc. Returns the tables dropped.
+-- by every worker about every 10 s (pgml_tuned/worker/daemon.py). Returns the tables dropped. It also forgets the
+-- rendezvous secrets of gang attempts that are over (pgml.gang_secrets, 0034).
 CREATE OR REPLACE FUNCTION pgml._job_tables_sweep() RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -506,6 +507,8 @@ BEGIN
             v_dropped := v_dropped + 1;
         END IF;
     END LOOP;
+    DELETE FROM pgml.gang_secrets s
+    WHERE NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = s.job_id AND j.attempt = s.attempt AND j.status = 'running');
     RETURN v_dropped;
 END $$;
 

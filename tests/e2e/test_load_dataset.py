@@ -86,8 +86,8 @@ def leftovers(su: Conn) -> list[str]:
     return [
         r["relname"]
         for r in su.execute(
-            "SELECT relname FROM pg_class "
-            "WHERE relnamespace = 'pgml'::regnamespace AND relname LIKE '\\_dataset\\_load%'"
+            "SELECT relname FROM pg_class WHERE relkind = 'r' AND (relnamespace = 'pgml_staging'::regnamespace "
+            "OR (relnamespace = 'pgml'::regnamespace AND relname LIKE '\\_dataset\\_load%'))"
         ).fetchall()
     ]
 

@@ -97,8 +97,11 @@ def test_a_database_of_the_last_release_upgrades_in_place(
             queued = submit(user, "queued", "reviews", str(tiny_bert))
             before = rows_of(su)
 
-            # the upgrade: no migration left to apply, every function, view, trigger and grant re-applied
-            assert anyio.run(db.migrate, dsn) == []
+            # the upgrade: the migrations added since the release applied, every function, view, trigger and grant
+            # re-applied
+            shipped = {version for version, _ in released()}
+            added = sorted(p.stem for p in (SQL_DIR / "migrations").glob("*.sql") if p.stem not in shipped)
+            assert anyio.run(db.migrate, dsn) == added
             assert catalog.dump(su) == (SQL_DIR / "schema.sql").read_text()
             assert rows_of(su) == before
 

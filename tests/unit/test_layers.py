@@ -36,6 +36,7 @@ RANKS = {
     "child.events": 4,
     "child.uploader": 4,
     "child.writes": 4,
+    "child.rendezvous": 4,  # where a job's ranks meet: the store's address and the per-attempt secret
     "child.store": 5,
     "child.dist": 5,
     "child.context": 6,

@@ -5,8 +5,9 @@ payload on stdin). When the job asks for more than one rank, that process become
 `torchrun --standalone --nproc-per-node N` does — starts N copies of `python -m pgml_tuned.child` with RANK,
 LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set — but hands each rank the payload on its
 stdin (torchrun gives its workers no stdin of their own, and the ticket and secrets never go on a command line, in
-the environment or on disk). The ranks run the recipe; the Trainer runs DDP (or FSDP / DeepSpeed when
-training_args ask for them) over NCCL on GPUs, gloo on CPUs.
+the environment or on disk). Rank 0's store listens on MASTER_ADDR alone (127.0.0.1 on one host), and only ranks
+that prove the attempt's secret use it (rendezvous.py). The ranks run the recipe; the Trainer runs DDP (or FSDP /
+DeepSpeed when training_args ask for them) over NCCL on GPUs, gloo on CPUs.
 
 Rank 0 alone talks to the job's bookkeeping (log rows, checkpoints, files, the final commit, all fenced on the
 attempt as for one process); its events are the launcher's. The ranks share one directory (`shared`): the
@@ -136,7 +137,7 @@ def join(payload: dict[str, Any]) -> Rank:
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     wait = float(place.get("rendezvous_seconds") or timeout.total_seconds())
     try:
-        raw, sock = rendezvous.open_store(host, port, me.main, wait)
+        raw = rendezvous.open_store(host, port, me.main, wait)
         store = rendezvous.handshake(raw, str(place["secret"]), me.rank, me.world_size)
     except rendezvous.HandshakeError as e:
         raise RendezvousError(f"the rendezvous at {host}:{port} was refused: {e}") from None
@@ -153,13 +154,9 @@ def join(payload: dict[str, Any]) -> Rank:
         raise RendezvousError(
             f"the rendezvous of {what} at {host}:{port} did not complete in {wait:.0f} s ({why}): {cause}"
         ) from None
-    _KEEP.append((raw, sock))  # rank 0's socket lives as long as its store: the whole process
     raw.set_timeout(timeout)
     dist.init_process_group(backend, store=store, rank=me.rank, world_size=me.world_size, timeout=timeout)
     return me
-
-
-_KEEP: list[Any] = []  # the store's socket (rank 0) and the raw store, for the process's lifetime
 
 
 class RendezvousError(Exception):

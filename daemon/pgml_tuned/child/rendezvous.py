@@ -42,9 +42,9 @@ def key_prefix(secret: str) -> str:
     return "pgml/" + hmac.new(secret.encode(), PREFIX_LABEL, hashlib.sha256).hexdigest()[:40]
 
 
-def proof(secret: str, nonce: str, who: str) -> bytes:
+def proof(secret: str, nonce: str, who: str) -> str:
     """What a rank (who: its number, or "ok" for rank 0's answer) writes to show it holds the secret."""
-    return hmac.new(secret.encode(), f"{nonce}/{who}".encode(), hashlib.sha256).hexdigest().encode()
+    return hmac.new(secret.encode(), f"{nonce}/{who}".encode(), hashlib.sha256).hexdigest()
 
 
 class HandshakeError(Exception):
@@ -67,14 +67,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def open_store(host: str, port: int, main: bool, wait: float) -> tuple[Any, socket.socket | None]:
+def open_store(host: str, port: int, main: bool, wait: float) -> Any:
     """The job's TCPStore: hosted by rank 0 on a socket bound to `host` only, joined by the others (who retry for up
-    to `wait` seconds while rank 0 starts). Returns the store and rank 0's socket (kept open as long as the store)."""
+    to `wait` seconds while rank 0 starts)."""
     import torch.distributed as dist
 
     timeout = dt.timedelta(seconds=wait)
     if not main:
-        return dist.TCPStore(host.strip("[]"), port, None, False, timeout=timeout), None
+        return dist.TCPStore(host.strip("[]"), port, None, False, timeout=timeout)
     sock = listen(host, port)
     try:
         store = dist.TCPStore(
@@ -83,7 +83,8 @@ def open_store(host: str, port: int, main: bool, wait: float) -> tuple[Any, sock
     except Exception:
         sock.close()
         raise
-    return store, sock
+    sock.detach()  # the store's server owns the descriptor now (it closes it): Python must not close it too
+    return store
 
 
 def handshake(store: Any, secret: str, rank: int, world_size: int) -> Any:
@@ -99,7 +100,7 @@ def handshake(store: Any, secret: str, rank: int, world_size: int) -> Any:
         if keys:
             ns.wait(keys)
         for r in range(1, world_size):
-            if not hmac.compare_digest(bytes(ns.get(f"proof/{r}")), proof(secret, nonce, str(r))):
+            if not hmac.compare_digest(bytes(ns.get(f"proof/{r}")), proof(secret, nonce, str(r)).encode()):
                 raise HandshakeError(f"rank {r} did not prove it holds the job's rendezvous secret")
         ns.set("ok", proof(secret, nonce, "ok"))
         return ns
@@ -107,7 +108,7 @@ def handshake(store: Any, secret: str, rank: int, world_size: int) -> Any:
     nonce = bytes(ns.get("nonce")).decode()
     ns.set(f"proof/{rank}", proof(secret, nonce, str(rank)))
     ns.wait(["ok"])
-    if not hmac.compare_digest(bytes(ns.get("ok")), proof(secret, nonce, "ok")):
+    if not hmac.compare_digest(bytes(ns.get("ok")), proof(secret, nonce, "ok").encode()):
         raise HandshakeError("rank 0 did not prove it holds the job's rendezvous secret")
     return ns
 

@@ -19,7 +19,6 @@ import anyio
 import structlog
 
 from .. import logconfig, secrets
-from ..child.rendezvous import new_secret
 from ..states import Action, Claim, ExitCode, Status, StopReason, requested_gpus, settle
 from . import gang
 from .backend import Backend
@@ -197,7 +196,7 @@ class Attempt:
         job, plan = self.claim, self.plan
         assert plan is not None
         rendezvous = gang.rendezvous_at(plan.address)
-        self.rendezvous_secret = new_secret()  # for this attempt's ranks only (pgml.gang_secrets for the members)
+        self.rendezvous_secret = gang.new_secret()  # for this attempt's ranks only (pgml.gang_secrets for the members)
         if not await backend.gang_open(job, rendezvous, self.rendezvous_secret, plan.nodes):
             log.warning("job.abandoned", reason="lease lost before the gang formed")
             return None

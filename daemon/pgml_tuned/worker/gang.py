@@ -1,8 +1,10 @@
 """Jobs across several workers: hyperparams.resources.nodes = N runs the job's ranks on N workers at once, a gang.
 
 leader (node 0)     claims the job as any job (claim_job), records the rendezvous address of its attempt — host
-                    (settings.gang_address) and a free port, where its rank 0 hosts torch.distributed's store —
-                    and opens the gang (gang_open: jobs.gang_needed = N - 1, NOTIFY gang_forming).
+                    (settings.gang_address) and a free port, where its rank 0 hosts torch.distributed's store,
+                    bound to that address alone — and the attempt's rendezvous secret (pgml.gang_secrets, read by
+                    the workers' login only: every rank proves it there, child/rendezvous.py), and opens the gang
+                    (gang_open: jobs.gang_needed = N - 1, NOTIFY gang_forming).
 members (1..N-1)    idle workers join it (gang_join, before they claim: one statement takes the next node
                     number, FOR UPDATE SKIP LOCKED; each join NOTIFYs again while members are missing), each with
                     a child ticket of its own that only reads (the job's rows, the models its submitter may start
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 import socket
 from dataclasses import dataclass
+from secrets import token_hex
 from typing import Any
 
 from ..config import Settings
@@ -41,6 +44,12 @@ def default_address() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def new_secret() -> str:
+    """A gang attempt's rendezvous secret (child/rendezvous.py makes a one-host job's the same way): its ranks prove
+    it at the rendezvous; the members read it from pgml.gang_secrets, which only the workers' login reads."""
+    return token_hex(32)
 
 
 def rendezvous_at(address: str) -> str:
