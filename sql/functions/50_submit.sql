@@ -160,17 +160,17 @@ BEGIN
             ERRCODE = 'invalid_parameter_value';
     END IF;
     -- the queue limit counts the jobs being submitted too: pgml._submit called on its own, any number of times in
-    -- one transaction, queues no more than pgml.tune would (and no job is ever committed while 'submitting': the
-    -- constraint trigger jobs_submitted_at_commit below)
+    -- one transaction, holds no more than the queue may (and no job is ever committed while 'submitting': the
+    -- constraint trigger jobs_submitted_at_commit below). Only those are counted here, an index's few rows;
+    -- pgml._submitted counts the queued ones with them.
     v_lim := pgml._role_limits(session_user);
-    -- (the jobs being submitted only, an index's few rows: pgml._submitted counts the queued ones too)
     IF v_lim.max_queued IS NOT NULL THEN
         SELECT count(*) INTO v_queued FROM pgml.jobs j
         WHERE j.submitted_by = session_user AND j.status = 'submitting';
         IF v_queued >= v_lim.max_queued THEN
             RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
-                MESSAGE = format('%s has %s jobs in the queue; the limit for %s is %s', session_user, v_queued,
-                                 v_lim.role, v_lim.max_queued),
+                MESSAGE = format('%s has %s jobs being submitted; the limit for %s is %s jobs in the queue',
+                                 session_user, v_queued, v_lim.role, v_lim.max_queued),
                 HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
         END IF;
     END IF;

@@ -1,8 +1,9 @@
 """Every role's privileges on every object of pgml-tuned, against one table: tests/security/privileges.tsv.
 
 The table has a line per schema, function, procedure, table, view and sequence of schemas pgml and pgml_rows, and
-a column per role (PUBLIC and every NOLOGIN role named pgml_*; pgml_owner owns them all and is left out). Each cell
-is what that role may do, as PostgreSQL answers has_*_privilege (so inherited rights count: pgml_admin is a member
+a column per role: PUBLIC, every NOLOGIN role named pgml_*, and any role holding a grant of its own on one of
+them (the database's loopback login as `loopback_login`); pgml_owner owns them all and is left out. Each cell is
+what that role may do, as PostgreSQL answers has_*_privilege (so inherited rights count: pgml_admin is a member
 of pgml_user, pgml_worker of pgml_child):
 
     functions, procedures  X execute
@@ -36,6 +37,16 @@ WITH roles AS (
     UNION ALL
     SELECT r.rolname::text FROM pg_catalog.pg_roles r
     WHERE r.rolname LIKE 'pgml\\_%%' AND NOT r.rolcanlogin AND r.rolname <> %(owner)s
+    UNION  -- and any role, login or not, that holds a grant of its own on an object here
+    SELECT a.grantee::regrole::text
+    FROM (SELECT c.relacl AS acl FROM pg_catalog.pg_class c
+          WHERE c.relnamespace::regnamespace::text IN ('pgml', 'pgml_rows')
+          UNION ALL
+          SELECT p.proacl FROM pg_catalog.pg_proc p WHERE p.pronamespace::regnamespace::text IN ('pgml', 'pgml_rows')
+          UNION ALL
+          SELECT n.nspacl FROM pg_catalog.pg_namespace n WHERE n.nspname IN ('pgml', 'pgml_rows')) o,
+         LATERAL pg_catalog.aclexplode(o.acl) a
+    WHERE a.grantee <> 0 AND a.grantee::regrole::text <> %(owner)s
 ), objects AS (
     SELECT 'schema' AS kind, n.oid, n.nspname::text AS name FROM pg_catalog.pg_namespace n
     WHERE n.nspname IN ('pgml', 'pgml_rows')
@@ -48,7 +59,11 @@ WITH roles AS (
     FROM pg_catalog.pg_class c
     WHERE c.relnamespace::regnamespace::text IN ('pgml', 'pgml_rows') AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
 )
-SELECT o.kind, o.name, CASE r.role WHEN 'public' THEN 'PUBLIC' ELSE r.role END,
+SELECT o.kind, o.name,
+       CASE WHEN r.role = 'public' THEN 'PUBLIC'
+            -- the database's own loopback login (its name differs from one database to the next)
+            WHEN r.role = (SELECT l.login::text FROM pgml.loopback_login l) THEN 'loopback_login'
+            ELSE r.role END,
        CASE o.kind
            WHEN 'schema' THEN
                CASE WHEN pg_catalog.has_schema_privilege(r.role, o.oid, 'USAGE') THEN 'U' ELSE '' END
@@ -142,10 +157,12 @@ def test_every_role_on_every_object_is_as_the_table_says(su: psycopg.Connection[
 def test_a_new_role_or_object_without_a_decision_fails(su: psycopg.Connection[Any]) -> None:
     with psycopg.connect(su.info.dsn) as conn, conn.transaction(force_rollback=True):
         conn.execute("CREATE ROLE pgml_zz_new NOLOGIN")
+        conn.execute("CREATE ROLE zz_login LOGIN")
+        conn.execute("GRANT SELECT ON pgml.tasks TO zz_login")
         conn.execute("CREATE FUNCTION pgml.zz_new() RETURNS int LANGUAGE sql AS 'SELECT 1'")
         conn.execute("CREATE TABLE pgml_rows.job_0 (c1 text)")
         problems = differences(conn)
-    assert problems[0].startswith(f"roles with no column in {TABLE.name}: ['pgml_zz_new']"), problems
+    assert problems[0].startswith(f"roles with no column in {TABLE.name}: ['pgml_zz_new', 'zz_login']"), problems
     assert any(p.startswith(f"no decision in {TABLE.name} for function pgml.zz_new()") for p in problems), problems
     assert any(p.startswith(f"no decision in {TABLE.name} for table pgml_rows.job_0") for p in problems), problems
 

@@ -92,7 +92,9 @@ def test_the_queue_limit_counts_jobs_being_submitted(
     conn: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], reviews: str
 ) -> None:
     limit(su, max_queued=3)
-    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match=f"{USER} has 3 jobs in the queue; the limit"):
+    with pytest.raises(
+        psycopg.errors.ProgramLimitExceeded, match=f"{USER} has 3 jobs being submitted; the limit for {USER} is 3"
+    ):
         with conn.transaction():
             for _ in range(4):
                 conn.execute(SUBMIT, (HP,))
