@@ -27,6 +27,7 @@ RANKS = {
     "listening": 2,  # LISTEN proved to work, or polling (the worker's listener, the serving lane)
     "catalog": 2,  # the schema as normalised text (sql/catalog.sql): scripts/schema_dump, the schema tests
     "hub_access": 1,
+    "model_refs": 1,  # what a model_name may be: stored, a hub id, a listed directory (never the worker's state)
     "client_requests": 2,  # the client's round trip of a request: psycopg and sql/client.sql (db.q)
     "client": 3,  # PostgresML's OpenSourceAI (pgml_tuned.OpenSourceAI loads it lazily)
     "files": 2,
@@ -71,6 +72,7 @@ RANKS = {
     # the serving process (beside the child and the worker: neither imports it)
     "serving": 4,
     "serving.requests": 4,
+    "serving.admission": 5,  # every request's submitter checked against its model, warm or not
     "serving.cache": 5,
     "serving.inference": 6,
     "serving.server": 7,
