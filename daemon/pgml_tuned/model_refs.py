@@ -48,6 +48,24 @@ def kind(model_name: str) -> Kind:
     raise JobError(f"model_name {model_name!r} is not a model reference: {_FIX}")
 
 
+def identities(dirs: list[Path]) -> str:
+    """PGML_STATE_IDS: the worker's state directories as `device:inode` pairs, for a child to recognise them
+    without learning where they are (a child is told no path of the worker's keyring or credentials)."""
+    ids = []
+    for d in dirs:
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue  # not there (yet): nothing can be inside it
+        ids.append(f"{st.st_dev}:{st.st_ino}")
+    return ",".join(ids)
+
+
+def _parse_ids(value: str | None) -> frozenset[tuple[int, int]]:
+    pairs = (item.split(":", 1) for item in (value or "").split(",") if ":" in item)
+    return frozenset((int(dev), int(ino)) for dev, ino in pairs if dev.isdigit() and ino.isdigit())
+
+
 def split_dirs(value: str | None) -> list[Path]:
     """A path-separated list (PGML_MODEL_DIRS) as paths; empty entries are ignored."""
     return [Path(p).expanduser() for p in (value or "").split(os.pathsep) if p.strip()]
@@ -59,30 +77,50 @@ class Places:
 
     model_dirs: tuple[Path, ...]  # real paths
     state: tuple[tuple[Path, str], ...]  # (real path, what it is)
+    state_ids: frozenset[tuple[int, int]] = frozenset()  # the worker's state directories, (st_dev, st_ino)
 
     @classmethod
-    def of(cls, model_dirs: list[Path], state: list[tuple[Path, str]]) -> Places:
+    def of(
+        cls, model_dirs: list[Path], state: list[tuple[Path, str]], state_ids: frozenset[tuple[int, int]] = frozenset()
+    ) -> Places:
         return cls(
             tuple(Path(os.path.realpath(d)) for d in model_dirs),
             # the deepest first: a Hugging Face cache inside the worker's home is named as such
             tuple(sorted(((Path(os.path.realpath(p)), what) for p, what in state), key=lambda s: -len(s[0].parts))),
+            state_ids,
         )
+
+    def in_worker_state(self, real: Path) -> bool:
+        """Whether `real` is, or lies inside, one of the worker's state directories known by identity."""
+        if not self.state_ids:
+            return False
+        for p in (real, *real.parents):
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in self.state_ids:
+                return True
+        return False
 
     @classmethod
     def from_env(cls) -> Places:
-        """This process's: PGML_MODEL_DIRS and PGML_STATE_DIRS (set by the worker for its children and its serving
-        process), its own scratch (PGML_WORK_DIR), the Hugging Face caches, and the default state directory."""
+        """This process's: PGML_MODEL_DIRS and PGML_STATE_IDS (set by the worker for its children and its serving
+        process: its state directories by identity, not by path), its own scratch (PGML_WORK_DIR), the Hugging Face
+        caches, and the default state directory."""
         from huggingface_hub import constants
 
         from .config import _default_home
 
-        state = [(p, "the worker's state") for p in split_dirs(os.environ.get("PGML_STATE_DIRS"))]
+        state: list[tuple[Path, str]] = []
         state.append((_default_home(), "the worker's state"))
         if os.environ.get("PGML_WORK_DIR"):
             state.append((Path(os.environ["PGML_WORK_DIR"]), "the worker's scratch space"))
         hf = [constants.HF_HOME, constants.HF_HUB_CACHE, os.environ.get("HF_DATASETS_CACHE")]
         state += [(Path(p), "the worker's Hugging Face cache") for p in hf if p]
-        return cls.of(split_dirs(os.environ.get("PGML_MODEL_DIRS")), state)
+        return cls.of(
+            split_dirs(os.environ.get("PGML_MODEL_DIRS")), state, _parse_ids(os.environ.get("PGML_STATE_IDS"))
+        )
 
     def listed(self) -> str:
         return ", ".join(str(d) for d in self.model_dirs)
@@ -98,13 +136,15 @@ def model_dir(model_name: str, places: Places) -> Path:
             "pgml:model:<id>)"
         )
     real = Path(os.path.realpath(model_name))
-    for state, what in places.state:
-        if real == state or real.is_relative_to(state):
-            raise JobError(
-                f"model_name {model_name!r} lies in {what}: models are never loaded from there (it holds other "
-                "users' models and the worker's files); name the model by its hub id or as a stored model "
-                "(pgml:<project> or pgml:model:<id>)"
-            )
+    what = next((what for state, what in places.state if real == state or real.is_relative_to(state)), None)
+    if what is None and places.in_worker_state(real):
+        what = "the worker's state"
+    if what is not None:
+        raise JobError(
+            f"model_name {model_name!r} lies in {what}: models are never loaded from there (it holds other "
+            "users' models and the worker's files); name the model by its hub id or as a stored model "
+            "(pgml:<project> or pgml:model:<id>)"
+        )
     if not any(real == d or real.is_relative_to(d) for d in places.model_dirs):
         where = "resolves (through a symlink or '..') to a path that is" if str(real) != model_name else "is"
         raise JobError(

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgml_tuned import hub_access, models
+from pgml_tuned import hub_access, model_refs, models
 from pgml_tuned.db import Pool
 from pgml_tuned.errors import JobError
 from pgml_tuned.serving import cache
@@ -160,7 +160,7 @@ def world(
         shutil.copytree(tiny, w.home / "work" / "job7-a1-x" / f"start-model-{ids[role]}")
     (root / "models" / "escape").symlink_to(w.serving_models / f"start-model-{ids[OTHER_USER]}")
     monkeypatch.setenv("PGML_MODEL_DIRS", str(root))
-    monkeypatch.setenv("PGML_STATE_DIRS", str(w.home))
+    monkeypatch.setenv("PGML_STATE_IDS", model_refs.identities([w.home]))
     monkeypatch.chdir(root)  # './models/bert' exists relative to the process: still refused
     yield w
 
@@ -345,7 +345,10 @@ def test_the_model_dirs_setting_reaches_children_and_never_lists_the_workers_sta
     assert s.model_dir_list == [Path("/srv/models"), tmp_path]  # a parent of the state is allowed: below, refused
     env = job_env(s, None)
     assert env["PGML_MODEL_DIRS"].split(os.pathsep) == ["/srv/models", str(tmp_path)]
-    assert str(home / "work") in env["PGML_STATE_DIRS"].split(os.pathsep)
+    (home / "work").mkdir(parents=True)
+    st = os.stat(home / "work")
+    assert f"{st.st_dev}:{st.st_ino}" in model_refs.identities(s.state_dirs).split(",")
+    assert str(home) not in env["PGML_STATE_IDS"]  # a child learns no path of the worker's state
     assert Settings.from_env({"PGML_HOME": str(home)}).model_dir_list == []  # empty by default
     with pytest.raises(ValueError, match="'models' is not an absolute path"):
         Settings.from_env({"PGML_HOME": str(home), "PGML_MODEL_DIRS": "models"})

@@ -28,7 +28,7 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
-from .. import logconfig
+from .. import logconfig, model_refs
 from .scratch import AttemptDir
 
 log = logconfig.get("pgml_tuned.worker.process")
@@ -389,7 +389,8 @@ def child_env(
 ) -> dict[str, str]:
     """The whole environment of a child: an allow-list of the worker's, and its own settings (the only directory
     of local files pgml.load_dataset may read: PGML_DATASETS_DIR; the directories models may be loaded from,
-    PGML_MODEL_DIRS, and the worker's own state they may never be, PGML_STATE_DIRS: never inherited)."""
+    PGML_MODEL_DIRS, and the worker's own state they may never be, PGML_STATE_IDS: by identity, so that a child learns
+    no path of the worker's keyring or credentials; never inherited)."""
     parent = dict(os.environ) if parent is None else parent
     env = {k: v for k, v in parent.items() if k in INHERITED or k.startswith(INHERITED_PREFIXES)}
     env.update(
@@ -403,5 +404,5 @@ def child_env(
     if datasets_dir:
         env["PGML_DATASETS_DIR"] = datasets_dir
     env["PGML_MODEL_DIRS"] = os.pathsep.join(str(d) for d in model_dirs or [])
-    env["PGML_STATE_DIRS"] = os.pathsep.join(str(d) for d in state_dirs or [])
+    env["PGML_STATE_IDS"] = model_refs.identities(state_dirs or [])
     return env
