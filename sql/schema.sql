@@ -3294,14 +3294,12 @@ DECLARE
     v_lim   pgml.role_limits := pgml._limits_of(who);
     v_gpus  integer := coalesce((resources ->> 'gpus')::integer, 0);
     v_procs integer := (resources ->> 'procs')::integer;  -- NULL: not asked (GPU ranks, or one process)
-    v_nodes integer := coalesce((resources ->> 'nodes')::integer, 1);
     v_key   text;
     v_asked integer;
     v_cap   integer;
     v_live  bigint;
     v_most_gpus integer;
     v_most_cpus integer;
-    v_able  bigint;
 BEGIN
     FOREACH v_key IN ARRAY ARRAY['gpus', 'procs', 'nodes'] LOOP
         v_asked := (resources ->> v_key)::integer;
@@ -3318,10 +3316,8 @@ BEGIN
     IF v_lim.role IS NULL THEN
         RETURN;  -- an administrator without limits: the NOTICE of pgml._jobs_resources_check says what is missing
     END IF;
-    SELECT count(*), max(s.gpus), max(w.cpus),
-           count(*) FILTER (WHERE s.gpus OPERATOR(pg_catalog.>=) v_gpus
-                              AND (v_procs IS NULL OR w.cpus IS NULL OR w.cpus OPERATOR(pg_catalog.>=) v_procs))
-    INTO v_live, v_most_gpus, v_most_cpus, v_able
+    SELECT count(*), max(s.gpus), max(w.cpus)
+    INTO v_live, v_most_gpus, v_most_cpus
     FROM pgml.worker_status s JOIN pgml.workers w ON w.id OPERATOR(pg_catalog.=) s.id
     WHERE s.state IN ('live', 'late');
     IF v_live OPERATOR(pg_catalog.=) 0 THEN
@@ -3343,18 +3339,6 @@ BEGIN
                                         'one live worker is %s', v_procs, v_most_cpus),
             HINT = pg_catalog.format('ask for %s processes or fewer (one rank per CPU); SELECT * FROM '
                                      'pgml.worker_status shows the fleet', v_most_cpus);
-    END IF;
-    IF v_nodes OPERATOR(pg_catalog.>) v_able THEN
-        RAISE EXCEPTION USING ERRCODE = 'insufficient_resources',
-            MESSAGE = pg_catalog.format('hyperparams.resources.nodes = %s is more than the fleet can give: %s live '
-                                        'worker%s could run a part%s', v_nodes, v_able,
-                                        CASE WHEN v_able OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END,
-                                        CASE WHEN v_gpus OPERATOR(pg_catalog.>) 0
-                                             THEN pg_catalog.format(' (%s GPUs each)', v_gpus)
-                                             WHEN v_procs IS NOT NULL THEN pg_catalog.format(' (%s CPUs each)', v_procs)
-                                             ELSE '' END),
-            HINT = pg_catalog.format('ask for %s nodes or fewer; SELECT * FROM pgml.worker_status shows the fleet',
-                                     GREATEST(v_able, 1));
     END IF;
 END $function$;
 
