@@ -195,7 +195,7 @@ def test_failures_name_the_problem_and_the_daemon_keeps_serving(
     assert errors[bad_arg]["status"] == "failed"
     assert "unknown training_args key 'evaluation_strategy'; did you mean 'eval_strategy'?" in errors[bad_arg]["error"]
     assert errors[no_model]["status"] == "failed"
-    assert "'/nonexistent/model/dir' is not a directory on worker" in errors[no_model]["error"]
+    assert "'/nonexistent/model/dir' is not in the workers' model directories" in errors[no_model]["error"]
     assert errors[null_text]["status"] == "failed"
     assert "row 7 of public.with_null has NULL in column 'text'" in errors[null_text]["error"]
     assert errors[good]["status"] == "succeeded", errors[good]["error"]

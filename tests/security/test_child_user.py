@@ -4,6 +4,7 @@ worker's key. Run for real: the test creates a system user (useradd) and runs `p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -22,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgml_tuned.worker.process import ChildUser
 from tests.conftest import wait_job
+from tests.support.parallel import file_lock
 
 SANDBOX_USER = "pgml_test_sandbox"
 USER_FLAG = ("--child-user", SANDBOX_USER)
@@ -47,16 +49,31 @@ def sandbox_user() -> pwd.struct_passwd:
 def reachable_python(sandbox_user: pwd.struct_passwd) -> Iterator[None]:
     """The child user must be able to run this Python (a deployment installs it where it can: the daemon refuses
     to start otherwise). Here it may sit under root's home (pyenv): the folders above it get o+x (enter, not
-    list) for the module's duration, and their modes back after."""
-    changed: list[tuple[Path, int]] = []
-    for folder in reversed(Path(os.path.realpath(sys.executable)).parents):
-        mode = folder.stat().st_mode
-        if not mode & 0o001:
-            changed.append((folder, mode))
-            folder.chmod(mode | 0o001)
-    yield
-    for folder, mode in reversed(changed):
-        folder.chmod(mode & 0o7777)
+    list) while any test that needs it runs, and their modes back after the last. Tests of this module run in
+    several xdist workers (and other test sessions) at once: a count in a shared file, under a file lock, says
+    which is the last, and the first one's record of the modes is what is put back."""
+    state = Path(tempfile.gettempdir()) / "pgml-test-reachable-python.json"
+    with file_lock(state.with_suffix(".lock")):
+        held = json.loads(state.read_text()) if state.exists() else {"users": 0, "modes": []}
+        if held["users"] == 0:
+            held["modes"] = []
+            for folder in reversed(Path(os.path.realpath(sys.executable)).parents):
+                mode = folder.stat().st_mode
+                if not mode & 0o001:
+                    held["modes"].append([str(folder), mode & 0o7777])
+                    folder.chmod(mode | 0o001)
+        held["users"] += 1
+        state.write_text(json.dumps(held))
+    try:
+        yield
+    finally:
+        with file_lock(state.with_suffix(".lock")):
+            held = json.loads(state.read_text())
+            held["users"] -= 1
+            if held["users"] == 0:
+                for folder, mode in reversed(held["modes"]):
+                    Path(folder).chmod(mode)
+            state.write_text(json.dumps(held))
 
 
 @pytest.fixture
