@@ -2395,23 +2395,6 @@ AS $function$
            task NOT IN ('conversation', 'text-generation')
 $function$;
 
--- FUNCTION pgml._limits_of(who name), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._limits_of(who name)
- RETURNS pgml.role_limits
- LANGUAGE plpgsql
- STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog', 'pg_temp'
-AS $function$
-DECLARE
-    v pgml.role_limits;
-BEGIN
-    SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) who;
-    IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
-        SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) 'pgml_user';
-    END IF;
-    RETURN v;
-END $function$;
-
 -- FUNCTION pgml._logs_written(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._logs_written()
  RETURNS trigger
@@ -3184,7 +3167,7 @@ BEGIN
     -- without a lock (a lock by login name is one anybody could hold): concurrent submits of one login may pass a
     -- cap by as many as it has sessions submitting at once
     v_n := CASE WHEN kind OPERATOR(pg_catalog.=) 'chat' THEN 1 ELSE pg_catalog.jsonb_array_length(inputs) END;
-    v_lim := pgml._limits_of(submitter);
+    v_lim := pgml._role_limits(submitter);
     IF v_lim.max_pending_requests IS NOT NULL OR v_lim.max_pending_inputs IS NOT NULL THEN
         SELECT pg_catalog.count(*) AS n, coalesce(pg_catalog.sum(r.n_inputs), 0) AS texts INTO v_pending
         FROM pgml.requests r
@@ -3398,7 +3381,7 @@ CREATE OR REPLACE FUNCTION pgml._resources_allowed(who name, resources jsonb)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 DECLARE
-    v_lim   pgml.role_limits := pgml._limits_of(who);
+    v_lim   pgml.role_limits := pgml._role_limits(who);
     v_gpus  integer := coalesce((resources ->> 'gpus')::integer, 0);
     v_procs integer := (resources ->> 'procs')::integer;  -- NULL: not asked (GPU ranks, or one process)
     v_key   text;
@@ -3459,9 +3442,9 @@ AS $function$
 DECLARE
     v pgml.role_limits;
 BEGIN
-    SELECT * INTO v FROM pgml.role_limits l WHERE l.role = who;
+    SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) who;
     IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
-        SELECT * INTO v FROM pgml.role_limits l WHERE l.role = 'pgml_user';
+        SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) 'pgml_user';
     END IF;
     RETURN v;
 END $function$;

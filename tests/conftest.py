@@ -374,6 +374,18 @@ def daemon(worker_dsn: str, child_dsn: str, tmp_path: Path, session_env: Path) -
         d.stop()
 
 
+def wait_serving(su: Any, seconds: float = 60) -> None:
+    """Until a daemon's serving process LISTENs in this database (its application_name says so)."""
+    wait_for(
+        lambda: su.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'pgml-tuned listen %/serving-%'"
+        ).fetchone(),
+        seconds,
+        what="the serving process to listen",
+    )
+
+
 def job_children(daemon_pid: int, *, recursive: bool = False) -> list[Any]:
     """The daemon's job children (psutil.Process): `python -m pgml_tuned.child` processes in an attempt's scratch
     directory (job<id>-a<n>-…), not the spare child waiting for the next job in the scratch root."""

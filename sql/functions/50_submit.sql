@@ -728,22 +728,6 @@ BEGIN
     END IF;
 END $$;
 
--- (since 0033) The limits of a login (pgml.role_limits): its own row, else pgml_user's; none (a row of NULLs, role
--- NULL) for a pgml_admin member without a row of its own. As pgml._submitted reads them for jobs.
-CREATE OR REPLACE FUNCTION pgml._limits_of(who name) RETURNS pgml.role_limits
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v pgml.role_limits;
-BEGIN
-    SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) who;
-    IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
-        SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) 'pgml_user';
-    END IF;
-    RETURN v;
-END $$;
-
 -- (since 0033) What one job may ask of the fleet (hyperparams.resources, already well-formed): never more than the
 -- submitter's caps (pgml.role_limits max_gpus, max_procs, max_nodes), and, for a login with limits, never more than
 -- one live worker can give — GPUs on one worker (the largest live one's), CPU ranks on one worker (its CPUs): ranks
@@ -757,7 +741,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_lim   pgml.role_limits := pgml._limits_of(who);
+    v_lim   pgml.role_limits := pgml._role_limits(who);
     v_gpus  integer := coalesce((resources ->> 'gpus')::integer, 0);
     v_procs integer := (resources ->> 'procs')::integer;  -- NULL: not asked (GPU ranks, or one process)
     v_key   text;
@@ -898,9 +882,9 @@ AS $$
 DECLARE
     v pgml.role_limits;
 BEGIN
-    SELECT * INTO v FROM pgml.role_limits l WHERE l.role = who;
+    SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) who;
     IF NOT FOUND AND NOT pg_catalog.pg_has_role(who, 'pgml_admin', 'MEMBER') THEN
-        SELECT * INTO v FROM pgml.role_limits l WHERE l.role = 'pgml_user';
+        SELECT * INTO v FROM pgml.role_limits l WHERE l.role OPERATOR(pg_catalog.=) 'pgml_user';
     END IF;
     RETURN v;
 END $$;

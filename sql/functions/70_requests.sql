@@ -594,7 +594,7 @@ BEGIN
     -- without a lock (a lock by login name is one anybody could hold): concurrent submits of one login may pass a
     -- cap by as many as it has sessions submitting at once
     v_n := CASE WHEN kind OPERATOR(pg_catalog.=) 'chat' THEN 1 ELSE pg_catalog.jsonb_array_length(inputs) END;
-    v_lim := pgml._limits_of(submitter);
+    v_lim := pgml._role_limits(submitter);
     IF v_lim.max_pending_requests IS NOT NULL OR v_lim.max_pending_inputs IS NOT NULL THEN
         SELECT pg_catalog.count(*) AS n, coalesce(pg_catalog.sum(r.n_inputs), 0) AS texts INTO v_pending
         FROM pgml.requests r

@@ -16,7 +16,7 @@ import pytest
 import torch
 from psycopg.types.json import Jsonb
 
-from tests.conftest import USER, as_login, connect, wait_for, wait_job
+from tests.conftest import USER, as_login, connect, wait_for, wait_job, wait_serving
 from tests.support import models as testing
 from tests.support.stored import add_model
 
@@ -134,14 +134,7 @@ def same_answers(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
 @pytest.fixture
 def serving(daemon: Any, su: psycopg.Connection[dict[str, Any]]) -> Any:
     d = daemon()
-    wait_for(
-        lambda: su.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name LIKE 'pgml-tuned listen %/serving-%'"
-        ).fetchone(),
-        60,
-        what="the serving process to listen",
-    )
+    wait_serving(su)
     return d
 
 

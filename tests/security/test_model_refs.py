@@ -31,7 +31,7 @@ from pgml_tuned.errors import JobError
 from pgml_tuned.serving import cache
 from pgml_tuned.serving.requests import Request
 from pgml_tuned.serving.server import Server, ServingConfig
-from tests.conftest import ADMIN, OTHER_USER, USER, wait_for, wait_job
+from tests.conftest import ADMIN, OTHER_USER, USER, wait_for, wait_job, wait_serving
 from tests.support import models as testing
 from tests.support.stored import add_model
 
@@ -256,14 +256,7 @@ def answer(ops: Conn, request_id: int) -> dict[str, Any]:
 
 def serving(daemon: Any, su: Conn, **kwargs: Any) -> Any:
     d = daemon(**kwargs)
-    wait_for(
-        lambda: su.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name LIKE 'pgml-tuned listen %/serving-%'"
-        ).fetchone(),
-        60,
-        what="the serving process to listen",
-    )
+    wait_serving(su)
     return d
 
 

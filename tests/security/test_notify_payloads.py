@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 import pgml_tuned
-from tests.conftest import OTHER_USER, REPO, as_login, connect, wait_for, wait_job
+from tests.conftest import OTHER_USER, REPO, as_login, connect, wait_job, wait_serving
 from tests.e2e.test_serving import TEXTS, build_classifier, store_model
 from tests.support import models as testing
 
@@ -100,14 +100,7 @@ def test_a_listener_learns_no_ids_of_another_users_work(
 
         # a running job, cancelled (pgml_control), then one that finishes, followed by bob's waiters
         daemon()
-        wait_for(
-            lambda: su.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name LIKE 'pgml-tuned listen %/serving-%'"
-            ).fetchone(),
-            60,
-            what="the serving process to listen",
-        )
+        wait_serving(su)
         running = tune_noop(conn, 60)
         wait_job(conn, running, 60, statuses=("running",))
         assert conn.execute("SELECT pgml.cancel(%s) AS s", (running,)).fetchone()["s"] == "cancelling"
