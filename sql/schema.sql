@@ -2018,7 +2018,6 @@ BEGIN
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_child;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_worker;
 
 -- FUNCTION pgml._is_hub_id(model_name text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._is_hub_id(model_name text)
@@ -2950,7 +2949,6 @@ AS $function$
     SELECT EXISTS (SELECT 1 FROM owned)
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._request_chunk(id bigint, serving_id text, first_seq integer, texts text[]) TO pgml_worker;
 
 -- FUNCTION pgml._request_chunks(id bigint, after_seq integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._request_chunks(id bigint, after_seq integer DEFAULT '-1'::integer)
@@ -2991,7 +2989,6 @@ BEGIN
     RETURN true;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._request_finish(id bigint, serving_id text, result jsonb, usage jsonb, error text) TO pgml_worker;
 
 -- FUNCTION pgml._request_lock_key(id bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._request_lock_key(id bigint)
@@ -3001,7 +2998,6 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_key(id bigint)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT (id OPERATOR(pg_catalog.%) 2147483647)::integer $function$;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._request_lock_key(id bigint) TO pgml_worker;
 
 -- FUNCTION pgml._request_lock_space(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._request_lock_space()
@@ -3011,7 +3007,6 @@ CREATE OR REPLACE FUNCTION pgml._request_lock_space()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT 1885826412 $function$;
 GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._request_lock_space() TO pgml_worker;
 
 -- FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb)
@@ -3229,7 +3224,6 @@ BEGIN
     END IF;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_worker;
 
 -- FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer DEFAULT 512)
@@ -3286,7 +3280,6 @@ AS $function$
     ORDER BY c.rank
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer) TO pgml_worker;
 
 -- FUNCTION pgml._requests_expire(), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_expire()
@@ -3304,7 +3297,6 @@ AS $function$
     SELECT pg_catalog.count(*) FROM gone
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_expire() TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._requests_expire() TO pgml_worker;
 
 -- FUNCTION pgml._requests_release(serving_id text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_release(serving_id text DEFAULT NULL::text)
@@ -3340,7 +3332,6 @@ BEGIN
     END IF;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_release(serving_id text) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._requests_release(serving_id text) TO pgml_worker;
 
 -- FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision)
@@ -3355,7 +3346,6 @@ AS $function$
     RETURNING r.id
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._requests_renew(serving_id text, lease_seconds double precision) TO pgml_worker;
 
 -- FUNCTION pgml._require_admin(what text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._require_admin(what text)
@@ -3560,7 +3550,6 @@ AS $function$
     SELECT * FROM by_id UNION ALL SELECT * FROM deployed
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._serving_model(submitter name, ref text) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._serving_model(submitter name, ref text) TO pgml_worker;
 
 -- FUNCTION pgml._serving_model_files(model_id bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._serving_model_files(model_id bigint)
@@ -3576,7 +3565,6 @@ AS $function$
     ORDER BY f.path, f.part
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._serving_model_files(model_id bigint) TO pgml_serving;
-GRANT EXECUTE ON FUNCTION pgml._serving_model_files(model_id bigint) TO pgml_worker;
 
 -- FUNCTION pgml._setup_loopback(p_conninfo text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._setup_loopback(p_conninfo text DEFAULT NULL::text)

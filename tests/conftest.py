@@ -374,6 +374,17 @@ def daemon(worker_dsn: str, child_dsn: str, tmp_path: Path, session_env: Path) -
         d.stop()
 
 
+@pytest.fixture
+def reviews(conn: psycopg.Connection[dict[str, Any]]) -> str:
+    """public.reviews, 10 rows of two classes, as the user: what the tune-validation tests submit (OK_ARGS there)."""
+    conn.execute("CREATE TABLE public.reviews (id int, text text, class text, score int, body varchar(20))")
+    conn.execute(
+        "INSERT INTO public.reviews SELECT i, 'text ' || i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, i, 'x'"
+        " FROM generate_series(1, 10) i"
+    )
+    return "public.reviews"
+
+
 def wait_serving(su: Any, seconds: float = 60) -> None:
     """Until a daemon's serving process LISTENs in this database (its application_name says so)."""
     wait_for(

@@ -91,6 +91,8 @@ GRANT EXECUTE ON ROUTINE
 TO pgml_user;
 
 -- ---- pgml_worker ----
+-- (the inference lane's functions it holds as a member of pgml_serving, below, and the children's as a member of
+-- pgml_child)
 GRANT DELETE, INSERT, SELECT, UPDATE ON pgml.gang_members TO pgml_worker;
 GRANT DELETE, INSERT, SELECT, UPDATE ON pgml.gang_secrets TO pgml_worker;  -- the workers' alone (0034)
 GRANT SELECT ON pgml.deployments, pgml.hub_allowlist, pgml.job_events, pgml.job_status, pgml.logs, pgml.models,
@@ -100,21 +102,9 @@ GRANT USAGE ON SEQUENCE pgml.checkpoints_id_seq, pgml.files_id_seq, pgml.job_eve
     pgml.logs_id_seq, pgml.models_id_seq, pgml.projects_id_seq TO pgml_worker;
 GRANT EXECUTE ON ROUTINE
     pgml._async_commit(),
-    pgml._hub_refusal(text,name,text),
     pgml._job_resources(jsonb),
     pgml._job_tables_sweep(),
     pgml._model_ref(bigint,text,name),
-    pgml._request_chunk(bigint,text,integer,text[]),
-    pgml._request_finish(bigint,text,jsonb,jsonb,text),
-    pgml._request_lock_key(bigint),
-    pgml._request_lock_space(),
-    pgml._requests_answer(text,bigint[],jsonb[]),
-    pgml._requests_claim(text,integer,double precision,integer),
-    pgml._requests_expire(),
-    pgml._requests_release(text),
-    pgml._requests_renew(text,double precision),
-    pgml._serving_model(name,text),
-    pgml._serving_model_files(bigint),
     pgml._wait_advice(bigint),
     pgml._worker_heartbeat(text,text,integer,integer,bigint[],jsonb),
     pgml._worker_register(text,text,text,integer,text,jsonb,integer,integer,real,real,integer),

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from tests.conftest import OTHER_USER, as_login, connect
-from tests.integration.test_tune_validation import reviews, tune  # noqa: F401  (the fixture)
+from tests.integration.test_tune_validation import tune
 
 Conn = psycopg.Connection[dict[str, Any]]
 
@@ -23,7 +23,7 @@ def test_the_job_table_holds_the_rows_and_only_its_submitter_reads_it(
     conn: Conn,
     su: Conn,
     conn_dsn: str,
-    reviews: str,  # noqa: F811
+    reviews: str,
 ) -> None:
     job = tune(conn)["job_id"]
     assert tables(su) == [f"job_{job}"]
@@ -40,7 +40,7 @@ def test_the_job_table_holds_the_rows_and_only_its_submitter_reads_it(
         other.execute(f"SELECT * FROM pgml_rows.job_{job}")
 
 
-def test_a_failed_submission_leaves_no_table(conn: Conn, su: Conn, reviews: str) -> None:  # noqa: F811
+def test_a_failed_submission_leaves_no_table(conn: Conn, su: Conn, reviews: str) -> None:
     conn.execute("DELETE FROM public.reviews WHERE id > 1")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="at least 2 are needed"):
         tune(conn)
@@ -51,7 +51,7 @@ def test_the_table_goes_with_the_job_and_never_makes_its_end_wait(
     conn: Conn,
     su: Conn,
     conn_dsn: str,
-    reviews: str,  # noqa: F811
+    reviews: str,
 ) -> None:
     first, kept = tune(conn)["job_id"], tune(conn, materialize_snapshot=True)["job_id"]
     assert conn.execute("SELECT pgml.cancel(%s) AS s", (kept,)).fetchone() == {"s": "cancelled"}
@@ -96,7 +96,7 @@ def test_the_child_reads_the_rows_in_the_order_tune_copied_them(
         assert [v[0] for v in rows(child, job, "ticket")] == source
 
 
-def test_only_the_end_of_a_job_with_rows_looks_for_job_tables(su: Conn, conn: Conn, reviews: str) -> None:  # noqa: F811
+def test_only_the_end_of_a_job_with_rows_looks_for_job_tables(su: Conn, conn: Conn, reviews: str) -> None:
     """0031: the search through pgml_rows (~170 us) runs at the end of a job that had rows, not of one without."""
 
     def searches_at_cancel(job: int) -> int:

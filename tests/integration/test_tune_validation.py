@@ -19,16 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 OK_ARGS = {"text_column": "text", "class_column": "class"}
 
 
-@pytest.fixture
-def reviews(conn: psycopg.Connection[dict[str, Any]]) -> str:
-    conn.execute("CREATE TABLE public.reviews (id int, text text, class text, score int, body varchar(20))")
-    conn.execute(
-        "INSERT INTO public.reviews SELECT i, 'text ' || i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, i, 'x'"
-        " FROM generate_series(1, 10) i"
-    )
-    return "public.reviews"
-
-
 def tune(conn: psycopg.Connection[dict[str, Any]], **kw: Any) -> dict[str, Any]:
     args = {
         "project_name": "p",

@@ -21,7 +21,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import OTHER_USER, USER, as_login, connect, wait_for
-from tests.integration.test_tune_validation import OK_ARGS, reviews, tune  # noqa: F401  (the fixture)
+from tests.integration.test_tune_validation import OK_ARGS, tune
 from tests.support import models as testing
 from tests.support.stored import add_model
 
@@ -287,7 +287,7 @@ def resources(conn: Conn, res: dict[str, int]) -> dict[str, Any]:
 def test_resources_past_the_role_caps_are_refused_even_with_no_fleet(
     su: Conn,
     conn: Conn,
-    reviews: str,  # noqa: F811
+    reviews: str,
 ) -> None:
     before = su.execute("SELECT count(*) AS n FROM pgml.jobs").fetchone()["n"]
     for res, key in (({"procs": 64}, "procs"), ({"nodes": 16}, "nodes"), ({"gpus": 64}, "gpus")):
@@ -311,7 +311,7 @@ def test_resources_past_the_role_caps_are_refused_even_with_no_fleet(
     assert resources(conn, {"procs": 16})["status"] == "queued"
 
 
-def test_resources_past_the_live_fleet_are_refused(su: Conn, conn: Conn, ops: Conn, reviews: str) -> None:  # noqa: F811
+def test_resources_past_the_live_fleet_are_refused(su: Conn, conn: Conn, ops: Conn, reviews: str) -> None:
     register(su, "fleet-1", gpus=2, cpus=4)
     register(su, "fleet-2", gpus=1, cpus=4)
     cases = [

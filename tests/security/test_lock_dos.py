@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from tests.conftest import OTHER_USER, DaemonProc, as_login, connect, wait_for, wait_job
-from tests.integration.test_tune_validation import reviews, tune  # noqa: F401  (the fixture)
+from tests.integration.test_tune_validation import tune
 
 Conn = psycopg.Connection[dict[str, Any]]
 LOCKED = 40
@@ -43,7 +43,7 @@ def test_locks_on_ones_own_ended_job_tables_stall_no_end_and_no_cancel(
     conn_dsn: str,
     worker_dsn: str,
     daemon: Callable[..., DaemonProc],
-    reviews: str,  # noqa: F811
+    reviews: str,
 ) -> None:
     jobs = [tune(conn, project_name=f"p{i}")["job_id"] for i in range(LOCKED)]
     with connect(conn_dsn) as locker:
@@ -89,7 +89,7 @@ def test_a_lock_on_a_job_table_bounds_pgml_gc_too(
     su: Conn,
     ops: Conn,
     conn_dsn: str,
-    reviews: str,  # noqa: F811
+    reviews: str,
 ) -> None:
     jobs = [tune(conn, project_name=f"g{i}")["job_id"] for i in range(5)]
     with connect(conn_dsn) as locker:

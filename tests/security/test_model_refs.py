@@ -12,6 +12,7 @@ model served to a second user after the allow-list or the ledger refused it (cla
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -185,7 +186,7 @@ def test_tune_resolves_only_what_the_rules_allow(world: World, worker_dsn: str, 
                 ref,
                 role,
                 name,
-                lambda: models.resolve(name, store, workdir, note, token=token, owner=role),  # noqa: B023
+                functools.partial(models.resolve, name, store, workdir, note, token=token, owner=role),
                 wrong,
             )
     assert not wrong, "\n".join(wrong)
@@ -199,7 +200,8 @@ def test_predict_batch_loads_only_what_the_rules_allow(world: World, worker_dsn:
         for ref in TABLE:
             name = world.name(ref, role)
             key = cache.ModelKey(cache.CLASSIFY, name, role)
-            check("predict_batch", ref, role, name, lambda: cache.load(key, store, tmp_path / "batch"), wrong)  # noqa: B023
+            load = functools.partial(cache.load, key, store, tmp_path / "batch")
+            check("predict_batch", ref, role, name, load, wrong)
     assert not wrong, "\n".join(wrong)
 
 
