@@ -12,8 +12,11 @@ How a document runs (one test per document, one fresh migrated database each):
   PGML_CHILD_DSN at the children's login and PGML_HOME at a scratch directory.
 - Every other language (```text, ```python, ```json, ...) is not run; a fence without a language is refused.
 - Hub models the documents name (distilbert-base-uncased, ...) are tiny local models placed in the offline hub cache
-  under those names, the way tests/e2e/test_text_classification.py serves the guide's; `imdb` is a tiny copy in the
-  offline datasets cache. Nothing reaches the network.
+  under those names, the way tests/e2e/test_text_classification.py serves the guide's; `imdb` and
+  `FinGPT/fingpt-sentiment-train` are tiny copies in the offline datasets cache. Nothing reaches the network.
+  A document that brings models in itself (`pgml-tuned hub add`, `pgml-tuned models import`: docs/guide.md, as a
+  user without the hub does) gets an empty hub cache of its own instead, and finds directories of those tiny
+  models in its scratch directory under the hub ids' last parts (./distilbert-base-uncased, ./Llama-2-7b-chat-hf).
 - A document that runs a worker (`daemon` below, or a `pgml-tuned serve` of its own) has every job it queued end,
   and none may fail. Without one, its jobs stay queued: it shows what happens at submit time (pgml.tune checks
   every key and type of what it is given then). A `pgml-tuned serve --drain` block runs what is queued so far.
@@ -33,9 +36,11 @@ An HTML comment on the line before a fence (blank lines between are allowed) say
     <!-- doc-test: daemon -->                   from here on a `pgml-tuned serve` (the worker's login, serving on)
                                                 runs beside the document: pgml.wait, pgml.load_dataset and
                                                 pgml.transform need one while they run
-    <!-- doc-test: seed -->                     the guide's own SQL, quoted in docs/guide.md: not run here (the
-                                                e2e tests run the guide, tests/seed.py); checked to be the
-                                                guide's text, word for word
+    <!-- doc-test: seed -->                     the guide's own SQL, quoted in docs/guide.md: checked to be the
+                                                guide's text, word for word, and run like any other block
+    <!-- doc-test: output -->                   on a ```text block: what the runnable block before it printed has
+                                                these lines, in this order, each the same but for its numbers
+                                                (any number matches a number) and `…` (matches anything)
     <!-- doc-test: skip: REASON -->             not run; listed with its reason (at most MAX_SKIPS of them)
 
 Directives combine with `;` (`as worker; background`).
@@ -103,6 +108,7 @@ class Directives:
     background: bool = False
     daemon: bool = False
     seed: bool = False
+    output: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        return self.lang in SQL | SHELL and self.how.skip is None and not self.how.seed
+        return self.lang in SQL | SHELL and self.how.skip is None
 
 
 @dataclass
@@ -145,7 +151,7 @@ def parse_directives(body: str) -> Directives:
             if role not in {*FIXED_ROLES, "superuser", *DOC_LOGINS}:
                 raise ValueError(f"unknown role {role!r}")
             how["role"] = role
-        elif item in ("background", "daemon", "seed"):
+        elif item in ("background", "daemon", "seed", "output"):
             how[item] = True
         elif item:
             raise ValueError(f"unknown doc-test directive {item!r}")
@@ -198,7 +204,11 @@ def parse(doc: Path) -> Parsed:
             out.problems.append(f"{where}: a fence without a language (```text for output, ```sql, ```sh, ...)")
         elif lang not in SQL | SHELL | NOT_RUN:
             out.problems.append(f"{where}: unknown language {lang!r} (known: {sorted(SQL | SHELL | NOT_RUN)})")
-        if how != Directives() and lang not in SQL | SHELL:
+        if how.output and (lang != "text" or how != Directives(output=True)):
+            out.problems.append(f"{where}: `output` stands alone, on a ```text block")
+        elif how.output and not any(b.runs for b in out.blocks[-1:]):
+            out.problems.append(f"{where}: `output` follows a block that runs (```sql or shell)")
+        elif how != Directives() and not how.output and lang not in SQL | SHELL:
             out.problems.append(f"{where}: a doc-test directive on a ```{lang} block, which never runs")
         if how.expect_error and lang not in SQL:
             out.problems.append(f"{where}: expect-error is for ```sql blocks")
@@ -228,6 +238,43 @@ def ends_statement(sql: str) -> bool:
         return True
     last = code[-1].strip()
     return bool(re.search(r";\s*(--.*)?$", last) or last.startswith("\\") or re.search(r"\\g\w*\b", last))
+
+
+NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+SHAPE_PART = re.compile(rf"(…|-{{3,}}|\s+|{NUMBER})")
+
+
+def shape(line: str) -> re.Pattern[str]:
+    """A ```text line as a pattern: any number for a number, `…` for anything, any run of spaces or of 3+ dashes
+    (psql's column widths) for one."""
+    out = []
+    for part in SHAPE_PART.split(line.strip()):
+        if part == "…":
+            out.append(".*")
+        elif part.startswith("---"):
+            out.append("-+")
+        elif part and part.isspace():
+            out.append(r"\s+")
+        elif re.fullmatch(NUMBER, part):
+            out.append(NUMBER)
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+def missing_lines(shown: str, printed: str) -> list[str]:
+    """The lines of `shown` (a ```text block) that `printed` lacks, in order: each must match a later line than
+    the one before it did."""
+    lines = [line.strip() for line in printed.splitlines()]
+    at, missing = 0, []
+    for want in (w for w in shown.splitlines() if w.strip()):
+        pattern = shape(want)
+        found = next((i for i in range(at, len(lines)) if pattern.fullmatch(lines[i])), None)
+        if found is None:
+            missing.append(want)
+        else:
+            at = found + 1
+    return missing
 
 
 ALL = {doc: parse(doc) for doc in DOCS}
@@ -419,8 +466,9 @@ def doc_logins(admin_dsn: str) -> Iterator[Logins]:
 
 
 @pytest.fixture(scope="module")
-def hub_models(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> None:
-    """The hub models the documents name, in the offline hub cache (the real hub code path serves them)."""
+def hub_models(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> dict[str, Path]:
+    """The hub models the documents name, in the offline hub cache (the real hub code path serves them); the
+    tiny models by kind."""
     from tests.support import models as testing
 
     root = tmp_path_factory.mktemp("doc-models")
@@ -430,14 +478,16 @@ def hub_models(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> N
     }
     for hub_id, kind in HUB_MODELS.items():
         testing.install_in_hf_cache(built[kind], hub_id, session_env / "hf")
+    return built
 
 
 @pytest.fixture(scope="module")
 def imdb(session_env: Path) -> None:
     """`imdb` in the offline datasets cache: a few reviews of each split, IMDB's shape (label -1 unsupervised)."""
-    from tests.support.hf_datasets import install_imdb
+    from tests.support.hf_datasets import install_fingpt_sentiment, install_imdb
 
     install_imdb(train=24, test=16, unsupervised=2)
+    install_fingpt_sentiment(rows=20)
 
 
 class Run:
@@ -453,6 +503,8 @@ class Run:
         self.daemon: DaemonProc | None = None
         self.psql: Psql | None = None
         self.background: list[tuple[Block, subprocess.Popen[bytes], Path]] = []
+        self.printed = ""  # what the last block that ran printed (for an `output` block after it)
+        self.hf_home: Path | None = None  # the document's own hub cache, when it brings its models in itself
 
     def dsn(self, role: str) -> str:
         if role == "superuser":
@@ -470,11 +522,36 @@ class Run:
             "PGML_CHILD_DSN": self.dsn(child) if child else as_login(self.su_dsn, CHILD),
             "PGML_HOME": str(self.home / "pgml-home"),
             "PGML_LOG_FORMAT": "console",
+            **self.hub_env(),
         }
 
+    def hub_env(self) -> dict[str, str]:
+        """A document that brings its models in itself has a hub cache of its own (the data sets stay shared)."""
+        if self.hf_home is None:
+            return {}
+        from tests.support.hf_datasets import datasets_cache
+
+        return {"HF_HOME": str(self.hf_home), "HF_DATASETS_CACHE": str(datasets_cache())}
+
+    def own_models(self, built: dict[str, Path]) -> None:
+        """An empty hub cache, and the tiny models as directories in the scratch directory, named as the hub ids'
+        last parts: what a user without the hub has before `pgml-tuned hub add` / `models import`."""
+        self.hf_home = self.home / "hf"
+        self.hf_home.mkdir()
+        for hub_id, kind in HUB_MODELS.items():
+            shutil.copytree(built[kind], self.scratch / hub_id.rsplit("/", 1)[-1])
+
     def run(self, block: Block) -> None:
+        if block.how.output:
+            if missing := missing_lines(block.code, self.printed):
+                raise BlockFailed(
+                    f"{block.where}: the block before printed no line like these:\n"
+                    + "\n".join(missing)
+                    + f"\n--- it printed:\n{self.printed}"
+                )
+            return
         if block.how.daemon and self.daemon is None:
-            self.daemon = self.start_daemon()
+            self.daemon = self.start_daemon(env=self.hub_env())
             if any("pgml.transform" in b.code for b in ALL[block.doc].blocks if b.runs):
                 self.warm_up()
         if not block.runs:
@@ -511,6 +588,7 @@ class Run:
                 timeout=BLOCK_SECONDS,
             )
             show(block, r.stdout + r.stderr)
+            self.printed = r.stdout + r.stderr
             if r.returncode != 0:
                 raise BlockFailed(f"{block.where}: exit {r.returncode}\n{code}\n--- output:\n{r.stdout}{r.stderr}")
 
@@ -532,9 +610,11 @@ class Run:
             except BlockFailed as e:
                 raise BlockFailed(f"{block.where} (as {block.how.role}):\n{code}\n--- psql:\n{e}") from None
             show(block, out)
+            self.printed = out
             return
         out = self.psql.run(f"\\set ON_ERROR_STOP 0\n{code}\n\\set ON_ERROR_STOP 1")
         show(block, out)
+        self.printed = out
         if "ERROR:" not in out or block.how.expect_error not in out:
             raise BlockFailed(f"{block.where}: expected an error with {block.how.expect_error!r}, got:\n{out}")
 
@@ -590,9 +670,11 @@ RUN = [doc for doc, parsed in ALL.items() if any(b.runs for b in parsed.blocks)]
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", RUN, ids=[str(d.relative_to(REPO)) for d in RUN])
 def test_document(
-    doc: Path, doc_logins: Logins, su_dsn: str, daemon: Any, hub_models: None, imdb: None, tmp_path: Path
+    doc: Path, doc_logins: Logins, su_dsn: str, daemon: Any, hub_models: dict[str, Path], imdb: None, tmp_path: Path
 ) -> None:
     run = Run(su_dsn, doc_logins, tmp_path, daemon)
+    if re.search(r"pgml-tuned (hub add|models import)", doc.read_text()):
+        run.own_models(hub_models)
     try:
         for block in ALL[doc].blocks:
             t0 = time.monotonic()
@@ -614,3 +696,18 @@ def test_logins_are_renamed_as_whole_words() -> None:
     assert logins.rename("GRANT pgml_worker TO worker1; -- worker1_child, alice's, not pgml_alice") == (
         "GRANT pgml_worker TO worker1_x; -- worker1_child_x, alice_x's, not pgml_alice"
     )
+
+
+def test_output_blocks_match_lines_by_shape() -> None:
+    printed = (
+        "NOTICE:  job 12 queued: follow it with CALL pgml.wait(12)\n"
+        " epoch | step | loss\n-------+------+--------\n 0.25  | 500  | 0.3453\n"
+        "INFO:  step 2/40  epoch 0.05  loss 0.6931  lr 1.9e-05\n"
+    )
+    shown = "NOTICE:  job 3 queued: follow it with CALL pgml.wait(3)\n epoch | step  |  loss\n---+-----+---\n 1.0 | 2 | 7e-3\n"
+    assert missing_lines(shown, printed) == []
+    assert missing_lines("INFO:  step 500/10000  epoch 0.25  loss 0.3453  lr …", printed) == []
+    assert missing_lines("INFO:  step 500/10000  epoch 0.25  loss 0.3453  grad_norm 5.2", printed) != []
+    # in order: a line found before the previous one's match does not count
+    assert missing_lines("INFO:  step 1/2 …\nNOTICE:  job 1 …", printed) == ["NOTICE:  job 1 …"]
+    assert missing_lines("job 3 queued", "job three queued") == ["job 3 queued"]
