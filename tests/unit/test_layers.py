@@ -22,7 +22,7 @@ RANKS = {
     "config": 0,
     "secrets": 0,
     "embedded": 0,
-    "client_shapes": 0,  # what the client sends and answers, without a connection
+    "client_shapes": 1,  # what the client sends and answers, without a connection (its errors: errors)
     "db": 1,
     "listening": 2,  # LISTEN proved to work, or polling (the worker's listener, the serving lane)
     "catalog": 2,  # the schema as normalised text (sql/catalog.sql): scripts/schema_dump, the schema tests
