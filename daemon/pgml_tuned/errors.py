@@ -138,11 +138,8 @@ SQLSTATE_CLASSES: tuple[tuple[str, type[PgmlError]], ...] = (
 )
 
 
-def error_class(sqlstate: str | None) -> type[PgmlError]:
-    """The PgmlError subclass of a SQLSTATE (PgmlError itself for one outside SQLSTATE_CLASSES); None: the
-    connection failed before the server answered."""
-    if sqlstate is None:
-        return ConnectionFailedError
+def error_class(sqlstate: str) -> type[PgmlError]:
+    """The PgmlError subclass of a SQLSTATE (PgmlError itself for one outside SQLSTATE_CLASSES)."""
     for prefix, cls in SQLSTATE_CLASSES:
         if sqlstate.startswith(prefix):
             return cls
@@ -186,19 +183,23 @@ def connection_message(e: BaseException, dsn: str | None) -> str:
 
 def translated(e: psycopg.Error, dsn: str | None = None) -> PgmlError:
     """The PgmlError of a psycopg error (not raised: the caller chains it, `raise translated(e) from e`)."""
+    if e.sqlstate is None and isinstance(e, psycopg.OperationalError):  # no server answered, or it went away
+        where = f" to {shown_dsn(dsn)}" if dsn else ""
+        return ConnectionFailedError(
+            f"cannot connect{where}: {connection_message(e, dsn)}",
+            "check the database URL (OpenSourceAI(database_url), else PGML_DSN, else DATABASE_URL) and that its "
+            "server is running",
+        )
+    if e.sqlstate is None:  # found on the client's side: a closed connection, a DSN that does not parse
+        cls = ConnectionFailedError if isinstance(e, psycopg.InterfaceError) else PgmlError
+        return cls(connection_message(e, dsn))
     diag = e.diag
-    sqlstate = e.sqlstate
-    if sqlstate is None or not diag.message_primary:
-        if isinstance(e, psycopg.OperationalError):  # no server answered, or the connection was lost
-            where = f" to {shown_dsn(dsn)}" if dsn else ""
-            return ConnectionFailedError(
-                f"cannot connect{where}: {connection_message(e, dsn)}",
-                "check the database URL (OpenSourceAI(database_url), else PGML_DSN, else DATABASE_URL) and that "
-                "its server is running",
-                sqlstate=sqlstate,
-            )
-        return error_class(sqlstate or "")(" ".join(str(e).split()), sqlstate=sqlstate)
-    return error_class(sqlstate)(diag.message_primary, diag.message_hint, sqlstate=sqlstate, detail=diag.message_detail)
+    return error_class(e.sqlstate)(
+        diag.message_primary or " ".join(str(e).split()),
+        diag.message_hint,
+        sqlstate=e.sqlstate,
+        detail=diag.message_detail,
+    )
 
 
 @contextmanager
