@@ -16,7 +16,9 @@ def test_bootstrap_says_each_phase_and_lets_pip_show_its_progress() -> None:
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "bootstrap")], check=False).returncode == 0
     phases = re.findall(r'step (\d) "', script)
     assert sorted(set(phases)) == ["1", "2", "3", "4"], phases
-    long_installs = [line for line in script.splitlines() if re.search(r"^\s*python -m pip install .*(torch|-e )", line)]
+    long_installs = [
+        line for line in script.splitlines() if re.search(r"^\s*python -m pip install .*(torch|-e )", line)
+    ]
     assert len(long_installs) == 2, long_installs
     for line in long_installs:
         assert " -q " not in line and "--progress-bar on" in line and '"${PIP_QUIET[@]}"' in line, line
