@@ -1,0 +1,103 @@
+"""The loopback on a server that does not ask it for a password (pg_hba.conf trust), migrated by a role that is not
+a superuser: dblink refuses such a connection to a non-superuser, so `pgml-tuned migrate` says what is wrong and the
+pg_hba.conf line that fixes it, and pgml.transform raises the same (not dblink's "password is required"). And the
+loopback logins that dropped databases leave behind: migrate and gc drop them. A server of its own (the embedded
+PostgreSQL, under the test state dir): these tests edit its pg_hba.conf and its cluster-wide roles."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgml_tuned import embedded
+from tests.conftest import STATE
+
+TRUST = "local all all trust\nhost all all 127.0.0.1/32 trust\n"
+
+
+@pytest.fixture(scope="module")
+def trust_server() -> Iterator[tuple[str, Path]]:
+    home = STATE / f"trust-{uuid.uuid4().hex[:6]}"
+    su = embedded.ensure(home)
+    (home / "pgdata" / "pg_hba.conf").write_text(TRUST)
+    with psycopg.connect(su, autocommit=True) as c:
+        c.execute("SELECT pg_reload_conf()")
+        # the managed-PostgreSQL administrator: creates roles, owns its databases, reads the settings (where the
+        # server's socket is); not a superuser
+        c.execute("CREATE ROLE migrator LOGIN CREATEROLE")
+        c.execute("GRANT pg_read_all_settings TO migrator")
+    try:
+        yield su, home
+    finally:
+        embedded.stop(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def dsn(base: str, **kw: str) -> str:
+    return make_conninfo("", **{**conninfo_to_dict(base), **kw})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgml_tuned.cli", *args], capture_output=True, text=True, timeout=180, env=os.environ
+    )
+
+
+def managed_database(su: str, name: str) -> str:
+    """A database the migrator owns, with dblink installed by the provider (a superuser); the migrator's DSN."""
+    with psycopg.connect(su, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}" OWNER migrator')
+    with psycopg.connect(dsn(su, dbname=name), autocommit=True) as c:
+        c.execute("CREATE EXTENSION dblink")
+    return dsn(su, dbname=name, user="migrator")
+
+
+def migrate(migrator: str, home: Path) -> subprocess.CompletedProcess[str]:
+    r = cli("migrate", "--dsn", migrator, "--home", str(home / "cli"))
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_a_trust_server_is_named_with_its_fix_by_migrate_and_by_transform(trust_server: tuple[str, Path]) -> None:
+    su, home = trust_server
+    migrator = managed_database(su, "trusting")
+    first = migrate(migrator, home)
+    with psycopg.connect(migrator, autocommit=True) as c:
+        login = c.execute("SELECT login FROM pgml.loopback_login").fetchone()[0]
+        c.execute("CREATE ROLE alice LOGIN")
+        c.execute("GRANT pgml_user TO alice")
+    line = f"local trusting {login} scram-sha-256"
+    assert "synchronous calls (pgml.transform, pgml.load_dataset) fail" in first.stderr
+    assert f"lets its login {login} in without asking for a password" in first.stderr
+    assert line in first.stderr and "pg_reload_conf()" in first.stderr
+
+    alice = dsn(su, dbname="trusting", user="alice")
+    transform = "SELECT pgml.transform('{\"task\": \"text-classification\", \"model\": \"m\"}'::jsonb, '{\"timeout\": 1}', ARRAY['x'])"
+    with psycopg.connect(alice, autocommit=True) as c:
+        with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as e:
+            c.execute(transform)
+    assert "the loopback of database trusting cannot log in" in e.value.diag.message_primary
+    # dblink's own words, kept as the detail ("password is required"; 18: "password or GSSAPI ... required")
+    assert re.match(r"dblink: password .*required", e.value.diag.message_detail or "")
+    assert line in (e.value.diag.message_hint or "")
+
+    # the fix, as the hint says: the line above the trust lines, and a reload
+    (home / "pgdata" / "pg_hba.conf").write_text(line + "\n" + TRUST)
+    with psycopg.connect(su, autocommit=True) as c:
+        c.execute("SELECT pg_reload_conf()")
+    again = migrate(migrator, home)
+    assert "warning" not in again.stderr and "password" not in again.stderr, again.stderr
+    with psycopg.connect(alice, autocommit=True) as c:
+        # the request went through the loopback, committed; no serving process here takes it (after 1 s)
+        with pytest.raises(psycopg.errors.LockNotAvailable, match="no pgml-tuned worker is serving"):
+            c.execute(transform)
