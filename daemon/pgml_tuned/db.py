@@ -410,7 +410,9 @@ async def loopback_problem(dsn: str) -> str | None:
         except psycopg.Error as e:
             d = e.diag
             parts = [d.message_primary or str(e).strip()]
-            parts += [f"{label}: {text}" for label, text in (("DETAIL", d.message_detail), ("HINT", d.message_hint)) if text]
+            parts += [
+                f"{label}: {text}" for label, text in (("DETAIL", d.message_detail), ("HINT", d.message_hint)) if text
+            ]
             return "\n".join(parts)
     return None
 

@@ -82,7 +82,7 @@ def test_a_trust_server_is_named_with_its_fix_by_migrate_and_by_transform(trust_
     assert line in first.stderr and "pg_reload_conf()" in first.stderr
 
     alice = dsn(su, dbname="trusting", user="alice")
-    transform = "SELECT pgml.transform('{\"task\": \"text-classification\", \"model\": \"m\"}'::jsonb, '{\"timeout\": 1}', ARRAY['x'])"
+    transform = 'SELECT pgml.transform(\'{"task": "text-classification", "model": "m"}\'::jsonb, \'{"timeout": 1}\', ARRAY[\'x\'])'
     with psycopg.connect(alice, autocommit=True) as c:
         with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as e:
             c.execute(transform)
@@ -101,3 +101,49 @@ def test_a_trust_server_is_named_with_its_fix_by_migrate_and_by_transform(trust_
         # the request went through the loopback, committed; no serving process here takes it (after 1 s)
         with pytest.raises(psycopg.errors.LockNotAvailable, match="no pgml-tuned worker is serving"):
             c.execute(transform)
+
+
+def test_migrate_and_gc_drop_the_loopback_logins_of_dropped_databases_only(trust_server: tuple[str, Path]) -> None:
+    su, home = trust_server
+    logins = {}
+    for name in ("gone_a", "gone_c", "kept_b"):
+        migrate(managed_database(su, name), home)
+        with psycopg.connect(dsn(su, dbname=name), autocommit=True) as c:
+            logins[name] = c.execute("SELECT login FROM pgml.loopback_login").fetchone()[0]
+    with psycopg.connect(su, autocommit=True) as c:
+        # look-alikes that are not a dropped database's loopback login: a name off the pattern, one not in
+        # pgml_loopback, one that still owns something
+        c.execute("CREATE ROLE pgml_loopback_abc LOGIN IN ROLE pgml_loopback")
+        c.execute("CREATE ROLE pgml_loopback_4000000001 LOGIN")
+        c.execute("CREATE ROLE pgml_loopback_4000000002 LOGIN IN ROLE pgml_loopback")
+        c.execute("CREATE DATABASE owned_by_a_look_alike OWNER pgml_loopback_4000000002")
+        c.execute("DROP DATABASE gone_a")
+        c.execute("DROP DATABASE gone_c")
+        c.execute("CREATE ROLE auditor LOGIN IN ROLE pgml_admin")  # an administrator who may not drop roles
+
+    def roles() -> set[str]:
+        with psycopg.connect(su, autocommit=True) as c:
+            return {r[0] for r in c.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'pgml_loopback_%'")}
+
+    look_alikes = {"pgml_loopback_abc", "pgml_loopback_4000000001", "pgml_loopback_4000000002"}
+    before = roles()
+    assert set(logins.values()) | look_alikes <= before
+
+    # one who may not drop roles is told so, and nothing is dropped
+    with psycopg.connect(dsn(su, dbname="kept_b", user="auditor"), autocommit=True) as c:
+        rows = c.execute("SELECT login, dropped, note FROM pgml._stale_loopback_logins(true)").fetchall()
+    assert [(r[0], r[1]) for r in rows] == sorted([(logins["gone_a"], False), (logins["gone_c"], False)])
+    assert all("auditor may not drop roles" in r[2] for r in rows)
+
+    # gc lists them (a dry run drops nothing)
+    gc = cli("gc", "--dsn", dsn(su, dbname="kept_b", user="migrator"), "--home", str(home / "cli"))
+    assert gc.returncode == 0, gc.stderr
+    assert re.search(rf"loopback_login .* {logins['gone_a']}: its database is gone \(--apply drops it\)", gc.stdout)
+    assert logins["gone_a"] in roles()
+
+    # migrate drops them, as the migrator (CREATEROLE), and says so
+    again = migrate(dsn(su, dbname="kept_b", user="migrator"), home)
+    for name in ("gone_a", "gone_c"):
+        assert f"loopback login {logins[name]}: its database is gone: dropped" in again.stdout
+    assert roles() == before - {logins["gone_a"], logins["gone_c"]}
+    assert "loopback login" not in migrate(dsn(su, dbname="kept_b", user="migrator"), home).stdout

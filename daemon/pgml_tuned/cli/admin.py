@@ -133,8 +133,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
             ) from None
         conn.commit()
     rows += [
-        {"kind": "loopback_login", "project": None, "job_id": None, "model_id": None, "items": 1, "bytes": 0,
-         "note": f"{r['login']}: {r['note']}"}
+        {
+            "kind": "loopback_login",
+            "project": None,
+            "job_id": None,
+            "model_id": None,
+            "items": 1,
+            "bytes": 0,
+            "note": f"{r['login']}: {r['note']}",
+        }
         for r in logins
     ]
     header = ("kind", "project", "job", "model", "items", "size", "why")
