@@ -6,21 +6,20 @@ PostgreSQL, under the test state dir): these tests edit its pg_hba.conf and its 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgml_tuned import embedded
 from tests.conftest import STATE
+from tests.integration.test_loopback_scram import dsn
+from tests.integration.test_migrate_cli import cli
 
 TRUST = "local all all trust\nhost all all 127.0.0.1/32 trust\n"
 
@@ -41,16 +40,6 @@ def trust_server() -> Iterator[tuple[str, Path]]:
     finally:
         embedded.stop(home)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def dsn(base: str, **kw: str) -> str:
-    return make_conninfo("", **{**conninfo_to_dict(base), **kw})
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgml_tuned.cli", *args], capture_output=True, text=True, timeout=180, env=os.environ
-    )
 
 
 def managed_database(su: str, name: str) -> str:
@@ -82,7 +71,10 @@ def test_a_trust_server_is_named_with_its_fix_by_migrate_and_by_transform(trust_
     assert line in first.stderr and "pg_reload_conf()" in first.stderr
 
     alice = dsn(su, dbname="trusting", user="alice")
-    transform = 'SELECT pgml.transform(\'{"task": "text-classification", "model": "m"}\'::jsonb, \'{"timeout": 1}\', ARRAY[\'x\'])'
+    transform = (
+        'SELECT pgml.transform(\'{"task": "text-classification", "model": "m"}\'::jsonb, '
+        "'{\"timeout\": 1}', ARRAY['x'])"
+    )
     with psycopg.connect(alice, autocommit=True) as c:
         with pytest.raises(psycopg.errors.InvalidAuthorizationSpecification) as e:
             c.execute(transform)
