@@ -123,6 +123,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._request_answer(bigint),
     pgml._request_chunks(bigint,integer),
     pgml._request_submit(name,text,text,jsonb,jsonb),
+    pgml._stale_loopback_logins(boolean),
     pgml.activate_sealing_key(text),
     pgml.allow_credential(text,name),
     pgml.drop_credential(text),
