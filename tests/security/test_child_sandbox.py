@@ -13,7 +13,8 @@ import psycopg
 import pytest
 
 from pgml_tuned.errors import JobError
-from pgml_tuned.models import outside_paths, refuse_outside_paths
+from pgml_tuned.model_files import outside_paths
+from pgml_tuned.models import refuse_outside_paths
 from tests.conftest import job_children, wait_for, wait_job
 from tests.support import models as testing
 
