@@ -81,10 +81,17 @@ def _sha256(path: Path) -> str:
 
 
 def add(directory: Path, repo_id: str, hf_home: Path | None = None) -> Added:
-    """Put the model in `directory` into the hub cache (of `hf_home`, default this process's) as `repo_id`."""
+    """Put the model in `directory` into the hub cache (of `hf_home`, default this process's) as `repo_id`, once it
+    passed the checks of model_files."""
     check_repo_id(repo_id)
     model = inspect(Path(directory))
-    digests = [(rel, path, _sha256(path)) for rel, path, _ in model.files]
+    return store([(rel, path) for rel, path, _ in model.files], repo_id, hf_home)
+
+
+def store(files: list[tuple[str, Path]], repo_id: str, hf_home: Path | None = None) -> Added:
+    """Write `files` ((relative posix path, path) pairs) into the hub cache as `repo_id`'s snapshot, as a download
+    would have: the layout alone, no checks (what a model from the hub is before the loaders check it)."""
+    digests = [(rel, path, _sha256(path)) for rel, path in files]
     revision = _revision([(rel, sha) for rel, _, sha in digests])
     repo = hub_cache_dir(hf_home) / f"models--{repo_id.replace('/', '--')}"
     blobs, snapshots, refs = repo / "blobs", repo / "snapshots", repo / "refs"

