@@ -190,6 +190,7 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \ir functions/65_datasets.sql
 \ir functions/70_requests.sql
 \ir functions/75_models.sql
+\ir functions/76_imports.sql
 \ir functions/80_fleet.sql
 \ir functions/85_gc.sql
 \ir functions/88_training_arg_types.sql

@@ -141,6 +141,7 @@ CREATE TABLE pgml.file_parts (
 );
 CREATE TRIGGER file_parts_child_check BEFORE INSERT ON pgml.file_parts FOR EACH ROW EXECUTE FUNCTION pgml._child_insert_check();
 GRANT INSERT ON TABLE pgml.file_parts TO pgml_child;
+GRANT INSERT ON TABLE pgml.file_parts TO pgml_user;
 
 -- view pgml.files, owner pgml_owner
 CREATE VIEW pgml.files WITH (security_barrier=true) AS
@@ -158,6 +159,7 @@ GRANT SELECT ON VIEW pgml.files TO pgml_user;
 -- sequence pgml.files_id_seq, owner pgml_owner
 CREATE SEQUENCE pgml.files_id_seq AS bigint START 1 INCREMENT 1 MINVALUE 1 MAXVALUE 9223372036854775807 CACHE 1 OWNED BY pgml.file_parts.id;
 GRANT USAGE ON SEQUENCE pgml.files_id_seq TO pgml_child;
+GRANT USAGE ON SEQUENCE pgml.files_id_seq TO pgml_user;
 GRANT USAGE ON SEQUENCE pgml.files_id_seq TO pgml_worker;
 
 -- table pgml.gang_members, owner pgml_owner
@@ -439,12 +441,14 @@ CREATE TABLE pgml.models (
     updated_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     owner name DEFAULT SESSION_USER NOT NULL,
     files_freed_at timestamp with time zone,
+    CONSTRAINT models_import_finished TRIGGER DEFERRABLE INITIALLY DEFERRED,
     CONSTRAINT models_pkey PRIMARY KEY (id),
     CONSTRAINT models_project_id_fkey FOREIGN KEY (project_id) REFERENCES pgml.projects(id) ON DELETE CASCADE,
     CONSTRAINT models_status_check CHECK (status = ANY (ARRAY['in_progress'::text, 'successful'::text, 'failed'::text, 'cancelled'::text]))
 );
 ALTER TABLE pgml.models ENABLE ROW LEVEL SECURITY;
 CREATE INDEX models_project_idx ON pgml.models USING btree (project_id, id);
+CREATE CONSTRAINT TRIGGER models_import_finished AFTER INSERT ON pgml.models DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (new.hyperparams ? 'import'::text) EXECUTE FUNCTION pgml._import_finished();
 CREATE POLICY user_read ON pgml.models FOR SELECT TO pgml_user
     USING (((owner = SESSION_USER) OR pg_has_role(SESSION_USER, 'pgml_admin'::name, 'MEMBER'::text)));
 CREATE POLICY worker_all ON pgml.models FOR ALL TO pgml_worker
@@ -834,13 +838,13 @@ BEGIN
             IF v_elapsed > p_timeout THEN
                 PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
                 IF v_status = 'queued' THEN
-                    RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited %s s and nobody took it',
+                    RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited % s and nobody took it',
                         round(v_elapsed::numeric, 1)
                         USING ERRCODE = 'lock_not_available',
                               HINT = 'start one (pgml-tuned serve) or check SELECT * FROM pgml.queue_summary; '
                                      'args => ''{"timeout": 120}'' waits longer';
                 END IF;
-                RAISE EXCEPTION 'the request timed out after %s s while % was answering it',
+                RAISE EXCEPTION 'the request timed out after % s while % was answering it',
                     round(v_elapsed::numeric, 1), coalesce(v_worker, 'a worker')
                     USING ERRCODE = 'query_canceled',
                           HINT = 'args => ''{"timeout": 300}'' waits longer (long generations need it)';
@@ -1144,6 +1148,23 @@ DECLARE
     v_job text := pg_catalog.current_setting('pgml.child_job', true);
 BEGIN
     IF pg_catalog.pg_has_role(session_user, 'pgml_owner', 'MEMBER') THEN
+        RETURN NEW;
+    END IF;
+    -- an import this transaction began (76_imports.sql): its importer stores the files of that model only, while
+    -- it is 'in_progress' (no import stays so past its COMMIT: models_import_finished)
+    IF TG_TABLE_NAME = 'file_parts' AND coalesce(v_job, '') = ''
+       AND pg_catalog.current_setting('pgml.import_model', true) IS NOT NULL
+       AND pg_catalog.current_setting('pgml.import_model', true) <> '' THEN
+        IF NOT EXISTS (SELECT 1 FROM pgml.models m
+                       WHERE m.id = NEW.model_id
+                         AND m.id::text = pg_catalog.current_setting('pgml.import_model', true)
+                         AND m.status = 'in_progress' AND m.hyperparams ? 'import'
+                         AND m.hyperparams -> 'import' ->> 'by' = pgml._submitter()::text) THEN
+            RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+                MESSAGE = pg_catalog.format('an import may store files of the model it began only, not of model %s',
+                                            NEW.model_id),
+                HINT = 'pgml.import_model_begin returns the model id to store files for';
+        END IF;
         RETURN NEW;
     END IF;
     IF coalesce(v_job, '') !~ '^[0-9]+$' THEN
@@ -2019,6 +2040,69 @@ END $function$;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_child;
 GRANT EXECUTE ON FUNCTION pgml._hub_refusal(model_name text, owner name, task text) TO pgml_serving;
 
+-- FUNCTION pgml._import_file_refusal(path text, OUT message text, OUT hint text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._import_file_refusal(path text, OUT message text, OUT hint text)
+ RETURNS record
+ LANGUAGE plpgsql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_name   text := lower(regexp_replace(coalesce(path, ''), '^.*/', ''));
+    v_suffix text := CASE WHEN strpos(v_name, '.') > 0 THEN regexp_replace(v_name, '^.*\.', '') END;
+BEGIN
+    IF path IS NULL OR path = '' OR length(path) > 1024 OR starts_with(path, '/') OR path ~ '[\\[:cntrl:]]'
+       OR '..' = ANY (string_to_array(path, '/')) OR '' = ANY (string_to_array(path, '/')) THEN
+        message := format('file %L is not a relative path inside the model directory', path);
+        hint := 'a model''s files are named by their paths relative to its directory, without "..", "//" or "\"';
+    ELSIF v_suffix IN ('bin', 'pt', 'pth', 'pkl', 'pickle', 'ckpt', 'joblib', 'npy', 'npz') THEN
+        message := format('file %L is a pickle file: pickled weights can run code when they are loaded, so only '
+                          'safetensors weights are imported', path);
+        hint := CASE WHEN v_name = 'training_args.bin' OR v_name LIKE 'optimizer.%' OR v_name LIKE 'scheduler.%'
+                          OR v_name LIKE 'rng_state%'
+                     THEN format('%s is not part of the model (a training state file): delete it', path)
+                     ELSE format('convert it to safetensors and delete %s: python -c "from transformers import '
+                                 'AutoModel; AutoModel.from_pretrained(''DIR'').save_pretrained(''DIR'', '
+                                 'safe_serialization=True)" (AutoModelFor... of its kind)', path) END;
+    ELSIF v_suffix IN ('py', 'pyc', 'pyo', 'so', 'dll', 'dylib', 'sh', 'exe') THEN
+        message := format('file %L is code: models that need their own code (trust_remote_code) are not imported',
+                          path);
+        hint := 'import a model whose architecture transformers has built in, without the code files';
+    ELSIF v_suffix IN ('h5', 'msgpack', 'onnx', 'gguf', 'ggml', 'tflite', 'ot', 'keras') THEN
+        message := format('file %L holds weights in a format pgml-tuned does not load (safetensors only)', path);
+        hint := 'save the model with transformers as safetensors (save_pretrained(DIR, safe_serialization=True)), '
+                'or delete the file if the directory has safetensors weights too';
+    END IF;
+END $function$;
+
+-- FUNCTION pgml._import_file_text(p_model_id bigint, p_path text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._import_file_text(p_model_id bigint, p_path text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT convert_from(string_agg(f.data, ''::bytea ORDER BY f.part), 'UTF8')
+    FROM pgml.file_parts f WHERE f.model_id = p_model_id AND f.path = p_path
+$function$;
+
+-- FUNCTION pgml._import_finished(), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._import_finished()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgml.models m WHERE m.id = NEW.id AND m.status = 'in_progress') THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('the import of model %s was not finished: nothing of it is kept', NEW.id),
+            HINT = format('call SELECT * FROM pgml.import_model_finish(%s) after storing its files, before COMMIT',
+                          NEW.id);
+    END IF;
+    RETURN NULL;
+END $function$;
+
 -- FUNCTION pgml._is_hub_id(model_name text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._is_hub_id(model_name text)
  RETURNS boolean
@@ -2476,21 +2560,66 @@ DECLARE
     v_connstr text := format('%s dbname=%s user=%s password=%s application_name=pgml_loopback',
                              v_lb.conninfo, pgml._conn_quote(pg_catalog.current_database()),
                              pgml._conn_quote(v_lb.login), pgml._conn_quote(v_lb.password));
-    v_pid integer;
+    v_pid    integer;
+    v_detail text;
 BEGIN
     IF pgml._dblink_connections(v_schema) @> ARRAY['pgml_loopback'] THEN
         EXECUTE format('SELECT %I.dblink_disconnect(%L)', v_schema, 'pgml_loopback');
     END IF;
-    IF pg_catalog.has_function_privilege(format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
-        EXECUTE format('SELECT %I.dblink_connect_u(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
-    ELSE
-        EXECUTE format('SELECT %I.dblink_connect(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
-    END IF;
+    BEGIN
+        IF pg_catalog.has_function_privilege(format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
+            EXECUTE format('SELECT %I.dblink_connect_u(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
+        ELSE
+            EXECUTE format('SELECT %I.dblink_connect(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
+        END IF;
+    EXCEPTION
+        WHEN prohibited_sql_statement_attempted THEN
+            -- dblink's "password is required": the server let the login in without asking for its password (trust,
+            -- peer), which dblink_connect refuses to a session that is not a superuser's
+            GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_authorization_specification',
+                MESSAGE = format('the loopback of database %s cannot log in: this server lets its login %s in '
+                                 'without asking for a password (pg_hba.conf: trust or peer), and dblink refuses '
+                                 'that to a session that is not a superuser''s',
+                                 pg_catalog.current_database(), v_lb.login),
+                DETAIL = format('dblink: %s (%s)', SQLERRM, v_detail),
+                HINT = pgml._loopback_password_fix(v_lb);
+        WHEN sqlclient_unable_to_establish_sqlconnection THEN
+            GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'sqlclient_unable_to_establish_sqlconnection',
+                MESSAGE = format('the loopback of database %s cannot connect to %s', pg_catalog.current_database(),
+                                 v_lb.conninfo),
+                DETAIL = format('dblink: %s (%s)', SQLERRM, pg_catalog.btrim(v_detail, E' \n')),
+                HINT = 'an administrator says where this server reaches itself (a socket directory or an address '
+                       'it listens on): SELECT pgml._setup_loopback(''host=... port=...'')';
+    END;
     EXECUTE format('SELECT t.p FROM %I.dblink(%L, %L) AS t(p integer)', v_schema, 'pgml_loopback',
                    'SELECT pg_catalog.pg_backend_pid()') INTO v_pid;
     PERFORM pg_catalog.set_config('pgml.loopback_pid', v_pid::text, false);
     RETURN v_pid;
 END $function$;
+
+-- FUNCTION pgml._loopback_password_fix(v_lb pgml.loopback_login), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._loopback_password_fix(v_lb pgml.loopback_login)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT pg_catalog.format(
+        'an administrator adds this line to pg_hba.conf above the lines that let it in now (the first line that '
+        'matches decides): %s — then runs SELECT pg_reload_conf(). Or, where connections over TCP ask for a '
+        'password already: SELECT pgml._setup_loopback(''host=127.0.0.1 port=%s'')',
+        pg_catalog.concat_ws(' ',
+            CASE WHEN h.host IS NULL OR h.host LIKE '/%' OR h.host LIKE '@%' THEN 'local' ELSE 'host' END,
+            CASE WHEN pg_catalog.current_database() ~ '^[a-z_][a-z0-9_]*$' THEN pg_catalog.current_database()::text
+                 ELSE '"' || pg_catalog.current_database() || '"' END,
+            v_lb.login,
+            CASE WHEN h.host IS NULL OR h.host LIKE '/%' OR h.host LIKE '@%' THEN NULL ELSE 'samehost' END,
+            'scram-sha-256'),
+        pg_catalog.current_setting('port'))
+    FROM (SELECT pg_catalog.substring(v_lb.conninfo, '(?:^|\s)host\s*=\s*''?([^''\s]+)') AS host) h
+$function$;
 
 -- FUNCTION pgml._loopback_proof(secret text, who text, pid integer, nonce text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._loopback_proof(secret text, who text, pid integer, nonce text)
@@ -3637,6 +3766,47 @@ BEGIN
     END LOOP;
 END $function$;
 
+-- FUNCTION pgml._stale_loopback_logins(apply boolean), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._stale_loopback_logins(apply boolean DEFAULT false)
+ RETURNS TABLE(login name, dropped boolean, note text)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_may boolean := (SELECT r.rolsuper OR r.rolcreaterole FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+BEGIN
+    FOR login IN
+        SELECT r.rolname FROM pg_catalog.pg_roles r
+        WHERE r.rolname ~ '^pgml_loopback_[0-9]{1,10}$'
+          AND r.rolcanlogin AND NOT r.rolsuper
+          AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                      WHERE m.member = r.oid AND g.rolname = 'pgml_loopback')
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database d
+                          WHERE d.oid::text = pg_catalog.substr(r.rolname, pg_catalog.length('pgml_loopback_') + 1))
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend s
+                          WHERE s.refclassid = 'pg_catalog.pg_authid'::regclass AND s.refobjid = r.oid)
+        ORDER BY r.rolname
+    LOOP
+        dropped := false;
+        IF NOT v_may THEN
+            note := format('its database is gone; not dropped: %s may not drop roles (an administrator with '
+                           'CREATEROLE runs pgml-tuned gc --apply, or DROP ROLE %I)', current_user, login);
+        ELSIF NOT apply THEN
+            note := 'its database is gone (--apply drops it)';
+        ELSE
+            BEGIN
+                EXECUTE format('DROP ROLE %I', login);
+                dropped := true;
+                note := 'its database is gone: dropped';
+            EXCEPTION WHEN insufficient_privilege OR dependent_objects_still_exist OR undefined_object THEN
+                note := format('its database is gone; not dropped: %s', SQLERRM);
+            END;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml._stale_loopback_logins(apply boolean) TO pgml_admin;
+
 -- FUNCTION pgml._submit(project_name text, task text, relation_name text, y_column_name text, model_name text, hyperparams jsonb, test_size double precision, test_sampling text, automatic_deploy boolean, materialize_snapshot boolean, max_attempts integer, priority integer, caller_search_path text, rel oid, rel_error text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._submit(project_name text, task text, relation_name text, y_column_name text, model_name text, hyperparams jsonb, test_size double precision, test_sampling text, automatic_deploy boolean, materialize_snapshot boolean, max_attempts integer, priority integer, caller_search_path text, rel oid, rel_error text)
  RETURNS TABLE(job_id bigint, project_id bigint, model_id bigint, relation text, columns text[])
@@ -4647,6 +4817,228 @@ AS $function$
 $function$;
 GRANT EXECUTE ON FUNCTION pgml.hub_model_allowed(model_name text) TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml.hub_model_allowed(model_name text) TO pgml_worker;
+
+-- FUNCTION pgml.import_model_begin(project_name text, task text, base_model text, files jsonb, source text, owner name), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml.import_model_begin(project_name text, task text, base_model text, files jsonb, source text DEFAULT NULL::text, owner name DEFAULT NULL::name)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_who     name := pgml._submitter();
+    v_owner   name := coalesce(import_model_begin.owner, pgml._submitter());
+    v_project pgml.projects;
+    v_model   bigint;
+    v_file    jsonb;
+    v_paths   text[] := ARRAY[]::text[];
+    v_bytes   bigint := 0;
+    v_bad     record;
+    v_adapter boolean;
+    v_ref     text;
+    v_found   record;
+BEGIN
+    IF v_owner <> v_who AND NOT pg_has_role(v_who, 'pgml_admin', 'MEMBER') THEN
+        PERFORM pgml._fail(format('%s may not import a model into a project of %s: only administrators import '
+                                  'models for another login', v_who, v_owner),
+                           format('import it into a project of your own (leave the owner out), or ask a member of '
+                                  'pgml_admin to import it for %s', v_owner), 'insufficient_privilege');
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_owner AND pg_has_role(r.oid, 'pgml_user', 'MEMBER')) THEN
+        PERFORM pgml._fail(format('%s is not a pgml_user login: its models could not be used', v_owner),
+                           format('GRANT pgml_user TO %I, or import for another login', v_owner));
+    END IF;
+    IF project_name IS NULL OR btrim(project_name) = '' OR length(project_name) > 200 THEN
+        PERFORM pgml._fail('an import needs a project name (at most 200 characters)',
+                           'pgml-tuned models import DIR --project NAME: the model is then pgml:NAME');
+    END IF;
+    IF task IS NULL OR task NOT IN ('text-classification', 'text-pair-classification', 'conversation') THEN
+        PERFORM pgml._fail(format('task %s cannot be imported', coalesce(quote_literal(task), 'NULL')),
+                           'imported models are of task text-classification, text-pair-classification or '
+                           'conversation (causal language models)');
+    END IF;
+    SELECT * INTO v_project FROM pgml.projects p WHERE p.name = project_name AND p.owner = v_owner;
+    IF FOUND AND v_project.task <> task THEN
+        PERFORM pgml._fail(format('project %L is a %s project, not %s', project_name, v_project.task, task),
+                           'import it into another project (--project), or give the project''s task (--task)');
+    END IF;
+
+    -- the files: a list of paths and sizes, each path allowed, config.json or adapter_config.json among them
+    IF files IS NULL OR jsonb_typeof(files) <> 'array' OR jsonb_array_length(files) = 0
+       OR jsonb_array_length(files) > 10000 THEN
+        PERFORM pgml._fail('files must be a JSON array of {"path": ..., "bytes": ...}, one per file of the model',
+                           'pgml-tuned models import DIR lists them');
+    END IF;
+    FOR v_file IN SELECT value FROM jsonb_array_elements(files) LOOP
+        IF jsonb_typeof(v_file) <> 'object' OR jsonb_typeof(v_file -> 'path') <> 'string'
+           OR jsonb_typeof(v_file -> 'bytes') <> 'number' OR (v_file ->> 'bytes') !~ '^[0-9]{1,15}$' THEN
+            PERFORM pgml._fail(format('files: %s is not {"path": text, "bytes": integer}', left(v_file::text, 200)),
+                               'pgml-tuned models import DIR lists them');
+        END IF;
+        SELECT * INTO v_bad FROM pgml._import_file_refusal(v_file ->> 'path');
+        IF v_bad.message IS NOT NULL THEN
+            PERFORM pgml._fail(v_bad.message, v_bad.hint);
+        END IF;
+        IF (v_file ->> 'path') = ANY (v_paths) THEN
+            PERFORM pgml._fail(format('files: %L is listed twice', v_file ->> 'path'), 'list each file once');
+        END IF;
+        v_paths := v_paths || (v_file ->> 'path');
+        v_bytes := v_bytes + (v_file ->> 'bytes')::bigint;
+    END LOOP;
+    v_adapter := 'adapter_config.json' = ANY (v_paths);
+    IF NOT v_adapter AND NOT 'config.json' = ANY (v_paths) THEN
+        PERFORM pgml._fail('the model has no config.json (nor adapter_config.json): it is not a saved transformers '
+                           'model or PEFT adapter',
+                           'import the directory save_pretrained wrote (config.json, model.safetensors, the '
+                           'tokenizer''s files)');
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM unnest(v_paths) p WHERE p LIKE '%.safetensors') THEN
+        PERFORM pgml._fail('the model has no .safetensors weights',
+                           'save it with save_pretrained(DIR, safe_serialization=True) and import that directory');
+    END IF;
+
+    -- an adapter's base: resolvable now, under the rules every model_name follows, for the owner
+    IF NOT v_adapter THEN
+        IF base_model IS NOT NULL THEN
+            PERFORM pgml._fail(format('base model %L given for a full model (it has no adapter_config.json)',
+                                      base_model),
+                               'a full model loads on its own: leave --base out');
+        END IF;
+    ELSIF base_model IS NULL OR btrim(base_model) = '' THEN
+        PERFORM pgml._fail('the adapter names no base model',
+                           'pass --base (pgml:<project>, pgml:model:<id>, or a hub id on the allow-list), or set '
+                           'base_model_name_or_path in its adapter_config.json');
+    ELSIF starts_with(base_model, 'pgml:') THEN
+        v_ref := substr(base_model, 6);
+        IF starts_with(v_ref, 'model:') AND substr(v_ref, 7) !~ '^[0-9]{1,18}$' THEN
+            PERFORM pgml._fail(format('base model %L: write pgml:model:<id> with a numeric id', base_model),
+                               'SELECT id FROM pgml.models lists them');
+        END IF;
+        SELECT * INTO v_found FROM pgml._model_ref(CASE WHEN starts_with(v_ref, 'model:') THEN substr(v_ref, 7)::bigint END,
+                                                   CASE WHEN NOT starts_with(v_ref, 'model:') THEN v_ref END, v_owner) r;
+        IF v_found.id IS NULL OR v_found.status <> 'successful' THEN
+            PERFORM pgml._fail(format('base model %L: %s has no such successful model', base_model, v_owner),
+                               'name a model the owner may read: pgml:<project> (SELECT name FROM pgml.projects), '
+                               'pgml:model:<id>, or import the base first');
+        END IF;
+    ELSIF starts_with(base_model, '/') THEN
+        NULL;  -- a directory under the workers' model directories: each worker checks it when it loads the base
+    ELSIF base_model ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$' AND strpos(base_model, '..') = 0
+          AND strpos(base_model, '--') = 0 AND length(base_model) <= 96 THEN
+        SELECT * INTO v_bad FROM pgml._hub_refusal(base_model, v_owner);
+        IF v_bad.message IS NOT NULL THEN
+            PERFORM pgml._fail(v_bad.message, v_bad.hint, 'insufficient_privilege');
+        END IF;
+    ELSE
+        PERFORM pgml._fail(format('base model %L is not a model reference', base_model),
+                           'name a hub id (org/name), a stored model (pgml:<project> or pgml:model:<id>), or an '
+                           'absolute directory under the workers'' model directories');
+    END IF;
+
+    INSERT INTO pgml.projects AS p (name, task, owner) VALUES (project_name, task, v_owner)
+    ON CONFLICT ON CONSTRAINT projects_owner_name_key DO UPDATE SET updated_at = clock_timestamp()
+    RETURNING * INTO v_project;
+    SET CONSTRAINTS pgml.models_import_finished DEFERRED;  -- checked at COMMIT, whatever the caller set
+    INSERT INTO pgml.models (project_id, status, task, model_name, base_model, hyperparams, owner)
+    VALUES (v_project.id, 'in_progress', task, coalesce(left(source, 1000), 'import'),
+            CASE WHEN v_adapter THEN base_model END,
+            jsonb_build_object('import', jsonb_build_object('by', v_who, 'source', left(source, 1000), 'files', files,
+                                                            'bytes', v_bytes)),
+            v_owner)
+    RETURNING id INTO v_model;
+    PERFORM set_config('pgml.import_model', v_model::text, true);
+    RETURN v_model;
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml.import_model_begin(project_name text, task text, base_model text, files jsonb, source text, owner name) TO pgml_user;
+
+-- FUNCTION pgml.import_model_finish(model_id bigint), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml.import_model_finish(model_id bigint)
+ RETURNS TABLE(id bigint, project_name text, owner name, files integer, bytes bigint, ref text)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_model   pgml.models;
+    v_project pgml.projects;
+    v_bad     record;
+    v_path    text;
+    v_config  jsonb;
+    v_files   integer;
+    v_bytes   bigint;
+BEGIN
+    SELECT * INTO v_model FROM pgml.models m WHERE m.id = import_model_finish.model_id;
+    IF NOT FOUND OR NOT (v_model.hyperparams ? 'import') OR v_model.status <> 'in_progress'
+       OR v_model.hyperparams -> 'import' ->> 'by' IS DISTINCT FROM pgml._submitter()::text
+       OR current_setting('pgml.import_model', true) IS DISTINCT FROM v_model.id::text THEN
+        PERFORM pgml._fail(format('model %s is not an import this transaction began', import_model_finish.model_id),
+                           'SELECT pgml.import_model_begin(...), COPY its files, then pgml.import_model_finish(id), '
+                           'in one transaction (pgml-tuned models import does)', 'object_not_in_prerequisite_state');
+    END IF;
+    -- each listed file stored whole (parts 0..n-1, its size), nothing else stored
+    SELECT l.path AS listed, s.path AS stored, l.bytes AS want, s.bytes AS got, s.parts, s.last_part
+    INTO v_bad
+    FROM (SELECT e ->> 'path' AS path, (e ->> 'bytes')::bigint AS bytes
+          FROM jsonb_array_elements(v_model.hyperparams -> 'import' -> 'files') e) l
+    FULL JOIN (SELECT f.path, sum(length(f.data))::bigint AS bytes, count(*) AS parts, max(f.part) AS last_part
+               FROM pgml.file_parts f WHERE f.model_id = v_model.id GROUP BY f.path) s ON s.path = l.path
+    WHERE l.path IS NULL OR s.path IS NULL OR l.bytes <> s.bytes OR s.parts <> s.last_part + 1
+    ORDER BY coalesce(l.path, s.path) LIMIT 1;
+    IF FOUND THEN
+        PERFORM pgml._fail(CASE WHEN v_bad.listed IS NULL THEN format('file %L was stored but not listed', v_bad.stored)
+                                WHEN v_bad.stored IS NULL THEN format('file %L was listed but not stored', v_bad.listed)
+                                ELSE format('file %L: %s bytes listed, %s stored', v_bad.listed, v_bad.want, v_bad.got)
+                           END,
+                           'the directory changed while it was imported, or the client sent other files: import it '
+                           'again');
+    END IF;
+    -- the stored configuration: valid JSON, no code of the model's own (auto_map, trust_remote_code)
+    FOREACH v_path IN ARRAY ARRAY['config.json', 'tokenizer_config.json', 'adapter_config.json',
+                                  'generation_config.json', 'preprocessor_config.json', 'processor_config.json',
+                                  'special_tokens_map.json'] LOOP
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pgml.file_parts f WHERE f.model_id = v_model.id AND f.path = v_path);
+        BEGIN
+            v_config := pgml._import_file_text(v_model.id, v_path)::jsonb;
+        EXCEPTION WHEN invalid_text_representation OR character_not_in_repertoire OR untranslatable_character THEN
+            PERFORM pgml._fail(format('%s is not valid JSON', v_path), format('fix or remove %s', v_path));
+        END;
+        IF jsonb_path_exists(v_config, 'lax $.**.auto_map') THEN
+            PERFORM pgml._fail(format('%s has an "auto_map": the model needs code of its own (trust_remote_code), '
+                                      'which pgml-tuned never runs', v_path),
+                               format('import a model of an architecture transformers has built in; if it is one, '
+                                      'delete "auto_map" from %s', v_path));
+        END IF;
+        IF jsonb_path_exists(v_config, 'lax $.**.trust_remote_code ? (@ == true)') THEN
+            PERFORM pgml._fail(format('%s sets trust_remote_code: pgml-tuned never runs a model''s own code', v_path),
+                               format('delete trust_remote_code from %s', v_path));
+        END IF;
+    END LOOP;
+    -- safetensors: 8 bytes of header length, then that much JSON header, inside the file
+    SELECT f.path INTO v_path FROM pgml.file_parts f
+    WHERE f.model_id = v_model.id AND f.part = 0 AND f.path LIKE '%.safetensors'
+      AND (length(f.data) < 8
+           OR (get_byte(f.data, 0)::bigint + get_byte(f.data, 1)::bigint * 256 + get_byte(f.data, 2)::bigint * 65536
+               + get_byte(f.data, 3)::bigint * 16777216 + get_byte(f.data, 4)::bigint * 4294967296) + 8
+              > (SELECT sum(length(g.data)) FROM pgml.file_parts g WHERE g.model_id = v_model.id AND g.path = f.path)
+           OR get_byte(f.data, 5) <> 0 OR get_byte(f.data, 6) <> 0 OR get_byte(f.data, 7) <> 0)
+    ORDER BY f.path LIMIT 1;
+    IF FOUND THEN
+        PERFORM pgml._fail(format('%s is not a safetensors file (its header is cut short or not there)', v_path),
+                           'save the weights again with save_pretrained(DIR, safe_serialization=True)');
+    END IF;
+
+    SELECT count(DISTINCT f.path), coalesce(sum(length(f.data)), 0) INTO v_files, v_bytes
+    FROM pgml.file_parts f WHERE f.model_id = v_model.id;
+    UPDATE pgml.models m SET status = 'successful', updated_at = clock_timestamp() WHERE m.id = v_model.id;
+    SELECT * INTO v_project FROM pgml.projects p WHERE p.id = v_model.project_id;
+    INSERT INTO pgml.deployments (project_id, model_id, strategy, deployed_by)
+    VALUES (v_project.id, v_model.id, 'import', pgml._submitter());
+    PERFORM pg_notify('pgml_deployments', '{"type": "deployed"}');  -- naming nothing (issue 20)
+    PERFORM set_config('pgml.import_model', '', true);
+    RETURN QUERY SELECT v_model.id, v_project.name, v_project.owner, v_files, v_bytes,
+                        format('pgml:%s', v_project.name);
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml.import_model_finish(model_id bigint) TO pgml_user;
 
 -- FUNCTION pgml.job_credential(job_id bigint, attempt integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml.job_credential(job_id bigint, attempt integer)

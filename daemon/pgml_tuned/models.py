@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import hub_access, model_refs
 from .errors import JobError
+from .model_files import CONFIG_FILES, outside_paths
 
 # torch_dtype names users may write → the canonical name (torch is imported only when a model is loaded: a
 # child that needs no model, and the worker, never import it)
@@ -132,48 +132,6 @@ def check_hub_model(model_name: str, store: ModelStore, *, token: str | None, ow
     if refusal:
         raise JobError(refusal)
     hub_access.check_cached_access(model_name, token)
-
-
-# Configuration files transformers and peft read (and that name other files to read): checked before loading.
-CONFIG_FILES = (
-    "config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
-# Keys whose values are names, text or token contents, never files the loaders open.
-NOT_FILE_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "name_or_path",
-        "base_model_name_or_path",
-        "chat_template",
-        "added_tokens_decoder",
-        "added_tokens",
-        "content",
-        "id2label",
-        "label2id",
-    }
-)
-_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-def outside_paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
-    """(key path, value) of every string in a parsed JSON config that names a file outside the model's own
-    directory: an absolute path, a home-relative one, or one with a `..` segment."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k not in NOT_FILE_KEYS:
-                yield from outside_paths(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from outside_paths(v, f"{where}[{i}]")
-    elif isinstance(value, str):
-        if value.startswith(("/", "~", "\\")) or _DRIVE.match(value) or ".." in re.split(r"[\\/]", value):
-            yield where, value
 
 
 def refuse_outside_paths(model_dir: Path, name: str) -> None:

@@ -53,6 +53,10 @@ GRANT SELECT ON pgml.checkpoints, pgml.credential_grants, pgml.credentials, pgml
     pgml.files, pgml.hub_allowlist, pgml.job_events, pgml.job_rows, pgml.job_status, pgml.jobs, pgml.logs, pgml.models,
     pgml.output_tables, pgml.projects, pgml.queue_summary, pgml.role_limits, pgml.superseded_logs, pgml.tasks,
     pgml.training_arg_types, pgml.worker_status TO pgml_user;
+-- the files of an import begun in the same transaction (pgml.import_model_begin): the insert trigger lets nothing
+-- else through (pgml._child_insert_check); pgml.files, the view, stays read-only
+GRANT INSERT ON pgml.file_parts TO pgml_user;
+GRANT USAGE ON SEQUENCE pgml.files_id_seq TO pgml_user;
 -- Internal functions (pgml._*) are not pgml_user's to call; the API functions call them as pgml_owner (SECURITY
 -- DEFINER). Those left, and why each must stay callable (tests/security/test_privileges.py lists every decision):
 GRANT EXECUTE ON ROUTINE
@@ -79,6 +83,10 @@ GRANT EXECUTE ON ROUTINE
     pgml.deploy(text,text),
     pgml.deployed_model(bigint),
     pgml.hub_model_allowed(text),
+    -- bring your own model (76_imports.sql): begin checks the request, finish the stored files; a user imports
+    -- into its own projects only (an administrator into another login's)
+    pgml.import_model_begin(text,text,text,jsonb,text,name),
+    pgml.import_model_finish(bigint),
     pgml.load_dataset(text,text,integer,jsonb),
     pgml.load_dataset_async(text,text,integer,jsonb),
     pgml.predict_batch(text,text,text,text,text,integer,integer,integer,text),
@@ -123,6 +131,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._request_answer(bigint),
     pgml._request_chunks(bigint,integer),
     pgml._request_submit(name,text,text,jsonb,jsonb),
+    pgml._stale_loopback_logins(boolean),
     pgml.activate_sealing_key(text),
     pgml.allow_credential(text,name),
     pgml.drop_credential(text),
