@@ -20,7 +20,7 @@ from tests.support import models as testing
 # words the tiny tokenizer knows: the topic of each pair, and the filler every text shares
 TOPICS = [w for w in testing.DEFAULT_WORDS if len(w) > 5][:48]
 FILLER = ["the", "and", "of", "to", "in", "is", "it", "for", "on", "at"]
-FAST = {"num_train_epochs": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "seed": 1}
+FAST = {"num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3, "seed": 1}
 
 
 def pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -41,7 +41,9 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory, session_env: Path) ->
     return testing.build_tiny_classifier_base(tmp_path_factory.mktemp("models") / "tiny-encoder", seed=3)
 
 
-def tune(conn: psycopg.Connection[dict[str, Any]], task: str, relation: str, model: str, hyperparams: dict[str, Any]) -> int:
+def tune(
+    conn: psycopg.Connection[dict[str, Any]], task: str, relation: str, model: str, hyperparams: dict[str, Any]
+) -> int:
     row = conn.execute(
         "SELECT job_id FROM pgml.tune(%s, task => %s, relation_name => %s, model_name => %s, hyperparams => %s,"
         " test_size => 0.25, materialize_snapshot => true)",
@@ -79,7 +81,7 @@ def test_text_embedding_trains_scores_and_stores_a_sentence_transformer(
                 "negative_column": "wrong",
                 "matryoshka_dims": [32, 16],
             },
-            "training_args": {**FAST, "save_strategy": "steps", "save_steps": 4},
+            "training_args": {**FAST, "save_strategy": "steps", "save_steps": 2},
             "max_seq_length": 16,
         },
     )
@@ -167,7 +169,7 @@ def test_minilm_tuned_retrieves_at_least_as_well_as_it_started(
     minilm = tmp_path_factory.mktemp("models") / "minilm"  # inside the workers' model directories
     shutil.copytree(testing.minilm_path(), minilm)
     conn.execute("CREATE TABLE public.qa (question text, answer text)")
-    conn.cursor().executemany("INSERT INTO public.qa VALUES (%s, %s)", [(a, p) for a, p, _ in pairs(40, seed=5)])
+    conn.cursor().executemany("INSERT INTO public.qa VALUES (%s, %s)", [(a, p) for a, p, _ in pairs(24, seed=5)])
     daemon()
     job_id = tune(
         conn,
@@ -184,5 +186,7 @@ def test_minilm_tuned_retrieves_at_least_as_well_as_it_started(
     assert done["status"] == "succeeded", done["error"]
     metrics = done["metrics"]
     assert metrics["eval_ndcg@10"] >= metrics["start_ndcg@10"], metrics
-    paths = {r["path"] for r in conn.execute("SELECT DISTINCT path FROM pgml.files WHERE model_id = %s", (done["model_id"],))}
+    paths = {
+        r["path"] for r in conn.execute("SELECT DISTINCT path FROM pgml.files WHERE model_id = %s", (done["model_id"],))
+    }
     assert {"modules.json", "1_Pooling/config.json", "model.safetensors"} <= paths

@@ -72,7 +72,9 @@ class RankingEvaluator(SentenceEvaluator):
         self.primary_metric = KEY_METRIC
         self.greater_is_better = True
 
-    def __call__(self, model: Any, output_path: str | None = None, epoch: float = -1, steps: int = -1) -> dict[str, float]:
+    def __call__(
+        self, model: Any, output_path: str | None = None, epoch: float = -1, steps: int = -1
+    ) -> dict[str, float]:
         metrics = ranking_metrics(self.rank(model), self.recall_at)
         return {**metrics, **(self.extra(model) if self.extra else {})}
 
@@ -96,6 +98,7 @@ def train_evaluate_store(ctx: JobContext, trainer: Any, evaluator: RankingEvalua
     ctx.info(
         "the starting model on the held-out queries: "
         + ", ".join(f"{k.removeprefix('start_')} {v:.4f}" for k, v in start.items()),
+        level="info",
         **start,
     )
 

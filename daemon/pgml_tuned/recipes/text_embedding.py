@@ -26,7 +26,7 @@ pgml.tune checked the columns and rows already (pgml._check_retrieval_args / _ch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from datasets import Dataset
@@ -114,8 +114,11 @@ def run(ctx: JobContext) -> None:
     overrides = {} if "score" in data else {"batch_sampler": "no_duplicates"}  # a duplicate is no negative
     trainer = SentenceTransformerTrainer(
         model=model,
-        args=training_arguments(
-            ctx, n_train=len(train_ix), overrides=overrides, cls=SentenceTransformerTrainingArguments
+        args=cast(
+            SentenceTransformerTrainingArguments,
+            training_arguments(
+                ctx, n_train=len(train_ix), overrides=overrides, cls=SentenceTransformerTrainingArguments
+            ),
         ),
         train_dataset=Dataset.from_dict({k: [data[k][i] for i in train_ix] for k in columns}),
         eval_dataset=Dataset.from_dict({k: [data[k][i] for i in test_ix] for k in columns}),

@@ -20,7 +20,7 @@ pgml.tune checked the columns and rows already (pgml._check_retrieval_args / _ch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from datasets import Dataset
 from sentence_transformers import CrossEncoderTrainer, CrossEncoderTrainingArguments
@@ -92,7 +92,10 @@ def run(ctx: JobContext) -> None:
 
     trainer = CrossEncoderTrainer(
         model=model,
-        args=training_arguments(ctx, n_train=len(train_ix), cls=CrossEncoderTrainingArguments),
+        args=cast(
+            CrossEncoderTrainingArguments,
+            training_arguments(ctx, n_train=len(train_ix), cls=CrossEncoderTrainingArguments),
+        ),
         train_dataset=rows_of(train_ix),
         eval_dataset=rows_of(test_ix),
         loss=BinaryCrossEntropyLoss(model),
