@@ -1035,6 +1035,130 @@ BEGIN
     END IF;
 END $function$;
 
+-- FUNCTION pgml._check_retrieval_args(task text, rel regclass, dargs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._check_retrieval_args(task text, rel regclass, dargs jsonb)
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_arg  text := CASE task WHEN 'text-ranking' THEN 'label_column' ELSE 'score_column' END;
+    v_col  text := coalesce(dargs ->> v_arg, CASE task WHEN 'text-ranking' THEN 'label' END);
+    v_cat  "char";
+    v_type text;
+    v_dims jsonb := dargs -> 'matryoshka_dims';
+    v_prev numeric;
+    v_dim  jsonb;
+    v_bad  boolean;
+BEGIN
+    IF v_col IS NOT NULL THEN
+        SELECT t.typcategory, format_type(a.atttypid, a.atttypmod) INTO v_cat, v_type
+        FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        WHERE a.attrelid = rel AND a.attname = v_col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_cat <> 'N' AND NOT (task = 'text-ranking' AND v_cat = 'B') THEN
+            RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
+                MESSAGE = format('column %L (dataset_args.%s) of %s has type %s, but it must hold numbers', v_col, v_arg,
+                                 dargs ->> '_relation', v_type),
+                HINT = CASE task WHEN 'text-ranking'
+                    THEN 'labels are 0/1 (or a relevance score in [0, 1]) of a number or boolean type; cast it in a view'
+                    ELSE 'scores are numbers in [0, 1] or [-1, 1] (a real or numeric column); cast it in a view' END;
+        END IF;
+    END IF;
+    IF task <> 'text-embedding' THEN
+        RETURN;
+    END IF;
+    IF dargs ? 'negative_column' AND dargs ? 'score_column' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'dataset_args gives both negative_column and score_column',
+            HINT = 'give negative_column (a hard negative per pair: MultipleNegativesRankingLoss) or score_column '
+                   '(graded pairs: CoSENTLoss), not both';
+    END IF;
+    IF v_dims IS NOT NULL THEN
+        IF jsonb_typeof(v_dims) <> 'array' OR jsonb_array_length(v_dims) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('dataset_args.matryoshka_dims must be a JSON array of dimensions, not %s',
+                                 left(v_dims::text, 60)),
+                HINT = 'e.g. "matryoshka_dims": [384, 256, 128, 64] (decreasing; the first is at most the model''s)';
+        END IF;
+        FOR v_dim IN SELECT e FROM jsonb_array_elements(v_dims) e LOOP
+            v_bad := jsonb_typeof(v_dim) <> 'number';
+            IF NOT v_bad THEN
+                v_bad := (v_dim #>> '{}')::numeric <> trunc((v_dim #>> '{}')::numeric) OR (v_dim #>> '{}')::numeric < 1
+                         OR coalesce((v_dim #>> '{}')::numeric >= v_prev, false);
+            END IF;
+            IF v_bad THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('dataset_args.matryoshka_dims %s: each dimension must be a positive whole number, '
+                                     'smaller than the one before', left(v_dims::text, 60)),
+                    HINT = 'e.g. "matryoshka_dims": [384, 256, 128, 64] (decreasing; the first is at most the model''s)';
+            END IF;
+            v_prev := (v_dim #>> '{}')::numeric;
+        END LOOP;
+    END IF;
+END $function$;
+
+-- FUNCTION pgml._check_retrieval_rows(job pgml.jobs), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._check_retrieval_rows(job pgml.jobs)
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_dargs  jsonb := coalesce(job.hyperparams -> 'dataset_args', '{}');
+    v_task   pgml.tasks;
+    v_table  text := format('pgml_rows.%I', pgml._job_table(job.id));
+    v_key    text := CASE job.task WHEN 'text-ranking' THEN 'query_column' ELSE 'anchor_column' END;
+    v_score  text := CASE job.task WHEN 'text-ranking' THEN 'label_column' ELSE 'score_column' END;
+    v_arg    text;
+    v_col    text;
+    v_n      bigint;
+    v_lo     numeric;
+    v_hi     numeric;
+    v_min    numeric := CASE job.task WHEN 'text-ranking' THEN 0 ELSE -1 END;
+BEGIN
+    SELECT * INTO v_task FROM pgml.tasks t WHERE t.name = job.task;
+    FOR v_arg IN SELECT k FROM jsonb_object_keys(v_task.required_columns) k
+                 UNION ALL SELECT o FROM unnest(v_task.optional_columns) o WHERE v_dargs ? o LOOP
+        v_col := coalesce(v_dargs ->> v_arg, v_task.required_columns ->> v_arg);
+        EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NULL', v_table,
+                       'c' || array_position(job.snapshot_columns, v_col)) INTO v_n;
+        IF v_n > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+                MESSAGE = format('column %L (dataset_args.%s) of %s is NULL in %s rows', v_col, v_arg,
+                                 job.relation_name, v_n),
+                HINT = format('leave those rows out in a view: CREATE VIEW v AS SELECT ... FROM %s WHERE %I IS NOT NULL',
+                              job.relation_name, v_col);
+        END IF;
+    END LOOP;
+    v_col := coalesce(v_dargs ->> v_key, v_task.required_columns ->> v_key);
+    EXECUTE format('SELECT count(DISTINCT %I) FROM %s', 'c' || array_position(job.snapshot_columns, v_col), v_table)
+        INTO v_n;
+    IF v_n < 2 THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('column %L (dataset_args.%s) of %s has %s distinct value%s; at least 2 are needed', v_col,
+                             v_key, job.relation_name, v_n, CASE WHEN v_n = 1 THEN '' ELSE 's' END),
+            HINT = format('rows are held out by %s (some to train on, some to evaluate): give pairs of several %ss',
+                          replace(v_key, '_column', ''), replace(v_key, '_column', ''));
+    END IF;
+    v_col := coalesce(v_dargs ->> v_score, v_task.required_columns ->> v_score);
+    IF v_col IS NOT NULL THEN
+        -- a boolean label column arrives as 'true' / 'false'
+        EXECUTE format('SELECT min(v), max(v) FROM (SELECT CASE %1$I WHEN ''true'' THEN 1 WHEN ''false'' THEN 0 '
+                       'ELSE %1$I::numeric END AS v FROM %2$s) s',
+                       'c' || array_position(job.snapshot_columns, v_col), v_table) INTO v_lo, v_hi;
+        IF v_lo < v_min OR v_hi > 1 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('column %L (dataset_args.%s) of %s has values from %s to %s, outside [%s, 1]', v_col,
+                                 v_score, job.relation_name, v_lo, v_hi, v_min),
+                HINT = CASE job.task WHEN 'text-ranking'
+                    THEN 'labels are 0 (not relevant) to 1 (relevant): rescale them in a view, e.g. label / 5.0'
+                    ELSE 'scores are similarities in [-1, 1] (or [0, 1]): rescale them in a view, e.g. score / 5.0' END;
+        END IF;
+    END IF;
+END $function$;
+
 -- FUNCTION pgml._child_checkpoint_begin(job_id bigint, ticket text, step bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._child_checkpoint_begin(job_id bigint, ticket text, step bigint)
  RETURNS bigint
@@ -1129,7 +1253,8 @@ BEGIN
     FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
     WHERE ((_child_find_model.model_id IS NOT NULL AND m.id = _child_find_model.model_id)
            OR (_child_find_model.model_id IS NULL AND p.name = project AND m.status = 'successful'
-               AND p.task IN ('text-classification', 'text-pair-classification', 'conversation')))
+               AND p.task IN ('text-classification', 'text-pair-classification', 'conversation',
+                              'text-embedding', 'text-ranking')))
       AND pgml._may_read_model(m.owner, v_owner)
     ORDER BY (p.owner = v_owner) DESC, (m.id = pgml._deployed_model(p.id)) DESC, m.id DESC
     LIMIT 1;
@@ -2289,7 +2414,8 @@ CREATE OR REPLACE FUNCTION pgml._job_succeeded_deploy()
 AS $function$
 BEGIN
     IF coalesce(NEW.automatic_deploy, true)
-       AND NEW.task IN ('text-classification', 'text-pair-classification', 'conversation') THEN
+       AND NEW.task IN ('text-classification', 'text-pair-classification', 'conversation', 'text-embedding',
+                        'text-ranking') THEN
         PERFORM pgml._auto_deploy(NEW.model_id);
     END IF;
     RETURN NULL;
@@ -2473,6 +2599,7 @@ CREATE OR REPLACE FUNCTION pgml._key_metric(metrics jsonb, task text, OUT value 
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT CASE WHEN task IN ('conversation', 'text-generation') THEN (metrics ->> 'eval_loss')::double precision
+                WHEN task IN ('text-embedding', 'text-ranking') THEN (metrics ->> 'eval_ndcg@10')::double precision
                 ELSE coalesce((metrics ->> 'eval_accuracy')::double precision,
                               (metrics ->> 'eval_f1')::double precision) END,
            task NOT IN ('conversation', 'text-generation')
@@ -4023,6 +4150,9 @@ BEGIN
                 v_cols := v_cols || (v_dargs ->> v_arg);
             END IF;
         END LOOP;
+        IF v_task IN ('text-embedding', 'text-ranking') THEN
+            PERFORM pgml._check_retrieval_args(v_task, v_rel, v_dargs || jsonb_build_object('_relation', v_relname));
+        END IF;
         IF y_column_name IS NOT NULL AND NOT v_dargs ? 'class_column' AND v_taskrow.required_columns ? 'class_column'
         THEN
             v_hp := jsonb_set(v_hp, '{dataset_args}', v_dargs || jsonb_build_object('class_column', y_column_name));
@@ -4168,6 +4298,9 @@ BEGIN
             MESSAGE = format('%s has %s rows; at least 2 are needed (one to train, one to test)',
                              v_job.relation_name, v_job.snapshot_rows),
             HINT = 'check the relation (or view) returns the rows you expect';
+    END IF;
+    IF v_job.task IN ('text-embedding', 'text-ranking') THEN
+        PERFORM pgml._check_retrieval_rows(v_job);
     END IF;
     RETURN v_job.snapshot_rows;
 END $function$;
@@ -5591,6 +5724,6 @@ GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 34 rows, md5 cb28b6f7bc1ca0aa11a5d753062f78a5
--- pgml.tasks: 6 rows, md5 ed8314b74119876f06e783f5420f46f4
+-- pgml.schema_migrations: 35 rows, md5 6c50d6c84937f925908604fd7adfe828
+-- pgml.tasks: 8 rows, md5 fbba4a3748c6c4dcfbbd80431508c4ca
 -- pgml.training_arg_types: 113 rows, md5 3a4871d47975d072fb12224baffa84ea

@@ -75,6 +75,128 @@ BEGIN
     END IF;
 END $$;
 
+-- (since 0040) The dataset_args of the retrieval tasks that SQL can check before any row is read: a score or label
+-- column of a number type, not both a hard negative and a score (one loss each), Matryoshka dimensions that are
+-- decreasing positive whole numbers. `dargs` carries the relation's name under "_relation" for the messages.
+CREATE OR REPLACE FUNCTION pgml._check_retrieval_args(task text, rel regclass, dargs jsonb)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_arg  text := CASE task WHEN 'text-ranking' THEN 'label_column' ELSE 'score_column' END;
+    v_col  text := coalesce(dargs ->> v_arg, CASE task WHEN 'text-ranking' THEN 'label' END);
+    v_cat  "char";
+    v_type text;
+    v_dims jsonb := dargs -> 'matryoshka_dims';
+    v_prev numeric;
+    v_dim  jsonb;
+    v_bad  boolean;
+BEGIN
+    IF v_col IS NOT NULL THEN
+        SELECT t.typcategory, format_type(a.atttypid, a.atttypmod) INTO v_cat, v_type
+        FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        WHERE a.attrelid = rel AND a.attname = v_col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_cat <> 'N' AND NOT (task = 'text-ranking' AND v_cat = 'B') THEN
+            RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
+                MESSAGE = format('column %L (dataset_args.%s) of %s has type %s, but it must hold numbers', v_col, v_arg,
+                                 dargs ->> '_relation', v_type),
+                HINT = CASE task WHEN 'text-ranking'
+                    THEN 'labels are 0/1 (or a relevance score in [0, 1]) of a number or boolean type; cast it in a view'
+                    ELSE 'scores are numbers in [0, 1] or [-1, 1] (a real or numeric column); cast it in a view' END;
+        END IF;
+    END IF;
+    IF task <> 'text-embedding' THEN
+        RETURN;
+    END IF;
+    IF dargs ? 'negative_column' AND dargs ? 'score_column' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'dataset_args gives both negative_column and score_column',
+            HINT = 'give negative_column (a hard negative per pair: MultipleNegativesRankingLoss) or score_column '
+                   '(graded pairs: CoSENTLoss), not both';
+    END IF;
+    IF v_dims IS NOT NULL THEN
+        IF jsonb_typeof(v_dims) <> 'array' OR jsonb_array_length(v_dims) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('dataset_args.matryoshka_dims must be a JSON array of dimensions, not %s',
+                                 left(v_dims::text, 60)),
+                HINT = 'e.g. "matryoshka_dims": [384, 256, 128, 64] (decreasing; the first is at most the model''s)';
+        END IF;
+        FOR v_dim IN SELECT e FROM jsonb_array_elements(v_dims) e LOOP
+            v_bad := jsonb_typeof(v_dim) <> 'number';
+            IF NOT v_bad THEN
+                v_bad := (v_dim #>> '{}')::numeric <> trunc((v_dim #>> '{}')::numeric) OR (v_dim #>> '{}')::numeric < 1
+                         OR coalesce((v_dim #>> '{}')::numeric >= v_prev, false);
+            END IF;
+            IF v_bad THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('dataset_args.matryoshka_dims %s: each dimension must be a positive whole number, '
+                                     'smaller than the one before', left(v_dims::text, 60)),
+                    HINT = 'e.g. "matryoshka_dims": [384, 256, 128, 64] (decreasing; the first is at most the model''s)';
+            END IF;
+            v_prev := (v_dim #>> '{}')::numeric;
+        END LOOP;
+    END IF;
+END $$;
+
+-- (since 0040) The rows of a retrieval job, once pgml.tune copied them into the job's table: no NULL where a value
+-- is needed, two distinct anchors (queries) at least (one to train on, one to hold out), scores in the loss's range
+-- (CoSENT: [-1, 1]; the reranker's binary cross-entropy: labels in [0, 1]).
+CREATE OR REPLACE FUNCTION pgml._check_retrieval_rows(job pgml.jobs)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_dargs  jsonb := coalesce(job.hyperparams -> 'dataset_args', '{}');
+    v_task   pgml.tasks;
+    v_table  text := format('pgml_rows.%I', pgml._job_table(job.id));
+    v_key    text := CASE job.task WHEN 'text-ranking' THEN 'query_column' ELSE 'anchor_column' END;
+    v_score  text := CASE job.task WHEN 'text-ranking' THEN 'label_column' ELSE 'score_column' END;
+    v_arg    text;
+    v_col    text;
+    v_n      bigint;
+    v_lo     numeric;
+    v_hi     numeric;
+    v_min    numeric := CASE job.task WHEN 'text-ranking' THEN 0 ELSE -1 END;
+BEGIN
+    SELECT * INTO v_task FROM pgml.tasks t WHERE t.name = job.task;
+    FOR v_arg IN SELECT k FROM jsonb_object_keys(v_task.required_columns) k
+                 UNION ALL SELECT o FROM unnest(v_task.optional_columns) o WHERE v_dargs ? o LOOP
+        v_col := coalesce(v_dargs ->> v_arg, v_task.required_columns ->> v_arg);
+        EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NULL', v_table,
+                       'c' || array_position(job.snapshot_columns, v_col)) INTO v_n;
+        IF v_n > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+                MESSAGE = format('column %L (dataset_args.%s) of %s is NULL in %s rows', v_col, v_arg,
+                                 job.relation_name, v_n),
+                HINT = format('leave those rows out in a view: CREATE VIEW v AS SELECT ... FROM %s WHERE %I IS NOT NULL',
+                              job.relation_name, v_col);
+        END IF;
+    END LOOP;
+    v_col := coalesce(v_dargs ->> v_key, v_task.required_columns ->> v_key);
+    EXECUTE format('SELECT count(DISTINCT %I) FROM %s', 'c' || array_position(job.snapshot_columns, v_col), v_table)
+        INTO v_n;
+    IF v_n < 2 THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('column %L (dataset_args.%s) of %s has %s distinct value%s; at least 2 are needed', v_col,
+                             v_key, job.relation_name, v_n, CASE WHEN v_n = 1 THEN '' ELSE 's' END),
+            HINT = format('rows are held out by %s (some to train on, some to evaluate): give pairs of several %ss',
+                          replace(v_key, '_column', ''), replace(v_key, '_column', ''));
+    END IF;
+    v_col := coalesce(v_dargs ->> v_score, v_task.required_columns ->> v_score);
+    IF v_col IS NOT NULL THEN
+        -- a boolean label column arrives as 'true' / 'false'
+        EXECUTE format('SELECT min(v), max(v) FROM (SELECT CASE %1$I WHEN ''true'' THEN 1 WHEN ''false'' THEN 0 '
+                       'ELSE %1$I::numeric END AS v FROM %2$s) s',
+                       'c' || array_position(job.snapshot_columns, v_col), v_table) INTO v_lo, v_hi;
+        IF v_lo < v_min OR v_hi > 1 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('column %L (dataset_args.%s) of %s has values from %s to %s, outside [%s, 1]', v_col,
+                                 v_score, job.relation_name, v_lo, v_hi, v_min),
+                HINT = CASE job.task WHEN 'text-ranking'
+                    THEN 'labels are 0 (not relevant) to 1 (relevant): rescale them in a view, e.g. label / 5.0'
+                    ELSE 'scores are similarities in [-1, 1] (or [0, 1]): rescale them in a view, e.g. score / 5.0' END;
+        END IF;
+    END IF;
+END $$;
+
 -- pgml._submit: as in 0009, each pgml._fail a RAISE
 CREATE OR REPLACE FUNCTION pgml._submit(
     project_name         text,
@@ -305,6 +427,9 @@ BEGIN
                 v_cols := v_cols || (v_dargs ->> v_arg);
             END IF;
         END LOOP;
+        IF v_task IN ('text-embedding', 'text-ranking') THEN
+            PERFORM pgml._check_retrieval_args(v_task, v_rel, v_dargs || jsonb_build_object('_relation', v_relname));
+        END IF;
         IF y_column_name IS NOT NULL AND NOT v_dargs ? 'class_column' AND v_taskrow.required_columns ? 'class_column'
         THEN
             v_hp := jsonb_set(v_hp, '{dataset_args}', v_dargs || jsonb_build_object('class_column', y_column_name));
@@ -606,6 +731,9 @@ BEGIN
             MESSAGE = format('%s has %s rows; at least 2 are needed (one to train, one to test)',
                              v_job.relation_name, v_job.snapshot_rows),
             HINT = 'check the relation (or view) returns the rows you expect';
+    END IF;
+    IF v_job.task IN ('text-embedding', 'text-ranking') THEN
+        PERFORM pgml._check_retrieval_rows(v_job);
     END IF;
     RETURN v_job.snapshot_rows;
 END $$;
