@@ -257,7 +257,7 @@ def test_wait_streams_logs_then_final_status(
     assert [printed_step(m) for m in printed[1:6]] == [1, 2, 3, 4, 5], printed
     assert printed[1].startswith("step 1/5  loss 1") and printed[3].startswith("step 3/5  loss 0.3333"), printed
     assert printed[6] == "stored 1 files (0.0 MB) in pgml.files for model " + str(job_row(conn, job)["model_id"])
-    assert printed[7].startswith("succeeded (attempt 1, worker ") and printed[8] == f"job {job} succeeded: slept 1"
+    assert printed[7].startswith("succeeded (attempt 1, worker ") and printed[8] == f"job {job} succeeded: slept 1.0"
     assert len(printed) == 9, printed
     assert seen[-1][0] - seen[0][0] > 0.5, "log rows arrive as they happen, not all at the end"
 
