@@ -60,6 +60,16 @@ function keyMetric(metrics) {
   return "–";
 }
 
+// The job a link opens (#job=<id>: pgml.tune's NOTICE builds it from pgml.dashboard_url), read before the token
+// is taken out of the address bar.
+const jobInHash = () => Number(new URLSearchParams(location.hash.slice(1)).get("job")) || null;
+let WANTED_JOB = jobInHash();
+window.addEventListener("hashchange", () => {
+  WANTED_JOB = jobInHash();
+  const job = state.jobs.find((j) => j.id === WANTED_JOB);
+  if (job) show("a", job.model_id);
+});
+
 // The access token: in the URL's fragment (#token=…, never sent to a server), kept in this origin's sessionStorage
 // (its port included) and sent as a header; never a cookie, which every service on the host would receive.
 const TOKEN = (() => {
@@ -251,7 +261,8 @@ async function openStream() {
     state.jobs = JSON.parse(e.data);
     if (!state.chosen) {
       state.chosen = true;
-      const first = state.jobs.find((j) => j.status === "running") || state.jobs[0];
+      const first = state.jobs.find((j) => j.id === WANTED_JOB)
+        || state.jobs.find((j) => j.status === "running") || state.jobs[0];
       if (first) { show("a", first.model_id); return; }
     }
     renderJobs();
