@@ -444,4 +444,3 @@ def printed_step(line: str) -> int | None:
     """The step of a training step's line ("step 3/5  loss 0.3333" -> 3), else None."""
     m = re.match(r"^step (\d+)(?:/\d+)?  ", line)
     return int(m.group(1)) if m else None
-

@@ -69,8 +69,8 @@ def collect(conn: Conn) -> list[tuple[float, str, str]]:
 def submit_reviews(conn: Conn, **kw: Any) -> dict[str, Any]:
     row = conn.execute(
         "SELECT * FROM pgml.tune('p', task => 'text-classification', relation_name => 'reviews', "
-        "model_name => 'some/model', hyperparams => '{\"dataset_args\": {\"text_column\": \"text\", "
-        "\"class_column\": \"class\"}}'" + "".join(f", {k} => {v}" for k, v in kw.items()) + ")"
+        'model_name => \'some/model\', hyperparams => \'{"dataset_args": {"text_column": "text", '
+        '"class_column": "class"}}\'' + "".join(f", {k} => {v}" for k, v in kw.items()) + ")"
     ).fetchone()
     assert row is not None
     return row
@@ -86,8 +86,8 @@ def test_log_rows_print_as_one_line_each(conn: Conn) -> None:
         "warning: w1 lost"
     )
     end = conn.execute(
-        "SELECT pgml._job_end_line(3, 'succeeded', '{\"eval_accuracy\": 0.934375, \"eval_f1\": 0.9343711842996372, "
-        "\"eval_loss\": 0.3691485524177551}', NULL) AS l"
+        'SELECT pgml._job_end_line(3, \'succeeded\', \'{"eval_accuracy": 0.934375, "eval_f1": 0.9343711842996372, '
+        '"eval_loss": 0.3691485524177551}\', NULL) AS l'
     ).fetchone()["l"]
     assert end == "job 3 succeeded: eval_loss 0.3691, eval_accuracy 0.9344, eval_f1 0.9344"
 
@@ -110,7 +110,8 @@ def test_wait_prints_one_line_per_log_row(conn: Conn, su: Conn, reviews: str) ->
     conn.execute("SELECT pgml.cancel(%s)", (job["job_id"],))  # ended: pgml.wait prints what is there and returns
     for r in GUIDE_ROWS:
         su.execute(
-            "INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, kind, logs) VALUES (%s, %s, %s, 1, 'train', %s)",
+            "INSERT INTO pgml.logs (model_id, project_id, job_id, attempt, kind, logs) "
+            "VALUES (%s, %s, %s, 1, 'train', %s)",
             (job["model_id"], job["project_id"], job["job_id"], json.dumps(r)),
         )
     seen = collect(conn)
@@ -171,7 +172,7 @@ def test_wait_true_ships_the_rows_the_caller_reads_and_cancels_with_the_statemen
     def call() -> None:
         try:  # no worker: it waits until the statement is cancelled
             submit_reviews(caller, wait="true")
-        except BaseException as e:  # noqa: BLE001 - the test reads it
+        except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=call)
@@ -198,8 +199,8 @@ def test_wait_true_names_an_uncommitted_relation(conn: Conn) -> None:
     with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as e:
         conn.execute(
             "SELECT * FROM pgml.tune('p', task => 'text-classification', relation_name => 'fresh', "
-            "model_name => 'm', hyperparams => '{\"dataset_args\": {\"text_column\": \"text\", "
-            "\"class_column\": \"class\"}}', wait => true)"
+            'model_name => \'m\', hyperparams => \'{"dataset_args": {"text_column": "text", '
+            '"class_column": "class"}}\', wait => true)'
         )
     assert e.value.diag.message_primary == (
         "relation 'fresh' is not committed yet: pgml.tune(..., wait => true) submits in a session of its own, "
@@ -221,8 +222,6 @@ def test_wait_true_refuses_a_repeatable_read_transaction(conn: Conn, reviews: st
 def test_positional_calls_keep_working(conn: Conn, reviews: str) -> None:
     row = conn.execute(
         "SELECT * FROM pgml.tune('p', 'text-classification', 'reviews', 'class', 'some/model', "
-        "'{\"dataset_args\": {\"text_column\": \"text\"}}', 0.25, 'stratified', true, false, 3, 0)"
+        '\'{"dataset_args": {"text_column": "text"}}\', 0.25, \'stratified\', true, false, 3, 0)'
     ).fetchone()
     assert row["status"] == "queued"
-
-
