@@ -180,6 +180,16 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \if :pgml_pending
 \ir migrations/0035_serving_role.sql
 \endif
+\set pgml_version 0036_tune_wait
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0036_tune_wait.sql
+\endif
+\set pgml_version 0040_retrieval_tasks
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0040_retrieval_tasks.sql
+\endif
 \ir functions/10_security.sql
 \ir functions/20_secrets.sql
 \ir functions/30_loopback.sql

@@ -37,6 +37,10 @@ CONFIG_FILES = (
     "adapter_config.json",
     "preprocessor_config.json",
     "processor_config.json",
+    # sentence-transformers' (modules.json also names the classes it builds: models.sentence_transformers_modules)
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
 # Keys whose values are names, text or token contents, never files the loaders open.
 NOT_FILE_KEYS = frozenset(

@@ -68,6 +68,17 @@ GRANT EXECUTE ON ROUTINE
     -- pgml.wait is a procedure that COMMITs between polls, so it cannot be SECURITY DEFINER; answers only for a
     -- job the caller may see
     pgml._wait_advice(bigint),
+    -- what pgml.wait and pgml.tune (as their caller) follow a job and print with: pure formatting, and one poll that
+    -- reads as the caller (row-level security)
+    pgml._job_end_line(bigint,text,jsonb,text),
+    pgml._job_follow(bigint,bigint,text),
+    pgml._job_queued_notice(bigint,boolean),
+    pgml._log_line(jsonb,text),
+    pgml._log_pairs(jsonb,text[],text[],text),
+    pgml._log_value(text,jsonb),
+    -- pgml.tune(..., wait => true)'s steps through the loopback; each does only what the caller may do itself, as
+    -- the caller (50_submit.sql)
+    pgml._tune_loopback(text,bigint,jsonb),
     -- the documented way to read a load_dataset_async job's result; runs as its caller (row-level security)
     pgml._dataset_result(bigint),
     -- the list of kwargs load_dataset passes on (a constant: documentation for its callers)
@@ -94,7 +105,7 @@ GRANT EXECUTE ON ROUTINE
     pgml.transform(jsonb,jsonb,jsonb[],boolean),
     pgml.transform(jsonb,jsonb,text[],boolean),
     pgml.transform(text,jsonb,text[],boolean),
-    pgml.tune(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text),
+    pgml.tune(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,boolean),
     pgml.wait(bigint,real,real)
 TO pgml_user;
 
@@ -184,6 +195,10 @@ TO pgml_serving;
 
 -- ---- pgml_loopback ----
 GRANT EXECUTE ON ROUTINE
+    -- pgml.tune(..., wait => true)'s submission (pgml._tune_loopback), for the user the loopback acts for
+    pgml._job_rows_put(bigint,jsonb),
+    pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text),
+    pgml._submitted(bigint,bigint),
     pgml._request_abandon(bigint),
     pgml._request_answer(bigint),
     pgml.cancel(bigint),

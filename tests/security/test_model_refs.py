@@ -284,7 +284,7 @@ def test_a_served_model_cannot_be_taken_by_its_cache_directory(
     conn.execute("INSERT INTO reviews SELECT 'review ' || i, (i % 2)::text FROM generate_series(1, 8) i")
     hp = {
         "dataset_args": {"text_column": "text", "class_column": "class"},
-        "training_args": {"max_steps": 1, "learning_rate": 0.0},
+        "training_args": {"max_steps": 1, "learning_rate": 1e-9},
     }
     job = conn.execute(
         "SELECT job_id FROM pgml.tune('copy', task => 'text-classification', relation_name => 'public.reviews', "

@@ -60,6 +60,16 @@ function keyMetric(metrics) {
   return "–";
 }
 
+// The job a link opens (#job=<id>: pgml.tune's NOTICE builds it from pgml.dashboard_url), read before the token
+// is taken out of the address bar.
+const jobInHash = () => Number(new URLSearchParams(location.hash.slice(1)).get("job")) || null;
+let WANTED_JOB = jobInHash();
+window.addEventListener("hashchange", () => {
+  WANTED_JOB = jobInHash();
+  const job = state.jobs.find((j) => j.id === WANTED_JOB);
+  if (job) show("a", job.model_id);
+});
+
 // The access token: in the URL's fragment (#token=…, never sent to a server), kept in this origin's sessionStorage
 // (its port included) and sent as a header; never a cookie, which every service on the host would receive.
 const TOKEN = (() => {
@@ -264,7 +274,8 @@ async function openStream() {
     if (!state.chosen) {
       state.chosen = true;
       const models = state.jobs.filter((j) => j.kind === "tune");
-      const first = models.find((j) => j.status === "running") || models[0];
+      const first = models.find((j) => j.id === WANTED_JOB)
+        || models.find((j) => j.status === "running") || models[0];
       if (first) { show("a", first.model_id); return; }
     }
     renderJobs();
