@@ -2309,8 +2309,14 @@ CREATE OR REPLACE FUNCTION pgml._job_end_line(job_id bigint, status text, metric
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT pg_catalog.format('job %s %s', job_id, status)
-           || coalesce(': ' || nullif(pgml._log_pairs(metrics, ARRAY['eval_loss', 'train_loss', 'epoch', 'step'],
-                                                      ARRAY[]::text[], ', '), ''), '')
+           || coalesce(': ' || nullif(pgml._log_pairs(metrics, ARRAY['eval_loss'],
+                                                      ARRAY['epoch', 'step', 'max_steps', 'total_flos', 'eval_runtime',
+                                                            'eval_samples_per_second', 'eval_steps_per_second',
+                                                            'train_runtime', 'train_samples_per_second',
+                                                            'train_steps_per_second']
+                                                      || CASE WHEN coalesce(metrics ->> 'world_size', '1') = '1'
+                                                              THEN ARRAY['world_size'] ELSE ARRAY[]::text[] END,
+                                                      ', '), ''), '')
            || coalesce(' (' || error || ')', '')
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._job_end_line(job_id bigint, status text, metrics jsonb, error text) TO pgml_user;
@@ -2722,7 +2728,9 @@ AS $function$
             CASE WHEN logs ? 'step' THEN 'step ' || pgml._log_value('step', logs -> 'step')
                                          || coalesce('/' || pgml._log_value('max_steps', logs -> 'max_steps'), '') END,
             pgml._log_pairs(logs, ARRAY['epoch', 'loss', 'grad_norm', 'learning_rate', 'eval_loss', 'train_loss'],
-                            ARRAY['step', 'max_steps', 'timestamp']))
+                            ARRAY['step', 'max_steps', 'timestamp', 'total_flos']
+                            || CASE WHEN coalesce(logs ->> 'world_size', '1') = '1' THEN ARRAY['world_size']
+                                    ELSE ARRAY[]::text[] END))
     END
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._log_line(logs jsonb, kind text) TO pgml_user;

@@ -247,7 +247,8 @@ $$;
 -- One pgml.logs row as one line, in PostgresML's INFO style (the guide's section 5.3, one line instead of a JSON
 -- block): a training step, an evaluation, the training summary; a line about the job (kind info, warning, error:
 -- 0018_log_kinds) is its text, "warning: " / "error: " before the others. Nothing a user reads is dropped but the
--- row's timestamp (the line arrives as it is written; pgml.logs keeps created_at):
+-- row's timestamp (the line arrives as it is written; pgml.logs keeps created_at), HF's total_flos, and a
+-- world_size of 1 (a job of one process):
 --     step 500/10000  epoch 0.25  loss 0.3453  grad_norm 5.23  lr 1.9e-05
 --     eval  step 10000/10000  epoch 5.0  eval_loss 0.3691  eval_accuracy 0.9344  eval_f1 0.9344  eval_runtime 41.62 ...
 --     train  step 10000/10000  epoch 5.0  train_loss 0.1127  train_runtime 2360  train_samples_per_second 67.81 ...
@@ -266,19 +267,28 @@ AS $$
             CASE WHEN logs ? 'step' THEN 'step ' || pgml._log_value('step', logs -> 'step')
                                          || coalesce('/' || pgml._log_value('max_steps', logs -> 'max_steps'), '') END,
             pgml._log_pairs(logs, ARRAY['epoch', 'loss', 'grad_norm', 'learning_rate', 'eval_loss', 'train_loss'],
-                            ARRAY['step', 'max_steps', 'timestamp']))
+                            ARRAY['step', 'max_steps', 'timestamp', 'total_flos']
+                            || CASE WHEN coalesce(logs ->> 'world_size', '1') = '1' THEN ARRAY['world_size']
+                                    ELSE ARRAY[]::text[] END))
     END
 $$;
 
--- The line pgml.wait ends with: the job's end and its metrics, once, compact
---     job 3 succeeded: eval_loss 0.3691, eval_accuracy 0.934, eval_f1 0.93, ...
+-- The line pgml.wait ends with: the job's end and the metrics a user compares, once, compact (the timings and
+-- throughputs, epoch, step and a world_size of 1 are in the lines before it, and in pgml.models.metrics)
+--     job 3 succeeded: eval_loss 0.3691, eval_accuracy 0.934, eval_f1 0.93, train_loss 0.1127
 CREATE OR REPLACE FUNCTION pgml._job_end_line(job_id bigint, status text, metrics jsonb, error text) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_catalog.format('job %s %s', job_id, status)
-           || coalesce(': ' || nullif(pgml._log_pairs(metrics, ARRAY['eval_loss', 'train_loss', 'epoch', 'step'],
-                                                      ARRAY[]::text[], ', '), ''), '')
+           || coalesce(': ' || nullif(pgml._log_pairs(metrics, ARRAY['eval_loss'],
+                                                      ARRAY['epoch', 'step', 'max_steps', 'total_flos', 'eval_runtime',
+                                                            'eval_samples_per_second', 'eval_steps_per_second',
+                                                            'train_runtime', 'train_samples_per_second',
+                                                            'train_steps_per_second']
+                                                      || CASE WHEN coalesce(metrics ->> 'world_size', '1') = '1'
+                                                              THEN ARRAY['world_size'] ELSE ARRAY[]::text[] END,
+                                                      ', '), ''), '')
            || coalesce(' (' || error || ')', '')
 $$;
 

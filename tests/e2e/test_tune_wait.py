@@ -90,6 +90,22 @@ def test_log_rows_print_as_one_line_each(conn: Conn) -> None:
         '"eval_loss": 0.3691485524177551}\', NULL) AS l'
     ).fetchone()["l"]
     assert end == "job 3 succeeded: eval_loss 0.3691, eval_accuracy 0.9344, eval_f1 0.9344"
+    # timings, throughputs, epoch and a world_size of 1 are in the lines before; the end says what to compare
+    end = conn.execute(
+        'SELECT pgml._job_end_line(4, \'succeeded\', \'{"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_runtime": 0.04, '
+        '"eval_samples_per_second": 140.4, "train_loss": 0.61, "train_runtime": 19.9, "epoch": 20.0, "world_size": 1, '
+        '"total_flos": 1e10}\', NULL) AS l'
+    ).fetchone()["l"]
+    assert end == "job 4 succeeded: eval_loss 0.5, eval_accuracy 0.75, train_loss 0.61"
+    step = {"loss": 0.6921, "grad_norm": 0.3, "learning_rate": 1.95e-05, "epoch": 1.0, "step": 2, "max_steps": 40}
+    lines = [
+        conn.execute("SELECT pgml._log_line(%s::jsonb, 'train') AS l", (json.dumps({**step, **extra}),)).fetchone()["l"]
+        for extra in ({"world_size": 1, "total_flos": 1e10}, {"world_size": 4})
+    ]
+    assert lines == [
+        "step 2/40  epoch 1.0  loss 0.6921  grad_norm 0.3  lr 1.95e-05",
+        "step 2/40  epoch 1.0  loss 0.6921  grad_norm 0.3  lr 1.95e-05  world_size 4",
+    ]
 
 
 def test_submit_notice_names_the_job_and_the_dashboard(conn: Conn, reviews: str) -> None:
