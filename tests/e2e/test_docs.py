@@ -259,7 +259,8 @@ def shape(line: str) -> re.Pattern[str]:
             out.append(NUMBER)
         else:
             out.append(re.escape(part))
-    return re.compile("".join(out))
+    # a `…` after a space may also stand for nothing at the end of a line: "job 3 …" matches "job 3"
+    return re.compile("".join(out).replace(r"\s+.*", r"(?:\s.*)?"))
 
 
 def missing_lines(shown: str, printed: str) -> list[str]:
@@ -712,3 +713,4 @@ def test_output_blocks_match_lines_by_shape() -> None:
     # in order: a line found before the previous one's match does not count
     assert missing_lines("INFO:  step 1/2 …\nNOTICE:  job 1 …", printed) == ["NOTICE:  job 1 …"]
     assert missing_lines("job 3 queued", "job three queued") == ["job 3 queued"]
+    assert missing_lines("INFO:  job 3 succeeded …", "INFO:  job 3 succeeded") == []
