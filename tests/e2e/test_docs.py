@@ -706,7 +706,10 @@ def test_output_blocks_match_lines_by_shape() -> None:
         " epoch | step | loss\n-------+------+--------\n 0.25  | 500  | 0.3453\n"
         "INFO:  step 2/40  epoch 0.05  loss 0.6931  lr 1.9e-05\n"
     )
-    shown = "NOTICE:  job 3 queued: follow it with CALL pgml.wait(3)\n epoch | step  |  loss\n---+-----+---\n 1.0 | 2 | 7e-3\n"
+    shown = (
+        "NOTICE:  job 3 queued: follow it with CALL pgml.wait(3)\n"
+        " epoch | step  |  loss\n---+-----+---\n 1.0 | 2 | 7e-3\n"
+    )
     assert missing_lines(shown, printed) == []
     assert missing_lines("INFO:  step 500/10000  epoch 0.25  loss 0.3453  lr …", printed) == []
     assert missing_lines("INFO:  step 500/10000  epoch 0.25  loss 0.3453  grad_norm 5.2", printed) != []
