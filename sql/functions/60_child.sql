@@ -354,7 +354,8 @@ BEGIN
     FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
     WHERE ((_child_find_model.model_id IS NOT NULL AND m.id = _child_find_model.model_id)
            OR (_child_find_model.model_id IS NULL AND p.name = project AND m.status = 'successful'
-               AND p.task IN ('text-classification', 'text-pair-classification', 'conversation')))
+               AND p.task IN ('text-classification', 'text-pair-classification', 'conversation',
+                             'text-embedding', 'text-ranking')))
       AND pgml._may_read_model(m.owner, v_owner)
     ORDER BY (p.owner = v_owner) DESC, (m.id = pgml._deployed_model(p.id)) DESC, m.id DESC
     LIMIT 1;

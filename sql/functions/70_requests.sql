@@ -411,6 +411,7 @@ DECLARE
     r         record;
     v_num     numeric;
     v_ok      boolean;
+    v_a       text := CASE kind WHEN 'embed' THEN 'an embed' ELSE 'a ' OPERATOR(pg_catalog.||) kind END;
 BEGIN
     SELECT pg_catalog.string_agg(e.key, ', ' ORDER BY e.key), pg_catalog.count(*) INTO r
     FROM pg_catalog.jsonb_object_keys(args) AS e (key)
@@ -427,10 +428,10 @@ BEGIN
         FROM pgml._request_args() a
         WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.use OPERATOR(pg_catalog.<>) 'ignored';
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = pg_catalog.format('args %s %s not allowed in a %s request', v_bad,
-                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, kind),
-            HINT = pg_catalog.format('a %s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
-                                     'and ignored: the worker decides how it loads a model)', kind, v_allowed);
+            MESSAGE = pg_catalog.format('args %s %s not allowed in %s request', v_bad,
+                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, v_a),
+            HINT = pg_catalog.format('%s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
+                                     'and ignored: the worker decides how it loads a model)', v_a, v_allowed);
     END IF;
     FOR r IN SELECT e.key, e.value, a.type, a.min, a.max, a.choices
              FROM pg_catalog.jsonb_each(args) AS e JOIN pgml._request_args() a
@@ -446,7 +447,7 @@ BEGIN
                 ELSE pg_catalog.jsonb_typeof(r.value) IN ('boolean', 'string', 'null') END;
         IF NOT v_ok OR v_num OPERATOR(pg_catalog.<) r.min OR v_num OPERATOR(pg_catalog.>) r.max THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-                MESSAGE = pg_catalog.format('args.%s = %s: a %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), kind,
+                MESSAGE = pg_catalog.format('args.%s = %s: %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), v_a,
                     CASE WHEN r.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(r.choices, ', ')
                          WHEN r.min IS NOT NULL THEN pg_catalog.format('%s %s from %s to %s',
                                   CASE r.type WHEN 'integer' THEN 'a whole number' ELSE 'a number' END, r.key, r.min, r.max)
@@ -597,8 +598,9 @@ BEGIN
                 ERRCODE = 'invalid_parameter_value';
         END IF;
         IF NOT (kind OPERATOR(pg_catalog.=) ANY (pgml._serving_kinds(v_row.task))) THEN
-            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer a %s request', v_model,
-                                                 v_row.task, kind),
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer %s request', v_model,
+                                                 v_row.task,
+                                                 CASE kind WHEN 'embed' THEN 'an embed' ELSE 'a ' OPERATOR(pg_catalog.||) kind END),
                 HINT = CASE WHEN v_row.task LIKE '%classification' THEN 'use it for text-classification'
                      WHEN v_row.task OPERATOR(pg_catalog.=) 'text-embedding' THEN 'use it with pgml.embed'
                      WHEN v_row.task OPERATOR(pg_catalog.=) 'text-ranking' THEN 'use it with pgml.rank'

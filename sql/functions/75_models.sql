@@ -246,16 +246,22 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_job bigint;
+    v_job   bigint;
+    v_model text := pg_catalog.btrim(transformer);
 BEGIN
     IF batch_size IS NULL OR batch_size < 1 OR batch_size > 4096 THEN
         RAISE EXCEPTION 'batch_size must be between 1 and 4096, not %', coalesce(batch_size::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. batch_size => 64';
     END IF;
     PERFORM pgml._retrieval_call('embed_batch', transformer, kwargs);
+    -- a bare project name of the caller's is that project, as for pgml.embed (pgml._request_submit)
+    IF v_model !~ '[/~:]' AND v_model NOT LIKE '.%'
+       AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = v_model AND p.owner = session_user) THEN
+        v_model := 'pgml:' || v_model;
+    END IF;
     -- output_table is checked by pgml._submit (task embed_batch), where pgml_user's rights do not reach
     SELECT t.job_id INTO v_job FROM pgml.tune(
-        output_table, task => 'embed_batch', relation_name => relation_name, model_name => transformer,
+        output_table, task => 'embed_batch', relation_name => relation_name, model_name => v_model,
         hyperparams => pg_catalog.jsonb_build_object(
             'dataset_args', pg_catalog.jsonb_build_object('text_column', text_column, 'key_column', key_column),
             'output_table', output_table, 'batch_size', batch_size, 'kwargs', kwargs),

@@ -117,6 +117,8 @@ def write_predictions(
     with fenced(job_id), conn.transaction():
         params = {"id": job_id, "ticket": ticket, "restart": restart}
         name = str(fetch_one(conn, q("child_predictions_begin"), params)["output"])
+        if not rows:
+            return name  # the table, (re)created or emptied
         stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
             sql.Identifier("pgml", name), sql.SQL(", ").join(map(sql.Identifier, columns))
         )
