@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from sentence_transformers import SentenceTransformer
 
+    from pgml_tuned import hub_cache
     from pgml_tuned.demo import minilm_path
-    from tests.support.models import install_in_hf_cache
 
     admin = admin_dsn(args.dsn)
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-embed-"))
-    install_in_hf_cache(minilm_path(), MODEL, home / "hf")
+    hub_cache.add(minilm_path(), MODEL, home / "hf")
     model = SentenceTransformer(str(minilm_path()), device="cpu")
     thousand = texts(1000)
     result: dict[str, Any] = {}

@@ -45,8 +45,8 @@ TEXTS = ["I love how amazingly simple ML has become!", "I hate doing mundane and
 def build_model(home: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from pgml_tuned import hub_cache
     from pgml_tuned.demo import minilm_path
-    from tests.support.models import install_in_hf_cache
 
     path = home / "minilm-classifier"
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -54,7 +54,7 @@ def build_model(home: Path) -> Path:
     )
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    install_in_hf_cache(path, MODEL, home / "hf")
+    hub_cache.add(path, MODEL, home / "hf")
     return path
 
 

@@ -86,7 +86,8 @@ def throughput(dsn: str, clients: int, seconds: float) -> dict[str, Any]:
 
 def build_llama(home: Path, size: str) -> Path:
     """small: hidden 256, 4 layers (CPU); 1b: bench/gpu_conversation.py's 1.07B Llama in bf16 (GPU)."""
-    from tests.support.models import build_tiny_llama, install_in_hf_cache
+    from pgml_tuned import hub_cache
+    from tests.support.models import build_tiny_llama
 
     if size == "1b":
         from bench.gpu_conversation import build_model
@@ -94,7 +95,7 @@ def build_llama(home: Path, size: str) -> Path:
         path = build_model(home, tiny=False)
     else:
         path = build_tiny_llama(home / "small-llama", hidden=256, layers=4, heads=8, kv_heads=4)
-    install_in_hf_cache(path, CHAT_MODEL, home / "hf")
+    hub_cache.add(path, CHAT_MODEL, home / "hf")
     return path
 
 

@@ -90,3 +90,12 @@ WHERE m.id = %(model_id)s;
 SELECT *
 FROM pgml.gc(keep_last => %(keep_last)s, logs_older_than => %(logs_older_than)s::interval,
              include_kept => %(include_kept)s, apply => %(apply)s);
+
+-- name: import_model_begin
+-- models import: the checked request (sql/functions/76_imports.sql); the model's files follow with COPY
+-- (copy_files, sql/queries.sql) in the same transaction.
+SELECT pgml.import_model_begin(%(project)s, %(task)s, %(base)s, %(files)s, %(source)s, %(owner)s) AS model_id;
+
+-- name: import_model_finish
+-- models import: the stored files checked, the model successful and deployed; what to use.
+SELECT * FROM pgml.import_model_finish(%(model_id)s);

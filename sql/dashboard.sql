@@ -3,10 +3,19 @@
 -- each viewer sees. Each answers one JSON value (intervals in seconds), sent to the page as it is.
 
 -- name: jobs
+-- The latest jobs, each with its kind (tune: it trains a model the page can show; load_dataset: a dataset into a
+-- table; predict_batch: a model's predictions into a table) and the error of each failed attempt (oldest first).
 SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.id DESC), '[]') AS jobs
-FROM (SELECT s.id, s.project, s.task, s.status, s.attempt, s.max_attempts, s.step, s.max_steps, s.progress_pct,
+FROM (SELECT s.id, s.project, s.task,
+             CASE WHEN s.task IN ('load_dataset', 'predict_batch') THEN s.task ELSE 'tune' END AS kind,
+             s.status, s.attempt, s.max_attempts, s.step, s.max_steps, s.progress_pct,
              s.last_loss, extract(epoch FROM s.eta)::float8 AS eta_seconds, s.heartbeat_age, s.cancel_requested,
-             s.model_id, s.metrics, s.error, s.created_at, s.started_at, s.finished_at, s.submitted_by
+             s.model_id, s.metrics, s.error, s.created_at, s.started_at, s.finished_at, s.submitted_by,
+             (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(
+                         'attempt', e.value -> 'attempt', 'at', e.value -> 'at', 'error', e.value ->> 'error')
+                     ORDER BY e.n), '[]')
+              FROM pgml.jobs j, pg_catalog.jsonb_array_elements(j.errors) WITH ORDINALITY AS e(value, n)
+              WHERE j.id = s.id) AS errors
       FROM pgml.job_status s
       ORDER BY s.id DESC
       LIMIT %(limit)s) x

@@ -180,6 +180,16 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \if :pgml_pending
 \ir migrations/0035_serving_role.sql
 \endif
+\set pgml_version 0036_tune_wait
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0036_tune_wait.sql
+\endif
+\set pgml_version 0040_retrieval_tasks
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0040_retrieval_tasks.sql
+\endif
 \set pgml_version 0041_embed_rank
 \ir pending.psql
 \if :pgml_pending
@@ -195,6 +205,7 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \ir functions/65_datasets.sql
 \ir functions/70_requests.sql
 \ir functions/75_models.sql
+\ir functions/76_imports.sql
 \ir functions/80_fleet.sql
 \ir functions/85_gc.sql
 \ir functions/88_training_arg_types.sql

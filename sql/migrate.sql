@@ -19,3 +19,13 @@ INSERT INTO pgml.schema_migrations (version) VALUES (%(version)s) ON CONFLICT DO
 
 -- name: active_sealing_key
 SELECT key_id FROM pgml.sealing_keys WHERE active;
+
+-- name: loopback_check
+-- After migrating: one statement through this session's loopback, as a synchronous call makes (NULL without
+-- dblink: the calls' own error says how to install it). A server that lets the loopback in without a password,
+-- or that it cannot reach, fails here with the error pgml.transform would raise, and its fix.
+SELECT CASE WHEN pgml._dblink_schema() IS NOT NULL THEN pgml._loopback('to_jsonb(1)') END AS answer;
+
+-- name: stale_loopback_logins
+-- Loopback logins whose database is gone (migrate and gc): listed, and dropped when %(apply)s and the role may.
+SELECT login, dropped, note FROM pgml._stale_loopback_logins(%(apply)s);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -431,3 +432,15 @@ def wait_job(
         timeout,
         what=f"job {job_id} to reach {statuses}",
     )
+
+
+# How pgml.wait and pgml.tune(..., wait => true) print a training row (pgml._log_line): "step 3/5  loss 0.3333",
+# "eval  step 5/5  eval_loss 0.41", "train  step 5/5  train_loss 0.2"; and the job's end, "job 7 succeeded: ...".
+TRAIN_LINE = re.compile(r"^(?:step \d+|eval  |train  )")
+END_LINE = re.compile(r"^job \d+ (?:succeeded|cancelled)\b")
+
+
+def printed_step(line: str) -> int | None:
+    """The step of a training step's line ("step 3/5  loss 0.3333" -> 3), else None."""
+    m = re.match(r"^step (\d+)(?:/\d+)?  ", line)
+    return int(m.group(1)) if m else None

@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from . import db
-from .client_shapes import RequestError, answer, timeout_message
+from .client_shapes import answer, timed_out
 
 POLL = 0.05  # seconds between looks at a request when no notice came (a notice normally wakes the client first)
 QUERIES = "client.sql"
@@ -66,7 +66,7 @@ class Requests:
                     return answer(row, request_id)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RequestError(timeout_message(row["status"], timeout))
+                    raise timed_out(row["status"], timeout)
                 for _ in conn.notifies(timeout=min(POLL * 20, left), stop_after=1):
                     pass
         except BaseException:
@@ -122,7 +122,7 @@ class Requests:
                         return answer(row, request_id)
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise RequestError(timeout_message(row["status"], timeout))
+                        raise timed_out(row["status"], timeout)
                     async for _ in conn.notifies(timeout=min(POLL * 20, left), stop_after=1):
                         pass
             except BaseException:

@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .errors import InvalidInputError, JobFailedError, NotFoundError, PgmlError, TimedOutError
+
 __all__ = [
     "RequestError",
     "answer",
@@ -19,12 +21,11 @@ __all__ = [
     "messages_of",
     "rest_of",
     "split_model",
-    "timeout_message",
+    "timed_out",
 ]
 
 
-class RequestError(RuntimeError):
-    """The serving side failed the request, or nobody served it in time."""
+RequestError = PgmlError  # the name of earlier versions: the serving side failed the request, or nobody served it
 
 
 def split_model(model: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -32,7 +33,9 @@ def split_model(model: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if isinstance(model, str):
         return model, {}
     if not isinstance(model, Mapping) or not isinstance(model.get("model"), str):
-        raise ValueError('model must be a name or a dict with a "model" name, e.g. {"model": "pgml:my_project"}')
+        raise InvalidInputError(
+            "model must be a name or a dict with a model name", 'e.g. "pgml:my_project" or {"model": "pgml:my_project"}'
+        )
     options = {k: v for k, v in model.items() if k != "model"}
     return model["model"], options
 
@@ -49,7 +52,7 @@ def chat_args(
     if temperature is not None:
         args["temperature"] = temperature
     if n not in (None, 1):
-        raise ValueError("n > 1 is not supported: ask once per completion")
+        raise InvalidInputError("n > 1 is not supported", "ask once per completion")
     if chat_template is not None:
         args["chat_template"] = chat_template
     return args
@@ -57,11 +60,17 @@ def chat_args(
 
 def messages_of(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError('messages must be a non-empty list of {"role": ..., "content": ...} dicts')
+        raise InvalidInputError(
+            "messages must be a non-empty list of dicts",
+            'e.g. [{"role": "user", "content": "Hello"}]',
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f'message {i} must be a dict with string "role" and "content", got {m!r}'[:300])
+            raise InvalidInputError(
+                f"message {i} must be a dict with string role and content, got {m!r}"[:300],
+                '{"role": "system" | "user" | "assistant", "content": "..."}',
+            )
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -118,13 +127,23 @@ def rest_of(result: Any, streamed: str) -> str:
 
 def answer(row: Mapping[str, Any] | None, request_id: int) -> tuple[Any, Any]:
     if row is None:
-        raise RequestError(f"request {request_id} is gone (it expired, or its serving process failed it twice)")
+        raise NotFoundError(
+            f"request {request_id} is gone (it expired, or its serving process failed it twice)",
+            "try again; pgml-tuned status shows the serving workers",
+        )
     if row["status"] == "failed":
-        raise RequestError(row["error"] or f"request {request_id} failed")
+        raise JobFailedError(row["error"] or f"request {request_id} failed")
     return row["result"], row["usage"]
 
 
-def timeout_message(status: str, timeout: float) -> str:
+def timed_out(status: str, timeout: float) -> TimedOutError:
+    """The error of a request nobody answered within `timeout` seconds (`status`: where it was then)."""
     if status == "queued":
-        return f"no pgml-tuned worker is serving: nobody took the request within {timeout:g} s"
-    return f"the request timed out after {timeout:g} s while a worker was answering it"
+        return TimedOutError(
+            f"no pgml-tuned worker is serving: nobody took the request within {timeout:g} s",
+            "start one (pgml-tuned serve; pgml-tuned status lists the workers), or pass a longer timeout",
+        )
+    return TimedOutError(
+        f"the request timed out after {timeout:g} s while a worker was answering it",
+        'pass a longer timeout: OpenSourceAI(url, timeout=...) or {"model": ..., "timeout": ...}',
+    )

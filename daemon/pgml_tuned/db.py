@@ -400,6 +400,31 @@ async def migrate(dsn: str) -> list[str]:
     return applied
 
 
+async def loopback_problem(dsn: str) -> str | None:
+    """After a migrate: one statement through this session's loopback, as pgml.transform makes. What is wrong and
+    its fix (the error pgml.transform would raise, with its detail and hint), or None when it works (or there is no
+    dblink: the synchronous calls say themselves how to install it)."""
+    async with await connect(dsn, app="pgml-tuned migrate") as conn:
+        try:
+            await conn.execute(q("loopback_check", file="migrate.sql"))
+        except psycopg.Error as e:
+            d = e.diag
+            parts = [d.message_primary or str(e).strip()]
+            parts += [
+                f"{label}: {text}" for label, text in (("DETAIL", d.message_detail), ("HINT", d.message_hint)) if text
+            ]
+            return "\n".join(parts)
+    return None
+
+
+async def stale_loopback_logins(dsn: str, *, apply: bool) -> list[Row]:
+    """The loopback logins whose database is gone (pgml._stale_loopback_logins): login, dropped, note; dropped when
+    `apply` and the connecting role may drop roles (otherwise the note says so)."""
+    async with await connect(dsn, app="pgml-tuned migrate") as conn:
+        cur = await conn.execute(q("stale_loopback_logins", file="migrate.sql"), {"apply": apply})
+        return [dict(r) for r in await cur.fetchall()]
+
+
 async def _migrations_done(conn: psycopg.AsyncConnection[DictRow]) -> set[str]:
     present = await (await conn.execute(q("migrations_table", file="migrate.sql"))).fetchone()
     if not (present and present["present"]):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -29,15 +29,18 @@ def walk(root: Path) -> Iterator[tuple[str, Path]]:
                 yield p.relative_to(root).as_posix(), p
 
 
-def copy_dir_in(conn: Any, copy_query: str, key: int, root: Path) -> tuple[int, int]:
-    """COPY every file under root into the table of `copy_query` (columns: key, path, part, data).
+def copy_dir_in(
+    conn: Any, copy_query: str, key: int, root: Path, paths: Iterable[tuple[str, Path]] | None = None
+) -> tuple[int, int]:
+    """COPY every file under root (or only `paths`: (relative posix path, path) pairs) into the table of
+    `copy_query` (columns: key, path, part, data).
 
     Runs inside the caller's transaction. Returns (files, bytes).
     """
     n_files = n_bytes = 0
     with conn.cursor() as cur, cur.copy(copy_query) as copy:
         copy.set_types(["int8", "text", "int4", "bytea"])
-        for rel, path in walk(root):
+        for rel, path in walk(root) if paths is None else paths:
             n_files += 1
             with open(path, "rb") as fh:
                 part = 0

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import hub_access, model_refs
 from .errors import JobError
+from .model_files import CONFIG_FILES, outside_paths
 
 # torch_dtype names users may write → the canonical name (torch is imported only when a model is loaded: a
 # child that needs no model, and the worker, never import it)
@@ -134,51 +134,11 @@ def check_hub_model(model_name: str, store: ModelStore, *, token: str | None, ow
     hub_access.check_cached_access(model_name, token)
 
 
-# Configuration files transformers and peft read (and that name other files to read): checked before loading.
-CONFIG_FILES = (
-    "config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
-# Keys whose values are names, text or token contents, never files the loaders open.
-NOT_FILE_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "name_or_path",
-        "base_model_name_or_path",
-        "chat_template",
-        "added_tokens_decoder",
-        "added_tokens",
-        "content",
-        "id2label",
-        "label2id",
-    }
-)
-_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-def outside_paths(value: Any, where: str = "") -> Iterator[tuple[str, str]]:
-    """(key path, value) of every string in a parsed JSON config that names a file outside the model's own
-    directory: an absolute path, a home-relative one, or one with a `..` segment."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k not in NOT_FILE_KEYS:
-                yield from outside_paths(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from outside_paths(v, f"{where}[{i}]")
-    elif isinstance(value, str):
-        if value.startswith(("/", "~", "\\")) or _DRIVE.match(value) or ".." in re.split(r"[\\/]", value):
-            yield where, value
-
-
 def refuse_outside_paths(model_dir: Path, name: str) -> None:
     """Refuse a model whose configuration names files outside its directory (a tokenizer_config.json saying
-    "vocab": "/path/to/worker.key" would make the tokenizer read that file and save it with the model)."""
+    "vocab": "/path/to/worker.key" would make the tokenizer read that file and save it with the model), or whose
+    modules.json builds anything but sentence-transformers' own modules."""
+    sentence_transformers_modules(model_dir, name)
     for file in CONFIG_FILES:
         path = model_dir / file
         if not path.is_file():
@@ -192,6 +152,62 @@ def refuse_outside_paths(model_dir: Path, name: str) -> None:
                 f"model {name!r} refused: {file} names a file outside the model ({key} = {value!r}); "
                 "a model's files may only refer to files inside its own directory"
             )
+
+
+def sentence_transformers_modules(model_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The modules a sentence-transformers model's modules.json lists ([] without one), each a class of
+    sentence-transformers itself: the file names the classes the loader imports and builds, so a model naming any
+    other (`"type": "os.system"`, a module of its own) is refused before anything loads it."""
+    path = model_dir / "modules.json"
+    if not path.is_file():
+        return []
+    try:
+        listed = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise JobError(f"model {name!r}: modules.json is not valid JSON ({e})") from e
+    if not isinstance(listed, list) or not all(isinstance(m, dict) for m in listed):
+        raise JobError(f"model {name!r}: modules.json must be a JSON array of modules")
+    for module in listed:
+        kind = str(module.get("type", ""))
+        if not kind.startswith("sentence_transformers.") or not kind.replace(".", "").replace("_", "").isalnum():
+            raise JobError(
+                f"model {name!r} refused: modules.json names the module class {kind!r}; a stored or worker model may "
+                "only be built from sentence-transformers' own modules (sentence_transformers.…)"
+            )
+    return listed
+
+
+def load_sentence_transformer(source: str, name: str, *, token: str | None = None) -> Any:
+    """A SentenceTransformer: a sentence-transformers model as it is, or a plain transformers encoder with mean
+    pooling added. Never remote code; the modules must be sentence-transformers' own."""
+    from sentence_transformers import SentenceTransformer
+
+    if Path(source).is_dir():
+        sentence_transformers_modules(Path(source), name)
+    try:
+        return SentenceTransformer(source, token=token, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot load model {name!r} as a sentence-transformers model: {e}") from e
+
+
+def load_cross_encoder(source: str, name: str, *, token: str | None = None) -> Any:
+    """A CrossEncoder scoring (query, document) with one number: a reranker as it is, or a plain transformers
+    encoder with a new 1-label head. A classifier with several labels is refused (it does not score relevance)."""
+    from sentence_transformers import CrossEncoder
+
+    if Path(source).is_dir():
+        sentence_transformers_modules(Path(source), name)
+    try:
+        model = CrossEncoder(source, token=token, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise JobError(f"cannot load model {name!r} as a cross-encoder: {e}") from e
+    if model.num_labels != 1:
+        raise JobError(
+            f"model {name!r} is a classifier with {model.num_labels} labels; text-ranking trains a reranker that "
+            "scores each (query, document) with one number: start from an encoder (its 1-label head is added) or a "
+            "cross-encoder"
+        )
+    return model
 
 
 def hub_configs(model_id: str, token: str | None) -> Path:

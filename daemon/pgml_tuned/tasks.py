@@ -59,6 +59,21 @@ TASKS: dict[str, Task] = {
                 "resources",
             ),
         ),
+        # retrieval (sentence-transformers): an embedding model from (anchor, positive) pairs, a hard negative or a
+        # graded score optional; a reranker (cross-encoder) from (query, document, label) rows
+        Task(
+            "text-embedding",
+            "text_embedding",
+            {"anchor_column": "anchor", "positive_column": "positive"},
+            ("anchor_column", "positive_column", "negative_column"),
+            ("negative_column", "score_column"),
+        ),
+        Task(
+            "text-ranking",
+            "text_ranking",
+            {"query_column": "query", "document_column": "document", "label_column": "label"},
+            ("query_column", "document_column"),
+        ),
         # a diagnostic task: a child that sleeps hyperparams.seconds; used to test queues and operations
         Task(
             "noop",

@@ -168,20 +168,108 @@ DECLARE
     v_connstr text := format('%s dbname=%s user=%s password=%s application_name=pgml_loopback',
                              v_lb.conninfo, pgml._conn_quote(pg_catalog.current_database()),
                              pgml._conn_quote(v_lb.login), pgml._conn_quote(v_lb.password));
-    v_pid integer;
+    v_pid    integer;
+    v_detail text;
 BEGIN
     IF pgml._dblink_connections(v_schema) @> ARRAY['pgml_loopback'] THEN
         EXECUTE format('SELECT %I.dblink_disconnect(%L)', v_schema, 'pgml_loopback');
     END IF;
-    IF pg_catalog.has_function_privilege(format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
-        EXECUTE format('SELECT %I.dblink_connect_u(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
-    ELSE
-        EXECUTE format('SELECT %I.dblink_connect(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
-    END IF;
+    BEGIN
+        IF pg_catalog.has_function_privilege(format('%I.dblink_connect_u(text, text)', v_schema), 'EXECUTE') THEN
+            EXECUTE format('SELECT %I.dblink_connect_u(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
+        ELSE
+            EXECUTE format('SELECT %I.dblink_connect(%L, %L)', v_schema, 'pgml_loopback', v_connstr);
+        END IF;
+    EXCEPTION
+        WHEN prohibited_sql_statement_attempted THEN
+            -- dblink's "password is required": the server let the login in without asking for its password (trust,
+            -- peer), which dblink_connect refuses to a session that is not a superuser's
+            GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_authorization_specification',
+                MESSAGE = format('the loopback of database %s cannot log in: this server lets its login %s in '
+                                 'without asking for a password (pg_hba.conf: trust or peer), and dblink refuses '
+                                 'that to a session that is not a superuser''s',
+                                 pg_catalog.current_database(), v_lb.login),
+                DETAIL = format('dblink: %s (%s)', SQLERRM, v_detail),
+                HINT = pgml._loopback_password_fix(v_lb);
+        WHEN sqlclient_unable_to_establish_sqlconnection THEN
+            GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'sqlclient_unable_to_establish_sqlconnection',
+                MESSAGE = format('the loopback of database %s cannot connect to %s', pg_catalog.current_database(),
+                                 v_lb.conninfo),
+                DETAIL = format('dblink: %s (%s)', SQLERRM, pg_catalog.btrim(v_detail, E' \n')),
+                HINT = 'an administrator says where this server reaches itself (a socket directory or an address '
+                       'it listens on): SELECT pgml._setup_loopback(''host=... port=...'')';
+    END;
     EXECUTE format('SELECT t.p FROM %I.dblink(%L, %L) AS t(p integer)', v_schema, 'pgml_loopback',
                    'SELECT pg_catalog.pg_backend_pid()') INTO v_pid;
     PERFORM pg_catalog.set_config('pgml.loopback_pid', v_pid::text, false);
     RETURN v_pid;
+END $$;
+
+-- The fix for a server that lets the loopback in without a password: the pg_hba.conf line that asks it for one (a
+-- socket's `local`, or `host ... samehost` for an address of this server), or the loopback pointed at connections
+-- that ask for one already.
+CREATE OR REPLACE FUNCTION pgml._loopback_password_fix(v_lb pgml.loopback_login) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.format(
+        'an administrator adds this line to pg_hba.conf above the lines that let it in now (the first line that '
+        'matches decides): %s — then runs SELECT pg_reload_conf(). Or, where connections over TCP ask for a '
+        'password already: SELECT pgml._setup_loopback(''host=127.0.0.1 port=%s'')',
+        pg_catalog.concat_ws(' ',
+            CASE WHEN h.host IS NULL OR h.host LIKE '/%' OR h.host LIKE '@%' THEN 'local' ELSE 'host' END,
+            CASE WHEN pg_catalog.current_database() ~ '^[a-z_][a-z0-9_]*$' THEN pg_catalog.current_database()::text
+                 ELSE '"' || pg_catalog.current_database() || '"' END,
+            v_lb.login,
+            CASE WHEN h.host IS NULL OR h.host LIKE '/%' OR h.host LIKE '@%' THEN NULL ELSE 'samehost' END,
+            'scram-sha-256'),
+        pg_catalog.current_setting('port'))
+    FROM (SELECT pg_catalog.substring(v_lb.conninfo, '(?:^|\s)host\s*=\s*''?([^''\s]+)') AS host) h
+$$;
+
+-- Loopback logins whose database is gone (a database migrated, then dropped, leaves its login in the cluster):
+-- named pgml_loopback_<oid> exactly, a member of pgml_loopback, no database with that oid, owning nothing and
+-- granted nothing (pg_shdepend: a copy of a database keeps its template's login, and the rights given to it).
+-- apply: drop them, as the calling role (SECURITY INVOKER: CREATEROLE, or a superuser); one row per login.
+CREATE OR REPLACE FUNCTION pgml._stale_loopback_logins(apply boolean DEFAULT false)
+RETURNS TABLE (login name, dropped boolean, note text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_may boolean := (SELECT r.rolsuper OR r.rolcreaterole FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+BEGIN
+    FOR login IN
+        SELECT r.rolname FROM pg_catalog.pg_roles r
+        WHERE r.rolname ~ '^pgml_loopback_[0-9]{1,10}$'
+          AND r.rolcanlogin AND NOT r.rolsuper
+          AND EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                      WHERE m.member = r.oid AND g.rolname = 'pgml_loopback')
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database d
+                          WHERE d.oid::text = pg_catalog.substr(r.rolname, pg_catalog.length('pgml_loopback_') + 1))
+          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend s
+                          WHERE s.refclassid = 'pg_catalog.pg_authid'::regclass AND s.refobjid = r.oid)
+        ORDER BY r.rolname
+    LOOP
+        dropped := false;
+        IF NOT v_may THEN
+            note := format('its database is gone; not dropped: %s may not drop roles (an administrator with '
+                           'CREATEROLE runs pgml-tuned gc --apply, or DROP ROLE %I)', current_user, login);
+        ELSIF NOT apply THEN
+            note := 'its database is gone (--apply drops it)';
+        ELSE
+            BEGIN
+                EXECUTE format('DROP ROLE %I', login);
+                dropped := true;
+                note := 'its database is gone: dropped';
+            EXCEPTION WHEN insufficient_privilege OR dependent_objects_still_exist OR undefined_object THEN
+                note := format('its database is gone; not dropped: %s', SQLERRM);
+            END;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgml._conn_quote(v text) RETURNS text

@@ -75,6 +75,128 @@ BEGIN
     END IF;
 END $$;
 
+-- (since 0040) The dataset_args of the retrieval tasks that SQL can check before any row is read: a score or label
+-- column of a number type, not both a hard negative and a score (one loss each), Matryoshka dimensions that are
+-- decreasing positive whole numbers. `dargs` carries the relation's name under "_relation" for the messages.
+CREATE OR REPLACE FUNCTION pgml._check_retrieval_args(task text, rel regclass, dargs jsonb)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_arg  text := CASE task WHEN 'text-ranking' THEN 'label_column' ELSE 'score_column' END;
+    v_col  text := coalesce(dargs ->> v_arg, CASE task WHEN 'text-ranking' THEN 'label' END);
+    v_cat  "char";
+    v_type text;
+    v_dims jsonb := dargs -> 'matryoshka_dims';
+    v_prev numeric;
+    v_dim  jsonb;
+    v_bad  boolean;
+BEGIN
+    IF v_col IS NOT NULL THEN
+        SELECT t.typcategory, format_type(a.atttypid, a.atttypmod) INTO v_cat, v_type
+        FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        WHERE a.attrelid = rel AND a.attname = v_col AND a.attnum > 0 AND NOT a.attisdropped;
+        IF v_cat <> 'N' AND NOT (task = 'text-ranking' AND v_cat = 'B') THEN
+            RAISE EXCEPTION USING ERRCODE = 'datatype_mismatch',
+                MESSAGE = format('column %L (dataset_args.%s) of %s has type %s, but it must hold numbers', v_col, v_arg,
+                                 dargs ->> '_relation', v_type),
+                HINT = CASE task WHEN 'text-ranking'
+                    THEN 'labels are 0/1 (or a relevance score in [0, 1]) of a number or boolean type; cast it in a view'
+                    ELSE 'scores are numbers in [0, 1] or [-1, 1] (a real or numeric column); cast it in a view' END;
+        END IF;
+    END IF;
+    IF task <> 'text-embedding' THEN
+        RETURN;
+    END IF;
+    IF dargs ? 'negative_column' AND dargs ? 'score_column' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'dataset_args gives both negative_column and score_column',
+            HINT = 'give negative_column (a hard negative per pair: MultipleNegativesRankingLoss) or score_column '
+                   '(graded pairs: CoSENTLoss), not both';
+    END IF;
+    IF v_dims IS NOT NULL THEN
+        IF jsonb_typeof(v_dims) <> 'array' OR jsonb_array_length(v_dims) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('dataset_args.matryoshka_dims must be a JSON array of dimensions, not %s',
+                                 left(v_dims::text, 60)),
+                HINT = 'e.g. "matryoshka_dims": [384, 256, 128, 64] (decreasing; the first is at most the model''s)';
+        END IF;
+        FOR v_dim IN SELECT e FROM jsonb_array_elements(v_dims) e LOOP
+            v_bad := jsonb_typeof(v_dim) <> 'number';
+            IF NOT v_bad THEN
+                v_bad := (v_dim #>> '{}')::numeric <> trunc((v_dim #>> '{}')::numeric) OR (v_dim #>> '{}')::numeric < 1
+                         OR coalesce((v_dim #>> '{}')::numeric >= v_prev, false);
+            END IF;
+            IF v_bad THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('dataset_args.matryoshka_dims %s: each dimension must be a positive whole number, '
+                                     'smaller than the one before', left(v_dims::text, 60)),
+                    HINT = 'e.g. "matryoshka_dims": [384, 256, 128, 64] (decreasing; the first is at most the model''s)';
+            END IF;
+            v_prev := (v_dim #>> '{}')::numeric;
+        END LOOP;
+    END IF;
+END $$;
+
+-- (since 0040) The rows of a retrieval job, once pgml.tune copied them into the job's table: no NULL where a value
+-- is needed, two distinct anchors (queries) at least (one to train on, one to hold out), scores in the loss's range
+-- (CoSENT: [-1, 1]; the reranker's binary cross-entropy: labels in [0, 1]).
+CREATE OR REPLACE FUNCTION pgml._check_retrieval_rows(job pgml.jobs)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_dargs  jsonb := coalesce(job.hyperparams -> 'dataset_args', '{}');
+    v_task   pgml.tasks;
+    v_table  text := format('pgml_rows.%I', pgml._job_table(job.id));
+    v_key    text := CASE job.task WHEN 'text-ranking' THEN 'query_column' ELSE 'anchor_column' END;
+    v_score  text := CASE job.task WHEN 'text-ranking' THEN 'label_column' ELSE 'score_column' END;
+    v_arg    text;
+    v_col    text;
+    v_n      bigint;
+    v_lo     numeric;
+    v_hi     numeric;
+    v_min    numeric := CASE job.task WHEN 'text-ranking' THEN 0 ELSE -1 END;
+BEGIN
+    SELECT * INTO v_task FROM pgml.tasks t WHERE t.name = job.task;
+    FOR v_arg IN SELECT k FROM jsonb_object_keys(v_task.required_columns) k
+                 UNION ALL SELECT o FROM unnest(v_task.optional_columns) o WHERE v_dargs ? o LOOP
+        v_col := coalesce(v_dargs ->> v_arg, v_task.required_columns ->> v_arg);
+        EXECUTE format('SELECT count(*) FROM %s WHERE %I IS NULL', v_table,
+                       'c' || array_position(job.snapshot_columns, v_col)) INTO v_n;
+        IF v_n > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+                MESSAGE = format('column %L (dataset_args.%s) of %s is NULL in %s rows', v_col, v_arg,
+                                 job.relation_name, v_n),
+                HINT = format('leave those rows out in a view: CREATE VIEW v AS SELECT ... FROM %s WHERE %I IS NOT NULL',
+                              job.relation_name, v_col);
+        END IF;
+    END LOOP;
+    v_col := coalesce(v_dargs ->> v_key, v_task.required_columns ->> v_key);
+    EXECUTE format('SELECT count(DISTINCT %I) FROM %s', 'c' || array_position(job.snapshot_columns, v_col), v_table)
+        INTO v_n;
+    IF v_n < 2 THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('column %L (dataset_args.%s) of %s has %s distinct value%s; at least 2 are needed', v_col,
+                             v_key, job.relation_name, v_n, CASE WHEN v_n = 1 THEN '' ELSE 's' END),
+            HINT = format('rows are held out by %s (some to train on, some to evaluate): give pairs of several %ss',
+                          replace(v_key, '_column', ''), replace(v_key, '_column', ''));
+    END IF;
+    v_col := coalesce(v_dargs ->> v_score, v_task.required_columns ->> v_score);
+    IF v_col IS NOT NULL THEN
+        -- a boolean label column arrives as 'true' / 'false'
+        EXECUTE format('SELECT min(v), max(v) FROM (SELECT CASE %1$I WHEN ''true'' THEN 1 WHEN ''false'' THEN 0 '
+                       'ELSE %1$I::numeric END AS v FROM %2$s) s',
+                       'c' || array_position(job.snapshot_columns, v_col), v_table) INTO v_lo, v_hi;
+        IF v_lo < v_min OR v_hi > 1 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('column %L (dataset_args.%s) of %s has values from %s to %s, outside [%s, 1]', v_col,
+                                 v_score, job.relation_name, v_lo, v_hi, v_min),
+                HINT = CASE job.task WHEN 'text-ranking'
+                    THEN 'labels are 0 (not relevant) to 1 (relevant): rescale them in a view, e.g. label / 5.0'
+                    ELSE 'scores are similarities in [-1, 1] (or [0, 1]): rescale them in a view, e.g. score / 5.0' END;
+        END IF;
+    END IF;
+END $$;
+
 -- pgml._submit: as in 0009, each pgml._fail a RAISE
 CREATE OR REPLACE FUNCTION pgml._submit(
     project_name         text,
@@ -115,7 +237,9 @@ DECLARE
     v_job_id   bigint;
     v_known    text;
     v_cols     text[] := '{}';
-    v_admin    boolean := pg_has_role(session_user, 'pgml_admin', 'MEMBER');
+    -- session_user, or through the loopback (pgml.tune(..., wait => true)) the user who called pgml.tune
+    v_who      name := pgml._submitter();
+    v_admin    boolean := pg_has_role(v_who, 'pgml_admin', 'MEMBER');
     v_relname  text;
     v_cred     text;
     v_bad      record;
@@ -128,7 +252,7 @@ BEGIN
             HINT = 'pass a name, e.g. pgml.tune(''my_project'', ...)',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO v_project FROM pgml.projects p WHERE p.name = project_name AND p.owner = session_user;
+    SELECT * INTO v_project FROM pgml.projects p WHERE p.name = project_name AND p.owner = v_who;
     IF v_task IS NULL THEN
         v_task := v_project.task;
         IF v_task IS NULL THEN
@@ -146,7 +270,7 @@ BEGIN
     END IF;
     IF v_taskrow.admin_only AND NOT v_admin THEN
         RAISE EXCEPTION USING MESSAGE = format('task %L is a diagnostic task for administrators', v_task),
-            HINT = format('a member of pgml_admin may run it (GRANT pgml_admin TO %I)', session_user),
+            HINT = format('a member of pgml_admin may run it (GRANT pgml_admin TO %I)', v_who),
             ERRCODE = 'insufficient_privilege';
     END IF;
     IF priority > 0 AND NOT v_admin THEN
@@ -163,21 +287,21 @@ BEGIN
     -- one transaction, holds no more than the queue may (and no job is ever committed while 'submitting': the
     -- constraint trigger jobs_submitted_at_commit below). Only those are counted here, an index's few rows;
     -- pgml._submitted counts the queued ones with them.
-    v_lim := pgml._role_limits(session_user);
+    v_lim := pgml._role_limits(v_who);
     IF v_lim.max_queued IS NOT NULL THEN
         SELECT count(*) INTO v_queued FROM pgml.jobs j
-        WHERE j.submitted_by = session_user AND j.status = 'submitting';
+        WHERE j.submitted_by = v_who AND j.status = 'submitting';
         IF v_queued >= v_lim.max_queued THEN
             RAISE EXCEPTION USING ERRCODE = 'program_limit_exceeded',
                 MESSAGE = format('%s has %s jobs being submitted; the limit for %s is %s jobs in the queue',
-                                 session_user, v_queued, v_lim.role, v_lim.max_queued),
+                                 v_who, v_queued, v_lim.role, v_lim.max_queued),
                 HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
         END IF;
     END IF;
     -- predict_batch and embed_batch write pgml.<output_table>: the name is checked here, where pgml_user's rights
     -- do not reach
     IF v_task IN ('predict_batch', 'embed_batch') THEN
-        PERFORM pgml._check_output_table(coalesce(_submit.hyperparams, '{}') ->> 'output_table', session_user);
+        PERFORM pgml._check_output_table(coalesce(_submit.hyperparams, '{}') ->> 'output_table', v_who);
     END IF;
 
     -- hyperparams
@@ -223,6 +347,28 @@ BEGIN
                      ELSE left(v_bad.value::text, 60) END),
             HINT = format('transformers.TrainingArguments declares %s: %s. Write it as JSON, e.g. "%s": %s',
                           v_bad.key, v_bad.python_type, v_bad.key, v_bad.example),
+            ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- and within the range transformers accepts (the same table: min_value .. max_value, also_allowed)
+    SELECT a.key, a.value, t.min_value, t.min_inclusive, t.max_value, t.max_inclusive, t.also_allowed, t.example
+    INTO v_bad
+    FROM jsonb_each(CASE WHEN jsonb_typeof(v_hp -> 'training_args') = 'object' THEN v_hp -> 'training_args'
+                         ELSE '{}' END) a
+    JOIN pgml.training_arg_types t ON t.key = a.key
+    CROSS JOIN LATERAL (SELECT (a.value #>> '{}')::numeric AS n WHERE jsonb_typeof(a.value) = 'number') v
+    WHERE NOT v.n = ANY (coalesce(t.also_allowed, '{}'))
+      AND (v.n < t.min_value OR (v.n = t.min_value AND NOT t.min_inclusive)
+           OR v.n > t.max_value OR (v.n = t.max_value AND NOT t.max_inclusive))
+    ORDER BY a.key LIMIT 1;
+    IF FOUND THEN
+        v_known := concat_ws(' and ',
+            CASE WHEN v_bad.min_inclusive THEN 'at least ' ELSE 'greater than ' END || v_bad.min_value,
+            CASE WHEN v_bad.max_inclusive THEN 'at most ' ELSE 'less than ' END || v_bad.max_value)
+            || coalesce(', or ' || array_to_string(v_bad.also_allowed, ' or '), '');
+        RAISE EXCEPTION USING
+            MESSAGE = format('training_args.%s = %s is out of range: it must be %s', v_bad.key, v_bad.value, v_known),
+            HINT = format('transformers accepts %s %s; e.g. "%s": %s', v_bad.key, v_known, v_bad.key,
+                          v_bad.example),
             ERRCODE = 'invalid_parameter_value';
     END IF;
     IF v_hp ? 'max_seq_length' AND NOT (jsonb_typeof(v_hp -> 'max_seq_length') = 'number'
@@ -278,14 +424,21 @@ BEGIN
         END IF;
         SELECT c.relkind, n.nspname, c.relname INTO v_relkind, v_schema, v_table
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = v_rel;
+        IF NOT FOUND THEN  -- resolved by the caller, but not there for this submission: pgml.tune(..., wait => true)
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+                MESSAGE = format('relation %L is not committed yet: pgml.tune(..., wait => true) submits in a '
+                                 'session of its own, which sees only committed relations', relation_name),
+                HINT = 'COMMIT the transaction that created it first; or call pgml.tune without wait => true in this '
+                       'transaction, COMMIT, then CALL pgml.wait(job_id)';
+        END IF;
         IF v_relkind NOT IN ('r', 'v', 'm', 'p', 'f') THEN
             RAISE EXCEPTION USING MESSAGE = format('%s is not a table or view', v_rel),
                 HINT = 'pass a table, view or materialized view',
                 ERRCODE = 'invalid_parameter_value';
         END IF;
-        IF NOT has_table_privilege(session_user, v_rel, 'SELECT') THEN
-            RAISE EXCEPTION USING MESSAGE = format('permission denied: %s may not SELECT from %s', session_user, v_rel),
-                HINT = format('GRANT SELECT ON %s TO %I', v_rel, session_user),
+        IF NOT has_table_privilege(v_who, v_rel, 'SELECT') THEN
+            RAISE EXCEPTION USING MESSAGE = format('permission denied: %s may not SELECT from %s', v_who, v_rel),
+                HINT = format('GRANT SELECT ON %s TO %I', v_rel, v_who),
                 ERRCODE = 'insufficient_privilege';
         END IF;
         v_relname := format('%I.%I', v_schema, v_table);
@@ -306,6 +459,9 @@ BEGIN
                 v_cols := v_cols || (v_dargs ->> v_arg);
             END IF;
         END LOOP;
+        IF v_task IN ('text-embedding', 'text-ranking') THEN
+            PERFORM pgml._check_retrieval_args(v_task, v_rel, v_dargs || jsonb_build_object('_relation', v_relname));
+        END IF;
         IF y_column_name IS NOT NULL AND NOT v_dargs ? 'class_column' AND v_taskrow.required_columns ? 'class_column'
         THEN
             v_hp := jsonb_set(v_hp, '{dataset_args}', v_dargs || jsonb_build_object('class_column', y_column_name));
@@ -331,26 +487,26 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pgml.credentials c WHERE c.name = v_cred) THEN
             RAISE EXCEPTION USING MESSAGE = format('unknown credential %L', v_cred),
                 HINT = format('an administrator creates it on the workers and allows it: SELECT pgml.allow_credential(%L, %L)',
-                       v_cred, session_user),
+                       v_cred, v_who),
                 ERRCODE = 'undefined_object';
         END IF;
-        IF NOT pgml._may_use_credential(session_user, v_cred) THEN
-            RAISE EXCEPTION USING MESSAGE = format('permission denied: %s may not use credential %L', session_user, v_cred),
-                HINT = format('ask an administrator: SELECT pgml.allow_credential(%L, %L)', v_cred, session_user),
+        IF NOT pgml._may_use_credential(v_who, v_cred) THEN
+            RAISE EXCEPTION USING MESSAGE = format('permission denied: %s may not use credential %L', v_who, v_cred),
+                HINT = format('ask an administrator: SELECT pgml.allow_credential(%L, %L)', v_cred, v_who),
                 ERRCODE = 'insufficient_privilege';
         END IF;
     END IF;
     v_job_id := nextval(pg_get_serial_sequence('pgml.jobs', 'id'));
     IF v_secrets <> '{}' THEN
-        v_sealed := pgml._seal(v_secrets, v_job_id, session_user);
+        v_sealed := pgml._seal(v_secrets, v_job_id, v_who);
     END IF;
 
-    INSERT INTO pgml.projects AS p (name, task, owner) VALUES (project_name, v_task, session_user)
+    INSERT INTO pgml.projects AS p (name, task, owner) VALUES (project_name, v_task, v_who)
     ON CONFLICT (owner, name) DO UPDATE SET updated_at = clock_timestamp()
     RETURNING * INTO v_project;
 
     INSERT INTO pgml.models (project_id, task, model_name, relation_name, hyperparams, owner)
-    VALUES (v_project.id, v_task, _submit.model_name, _submit.relation_name, v_clean, session_user)
+    VALUES (v_project.id, v_task, _submit.model_name, _submit.relation_name, v_clean, v_who)
     RETURNING id INTO v_model_id;
 
     -- 'submitting': invisible to workers until pgml._submitted() has seen the rows arrive. Nothing commits the job
@@ -361,7 +517,7 @@ BEGIN
                            max_attempts, status, submitted_by, snapshot_columns, keep_snapshot)
     VALUES (v_job_id, v_project.id, v_model_id, v_task, _submit.relation_name, v_schema, v_table,
             _submit.model_name, _submit.test_size, _submit.test_sampling, v_clean, v_sealed, v_cred,
-            _submit.priority, _submit.max_attempts, 'submitting', session_user,
+            _submit.priority, _submit.max_attempts, 'submitting', v_who,
             CASE WHEN v_relname IS NOT NULL THEN v_cols END, coalesce(materialize_snapshot, false));
     -- the job's table (pgml_rows.job_<id>), which pgml.tune fills as its caller
     IF v_relname IS NOT NULL THEN
@@ -608,7 +764,158 @@ BEGIN
                              v_job.relation_name, v_job.snapshot_rows),
             HINT = 'check the relation (or view) returns the rows you expect';
     END IF;
+    IF v_job.task IN ('text-embedding', 'text-ranking') THEN
+        PERFORM pgml._check_retrieval_rows(v_job);
+    END IF;
     RETURN v_job.snapshot_rows;
+END $$;
+
+-- The NOTICE every call that queues a job raises: the job's id and how to follow it, with its page on the dashboard
+-- when an administrator configured its address (ALTER DATABASE ... SET pgml.dashboard_url = 'http://host:8765'; the
+-- dashboard opens a job from the fragment #job=<id>). It reads one setting: nothing is queried.
+CREATE OR REPLACE FUNCTION pgml._job_queued_notice(job_id bigint, waiting boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_url text := pg_catalog.rtrim(pg_catalog.btrim(pg_catalog.current_setting('pgml.dashboard_url', true)), '/');
+BEGIN
+    RAISE NOTICE '%', pg_catalog.format('job %s queued: %s', job_id,
+        CASE WHEN waiting THEN 'waiting for it (cancelling this statement cancels the job)'
+             ELSE pg_catalog.format('follow it with CALL pgml.wait(%s)', job_id) END)
+        || CASE WHEN v_url <> '' THEN pg_catalog.format(', or on the dashboard: %s/#job=%s', v_url, job_id) ELSE '' END;
+END $$;
+
+-- Follows a job one step: prints its log rows after `after_log` (pgml._log_line, one INFO line each) and the fleet's
+-- advice when it differs from `said`, and returns where it is: {"last_log", "advice", "status", "error", "metrics"}.
+-- pgml.wait (a procedure that commits between polls) and pgml.tune(..., wait => true) poll with it, as their caller
+-- (row-level security: one's own jobs).
+CREATE OR REPLACE FUNCTION pgml._job_follow(job_id bigint, after_log bigint, said text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job record;
+    v_log record;
+    v_last bigint := after_log;
+    v_advice text;
+BEGIN
+    SELECT j.status, j.error, j.metrics INTO v_job FROM pgml.jobs j WHERE j.id = _job_follow.job_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING MESSAGE = format('no job %s', _job_follow.job_id), ERRCODE = 'no_data_found',
+            HINT = 'pgml.tune() returns the job id; SELECT id, status FROM pgml.jobs lists your jobs';
+    END IF;
+    FOR v_log IN SELECT l.id, l.kind, l.logs FROM pgml.logs l WHERE l.job_id = _job_follow.job_id AND l.id > v_last
+                 ORDER BY l.id LOOP
+        RAISE INFO '%', pgml._log_line(v_log.logs, v_log.kind);
+        v_last := v_log.id;
+    END LOOP;
+    IF v_job.status NOT IN ('succeeded', 'failed', 'cancelled') THEN
+        v_advice := pgml._wait_advice(_job_follow.job_id);
+        IF v_advice IS NOT NULL AND v_advice IS DISTINCT FROM said THEN
+            RAISE INFO '%', v_advice;
+        END IF;
+    END IF;
+    RETURN jsonb_build_object('last_log', v_last, 'advice', v_advice, 'status', v_job.status, 'error', v_job.error,
+                              'metrics', v_job.metrics);
+END $$;
+
+-- The steps of pgml.tune(..., wait => true) that go through the loopback (pgml._loopback: a session of its own, in
+-- which the job commits while the caller's statement still runs, so a worker can take it). The caller reads its
+-- relation itself, with its own rights and search_path, and this ships the rows; the loopback's statements act for
+-- the caller (pgml._submitter()). One transaction there, from 'submit' to 'queue': the job is never committed
+-- half-way (the constraint trigger jobs_submitted_at_commit).
+--   submit (args: pgml._submit's arguments)  BEGIN, then pgml._submit; returns its row
+--   rows   (args: a JSON array of rows, each an array of texts)  into the job's table (pgml._job_rows_put)
+--   queue  (args: {"copied": n})  pgml._submitted, COMMIT: the job is queued
+--   abort  ROLLBACK (nothing of the submission stays)
+--   cancel pgml.cancel(job_id), committed at once
+-- Callable by pgml_user: each step does only what the caller may do itself (pgml._submit, an INSERT into its own
+-- job's table, pgml._submitted, pgml.cancel), as that caller.
+CREATE OR REPLACE FUNCTION pgml._tune_loopback(step text, job_id bigint DEFAULT NULL, args jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_schema name := pgml._dblink_schema();
+    v_result jsonb;
+BEGIN
+    CASE step
+    WHEN 'submit' THEN
+        PERFORM pgml._loopback('to_jsonb(true)');  -- connected (the loopback's own checks, e.g. dblink installed)
+        EXECUTE format('SELECT t.v FROM %I.dblink(%L, %L) AS t(v text)', v_schema, 'pgml_loopback', 'BEGIN');
+        BEGIN
+            -- a lock held by the caller's own transaction (a project row it wrote) would stall both sessions
+            PERFORM pgml._loopback('to_jsonb(pg_catalog.set_config(''lock_timeout'', ''10s'', true))');
+            v_result := pgml._loopback(format(
+                '(SELECT to_jsonb(s) FROM pgml._submit(%L, %L, %L, %L, %L, %L::jsonb, %s::float8, %L, %L::boolean, '
+                '%L::boolean, %s::integer, %s::integer, %L, %s::oid, %L) s)',
+                args ->> 'project_name', args ->> 'task', args ->> 'relation_name', args ->> 'y_column_name',
+                args ->> 'model_name', args -> 'hyperparams', coalesce(args ->> 'test_size', 'NULL'),
+                args ->> 'test_sampling', args ->> 'automatic_deploy', args ->> 'materialize_snapshot',
+                coalesce(args ->> 'max_attempts', 'NULL'), coalesce(args ->> 'priority', 'NULL'),
+                args ->> 'caller_search_path', coalesce(args ->> 'rel', 'NULL'), args ->> 'rel_error'));
+        EXCEPTION WHEN lock_not_available THEN
+            PERFORM pgml._tune_loopback('abort');
+            RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+                MESSAGE = 'pgml.tune(..., wait => true) waited 10 s for a lock its submission needs (the project''s '
+                          'row): this transaction, or another session''s open one, holds it',
+                HINT = 'COMMIT what this transaction wrote (an earlier pgml.tune of the same project) before calling '
+                       'pgml.tune(..., wait => true), or call it without wait and CALL pgml.wait(job_id) after COMMIT';
+        WHEN OTHERS OR query_canceled THEN
+            PERFORM pgml._tune_loopback('abort');
+            RAISE;
+        END;
+        RETURN v_result;
+    WHEN 'rows' THEN
+        RETURN pgml._loopback(format('to_jsonb(pgml._job_rows_put(%s, %L::jsonb))', job_id, args));
+    WHEN 'queue' THEN
+        v_result := pgml._loopback(format('to_jsonb(pgml._submitted(%s, %s))', job_id,
+                                          coalesce(args ->> 'copied', 'NULL')));
+        EXECUTE format('SELECT t.v FROM %I.dblink(%L, %L) AS t(v text)', v_schema, 'pgml_loopback', 'COMMIT');
+        RETURN v_result;
+    WHEN 'abort' THEN
+        BEGIN  -- the connection may be gone with its transaction: nothing is left either way
+            EXECUTE format('SELECT t.v FROM %I.dblink(%L, %L) AS t(v text)', v_schema, 'pgml_loopback', 'ROLLBACK');
+        EXCEPTION WHEN OTHERS THEN
+            NULL;
+        END;
+        RETURN NULL;
+    WHEN 'cancel' THEN
+        RETURN pgml._loopback(format('to_jsonb(pgml.cancel(%s))', job_id));
+    ELSE
+        RAISE EXCEPTION 'unknown step %', step USING ERRCODE = 'invalid_parameter_value';
+    END CASE;
+END $$;
+
+-- Rows for a job being submitted through the loopback (pgml.tune(..., wait => true)): appended to its table in the
+-- order given (the table's n numbers them), as its submitter's own INSERT would be. Only its submitter's, only while
+-- it is 'submitting'; pgml._submitted checks what arrived.
+CREATE OR REPLACE FUNCTION pgml._job_rows_put(job_id bigint, rows jsonb) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_who  name := pgml._submitter();
+    v_cols text[];
+    v_n    bigint;
+BEGIN
+    SELECT j.snapshot_columns INTO v_cols FROM pgml.jobs j
+    WHERE j.id = _job_rows_put.job_id AND j.submitted_by = v_who AND j.status = 'submitting';
+    IF v_cols IS NULL OR pg_catalog.to_regclass(format('pgml_rows.%I', pgml._job_table(_job_rows_put.job_id))) IS NULL
+    THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('job %s is not being submitted by %s with a relation', _job_rows_put.job_id, v_who),
+            HINT = 'submit jobs with pgml.tune(...) or INSERT INTO pgml.tune_requests';
+    END IF;
+    EXECUTE format('INSERT INTO pgml_rows.%I (%s) SELECT %s FROM pg_catalog.jsonb_array_elements($1) '
+                   'WITH ORDINALITY AS r (v, i) ORDER BY r.i', pgml._job_table(_job_rows_put.job_id),
+                   (SELECT string_agg(format('c%s', i), ', ' ORDER BY i) FROM generate_subscripts(v_cols, 1) i),
+                   (SELECT string_agg(format('r.v ->> %s', i - 1), ', ' ORDER BY i) FROM generate_subscripts(v_cols, 1) i))
+        USING rows;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
 END $$;
 
 CREATE OR REPLACE FUNCTION pgml.tune(
@@ -624,7 +931,8 @@ CREATE OR REPLACE FUNCTION pgml.tune(
     materialize_snapshot boolean DEFAULT false,
     max_attempts         integer DEFAULT 3,
     priority             integer DEFAULT 0,
-    caller_search_path   text DEFAULT pg_catalog.current_setting('search_path')
+    caller_search_path   text DEFAULT pg_catalog.current_setting('search_path'),
+    wait                 boolean DEFAULT false
 ) RETURNS TABLE (job_id bigint, status text, project_id bigint, model_id bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -635,6 +943,13 @@ DECLARE
     v_error text;
     v_copied bigint;
     v_table text;
+    v_cols text;
+    v_row record;
+    v_chunk jsonb[] := '{}';
+    v_bytes bigint := 0;
+    v_follow jsonb := '{"last_log": 0}';
+    v_start timestamptz;
+    v_elapsed double precision;
     v_msg    text;
     v_detail text;
     v_hint   text;
@@ -649,23 +964,93 @@ BEGIN
             v_error := SQLERRM;
         END;
     END IF;
-    SELECT * INTO s FROM pgml._submit(tune.project_name, tune.task, tune.relation_name, tune.y_column_name,
-                                      tune.model_name, tune.hyperparams, tune.test_size, tune.test_sampling,
-                                      tune.automatic_deploy, tune.materialize_snapshot, tune.max_attempts,
-                                      tune.priority, tune.caller_search_path, v_rel, v_error);
-    IF s.relation IS NOT NULL THEN
-        v_table := pg_catalog.format('pgml_rows.%I', 'job_' || s.job_id);  -- pgml._job_table: made by pgml._submit
-        -- the caller's view runs as the caller, with the caller's search_path (its functions may rely on it)
-        PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
-        EXECUTE pg_catalog.format('INSERT INTO %s SELECT %s FROM %s', v_table,
-                                  (SELECT pg_catalog.string_agg(pg_catalog.format('%I::text', c), ', ' ORDER BY i)
-                                   FROM pg_catalog.unnest(s.columns) WITH ORDINALITY AS x (c, i)),
-                                  s.relation);
-        GET DIAGNOSTICS v_copied = ROW_COUNT;
-        PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    IF NOT coalesce(tune.wait, false) THEN
+        SELECT * INTO s FROM pgml._submit(tune.project_name, tune.task, tune.relation_name, tune.y_column_name,
+                                          tune.model_name, tune.hyperparams, tune.test_size, tune.test_sampling,
+                                          tune.automatic_deploy, tune.materialize_snapshot, tune.max_attempts,
+                                          tune.priority, tune.caller_search_path, v_rel, v_error);
+        IF s.relation IS NOT NULL THEN
+            v_table := pg_catalog.format('pgml_rows.%I', 'job_' || s.job_id);  -- pgml._job_table: made by pgml._submit
+            -- the caller's view runs as the caller, with the caller's search_path (its functions may rely on it)
+            PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
+            EXECUTE pg_catalog.format('INSERT INTO %s SELECT %s FROM %s', v_table,
+                                      (SELECT pg_catalog.string_agg(pg_catalog.format('%I::text', c), ', ' ORDER BY i)
+                                       FROM pg_catalog.unnest(s.columns) WITH ORDINALITY AS x (c, i)),
+                                      s.relation);
+            GET DIAGNOSTICS v_copied = ROW_COUNT;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+        END IF;
+        PERFORM pgml._submitted(s.job_id, v_copied);
+        PERFORM pgml._job_queued_notice(s.job_id);
+        RETURN QUERY SELECT s.job_id, 'queued'::text, s.project_id, s.model_id;
+        RETURN;
     END IF;
-    PERFORM pgml._submitted(s.job_id, v_copied);
-    RETURN QUERY SELECT s.job_id, 'queued'::text, s.project_id, s.model_id;
+
+    -- wait => true: the job is submitted through the loopback, so that it commits (and a worker can take it) while
+    -- this statement runs; the rows are still read here, as the caller
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_transaction_state',
+            MESSAGE = pg_catalog.format('pgml.tune(..., wait => true) cannot follow a job in a %s transaction: its '
+                                        'snapshot never sees the job move', pg_catalog.upper(
+                                            pg_catalog.current_setting('transaction_isolation'))),
+            HINT = 'call it in a READ COMMITTED transaction (the default), or call pgml.tune without wait and '
+                   'CALL pgml.wait(job_id) after COMMIT';
+    END IF;
+    SELECT r.* INTO s FROM pg_catalog.jsonb_to_record(pgml._tune_loopback('submit', NULL, pg_catalog.jsonb_build_object(
+        'project_name', tune.project_name, 'task', tune.task, 'relation_name', tune.relation_name,
+        'y_column_name', tune.y_column_name, 'model_name', tune.model_name, 'hyperparams', tune.hyperparams,
+        'test_size', tune.test_size, 'test_sampling', tune.test_sampling, 'automatic_deploy', tune.automatic_deploy,
+        'materialize_snapshot', tune.materialize_snapshot, 'max_attempts', tune.max_attempts,
+        'priority', tune.priority, 'caller_search_path', tune.caller_search_path, 'rel', v_rel, 'rel_error', v_error)))
+        AS r (job_id bigint, project_id bigint, model_id bigint, relation text, columns text[]);
+    BEGIN
+        IF s.relation IS NOT NULL THEN
+            v_cols := (SELECT pg_catalog.string_agg(pg_catalog.format('%I::text', c), ', ' ORDER BY i)
+                       FROM pg_catalog.unnest(s.columns) WITH ORDINALITY AS x (c, i));
+            v_copied := 0;
+            PERFORM pg_catalog.set_config('search_path', coalesce(caller_search_path, '"$user", public'), true);
+            FOR v_row IN EXECUTE pg_catalog.format('SELECT pg_catalog.jsonb_build_array(%s) AS r FROM %s', v_cols,
+                                                   s.relation) LOOP
+                v_chunk := v_chunk || v_row.r;
+                v_bytes := v_bytes + pg_catalog.pg_column_size(v_row.r);
+                v_copied := v_copied + 1;
+                IF v_bytes > 4000000 OR pg_catalog.cardinality(v_chunk) >= 10000 THEN  -- a few MB a statement
+                    PERFORM pgml._tune_loopback('rows', s.job_id, pg_catalog.to_jsonb(v_chunk));
+                    v_chunk := '{}';
+                    v_bytes := 0;
+                END IF;
+            END LOOP;
+            PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+            IF pg_catalog.cardinality(v_chunk) > 0 THEN
+                PERFORM pgml._tune_loopback('rows', s.job_id, pg_catalog.to_jsonb(v_chunk));
+            END IF;
+        END IF;
+        PERFORM pgml._tune_loopback('queue', s.job_id, pg_catalog.jsonb_build_object('copied', v_copied));
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        PERFORM pgml._tune_loopback('abort');
+        RAISE;
+    END;
+    PERFORM pgml._job_queued_notice(s.job_id, true);
+    v_start := pg_catalog.clock_timestamp();
+    BEGIN
+        LOOP
+            v_follow := pgml._job_follow(s.job_id, (v_follow ->> 'last_log')::bigint, v_follow ->> 'advice');
+            EXIT WHEN v_follow ->> 'status' IN ('succeeded', 'failed', 'cancelled');
+            v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
+            PERFORM pg_catalog.pg_sleep(CASE WHEN v_elapsed < 1 THEN 0.02 WHEN v_elapsed < 10 THEN 0.1 ELSE 0.5 END);
+        END LOOP;
+    EXCEPTION WHEN query_canceled THEN
+        -- the caller cancelled the statement (or statement_timeout): the job goes with it, as pgml.load_dataset's
+        PERFORM pgml._tune_loopback('cancel', s.job_id);
+        RAISE;
+    END;
+    IF v_follow ->> 'status' = 'failed' THEN
+        RAISE EXCEPTION USING ERRCODE = 'external_routine_exception',
+            MESSAGE = pg_catalog.format('job %s failed: %s', s.job_id, v_follow ->> 'error'),
+            HINT = pg_catalog.format('SELECT errors FROM pgml.jobs WHERE id = %s shows every attempt', s.job_id);
+    END IF;
+    RAISE INFO '%', pgml._job_end_line(s.job_id, v_follow ->> 'status', v_follow -> 'metrics', v_follow ->> 'error');
+    RETURN QUERY SELECT s.job_id, v_follow ->> 'status', s.project_id, s.model_id;
 EXCEPTION WHEN OTHERS THEN
     -- as in 0021: raised again here, where the caller's statement is, so psql shows the message, its HINT and one
     -- CONTEXT line; an error without a HINT (an unexpected one) keeps its whole context
@@ -680,9 +1065,10 @@ EXCEPTION WHEN OTHERS THEN
 END $$;
 
 COMMENT ON FUNCTION pgml.tune(text, text, text, text, text, jsonb, double precision, text, boolean, boolean,
-                              integer, integer, text) IS
-    'Queue a fine-tuning job (PostgresML API). Returns at once; a pgml-tuned worker trains it. '
-    'Follow it with CALL pgml.wait(job_id) or SELECT * FROM pgml.jobs.';
+                              integer, integer, text, boolean) IS
+    'Queue a fine-tuning job (PostgresML API). Returns at once (a NOTICE names the job and how to follow it: '
+    'CALL pgml.wait(job_id), SELECT * FROM pgml.jobs, the dashboard); a pgml-tuned worker trains it. With '
+    'wait => true it waits for the job to end, printing its log rows as INFO lines, and returns its final status.';
 
 -- ---- hyperparams.resources.nodes: now up to 16 hosts ----------------------------------------------------------
 CREATE OR REPLACE FUNCTION pgml._check_resources(hyperparams jsonb) RETURNS void

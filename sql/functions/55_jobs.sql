@@ -199,66 +199,124 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- (since 0026) CALL pgml.wait prints the lines about a job (pgml.logs rows of kind info, warning, error:
--- 0018_log_kinds) as text, in order with its training rows, which it prints as before (pretty JSON):
+-- ---- one line per log row: how pgml.wait and pgml.tune(..., wait => true) print a job's progress ---------------
+-- A number as a person reads it in a log line: whole numbers and short values as written (step 500, epoch 0.25),
+-- others to 4 significant digits (grad_norm 5.23, eval_loss 0.3691, train_runtime 2360), tiny or huge ones and
+-- every learning rate in e-notation (lr 1.9e-05). Anything not a number is its JSON text.
+CREATE OR REPLACE FUNCTION pgml._log_value(key text, value jsonb) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_text text := value #>> '{}';
+    v numeric;
+    v_abs numeric;
+BEGIN
+    IF value IS NULL OR pg_catalog.jsonb_typeof(value) <> 'number' THEN
+        RETURN CASE WHEN pg_catalog.jsonb_typeof(value) = 'string' THEN v_text ELSE coalesce(value::text, 'null') END;
+    END IF;
+    v := v_text::numeric;
+    v_abs := abs(v);
+    IF v = 0 THEN
+        RETURN '0';
+    ELSIF v = trunc(v) AND v_text !~ '[.eE]' AND key <> 'learning_rate' THEN
+        RETURN v_text;  -- a count: step 10000, train_runtime 2360
+    ELSIF key = 'learning_rate' OR v_abs < 0.001 OR v_abs >= 1e9 THEN
+        -- 4 significant digits in e-notation, trailing zeros of the mantissa dropped: 1.9e-05, 1.6e-05, 2e-05
+        RETURN pg_catalog.regexp_replace(pg_catalog.btrim(pg_catalog.to_char(v, '9.999EEEE')), '\.?0+e', 'e');
+    ELSIF pg_catalog.length(v_text) <= 6 THEN
+        RETURN v_text;
+    END IF;
+    RETURN pg_catalog.trim_scale(round(v, greatest(0, 3 - floor(log(v_abs))::integer)))::text;
+END $$;
+
+-- The keys of a log row in reading order: those of `first` in that order, then the rest alphabetically, without
+-- `skip`, each as "key value".
+CREATE OR REPLACE FUNCTION pgml._log_pairs(logs jsonb, first text[], skip text[], sep text DEFAULT '  ')
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.string_agg(
+               CASE e.key WHEN 'learning_rate' THEN 'lr' ELSE e.key END || ' ' || pgml._log_value(e.key, e.value),
+               sep ORDER BY pg_catalog.array_position(first, e.key), e.key)
+    FROM pg_catalog.jsonb_each(CASE WHEN pg_catalog.jsonb_typeof(logs) = 'object' THEN logs ELSE '{}' END) AS e
+    WHERE e.key <> ALL (skip)
+$$;
+
+-- One pgml.logs row as one line, in PostgresML's INFO style (the guide's section 5.3, one line instead of a JSON
+-- block): a training step, an evaluation, the training summary; a line about the job (kind info, warning, error:
+-- 0018_log_kinds) is its text, "warning: " / "error: " before the others. Nothing a user reads is dropped but the
+-- row's timestamp (the line arrives as it is written; pgml.logs keeps created_at):
+--     step 500/10000  epoch 0.25  loss 0.3453  grad_norm 5.23  lr 1.9e-05
+--     eval  step 10000/10000  epoch 5.0  eval_loss 0.3691  eval_accuracy 0.9344  eval_f1 0.9344  eval_runtime 41.62 ...
+--     train  step 10000/10000  epoch 5.0  train_loss 0.1127  train_runtime 2360  train_samples_per_second 67.81 ...
+CREATE OR REPLACE FUNCTION pgml._log_line(logs jsonb, kind text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN kind IS DISTINCT FROM 'train' THEN
+            CASE WHEN kind = 'info' THEN '' ELSE coalesce(kind, 'info') || ': ' END
+            || coalesce(logs ->> 'message', logs::text)
+        WHEN pg_catalog.jsonb_typeof(logs) <> 'object' THEN logs::text
+        ELSE pg_catalog.concat_ws('  ',
+            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.jsonb_object_keys(logs) k WHERE k LIKE 'eval\_%') THEN 'eval'
+                 WHEN logs ? 'train_runtime' OR logs ? 'train_loss' THEN 'train' END,
+            CASE WHEN logs ? 'step' THEN 'step ' || pgml._log_value('step', logs -> 'step')
+                                         || coalesce('/' || pgml._log_value('max_steps', logs -> 'max_steps'), '') END,
+            pgml._log_pairs(logs, ARRAY['epoch', 'loss', 'grad_norm', 'learning_rate', 'eval_loss', 'train_loss'],
+                            ARRAY['step', 'max_steps', 'timestamp']))
+    END
+$$;
+
+-- The line pgml.wait ends with: the job's end and its metrics, once, compact
+--     job 3 succeeded: eval_loss 0.3691, eval_accuracy 0.934, eval_f1 0.93, ...
+CREATE OR REPLACE FUNCTION pgml._job_end_line(job_id bigint, status text, metrics jsonb, error text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.format('job %s %s', job_id, status)
+           || coalesce(': ' || nullif(pgml._log_pairs(metrics, ARRAY['eval_loss', 'train_loss', 'epoch', 'step'],
+                                                      ARRAY[]::text[], ', '), ''), '')
+           || coalesce(' (' || error || ')', '')
+$$;
+
+-- CALL pgml.wait(job_id) follows a job: one line per pgml.logs row as it is written (pgml._log_line), the fleet's
+-- advice when the job cannot start, and once the job has ended one line with its status and metrics
+-- (pgml._job_end_line); a failed job raises its error. It runs as its caller (row-level security: one's own jobs)
+-- and COMMITs between polls; a procedure that commits cannot pin its search_path, so every name in it is
+-- schema-qualified.
 --     INFO:  claimed by worker w1 (attempt 1)
---     INFO:  read 288 rows
---     INFO:  { "loss": 0.69, ... "step": 10 ... }
---     INFO:  requeued by worker w1: attempt 1 stopped before the end; ...
+--     INFO:  step 10/40  epoch 0.25  loss 0.69  grad_norm 3.2  lr 4.5e-05
 --     INFO:  warning: worker w1 stopped renewing its lease (...)
---     INFO:  taken over by worker w2 (attempt 2) after worker w1 stopped renewing its lease
---     INFO:  resuming from the checkpoint at step 26 (stored by attempt 1); ...
--- It is 0022_fleet's pgml.wait (with the fleet's advice) with that one change; it comes after 0022 because the last
--- definition wins. It runs as its caller (row-level security: one's own jobs) and COMMITs between polls; a procedure
--- that commits cannot pin its search_path, so every name in it is schema-qualified.
+--     INFO:  eval  step 40/40  epoch 1.0  eval_loss 0.41  eval_accuracy 0.875
+--     INFO:  job 3 succeeded: eval_loss 0.41, eval_accuracy 0.875, ...
 
 CREATE OR REPLACE PROCEDURE pgml.wait(job_id bigint, poll_seconds real DEFAULT 0.5, timeout_seconds real DEFAULT NULL)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_last bigint := 0;
-    v_log record;
-    v_job record;
+    v_follow jsonb := '{"last_log": 0}';
     v_start timestamptz := pg_catalog.clock_timestamp();
-    v_advice text;
-    v_said text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pgml.jobs j WHERE j.id = wait.job_id) THEN
-        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('no job %s', wait.job_id), ERRCODE = 'no_data_found',
-            HINT = 'pgml.tune() returns the job id; SELECT id, status FROM pgml.jobs lists your jobs';
-    END IF;
     LOOP
-        SELECT j.status, j.error, j.metrics, j.attempt INTO v_job FROM pgml.jobs j WHERE j.id = wait.job_id;
-        FOR v_log IN SELECT l.id, l.kind, l.logs FROM pgml.logs l WHERE l.job_id = wait.job_id AND l.id > v_last
-                     ORDER BY l.id LOOP
-            IF v_log.kind = 'train' THEN
-                RAISE INFO '%', pg_catalog.jsonb_pretty(v_log.logs);
-            ELSE  -- a line about the job (0018_log_kinds): its text, "warning: " / "error: " before the others
-                RAISE INFO '%', CASE WHEN v_log.kind = 'info' THEN '' ELSE v_log.kind || ': ' END
-                    || coalesce(v_log.logs ->> 'message', v_log.logs::text);
-            END IF;
-            v_last := v_log.id;
-        END LOOP;
-        EXIT WHEN v_job.status IN ('succeeded', 'failed', 'cancelled');
-        v_advice := pgml._wait_advice(wait.job_id);
-        IF v_advice IS NOT NULL AND v_advice IS DISTINCT FROM v_said THEN
-            RAISE INFO '%', v_advice;
-        END IF;
-        v_said := v_advice;
+        v_follow := pgml._job_follow(wait.job_id, (v_follow ->> 'last_log')::bigint, v_follow ->> 'advice');
+        EXIT WHEN v_follow ->> 'status' IN ('succeeded', 'failed', 'cancelled');
         IF timeout_seconds IS NOT NULL
            AND pg_catalog.clock_timestamp() - v_start > pg_catalog.make_interval(secs => timeout_seconds) THEN
             RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s is still %s after %s s', wait.job_id,
-                                                              v_job.status, timeout_seconds),
+                                                              v_follow ->> 'status', timeout_seconds),
                 ERRCODE = 'query_canceled', HINT = 'CALL pgml.wait again to keep following it';
         END IF;
         COMMIT;
         PERFORM pg_catalog.pg_sleep(poll_seconds);
     END LOOP;
-    IF v_job.status = 'failed' THEN
-        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s failed: %s', wait.job_id, v_job.error),
+    IF v_follow ->> 'status' = 'failed' THEN
+        RAISE EXCEPTION USING MESSAGE = pg_catalog.format('job %s failed: %s', wait.job_id, v_follow ->> 'error'),
             HINT = pg_catalog.format('SELECT errors FROM pgml.jobs WHERE id = %s shows every attempt', wait.job_id);
     END IF;
-    RAISE INFO '%', pg_catalog.jsonb_pretty(pg_catalog.jsonb_build_object('job_id', wait.job_id, 'status',
-        v_job.status, 'metrics', v_job.metrics, 'error', v_job.error));
+    RAISE INFO '%', pgml._job_end_line(wait.job_id, v_follow ->> 'status', v_follow -> 'metrics',
+                                       v_follow ->> 'error');
 END $$;
 
 CREATE OR REPLACE FUNCTION pgml._wait_advice(job_id bigint) RETURNS text

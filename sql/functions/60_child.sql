@@ -109,6 +109,23 @@ BEGIN
     IF pg_catalog.pg_has_role(session_user, 'pgml_owner', 'MEMBER') THEN
         RETURN NEW;
     END IF;
+    -- an import this transaction began (76_imports.sql): its importer stores the files of that model only, while
+    -- it is 'in_progress' (no import stays so past its COMMIT: models_import_finished)
+    IF TG_TABLE_NAME = 'file_parts' AND coalesce(v_job, '') = ''
+       AND pg_catalog.current_setting('pgml.import_model', true) IS NOT NULL
+       AND pg_catalog.current_setting('pgml.import_model', true) <> '' THEN
+        IF NOT EXISTS (SELECT 1 FROM pgml.models m
+                       WHERE m.id = NEW.model_id
+                         AND m.id::text = pg_catalog.current_setting('pgml.import_model', true)
+                         AND m.status = 'in_progress' AND m.hyperparams ? 'import'
+                         AND m.hyperparams -> 'import' ->> 'by' = pgml._submitter()::text) THEN
+            RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+                MESSAGE = pg_catalog.format('an import may store files of the model it began only, not of model %s',
+                                            NEW.model_id),
+                HINT = 'pgml.import_model_begin returns the model id to store files for';
+        END IF;
+        RETURN NEW;
+    END IF;
     IF coalesce(v_job, '') !~ '^[0-9]+$' THEN
         RAISE EXCEPTION USING ERRCODE = 'PGT01', MESSAGE = pg_catalog.format('%s: no child ticket in this transaction',
                                                                              TG_TABLE_NAME),
@@ -355,7 +372,7 @@ BEGIN
     WHERE ((_child_find_model.model_id IS NOT NULL AND m.id = _child_find_model.model_id)
            OR (_child_find_model.model_id IS NULL AND p.name = project AND m.status = 'successful'
                AND p.task IN ('text-classification', 'text-pair-classification', 'conversation',
-                             'text-embedding', 'text-ranking')))
+                              'text-embedding', 'text-ranking')))
       AND pgml._may_read_model(m.owner, v_owner)
     ORDER BY (p.owner = v_owner) DESC, (m.id = pgml._deployed_model(p.id)) DESC, m.id DESC
     LIMIT 1;

@@ -355,6 +355,9 @@ BEGIN
     VALUES (v_job, v_project.id, v_model, 'load_dataset', source, 0.25, 'last', v_clean, v_sealed, 0, 3,
             'submitting', v_who);
     PERFORM pgml._submitted(v_job);
+    IF v_who = session_user THEN  -- not for pgml.load_dataset, which waits for it through the loopback
+        PERFORM pgml._job_queued_notice(v_job);
+    END IF;
     RETURN v_job;
 EXCEPTION WHEN OTHERS THEN
     -- raised again here, where the caller's statement is: psql shows the message, its HINT and this one CONTEXT

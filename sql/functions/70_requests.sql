@@ -759,13 +759,13 @@ BEGIN
             IF v_elapsed > p_timeout THEN
                 PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
                 IF v_status = 'queued' THEN
-                    RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited %s s and nobody took it',
+                    RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited % s and nobody took it',
                         round(v_elapsed::numeric, 1)
                         USING ERRCODE = 'lock_not_available',
                               HINT = 'start one (pgml-tuned serve) or check SELECT * FROM pgml.queue_summary; '
                                      'args => ''{"timeout": 120}'' waits longer';
                 END IF;
-                RAISE EXCEPTION 'the request timed out after %s s while % was answering it',
+                RAISE EXCEPTION 'the request timed out after % s while % was answering it',
                     round(v_elapsed::numeric, 1), coalesce(v_worker, 'a worker')
                     USING ERRCODE = 'query_canceled',
                           HINT = 'args => ''{"timeout": 300}'' waits longer (long generations need it)';

@@ -12,12 +12,14 @@ WHERE EXISTS (SELECT 1 FROM pgml.models m
                 AND (m.owner = session_user OR pg_has_role(session_user, 'pgml_admin', 'MEMBER')
                      OR pg_has_role(session_user, 'pgml_worker', 'MEMBER')));
 
--- The key metric of a model for deployment decisions: (value, higher_is_better), NULL when it has none.
+-- The key metric of a model for deployment decisions: (value, higher_is_better), NULL when it has none. Retrieval
+-- models (0040) compare by NDCG@10 on their held-out queries.
 CREATE OR REPLACE FUNCTION pgml._key_metric(metrics jsonb, task text, OUT value double precision, OUT higher boolean)
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN task IN ('conversation', 'text-generation') THEN (metrics ->> 'eval_loss')::double precision
+                WHEN task IN ('text-embedding', 'text-ranking') THEN (metrics ->> 'eval_ndcg@10')::double precision
                 ELSE coalesce((metrics ->> 'eval_accuracy')::double precision,
                               (metrics ->> 'eval_f1')::double precision) END,
            task NOT IN ('conversation', 'text-generation')
@@ -276,7 +278,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF coalesce(NEW.automatic_deploy, true)
-       AND NEW.task IN ('text-classification', 'text-pair-classification', 'conversation') THEN
+       AND NEW.task IN ('text-classification', 'text-pair-classification', 'conversation', 'text-embedding',
+                        'text-ranking') THEN
         PERFORM pgml._auto_deploy(NEW.model_id);
     END IF;
     RETURN NULL;

@@ -53,6 +53,10 @@ GRANT SELECT ON pgml.checkpoints, pgml.credential_grants, pgml.credentials, pgml
     pgml.files, pgml.hub_allowlist, pgml.job_events, pgml.job_rows, pgml.job_status, pgml.jobs, pgml.logs, pgml.models,
     pgml.output_tables, pgml.projects, pgml.queue_summary, pgml.role_limits, pgml.superseded_logs, pgml.tasks,
     pgml.training_arg_types, pgml.worker_status TO pgml_user;
+-- the files of an import begun in the same transaction (pgml.import_model_begin): the insert trigger lets nothing
+-- else through (pgml._child_insert_check); pgml.files, the view, stays read-only
+GRANT INSERT ON pgml.file_parts TO pgml_user;
+GRANT USAGE ON SEQUENCE pgml.files_id_seq TO pgml_user;
 -- Internal functions (pgml._*) are not pgml_user's to call; the API functions call them as pgml_owner (SECURITY
 -- DEFINER). Those left, and why each must stay callable (tests/security/test_privileges.py lists every decision):
 GRANT EXECUTE ON ROUTINE
@@ -64,6 +68,17 @@ GRANT EXECUTE ON ROUTINE
     -- pgml.wait is a procedure that COMMITs between polls, so it cannot be SECURITY DEFINER; answers only for a
     -- job the caller may see
     pgml._wait_advice(bigint),
+    -- what pgml.wait and pgml.tune (as their caller) follow a job and print with: pure formatting, and one poll that
+    -- reads as the caller (row-level security)
+    pgml._job_end_line(bigint,text,jsonb,text),
+    pgml._job_follow(bigint,bigint,text),
+    pgml._job_queued_notice(bigint,boolean),
+    pgml._log_line(jsonb,text),
+    pgml._log_pairs(jsonb,text[],text[],text),
+    pgml._log_value(text,jsonb),
+    -- pgml.tune(..., wait => true)'s steps through the loopback; each does only what the caller may do itself, as
+    -- the caller (50_submit.sql)
+    pgml._tune_loopback(text,bigint,jsonb),
     -- the documented way to read a load_dataset_async job's result; runs as its caller (row-level security)
     pgml._dataset_result(bigint),
     -- the list of kwargs load_dataset passes on (a constant: documentation for its callers)
@@ -81,6 +96,10 @@ GRANT EXECUTE ON ROUTINE
     pgml.deploy(text,text),
     pgml.deployed_model(bigint),
     pgml.hub_model_allowed(text),
+    -- bring your own model (76_imports.sql): begin checks the request, finish the stored files; a user imports
+    -- into its own projects only (an administrator into another login's)
+    pgml.import_model_begin(text,text,text,jsonb,text,name),
+    pgml.import_model_finish(bigint),
     pgml.load_dataset(text,text,integer,jsonb),
     pgml.load_dataset_async(text,text,integer,jsonb),
     pgml.embed(text,text,jsonb),
@@ -92,7 +111,7 @@ GRANT EXECUTE ON ROUTINE
     pgml.transform(jsonb,jsonb,jsonb[],boolean),
     pgml.transform(jsonb,jsonb,text[],boolean),
     pgml.transform(text,jsonb,text[],boolean),
-    pgml.tune(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text),
+    pgml.tune(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,boolean),
     pgml.wait(bigint,real,real)
 TO pgml_user;
 
@@ -129,6 +148,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._request_answer(bigint),
     pgml._request_chunks(bigint,integer),
     pgml._request_submit(name,text,text,jsonb,jsonb),
+    pgml._stale_loopback_logins(boolean),
     pgml.activate_sealing_key(text),
     pgml.allow_credential(text,name),
     pgml.drop_credential(text),
@@ -181,6 +201,10 @@ TO pgml_serving;
 
 -- ---- pgml_loopback ----
 GRANT EXECUTE ON ROUTINE
+    -- pgml.tune(..., wait => true)'s submission (pgml._tune_loopback), for the user the loopback acts for
+    pgml._job_rows_put(bigint,jsonb),
+    pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text),
+    pgml._submitted(bigint,bigint),
     pgml._request_abandon(bigint),
     pgml._request_answer(bigint),
     pgml.cancel(bigint),

@@ -15,6 +15,7 @@ import pytest
 import torch
 from psycopg.rows import dict_row
 
+from pgml_tuned import hub_cache
 from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import DaemonProc, wait_job
@@ -33,7 +34,7 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> Path:
     path = testing.build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
     # the seed names a gated hub model: serve the tiny one under that id from the offline hub cache
-    testing.install_in_hf_cache(path, LLAMA_HUB_ID, session_env / "hf")
+    hub_cache.add(path, LLAMA_HUB_ID, session_env / "hf")
     return path
 
 

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from pgml_tuned import db
-from tests.conftest import OTHER_USER, as_login, connect, wait_for, wait_job
+from tests.conftest import ADMIN, OTHER_USER, as_login, connect, wait_for, wait_job
 from tests.support import models as testing
 
 pytestmark = pytest.mark.slow
@@ -295,3 +295,33 @@ def test_curve_grows_in_the_browser_while_the_job_trains(
         assert other.locator("#jobs tbody tr").count() == 0
         assert other.locator("#panel-a").get_attribute("data-points") == "0"
         browser.close()
+
+
+def test_jobs_say_their_kind_and_why_they_failed(
+    ops: psycopg.Connection[dict[str, Any]], su_dsn: str, daemon: Any, dashboard: Any
+) -> None:
+    """/api/jobs: each job's kind (only a tune's model gets the A/B buttons on the page), a failed job's error and
+    the error of each failed attempt, as JSON text the page shows as text (app.js: el(), text nodes only)."""
+    evil = "<img src=x onerror=alert(1)> the data was bad"
+    failed = ops.execute(
+        "SELECT job_id FROM pgml.tune('dash_kinds', task => 'noop', model_name => 'none', hyperparams => %s::jsonb)",
+        (json.dumps({"steps": 1, "fail": evil}),),
+    ).fetchone()["job_id"]
+    daemon("--drain")
+    assert wait_job(ops, failed, 120)["status"] == "failed"
+    loading = ops.execute("SELECT pgml.load_dataset_async('some/dataset', \"limit\" => 5) AS id").fetchone()["id"]
+
+    mine = dashboard(as_login(su_dsn, ADMIN))
+    status, jobs = mine.get("/api/jobs")
+    assert status == 200
+    by_id = {j["id"]: j for j in jobs}
+    assert by_id[loading]["kind"] == "load_dataset" and by_id[loading]["task"] == "load_dataset"
+    assert by_id[loading]["errors"] == [] and by_id[loading]["error"] is None
+    job = by_id[failed]
+    assert job["kind"] == "tune" and job["status"] == "failed"
+    assert evil in job["error"]
+    assert [e["attempt"] for e in job["errors"]] == [1] and evil in job["errors"][0]["error"]
+    # the page: kinds in the table, errors as text nodes, buttons only for a tune's model
+    script = (Path(db.__file__).parent / "dashboard" / "static" / "app.js").read_text()
+    assert "function whyFailed(j)" in script and "innerHTML" not in script
+    assert 'j.kind !== "tune" ? null' in script

@@ -421,6 +421,7 @@ def doc_logins(admin_dsn: str) -> Iterator[Logins]:
 @pytest.fixture(scope="module")
 def hub_models(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> None:
     """The hub models the documents name, in the offline hub cache (the real hub code path serves them)."""
+    from pgml_tuned import hub_cache
     from tests.support import models as testing
 
     root = tmp_path_factory.mktemp("doc-models")
@@ -429,7 +430,7 @@ def hub_models(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> N
         "llama": testing.build_tiny_llama(root / "tiny-llama"),
     }
     for hub_id, kind in HUB_MODELS.items():
-        testing.install_in_hf_cache(built[kind], hub_id, session_env / "hf")
+        hub_cache.add(built[kind], hub_id, session_env / "hf")
 
 
 @pytest.fixture(scope="module")

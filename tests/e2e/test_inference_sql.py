@@ -143,7 +143,8 @@ def test_predict_batch_writes_the_per_row_answers(serving: Any, conn: Conn, su: 
 
 def test_transform_with_no_worker_says_so_and_a_caller_that_gives_up_leaves_nothing(conn: Conn, su: Conn) -> None:
     t0 = time.monotonic()
-    with pytest.raises(psycopg.errors.LockNotAvailable, match="no pgml-tuned worker is serving") as e:
+    waited = r"no pgml-tuned worker is serving: the request waited \d+\.\d s and nobody took it"
+    with pytest.raises(psycopg.errors.LockNotAvailable, match=waited) as e:
         transform(conn, "org/some-model", ["a"], {"timeout": 1})
     assert time.monotonic() - t0 < 10
     assert "pgml-tuned serve" in e.value.diag.message_hint

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import ADMIN, as_login, job_row, wait_for, wait_job
+from tests.conftest import ADMIN, END_LINE, TRAIN_LINE, as_login, job_row, printed_step, wait_for, wait_job
 from tests.support import models as testing
 
 
@@ -172,11 +172,12 @@ def test_sigkill_daemon_then_another_resumes_from_the_stored_checkpoint(
     assert any(m.startswith("48 training rows, 16 test rows, 2 classes") for m in lines), lines
     assert lines[-2].startswith("stored ") and lines[-1] == "succeeded (attempt 2, worker second)", lines
     printed = wait_messages(as_login(su_dsn, ADMIN), job)
-    texts = [m for m in printed if not m.startswith("{")]
+    texts = [m for m in printed if not TRAIN_LINE.match(m) and not END_LINE.match(m)]
     assert texts == info_lines(conn, job, prefixed=True)
     assert texts[0] == "claimed by worker first (attempt 1)" and f"warning: {lines[expired]}" in texts
-    steps = [json.loads(m)["step"] for m in printed if m.startswith("{") and "loss" in json.loads(m)]
+    steps = [s for m in printed if (s := printed_step(m)) is not None and "  loss " in m]
     assert steps == list(range(1, STEPS + 1)), "pgml.wait prints each step once"
+    assert END_LINE.match(printed[-1]) and printed[-1].startswith(f"job {job} succeeded"), printed[-1]
 
 
 @pytest.mark.serial  # the exit within 20 s of SIGTERM, a checkpoint uploaded meanwhile
@@ -250,18 +251,15 @@ def test_wait_streams_logs_then_final_status(
     with psycopg.connect(conn_dsn, autocommit=True) as waiter:
         waiter.add_notice_handler(lambda d: seen.append((time.monotonic(), d.message_primary or "")))
         waiter.execute("CALL pgml.wait(%s, 0.1)", (job,))
-    logs = [json.loads(m) for _, m in seen if m.startswith("{")]
-    assert [entry["step"] for entry in logs[:-1]] == [1, 2, 3, 4, 5]
-    assert logs[-1]["status"] == "succeeded" and logs[-1]["metrics"] == {"slept": 1}
-    assert seen[-1][0] - seen[0][0] > 0.5, "log rows arrive as they happen, not all at the end"
-    # the lines about the job, as text, in order with the training rows
-    printed = [m if not m.startswith("{") else json.loads(m).get("step", "end") for _, m in seen]
-    assert isinstance(printed[0], str) and printed[0].startswith("claimed by worker ") and "(attempt 1)" in printed[0]
-    assert printed[1:6] == [1, 2, 3, 4, 5], printed
+    printed = [m for _, m in seen]
+    # one line per log row (pgml._log_line), in order with the lines about the job, then the end once
+    assert printed[0].startswith("claimed by worker ") and "(attempt 1)" in printed[0], printed
+    assert [printed_step(m) for m in printed[1:6]] == [1, 2, 3, 4, 5], printed
+    assert printed[1].startswith("step 1/5  loss 1") and printed[3].startswith("step 3/5  loss 0.3333"), printed
     assert printed[6] == "stored 1 files (0.0 MB) in pgml.files for model " + str(job_row(conn, job)["model_id"])
-    assert (
-        isinstance(printed[7], str) and printed[7].startswith("succeeded (attempt 1, worker ") and printed[8] == "end"
-    )
+    assert printed[7].startswith("succeeded (attempt 1, worker ") and printed[8] == f"job {job} succeeded: slept 1.0"
+    assert len(printed) == 9, printed
+    assert seen[-1][0] - seen[0][0] > 0.5, "log rows arrive as they happen, not all at the end"
 
     bad = conn.execute(
         "SELECT job_id FROM pgml.tune('w', task => 'noop', model_name => 'none', hyperparams => '{\"fail\": \"boom\"}')"

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import pgml_tuned
+from pgml_tuned import hub_cache
+from pgml_tuned.demo import minilm_path
 from tests.conftest import OTHER_USER, REPO, USER, as_login, connect, wait_job
 from tests.e2e.test_docs import embedded_bin
 from tests.e2e.test_serving import serving, store_model
@@ -59,8 +61,8 @@ def retrieval_models(tmp_path_factory: pytest.TempPathFactory, session_env: Path
     reranker.save_pretrained(root / "reranker")
     AutoTokenizer.from_pretrained(base).save_pretrained(root / "reranker")
     out = {"embedder": root / "embedder", "reranker": root / "reranker", "bert": base}
-    testing.install_in_hf_cache(out["embedder"], "tiny/embedder", session_env / "hf")
-    testing.install_in_hf_cache(out["reranker"], "tiny/reranker", session_env / "hf")
+    hub_cache.add(out["embedder"], "tiny/embedder", session_env / "hf")
+    hub_cache.add(out["reranker"], "tiny/reranker", session_env / "hf")
     return out
 
 
@@ -284,10 +286,10 @@ def test_the_readme_retrieval_loop_with_pgvector(
     if not su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone():
         pytest.skip("pgvector is not installed on this server (no 'vector' in pg_available_extensions)")
     su.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    minilm = testing.minilm_path()
-    testing.install_in_hf_cache(minilm, "sentence-transformers/all-MiniLM-L6-v2", session_env / "hf")
+    minilm = minilm_path()
+    hub_cache.add(minilm, "sentence-transformers/all-MiniLM-L6-v2", session_env / "hf")
     reranker = retrieval_models["reranker"]
-    testing.install_in_hf_cache(reranker, "cross-encoder/ms-marco-MiniLM-L-6-v2", session_env / "hf")
+    hub_cache.add(reranker, "cross-encoder/ms-marco-MiniLM-L-6-v2", session_env / "hf")
     psql = shutil.which("psql") or str(embedded_bin() / "psql")
     done = subprocess.run(
         [psql, "-X", "-v", "ON_ERROR_STOP=1", "-d", conn_dsn, "-f", "-"],

@@ -16,6 +16,7 @@ import pytest
 import torch
 from psycopg.types.json import Jsonb
 
+from pgml_tuned import hub_cache
 from tests.conftest import USER, as_login, connect, wait_for, wait_job, wait_serving
 from tests.support import models as testing
 from tests.support.stored import add_model
@@ -61,8 +62,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> dict[st
         "classifier2": build_classifier(base, root / "classifier2", 2),
         "llama": testing.build_tiny_llama(root / "llama"),
     }
-    testing.install_in_hf_cache(out["classifier"], "tiny/classifier", session_env / "hf")
-    testing.install_in_hf_cache(out["llama"], "tiny/llama", session_env / "hf")
+    hub_cache.add(out["classifier"], "tiny/classifier", session_env / "hf")
+    hub_cache.add(out["llama"], "tiny/llama", session_env / "hf")
 
     clf = AutoModelForSequenceClassification.from_pretrained(out["classifier"])
     peft_clf = get_peft_model(

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgml_tuned import hub_cache
 from pgml_tuned.files import download_model
 from tests import seed
 from tests.conftest import job_row, wait_for, wait_job
@@ -23,7 +24,7 @@ from tests.support.hf_datasets import install_imdb
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_env: Path) -> Path:
     path = testing.build_tiny_classifier_base(tmp_path_factory.mktemp("models") / "tiny-bert")
     # the seed names a hub model: serve it from the offline hub cache, through the real hub code path
-    testing.install_in_hf_cache(path, "distilbert-base-uncased", session_env / "hf")
+    hub_cache.add(path, "distilbert-base-uncased", session_env / "hf")
     return path
 
 
@@ -124,7 +125,7 @@ def test_seed_text_classification_end_to_end(
 
     # section 6 verbatim: the guide pushed the model to the hub as santiadavani/imdb_review_sentiement; this worker
     # is offline, so the same files sit in its hub cache under that name (the real hub code path serves them)
-    testing.install_in_hf_cache(out, "santiadavani/imdb_review_sentiement", Path(os.environ["HF_HOME"]))
+    hub_cache.add(out, "santiadavani/imdb_review_sentiement", Path(os.environ["HF_HOME"]))
     realtime = conn.execute(seed.find("SELECT pgml.transform(")).fetchone()["transform"]
     texts = [
         "I would not give this movie a rating, its not worthy. I watched it only because I am a Pfieffer fan. ",

@@ -114,14 +114,16 @@ def test_an_unreachable_or_wrong_dsn_is_one_line_without_the_password(su_dsn: st
         r = cli(*args, "--dsn", "postgresql://nobody:sekret@127.0.0.1:1/x")
         assert r.returncode == 2, (args, r.stderr)
         line = one_clean_line(r)
-        assert line.startswith("pgml-tuned: cannot connect to nobody@127.0.0.1:1/x: ") and "refused" in line
-        assert "PGML_DSN" in line and "sekret" not in line
+        assert line.startswith("pgml-tuned: cannot connect to nobody@127.0.0.1:1/x: Connection refused. Is the ")
+        assert "connection to server at" not in line  # libpq's prefix: the server is named once, before
+        assert line.endswith("Fix: check --dsn or PGML_DSN (without either, pgml-tuned uses its embedded PostgreSQL)")
+        assert "sekret" not in line
     # a server that answers, a login it does not know
     wrong = psycopg.conninfo.make_conninfo(su_dsn, user="no_such_login_here", password="sekret")
     r = cli("status", "--dsn", wrong)
     assert r.returncode == 2
     line = one_clean_line(r)
-    assert "cannot connect to no_such_login_here@" in line and "no_such_login_here" in line
+    assert "cannot connect to no_such_login_here@" in line and 'role "no_such_login_here" does not exist. Fix: ' in line
     assert "sekret" not in line
     r = cli("status", "--dsn", "not a dsn password=sekret")
     assert r.returncode == 2 and "not a PostgreSQL connection string" in one_clean_line(r)
@@ -156,6 +158,30 @@ def test_no_dsn_and_an_embedded_server_without_the_schema() -> None:
         assert "embedded PostgreSQL" in line and "no pgml schema yet" in line and "pgml-tuned migrate" in line
         with psycopg.connect(embedded.ensure(home)) as conn:  # and it was not migrated behind the user's back
             assert conn.execute("SELECT to_regnamespace('pgml')").fetchone() == (None,)
+    finally:
+        embedded.stop(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_embedded_server_notice_is_said_once_per_terminal_session() -> None:
+    """`no --dsn / PGML_DSN: using the embedded PostgreSQL` on the first command of a terminal session (the
+    commands of this test share the test's session), then not again; a new session (setsid) is told again."""
+    home = STATE / f"embedded-notice-{uuid.uuid4().hex[:8]}"
+    notice = "no --dsn / PGML_DSN: using the embedded PostgreSQL"
+    try:
+        assert cli("migrate", "--home", str(home), env=NO_DSN).returncode == 0
+        first, again = (cli("status", "--home", str(home), env=NO_DSN) for _ in range(2))
+        assert first.returncode == 0 and again.returncode == 0, (first.stderr, again.stderr)
+        assert notice in first.stderr and notice not in again.stderr, (first.stderr, again.stderr)
+        other = subprocess.run(
+            [sys.executable, "-m", "pgml_tuned.cli", "status", "--home", str(home)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **NO_DSN},
+            start_new_session=True,
+        )
+        assert other.returncode == 0 and notice in other.stderr, other.stderr
     finally:
         embedded.stop(home)
         shutil.rmtree(home, ignore_errors=True)

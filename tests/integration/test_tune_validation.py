@@ -390,6 +390,71 @@ def test_training_args_of_the_right_types_pass(conn: psycopg.Connection[dict[str
     assert tune(conn, hyperparams={"dataset_args": OK_ARGS, "training_args": args})["status"] == "queued"
 
 
+BAD_RANGES = [  # (key, a value out of its range, the range as the error says it)
+    ("learning_rate", 0, "greater than 0"),
+    ("learning_rate", -0.001, "greater than 0"),
+    ("num_train_epochs", 0, "greater than 0"),
+    ("per_device_train_batch_size", 0, "at least 1"),
+    ("per_device_eval_batch_size", -8, "at least 1"),
+    ("gradient_accumulation_steps", 0, "at least 1"),
+    ("max_steps", 0, "greater than 0, or -1"),
+    ("max_steps", -2, "greater than 0, or -1"),
+    ("warmup_steps", -1, "at least 0"),
+    ("weight_decay", -0.01, "at least 0"),
+    ("logging_steps", 0, "greater than 0"),
+    ("eval_steps", -5, "greater than 0"),
+    ("save_steps", 0, "greater than 0"),
+    ("max_grad_norm", -1, "at least 0"),
+    ("seed", -1, "at least 0"),
+    ("adam_beta1", 1, "at least 0 and less than 1"),
+    ("adam_beta2", -0.1, "at least 0 and less than 1"),
+    ("label_smoothing_factor", 1.5, "at least 0 and less than 1"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), BAD_RANGES, ids=[f"{k}={v}" for k, v, _ in BAD_RANGES])
+def test_training_args_out_of_range_name_the_key_value_and_range(
+    conn: psycopg.Connection[dict[str, Any]], reviews: str, key: str, value: float, allowed: str
+) -> None:
+    example = conn.execute("SELECT example::text AS e FROM pgml.training_arg_types WHERE key = %s", (key,)).fetchone()
+    assert_rejected(
+        conn,
+        f"training_args.{key} = {value} is out of range: it must be {allowed}",
+        f'transformers accepts {key} {allowed}; e.g. "{key}": {example["e"]}',
+        hyperparams={"dataset_args": OK_ARGS, "training_args": {key: value}},
+    )
+
+
+def test_training_args_at_the_edges_of_their_ranges_pass(
+    conn: psycopg.Connection[dict[str, Any]], reviews: str
+) -> None:
+    edges = {
+        "learning_rate": 1e-12,
+        "num_train_epochs": 0.01,
+        "per_device_train_batch_size": 1,
+        "per_device_eval_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "max_steps": -1,
+        "warmup_steps": 0,
+        "weight_decay": 0,
+        "logging_steps": 0.001,
+        "eval_steps": 1,
+        "save_steps": 0.5,
+        "max_grad_norm": 0,
+        "seed": 0,
+        "adam_beta1": 0,
+        "adam_beta2": 0.999999,
+        "label_smoothing_factor": 0,
+    }
+    assert tune(conn, hyperparams={"dataset_args": OK_ARGS, "training_args": edges})["status"] == "queued"
+    assert tune(conn, hyperparams={"dataset_args": OK_ARGS, "training_args": {"max_steps": 1}})["status"] == "queued"
+    # every range is of a numeric key the table types (one table for both checks)
+    assert not conn.execute(
+        "SELECT key FROM pgml.training_arg_types WHERE (min_value IS NOT NULL OR max_value IS NOT NULL) "
+        "AND NOT json_types && ARRAY['integer', 'number']"
+    ).fetchall()
+
+
 @pytest.mark.parametrize("value", ["256", 0, 12.5, None])
 def test_max_seq_length_must_be_a_positive_whole_number(
     conn: psycopg.Connection[dict[str, Any]], reviews: str, value: Any

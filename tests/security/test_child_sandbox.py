@@ -12,8 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgml_tuned import files, hub_cache
 from pgml_tuned.errors import JobError
-from pgml_tuned.models import outside_paths, refuse_outside_paths
+from pgml_tuned.model_files import outside_paths
+from pgml_tuned.models import refuse_outside_paths
 from tests.conftest import job_children, wait_for, wait_job
 from tests.support import models as testing
 
@@ -77,7 +79,8 @@ def test_a_hub_model_naming_the_worker_key_is_refused_before_loading(
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(JobError, match="vocab_file"):
         refuse_outside_paths(model, "evil")
-    testing.install_in_hf_cache(model, "mallory/evil-bert", session_env / "hf")
+    # as the hub would serve it (`pgml-tuned hub add` refuses it: hub_cache.add checks what store does not)
+    hub_cache.store(list(files.walk(model)), "mallory/evil-bert", session_env / "hf")
     shutil.rmtree(model)  # only the hub cache copy is left: the real hub code path serves it
 
     conn.execute("CREATE TABLE reviews (text text, class text)")

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgml_tuned import hub_access, models
+from pgml_tuned import hub_access, hub_cache, models
 from pgml_tuned.child.events import Events
 from pgml_tuned.child.store import JobStore
 from pgml_tuned.errors import JobError
@@ -247,7 +247,7 @@ def test_a_private_cached_model_is_served_only_with_a_token_that_fetched_it(
 ) -> None:
     hf_home = tmp_path / "hf"
     model = testing.build_tiny_classifier_base(tmp_path / "private-bert", hidden=32, layers=1)
-    testing.install_in_hf_cache(model, PRIVATE, hf_home)
+    hub_cache.add(model, PRIVATE, hf_home)
     # what the worker records when a job fetches a private model with its token (online)
     hub_access.record_private(PRIVATE, TOKEN, hf_home=hf_home)
     reviews(conn)

@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgml_tuned import hub_access, model_refs, models
+from pgml_tuned import hub_access, hub_cache, model_refs, models
 from pgml_tuned.db import Pool
 from pgml_tuned.errors import JobError
 from pgml_tuned.serving import cache
@@ -147,8 +147,8 @@ def world(
         ops.execute("SELECT pgml.hub_allow(%s)", (pattern,))
     hf_home = Path(constants.HF_HOME)
     for hub_id in (ALLOWED, REFUSED):
-        testing.install_in_hf_cache(tiny, hub_id, hf_home)
-    snapshot = testing.install_in_hf_cache(tiny, PRIVATE, hf_home)
+        hub_cache.add(tiny, hub_id, hf_home)
+    snapshot = hub_cache.add(tiny, PRIVATE, hf_home).snapshot
     hub_access.record_private(PRIVATE, TOKEN, hf_home=hf_home)  # what a job fetching it with bob's token records
 
     root, outside = tmp_path / "listed", tmp_path / "outside"
@@ -291,7 +291,7 @@ def test_a_served_model_cannot_be_taken_by_its_cache_directory(
     conn.execute("INSERT INTO reviews SELECT 'review ' || i, (i % 2)::text FROM generate_series(1, 8) i")
     hp = {
         "dataset_args": {"text_column": "text", "class_column": "class"},
-        "training_args": {"max_steps": 1, "learning_rate": 0.0},
+        "training_args": {"max_steps": 1, "learning_rate": 1e-9},
     }
     job = conn.execute(
         "SELECT job_id FROM pgml.tune('copy', task => 'text-classification', relation_name => 'public.reviews', "
@@ -313,8 +313,8 @@ def test_a_warm_hub_model_is_checked_for_every_submitter(
     by its hub cache directory is refused too."""
     hf_home = tmp_path / "hf"
     private, public = f"refs-{RUN}/soon-private", f"refs-{RUN}/soon-disallowed"
-    snapshot = testing.install_in_hf_cache(tiny, private, hf_home)
-    testing.install_in_hf_cache(tiny, public, hf_home)
+    snapshot = hub_cache.add(tiny, private, hf_home).snapshot
+    hub_cache.add(tiny, public, hf_home)
     for pattern in (private, public, "refs-other/*"):
         ops.execute("SELECT pgml.hub_allow(%s)", (pattern,))
     serving(daemon, su, env={"HF_HOME": str(hf_home)})

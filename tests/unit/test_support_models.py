@@ -7,11 +7,7 @@ import csv
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import ModuleType
 
@@ -23,7 +19,6 @@ from tests.support.models import (
     DEFAULT_WORDS,
     build_tiny_classifier_base,
     build_tiny_llama,
-    install_in_hf_cache,
     minilm_path,
 )
 
@@ -220,71 +215,6 @@ def test_tiny_llama_without_template_and_determinism(tiny_llama: Path, tmp_path:
 
 
 # --- hub cache ------------------------------------------------------------------------------------------
-
-_OFFLINE_CHECK = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    bert = AutoModelForSequenceClassification.from_pretrained("pgml-test/tiny-bert", num_labels=2)
-    bert_tok = AutoTokenizer.from_pretrained("pgml-test/tiny-bert")
-    with torch.no_grad():
-        print("bert", tuple(bert(**bert_tok(["the film"], return_tensors="pt")).logits.shape))
-    llama = AutoModelForCausalLM.from_pretrained("tiny-llama")
-    llama_tok = AutoTokenizer.from_pretrained("tiny-llama")
-    print("llama", llama_tok.chat_template is not None, llama_tok.eos_token)
-    try:
-        AutoTokenizer.from_pretrained("pgml-test/not-installed")
-    except OSError:
-        print("missing raises")
-    """
-)
-
-
-def test_install_in_hf_cache_layout(tiny_bert: Path, tmp_path: Path) -> None:
-    home = tmp_path / "hf"
-    snapshot = install_in_hf_cache(tiny_bert, "pgml-test/tiny-bert", home)
-    repo = home / "hub" / "models--pgml-test--tiny-bert"
-    assert snapshot.parent == repo / "snapshots"
-    assert re.fullmatch(r"[0-9a-f]{40}", snapshot.name)
-    assert (repo / "refs" / "main").read_text() == snapshot.name
-    assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in tiny_bert.iterdir())
-    for link in snapshot.iterdir():
-        assert link.read_bytes() == (tiny_bert / link.name).read_bytes()
-        if link.is_symlink():
-            assert link.resolve().parent == (repo / "blobs").resolve()
-    assert install_in_hf_cache(tiny_bert, "pgml-test/tiny-bert", home) == snapshot  # idempotent
-
-
-def test_install_in_hf_cache_rejects_bad_input(tmp_path: Path, tiny_bert: Path) -> None:
-    with pytest.raises(ValueError, match="repository id"):
-        install_in_hf_cache(tiny_bert, "a/b/c", tmp_path)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
-        install_in_hf_cache(tmp_path / "empty", "org/name", tmp_path / "hf")
-
-
-def test_install_in_hf_cache_resolves_offline(tiny_bert: Path, tiny_llama: Path, tmp_path: Path) -> None:
-    home = tmp_path / "hf"
-    install_in_hf_cache(tiny_bert, "pgml-test/tiny-bert", home)
-    install_in_hf_cache(tiny_llama, "tiny-llama", home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_CHECK],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["bert (1, 2)", "llama True </s>", "missing raises"]
-
-
-# --- MiniLM ---------------------------------------------------------------------------------------------
 
 
 def test_minilm_path_loads_as_classifier() -> None:

@@ -4,6 +4,7 @@ jobs hold) and db (the embedded PostgreSQL)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import anyio
@@ -17,6 +18,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(settings_of(args), role="admin")
     applied = run(lambda: db.migrate(dsn))
     print(f"applied {', '.join(applied)}" if applied else "schema pgml is up to date")
+    for r in run(lambda: db.stale_loopback_logins(dsn, apply=True)):
+        print(f"loopback login {r['login']}: {r['note']}")
+    problem = run(lambda: db.loopback_problem(dsn))
+    if problem:  # the schema is migrated: a warning, not a failure (the asynchronous calls work)
+        print(
+            "warning: the synchronous calls (pgml.transform, pgml.load_dataset) fail in this database:\n  "
+            + problem.replace("\n", "\n  "),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -70,6 +80,7 @@ GC_TABLES: dict[str, str | None] = {
     "job_rows": "pgml.job_rows",
     "job_table": None,  # dropped: its space is returned at once
     "submitting": None,  # a job never queued: deleted with its table
+    "loopback_login": None,  # a role of the cluster whose database is gone (no space: a login)
 }
 
 
@@ -111,14 +122,28 @@ def cmd_gc(args: argparse.Namespace) -> int:
                     "apply": args.apply,
                 },
             ).fetchall()
+            # loopback logins of dropped databases: dropped as the connecting role, which must be allowed to
+            logins = conn.execute(db.q("stale_loopback_logins", file="migrate.sql"), {"apply": args.apply}).fetchall()
         except psycopg.errors.InsufficientPrivilege as e:
-            if "function gc" not in str(e) and "pgml_admin" not in str(e):
+            if "function gc" not in str(e) and "pgml_admin" not in str(e) and "stale_loopback" not in str(e):
                 raise
             raise CliError(
                 f"gc frees what every user's jobs left: it needs an administrator's login (a member of pgml_admin), "
                 f"and {shown_dsn(dsn)} is not one; run it with such a --dsn (GRANT pgml_admin TO <login>)"
             ) from None
         conn.commit()
+    rows += [
+        {
+            "kind": "loopback_login",
+            "project": None,
+            "job_id": None,
+            "model_id": None,
+            "items": 1,
+            "bytes": 0,
+            "note": f"{r['login']}: {r['note']}",
+        }
+        for r in logins
+    ]
     header = ("kind", "project", "job", "model", "items", "size", "why")
     table = [
         (

@@ -8,6 +8,7 @@ import sys
 import psycopg
 
 from .. import __version__
+from ..errors import connection_message
 from .dsn import CliError
 from .output import sanitised
 from .parser import build_parser
@@ -40,7 +41,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"pgml-tuned: {e}", file=sys.stderr)
         return 2
     except psycopg.OperationalError as e:
-        print(f"pgml-tuned: lost the connection to the database: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"pgml-tuned: lost the connection to the database: {connection_message(e, None)}", file=sys.stderr)
         return 2
     except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedColumn) as e:
         # a pgml schema older than this pgml-tuned (the commands check that there is one at all)

@@ -7,9 +7,11 @@ A user's error is a CliError: main() prints it as one line (no traceback) and ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .. import db, embedded
 from ..config import Settings
+from ..errors import connection_message, shown_dsn
 
 QUERIES = "cli.sql"
 
@@ -45,36 +48,22 @@ class CliError(Exception):
         self.code = code
 
 
-def shown_dsn(dsn: str) -> str:
-    """The DSN as it may be printed: user@host:port/dbname, never a password."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "the DSN given"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    user = f"{params['user']}@" if params.get("user") else ""
-    port = f":{params['port']}" if params.get("port") else ""
-    return f"{user}{host}{port}/{params.get('dbname') or ''}"
-
-
-def _reason(e: BaseException, dsn: str) -> str:
-    """An error's text on one line, with the DSN and its password taken out (libpq may quote either)."""
-    text = " ".join(str(e).split())
-    secrets = [dsn]
-    try:
-        secrets.append(str(conninfo_to_dict(dsn).get("password") or ""))
-    except psycopg.ProgrammingError:
-        pass
-    for secret in filter(None, secrets):
-        text = text.replace(secret, "***")
-    return text.removeprefix("connection failed: ")
-
-
 def check_syntax(dsn: str) -> None:
     try:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as e:
-        raise CliError(f"--dsn / PGML_DSN is not a PostgreSQL connection string: {_reason(e, dsn)}", 2) from None
+        raise CliError(
+            f"--dsn / PGML_DSN is not a PostgreSQL connection string: {connection_message(e, dsn)}", 2
+        ) from None
+
+
+def connect_failure(e: BaseException, dsn: str) -> str:
+    """The one line a failed connection prints: the server tried (user@host:port/dbname, never the password),
+    libpq's reason as sentences, and the fix."""
+    return (
+        f"cannot connect to {shown_dsn(dsn)}: {connection_message(e, dsn)} Fix: check --dsn or PGML_DSN "
+        "(without either, pgml-tuned uses its embedded PostgreSQL)"
+    )
 
 
 def check_database(dsn: str, *, schema: bool) -> None:
@@ -85,17 +74,53 @@ def check_database(dsn: str, *, schema: bool) -> None:
         with db.sync_connect(dsn) as conn:
             found = conn.execute(q("schema_installed")).fetchone()
     except psycopg.OperationalError as e:
-        raise CliError(
-            f"cannot connect to {shown_dsn(dsn)}: {_reason(e, dsn)} (check --dsn or PGML_DSN; without either, "
-            "pgml-tuned uses its embedded PostgreSQL)",
-            2,
-        ) from None
+        raise CliError(connect_failure(e, dsn), 2) from None
     if schema and found is None:
         raise CliError(
             f"the database {shown_dsn(dsn)} has no pgml schema yet: an administrator installs it with "
             "`pgml-tuned migrate --dsn ...` (or try everything locally: `pgml-tuned demo` without a DSN)",
             2,
         )
+
+
+def started(pid: int) -> str | None:
+    """When process `pid` started (field 22 of /proc/<pid>/stat, in clock ticks since boot); None if it is gone
+    or there is no /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def session_key() -> str | None:
+    """This terminal session, as a name that outlives no session: the session id (os.getsid: the same for every
+    command a shell runs, whatever its pipes and subshells) and its leader's start time (a later session that
+    gets the same id is another one). None where it cannot be known."""
+    sid = os.getsid(0)
+    start = started(sid)
+    return None if start is None else f"{sid}-{start}"
+
+
+def first_in_session(home: Path, notice: str) -> bool:
+    """Whether `notice` was not yet said in this terminal session (then it counts as said): a marker file
+    <home>/notices/<notice>-<session>; the markers of ended sessions are removed. True where the session cannot
+    be known: a notice said every time rather than never."""
+    key = session_key()
+    if key is None:
+        return True
+    folder = home / "notices"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{notice}-{key}").touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    for marker in folder.glob(f"{notice}-*-*"):
+        sid, start = marker.name.rsplit("-", 2)[1:]
+        if sid.isdigit() and started(int(sid)) != start:
+            marker.unlink(missing_ok=True)
+    return True
 
 
 def resolve_dsn(
@@ -133,7 +158,12 @@ def resolve_dsn(
                 else str(e),
                 e.code,
             ) from None
-        print(f"pgml-tuned: no --dsn / PGML_DSN: using the embedded PostgreSQL in {pgdata}", file=sys.stderr)
+        if first_in_session(settings.home, "embedded"):
+            print(
+                f"pgml-tuned: no --dsn / PGML_DSN: using the embedded PostgreSQL in {pgdata} "
+                "(said once per terminal session)",
+                file=sys.stderr,
+            )
     else:
         admin = embedded.ensure(settings.home)
     run(lambda: db.prepare_local(admin))

@@ -137,8 +137,15 @@ def first_line(text: str | None, width: int = 60) -> str | None:
 
 def key_metric(task: str | None, metrics: dict[str, Any] | None) -> tuple[str, float] | None:
     """The one number that says how good a job's model is: eval_accuracy (else eval_f1) for a classifier,
-    eval_loss for a conversation model; for other tasks the first of these that is there."""
-    order = ("eval_loss",) if task == "conversation" else ("eval_accuracy", "eval_f1", "eval_loss")
+    eval_loss for a conversation model, eval_ndcg@10 for a retrieval model (as pgml._key_metric); for other tasks
+    the first of these that is there."""
+    order = (
+        ("eval_loss",)
+        if task == "conversation"
+        else ("eval_ndcg@10",)
+        if task in ("text-embedding", "text-ranking")
+        else ("eval_accuracy", "eval_f1", "eval_loss")
+    )
     for name in order:
         value = (metrics or {}).get(name)
         if isinstance(value, int | float) and not isinstance(value, bool):

@@ -10,10 +10,11 @@ from .. import __version__
 from ..config import Settings, field_type
 from .admin import cmd_db, cmd_gc, cmd_keys, cmd_migrate
 from .jobs import cmd_cancel, cmd_logs, cmd_status, cmd_wait
-from .models import cmd_download
+from .models import cmd_download, cmd_hub_add, cmd_import
 from .services import cmd_dashboard, cmd_demo, cmd_serve
 
-DESCRIPTION = """`pgml-tuned`: migrate, serve, demo, status, wait, logs, cancel, download, dashboard, gc, db, keys.
+DESCRIPTION = """`pgml-tuned`: migrate, serve, demo, status, wait, logs, cancel, download, models import, hub add,
+dashboard, gc, db, keys.
 
 The DSN comes from --dsn, else PGML_DSN, else the embedded PostgreSQL under $PGML_HOME.
 """
@@ -118,6 +119,59 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("model_id", type=int, help="the model id (pgml.jobs.model_id, `pgml-tuned status`), not a job id")
     dl.add_argument("dest", help="directory to write the model's files into (created if missing)")
     dl.set_defaults(fn=cmd_download)
+
+    mo = sub.add_parser("models", help="models import DIR --project NAME: bring your own model into pgml.files")
+    mo_sub = mo.add_subparsers(dest="models_command", required=True)
+    mi = mo_sub.add_parser(
+        "import",
+        parents=[common],
+        help="store a local model directory (or PEFT adapter) as the deployed model of a project: pgml:NAME",
+        description="Stores the model saved in DIR (config.json and safetensors weights, the tokenizer's files; or a "
+        "PEFT adapter: adapter_config.json and adapter_model.safetensors) in pgml.files as a model of project NAME "
+        "(yours; created if needed) and deploys it, in one transaction: pgml:NAME then serves it (pgml.transform, "
+        "chat) and starts fine-tunes from it on every worker, with no hub. Refused, before anything is written: "
+        "pickle files (.bin, .pt, ...: convert them to safetensors), code (.py, auto_map, trust_remote_code), "
+        "configuration naming files outside DIR, a directory without config.json.",
+    )
+    mi.add_argument("dir", help="the model directory (what save_pretrained wrote)")
+    mi.add_argument("--project", required=True, help="the project: the model is then pgml:PROJECT")
+    mi.add_argument(
+        "--task",
+        choices=["text-classification", "text-pair-classification", "conversation"],
+        help="the project's task (default: from config.json's architectures: *ForSequenceClassification → "
+        "text-classification, *ForCausalLM → conversation; an adapter's task_type)",
+    )
+    mi.add_argument(
+        "--base",
+        help="an adapter's base model (default: base_model_name_or_path of adapter_config.json): pgml:<project>, "
+        "pgml:model:<id>, a hub id on the allow-list, or a directory under the workers' model directories",
+    )
+    mi.add_argument(
+        "--owner",
+        help="administrators: import into this login's project (its pgml:PROJECT), not your own",
+    )
+    mi.set_defaults(fn=cmd_import)
+
+    hub = sub.add_parser("hub", help="hub add DIR --as ORG/NAME: a local model in the workers' Hugging Face cache")
+    hub_sub = hub.add_subparsers(dest="hub_command", required=True)
+    ha = hub_sub.add_parser(
+        "add",
+        help="put a local model directory into the Hugging Face cache under a hub id, for workers offline",
+        description="Copies the model saved in DIR into a Hugging Face hub cache (huggingface_hub's layout: "
+        "models--ORG--NAME/blobs, snapshots/<revision>, refs/main), so that workers load it by its hub id with "
+        "HF_HUB_OFFLINE=1, as if they had downloaded it. Run it on each worker host (or on a shared cache). The same "
+        "checks as `models import` (safetensors only, no code); atomic; adding the same files again changes nothing. "
+        "The hub allow-list (pgml.hub_allowlist) still applies to the id.",
+    )
+    ha.add_argument("dir", help="the model directory (what save_pretrained wrote)")
+    ha.add_argument("--as", dest="repo_id", required=True, metavar="ORG/NAME", help="the hub id to load it by")
+    ha.add_argument(
+        "--hf-home",
+        help="the Hugging Face home whose hub cache (HF_HOME/hub) gets it (default: this process's, as "
+        "huggingface_hub finds it: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub; run it with "
+        "the worker's environment)",
+    )
+    ha.set_defaults(fn=cmd_hub_add)
 
     dash = sub.add_parser(
         "dashboard",

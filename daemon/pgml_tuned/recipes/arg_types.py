@@ -84,6 +84,38 @@ def example(field: dataclasses.Field[Any], kinds: list[str]) -> Any:
     return EXAMPLES.get(kinds[0])
 
 
+# The values transformers accepts for the numeric TrainingArguments fields, which their types do not say: key →
+# (lowest, lowest allowed itself, highest, highest allowed itself, other values allowed). Rows of
+# pgml.training_arg_types (min_value, min_inclusive, max_value, max_inclusive, also_allowed): pgml.tune() refuses
+# `"learning_rate": -1` at submit, naming the range, instead of the job failing (or training nothing) later.
+Range = tuple[float | None, bool, float | None, bool, tuple[float, ...]]
+RANGES: dict[str, Range] = {
+    "learning_rate": (0, False, None, False, ()),
+    "num_train_epochs": (0, False, None, False, ()),
+    "max_steps": (0, False, None, False, (-1,)),  # -1: num_train_epochs decides
+    "per_device_train_batch_size": (1, True, None, False, ()),
+    "per_device_eval_batch_size": (1, True, None, False, ()),
+    "gradient_accumulation_steps": (1, True, None, False, ()),
+    "eval_accumulation_steps": (1, True, None, False, ()),
+    "warmup_ratio": (0, True, 1, False, ()),
+    "warmup_steps": (0, True, None, False, ()),  # below 1: a fraction of the training steps
+    "weight_decay": (0, True, None, False, ()),
+    "max_grad_norm": (0, True, None, False, ()),
+    "adam_beta1": (0, True, 1, False, ()),
+    "adam_beta2": (0, True, 1, False, ()),
+    "adam_epsilon": (0, True, None, False, ()),
+    "label_smoothing_factor": (0, True, 1, False, ()),
+    "logging_steps": (0, False, None, False, ()),  # below 1: a fraction of the training steps
+    "eval_steps": (0, False, None, False, ()),
+    "save_steps": (0, False, None, False, ()),
+    "eval_delay": (0, True, None, False, ()),
+    "seed": (0, True, None, False, ()),
+    "data_seed": (0, True, None, False, ()),
+    "dataloader_num_workers": (0, True, None, False, ()),
+    "torch_empty_cache_steps": (1, True, None, False, ()),
+}
+
+
 @functools.cache
 def training_arg_types() -> dict[str, tuple[list[str], str, Any]]:
     """key → (JSON kinds, annotation, an example value) for every TrainingArguments field whose type JSON can

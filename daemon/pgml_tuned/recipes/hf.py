@@ -126,12 +126,19 @@ def check_training_args(ctx: JobContext) -> None:
     )
 
 
-def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, Any] | None = None) -> TrainingArguments:
+def training_arguments(
+    ctx: JobContext,
+    *,
+    n_train: int,
+    overrides: dict[str, Any] | None = None,
+    cls: type[TrainingArguments] = TrainingArguments,
+) -> TrainingArguments:
     """TrainingArguments from hyperparams.training_args, passed through exhaustively.
 
     An unknown key fails the job naming it. Defaults that differ from transformers': logging every
     ~5% of training (at most every 500 steps) so progress shows in pgml.logs; no local checkpoints unless
-    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars.
+    asked for (they are stored in PostgreSQL when save_strategy/save_steps is given); no progress bars. `cls`: a
+    subclass the recipe's Trainer needs (sentence-transformers' arguments), built from the same keys.
     """
     given = ctx.training_args
     check_training_args(ctx)
@@ -194,7 +201,7 @@ def training_arguments(ctx: JobContext, *, n_train: int, overrides: dict[str, An
     args.update(overrides or {})
     args["output_dir"] = str(ctx.output_root / "trainer")
     try:
-        return TrainingArguments(**args)
+        return cls(**args)
     except (ValueError, TypeError, ImportError) as e:
         raise JobError(f"training_args rejected by transformers: {e}") from e
 

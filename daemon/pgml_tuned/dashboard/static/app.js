@@ -62,6 +62,16 @@ function keyMetric(metrics) {
   return "–";
 }
 
+// The job a link opens (#job=<id>: pgml.tune's NOTICE builds it from pgml.dashboard_url), read before the token
+// is taken out of the address bar.
+const jobInHash = () => Number(new URLSearchParams(location.hash.slice(1)).get("job")) || null;
+let WANTED_JOB = jobInHash();
+window.addEventListener("hashchange", () => {
+  WANTED_JOB = jobInHash();
+  const job = state.jobs.find((j) => j.id === WANTED_JOB);
+  if (job) show("a", job.model_id);
+});
+
 // The access token: in the URL's fragment (#token=…, never sent to a server), kept in this origin's sessionStorage
 // (its port included) and sent as a header; never a cookie, which every service on the host would receive.
 const TOKEN = (() => {
@@ -92,26 +102,38 @@ function renderJobs() {
     return el("tr", { "data-job": j.id, "data-status": j.status, class: cls.join(" ").trim() },
       el("td", { class: "num", title: `submitted by ${j.submitted_by}` }, j.id),
       el("td", {}, j.project),
-      el("td", {}, j.task),
+      el("td", {}, el("span", { class: `kind ${j.kind}` }, j.kind), j.kind === "tune" ? ` ${j.task}` : null),
       el("td", {}, el("span", { class: `status ${j.status}`, title: j.error || "" }, j.status),
-        j.attempt > 1 ? el("span", { class: "muted" }, ` try ${j.attempt}`) : null),
+        j.attempt > 1 ? el("span", { class: "muted" }, ` try ${j.attempt}`) : null, whyFailed(j)),
       el("td", {}, el("span", { class: "bar" }, el("i", { style: `width:${Math.min(100, pct)}%` })),
         " ", j.step !== null ? `${j.step}/${j.max_steps ?? "?"}` : ""),
       el("td", { class: "num" }, num(j.last_loss)),
       el("td", {}, keyMetric(j.metrics)),
       el("td", { class: "num" }, j.model_id),
       el("td", {}, j.status === "running" ? duration(j.eta_seconds) : "–"),
-      el("td", {},
+      el("td", {}, j.kind !== "tune" ? null : [
         el("button", { title: "show in panel A", onclick: () => show("a", j.model_id) }, "A"), " ",
-        el("button", { title: "show in panel B", onclick: () => show("b", j.model_id) }, "B")));
+        el("button", { title: "show in panel B", onclick: () => show("b", j.model_id) }, "B")]));
   }));
   document.getElementById("no-jobs").hidden = state.jobs.length > 0;
   for (const slot of ["a", "b"]) renderPicker(slot);
 }
 
+// A failed job's error, and each failed attempt's (a job that was retried may have some while it runs or after
+// it succeeded): text nodes only, like everything the page shows from the database.
+function whyFailed(j) {
+  const attempts = (j.errors || []).filter((e) => e.error);
+  if (!j.error && !attempts.length) return null;
+  return el("div", { class: "why" },
+    j.error ? el("div", { class: "error job-error" }, j.error) : null,
+    attempts.length ? el("details", { class: "attempt-errors" },
+      el("summary", {}, `${attempts.length} failed attempt${attempts.length > 1 ? "s" : ""}`),
+      el("ol", {}, attempts.map((e) => el("li", { class: "error" }, `attempt ${e.attempt}: ${e.error}`)))) : null);
+}
+
 function renderPicker(slot) {
   const select = document.querySelector(`#panel-${slot} .pick`);
-  const options = [el("option", { value: "" }, "—")].concat(state.jobs.map((j) =>
+  const options = [el("option", { value: "" }, "—")].concat(state.jobs.filter((j) => j.kind === "tune").map((j) =>
     el("option", { value: j.model_id }, `job ${j.id} · ${j.project} · model ${j.model_id} (${j.status})`)));
   select.replaceChildren(...options);
   select.value = state.panels[slot] === null ? "" : String(state.panels[slot]);
@@ -253,7 +275,9 @@ async function openStream() {
     state.jobs = JSON.parse(e.data);
     if (!state.chosen) {
       state.chosen = true;
-      const first = state.jobs.find((j) => j.status === "running") || state.jobs[0];
+      const models = state.jobs.filter((j) => j.kind === "tune");
+      const first = models.find((j) => j.id === WANTED_JOB)
+        || models.find((j) => j.status === "running") || models[0];
       if (first) { show("a", first.model_id); return; }
     }
     renderJobs();
