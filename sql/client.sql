@@ -8,7 +8,7 @@
 LISTEN pgml_answers;
 
 -- name: request
--- Queue a request for the serving lane (kind: chat, classify or generate); answers its id.
+-- Queue a request for the serving lane (kind: chat, classify, generate, embed or rank); answers its id.
 SELECT pgml.request(%(kind)s, %(model)s, %(args)s, %(inputs)s) AS id;
 
 -- name: request_answer

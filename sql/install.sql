@@ -190,6 +190,11 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \if :pgml_pending
 \ir migrations/0040_retrieval_tasks.sql
 \endif
+\set pgml_version 0041_embed_rank
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0041_embed_rank.sql
+\endif
 \ir functions/10_security.sql
 \ir functions/20_secrets.sql
 \ir functions/30_loopback.sql

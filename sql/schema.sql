@@ -553,7 +553,7 @@ CREATE TABLE pgml.requests (
     created_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     answered_at timestamp with time zone,
     n_inputs integer DEFAULT 1 NOT NULL,
-    CONSTRAINT requests_kind_check CHECK (kind = ANY (ARRAY['classify'::text, 'generate'::text, 'chat'::text])),
+    CONSTRAINT requests_kind_check CHECK (kind = ANY (ARRAY['classify'::text, 'generate'::text, 'chat'::text, 'embed'::text, 'rank'::text])),
     CONSTRAINT requests_pkey PRIMARY KEY (id),
     CONSTRAINT requests_status_check CHECK (status = ANY (ARRAY['queued'::text, 'running'::text, 'done'::text, 'failed'::text]))
 );
@@ -1425,12 +1425,13 @@ DECLARE
     v      pgml.jobs := pgml._child_job(_child_predictions_begin.job_id, ticket, true);
     v_name text := v.hyperparams ->> 'output_table';
 BEGIN
-    IF v.task <> 'predict_batch' THEN
-        RAISE EXCEPTION 'job % is not a predict_batch job', v.id USING ERRCODE = 'PGT01';
+    IF v.task NOT IN ('predict_batch', 'embed_batch') THEN
+        RAISE EXCEPTION 'job % is not a predict_batch or embed_batch job', v.id USING ERRCODE = 'PGT01';
     END IF;
     PERFORM pgml._check_output_table(v_name, v.submitted_by);
     IF pg_catalog.to_regclass(pg_catalog.format('pgml.%I', v_name)) IS NULL THEN
-        EXECUTE pg_catalog.format('CREATE TABLE pgml.%I (key text, label text, score double precision)', v_name);
+        EXECUTE pg_catalog.format(CASE v.task WHEN 'embed_batch' THEN 'CREATE TABLE pgml.%I (key text, embedding real[])'
+                                  ELSE 'CREATE TABLE pgml.%I (key text, label text, score double precision)' END, v_name);
         EXECUTE pg_catalog.format('CREATE TRIGGER output_child_check BEFORE INSERT ON pgml.%I '
                                   'FOR EACH STATEMENT EXECUTE FUNCTION pgml._output_insert_check()', v_name);
         EXECUTE pg_catalog.format('REVOKE ALL ON pgml.%I FROM PUBLIC', v_name);
@@ -1439,7 +1440,8 @@ BEGIN
         EXECUTE pg_catalog.format('TRUNCATE pgml.%I', v_name);
     END IF;
     EXECUTE pg_catalog.format('GRANT SELECT ON pgml.%I TO %I', v_name, v.submitted_by);
-    INSERT INTO pgml.output_tables (name, kind, owner, job_id) VALUES (v_name, 'predictions', v.submitted_by, v.id)
+    INSERT INTO pgml.output_tables (name, kind, owner, job_id)
+    VALUES (v_name, CASE v.task WHEN 'embed_batch' THEN 'embeddings' ELSE 'predictions' END, v.submitted_by, v.id)
     ON CONFLICT (name) DO UPDATE SET job_id = EXCLUDED.job_id, created_at = pg_catalog.clock_timestamp();
     PERFORM pgml._child_remember(v.id, ticket);
     RETURN v_name;  -- the table pgml.<v_name>
@@ -3272,7 +3274,7 @@ CREATE OR REPLACE FUNCTION pgml._request_args()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT k.kind, a.key, a.type, a.min, a.max, a.choices, a.use
-    FROM (VALUES ('classify'), ('generate'), ('chat')) AS k (kind)
+    FROM (VALUES ('classify'), ('generate'), ('chat'), ('embed'), ('rank')) AS k (kind)
     JOIN (VALUES
         ('*',        'timeout',              'number',  0.1,  3600, NULL::text[], 'lane'),
         ('*',        'load_in_8bit',         'flag',    NULL, NULL, NULL, 'ignored'),
@@ -3295,7 +3297,14 @@ AS $function$
         ('gen',      'length_penalty',       'number',  -100, 100,  NULL, 'generate'),
         ('gen',      'no_repeat_ngram_size', 'integer', 0,    64,   NULL, 'generate'),
         ('gen',      'num_beams',            'integer', 1,    8,    NULL, 'generate'),
-        ('gen',      'do_sample',            'boolean', NULL, NULL, NULL, 'generate')
+        ('gen',      'do_sample',            'boolean', NULL, NULL, NULL, 'generate'),
+        -- (since 0041) SentenceTransformer.encode's; a CrossEncoder's ranking, cut by pgml.rank itself ('call')
+        ('embed',    'normalize',            'boolean', NULL, NULL, NULL, 'encode'),
+        ('embed',    'prompt',               'string',  NULL, NULL, NULL, 'encode'),
+        ('embed',    'prompt_name',          'string',  NULL, NULL, NULL, 'encode'),
+        ('embed',    'truncate_dim',         'integer', 1,    65536, NULL, 'encode'),
+        ('rank',     'top_k',                'integer', 1,    1000, NULL, 'call'),
+        ('rank',     'return_documents',     'boolean', NULL, NULL, NULL, 'call')
     ) AS a (kinds, key, type, min, max, choices, use)
       ON a.kinds = '*' OR a.kinds = k.kind OR (a.kinds = 'gen' AND k.kind IN ('generate', 'chat'))
 $function$;
@@ -3313,6 +3322,7 @@ DECLARE
     r         record;
     v_num     numeric;
     v_ok      boolean;
+    v_a       text := CASE kind WHEN 'embed' THEN 'an embed' ELSE 'a ' OPERATOR(pg_catalog.||) kind END;
 BEGIN
     SELECT pg_catalog.string_agg(e.key, ', ' ORDER BY e.key), pg_catalog.count(*) INTO r
     FROM pg_catalog.jsonb_object_keys(args) AS e (key)
@@ -3329,10 +3339,10 @@ BEGIN
         FROM pgml._request_args() a
         WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.use OPERATOR(pg_catalog.<>) 'ignored';
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = pg_catalog.format('args %s %s not allowed in a %s request', v_bad,
-                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, kind),
-            HINT = pg_catalog.format('a %s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
-                                     'and ignored: the worker decides how it loads a model)', kind, v_allowed);
+            MESSAGE = pg_catalog.format('args %s %s not allowed in %s request', v_bad,
+                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, v_a),
+            HINT = pg_catalog.format('%s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
+                                     'and ignored: the worker decides how it loads a model)', v_a, v_allowed);
     END IF;
     FOR r IN SELECT e.key, e.value, a.type, a.min, a.max, a.choices
              FROM pg_catalog.jsonb_each(args) AS e JOIN pgml._request_args() a
@@ -3348,7 +3358,7 @@ BEGIN
                 ELSE pg_catalog.jsonb_typeof(r.value) IN ('boolean', 'string', 'null') END;
         IF NOT v_ok OR v_num OPERATOR(pg_catalog.<) r.min OR v_num OPERATOR(pg_catalog.>) r.max THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-                MESSAGE = pg_catalog.format('args.%s = %s: a %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), kind,
+                MESSAGE = pg_catalog.format('args.%s = %s: %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), v_a,
                     CASE WHEN r.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(r.choices, ', ')
                          WHEN r.min IS NOT NULL THEN pg_catalog.format('%s %s from %s to %s',
                                   CASE r.type WHEN 'integer' THEN 'a whole number' ELSE 'a number' END, r.key, r.min, r.max)
@@ -3466,9 +3476,9 @@ BEGIN
             HINT = 'pass the login that asks',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF kind IS NULL OR kind OPERATOR(pg_catalog.<>) ALL (ARRAY['classify', 'generate', 'chat']) THEN
+    IF kind IS NULL OR kind OPERATOR(pg_catalog.<>) ALL (ARRAY['classify', 'generate', 'chat', 'embed', 'rank']) THEN
         RAISE EXCEPTION USING MESSAGE = pg_catalog.format('unknown request kind %L', kind),
-            HINT = 'kinds are: ''classify'', ''generate'', ''chat''',
+            HINT = 'kinds are: ''classify'', ''generate'', ''chat'', ''embed'', ''rank''',
             ERRCODE = 'invalid_parameter_value';
     END IF;
     IF v_model OPERATOR(pg_catalog.=) '' THEN
@@ -3579,9 +3589,12 @@ BEGIN
                 ERRCODE = 'invalid_parameter_value';
         END IF;
         IF NOT (kind OPERATOR(pg_catalog.=) ANY (pgml._serving_kinds(v_row.task))) THEN
-            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer a %s request', v_model,
-                                                 v_row.task, kind),
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer %s request', v_model,
+                                                 v_row.task,
+                                                 CASE kind WHEN 'embed' THEN 'an embed' ELSE 'a ' OPERATOR(pg_catalog.||) kind END),
                 HINT = CASE WHEN v_row.task LIKE '%classification' THEN 'use it for text-classification'
+                     WHEN v_row.task OPERATOR(pg_catalog.=) 'text-embedding' THEN 'use it with pgml.embed'
+                     WHEN v_row.task OPERATOR(pg_catalog.=) 'text-ranking' THEN 'use it with pgml.rank'
                      ELSE 'use it for text-generation or chat' END,
                 ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -3854,6 +3867,42 @@ BEGIN
     END IF;
 END $function$;
 
+-- FUNCTION pgml._retrieval_call(fn text, transformer text, kwargs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._retrieval_call(fn text, transformer text, kwargs jsonb)
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF transformer IS NULL OR pg_catalog.btrim(transformer) OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('pgml.%s needs a transformer (the model)', fn),
+            HINT = 'a hub id, pgml:<project> (its deployed model), pgml:model:<id>, or one of your project names';
+    END IF;
+    IF kwargs IS NULL OR pg_catalog.jsonb_typeof(kwargs) OPERATOR(pg_catalog.<>) 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('pgml.%s: kwargs must be a JSON object, not %s', fn,
+                                        coalesce(pg_catalog.jsonb_typeof(kwargs), 'NULL')),
+            HINT = CASE fn WHEN 'embed' THEN 'e.g. ''{"normalize": true}''' ELSE 'e.g. ''{"top_k": 10}''' END;
+    END IF;
+    IF kwargs ? 'prompt' AND kwargs ? 'prompt_name' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('pgml.%s: kwargs prompt and prompt_name are both given', fn),
+            HINT = 'pass one: "prompt" is the text put before each input, "prompt_name" names one of the model''s '
+                   'prompts (e.g. "query")';
+    END IF;
+    IF fn OPERATOR(pg_catalog.=) 'embed_batch' THEN
+        IF kwargs ? 'timeout' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'pgml.embed_batch: kwargs.timeout is for pgml.embed',
+                HINT = 'a batch job has no timeout: leave it out (pgml.cancel stops a job)';
+        END IF;
+        PERFORM pgml._request_args_check('embed', kwargs);
+    END IF;
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml._retrieval_call(fn text, transformer text, kwargs jsonb) TO pgml_user;
+
 -- FUNCTION pgml._role_limits(who name), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._role_limits(who name)
  RETURNS pgml.role_limits
@@ -3927,6 +3976,22 @@ CREATE OR REPLACE FUNCTION pgml._secret_keys()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$ SELECT ARRAY['token', 'hub_token', 'use_auth_token'] $function$;
 
+-- FUNCTION pgml._serve(kind text, model text, args jsonb, inputs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._serve(kind text, model text, args jsonb, inputs jsonb)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_id bigint;
+BEGIN
+    v_id := (pgml._loopback(format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
+                                   kind, model, args, inputs)) #>> '{}')::bigint;
+    RETURN pgml._await_request(v_id, CASE WHEN pg_catalog.jsonb_typeof(args -> 'timeout') = 'number'
+                                          THEN (args ->> 'timeout')::double precision ELSE 30 END);
+END $function$;
+
 -- FUNCTION pgml._serving_kinds(task text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._serving_kinds(task text)
  RETURNS text[]
@@ -3939,6 +4004,8 @@ AS $function$
         WHEN 'text-pair-classification' THEN ARRAY['classify']
         WHEN 'conversation' THEN ARRAY['generate', 'chat']
         WHEN 'text-generation' THEN ARRAY['generate', 'chat']
+        WHEN 'text-embedding' THEN ARRAY['embed']
+        WHEN 'text-ranking' THEN ARRAY['rank']
         ELSE ARRAY[]::text[] END
 $function$;
 
@@ -4197,8 +4264,9 @@ BEGIN
                 HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
         END IF;
     END IF;
-    -- predict_batch writes pgml.<output_table>: the name is checked here, where pgml_user's rights do not reach
-    IF v_task = 'predict_batch' THEN
+    -- predict_batch and embed_batch write pgml.<output_table>: the name is checked here, where pgml_user's rights
+    -- do not reach
+    IF v_task IN ('predict_batch', 'embed_batch') THEN
         PERFORM pgml._check_output_table(coalesce(_submit.hyperparams, '{}') ->> 'output_table', v_who);
     END IF;
 
@@ -4551,9 +4619,6 @@ DECLARE
     v_kind    text;
     v_model   text;
     v_args    jsonb := coalesce(args, '{}');
-    v_id      bigint;
-    v_timeout double precision;
-    v_result  jsonb;
 BEGIN
     IF task IS NULL OR pg_catalog.jsonb_typeof(task) <> 'object' THEN
         RAISE EXCEPTION 'task must be a JSON object such as {"task": "text-classification", "model": "..."}'
@@ -4578,11 +4643,7 @@ BEGIN
     END IF;
     -- the task object's other keys (e.g. "token", "load_in_8bit", "torch_dtype") are model options
     v_args := (task - 'task' - 'model') || v_args;
-    v_timeout := coalesce((v_args ->> 'timeout')::double precision, 30);
-    v_id := (pgml._loopback(format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
-                                   v_kind, v_model, v_args, inputs)) #>> '{}')::bigint;
-    v_result := pgml._await_request(v_id, v_timeout);
-    RETURN v_result;
+    RETURN pgml._serve(v_kind, v_model, v_args, inputs);
 END $function$;
 
 -- FUNCTION pgml._transform_kind(task text), owner pgml_owner
@@ -4698,6 +4759,18 @@ EXCEPTION WHEN OTHERS THEN
     END IF;
     RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
 END $function$;
+
+-- FUNCTION pgml._vectors(result jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._vectors(result jsonb)
+ RETURNS SETOF real[]
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT pg_catalog.translate(v.value::text, '[]', '{}')::real[]
+    FROM pg_catalog.jsonb_array_elements(result) WITH ORDINALITY AS v (value, n)
+    ORDER BY v.n
+$function$;
 
 -- FUNCTION pgml._wait_advice(job_id bigint), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._wait_advice(job_id bigint)
@@ -5046,6 +5119,96 @@ BEGIN
     RETURN FOUND;
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml.drop_credential(name text) TO pgml_admin;
+
+-- FUNCTION pgml.embed(transformer text, inputs text[], kwargs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml.embed(transformer text, inputs text[], kwargs jsonb DEFAULT '{}'::jsonb)
+ RETURNS SETOF real[]
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    PERFORM pgml._retrieval_call('embed', transformer, kwargs);
+    IF pg_catalog.cardinality(inputs) OPERATOR(pg_catalog.=) 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs, pg_catalog.to_jsonb(inputs))) v;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml.embed(transformer text, inputs text[], kwargs jsonb) TO pgml_user;
+
+-- FUNCTION pgml.embed(transformer text, text text, kwargs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml.embed(transformer text, text text, kwargs jsonb DEFAULT '{}'::jsonb)
+ RETURNS real[]
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    PERFORM pgml._retrieval_call('embed', transformer, kwargs);
+    IF embed.text IS NULL THEN
+        RETURN NULL;  -- a row with no text gets no vector (UPDATE ... SET embedding = pgml.embed(...))
+    END IF;
+    RETURN (SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs,
+                                                    pg_catalog.jsonb_build_array(embed.text))) v LIMIT 1);
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml.embed(transformer text, text text, kwargs jsonb) TO pgml_user;
+
+-- FUNCTION pgml.embed_batch(transformer text, relation_name text, output_table text, text_column text, key_column text, kwargs jsonb, batch_size integer, priority integer, caller_search_path text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml.embed_batch(transformer text, relation_name text, output_table text, text_column text DEFAULT 'text'::text, key_column text DEFAULT 'id'::text, kwargs jsonb DEFAULT '{}'::jsonb, batch_size integer DEFAULT 64, priority integer DEFAULT 0, caller_search_path text DEFAULT current_setting('search_path'::text))
+ RETURNS TABLE(job_id bigint, status text, output text)
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_job   bigint;
+    v_model text := pg_catalog.btrim(transformer);
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 OR batch_size > 4096 THEN
+        RAISE EXCEPTION 'batch_size must be between 1 and 4096, not %', coalesce(batch_size::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. batch_size => 64';
+    END IF;
+    PERFORM pgml._retrieval_call('embed_batch', transformer, kwargs);
+    -- a bare project name of the caller's is that project, as for pgml.embed (pgml._request_submit)
+    IF v_model !~ '[/~:]' AND v_model NOT LIKE '.%'
+       AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = v_model AND p.owner = session_user) THEN
+        v_model := 'pgml:' || v_model;
+    END IF;
+    -- output_table is checked by pgml._submit (task embed_batch), where pgml_user's rights do not reach
+    SELECT t.job_id INTO v_job FROM pgml.tune(
+        output_table, task => 'embed_batch', relation_name => relation_name, model_name => v_model,
+        hyperparams => pg_catalog.jsonb_build_object(
+            'dataset_args', pg_catalog.jsonb_build_object('text_column', text_column, 'key_column', key_column),
+            'output_table', output_table, 'batch_size', batch_size, 'kwargs', kwargs),
+        priority => priority, automatic_deploy => false, caller_search_path => caller_search_path) t;
+    RETURN QUERY SELECT v_job, 'queued'::text, pg_catalog.format('pgml.%I', output_table);
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml.embed_batch(transformer text, relation_name text, output_table text, text_column text, key_column text, kwargs jsonb, batch_size integer, priority integer, caller_search_path text) TO pgml_user;
 
 -- FUNCTION pgml.gc(keep_last integer, logs_older_than interval, include_kept boolean, apply boolean), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml.gc(keep_last integer DEFAULT 1, logs_older_than interval DEFAULT NULL::interval, include_kept boolean DEFAULT false, apply boolean DEFAULT false)
@@ -5715,6 +5878,48 @@ BEGIN
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml.predict_batch(model text, relation_name text, output_table text, text_column text, key_column text, batch_size integer, max_length integer, priority integer, caller_search_path text) TO pgml_user;
 
+-- FUNCTION pgml.rank(transformer text, query text, documents text[], kwargs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml.rank(transformer text, query text, documents text[], kwargs jsonb DEFAULT '{}'::jsonb)
+ RETURNS TABLE(corpus_id integer, score double precision, text text)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_scores jsonb;
+    v_docs   boolean;
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    PERFORM pgml._retrieval_call('rank', transformer, kwargs);
+    IF query IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = 'pgml.rank: the query is NULL',
+            HINT = 'pass the text the documents are ranked for';
+    END IF;
+    IF pg_catalog.cardinality(documents) OPERATOR(pg_catalog.=) 0 THEN
+        RETURN;
+    END IF;
+    v_scores := pgml._serve('rank', transformer, kwargs, pg_catalog.to_jsonb(ARRAY[query] OPERATOR(pg_catalog.||) documents));
+    v_docs := coalesce((kwargs ->> 'return_documents')::boolean, true);
+    RETURN QUERY
+    SELECT (s.n OPERATOR(pg_catalog.-) 1)::integer, (s.value #>> '{}')::double precision,
+           CASE WHEN v_docs THEN documents[s.n::integer] END
+    FROM pg_catalog.jsonb_array_elements(v_scores) WITH ORDINALITY AS s (value, n)
+    ORDER BY (s.value #>> '{}')::double precision DESC, s.n
+    LIMIT (kwargs ->> 'top_k')::numeric::bigint;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $function$;
+GRANT EXECUTE ON FUNCTION pgml.rank(transformer text, query text, documents text[], kwargs jsonb) TO pgml_user;
+
 -- FUNCTION pgml.register_sealing_key(n numeric, e numeric, activate boolean), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml.register_sealing_key(n numeric, e numeric, activate boolean DEFAULT true)
  RETURNS text
@@ -6050,6 +6255,6 @@ GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 36 rows, md5 8e24f72359cf1ba9038b90c63a1c8b15
--- pgml.tasks: 8 rows, md5 fbba4a3748c6c4dcfbbd80431508c4ca
+-- pgml.schema_migrations: 37 rows, md5 366d7badfdda07d1b17eff1f3f4c8ad2
+-- pgml.tasks: 9 rows, md5 69955b4b04e1105a5ce1f95e198eee7c
 -- pgml.training_arg_types: 113 rows, md5 178ba75db15b9d624fbfd33fc4d75ce5

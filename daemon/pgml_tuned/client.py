@@ -218,6 +218,30 @@ class OpenSourceAI(Requests):
             result, _ = self._call(kind, spec["model"], merged, list(inputs))
             return result
 
+    def embed(
+        self, transformer: str, inputs: str | Sequence[str], kwargs: Mapping[str, Any] | None = None
+    ) -> list[float] | list[list[float]]:
+        """pgml.embed without dblink: one text's vector, or a list of texts' vectors in order (kwargs: normalize,
+        prompt, prompt_name, truncate_dim, timeout)."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not texts:
+            return []
+        vectors, _ = self._call("embed", transformer, dict(kwargs or {}), texts)
+        return list(vectors[0]) if isinstance(inputs, str) else [list(v) for v in vectors]
+
+    def rank(
+        self, transformer: str, query: str, documents: Sequence[str], kwargs: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """pgml.rank without dblink: {"corpus_id", "score", "text"} per document, best first (kwargs: top_k,
+        return_documents, timeout), as pgml.rank's rows."""
+        args = dict(kwargs or {})
+        if not documents:
+            return []
+        scores, _ = self._call("rank", transformer, args, [query, *documents])
+        order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))[: args.get("top_k")]
+        docs = args.get("return_documents", True)
+        return [{"corpus_id": i, "score": float(scores[i]), "text": documents[i] if docs else None} for i in order]
+
     def tune(self, project_name: str, **kwargs: Any) -> dict[str, Any]:
         """pgml.tune(project_name, task=..., relation_name=..., model_name=..., hyperparams={...}, ...)."""
         with self._errors():

@@ -96,6 +96,15 @@ TASKS: dict[str, Task] = {
             (),
             ("dataset_args", "output_table", "batch_size", "max_length", "resources"),
         ),
+        # pgml.embed_batch: a model's vectors for every row of a relation, into pgml.<output_table> (key, embedding)
+        Task(
+            "embed_batch",
+            "embed_batch",
+            {"text_column": "text", "key_column": "id"},
+            ("text_column",),
+            (),
+            ("dataset_args", "output_table", "batch_size", "kwargs", "resources"),
+        ),
     )
 }
 

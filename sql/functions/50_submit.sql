@@ -298,8 +298,9 @@ BEGIN
                 HINT = 'wait for some to start, cancel some (pgml.cancel), or ask an administrator (pgml.role_limits)';
         END IF;
     END IF;
-    -- predict_batch writes pgml.<output_table>: the name is checked here, where pgml_user's rights do not reach
-    IF v_task = 'predict_batch' THEN
+    -- predict_batch and embed_batch write pgml.<output_table>: the name is checked here, where pgml_user's rights
+    -- do not reach
+    IF v_task IN ('predict_batch', 'embed_batch') THEN
         PERFORM pgml._check_output_table(coalesce(_submit.hyperparams, '{}') ->> 'output_table', v_who);
     END IF;
 

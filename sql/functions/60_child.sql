@@ -148,6 +148,7 @@ END $$;
 
 -- The child of a predict_batch job: (re)create its output table at the start of an attempt (restart => true
 -- empties it: an attempt's rows replace an earlier attempt's), and let this transaction's COPY into it through.
+-- (since 0041) an embed_batch job's table holds (key text, embedding real[]).
 CREATE OR REPLACE FUNCTION pgml._child_predictions_begin(job_id bigint, ticket text, restart boolean) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -156,12 +157,13 @@ DECLARE
     v      pgml.jobs := pgml._child_job(_child_predictions_begin.job_id, ticket, true);
     v_name text := v.hyperparams ->> 'output_table';
 BEGIN
-    IF v.task <> 'predict_batch' THEN
-        RAISE EXCEPTION 'job % is not a predict_batch job', v.id USING ERRCODE = 'PGT01';
+    IF v.task NOT IN ('predict_batch', 'embed_batch') THEN
+        RAISE EXCEPTION 'job % is not a predict_batch or embed_batch job', v.id USING ERRCODE = 'PGT01';
     END IF;
     PERFORM pgml._check_output_table(v_name, v.submitted_by);
     IF pg_catalog.to_regclass(pg_catalog.format('pgml.%I', v_name)) IS NULL THEN
-        EXECUTE pg_catalog.format('CREATE TABLE pgml.%I (key text, label text, score double precision)', v_name);
+        EXECUTE pg_catalog.format(CASE v.task WHEN 'embed_batch' THEN 'CREATE TABLE pgml.%I (key text, embedding real[])'
+                                  ELSE 'CREATE TABLE pgml.%I (key text, label text, score double precision)' END, v_name);
         EXECUTE pg_catalog.format('CREATE TRIGGER output_child_check BEFORE INSERT ON pgml.%I '
                                   'FOR EACH STATEMENT EXECUTE FUNCTION pgml._output_insert_check()', v_name);
         EXECUTE pg_catalog.format('REVOKE ALL ON pgml.%I FROM PUBLIC', v_name);
@@ -170,7 +172,8 @@ BEGIN
         EXECUTE pg_catalog.format('TRUNCATE pgml.%I', v_name);
     END IF;
     EXECUTE pg_catalog.format('GRANT SELECT ON pgml.%I TO %I', v_name, v.submitted_by);
-    INSERT INTO pgml.output_tables (name, kind, owner, job_id) VALUES (v_name, 'predictions', v.submitted_by, v.id)
+    INSERT INTO pgml.output_tables (name, kind, owner, job_id)
+    VALUES (v_name, CASE v.task WHEN 'embed_batch' THEN 'embeddings' ELSE 'predictions' END, v.submitted_by, v.id)
     ON CONFLICT (name) DO UPDATE SET job_id = EXCLUDED.job_id, created_at = pg_catalog.clock_timestamp();
     PERFORM pgml._child_remember(v.id, ticket);
     RETURN v_name;  -- the table pgml.<v_name>

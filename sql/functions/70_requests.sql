@@ -57,6 +57,8 @@ AS $$
         WHEN 'text-pair-classification' THEN ARRAY['classify']
         WHEN 'conversation' THEN ARRAY['generate', 'chat']
         WHEN 'text-generation' THEN ARRAY['generate', 'chat']
+        WHEN 'text-embedding' THEN ARRAY['embed']
+        WHEN 'text-ranking' THEN ARRAY['rank']
         ELSE ARRAY[]::text[] END
 $$;
 
@@ -308,9 +310,6 @@ DECLARE
     v_kind    text;
     v_model   text;
     v_args    jsonb := coalesce(args, '{}');
-    v_id      bigint;
-    v_timeout double precision;
-    v_result  jsonb;
 BEGIN
     IF task IS NULL OR pg_catalog.jsonb_typeof(task) <> 'object' THEN
         RAISE EXCEPTION 'task must be a JSON object such as {"task": "text-classification", "model": "..."}'
@@ -335,11 +334,23 @@ BEGIN
     END IF;
     -- the task object's other keys (e.g. "token", "load_in_8bit", "torch_dtype") are model options
     v_args := (task - 'task' - 'model') || v_args;
-    v_timeout := coalesce((v_args ->> 'timeout')::double precision, 30);
+    RETURN pgml._serve(v_kind, v_model, v_args, inputs);
+END $$;
+
+-- (since 0041) One synchronous request of the inference lane, for its caller (pgml.transform, pgml.embed,
+-- pgml.rank): submitted through the loopback (committed at once, as the caller: pgml.request checks everything),
+-- then waited for (pgml._await_request); returns the answer's result.
+CREATE OR REPLACE FUNCTION pgml._serve(kind text, model text, args jsonb, inputs jsonb) RETURNS jsonb
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_id bigint;
+BEGIN
     v_id := (pgml._loopback(format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
-                                   v_kind, v_model, v_args, inputs)) #>> '{}')::bigint;
-    v_result := pgml._await_request(v_id, v_timeout);
-    RETURN v_result;
+                                   kind, model, args, inputs)) #>> '{}')::bigint;
+    RETURN pgml._await_request(v_id, CASE WHEN pg_catalog.jsonb_typeof(args -> 'timeout') = 'number'
+                                          THEN (args ->> 'timeout')::double precision ELSE 30 END);
 END $$;
 
 -- (since 0033) The args a request of each kind may carry: one row per (kind, key), with its JSON type and bounds.
@@ -354,7 +365,7 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT k.kind, a.key, a.type, a.min, a.max, a.choices, a.use
-    FROM (VALUES ('classify'), ('generate'), ('chat')) AS k (kind)
+    FROM (VALUES ('classify'), ('generate'), ('chat'), ('embed'), ('rank')) AS k (kind)
     JOIN (VALUES
         ('*',        'timeout',              'number',  0.1,  3600, NULL::text[], 'lane'),
         ('*',        'load_in_8bit',         'flag',    NULL, NULL, NULL, 'ignored'),
@@ -377,7 +388,14 @@ AS $$
         ('gen',      'length_penalty',       'number',  -100, 100,  NULL, 'generate'),
         ('gen',      'no_repeat_ngram_size', 'integer', 0,    64,   NULL, 'generate'),
         ('gen',      'num_beams',            'integer', 1,    8,    NULL, 'generate'),
-        ('gen',      'do_sample',            'boolean', NULL, NULL, NULL, 'generate')
+        ('gen',      'do_sample',            'boolean', NULL, NULL, NULL, 'generate'),
+        -- (since 0041) SentenceTransformer.encode's; a CrossEncoder's ranking, cut by pgml.rank itself ('call')
+        ('embed',    'normalize',            'boolean', NULL, NULL, NULL, 'encode'),
+        ('embed',    'prompt',               'string',  NULL, NULL, NULL, 'encode'),
+        ('embed',    'prompt_name',          'string',  NULL, NULL, NULL, 'encode'),
+        ('embed',    'truncate_dim',         'integer', 1,    65536, NULL, 'encode'),
+        ('rank',     'top_k',                'integer', 1,    1000, NULL, 'call'),
+        ('rank',     'return_documents',     'boolean', NULL, NULL, NULL, 'call')
     ) AS a (kinds, key, type, min, max, choices, use)
       ON a.kinds = '*' OR a.kinds = k.kind OR (a.kinds = 'gen' AND k.kind IN ('generate', 'chat'))
 $$;
@@ -393,6 +411,7 @@ DECLARE
     r         record;
     v_num     numeric;
     v_ok      boolean;
+    v_a       text := CASE kind WHEN 'embed' THEN 'an embed' ELSE 'a ' OPERATOR(pg_catalog.||) kind END;
 BEGIN
     SELECT pg_catalog.string_agg(e.key, ', ' ORDER BY e.key), pg_catalog.count(*) INTO r
     FROM pg_catalog.jsonb_object_keys(args) AS e (key)
@@ -409,10 +428,10 @@ BEGIN
         FROM pgml._request_args() a
         WHERE a.kind OPERATOR(pg_catalog.=) _request_args_check.kind AND a.use OPERATOR(pg_catalog.<>) 'ignored';
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = pg_catalog.format('args %s %s not allowed in a %s request', v_bad,
-                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, kind),
-            HINT = pg_catalog.format('a %s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
-                                     'and ignored: the worker decides how it loads a model)', kind, v_allowed);
+            MESSAGE = pg_catalog.format('args %s %s not allowed in %s request', v_bad,
+                                        CASE WHEN r.count OPERATOR(pg_catalog.=) 1 THEN 'is' ELSE 'are' END, v_a),
+            HINT = pg_catalog.format('%s request takes: %s (load_in_8bit, load_in_4bit and cache_model are accepted '
+                                     'and ignored: the worker decides how it loads a model)', v_a, v_allowed);
     END IF;
     FOR r IN SELECT e.key, e.value, a.type, a.min, a.max, a.choices
              FROM pg_catalog.jsonb_each(args) AS e JOIN pgml._request_args() a
@@ -428,7 +447,7 @@ BEGIN
                 ELSE pg_catalog.jsonb_typeof(r.value) IN ('boolean', 'string', 'null') END;
         IF NOT v_ok OR v_num OPERATOR(pg_catalog.<) r.min OR v_num OPERATOR(pg_catalog.>) r.max THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-                MESSAGE = pg_catalog.format('args.%s = %s: a %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), kind,
+                MESSAGE = pg_catalog.format('args.%s = %s: %s request takes %s', r.key, pg_catalog.left(r.value::text, 100), v_a,
                     CASE WHEN r.choices IS NOT NULL THEN 'one of ' OPERATOR(pg_catalog.||) pg_catalog.array_to_string(r.choices, ', ')
                          WHEN r.min IS NOT NULL THEN pg_catalog.format('%s %s from %s to %s',
                                   CASE r.type WHEN 'integer' THEN 'a whole number' ELSE 'a number' END, r.key, r.min, r.max)
@@ -466,9 +485,9 @@ BEGIN
             HINT = 'pass the login that asks',
             ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF kind IS NULL OR kind OPERATOR(pg_catalog.<>) ALL (ARRAY['classify', 'generate', 'chat']) THEN
+    IF kind IS NULL OR kind OPERATOR(pg_catalog.<>) ALL (ARRAY['classify', 'generate', 'chat', 'embed', 'rank']) THEN
         RAISE EXCEPTION USING MESSAGE = pg_catalog.format('unknown request kind %L', kind),
-            HINT = 'kinds are: ''classify'', ''generate'', ''chat''',
+            HINT = 'kinds are: ''classify'', ''generate'', ''chat'', ''embed'', ''rank''',
             ERRCODE = 'invalid_parameter_value';
     END IF;
     IF v_model OPERATOR(pg_catalog.=) '' THEN
@@ -579,9 +598,12 @@ BEGIN
                 ERRCODE = 'invalid_parameter_value';
         END IF;
         IF NOT (kind OPERATOR(pg_catalog.=) ANY (pgml._serving_kinds(v_row.task))) THEN
-            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer a %s request', v_model,
-                                                 v_row.task, kind),
+            RAISE EXCEPTION USING MESSAGE = pg_catalog.format('model %L is a %s model: it cannot answer %s request', v_model,
+                                                 v_row.task,
+                                                 CASE kind WHEN 'embed' THEN 'an embed' ELSE 'a ' OPERATOR(pg_catalog.||) kind END),
                 HINT = CASE WHEN v_row.task LIKE '%classification' THEN 'use it for text-classification'
+                     WHEN v_row.task OPERATOR(pg_catalog.=) 'text-embedding' THEN 'use it with pgml.embed'
+                     WHEN v_row.task OPERATOR(pg_catalog.=) 'text-ranking' THEN 'use it with pgml.rank'
                      ELSE 'use it for text-generation or chat' END,
                 ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -848,6 +870,152 @@ DECLARE
     v_msg text; v_detail text; v_hint text; v_code text;
 BEGIN
     RETURN pgml._transform(task, args, pg_catalog.to_jsonb(inputs));
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+-- (since 0041) Retrieval: pgml.embed and pgml.rank, PostgresML's signatures, on the inference lane (requests of
+-- kinds 'embed' and 'rank'; kwargs are the request's args, checked by pgml._request_args_check: normalize, prompt,
+-- prompt_name, truncate_dim for embed; top_k, return_documents for rank; timeout for both). `transformer` is what
+-- pgml.transform's model is: a hub id, pgml:<project> (its deployed model), pgml:model:<id>, one of the caller's
+-- project names, or a directory of the administrators' model directories. Errors are raised again as
+-- pgml.transform's are (0028): the message, its HINT and one CONTEXT line.
+
+-- The vectors of an embed request's answer (a JSON array of arrays of numbers), in order. A JSON number's text is a
+-- real's input syntax: the float32 the serving process computed comes back exactly.
+CREATE OR REPLACE FUNCTION pgml._vectors(result jsonb) RETURNS SETOF real[]
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.translate(v.value::text, '[]', '{}')::real[]
+    FROM pg_catalog.jsonb_array_elements(result) WITH ORDINALITY AS v (value, n)
+    ORDER BY v.n
+$$;
+
+-- Checks what pgml.embed and pgml.rank check before a request (the rest is pgml._request_submit's); for
+-- pgml.embed_batch (which runs as its caller, and sends no request) the kwargs too.
+CREATE OR REPLACE FUNCTION pgml._retrieval_call(fn text, transformer text, kwargs jsonb) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF transformer IS NULL OR pg_catalog.btrim(transformer) OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('pgml.%s needs a transformer (the model)', fn),
+            HINT = 'a hub id, pgml:<project> (its deployed model), pgml:model:<id>, or one of your project names';
+    END IF;
+    IF kwargs IS NULL OR pg_catalog.jsonb_typeof(kwargs) OPERATOR(pg_catalog.<>) 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('pgml.%s: kwargs must be a JSON object, not %s', fn,
+                                        coalesce(pg_catalog.jsonb_typeof(kwargs), 'NULL')),
+            HINT = CASE fn WHEN 'embed' THEN 'e.g. ''{"normalize": true}''' ELSE 'e.g. ''{"top_k": 10}''' END;
+    END IF;
+    IF kwargs ? 'prompt' AND kwargs ? 'prompt_name' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = pg_catalog.format('pgml.%s: kwargs prompt and prompt_name are both given', fn),
+            HINT = 'pass one: "prompt" is the text put before each input, "prompt_name" names one of the model''s '
+                   'prompts (e.g. "query")';
+    END IF;
+    IF fn OPERATOR(pg_catalog.=) 'embed_batch' THEN
+        IF kwargs ? 'timeout' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'pgml.embed_batch: kwargs.timeout is for pgml.embed',
+                HINT = 'a batch job has no timeout: leave it out (pgml.cancel stops a job)';
+        END IF;
+        PERFORM pgml._request_args_check('embed', kwargs);
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgml.embed(transformer text, "text" text, kwargs jsonb DEFAULT '{}') RETURNS real[]
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    PERFORM pgml._retrieval_call('embed', transformer, kwargs);
+    IF embed.text IS NULL THEN
+        RETURN NULL;  -- a row with no text gets no vector (UPDATE ... SET embedding = pgml.embed(...))
+    END IF;
+    RETURN (SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs,
+                                                    pg_catalog.jsonb_build_array(embed.text))) v LIMIT 1);
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+-- One vector per input, in order (one request: up to 1000 texts).
+CREATE OR REPLACE FUNCTION pgml.embed(transformer text, inputs text[], kwargs jsonb DEFAULT '{}') RETURNS SETOF real[]
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    PERFORM pgml._retrieval_call('embed', transformer, kwargs);
+    IF pg_catalog.cardinality(inputs) OPERATOR(pg_catalog.=) 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs, pg_catalog.to_jsonb(inputs))) v;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                            v_code = RETURNED_SQLSTATE;
+    IF v_hint = '' AND v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, ERRCODE = v_code;
+    ELSIF v_detail = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, HINT = v_hint, ERRCODE = v_code;
+    ELSIF v_hint = '' THEN
+        RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, ERRCODE = v_code;
+    END IF;
+    RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
+END $$;
+
+-- The documents by the cross-encoder's score for the query, best first: corpus_id is a document's place in
+-- `documents` counted from 0 (sentence-transformers' CrossEncoder.rank), text the document (NULL with
+-- "return_documents": false), at most "top_k" rows (all by default).
+CREATE OR REPLACE FUNCTION pgml.rank(transformer text, query text, documents text[], kwargs jsonb DEFAULT '{}')
+RETURNS TABLE (corpus_id integer, score double precision, text text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_scores jsonb;
+    v_docs   boolean;
+    v_msg text; v_detail text; v_hint text; v_code text;
+BEGIN
+    PERFORM pgml._retrieval_call('rank', transformer, kwargs);
+    IF query IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', MESSAGE = 'pgml.rank: the query is NULL',
+            HINT = 'pass the text the documents are ranked for';
+    END IF;
+    IF pg_catalog.cardinality(documents) OPERATOR(pg_catalog.=) 0 THEN
+        RETURN;
+    END IF;
+    v_scores := pgml._serve('rank', transformer, kwargs, pg_catalog.to_jsonb(ARRAY[query] OPERATOR(pg_catalog.||) documents));
+    v_docs := coalesce((kwargs ->> 'return_documents')::boolean, true);
+    RETURN QUERY
+    SELECT (s.n OPERATOR(pg_catalog.-) 1)::integer, (s.value #>> '{}')::double precision,
+           CASE WHEN v_docs THEN documents[s.n::integer] END
+    FROM pg_catalog.jsonb_array_elements(v_scores) WITH ORDINALITY AS s (value, n)
+    ORDER BY (s.value #>> '{}')::double precision DESC, s.n
+    LIMIT (kwargs ->> 'top_k')::numeric::bigint;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
                             v_code = RETURNED_SQLSTATE;

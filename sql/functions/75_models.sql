@@ -229,6 +229,48 @@ BEGIN
     RETURN QUERY SELECT v_job, 'queued'::text, pg_catalog.format('pgml.%I', output_table);
 END $$;
 
+-- (since 0041) pgml.embed_batch: the vectors of `text_column` of every row of `relation_name` by `transformer` (as
+-- pgml.embed's: kwargs normalize, prompt, prompt_name, truncate_dim) into pgml.<output_table> (key text, embedding
+-- real[]), joined back on `key_column`: pgml.predict_batch's job (rows read at submit with the caller's rights, the
+-- child COPYs batch by batch). Returns the job at once; CALL pgml.wait(job_id) follows it.
+CREATE OR REPLACE FUNCTION pgml.embed_batch(
+    transformer        text,
+    relation_name      text,
+    output_table       text,
+    text_column        text DEFAULT 'text',
+    key_column         text DEFAULT 'id',
+    kwargs             jsonb DEFAULT '{}',
+    batch_size         integer DEFAULT 64,
+    priority           integer DEFAULT 0,
+    caller_search_path text DEFAULT pg_catalog.current_setting('search_path')
+) RETURNS TABLE (job_id bigint, status text, output text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job   bigint;
+    v_model text := pg_catalog.btrim(transformer);
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 OR batch_size > 4096 THEN
+        RAISE EXCEPTION 'batch_size must be between 1 and 4096, not %', coalesce(batch_size::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. batch_size => 64';
+    END IF;
+    PERFORM pgml._retrieval_call('embed_batch', transformer, kwargs);
+    -- a bare project name of the caller's is that project, as for pgml.embed (pgml._request_submit)
+    IF v_model !~ '[/~:]' AND v_model NOT LIKE '.%'
+       AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = v_model AND p.owner = session_user) THEN
+        v_model := 'pgml:' || v_model;
+    END IF;
+    -- output_table is checked by pgml._submit (task embed_batch), where pgml_user's rights do not reach
+    SELECT t.job_id INTO v_job FROM pgml.tune(
+        output_table, task => 'embed_batch', relation_name => relation_name, model_name => v_model,
+        hyperparams => pg_catalog.jsonb_build_object(
+            'dataset_args', pg_catalog.jsonb_build_object('text_column', text_column, 'key_column', key_column),
+            'output_table', output_table, 'batch_size', batch_size, 'kwargs', kwargs),
+        priority => priority, automatic_deploy => false, caller_search_path => caller_search_path) t;
+    RETURN QUERY SELECT v_job, 'queued'::text, pg_catalog.format('pgml.%I', output_table);
+END $$;
+
 -- Only tasks that make models deploy them.
 CREATE OR REPLACE FUNCTION pgml._job_succeeded_deploy() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER

@@ -83,6 +83,8 @@ GRANT EXECUTE ON ROUTINE
     pgml._dataset_result(bigint),
     -- the list of kwargs load_dataset passes on (a constant: documentation for its callers)
     pgml._dataset_kwargs(),
+    -- pgml.embed_batch runs as its caller (pgml.tune reads the caller's relation): its kwargs' checks (reads nothing)
+    pgml._retrieval_call(text,text,jsonb),
     -- the answer, stream and abandon calls of an asynchronous pgml.request (the Python client, sql/client.sql);
     -- each answers only the request's submitter
     pgml._request_abandon(bigint),
@@ -100,7 +102,11 @@ GRANT EXECUTE ON ROUTINE
     pgml.import_model_finish(bigint),
     pgml.load_dataset(text,text,integer,jsonb),
     pgml.load_dataset_async(text,text,integer,jsonb),
+    pgml.embed(text,text,jsonb),
+    pgml.embed(text,text[],jsonb),
+    pgml.embed_batch(text,text,text,text,text,jsonb,integer,integer,text),
     pgml.predict_batch(text,text,text,text,text,integer,integer,integer,text),
+    pgml.rank(text,text,text[],jsonb),
     pgml.request(text,text,jsonb,jsonb),
     pgml.transform(jsonb,jsonb,jsonb[],boolean),
     pgml.transform(jsonb,jsonb,text[],boolean),

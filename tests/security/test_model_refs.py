@@ -4,8 +4,9 @@ requester may read, or a directory under the administrators' model directories (
 worker's own state (its home, scratch, the serving lane's model cache, the Hugging Face cache).
 
 One table of (role × reference) → allowed / refused, run on three paths with a real database: tune (models.resolve,
-as a training child calls it, with the job's token), transform (the serving process's key_for + model, one Server
-whose warm cache every role shares) and predict_batch (cache.load, as its recipe calls it). Then the two attacks
+as a training child calls it, with the job's token), transform / embed / rank (the serving process's key_for +
+model, one Server whose warm cache every role shares, for each kind of request) and predict_batch / embed_batch
+(cache.load, as their recipes call it). Then the two attacks
 end to end, with a daemon: bob's model served once and taken by its cache directory (class 1), and a warm hub
 model served to a second user after the allow-list or the ledger refused it (class 3).
 """
@@ -192,20 +193,26 @@ def test_tune_resolves_only_what_the_rules_allow(world: World, worker_dsn: str, 
     assert not wrong, "\n".join(wrong)
 
 
-def test_predict_batch_loads_only_what_the_rules_allow(world: World, worker_dsn: str, tmp_path: Path) -> None:
-    """cache.load as the predict_batch recipe calls it (no hub token)."""
+@pytest.mark.parametrize(("job", "family"), [("predict_batch", cache.CLASSIFY), ("embed_batch", cache.EMBED)])
+def test_batch_jobs_load_only_what_the_rules_allow(
+    world: World, worker_dsn: str, tmp_path: Path, job: str, family: str
+) -> None:
+    """cache.load as the predict_batch and embed_batch recipes call it (no hub token)."""
     store = cache.SyncStore(worker_dsn, tmp_path / "batch")
     wrong: list[str] = []
     for role in ROLES:
         for ref in TABLE:
             name = world.name(ref, role)
-            key = cache.ModelKey(cache.CLASSIFY, name, role)
+            key = cache.ModelKey(family, name, role)
             load = functools.partial(cache.load, key, store, tmp_path / "batch")
-            check("predict_batch", ref, role, name, load, wrong)
+            check(job, ref, role, name, load, wrong)
     assert not wrong, "\n".join(wrong)
 
 
-def test_transform_serves_only_what_the_rules_allow_warm_or_not(world: World, worker_dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["classify", "embed", "rank"])  # pgml.transform, pgml.embed, pgml.rank
+def test_requests_serve_only_what_the_rules_allow_warm_or_not(
+    world: World, worker_dsn: str, tmp_path: Path, kind: str
+) -> None:
     """The serving process's own steps for each request (key_for, then the cached or loaded model), one Server for
     every role: what one role warmed is in the cache when the next asks, and each is checked for itself."""
     wrong: list[str] = []
@@ -217,7 +224,7 @@ def test_transform_serves_only_what_the_rules_allow_warm_or_not(world: World, wo
             for role in (ADMIN, OTHER_USER, USER):  # the administrator warms everything it may first
                 for ref in TABLE:
                     name = world.name(ref, role)
-                    request = Request(0, role, "classify", name, {}, ["x"], False, 1)
+                    request = Request(0, role, kind, name, {}, ["x", "y"], False, 1)
                     try:
                         key = await server.key_for(request)
                         await server.model(key)
@@ -229,7 +236,7 @@ def test_transform_serves_only_what_the_rules_allow_warm_or_not(world: World, wo
                         if error is not None:
                             raise error
 
-                    check("transform", ref, role, name, outcome, wrong)
+                    check(kind, ref, role, name, outcome, wrong)
         finally:
             await server.requests.close()
             await pool.close()

@@ -180,6 +180,7 @@ USER_INTERNAL = [
     "pgml._request_abandon(bigint)",
     "pgml._request_answer(bigint)",
     "pgml._request_chunks(bigint,integer)",
+    "pgml._retrieval_call(text,text,jsonb)",
     "pgml._submit(text,text,text,text,text,jsonb,double precision,text,boolean,boolean,integer,integer,text,oid,text)",
     "pgml._submitted(bigint,bigint)",
     "pgml._tune_loopback(text,bigint,jsonb)",

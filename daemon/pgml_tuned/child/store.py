@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -282,10 +282,13 @@ class JobStore:
                 lambda c: writes.write_predictions(c, self.job_id, self.ticket, [], restart),
             )
 
-    def write_predictions(self, rows: list[tuple[str, str, float]]) -> None:
+    def write_predictions(
+        self, rows: Sequence[tuple[Any, ...]], columns: tuple[str, ...] = ("key", "label", "score")
+    ) -> None:
         with refusals_as_job_errors():
             self.with_retry(
-                "writing predictions", lambda c: writes.write_predictions(c, self.job_id, self.ticket, rows, False)
+                "writing predictions",
+                lambda c: writes.write_predictions(c, self.job_id, self.ticket, rows, False, columns),
             )
 
     def finish_dataset(self, rows: int, metrics: dict[str, Any]) -> dict[str, Any]:

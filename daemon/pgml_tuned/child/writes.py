@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +104,24 @@ def succeed(
     return stored
 
 
-def write_predictions(conn: Conn, job_id: int, ticket: str, rows: list[tuple[str, str, float]], restart: bool) -> str:
-    """One transaction of a predict_batch child: its output table (emptied first when `restart`), then a COPY of
-    (key, label, score) rows into it. Returns the table's name (in schema pgml)."""
+def write_predictions(
+    conn: Conn,
+    job_id: int,
+    ticket: str,
+    rows: Sequence[tuple[Any, ...]],
+    restart: bool,
+    columns: tuple[str, ...] = ("key", "label", "score"),
+) -> str:
+    """One transaction of a predict_batch (or embed_batch: columns key, embedding) child: its output table (emptied
+    first when `restart`), then a COPY of rows into it. Returns the table's name (in schema pgml)."""
     with fenced(job_id), conn.transaction():
         params = {"id": job_id, "ticket": ticket, "restart": restart}
         name = str(fetch_one(conn, q("child_predictions_begin"), params)["output"])
-        stmt = sql.SQL("COPY {} (key, label, score) FROM STDIN").format(sql.Identifier("pgml", name))
+        if not rows:
+            return name  # the table, (re)created or emptied
+        stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier("pgml", name), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
         with conn.cursor() as cur, cur.copy(stmt) as cp:
             for row in rows:
                 cp.write_row(row)

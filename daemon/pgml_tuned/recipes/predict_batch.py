@@ -10,6 +10,8 @@ Queued by pgml.predict_batch(model, relation_name, output_table, text_column, ke
 3. classify batch by batch; COPY each batch's (key, label, score) into pgml.<output_table> and log progress
    (step = batches done, so CALL pgml.wait and pgml.job_status show how far it is)
 4. succeed with rows, rows/s and how many rows got each label
+
+embed_batch.py runs the same steps (`over_rows`) with an embedding model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..child.context import JobContext
 from ..errors import JobError
@@ -25,9 +29,28 @@ from ..serving import cache, inference
 
 
 def run(ctx: JobContext) -> None:
+    pipeline_args = {"max_length": ctx.hyperparams["max_length"]} if ctx.hyperparams.get("max_length") else {}
+    labels = Counter[str]()
+
+    def batch(loaded: cache.Loaded, keys: list[str], texts: list[str]) -> list[tuple[Any, ...]]:
+        answers = inference.classify(loaded, texts, pipeline_args)
+        labels.update(a["label"] for a in answers)
+        return [(k, str(a["label"]), float(a["score"])) for k, a in zip(keys, answers, strict=True)]
+
+    over_rows(ctx, cache.CLASSIFY, ("key", "label", "score"), batch, "predictions", lambda: {"labels": dict(labels)})
+
+
+def over_rows(
+    ctx: JobContext,
+    family: str,
+    columns: tuple[str, ...],
+    batch: Callable[[cache.Loaded, list[str], list[str]], list[tuple[Any, ...]]],
+    what: str,
+    more_metrics: Callable[[], dict[str, Any]],
+) -> None:
+    """Steps 1-4 for a model of `family`: `batch` turns a batch's keys and texts into rows of `columns`."""
     args = ctx.dataset_args
     batch_size = int(ctx.hyperparams.get("batch_size") or 64)
-    pipeline_args = {"max_length": ctx.hyperparams["max_length"]} if ctx.hyperparams.get("max_length") else {}
 
     # 1. the rows
     rows = ctx.read_relation([args.get("key_column", "id"), args.get("text_column", "text")])
@@ -37,32 +60,30 @@ def run(ctx: JobContext) -> None:
 
     # 2. the model
     ctx.check_stop()
-    key = cache.ModelKey(cache.CLASSIFY, ctx.spec["model_name"], ctx.spec.get("submitted_by") or "")
+    key = cache.ModelKey(family, ctx.spec["model_name"], ctx.spec.get("submitted_by") or "")
     loaded = cache.load(key, ctx.store, ctx.workdir / "models")
     ctx.info(f"loaded {ctx.spec['model_name']} on {loaded.device}", device=loaded.device)
 
     # 3. batch by batch
     output = ctx.store.begin_predictions(restart=True)
-    ctx.start_over("the predictions of an earlier attempt were emptied")
-    started, labels = time.monotonic(), Counter[str]()
+    ctx.start_over(f"the {what} of an earlier attempt were emptied")
+    started = time.monotonic()
     batches = (len(rows) + batch_size - 1) // batch_size
     for step, start in enumerate(range(0, len(rows), batch_size), start=1):
         if ctx.stop_requested:
             raise ctx.interrupted(f"after {start} of {len(rows)} rows")
-        answers = inference.classify(loaded, texts[start : start + batch_size], pipeline_args)
         keys = [k or "" for k, _ in rows[start : start + batch_size]]
-        out = [(k, str(a["label"]), float(a["score"])) for k, a in zip(keys, answers, strict=True)]
-        ctx.store.write_predictions(out)
-        labels.update(a["label"] for a in answers)
+        out = batch(loaded, keys, texts[start : start + batch_size])
+        ctx.store.write_predictions(out, columns)
         done = start + len(out)
         ctx.log({"step": step, "max_steps": batches, "rows": done, "rows_per_second": round(done / elapsed(started))})
 
     # 4. done
     seconds = elapsed(started)
     metrics = {"rows": len(rows), "seconds": round(seconds, 3), "rows_per_second": round(len(rows) / seconds)}
-    ctx.info(f"wrote {len(rows)} predictions into pgml.{output} in {seconds:.2f} s", rows=len(rows))
-    with tempfile.TemporaryDirectory() as d:  # a prediction job stores no model files
-        ctx.save_results(Path(d), {**metrics, "output_table": f"pgml.{output}", "labels": dict(labels)})
+    ctx.info(f"wrote {len(rows)} {what} into pgml.{output} in {seconds:.2f} s", rows=len(rows))
+    with tempfile.TemporaryDirectory() as d:  # a batch job stores no model files
+        ctx.save_results(Path(d), {**metrics, "output_table": f"pgml.{output}", **more_metrics()})
 
 
 def elapsed(started: float) -> float:

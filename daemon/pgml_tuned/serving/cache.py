@@ -7,7 +7,8 @@ old model's entry simply ages out of the cache). Hub ids and directories (by the
 whoever loaded them first: every request's submitter passes admission.py before a cached model answers it. Loading
 resolves through models.py (only models the submitter may read; config files checked), downloads stored files
 into a directory per model id (kept: a model's files never change), and puts a LoRA adapter on its recorded base,
-merged for speed.
+merged for speed. Embedding models load as a SentenceTransformer (a sentence-transformers directory, or a plain
+encoder with mean pooling), rerankers as a CrossEncoder (a sequence classifier with one output).
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ log = logconfig.get("pgml_tuned.serving.cache")
 
 CLASSIFY = "classify"
 GENERATE = "generate"
+EMBED = "embed"
+RANK = "rank"
 
 
 def family(kind: str) -> str:
     """Which kind of loaded model a request kind needs."""
-    return CLASSIFY if kind == "classify" else GENERATE
+    return kind if kind in (CLASSIFY, EMBED, RANK) else GENERATE
 
 
 @dataclass(frozen=True)
 class ModelKey:
-    family: str  # classify | generate
+    family: str  # classify | generate | embed | rank
     name: str  # a hub id, a worker directory, or pgml:model:<id>
     owner: str  # whose rights load it (the submitter of the request that first needed it)
 
@@ -122,6 +125,10 @@ def load(key: ModelKey, store: models.ModelStore, cache_dir: Path) -> Loaded:
         if not (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = weights
     dev = device()
+    if key.family in (EMBED, RANK):
+        if adapter is not None:
+            raise JobError(f"model {key.name!r} is a LoRA adapter: pgml.embed and pgml.rank serve whole models")
+        return load_sentence_model(key, weights, dev)
     tokenizer = models.load_tokenizer(tokenizer_source)
     with torch.inference_mode():
         if key.family == CLASSIFY:
@@ -140,6 +147,29 @@ def load(key: ModelKey, store: models.ModelStore, cache_dir: Path) -> Loaded:
     elif tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return loaded
+
+
+def load_sentence_model(key: ModelKey, source: str, dev: str) -> Loaded:
+    """A SentenceTransformer (EMBED) or a CrossEncoder (RANK) from a resolved source: never remote code (a module
+    class outside sentence_transformers is refused by the library without trust_remote_code)."""
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    try:
+        with torch.inference_mode():
+            if key.family == EMBED:
+                model: Any = SentenceTransformer(source, device=dev, trust_remote_code=False)
+            else:
+                model = CrossEncoder(source, device=dev, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        what = "an embedding model" if key.family == EMBED else "a cross-encoder"
+        raise JobError(f"cannot load model {key.name!r} as {what}: {e}") from e
+    if key.family == RANK and model.config.num_labels != 1:
+        raise JobError(
+            f"model {key.name!r} has {model.config.num_labels} outputs: a cross-encoder for pgml.rank has one (a score)"
+        )
+    model.eval()
+    return Loaded(key, model, model.tokenizer, dev, model_bytes(model))
 
 
 class ModelCache:

@@ -5,6 +5,9 @@
 - generate: prompts (texts, or chat conversations through the tokenizer's chat template) left-padded into one
   `model.generate`; per prompt the text, why it stopped, and real token counts. A streamed request runs alone,
   its text pieces handed to `on_text` as the tokens come.
+- embed: SentenceTransformer.encode over every text of a batch at once; per text its vector, as JSON already
+  (`Encoded`: nine significant digits, which give the same float32 back).
+- rank: CrossEncoder.predict over every (query, document) pair of a batch at once; per document its score.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from .cache import Loaded
 @dataclass(frozen=True)
 class Arg:
     type: str  # integer | number | boolean | string | flag (true/false, or a string saying so)
-    use: str  # pipeline | generate | lane (the lane's own) | ignored (accepted from clients, never passed on)
+    # pipeline | generate | encode (SentenceTransformer.encode) | lane (the lane's own) | call (pgml.rank's own,
+    # applied to the answer in SQL) | ignored (accepted from clients, never passed on)
+    use: str
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] | None = None
@@ -62,6 +67,14 @@ ARGS: dict[str, dict[str, Arg]] = {
     },
     "generate": {**_COMMON, **_GENERATE},
     "chat": {**_COMMON, **_GENERATE},
+    "embed": {
+        **_COMMON,
+        "normalize": Arg("boolean", "encode"),
+        "prompt": Arg("string", "encode"),
+        "prompt_name": Arg("string", "encode"),
+        "truncate_dim": Arg("integer", "encode", 1, 65536),
+    },
+    "rank": {**_COMMON, "top_k": Arg("integer", "call", 1, 1000), "return_documents": Arg("boolean", "call")},
 }
 MAX_NEW_TOKENS = 4096
 
@@ -132,9 +145,11 @@ def generation_kwargs(args: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def batch_key(args: dict[str, Any]) -> str:
+def batch_key(kind: str, args: dict[str, Any]) -> str:
     """Requests whose args give the same call can share a batch."""
-    return json.dumps({k: v for k, v in args.items() if k not in _COMMON and k != "stream"}, sort_keys=True)
+    allowed = ARGS.get(kind, {})
+    same = {k: v for k, v in args.items() if k in allowed and allowed[k].use not in ("lane", "ignored", "call")}
+    return json.dumps(same, sort_keys=True)
 
 
 def classify(loaded: Loaded, texts: list[str], args: dict[str, Any]) -> list[Any]:
@@ -249,3 +264,42 @@ def usage(answers: list[Generated]) -> dict[str, int]:
     prompt = sum(a.prompt_tokens for a in answers)
     completion = sum(a.completion_tokens for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Encoded(str):
+    """An answer already JSON (Requests.answer_all sends it as it is)."""
+
+
+def encode_args(args: dict[str, Any]) -> dict[str, Any]:
+    """SentenceTransformer.encode's keyword arguments from an embed request's args."""
+    allowed = ARGS["embed"]
+    kw = {k: _plain(allowed[k], v) for k, v in args.items() if k in allowed and allowed[k].use == "encode"}
+    if "normalize" in kw:
+        kw["normalize_embeddings"] = kw.pop("normalize")
+    return kw
+
+
+def embed(loaded: Loaded, texts: list[str], args: dict[str, Any]) -> list[Encoded]:
+    """One JSON array of numbers per text."""
+    import numpy as np
+
+    kw = encode_args(args)
+    dim = loaded.model.get_sentence_embedding_dimension()
+    if dim is not None and kw.get("truncate_dim", 0) > dim:
+        raise JobError(f"truncate_dim {kw['truncate_dim']} is over the {dim} dimensions of {loaded.key.name!r}")
+    try:
+        vectors = loaded.model.encode(
+            texts, batch_size=min(len(texts), 64), convert_to_numpy=True, show_progress_bar=False, **kw
+        )
+    except (KeyError, ValueError, TypeError) as e:  # an unknown prompt_name, ...
+        raise JobError(f"embedding with {loaded.key.name!r} and args {json.dumps(kw)}: {e}") from e
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise JobError(f"model {loaded.key.name!r} returned a vector that is not finite (NaN or infinity)")
+    return [Encoded("[" + ",".join([f"{x:.9g}" for x in row.tolist()]) + "]") for row in vectors]
+
+
+def rank(loaded: Loaded, pairs: list[tuple[str, str]]) -> list[float]:
+    """The cross-encoder's score of each (query, document) pair."""
+    scores = loaded.model.predict(pairs, batch_size=min(len(pairs), 64), convert_to_numpy=True, show_progress_bar=False)
+    return [float(x) for x in scores.reshape(-1).tolist()]

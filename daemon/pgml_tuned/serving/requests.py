@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..db import RETRYABLE, Pool, Row
+from .inference import Encoded
 
 CHANNEL = "pgml_requests"  # {"type": "request_queued"}: only wakes the serving process
 
@@ -17,7 +18,7 @@ CHANNEL = "pgml_requests"  # {"type": "request_queued"}: only wakes the serving 
 class Request:
     id: int
     submitted_by: str
-    kind: str  # classify | generate | chat
+    kind: str  # classify | generate | chat | embed | rank
     model: str
     args: dict[str, Any]
     inputs: list[Any]
@@ -84,10 +85,9 @@ class Requests:
     async def answer_all(self, answers: list[tuple[int, Any]]) -> set[int]:
         """A batch's answers in one statement and one commit; the ids this process still owned."""
         ids = [i for i, _ in answers]
+        results = [r if isinstance(r, Encoded) else json.dumps(r) for _, r in answers]
         try:
-            rows = await self.lane.named(
-                "answer_requests", serving_id=self.serving_id, ids=ids, results=[json.dumps(r) for _, r in answers]
-            )
+            rows = await self.lane.named("answer_requests", serving_id=self.serving_id, ids=ids, results=results)
         finally:
             await self._unlock(ids)
         return {r["id"] for r in rows}

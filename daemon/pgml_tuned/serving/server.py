@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ class Server:
             except JobError as e:
                 await self.requests.fail(r.id, str(e))
                 continue
-            group = (key.cache_key, "stream", r.id) if r.stream else (key.cache_key, inference.batch_key(r.args))
+            same_call = inference.batch_key(r.kind, r.args)
+            group = (key.cache_key, "stream", r.id) if r.stream else (key.cache_key, same_call)
             groups.setdefault(group, (key, []))[1].append(r)
         for key, reqs in groups.values():
             started = time.monotonic()
@@ -164,6 +166,10 @@ class Server:
                 loaded = await self.model(key)
                 if key.family == cache.CLASSIFY:
                     await self.classify(loaded, reqs)
+                elif key.family == cache.EMBED:
+                    await self.embed(loaded, reqs)
+                elif key.family == cache.RANK:
+                    await self.rank(loaded, reqs)
                 else:
                     await self.generate(loaded, reqs)
             except JobError as e:
@@ -219,6 +225,37 @@ class Server:
         return loaded
 
     async def classify(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
+        await self._in_parts(reqs, lambda part: self._per_text(inference.classify, loaded, part, list))
+
+    async def embed(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
+        def vectors(got: list[inference.Encoded]) -> inference.Encoded:
+            return inference.Encoded("[" + ",".join(got) + "]")
+
+        await self._in_parts(reqs, lambda part: self._per_text(inference.embed, loaded, part, vectors))
+
+    async def rank(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
+        """inputs are [query, document, ...]: one score per document, in order (pgml.rank sorts and cuts)."""
+
+        async def scores(part: list[Request]) -> list[Any]:
+            pairs = [(r.inputs[0], d) for r in part for d in r.inputs[1:]]
+            got = await anyio.to_thread.run_sync(inference.rank, loaded, pairs)
+            return split(got, [len(r.inputs) - 1 for r in part])
+
+        await self._in_parts(reqs, scores)
+
+    async def _per_text(
+        self,
+        run: Callable[[cache.Loaded, list[str], dict[str, Any]], list[Any]],
+        loaded: cache.Loaded,
+        part: list[Request],
+        pack: Callable[[list[Any]], Any],
+    ) -> list[Any]:
+        """`run` over the texts of every request of `part` at once (they share their args); per request, its
+        texts' results packed."""
+        got = await anyio.to_thread.run_sync(run, loaded, [t for r in part for t in r.inputs], part[0].args)
+        return [pack(x) for x in split(got, [len(r.inputs) for r in part])]
+
+    async def _in_parts(self, reqs: list[Request], answer: Callable[[list[Request]], Awaitable[list[Any]]]) -> None:
         """In claim order, a few hundred texts at a time, each part answered at once: a short request claimed with
         a long one is not held until the long one is done."""
         start = 0
@@ -228,13 +265,8 @@ class Server:
                 n += len(reqs[end].inputs)
                 end += 1
             part = reqs[start:end]
-            texts = [t for r in part for t in r.inputs]
-            results = await anyio.to_thread.run_sync(inference.classify, loaded, texts, part[0].args)
-            answers, at = [], 0
-            for r in part:
-                answers.append((r.id, results[at : at + len(r.inputs)]))
-                at += len(r.inputs)
-            await self.requests.answer_all(answers)
+            results = await answer(part)
+            await self.requests.answer_all([(r.id, x) for r, x in zip(part, results, strict=True)])
             start = end
 
     async def generate(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
@@ -278,3 +310,12 @@ class Server:
             seq += 1
 
         return on_text
+
+
+def split(values: list[Any], sizes: list[int]) -> list[list[Any]]:
+    """`values` cut into consecutive lists of these sizes."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(values[at : at + n])
+        at += n
+    return out

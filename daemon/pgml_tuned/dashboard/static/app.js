@@ -54,7 +54,9 @@ function duration(s) {
 }
 
 function keyMetric(metrics) {
-  for (const k of KEY_METRICS) {
+  // retrieval jobs (text-embedding, text-ranking): their NDCG@10 is the key metric, whatever the evaluator named it
+  const ndcg = Object.keys(metrics || {}).find((k) => k.startsWith("eval_") && /ndcg@10$/.test(k));
+  for (const k of ndcg ? [ndcg] : KEY_METRICS) {
     if (metrics && typeof metrics[k] === "number") return `${k.replace(/^eval_/, "")} ${num(metrics[k])}`;
   }
   return "–";
