@@ -126,6 +126,14 @@ BEGIN
         END IF;
         RETURN NEW;
     END IF;
+    IF coalesce(v_job, '') !~ '^[0-9]+$' AND NOT pg_catalog.pg_has_role(session_user, 'pgml_child', 'MEMBER') THEN
+        -- a user (pgml_user may INSERT into file_parts for its imports, above): no write of its own
+        RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+            MESSAGE = pg_catalog.format('permission denied for table %s: a user stores a model''s files only in an '
+                                        'import it began', TG_TABLE_NAME),
+            HINT = 'pgml-tuned models import DIR --project NAME (or pgml.import_model_begin, COPY, '
+                   'pgml.import_model_finish in one transaction)';
+    END IF;
     IF coalesce(v_job, '') !~ '^[0-9]+$' THEN
         RAISE EXCEPTION USING ERRCODE = 'PGT01', MESSAGE = pg_catalog.format('%s: no child ticket in this transaction',
                                                                              TG_TABLE_NAME),

@@ -86,87 +86,104 @@ DECLARE
     v_found   record;
 BEGIN
     IF v_owner <> v_who AND NOT pg_has_role(v_who, 'pgml_admin', 'MEMBER') THEN
-        PERFORM pgml._fail(format('%s may not import a model into a project of %s: only administrators import '
+        RAISE EXCEPTION USING MESSAGE = format('%s may not import a model into a project of %s: only administrators import '
                                   'models for another login', v_who, v_owner),
-                           format('import it into a project of your own (leave the owner out), or ask a member of '
-                                  'pgml_admin to import it for %s', v_owner), 'insufficient_privilege');
+            HINT = format('import it into a project of your own (leave the owner out), or ask a member of '
+                                  'pgml_admin to import it for %s', v_owner),
+            ERRCODE = 'insufficient_privilege';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = v_owner AND pg_has_role(r.oid, 'pgml_user', 'MEMBER')) THEN
-        PERFORM pgml._fail(format('%s is not a pgml_user login: its models could not be used', v_owner),
-                           format('GRANT pgml_user TO %I, or import for another login', v_owner));
+        RAISE EXCEPTION USING MESSAGE = format('%s is not a pgml_user login: its models could not be used', v_owner),
+            HINT = format('GRANT pgml_user TO %I, or import for another login', v_owner),
+            ERRCODE = 'invalid_parameter_value';
     END IF;
     IF project_name IS NULL OR btrim(project_name) = '' OR length(project_name) > 200 THEN
-        PERFORM pgml._fail('an import needs a project name (at most 200 characters)',
-                           'pgml-tuned models import DIR --project NAME: the model is then pgml:NAME');
+        RAISE EXCEPTION USING MESSAGE = 'an import needs a project name (at most 200 characters)',
+            HINT = 'pgml-tuned models import DIR --project NAME: the model is then pgml:NAME',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
     IF task IS NULL OR task NOT IN ('text-classification', 'text-pair-classification', 'conversation') THEN
-        PERFORM pgml._fail(format('task %s cannot be imported', coalesce(quote_literal(task), 'NULL')),
-                           'imported models are of task text-classification, text-pair-classification or '
-                           'conversation (causal language models)');
+        RAISE EXCEPTION USING MESSAGE = format('task %s cannot be imported', coalesce(quote_literal(task), 'NULL')),
+            HINT = 'imported models are of task text-classification, text-pair-classification or '
+                           'conversation (causal language models)',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT * INTO v_project FROM pgml.projects p WHERE p.name = project_name AND p.owner = v_owner;
     IF FOUND AND v_project.task <> task THEN
-        PERFORM pgml._fail(format('project %L is a %s project, not %s', project_name, v_project.task, task),
-                           'import it into another project (--project), or give the project''s task (--task)');
+        RAISE EXCEPTION USING MESSAGE = format('project %L is a %s project, not %s', project_name, v_project.task, task),
+            HINT = 'import it into another project (--project), or give the project''s task (--task)',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
 
     -- the files: a list of paths and sizes, each path allowed, config.json or adapter_config.json among them
     IF files IS NULL OR jsonb_typeof(files) <> 'array' OR jsonb_array_length(files) = 0
        OR jsonb_array_length(files) > 10000 THEN
-        PERFORM pgml._fail('files must be a JSON array of {"path": ..., "bytes": ...}, one per file of the model',
-                           'pgml-tuned models import DIR lists them');
+        RAISE EXCEPTION USING MESSAGE = 'files must be a JSON array of {"path": ..., "bytes": ...}, one per file of the model',
+            HINT = 'pgml-tuned models import DIR lists them',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
     FOR v_file IN SELECT value FROM jsonb_array_elements(files) LOOP
         IF jsonb_typeof(v_file) <> 'object' OR jsonb_typeof(v_file -> 'path') <> 'string'
            OR jsonb_typeof(v_file -> 'bytes') <> 'number' OR (v_file ->> 'bytes') !~ '^[0-9]{1,15}$' THEN
-            PERFORM pgml._fail(format('files: %s is not {"path": text, "bytes": integer}', left(v_file::text, 200)),
-                               'pgml-tuned models import DIR lists them');
+            RAISE EXCEPTION USING MESSAGE = format('files: %s is not {"path": text, "bytes": integer}', left(v_file::text, 200)),
+                HINT = 'pgml-tuned models import DIR lists them',
+                ERRCODE = 'invalid_parameter_value';
         END IF;
         SELECT * INTO v_bad FROM pgml._import_file_refusal(v_file ->> 'path');
         IF v_bad.message IS NOT NULL THEN
-            PERFORM pgml._fail(v_bad.message, v_bad.hint);
+            RAISE EXCEPTION USING MESSAGE = v_bad.message,
+                HINT = v_bad.hint,
+                ERRCODE = 'invalid_parameter_value';
         END IF;
         IF (v_file ->> 'path') = ANY (v_paths) THEN
-            PERFORM pgml._fail(format('files: %L is listed twice', v_file ->> 'path'), 'list each file once');
+            RAISE EXCEPTION USING MESSAGE = format('files: %L is listed twice', v_file ->> 'path'),
+                HINT = 'list each file once',
+                ERRCODE = 'invalid_parameter_value';
         END IF;
         v_paths := v_paths || (v_file ->> 'path');
         v_bytes := v_bytes + (v_file ->> 'bytes')::bigint;
     END LOOP;
     v_adapter := 'adapter_config.json' = ANY (v_paths);
     IF NOT v_adapter AND NOT 'config.json' = ANY (v_paths) THEN
-        PERFORM pgml._fail('the model has no config.json (nor adapter_config.json): it is not a saved transformers '
+        RAISE EXCEPTION USING MESSAGE = 'the model has no config.json (nor adapter_config.json): it is not a saved transformers '
                            'model or PEFT adapter',
-                           'import the directory save_pretrained wrote (config.json, model.safetensors, the '
-                           'tokenizer''s files)');
+            HINT = 'import the directory save_pretrained wrote (config.json, model.safetensors, the '
+                           'tokenizer''s files)',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM unnest(v_paths) p WHERE p LIKE '%.safetensors') THEN
-        PERFORM pgml._fail('the model has no .safetensors weights',
-                           'save it with save_pretrained(DIR, safe_serialization=True) and import that directory');
+        RAISE EXCEPTION USING MESSAGE = 'the model has no .safetensors weights',
+            HINT = 'save it with save_pretrained(DIR, safe_serialization=True) and import that directory',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
 
     -- an adapter's base: resolvable now, under the rules every model_name follows, for the owner
     IF NOT v_adapter THEN
         IF base_model IS NOT NULL THEN
-            PERFORM pgml._fail(format('base model %L given for a full model (it has no adapter_config.json)',
+            RAISE EXCEPTION USING MESSAGE = format('base model %L given for a full model (it has no adapter_config.json)',
                                       base_model),
-                               'a full model loads on its own: leave --base out');
+                HINT = 'a full model loads on its own: leave --base out',
+                ERRCODE = 'invalid_parameter_value';
         END IF;
     ELSIF base_model IS NULL OR btrim(base_model) = '' THEN
-        PERFORM pgml._fail('the adapter names no base model',
-                           'pass --base (pgml:<project>, pgml:model:<id>, or a hub id on the allow-list), or set '
-                           'base_model_name_or_path in its adapter_config.json');
+        RAISE EXCEPTION USING MESSAGE = 'the adapter names no base model',
+            HINT = 'pass --base (pgml:<project>, pgml:model:<id>, or a hub id on the allow-list), or set '
+                           'base_model_name_or_path in its adapter_config.json',
+            ERRCODE = 'invalid_parameter_value';
     ELSIF starts_with(base_model, 'pgml:') THEN
         v_ref := substr(base_model, 6);
         IF starts_with(v_ref, 'model:') AND substr(v_ref, 7) !~ '^[0-9]{1,18}$' THEN
-            PERFORM pgml._fail(format('base model %L: write pgml:model:<id> with a numeric id', base_model),
-                               'SELECT id FROM pgml.models lists them');
+            RAISE EXCEPTION USING MESSAGE = format('base model %L: write pgml:model:<id> with a numeric id', base_model),
+                HINT = 'SELECT id FROM pgml.models lists them',
+                ERRCODE = 'invalid_parameter_value';
         END IF;
         SELECT * INTO v_found FROM pgml._model_ref(CASE WHEN starts_with(v_ref, 'model:') THEN substr(v_ref, 7)::bigint END,
                                                    CASE WHEN NOT starts_with(v_ref, 'model:') THEN v_ref END, v_owner) r;
         IF v_found.id IS NULL OR v_found.status <> 'successful' THEN
-            PERFORM pgml._fail(format('base model %L: %s has no such successful model', base_model, v_owner),
-                               'name a model the owner may read: pgml:<project> (SELECT name FROM pgml.projects), '
-                               'pgml:model:<id>, or import the base first');
+            RAISE EXCEPTION USING MESSAGE = format('base model %L: %s has no such successful model', base_model, v_owner),
+                HINT = 'name a model the owner may read: pgml:<project> (SELECT name FROM pgml.projects), '
+                               'pgml:model:<id>, or import the base first',
+                ERRCODE = 'invalid_parameter_value';
         END IF;
     ELSIF starts_with(base_model, '/') THEN
         NULL;  -- a directory under the workers' model directories: each worker checks it when it loads the base
@@ -174,12 +191,15 @@ BEGIN
           AND strpos(base_model, '--') = 0 AND length(base_model) <= 96 THEN
         SELECT * INTO v_bad FROM pgml._hub_refusal(base_model, v_owner);
         IF v_bad.message IS NOT NULL THEN
-            PERFORM pgml._fail(v_bad.message, v_bad.hint, 'insufficient_privilege');
+            RAISE EXCEPTION USING MESSAGE = v_bad.message,
+                HINT = v_bad.hint,
+                ERRCODE = 'insufficient_privilege';
         END IF;
     ELSE
-        PERFORM pgml._fail(format('base model %L is not a model reference', base_model),
-                           'name a hub id (org/name), a stored model (pgml:<project> or pgml:model:<id>), or an '
-                           'absolute directory under the workers'' model directories');
+        RAISE EXCEPTION USING MESSAGE = format('base model %L is not a model reference', base_model),
+            HINT = 'name a hub id (org/name), a stored model (pgml:<project> or pgml:model:<id>), or an '
+                           'absolute directory under the workers'' model directories',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
 
     INSERT INTO pgml.projects AS p (name, task, owner) VALUES (project_name, task, v_owner)
@@ -218,9 +238,10 @@ BEGIN
     IF NOT FOUND OR NOT (v_model.hyperparams ? 'import') OR v_model.status <> 'in_progress'
        OR v_model.hyperparams -> 'import' ->> 'by' IS DISTINCT FROM pgml._submitter()::text
        OR current_setting('pgml.import_model', true) IS DISTINCT FROM v_model.id::text THEN
-        PERFORM pgml._fail(format('model %s is not an import this transaction began', import_model_finish.model_id),
-                           'SELECT pgml.import_model_begin(...), COPY its files, then pgml.import_model_finish(id), '
-                           'in one transaction (pgml-tuned models import does)', 'object_not_in_prerequisite_state');
+        RAISE EXCEPTION USING MESSAGE = format('model %s is not an import this transaction began', import_model_finish.model_id),
+            HINT = 'SELECT pgml.import_model_begin(...), COPY its files, then pgml.import_model_finish(id), '
+                           'in one transaction (pgml-tuned models import does)',
+            ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     -- each listed file stored whole (parts 0..n-1, its size), nothing else stored
     SELECT l.path AS listed, s.path AS stored, l.bytes AS want, s.bytes AS got, s.parts, s.last_part
@@ -232,12 +253,13 @@ BEGIN
     WHERE l.path IS NULL OR s.path IS NULL OR l.bytes <> s.bytes OR s.parts <> s.last_part + 1
     ORDER BY coalesce(l.path, s.path) LIMIT 1;
     IF FOUND THEN
-        PERFORM pgml._fail(CASE WHEN v_bad.listed IS NULL THEN format('file %L was stored but not listed', v_bad.stored)
+        RAISE EXCEPTION USING MESSAGE = CASE WHEN v_bad.listed IS NULL THEN format('file %L was stored but not listed', v_bad.stored)
                                 WHEN v_bad.stored IS NULL THEN format('file %L was listed but not stored', v_bad.listed)
                                 ELSE format('file %L: %s bytes listed, %s stored', v_bad.listed, v_bad.want, v_bad.got)
                            END,
-                           'the directory changed while it was imported, or the client sent other files: import it '
-                           'again');
+            HINT = 'the directory changed while it was imported, or the client sent other files: import it '
+                           'again',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
     -- the stored configuration: valid JSON, no code of the model's own (auto_map, trust_remote_code)
     FOREACH v_path IN ARRAY ARRAY['config.json', 'tokenizer_config.json', 'adapter_config.json',
@@ -247,17 +269,21 @@ BEGIN
         BEGIN
             v_config := pgml._import_file_text(v_model.id, v_path)::jsonb;
         EXCEPTION WHEN invalid_text_representation OR character_not_in_repertoire OR untranslatable_character THEN
-            PERFORM pgml._fail(format('%s is not valid JSON', v_path), format('fix or remove %s', v_path));
+            RAISE EXCEPTION USING MESSAGE = format('%s is not valid JSON', v_path),
+                HINT = format('fix or remove %s', v_path),
+                ERRCODE = 'invalid_parameter_value';
         END;
         IF jsonb_path_exists(v_config, 'lax $.**.auto_map') THEN
-            PERFORM pgml._fail(format('%s has an "auto_map": the model needs code of its own (trust_remote_code), '
+            RAISE EXCEPTION USING MESSAGE = format('%s has an "auto_map": the model needs code of its own (trust_remote_code), '
                                       'which pgml-tuned never runs', v_path),
-                               format('import a model of an architecture transformers has built in; if it is one, '
-                                      'delete "auto_map" from %s', v_path));
+                HINT = format('import a model of an architecture transformers has built in; if it is one, '
+                                      'delete "auto_map" from %s', v_path),
+                ERRCODE = 'invalid_parameter_value';
         END IF;
         IF jsonb_path_exists(v_config, 'lax $.**.trust_remote_code ? (@ == true)') THEN
-            PERFORM pgml._fail(format('%s sets trust_remote_code: pgml-tuned never runs a model''s own code', v_path),
-                               format('delete trust_remote_code from %s', v_path));
+            RAISE EXCEPTION USING MESSAGE = format('%s sets trust_remote_code: pgml-tuned never runs a model''s own code', v_path),
+                HINT = format('delete trust_remote_code from %s', v_path),
+                ERRCODE = 'invalid_parameter_value';
         END IF;
     END LOOP;
     -- safetensors: 8 bytes of header length, then that much JSON header, inside the file
@@ -270,8 +296,9 @@ BEGIN
            OR get_byte(f.data, 5) <> 0 OR get_byte(f.data, 6) <> 0 OR get_byte(f.data, 7) <> 0)
     ORDER BY f.path LIMIT 1;
     IF FOUND THEN
-        PERFORM pgml._fail(format('%s is not a safetensors file (its header is cut short or not there)', v_path),
-                           'save the weights again with save_pretrained(DIR, safe_serialization=True)');
+        RAISE EXCEPTION USING MESSAGE = format('%s is not a safetensors file (its header is cut short or not there)', v_path),
+            HINT = 'save the weights again with save_pretrained(DIR, safe_serialization=True)',
+            ERRCODE = 'invalid_parameter_value';
     END IF;
 
     SELECT count(DISTINCT f.path), coalesce(sum(length(f.data)), 0) INTO v_files, v_bytes

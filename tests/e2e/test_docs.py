@@ -675,8 +675,10 @@ def test_document(
     doc: Path, doc_logins: Logins, su_dsn: str, daemon: Any, hub_models: dict[str, Path], imdb: None, tmp_path: Path
 ) -> None:
     run = Run(su_dsn, doc_logins, tmp_path, daemon)
-    if re.search(r"pgml-tuned (hub add|models import)", doc.read_text()):
-        run.own_models(hub_models)
+    if any(
+        b.runs and b.lang in SHELL and re.search(r"pgml-tuned (hub add|models import)", b.code) for b in ALL[doc].blocks
+    ):
+        run.own_models(hub_models)  # it runs them itself: a user's walk without the hub
     try:
         for block in ALL[doc].blocks:
             t0 = time.monotonic()

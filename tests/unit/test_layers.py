@@ -53,6 +53,10 @@ RANKS = {
     "recipes.load_dataset": 8,
     "recipes.predict_batch": 8,
     "recipes.text_classification": 8,
+    "recipes.retrieval": 8,  # what the two retrieval recipes share: splits by query, the ranking metrics
+    "recipes.text_embedding": 9,
+    "recipes.text_ranking": 9,
+    "recipes.embed_batch": 9,  # predict_batch's loop over a table, with the serving lane's encoder
     "recipes.conversation.options": 8,
     "recipes.conversation.data": 9,
     "recipes.conversation.model": 10,
@@ -73,12 +77,12 @@ RANKS = {
     "worker.daemon": 7,
     # the serving process (beside the child and the worker: neither imports it)
     "serving": 4,
-    "serving.requests": 4,
     "serving.admission": 5,  # every request's submitter checked against its model, warm or not
     "serving.cache": 5,
     "serving.inference": 6,
-    "serving.server": 7,
-    "serving.__main__": 8,
+    "serving.requests": 7,  # the lane's statements, answers encoded by serving.inference
+    "serving.server": 8,
+    "serving.__main__": 9,
     # the front
     "demo": 8,
     "dashboard": 8,

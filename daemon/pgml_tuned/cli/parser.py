@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(fn=cmd_download)
 
     mo = sub.add_parser("models", help="models import DIR --project NAME: bring your own model into pgml.files")
-    mo_sub = mo.add_subparsers(dest="models_command", required=True)
+    mo_sub = mo.add_subparsers(
+        dest="models_command", required=True, help="import: a local model directory into pgml.files"
+    )
     mi = mo_sub.add_parser(
         "import",
         parents=[common],
@@ -153,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     mi.set_defaults(fn=cmd_import)
 
     hub = sub.add_parser("hub", help="hub add DIR --as ORG/NAME: a local model in the workers' Hugging Face cache")
-    hub_sub = hub.add_subparsers(dest="hub_command", required=True)
+    hub_sub = hub.add_subparsers(
+        dest="hub_command", required=True, help="add: a local model directory into a Hugging Face cache"
+    )
     ha = hub_sub.add_parser(
         "add",
         help="put a local model directory into the Hugging Face cache under a hub id, for workers offline",
