@@ -103,9 +103,9 @@ def test_mixed_adapters_answer_as_merged_across_users_with_eviction(
         want[f"pgml:model:{model_id}"] = in_process_chat(tiny["llama"], tiny[f"llama_lora{i}"], CHAT, 8)[1]
     assert len(set(want.values())) == 5, want  # every adapter changes the answer
 
-    # another user's adapter is refused before anything is loaded
-    refused = answer(ops, submit_all(ops, [(USER, "chat", f"pgml:model:{other}", CHAT, ARGS)])[0])
-    assert refused["status"] == "failed" and f"no such model that {USER} may use" in refused["error"]
+    # another user's adapter is refused (at the submit already) before anything is loaded
+    with pytest.raises(psycopg.errors.UndefinedObject, match=f"no such model that {USER} may use"):
+        submit_all(ops, [(USER, "chat", f"pgml:model:{other}", CHAT, ARGS)])
     assert loads(port, "adapter") == 0 and f'"model": "pgml:model:{other}"' not in d.output()
 
     # two users' adapters and the base, round-robin, claimed together: 4 adapters through an LRU of 2
@@ -144,7 +144,7 @@ def test_mixed_adapters_answer_as_merged_across_users_with_eviction(
 def test_mixed_classification_and_no_stale_adapter(
     daemon: Any, ops: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], tiny: dict[str, Path]
 ) -> None:
-    daemon()
+    d = daemon()
     wait_serving(su)
     first = store_model(su, USER, "sent", "text-classification", tiny["classifier_lora0"], base=CLASSIFIER)
     second = store_model(su, USER, "sent", "text-classification", tiny["classifier_lora1"], base=CLASSIFIER)
@@ -158,6 +158,11 @@ def test_mixed_classification_and_no_stale_adapter(
     for key, g in zip([CLASSIFIER, first, second], got, strict=True):
         assert g["status"] == "done", g["error"]
         same_answers(g["result"], want[key])
+    # one copy of the base, both adapters loaded onto it
+    loads = [json.loads(x) for x in d.output().splitlines() if '"serving.model_loaded"' in x]
+    assert [x["model"] for x in loads] == [CLASSIFIER], loads
+    onto = [json.loads(x) for x in d.output().splitlines() if '"serving.adapter_loaded"' in x]
+    assert sorted(x["model"] for x in onto) == [f"pgml:model:{first}", f"pgml:model:{second}"]
     # pgml:sent is its latest model while none is deployed; deploying the first (warm) serves it at once
     same_answers(answer(ops, submit_all(ops, [(USER, "classify", "pgml:sent", TEXTS, {})])[0])["result"], want[second])
     su.execute(
@@ -165,9 +170,11 @@ def test_mixed_classification_and_no_stale_adapter(
         (first,),
     )
     same_answers(answer(ops, submit_all(ops, [(USER, "classify", "pgml:sent", TEXTS, {})])[0])["result"], want[first])
-    # deleted while warm: refused, not served from the cache
-    su.execute("DELETE FROM pgml.deployments WHERE model_id = %s", (first,))
-    su.execute("DELETE FROM pgml.models WHERE id = %s", (first,))
-    gone = answer(ops, submit_all(ops, [(USER, "classify", f"pgml:model:{first}", TEXTS, {})])[0])
+    # deleted while warm, with a request for it already queued (committed together): refused, not served stale
+    with su.transaction():
+        (queued,) = submit_all(su, [(USER, "classify", f"pgml:model:{first}", TEXTS, {})])
+        su.execute("DELETE FROM pgml.deployments WHERE model_id = %s", (first,))
+        su.execute("DELETE FROM pgml.models WHERE id = %s", (first,))
+    gone = answer(ops, queued)
     assert gone["status"] == "failed" and "no such model" in gone["error"], gone
     same_answers(answer(ops, submit_all(ops, [(USER, "classify", "pgml:sent", TEXTS, {})])[0])["result"], want[second])
