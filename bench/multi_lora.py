@@ -1,11 +1,12 @@
 """Many LoRA adapters on one base model: the serving process's multi-LoRA lane against its merged-copy lane.
 
     python bench/multi_lora.py [--dsn DSN] [--hidden 256] [--layers 4] [--rank 16] [--tokens 16] [--rounds 3]
-                               [--many 200] [--json out.json]
+                               [--many 200] [--model small|1b] [--json out.json]
 
 Without --dsn it starts (or reuses) the embedded PostgreSQL under .pgml-bench/; either way it creates a fresh
-migrated database and drops it at the end. The base: a random Llama (tests/support/models.py, --hidden, --layers)
-in an offline hub cache as `bench/llama`; 16 + --many LoRA adapters (rank --rank on q/k/v/o, random non-zero B)
+migrated database and drops it at the end. The base: a random Llama (tests/support/models.py, --hidden, --layers;
+--model 1b: bench/gpu_conversation.py's 1.07B bf16 Llama, for a GPU: bench/gpu_check.sh) in an offline hub cache
+as `bench/llama`; 16 + 10 + --many LoRA adapters (rank --rank on q/k/v/o, random non-zero B)
 stored in pgml.files as models of the bench's user, base `bench/llama`. A daemon (`pgml-tuned serve`) runs the
 serving process; requests go in through pgml._request_submit, 32 in one transaction (32 concurrent callers), each
 a chat of --tokens new tokens (min_new_tokens = max_new_tokens: the same work in every lane), greedy.
@@ -48,7 +49,7 @@ OWNER = "bench_lora_user"
 CHAT = [{"role": "user", "content": "Tell me about shares and films."}]
 
 
-def build(home: Path, hidden: int, layers: int, rank: int, count: int) -> tuple[Path, list[Path]]:
+def build(home: Path, hidden: int, layers: int, rank: int, count: int, size: str) -> tuple[Path, list[Path]]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -56,7 +57,12 @@ def build(home: Path, hidden: int, layers: int, rank: int, count: int) -> tuple[
     from pgml_tuned import hub_cache
     from tests.support.models import build_tiny_llama
 
-    base = build_tiny_llama(home / "llama", hidden=hidden, layers=layers, heads=4, kv_heads=2)
+    if size == "1b":
+        from bench.gpu_conversation import build_model
+
+        base = build_model(home, tiny=False)
+    else:
+        base = build_tiny_llama(home / "llama", hidden=hidden, layers=layers, heads=4, kv_heads=2)
     hub_cache.add(base, BASE, home / "hf")
     model = AutoModelForCausalLM.from_pretrained(base)
     peft = get_peft_model(
@@ -154,9 +160,10 @@ def last_load(daemon: DaemonProc) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = admin_dsn(args.dsn)
     home = Path(tempfile.mkdtemp(prefix="pgml-bench-multi-lora-"))
-    _, adapters = build(home, args.hidden, args.layers, args.rank, 16 + 10 + args.many)
+    _, adapters = build(home, args.hidden, args.layers, args.rank, 16 + 10 + args.many, args.model)
     mb = 2**20
-    result: dict[str, Any] = {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "tokens": args.tokens}
+    result: dict[str, Any] = {"model": args.model, "hidden": args.hidden, "layers": args.layers}
+    result.update(rank=args.rank, tokens=args.tokens)
     with fresh_database(admin, "bench_multi_lora") as dsn:
         ids = store(dsn, adapters)
         names = [f"pgml:model:{i}" for i in ids]
@@ -272,6 +279,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--many", type=int, default=200)
+    parser.add_argument("--model", choices=["small", "1b"], default="small", help="1b: a 1.07B bf16 Llama (GPU)")
     main_with_json(parser, run)
 
 
