@@ -17,6 +17,8 @@
 #   2. bench/overhead.py           pgml.tune + daemon vs a plain Trainer script, same args (issue 10: ≤ 1.03x wall)
 #   3. bench/transform.py          pgml.transform latency / 8 sessions vs 1 / chat tokens/s of a 1B Llama (issue 9)
 #   4. bench/gpu_conversation.py   the conversation recipe vs plain Trainer + peft, bf16 LoRA and 4-bit QLoRA
+#   5. bench/multi_lora.py         issue 22: one 1.07B base, 16 rank-16 adapters mixed in one batch vs one adapter
+#                                  and vs merged copies; cold load p50; 60 adapters round-robin (STEPS=multilora)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -49,7 +51,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 step() {  # name seconds command...; STEPS="training overhead" runs only those
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
-    case " ${STEPS:-training overhead transform conversation} " in *" $name "*) ;; *) return ;; esac
+    case " ${STEPS:-training overhead transform conversation multilora} " in *" $name "*) ;; *) return ;; esac
     echo "=== $name: $*"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
@@ -73,6 +75,7 @@ if [ $smoke = 1 ]; then
     step overhead 600 python3 bench/overhead.py --rounds 1 --extra-rounds 0 --quiet-wait 0 --json "$OUT/overhead.json"
     step transform 600 python3 bench/transform.py --requests 10 --seconds 2 --chat-rounds 2 --json "$OUT/transform.json"
     step conversation 600 python3 bench/gpu_conversation.py --tiny --repeats 1 --only bf16
+    step multilora 600 python3 bench/multi_lora.py --many 8 --rounds 1 --tokens 4 --json "$OUT/multi_lora.json"
 else
     step training ${TRAINING_S:-240} python3 bench/gpu_training.py --steps 120 --warmup 10 \
         --repeats "${TRAINING_REPEATS:-2}" --profile "${TRAINING_PROFILE:-10}" \
@@ -83,4 +86,6 @@ else
     step transform 130 python3 bench/transform.py --requests 200 --seconds 10 --chat-rounds 5 --chat-model 1b \
         --json "$OUT/transform.json"
     step conversation 170 python3 bench/gpu_conversation.py --rows 512 --repeats 1 --json "$OUT/conversation.json"
+    step multilora ${MULTILORA_S:-420} python3 bench/multi_lora.py --model 1b --rank 16 --tokens 32 --rounds 2 \
+        --many "${MULTILORA_MANY:-60}" --json "$OUT/multi_lora.json"
 fi

@@ -107,6 +107,19 @@ class Settings:
     model_cache_mb: int = setting(
         4096, help="memory the serving process keeps warm models in (least recently used out first)"
     )
+    lora_serving: str = setting(
+        "multi",
+        help="how the serving process serves LoRA adapters: multi (one copy of each base model, adapters loaded "
+        "onto it unmerged, requests for different adapters in one batch) or merged (each adapter merged into a "
+        "copy of its base of its own)",
+        choices=("multi", "merged"),
+    )
+    adapter_cache_count: int = setting(
+        64, help="LoRA adapters the serving process keeps loaded on their base models (least recently used out first)"
+    )
+    adapter_cache_mb: int = setting(
+        1024, help="memory the serving process keeps loaded LoRA adapters in, besides their base models"
+    )
     metrics_port: int | None = setting(
         None,
         help="serve Prometheus metrics at http://<metrics-host>:PORT/metrics (default: off; 0 picks a free port)",
@@ -215,6 +228,10 @@ class Settings:
             raise ValueError(f"metrics_port must be a TCP port (0 to 65535), got {self.metrics_port}")
         if self.model_cache_mb < 0:
             raise ValueError(f"model_cache_mb must be 0 or more, got {self.model_cache_mb}")
+        if self.adapter_cache_count < 1:
+            raise ValueError(f"adapter_cache_count must be 1 or more, got {self.adapter_cache_count}")
+        if self.adapter_cache_mb < 0:
+            raise ValueError(f"adapter_cache_mb must be 0 or more, got {self.adapter_cache_mb}")
         for d in self.model_dir_list:
             if not d.is_absolute():
                 raise ValueError(

@@ -52,6 +52,9 @@ def main() -> int:
         cache_dir=Path(payload["cache_dir"]),
         model_cache_mb=int(payload["model_cache_mb"]),
         listen_dsn=payload.get("listen_dsn"),
+        lora_serving=payload.get("lora_serving", "multi"),
+        adapter_cache_count=int(payload.get("adapter_cache_count", 64)),
+        adapter_cache_mb=int(payload.get("adapter_cache_mb", 1024)),
     )
     anyio.run(serve, config)
     return 0

@@ -6,8 +6,16 @@ The key of a stored model is its id (`pgml:model:<id>`), found per batch from th
 old model's entry simply ages out of the cache). Hub ids and directories (by their real path) are their own keys,
 whoever loaded them first: every request's submitter passes admission.py before a cached model answers it. Loading
 resolves through models.py (only models the submitter may read; config files checked), downloads stored files
-into a directory per model id (kept: a model's files never change), and puts a LoRA adapter on its recorded base,
-merged for speed. Embedding models load as a SentenceTransformer (a sentence-transformers directory, or a plain
+into a directory per model id (kept: a model's files never change).
+
+A LoRA adapter (a stored model with a recorded base) is served one of two ways (--lora-serving):
+- multi (the default): its base is loaded once (the ModelCache entry of the base's own name, shared with requests
+  for the base itself) and the adapter is loaded onto it unmerged (peft's load_adapter, under a name of its own),
+  kept in an AdapterCache of its own (count and bytes bounded, least recently used out by delete_adapter; the base
+  stays). Requests for different adapters of one base then run as one batch (peft's adapter_names: each row of a
+  forward pass through its own adapter, "__base__" for none). Evicting a base drops its adapters with it.
+- merged: the adapter merged into a copy of its base of its own (one ModelCache entry per adapter).
+Embedding models load as a SentenceTransformer (a sentence-transformers directory, or a plain
 encoder with mean pooling), rerankers as a CrossEncoder (a sequence classifier with one output).
 """
 
@@ -16,9 +24,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
+import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ CLASSIFY = "classify"
 GENERATE = "generate"
 EMBED = "embed"
 RANK = "rank"
+BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
 
 
 def family(kind: str) -> str:
@@ -43,10 +53,17 @@ class ModelKey:
     family: str  # classify | generate | embed | rank
     name: str  # a hub id, a worker directory, or pgml:model:<id>
     owner: str  # whose rights load it (the submitter of the request that first needed it)
+    # a LoRA adapter served unmerged (--lora-serving multi): the cache name of the base it loads onto
+    base: str | None = None
 
     @property
     def cache_key(self) -> tuple[str, str]:
         return (self.family, self.name)
+
+    @property
+    def base_key(self) -> ModelKey:
+        """What a forward pass for this key runs on: its base for an unmerged adapter, else itself."""
+        return ModelKey(self.family, self.base, self.owner) if self.base is not None else self
 
 
 @dataclass
@@ -58,6 +75,20 @@ class Loaded:
     nbytes: int
     pipeline: Any = None  # text-classification
     hub_ids: tuple[str, ...] = ()  # the hub models a stored model was loaded onto (checked again when served warm)
+    peft: Any = None  # the PeftModel around `model` once adapters are loaded onto it (multi), else None
+    adapters: set[str] = field(default_factory=set)  # the peft names of the adapters loaded onto it
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter loaded, unmerged, onto a base in the ModelCache."""
+
+    key: ModelKey
+    base: tuple[str, str]  # its base's cache key
+    name: str  # its name in the base's PeftModel
+    nbytes: int
+    seconds: float  # from PostgreSQL to loaded
+    tokenizer: Any  # its own when it carries one (same vocabulary as the base), else the base's
 
 
 class SyncStore:
@@ -124,6 +155,8 @@ def load(key: ModelKey, store: models.ModelStore, cache_dir: Path) -> Loaded:
             hub_ids = (base_name,)
         if not (Path(adapter) / "tokenizer_config.json").is_file():
             tokenizer_source = weights
+    elif model_refs.kind(key.name) == model_refs.HUB:
+        hub_ids = (key.name,)
     dev = device()
     if key.family in (EMBED, RANK):
         if adapter is not None:
@@ -186,14 +219,17 @@ class ModelCache:
             self.entries.move_to_end(key.cache_key)
         return loaded
 
-    def put(self, loaded: Loaded) -> list[str]:
-        """Keep `loaded`; evict the least recently used over the limit; return the names evicted."""
+    def put(self, loaded: Loaded, keep: tuple[str, str] | None = None) -> list[Loaded]:
+        """Keep `loaded`; evict the least recently used over the limit (never `keep`: the base a running batch
+        needs); return those evicted."""
         self.entries[loaded.key.cache_key] = loaded
         self.entries.move_to_end(loaded.key.cache_key)
         evicted = []
-        while len(self.entries) > 1 and self.total_bytes > self.limit_bytes:
-            _, old = self.entries.popitem(last=False)
-            evicted.append(old.key.name)
+        for k in list(self.entries):
+            if len(self.entries) <= 1 or self.total_bytes <= self.limit_bytes:
+                break
+            if k not in (keep, loaded.key.cache_key):
+                evicted.append(self.entries.pop(k))
         if evicted:
             free_memory()
         return evicted
@@ -213,3 +249,126 @@ def free_memory() -> None:
 
 
 Loader = Callable[[ModelKey], Loaded]
+
+
+def load_adapter(key: ModelKey, base: Loaded, store: models.ModelStore, cache_dir: Path, name: str) -> Adapter:
+    """Fetch the adapter `key` names (only if its submitter may read it: models.resolve) and load it, unmerged,
+    onto `base` as `name` (blocking: run it in a thread). The first adapter wraps the base in a PeftModel (in place:
+    the base's modules gain the LoRA layers, and every forward pass then names its rows' adapters)."""
+    import torch
+
+    started = time.monotonic()
+
+    def info(*args: Any, **kwargs: Any) -> None:
+        log.info("serving.model_source", model=key.name, note=args[0] if args else "")
+
+    resolved = models.resolve(key.name, store, cache_dir, info, owner=key.owner)
+    adapter_dir = resolved.adapter_dir
+    if adapter_dir is None:
+        raise JobError(
+            f"model {key.name!r} records the base model {key.base!r} but its files are not a LoRA adapter "
+            "(no adapter_config.json)"
+        )
+    tokenizer = base.tokenizer
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tokenizer = models.load_tokenizer(adapter_dir)
+        if len(tokenizer) != len(base.tokenizer):
+            raise JobError(
+                f"the tokenizer of adapter {key.name!r} has {len(tokenizer)} tokens, its base {key.base!r} "
+                f"{len(base.tokenizer)}: an adapter served on a shared base uses the base's vocabulary"
+            )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    peft = models.peft_module()
+    with torch.no_grad():
+        try:
+            if base.peft is None:
+                base.peft = peft.PeftModel.from_pretrained(base.model, adapter_dir, adapter_name=name)
+            else:
+                base.peft.load_adapter(adapter_dir, adapter_name=name, is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise JobError(f"cannot load adapter {key.name!r} onto {key.base!r}: {type(e).__name__}: {e}") from e
+        base.peft.to(base.device).eval()
+    base.adapters.add(name)
+    nbytes = sum(
+        p.numel() * p.element_size() for n, p in base.peft.named_parameters() if f".{name}." in n or n.endswith(name)
+    )
+    return Adapter(key, base.key.cache_key, name, nbytes, time.monotonic() - started, tokenizer)
+
+
+def unload_adapter(base: Loaded, name: str) -> None:
+    """Take an adapter off its base (delete_adapter); the last one unwraps the base (peft cannot run a PeftModel
+    with no adapter left): its modules are the plain base's again."""
+    if name not in base.adapters:
+        return
+    base.adapters.discard(name)
+    if base.adapters:
+        base.peft.delete_adapter(name)
+    else:
+        base.model = base.peft.unload()
+        base.peft = None
+        if base.pipeline is not None:
+            base.pipeline.model = base.model
+
+
+@contextlib.contextmanager
+def adapters_for_rows(loaded: Loaded, names: list[str] | None, num_beams: int | None = None) -> Iterator[None]:
+    """Every forward pass in this context runs row i through adapter names[i] (BASE: none). A base that has
+    adapters loaded always needs this (outside it, peft would apply its active adapter to every row)."""
+    if loaded.peft is None:
+        if names and any(n != BASE for n in names):
+            raise JobError(f"model {loaded.key.name!r} has no adapter loaded for this batch")  # a bug if it happens
+        yield
+        return
+    if not names:
+        raise JobError(f"model {loaded.key.name!r} has adapters loaded: a batch on it names each row's adapter")
+    with loaded.peft.base_model._enable_peft_forward_hooks(adapter_names=names, num_beams=num_beams):
+        yield
+
+
+class AdapterCache:
+    """Adapters loaded onto bases, least recently used first out, at most `limit_count` of them and `limit_bytes`
+    of their weights (those a running batch needs are never evicted, even over the limit)."""
+
+    def __init__(self, limit_count: int, limit_bytes: int) -> None:
+        self.limit_count = limit_count
+        self.limit_bytes = limit_bytes
+        self.entries: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self.serial = 0
+
+    def next_name(self) -> str:
+        self.serial += 1
+        return f"adapter_{self.serial}"
+
+    def get(self, key: ModelKey) -> Adapter | None:
+        adapter = self.entries.get(key.cache_key)
+        if adapter is not None:
+            self.entries.move_to_end(key.cache_key)
+        return adapter
+
+    def put(self, adapter: Adapter, keep: set[tuple[str, str]]) -> list[Adapter]:
+        """Keep `adapter`; return those evicted over the limits (the caller takes them off their bases)."""
+        self.entries[adapter.key.cache_key] = adapter
+        self.entries.move_to_end(adapter.key.cache_key)
+        evicted = []
+        for k in list(self.entries):
+            if len(self.entries) <= self.limit_count and self.total_bytes <= self.limit_bytes:
+                break
+            if k not in keep and k != adapter.key.cache_key:
+                evicted.append(self.entries.pop(k))
+        return evicted
+
+    def tokenizer(self, name: str) -> Any:
+        """The tokenizer of the adapter loaded as `name` (None: the base's)."""
+        return next((a.tokenizer for a in self.entries.values() if a.name == name), None)
+
+    def drop_base(self, base: tuple[str, str]) -> list[Adapter]:
+        """The adapters of a base evicted from the ModelCache (gone with it)."""
+        gone = [a for a in self.entries.values() if a.base == base]
+        for a in gone:
+            del self.entries[a.key.cache_key]
+        return gone
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(a.nbytes for a in self.entries.values())

@@ -7,6 +7,8 @@
   its text pieces handed to `on_text` as the tokens come.
 - embed: SentenceTransformer.encode over every text of a batch at once; per text its vector, as JSON already
   (`Encoded`: nine significant digits, which give the same float32 back).
+- adapters: on a base with LoRA adapters loaded unmerged (cache.py, --lora-serving multi), classify and generate
+  take each row's adapter name (cache.BASE for none): one forward pass serves requests for different adapters.
 - rank: CrossEncoder.predict over every (query, document) pair of a batch at once; per document its score.
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import JobError
-from .cache import Loaded
+from .cache import Loaded, adapters_for_rows
 
 
 @dataclass(frozen=True)
@@ -152,12 +154,15 @@ def batch_key(kind: str, args: dict[str, Any]) -> str:
     return json.dumps(same, sort_keys=True)
 
 
-def classify(loaded: Loaded, texts: list[str], args: dict[str, Any]) -> list[Any]:
+def classify(loaded: Loaded, texts: list[str], args: dict[str, Any], adapters: list[str] | None = None) -> list[Any]:
     kwargs = pipeline_args(args)
     kwargs.setdefault("batch_size", min(len(texts), 64))
+    if loaded.peft is not None:  # each row through its own adapter: the texts in one forward pass, in order
+        kwargs["batch_size"] = len(texts)
     kwargs.update(truncation_args(loaded, kwargs))
     try:
-        out = loaded.pipeline(texts, **kwargs)
+        with adapters_for_rows(loaded, adapters):
+            out = loaded.pipeline(texts, **kwargs)
     except (TypeError, ValueError) as e:
         raise JobError(f"text-classification with args {json.dumps(kwargs)}: {e}") from e
     return [plain(x) for x in out]
@@ -184,9 +189,10 @@ def plain(value: Any) -> Any:
     return value
 
 
-def prompt_ids(loaded: Loaded, kind: str, prompt: Any) -> list[int]:
-    """The token ids of a prompt: a text as the tokenizer encodes it, a conversation through its chat template."""
-    tok = loaded.tokenizer
+def prompt_ids(loaded: Loaded, kind: str, prompt: Any, tokenizer: Any = None) -> list[int]:
+    """The token ids of a prompt: a text as the tokenizer encodes it, a conversation through its chat template
+    (`tokenizer`: an adapter's own, else the model's)."""
+    tok = tokenizer or loaded.tokenizer
     if kind == "chat":
         if not tok.chat_template:
             raise JobError(
@@ -210,7 +216,11 @@ class Generated:
 
 
 def generate(
-    loaded: Loaded, prompts: list[list[int]], kwargs: dict[str, Any], on_text: Callable[[str], None] | None = None
+    loaded: Loaded,
+    prompts: list[list[int]],
+    kwargs: dict[str, Any],
+    on_text: Callable[[str], None] | None = None,
+    adapters: list[str] | None = None,
 ) -> list[Generated]:
     import torch
 
@@ -233,7 +243,7 @@ def generate(
                     send(storable(text))
 
         streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), adapters_for_rows(loaded, adapters, kwargs.get("num_beams")):
         try:
             out = model.generate(
                 input_ids=input_ids, attention_mask=mask, pad_token_id=pad, streamer=streamer, **kwargs

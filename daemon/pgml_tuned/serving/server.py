@@ -3,8 +3,10 @@
 - listener      LISTEN pgml_requests on a connection of its own: a typed wake-up, never data
 - housekeeping  every poll_seconds: renew the leases of the requests it is answering, release those whose serving
                 process stopped renewing (any process's: retried once, then failed), delete what nobody will read
-- the loop      claim up to max_batch queued requests (FOR UPDATE SKIP LOCKED), group them by model and by
-                compatible args, run each group as one batch in a thread (the event loop stays free to renew
+- the loop      claim up to max_batch queued requests (FOR UPDATE SKIP LOCKED), group them by the model their
+                forward pass runs on (an unmerged LoRA adapter's base: requests for different adapters of one base
+                and for the base itself form one group, each row through its own adapter) and by compatible
+                args, run each group as one batch in a thread (the event loop stays free to renew
                 leases and to stream chunks), answer each request, claim again. Requests that arrive while a
                 batch runs form the next batch: dynamic batching without waiting on purpose.
 """
@@ -55,6 +57,9 @@ class ServingConfig:
     batch_window_seconds: float = 0.012
     # a direct connection (not through a transaction pooler) for LISTEN and the lane's session advisory locks
     listen_dsn: str | None = None
+    lora_serving: str = "multi"  # multi: adapters unmerged on one shared base (cache.py); merged: a copy each
+    adapter_cache_count: int = 64
+    adapter_cache_mb: int = 1024
 
     @property
     def direct_dsn(self) -> str:
@@ -66,6 +71,16 @@ class Server:
         self.config = config
         self.requests = Requests(pool, config.serving_id, config.lease_seconds, lane_dsn=config.direct_dsn)
         self.cache = cache.ModelCache(config.model_cache_mb * MiB)
+        self.adapters = cache.AdapterCache(config.adapter_cache_count, config.adapter_cache_mb * MiB)
+        # what /metrics and pgml.worker_status show (each load's log line carries them to the daemon)
+        self.stats: dict[str, float] = {
+            "base_loads": 0,
+            "base_evictions": 0,
+            "adapter_loads": 0,
+            "adapter_evictions": 0,
+            "base_load_seconds": 0.0,
+            "adapter_load_seconds": 0.0,
+        }
         self.store = cache.SyncStore(config.dsn, config.cache_dir)
         self.admission = Admission(pool, model_refs.Places.from_env())
         self.wake = anyio.Event()
@@ -74,7 +89,14 @@ class Server:
 
     async def run(self) -> None:
         self.config.cache_dir.mkdir(parents=True, exist_ok=True)
-        log.info("serving.start", serving_id=self.config.serving_id, model_cache_mb=self.config.model_cache_mb)
+        log.info(
+            "serving.start",
+            serving_id=self.config.serving_id,
+            model_cache_mb=self.config.model_cache_mb,
+            lora_serving=self.config.lora_serving,
+            adapter_cache_count=self.config.adapter_cache_count,
+            adapter_cache_mb=self.config.adapter_cache_mb,
+        )
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listener)
@@ -146,7 +168,7 @@ class Server:
 
     # ---- one batch ----
     async def serve_batch(self, batch: list[Request]) -> None:
-        groups: dict[tuple[Any, ...], tuple[cache.ModelKey, list[Request]]] = {}
+        groups: dict[tuple[Any, ...], tuple[cache.ModelKey, list[tuple[Request, cache.ModelKey]]]] = {}
         keys: dict[tuple[str, str, str], cache.ModelKey] = {}
         for r in batch:
             try:
@@ -158,31 +180,44 @@ class Server:
                 await self.requests.fail(r.id, str(e))
                 continue
             same_call = inference.batch_key(r.kind, r.args)
-            group = (key.cache_key, "stream", r.id) if r.stream else (key.cache_key, same_call)
-            groups.setdefault(group, (key, []))[1].append(r)
-        for key, reqs in groups.values():
+            on = key.base_key  # an unmerged adapter's requests run on its base, with the base's own and others'
+            group = (on.cache_key, "stream", r.id) if r.stream else (on.cache_key, same_call)
+            groups.setdefault(group, (on, []))[1].append((r, key))
+        for key, members in groups.values():
             started = time.monotonic()
-            try:
-                loaded = await self.model(key)
-                if key.family == cache.CLASSIFY:
-                    await self.classify(loaded, reqs)
-                elif key.family == cache.EMBED:
-                    await self.embed(loaded, reqs)
-                elif key.family == cache.RANK:
-                    await self.rank(loaded, reqs)
-                else:
-                    await self.generate(loaded, reqs)
-            except JobError as e:
-                for r in reqs:
-                    await self.requests.fail(r.id, str(e))
-            except Exception as e:  # a bug or a broken model: the requests fail saying so; the process serves on
-                log.error("serving.error", model=key.name, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
-                for r in reqs:
-                    await self.requests.fail(r.id, f"serving {key.name!r} failed: {type(e).__name__}: {e}")
-            self.answered += len(reqs)
+            for part in by_adapters(members, self.config.adapter_cache_count):
+                await self.serve_group(key, part)
+            self.answered += len(members)
             log.debug(
-                "serving.batch", model=key.name, requests=len(reqs), ms=round(1000 * (time.monotonic() - started))
+                "serving.batch", model=key.name, requests=len(members), ms=round(1000 * (time.monotonic() - started))
             )
+
+    async def serve_group(self, key: cache.ModelKey, members: list[tuple[Request, cache.ModelKey]]) -> None:
+        """One forward pass's worth of requests on the model `key` names (each through its own adapter, if any)."""
+        reqs = [r for r, _ in members]
+        try:
+            loaded = await self.model(key)
+            names, refused = await self.adapter_names(loaded, members)
+            for r, error in refused:
+                await self.requests.fail(r.id, error)
+            reqs = [r for r in reqs if r.id in names]
+            if not reqs:
+                return
+            if key.family == cache.CLASSIFY:
+                await self.classify(loaded, reqs, names)
+            elif key.family == cache.EMBED:
+                await self.embed(loaded, reqs)
+            elif key.family == cache.RANK:
+                await self.rank(loaded, reqs)
+            else:
+                await self.generate(loaded, reqs, names)
+        except JobError as e:
+            for r in reqs:
+                await self.requests.fail(r.id, str(e))
+        except Exception as e:  # a bug or a broken model: the requests fail saying so; the process serves on
+            log.error("serving.error", model=key.name, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
+            for r in reqs:
+                await self.requests.fail(r.id, f"serving {key.name!r} failed: {type(e).__name__}: {e}")
 
     async def key_for(self, r: Request) -> cache.ModelKey:
         """The cache key of a request's model, once its submitter passed the checks a load makes (admission.py):
@@ -201,8 +236,83 @@ class Server:
         if row["status"] != "successful":
             raise JobError(f"model {r.model!r}: model {row['id']} is {row['status']}, not successful")
         name = f"pgml:model:{row['id']}"
-        await self.admission.check(name, r.submitted_by)
-        return cache.ModelKey(fam, name, r.submitted_by)
+        await self.admission.check(name, r.submitted_by)  # for an adapter, the allow-list of its base too
+        base = None
+        if row["base_model"] and fam in (cache.CLASSIFY, cache.GENERATE) and self.config.lora_serving == "multi":
+            base = await self.base_name(row["base_model"], r.submitted_by)
+        return cache.ModelKey(fam, name, r.submitted_by, base)
+
+    async def base_name(self, base: str, owner: str) -> str:
+        """The cache name of an adapter's recorded base, as a request naming the base itself would key it."""
+        kind = model_refs.kind(base)
+        if kind == model_refs.DIRECTORY:
+            return self.admission.directory(base)
+        if kind == model_refs.HUB:
+            return base
+        row = await self.requests.stored_model(owner, base.removeprefix("pgml:"))
+        if row is None:
+            raise JobError(f"the base model {base!r} of this adapter: there is no such model that {owner} may use")
+        return f"pgml:model:{row['id']}"
+
+    async def adapter_names(
+        self, base: cache.Loaded, members: list[tuple[Request, cache.ModelKey]]
+    ) -> tuple[dict[int, str], list[tuple[Request, str]]]:
+        """Each request's adapter name on `base` (cache.BASE for the base's own requests), loading the adapters not
+        loaded yet (each once; those of this batch are never evicted by one another); and the requests whose
+        adapter could not be loaded, with why."""
+        names: dict[int, str] = {}
+        refused: list[tuple[Request, str]] = []
+        errors: dict[tuple[str, str], str] = {}
+        keep = {k.cache_key for _, k in members if k.base is not None}
+        for r, k in members:
+            if k.base is None:
+                names[r.id] = cache.BASE
+                continue
+            if k.cache_key not in errors:
+                try:
+                    names[r.id] = (await self.adapter(base, k, keep)).name
+                    continue
+                except JobError as e:
+                    errors[k.cache_key] = str(e)
+            refused.append((r, errors[k.cache_key]))
+        return names, refused
+
+    async def adapter(self, base: cache.Loaded, key: cache.ModelKey, keep: set[tuple[str, str]]) -> cache.Adapter:
+        loaded = self.adapters.get(key)
+        if loaded is not None:
+            return loaded
+        name = self.adapters.next_name()
+        loaded = await anyio.to_thread.run_sync(cache.load_adapter, key, base, self.store, self.store.cache_dir, name)
+        evicted = self.adapters.put(loaded, keep)
+        for old in evicted:
+            owner = self.cache.entries.get(old.base)
+            if owner is not None:
+                await anyio.to_thread.run_sync(cache.unload_adapter, owner, old.name)
+        self.stats["adapter_loads"] += 1
+        self.stats["adapter_load_seconds"] += loaded.seconds
+        self.stats["adapter_evictions"] += len(evicted)
+        self.loaded_line(
+            "serving.adapter_loaded",
+            model=key.name,
+            base=base.key.name,
+            kb=round(loaded.nbytes / 1024, 1),
+            seconds=round(loaded.seconds, 3),
+            evicted=[],
+            evicted_adapters=[a.key.name for a in evicted],
+        )
+        return loaded
+
+    def loaded_line(self, event: str, **fields: Any) -> None:
+        """A load's log line: what the cache holds now (the daemon's fleet registry row and /metrics read it)."""
+        adapters = [a.key.name for a in self.adapters.entries.values()]
+        log.info(
+            event,
+            **fields,
+            cached=[e.key.name for e in self.cache.entries.values()] + adapters,
+            loaded={"bases": len(self.cache.entries), "adapters": len(self.adapters.entries)},
+            adapter_mb=round(self.adapters.total_bytes / MiB, 2),
+            stats={k: round(v, 3) for k, v in self.stats.items()},
+        )
 
     async def model(self, key: cache.ModelKey) -> cache.Loaded:
         loaded = self.cache.get(key)
@@ -212,20 +322,32 @@ class Server:
         started = time.monotonic()
         loaded = await anyio.to_thread.run_sync(cache.load, key, self.store, self.store.cache_dir)
         evicted = self.cache.put(loaded)
-        log.info(
+        dropped = [a for old in evicted for a in self.adapters.drop_base(old.key.cache_key)]  # gone with their base
+        seconds = time.monotonic() - started
+        self.stats["base_loads"] += 1
+        self.stats["base_load_seconds"] += seconds
+        self.stats["base_evictions"] += len(evicted)
+        self.stats["adapter_evictions"] += len(dropped)
+        self.loaded_line(
             "serving.model_loaded",
             model=key.name,
             family=key.family,
             device=loaded.device,
             mb=round(loaded.nbytes / MiB, 1),
-            seconds=round(time.monotonic() - started, 2),
-            evicted=evicted,
-            cached=[e.key.name for e in self.cache.entries.values()],  # the fleet registry shows these
+            seconds=round(seconds, 3),
+            evicted=[e.key.name for e in evicted],
+            evicted_adapters=[a.key.name for a in dropped],
         )
         return loaded
 
-    async def classify(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
-        await self._in_parts(reqs, lambda part: self._per_text(inference.classify, loaded, part, list))
+    async def classify(self, loaded: cache.Loaded, reqs: list[Request], names: dict[int, str]) -> None:
+        async def answers(part: list[Request]) -> list[Any]:
+            rows = [names[r.id] for r in part for _ in r.inputs]
+            texts = [t for r in part for t in r.inputs]
+            got = await anyio.to_thread.run_sync(inference.classify, loaded, texts, part[0].args, rows)
+            return split(got, [len(r.inputs) for r in part])
+
+        await self._in_parts(reqs, answers)
 
     async def embed(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
         def vectors(got: list[inference.Encoded]) -> inference.Encoded:
@@ -269,13 +391,14 @@ class Server:
             await self.requests.answer_all([(r.id, x) for r, x in zip(part, results, strict=True)])
             start = end
 
-    async def generate(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
+    async def generate(self, loaded: cache.Loaded, reqs: list[Request], names: dict[int, str]) -> None:
         kwargs = inference.generation_kwargs(reqs[0].args)  # the group shares its args
         prompts: list[tuple[Request, list[int]]] = []
         for r in reqs:
             try:
                 conversations = [r.inputs] if r.kind == "chat" else r.inputs
-                prompts += [(r, inference.prompt_ids(loaded, r.kind, p)) for p in conversations]
+                tokenizer = self.adapters.tokenizer(names[r.id])
+                prompts += [(r, inference.prompt_ids(loaded, r.kind, p, tokenizer)) for p in conversations]
             except JobError as e:
                 await self.requests.fail(r.id, str(e))
         answers: dict[int, list[inference.Generated]] = {}
@@ -285,7 +408,10 @@ class Server:
         for i in range(0, len(prompts), GENERATE_BATCH):
             part = prompts[i : i + GENERATE_BATCH]
             on_text = self.streamer(part[0][0]) if part[0][0].stream else None
-            out = await anyio.to_thread.run_sync(inference.generate, loaded, [p for _, p in part], kwargs, on_text)
+            rows = [names[r.id] for r, _ in part]
+            out = await anyio.to_thread.run_sync(
+                inference.generate, loaded, [p for _, p in part], kwargs, on_text, rows
+            )
             for (r, _), answer in zip(part, out, strict=True):
                 answers.setdefault(r.id, []).append(answer)
                 left[r.id] -= 1
@@ -310,6 +436,23 @@ class Server:
             seq += 1
 
         return on_text
+
+
+def by_adapters(
+    members: list[tuple[Request, cache.ModelKey]], limit: int
+) -> list[list[tuple[Request, cache.ModelKey]]]:
+    """A group cut, in order, into parts of at most `limit` different adapters (the adapter cache holds a part's
+    adapters at once)."""
+    parts: list[list[tuple[Request, cache.ModelKey]]] = [[]]
+    seen: set[tuple[str, str]] = set()
+    for r, k in members:
+        if k.base is not None and k.cache_key not in seen:
+            if len(seen) >= limit:
+                parts.append([])
+                seen = set()
+            seen.add(k.cache_key)
+        parts[-1].append((r, k))
+    return parts
 
 
 def split(values: list[Any], sizes: list[int]) -> list[list[Any]]:

@@ -382,6 +382,8 @@ async def serve(
         from .metrics import Metrics
 
         daemon.metrics = Metrics()
+        if supervisor is not None:
+            supervisor.on_load = daemon.metrics.on_serving_load
     try:
         settings.scratch.mkdir(parents=True, exist_ok=True)
         await spare.refill(job_env(settings, None), settings.scratch)

@@ -2,7 +2,9 @@
 (prometheus_client's start_http_server would start a thread of its own).
 
 Counted as they happen: pickup latency (submitted → claimed, first attempts), attempt durations by outcome, lease
-takeovers (expired leases this daemon reaped), checkpoint bytes stored by its children. Read at each scrape: jobs by
+takeovers (expired leases this daemon reaped), checkpoint bytes stored by its children, and its serving process's
+loads of base models and LoRA adapters (from their log lines): how many are loaded, loads and their seconds,
+evictions and when the last one happened. Read at each scrape: jobs by
 status (pgml.queue_summary), the age of this daemon's last registry heartbeat, and per-GPU memory and utilisation
 (NVML, when nvidia-ml-py is installed).
 """
@@ -61,6 +63,30 @@ class Metrics:
         self.gpu_utilization = Gauge(
             "pgml_gpu_utilization_ratio", "GPU utilisation over the last sample period (NVML)", gpu, registry=r
         )
+        kind = ["kind"]  # base (a whole model) | adapter (a LoRA adapter loaded onto a base, unmerged)
+        self.serving_loaded = Gauge(
+            "pgml_serving_models_loaded", "models the serving process keeps loaded, by kind", kind, registry=r
+        )
+        self.serving_adapter_bytes = Gauge(
+            "pgml_serving_adapter_bytes", "memory the serving process's loaded LoRA adapters take", registry=r
+        )
+        self.serving_loads = Counter("pgml_serving_loads", "loads by the serving process, by kind", kind, registry=r)
+        self.serving_load_seconds = Histogram(
+            "pgml_serving_load_seconds",
+            "from PostgreSQL (or the hub cache) to loaded, by kind",
+            kind,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.serving_evictions = Counter(
+            "pgml_serving_evictions", "models the serving process evicted from its caches, by kind", kind, registry=r
+        )
+        self.serving_last_eviction = Gauge(
+            "pgml_serving_last_eviction_timestamp_seconds",
+            "when the serving process last evicted, by kind",
+            kind,
+            registry=r,
+        )
         self.last_heartbeat: float | None = None
 
     def on_child_event(self, event: dict[str, Any]) -> None:
@@ -69,6 +95,23 @@ class Metrics:
             size = event.get("bytes")
             if isinstance(size, int | float) and size > 0:
                 self.checkpoint_bytes.inc(size)
+
+    def on_serving_load(self, event: dict[str, Any]) -> None:
+        """A load line of the serving process (serving.model_loaded, serving.adapter_loaded)."""
+        kind = "adapter" if event.get("event") == "serving.adapter_loaded" else "base"
+        self.serving_loads.labels(kind).inc()
+        if isinstance(seconds := event.get("seconds"), int | float):
+            self.serving_load_seconds.labels(kind).observe(seconds)
+        loaded = event.get("loaded") or {}
+        for k, field in (("base", "bases"), ("adapter", "adapters")):
+            if isinstance(loaded.get(field), int):
+                self.serving_loaded.labels(k).set(loaded[field])
+            evicted = event.get("evicted" if k == "base" else "evicted_adapters") or []
+            if evicted:
+                self.serving_evictions.labels(k).inc(len(evicted))
+                self.serving_last_eviction.labels(k).set(time.time())
+        if isinstance(mb := event.get("adapter_mb"), int | float):
+            self.serving_adapter_bytes.set(mb * 2**20)
 
     async def refresh(self, jobs_by_status: Callable[[], Awaitable[list[dict[str, Any]]]], gpus: list[str]) -> None:
         """The values read at scrape time; a database that does not answer leaves the last values."""

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -43,7 +44,8 @@ class ServingSupervisor:
         self.user = user  # the training children's system user, when the daemon runs them as one: this one too
         self.starts = 0
         self.pid: int | None = None  # of the running serving process (tests and operators)
-        self.cached: list[str] = []  # the models it keeps warm now (from its serving.model_loaded log lines)
+        self.cached: list[str] = []  # the models and adapters it keeps warm now (from its load log lines)
+        self.on_load: Callable[[dict[str, Any]], None] | None = None  # each load's line (the daemon's /metrics)
 
     async def run(self) -> None:
         """Forever: run the serving process; when it exits, release its requests and start another. Not at all
@@ -100,6 +102,9 @@ class ServingSupervisor:
             "serving_id": serving_id,
             "cache_dir": str(work / "models"),
             "model_cache_mb": self.settings.model_cache_mb,
+            "lora_serving": self.settings.lora_serving,
+            "adapter_cache_count": self.settings.adapter_cache_count,
+            "adapter_cache_mb": self.settings.adapter_cache_mb,
             "log_level": self.settings.log_level,
         }
         process = await anyio.open_process(
@@ -133,15 +138,19 @@ class ServingSupervisor:
                     await process.wait()
 
     def _seen(self, line: str) -> None:
-        """The serving process logs what its cache holds after each load: the fleet registry shows it."""
-        if '"serving.model_loaded"' not in line:
+        """The serving process logs what its cache holds after each load of a model or an adapter: the fleet
+        registry shows it, /metrics counts the loads, their times and the evictions."""
+        if '"serving.model_loaded"' not in line and '"serving.adapter_loaded"' not in line:
             return
         try:
-            cached = json.loads(line).get("cached")
+            event = json.loads(line)
+            cached = event.get("cached")
         except (json.JSONDecodeError, AttributeError):
             return
         if isinstance(cached, list):
             self.cached = [str(c) for c in cached]
+        if self.on_load is not None:
+            self.on_load(event)
 
 
 async def passthrough(stream: anyio.abc.ByteReceiveStream, seen: Callable[[str], None] | None = None) -> None:
