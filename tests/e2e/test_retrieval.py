@@ -198,7 +198,7 @@ def test_embed_batch_writes_every_rows_vector(
     assert done["status"] == "succeeded", done["error"]
     assert done["metrics"]["rows"] == 45 and done["metrics"]["dimensions"] == 32
     # one step: rows go through encode thousands at a time (sorted by length inside it), batch_size per forward pass
-    assert done["progress"]["max_steps"] == 1 and done["progress"]["rows"] == 45
+    assert done["progress"]["max_steps"] == 1
     rows = conn.execute("SELECT key, embedding FROM pgml.corpus_vectors ORDER BY key::int").fetchall()
     assert [r["key"] for r in rows] == [str(i) for i in range(1, 46)]
     close([r["embedding"] for r in rows], encode(emb, bodies, normalize_embeddings=True))
