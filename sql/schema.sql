@@ -827,6 +827,8 @@ DECLARE
     v_status  text;
     v_worker  text;
     v_answer  jsonb;
+    v_result  jsonb;
+    v_error   text;
     v_elapsed double precision;
     v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
 BEGIN
@@ -879,17 +881,29 @@ BEGIN
         PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
         RAISE;
     END;
-    IF v_local OR v_status IS NULL THEN
-        v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+    IF v_local AND v_status IS NOT NULL THEN
+        -- read here (this statement sees the serving process's commit), and only deleted through the
+        -- loopback: an answer of 1,000 vectors is not printed, sent over the loopback and parsed again
+        SELECT r.status, r.result, r.error INTO v_status, v_result, v_error FROM pgml.requests r WHERE r.id = p_id;
+        IF FOUND THEN
+            PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+        END IF;
+    ELSE
+        IF v_local OR v_status IS NULL THEN
+            v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+        END IF;
+        v_status := v_answer ->> 'status';
+        v_result := v_answer -> 'result';
+        v_error := v_answer ->> 'error';
     END IF;
-    IF v_answer IS NULL THEN
+    IF v_status IS NULL THEN
         RAISE EXCEPTION 'request % is gone (it expired, or its serving process failed it twice)', p_id
             USING ERRCODE = 'no_data_found', HINT = 'try again; pgml-tuned status shows the serving workers';
     END IF;
-    IF v_answer ->> 'status' = 'failed' THEN
-        RAISE EXCEPTION '%', v_answer ->> 'error' USING ERRCODE = 'data_exception';
+    IF v_status = 'failed' THEN
+        RAISE EXCEPTION '%', v_error USING ERRCODE = 'data_exception';
     END IF;
-    RETURN v_answer -> 'result';
+    RETURN v_result;
 END $function$;
 
 -- FUNCTION pgml._bytea_to_numeric(b bytea), owner pgml_owner
@@ -4775,7 +4789,7 @@ CREATE OR REPLACE FUNCTION pgml._vectors(result jsonb)
  IMMUTABLE
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-    SELECT pg_catalog.translate(v.value::text, '[]', '{}')::real[]
+    SELECT (v.value OPERATOR(pg_catalog.#>>) '{}'::text[])::real[]
     FROM pg_catalog.jsonb_array_elements(result) WITH ORDINALITY AS v (value, n)
     ORDER BY v.n
 $function$;

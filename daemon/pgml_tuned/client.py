@@ -226,8 +226,10 @@ class OpenSourceAI(Requests):
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if not texts:
             return []
-        vectors, _ = self._call("embed", transformer, dict(kwargs or {}), texts)
-        return list(vectors[0]) if isinstance(inputs, str) else [list(v) for v in vectors]
+        answer, _ = self._call("embed", transformer, dict(kwargs or {}), texts)
+        # the answer's vectors are real[] literals, {+123456789e-10,...}: each value the float32 pgml.embed gives
+        vectors = [[float(x) for x in v[1:-1].split(",")] if v != "{}" else [] for v in answer]
+        return vectors[0] if isinstance(inputs, str) else vectors
 
     def rank(
         self, transformer: str, query: str, documents: Sequence[str], kwargs: Mapping[str, Any] | None = None

@@ -325,3 +325,62 @@ def test_jobs_say_their_kind_and_why_they_failed(
     script = (Path(db.__file__).parent / "dashboard" / "static" / "app.js").read_text()
     assert "function whyFailed(j)" in script and "innerHTML" not in script
     assert 'j.kind !== "tune" ? null' in script
+
+
+def key_metric_in_the_page(dash: Dashboard, metrics: dict[str, Any]) -> str:
+    """What the page's jobs table shows as a job's key metric: keyMetric() of the app.js the dashboard serves (with
+    the constants and helper it uses), run by node on `metrics`."""
+    status_ok = urllib.request.urlopen(dash.base + "static/app.js", timeout=10)
+    source = status_ok.read().decode()
+    pieces = [
+        re.search(r"^const KEY_METRICS = .*?;$", source, re.M),
+        re.search(r"^function num\(x\) \{.*?^\}$", source, re.M | re.S),
+        re.search(r"^function keyMetric\(metrics\) \{.*?^\}$", source, re.M | re.S),
+    ]
+    assert all(pieces), "app.js has no KEY_METRICS, num() or keyMetric()"
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed: the page's key metric cannot be computed without a browser")
+    script = "\n".join(p.group(0) for p in pieces if p) + f"\nprocess.stdout.write(keyMetric({json.dumps(metrics)}));"
+    return subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+def test_a_text_embedding_jobs_retrieval_metrics_are_shown(
+    conn: psycopg.Connection[dict[str, Any]], daemon: Any, dashboard: Any, tiny_classifier: Path
+) -> None:
+    """A text-embedding job (issue 21) in the dashboard: /api/jobs and /api/models carry its retrieval metrics (the
+    tuned and the starting model's NDCG@10, the gain), and the page's key metric for it is its NDCG@10, not the
+    eval_loss a classifier's table would fall back to."""
+    from tests.e2e.test_retrieval_training import pairs
+
+    conn.execute("CREATE TABLE qa (question text, answer text)")
+    conn.cursor().executemany("INSERT INTO qa VALUES (%s, %s)", [(a, p) for a, p, _ in pairs(24)])
+    job = conn.execute(
+        "SELECT job_id, model_id FROM pgml.tune('dash_embed', task => 'text-embedding', relation_name => 'qa', "
+        "model_name => %s, test_size => 0.25, hyperparams => %s::jsonb)",
+        (
+            str(tiny_classifier),
+            json.dumps(
+                {
+                    "dataset_args": {"anchor_column": "question", "positive_column": "answer"},
+                    "training_args": {"num_train_epochs": 1, "per_device_train_batch_size": 8, "learning_rate": 1e-3},
+                }
+            ),
+        ),
+    ).fetchone()
+    daemon("--drain")
+    done = wait_job(conn, job["job_id"], 300)
+    assert done["status"] == "succeeded", done["error"]
+    retrieval = {k: done["metrics"][k] for k in ("eval_ndcg@10", "start_ndcg@10", "ndcg@10_gain", "eval_mrr@10")}
+
+    mine = dashboard(conn.info.dsn)
+    status, jobs = mine.get("/api/jobs")
+    assert status == 200 and [j["id"] for j in jobs] == [job["job_id"]]
+    assert jobs[0]["task"] == "text-embedding" and jobs[0]["status"] == "succeeded"
+    assert {k: jobs[0]["metrics"].get(k) for k in retrieval} == retrieval
+    status, model = mine.get(f"/api/models/{job['model_id']}")
+    assert status == 200 and {k: model["metrics"].get(k) for k in retrieval} == retrieval
+    # the jobs table's key metric: NDCG@10 (eval_loss comes first in the metrics, and is what it showed before)
+    shown = key_metric_in_the_page(mine, jobs[0]["metrics"])
+    ndcg = retrieval["eval_ndcg@10"]
+    assert shown.startswith("ndcg@10 ") and abs(float(shown.split()[1]) - ndcg) <= 1e-3 * max(1, abs(ndcg)), shown

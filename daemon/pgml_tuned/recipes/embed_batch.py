@@ -6,8 +6,9 @@ the rows (key, text) were read at submit time, in the caller's session with the 
 as pgml.embed's: normalize, prompt, prompt_name, truncate_dim; checked at submit and again here).
 
 predict_batch's steps (over_rows): the model loads as the serving lane loads it for pgml.embed (a
-SentenceTransformer), each batch is encoded as pgml.embed encodes it, and its (key, embedding real[]) rows are
-COPYed into pgml.<output_table>. Metrics: rows, rows/s, dimensions.
+SentenceTransformer); the rows go CHUNK_ROWS at a time through encode (which sorts them by length, and runs
+batch_size of them per forward pass) as pgml.embed encodes them, and each chunk's (key, embedding real[]) rows are
+COPYed into pgml.<output_table> in one transaction. Metrics: rows, rows/s, dimensions.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from ..errors import JobError
 from ..serving import cache, inference
 from .predict_batch import over_rows
 
+# rows encoded (sorted by length inside encode, batch_size at a time) and COPYed per step: one transaction per chunk,
+# not per batch, and a length sort across thousands of rows (pgml.embed_batch's batch_size is encode's)
+CHUNK_ROWS = 8192
+
 
 def run(ctx: JobContext) -> None:
     kwargs = dict(ctx.hyperparams.get("kwargs") or {})
@@ -27,12 +32,15 @@ def run(ctx: JobContext) -> None:
     except JobError as e:
         raise JobError(f"kwargs: {e}") from e
     dims = 0
+    batch_size = int(ctx.hyperparams.get("batch_size") or 64)
 
     def batch(loaded: cache.Loaded, keys: list[str], texts: list[str]) -> list[tuple[Any, ...]]:
         nonlocal dims
-        vectors = inference.embed(loaded, texts, kwargs)
+        vectors = inference.embed(loaded, texts, kwargs, batch_size)
         dims = vectors[0].count(",") + 1
-        # the same JSON text pgml.embed answers with, as an array literal: COPY reads it into real[]
-        return [(k, "{" + v[1:-1] + "}") for k, v in zip(keys, vectors, strict=True)]
+        # the real[] literals pgml.embed answers with: COPY reads them into real[]
+        return list(zip(keys, vectors, strict=True))
 
-    over_rows(ctx, cache.EMBED, ("key", "embedding"), batch, "embeddings", lambda: {"dimensions": dims})
+    over_rows(
+        ctx, cache.EMBED, ("key", "embedding"), batch, "embeddings", lambda: {"dimensions": dims}, chunk=CHUNK_ROWS
+    )

@@ -47,10 +47,12 @@ def over_rows(
     batch: Callable[[cache.Loaded, list[str], list[str]], list[tuple[Any, ...]]],
     what: str,
     more_metrics: Callable[[], dict[str, Any]],
+    chunk: int = 0,
 ) -> None:
-    """Steps 1-4 for a model of `family`: `batch` turns a batch's keys and texts into rows of `columns`."""
+    """Steps 1-4 for a model of `family`: `batch` turns a step's keys and texts into rows of `columns`; a step is
+    batch_size rows, or `chunk` rows when that is more (`batch` then runs the model batch_size rows at a time)."""
     args = ctx.dataset_args
-    batch_size = int(ctx.hyperparams.get("batch_size") or 64)
+    batch_size = max(int(ctx.hyperparams.get("batch_size") or 64), chunk)
 
     # 1. the rows
     rows = ctx.read_relation([args.get("key_column", "id"), args.get("text_column", "text")])

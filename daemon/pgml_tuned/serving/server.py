@@ -350,8 +350,8 @@ class Server:
         await self._in_parts(reqs, answers)
 
     async def embed(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
-        def vectors(got: list[inference.Encoded]) -> inference.Encoded:
-            return inference.Encoded("[" + ",".join(got) + "]")
+        def vectors(got: list[str]) -> inference.Encoded:  # real[] literals: JSON strings with nothing to escape
+            return inference.Encoded('["' + '","'.join(got) + '"]')
 
         await self._in_parts(reqs, lambda part: self._per_text(inference.embed, loaded, part, vectors))
 
