@@ -283,7 +283,7 @@ SELECT pgml._worker_register(%(worker)s::text, %(token)s::text, %(host)s::text, 
 
 -- name: worker_heartbeat
 SELECT pgml._worker_heartbeat(%(worker)s::text, %(token)s::text, %(free_slots)s::integer, %(free_gpus)s::integer,
-                              %(running)s::bigint[], %(models_cached)s::jsonb) AS owned;
+                              %(running)s::bigint[], %(models_cached)s::jsonb, %(serving)s::jsonb) AS owned;
 
 -- name: worker_stop
 SELECT pgml._worker_stop(%(worker)s::text, %(token)s::text) AS owned;

@@ -738,7 +738,11 @@ CREATE VIEW pgml.worker_status WITH (security_barrier=true) AS
         END AS models_cached,
     started_at,
     heartbeat_at,
-    stopped_at
+    stopped_at,
+        CASE
+            WHEN pg_has_role(SESSION_USER, 'pgml_admin'::name, 'MEMBER'::text) OR pg_has_role(SESSION_USER, 'pgml_worker'::name, 'MEMBER'::text) THEN serving
+            ELSE NULL::jsonb
+        END AS serving
    FROM pgml.workers w;
 GRANT SELECT ON VIEW pgml.worker_status TO pgml_admin;
 GRANT SELECT ON VIEW pgml.worker_status TO pgml_user;
@@ -765,6 +769,7 @@ CREATE TABLE pgml.workers (
     heartbeat_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     stopped_at timestamp with time zone,
     cpus integer,
+    serving jsonb DEFAULT '{}'::jsonb NOT NULL,
     CONSTRAINT workers_pkey PRIMARY KEY (id)
 );
 
@@ -4845,8 +4850,8 @@ END $function$;
 GRANT EXECUTE ON FUNCTION pgml._wait_advice(job_id bigint) TO pgml_user;
 GRANT EXECUTE ON FUNCTION pgml._wait_advice(job_id bigint) TO pgml_worker;
 
--- FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb)
+-- FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb, serving jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb, serving jsonb DEFAULT '{}'::jsonb)
  RETURNS boolean
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -4859,11 +4864,13 @@ BEGIN
         free_slots = greatest(0, _worker_heartbeat.free_slots), free_gpus = greatest(0, _worker_heartbeat.free_gpus),
         running = coalesce(_worker_heartbeat.running, '{}'),
         models_cached = CASE WHEN jsonb_typeof(_worker_heartbeat.models_cached) = 'array'
-                             THEN _worker_heartbeat.models_cached ELSE '[]' END
+                             THEN _worker_heartbeat.models_cached ELSE '[]' END,
+        serving = CASE WHEN jsonb_typeof(_worker_heartbeat.serving) = 'object'
+                       THEN _worker_heartbeat.serving ELSE '{}' END
     WHERE w.id = worker_id AND w.token_hash = pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8'));
     RETURN FOUND;
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb) TO pgml_worker;
+GRANT EXECUTE ON FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer, running bigint[], models_cached jsonb, serving jsonb) TO pgml_worker;
 
 -- FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real, cpus integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._worker_register(worker_id text, token text, host text, pid integer, version text, devices jsonb, gpus integer, concurrency integer, heartbeat_seconds real, lease_seconds real, cpus integer DEFAULT NULL::integer)
@@ -4898,7 +4905,7 @@ BEGIN
     SET login = EXCLUDED.login, token_hash = EXCLUDED.token_hash, host = EXCLUDED.host, pid = EXCLUDED.pid,
         version = EXCLUDED.version, devices = EXCLUDED.devices, gpus = EXCLUDED.gpus, cpus = EXCLUDED.cpus,
         concurrency = EXCLUDED.concurrency, free_slots = EXCLUDED.free_slots, free_gpus = EXCLUDED.free_gpus,
-        running = '{}', models_cached = '[]', heartbeat_seconds = EXCLUDED.heartbeat_seconds,
+        running = '{}', models_cached = '[]', serving = '{}', heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         lease_seconds = EXCLUDED.lease_seconds, started_at = pg_catalog.clock_timestamp(),
         heartbeat_at = pg_catalog.clock_timestamp(), stopped_at = NULL;
     -- nobody needs rows of workers silent for a week
@@ -4916,7 +4923,7 @@ AS $function$
 BEGIN
     UPDATE pgml.workers w
     SET stopped_at = pg_catalog.clock_timestamp(), free_slots = 0, free_gpus = 0, running = '{}',
-        models_cached = '[]'
+        models_cached = '[]', serving = '{}'
     WHERE w.id = worker_id AND w.token_hash = pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8'));
     RETURN FOUND;
 END $function$;
@@ -6304,6 +6311,6 @@ GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 37 rows, md5 366d7badfdda07d1b17eff1f3f4c8ad2
+-- pgml.schema_migrations: 38 rows, md5 656625c20923ce576997181661756d22
 -- pgml.tasks: 9 rows, md5 69955b4b04e1105a5ce1f95e198eee7c
 -- pgml.training_arg_types: 113 rows, md5 178ba75db15b9d624fbfd33fc4d75ce5

@@ -35,7 +35,13 @@ SELECT w.id,
            AS models_cached,
        w.started_at,
        w.heartbeat_at,
-       w.stopped_at
+       w.stopped_at,
+       -- its serving process: bases and adapters loaded, adapter_mb, and since the daemon started loads,
+       -- load_seconds, last_load_at, evictions, last_eviction_at by kind (base, adapter); not shown to users (as
+       -- models_cached). Last: CREATE OR REPLACE VIEW adds columns only at the end.
+       CASE WHEN pg_catalog.pg_has_role(session_user, 'pgml_admin', 'MEMBER')
+                 OR pg_catalog.pg_has_role(session_user, 'pgml_worker', 'MEMBER') THEN w.serving END
+           AS serving
 FROM pgml.workers w;
 
 -- ---- the workers' writes --------------------------------------------------------------------------------------
@@ -75,7 +81,7 @@ BEGIN
     SET login = EXCLUDED.login, token_hash = EXCLUDED.token_hash, host = EXCLUDED.host, pid = EXCLUDED.pid,
         version = EXCLUDED.version, devices = EXCLUDED.devices, gpus = EXCLUDED.gpus, cpus = EXCLUDED.cpus,
         concurrency = EXCLUDED.concurrency, free_slots = EXCLUDED.free_slots, free_gpus = EXCLUDED.free_gpus,
-        running = '{}', models_cached = '[]', heartbeat_seconds = EXCLUDED.heartbeat_seconds,
+        running = '{}', models_cached = '[]', serving = '{}', heartbeat_seconds = EXCLUDED.heartbeat_seconds,
         lease_seconds = EXCLUDED.lease_seconds, started_at = pg_catalog.clock_timestamp(),
         heartbeat_at = pg_catalog.clock_timestamp(), stopped_at = NULL;
     -- nobody needs rows of workers silent for a week
@@ -90,7 +96,7 @@ AS $$
 BEGIN
     UPDATE pgml.workers w
     SET stopped_at = pg_catalog.clock_timestamp(), free_slots = 0, free_gpus = 0, running = '{}',
-        models_cached = '[]'
+        models_cached = '[]', serving = '{}'
     WHERE w.id = worker_id AND w.token_hash = pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8'));
     RETURN FOUND;
 END $$;
@@ -166,7 +172,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT pg_catalog.set_config('synchronous_commit', 'off', true) IS NOT NULL $$;
 
 CREATE OR REPLACE FUNCTION pgml._worker_heartbeat(worker_id text, token text, free_slots integer, free_gpus integer,
-                                                  running bigint[], models_cached jsonb) RETURNS boolean
+                                                  running bigint[], models_cached jsonb,
+                                                  serving jsonb DEFAULT '{}') RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -177,7 +184,9 @@ BEGIN
         free_slots = greatest(0, _worker_heartbeat.free_slots), free_gpus = greatest(0, _worker_heartbeat.free_gpus),
         running = coalesce(_worker_heartbeat.running, '{}'),
         models_cached = CASE WHEN jsonb_typeof(_worker_heartbeat.models_cached) = 'array'
-                             THEN _worker_heartbeat.models_cached ELSE '[]' END
+                             THEN _worker_heartbeat.models_cached ELSE '[]' END,
+        serving = CASE WHEN jsonb_typeof(_worker_heartbeat.serving) = 'object'
+                       THEN _worker_heartbeat.serving ELSE '{}' END
     WHERE w.id = worker_id AND w.token_hash = pg_catalog.sha256(pg_catalog.convert_to(token, 'UTF8'));
     RETURN FOUND;
 END $$;

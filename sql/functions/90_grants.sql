@@ -131,7 +131,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._job_tables_sweep(),
     pgml._model_ref(bigint,text,name),
     pgml._wait_advice(bigint),
-    pgml._worker_heartbeat(text,text,integer,integer,bigint[],jsonb),
+    pgml._worker_heartbeat(text,text,integer,integer,bigint[],jsonb,jsonb),
     pgml._worker_register(text,text,text,integer,text,jsonb,integer,integer,real,real,integer),
     pgml._worker_stop(text,text),
     pgml.check_hub_model(text),

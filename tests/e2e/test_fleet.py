@@ -75,6 +75,7 @@ def test_registry_row_appears_then_goes_stale_after_kill(
     # a user sees the fleet, but not another user's job ids nor the models it keeps warm
     seen_by_user = worker(conn, "fleet-a")
     assert seen_by_user is not None and seen_by_user["running"] == [] and seen_by_user["models_cached"] is None
+    assert seen_by_user["serving"] is None
     assert seen_by_user["free_slots"] == 1
     cli.main(["status", "--dsn", conn_dsn])
     out = capsys.readouterr().out
@@ -298,6 +299,7 @@ def test_idle_workers_counts_the_live_workers_with_a_free_slot(worker_dsn: str) 
                     "free_gpus": 0,
                     "running": [],
                     "models_cached": Jsonb([]),
+                    "serving": Jsonb({}),
                 },
             )
         assert w.execute(q("idle_workers")).fetchone() == {"idle": 2, "live": 3}

@@ -5,6 +5,7 @@ this process, greedy."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,29 @@ def test_mixed_adapters_answer_as_merged_across_users_with_eviction(
         what="the registry to list the base and two adapters",
     )
     assert cached[0] == LLAMA and all(m.startswith("pgml:model:") for m in cached[1:])
+    # and what /metrics counts: the same loads, evictions and their times (once the heartbeat has written them)
+    samples = scrape(port)
+    count = {k: samples[(f"pgml_serving_{k}_total", (("kind", "adapter"),))] for k in ("loads", "evictions")}
+    serving = wait_for(
+        lambda: (
+            (r := su.execute("SELECT serving FROM pgml.worker_status WHERE state = 'live'").fetchone())
+            and r["serving"].get("loads", {}).get("adapter") == count["loads"]
+            and r["serving"]
+        ),
+        30,
+        what="the registry to count the serving process's loads",
+    )
+    assert serving["bases"] == 1 and serving["adapters"] == 2 and serving["adapter_mb"] > 0, serving
+    assert serving["loads"] == {"base": 1, "adapter": count["loads"]} and count["loads"] >= 4, serving
+    assert serving["evictions"] == {"base": 0, "adapter": count["evictions"]} and count["evictions"] >= 2, serving
+    adapter_seconds = samples[("pgml_serving_load_seconds_sum", (("kind", "adapter"),))]
+    assert serving["load_seconds"]["adapter"] == pytest.approx(adapter_seconds, abs=0.01) and adapter_seconds > 0
+    assert serving["last_eviction_at"]["base"] is None and serving["last_load_at"]["base"] is not None
+    evicted_at = dt.datetime.fromisoformat(serving["last_eviction_at"]["adapter"]).timestamp()
+    assert evicted_at == pytest.approx(
+        samples[("pgml_serving_last_eviction_timestamp_seconds", (("kind", "adapter"),))], abs=0.01
+    )
+    assert dt.datetime.fromisoformat(serving["last_load_at"]["adapter"]).timestamp() >= evicted_at
     lines = [json.loads(x) for x in d.output().splitlines() if '"serving.adapter_loaded"' in x]
     assert all(line["base"] == LLAMA for line in lines) and any(line["evicted_adapters"] for line in lines)
 

@@ -88,8 +88,8 @@ def world(su: psycopg.Connection[dict[str, Any]], su_dsn: str) -> dict[str, Any]
     su.execute("SET session_replication_role = origin")
     su.execute("SELECT pgml._worker_register('w1', repeat('t', 16), 'host1', 1, 'v', '[]', 0, 1, 5, 30)")
     su.execute(
-        "UPDATE pgml.workers SET running = ARRAY[%s]::bigint[], models_cached = %s::jsonb",
-        (OTHER_JOB, json.dumps([f"{MARK}_cached"])),
+        "UPDATE pgml.workers SET running = ARRAY[%s]::bigint[], models_cached = %s::jsonb, serving = %s::jsonb",
+        (OTHER_JOB, json.dumps([f"{MARK}_cached"]), json.dumps({"adapters": f"{MARK}_serving"})),
     )
     su.execute(
         "SELECT setval('pgml.projects_id_seq', 300), setval('pgml.models_id_seq', 200), setval('pgml.jobs_id_seq', 100)"
@@ -112,7 +112,10 @@ def user(conn: psycopg.Connection[dict[str, Any]], world: dict[str, Any]) -> Ite
     yield conn, notices
 
 
-SECRETS = [f"{MARK}_{s}" for s in ("project", "reviews", "error", "metric", "worker", "log", "path", "cached", "input")]
+SECRETS = [
+    f"{MARK}_{s}"
+    for s in ("project", "reviews", "error", "metric", "worker", "log", "path", "cached", "serving", "input")
+]
 SECRETS += [f"{MARK}_data".encode().hex(), str(OTHER_PROJECT), str(OTHER_MODEL), str(OTHER_JOB)]
 
 

@@ -67,11 +67,12 @@ class Daemon:
         dsn: str = "",
         drain: bool = False,
         serving: Callable[[], Coroutine[Any, Any, None]] | None = None,
-        cached_models: Callable[[], list[str]] | None = None,
+        serving_state: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.serving = serving
-        self.cached_models = cached_models or list
+        # what its serving process holds: models_cached (names) and serving (counts), for the registry row
+        self.serving_state = serving_state or (lambda: {"models_cached": [], "serving": {}})
         self.backend = backend
         self.launch = launch
         self.dsn = dsn
@@ -243,7 +244,7 @@ class Daemon:
             "free_slots": len(self.free_slots) if not self.stopping else 0,
             "free_gpus": self.free_gpus() if not self.stopping else 0,
             "running": sorted(self.attempts),
-            "models_cached": self.cached_models(),
+            **self.serving_state(),
         }
 
     # ---- /metrics ----
@@ -376,7 +377,7 @@ async def serve(
         dsn=child_dsn or dsn,
         drain=drain,
         serving=supervisor.run if supervisor else None,
-        cached_models=(lambda: list(supervisor.cached)) if supervisor else None,
+        serving_state=supervisor.state if supervisor else None,
     )
     if settings.metrics_port is not None:
         from .metrics import Metrics

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from .. import logconfig
 from .fleet import device_readings
+from .serving import Load
 
 log = logconfig.get("pgml_tuned.worker.metrics")
 
@@ -96,22 +97,19 @@ class Metrics:
             if isinstance(size, int | float) and size > 0:
                 self.checkpoint_bytes.inc(size)
 
-    def on_serving_load(self, event: dict[str, Any]) -> None:
-        """A load line of the serving process (serving.model_loaded, serving.adapter_loaded)."""
-        kind = "adapter" if event.get("event") == "serving.adapter_loaded" else "base"
-        self.serving_loads.labels(kind).inc()
-        if isinstance(seconds := event.get("seconds"), int | float):
-            self.serving_load_seconds.labels(kind).observe(seconds)
-        loaded = event.get("loaded") or {}
-        for k, field in (("base", "bases"), ("adapter", "adapters")):
-            if isinstance(loaded.get(field), int):
-                self.serving_loaded.labels(k).set(loaded[field])
-            evicted = event.get("evicted" if k == "base" else "evicted_adapters") or []
-            if evicted:
-                self.serving_evictions.labels(k).inc(len(evicted))
-                self.serving_last_eviction.labels(k).set(time.time())
-        if isinstance(mb := event.get("adapter_mb"), int | float):
-            self.serving_adapter_bytes.set(mb * 2**20)
+    def on_serving_load(self, load: Load) -> None:
+        """A load of the serving process (one of its serving.model_loaded, serving.adapter_loaded lines)."""
+        self.serving_loads.labels(load.kind).inc()
+        if load.seconds is not None:
+            self.serving_load_seconds.labels(load.kind).observe(load.seconds)
+        for kind, n in load.loaded.items():
+            self.serving_loaded.labels(kind).set(n)
+        for kind, n in load.evicted.items():
+            if n:
+                self.serving_evictions.labels(kind).inc(n)
+                self.serving_last_eviction.labels(kind).set(load.at)
+        if load.adapter_mb is not None:
+            self.serving_adapter_bytes.set(load.adapter_mb * 2**20)
 
     async def refresh(self, jobs_by_status: Callable[[], Awaitable[list[dict[str, Any]]]], gpus: list[str]) -> None:
         """The values read at scrape time; a database that does not answer leaves the last values."""

@@ -239,7 +239,7 @@ class PgBackend:
             retry=False,  # not through an outage: the next heartbeat tries again
             worker=self.worker,
             token=self.token,
-            **{**state, "models_cached": Jsonb(state["models_cached"])},
+            **{**state, "models_cached": Jsonb(state["models_cached"]), "serving": Jsonb(state["serving"])},
         )
         return bool(rows and rows[0]["owned"])
 

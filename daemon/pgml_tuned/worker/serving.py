@@ -18,6 +18,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -30,6 +32,81 @@ from .process import ChildUser, child_env, lines
 log = logconfig.get("pgml_tuned.worker.serving")
 
 STABLE_SECONDS = 30.0  # a process that ran this long restarts at once; one that keeps dying, with backoff
+KINDS = ("base", "adapter")  # a whole model | a LoRA adapter loaded onto a base, unmerged
+
+
+@dataclass
+class Load:
+    """One load line of the serving process, read once: what /metrics and the registry row both count."""
+
+    kind: str  # base | adapter
+    seconds: float | None  # from PostgreSQL (or the hub cache) to loaded
+    loaded: dict[str, int]  # {base, adapter}: how many the serving process holds now
+    evicted: dict[str, int]  # {base, adapter}: how many this load evicted
+    adapter_mb: float | None  # what its loaded adapters take now
+    at: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, event: dict[str, Any]) -> Load:
+        loaded = event.get("loaded") or {}
+        seconds, mb = event.get("seconds"), event.get("adapter_mb")
+        return cls(
+            kind="adapter" if event.get("event") == "serving.adapter_loaded" else "base",
+            seconds=float(seconds) if isinstance(seconds, int | float) else None,
+            loaded={
+                k: n for k, f in zip(KINDS, ("bases", "adapters"), strict=True) if isinstance(n := loaded.get(f), int)
+            },
+            evicted={k: len(event.get(f) or []) for k, f in zip(KINDS, ("evicted", "evicted_adapters"), strict=True)},
+            adapter_mb=float(mb) if isinstance(mb, int | float) else None,
+        )
+
+
+def stamp(at: float | None) -> str | None:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds") if at is not None else None
+
+
+class ServingLoads:
+    """What the serving processes of this daemon loaded and evicted, counted from their load lines since the daemon
+    started: the registry row's `serving` (pgml.worker_status). /metrics counts the same Load objects."""
+
+    def __init__(self) -> None:
+        self.loaded = dict.fromkeys(KINDS, 0)
+        self.adapter_mb = 0.0
+        self.loads = dict.fromkeys(KINDS, 0)
+        self.load_seconds = dict.fromkeys(KINDS, 0.0)
+        self.last_load_at: dict[str, float | None] = dict.fromkeys(KINDS)
+        self.evictions = dict.fromkeys(KINDS, 0)
+        self.last_eviction_at: dict[str, float | None] = dict.fromkeys(KINDS)
+
+    def add(self, load: Load) -> None:
+        self.loads[load.kind] += 1
+        self.last_load_at[load.kind] = load.at
+        self.load_seconds[load.kind] += load.seconds or 0.0
+        self.loaded.update(load.loaded)
+        for kind, n in load.evicted.items():
+            if n:
+                self.evictions[kind] += n
+                self.last_eviction_at[kind] = load.at
+        if load.adapter_mb is not None:
+            self.adapter_mb = load.adapter_mb
+
+    def exited(self) -> None:
+        """The serving process exited: nothing is loaded any more (the counts stay)."""
+        self.loaded = dict.fromkeys(KINDS, 0)
+        self.adapter_mb = 0.0
+
+    def row(self) -> dict[str, Any]:
+        """The registry row's `serving` (JSON)."""
+        return {
+            "bases": self.loaded["base"],
+            "adapters": self.loaded["adapter"],
+            "adapter_mb": round(self.adapter_mb, 2),
+            "loads": dict(self.loads),
+            "load_seconds": {k: round(v, 3) for k, v in self.load_seconds.items()},
+            "last_load_at": {k: stamp(v) for k, v in self.last_load_at.items()},
+            "evictions": dict(self.evictions),
+            "last_eviction_at": {k: stamp(v) for k, v in self.last_eviction_at.items()},
+        }
 
 
 class ServingSupervisor:
@@ -45,7 +122,12 @@ class ServingSupervisor:
         self.starts = 0
         self.pid: int | None = None  # of the running serving process (tests and operators)
         self.cached: list[str] = []  # the models and adapters it keeps warm now (from its load log lines)
-        self.on_load: Callable[[dict[str, Any]], None] | None = None  # each load's line (the daemon's /metrics)
+        self.loads = ServingLoads()  # its loads and evictions (the registry row's `serving`)
+        self.on_load: Callable[[Load], None] | None = None  # each load (the daemon's /metrics)
+
+    def state(self) -> dict[str, Any]:
+        """What the registry row says of it: the models and adapters it keeps warm, and its loads and evictions."""
+        return {"models_cached": list(self.cached), "serving": self.loads.row()}
 
     async def run(self) -> None:
         """Forever: run the serving process; when it exits, release its requests and start another. Not at all
@@ -128,6 +210,7 @@ class ServingSupervisor:
         finally:
             self.pid = None
             self.cached = []
+            self.loads.exited()
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:
                     process.terminate()  # it puts its requests back in the queue and exits
@@ -139,7 +222,7 @@ class ServingSupervisor:
 
     def _seen(self, line: str) -> None:
         """The serving process logs what its cache holds after each load of a model or an adapter: the fleet
-        registry shows it, /metrics counts the loads, their times and the evictions."""
+        registry shows it and counts the loads, their times and the evictions (ServingLoads), and so does /metrics."""
         if '"serving.model_loaded"' not in line and '"serving.adapter_loaded"' not in line:
             return
         try:
@@ -149,8 +232,10 @@ class ServingSupervisor:
             return
         if isinstance(cached, list):
             self.cached = [str(c) for c in cached]
+        load = Load.of(event)
+        self.loads.add(load)
         if self.on_load is not None:
-            self.on_load(event)
+            self.on_load(load)
 
 
 async def passthrough(stream: anyio.abc.ByteReceiveStream, seen: Callable[[str], None] | None = None) -> None:
