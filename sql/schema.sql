@@ -3200,6 +3200,19 @@ BEGIN
     RETURN v;
 END $function$;
 
+-- FUNCTION pgml._own_project_ref(model text, who name), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._own_project_ref(model text, who name)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN model !~ '[/~:]' AND model NOT LIKE '.%'
+                     AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = model AND p.owner = who)
+                THEN 'pgml:' || model ELSE model END
+$function$;
+GRANT EXECUTE ON FUNCTION pgml._own_project_ref(model text, who name) TO pgml_user;
+
 -- FUNCTION pgml._random_bytes(count integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._random_bytes(count integer)
  RETURNS bytea
@@ -3588,6 +3601,7 @@ BEGIN
     END IF;
 
     -- the model: a stored one only if the submitter may read it, and only for a kind its task serves
+    v_model := pgml._own_project_ref(v_model, submitter);  -- a bare project name of the submitter's: that project
     IF v_model LIKE 'pgml:%' THEN
         v_ref := pg_catalog.substr(v_model, 6);
         IF v_ref LIKE 'model:%' AND v_ref OPERATOR(pg_catalog.!~) '^model:[0-9]+$' THEN
@@ -3595,11 +3609,6 @@ BEGIN
                 HINT = 'e.g. pgml:model:42',
                 ERRCODE = 'invalid_parameter_value';
         END IF;
-    ELSIF v_model OPERATOR(pg_catalog.!~) '[/~]' AND v_model NOT LIKE '.%'
-          AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name OPERATOR(pg_catalog.=) v_model
-                      AND p.owner OPERATOR(pg_catalog.=) submitter) THEN
-        v_ref := v_model;  -- a bare project name of the submitter's: that project (a hub id otherwise)
-        v_model := 'pgml:' OPERATOR(pg_catalog.||) v_model;
     END IF;
     IF v_ref IS NOT NULL THEN
         SELECT * INTO v_row FROM pgml._serving_model(submitter, v_ref) LIMIT 1;
@@ -5223,11 +5232,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. batch_size => 64';
     END IF;
     PERFORM pgml._retrieval_call('embed_batch', transformer, kwargs);
-    -- a bare project name of the caller's is that project, as for pgml.embed (pgml._request_submit)
-    IF v_model !~ '[/~:]' AND v_model NOT LIKE '.%'
-       AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = v_model AND p.owner = session_user) THEN
-        v_model := 'pgml:' || v_model;
-    END IF;
+    v_model := pgml._own_project_ref(v_model, session_user);  -- as pgml.embed takes it (pgml._request_submit)
     -- output_table is checked by pgml._submit (task embed_batch), where pgml_user's rights do not reach
     SELECT t.job_id INTO v_job FROM pgml.tune(
         output_table, task => 'embed_batch', relation_name => relation_name, model_name => v_model,

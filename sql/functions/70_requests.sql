@@ -570,6 +570,7 @@ BEGIN
     END IF;
 
     -- the model: a stored one only if the submitter may read it, and only for a kind its task serves
+    v_model := pgml._own_project_ref(v_model, submitter);  -- a bare project name of the submitter's: that project
     IF v_model LIKE 'pgml:%' THEN
         v_ref := pg_catalog.substr(v_model, 6);
         IF v_ref LIKE 'model:%' AND v_ref OPERATOR(pg_catalog.!~) '^model:[0-9]+$' THEN
@@ -577,11 +578,6 @@ BEGIN
                 HINT = 'e.g. pgml:model:42',
                 ERRCODE = 'invalid_parameter_value';
         END IF;
-    ELSIF v_model OPERATOR(pg_catalog.!~) '[/~]' AND v_model NOT LIKE '.%'
-          AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name OPERATOR(pg_catalog.=) v_model
-                      AND p.owner OPERATOR(pg_catalog.=) submitter) THEN
-        v_ref := v_model;  -- a bare project name of the submitter's: that project (a hub id otherwise)
-        v_model := 'pgml:' OPERATOR(pg_catalog.||) v_model;
     END IF;
     IF v_ref IS NOT NULL THEN
         SELECT * INTO v_row FROM pgml._serving_model(submitter, v_ref) LIMIT 1;
@@ -915,6 +911,19 @@ AS $$
     SELECT (v.value OPERATOR(pg_catalog.#>>) '{}'::text[])::real[]
     FROM pg_catalog.jsonb_array_elements(result) WITH ORDINALITY AS v (value, n)
     ORDER BY v.n
+$$;
+
+-- A model name as the inference calls take it: the bare name of one of `who`'s projects is that project
+-- (pgml:<name>); anything else as given (a hub id, pgml:..., a directory). It runs with its caller's rights (row-level
+-- security: a user finds only its own projects): pgml._request_submit (as the owner) and pgml.embed_batch (as the
+-- user) call it.
+CREATE OR REPLACE FUNCTION pgml._own_project_ref(model text, who name) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN model !~ '[/~:]' AND model NOT LIKE '.%'
+                     AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = model AND p.owner = who)
+                THEN 'pgml:' || model ELSE model END
 $$;
 
 -- Checks what pgml.embed and pgml.rank check before a request (the rest is pgml._request_submit's); for

@@ -256,11 +256,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'e.g. batch_size => 64';
     END IF;
     PERFORM pgml._retrieval_call('embed_batch', transformer, kwargs);
-    -- a bare project name of the caller's is that project, as for pgml.embed (pgml._request_submit)
-    IF v_model !~ '[/~:]' AND v_model NOT LIKE '.%'
-       AND EXISTS (SELECT 1 FROM pgml.projects p WHERE p.name = v_model AND p.owner = session_user) THEN
-        v_model := 'pgml:' || v_model;
-    END IF;
+    v_model := pgml._own_project_ref(v_model, session_user);  -- as pgml.embed takes it (pgml._request_submit)
     -- output_table is checked by pgml._submit (task embed_batch), where pgml_user's rights do not reach
     SELECT t.job_id INTO v_job FROM pgml.tune(
         output_table, task => 'embed_batch', relation_name => relation_name, model_name => v_model,

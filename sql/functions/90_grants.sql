@@ -85,6 +85,8 @@ GRANT EXECUTE ON ROUTINE
     pgml._dataset_kwargs(),
     -- pgml.embed_batch runs as its caller (pgml.tune reads the caller's relation): its kwargs' checks (reads nothing)
     pgml._retrieval_call(text,text,jsonb),
+    -- and how it reads a bare project name (as its caller: row-level security shows only the caller's projects)
+    pgml._own_project_ref(text,name),
     -- the answer, stream and abandon calls of an asynchronous pgml.request (the Python client, sql/client.sql);
     -- each answers only the request's submitter
     pgml._request_abandon(bigint),

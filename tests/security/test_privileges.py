@@ -177,6 +177,7 @@ USER_INTERNAL = [
     "pgml._log_line(jsonb,text)",
     "pgml._log_pairs(jsonb,text[],text[],text)",
     "pgml._log_value(text,jsonb)",
+    "pgml._own_project_ref(text,name)",
     "pgml._request_abandon(bigint)",
     "pgml._request_answer(bigint)",
     "pgml._request_chunks(bigint,integer)",
