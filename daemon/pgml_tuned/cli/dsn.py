@@ -95,10 +95,14 @@ def started(pid: int) -> str | None:
 def session_key() -> str | None:
     """This terminal session, as a name that outlives no session: the session id (os.getsid: the same for every
     command a shell runs, whatever its pipes and subshells) and its leader's start time (a later session that
-    gets the same id is another one). None where it cannot be known."""
-    sid = os.getsid(0)
-    start = started(sid)
-    return None if start is None else f"{sid}-{start}"
+    gets the same id is another one). Where the leader is outside this PID namespace (a container or CI runner
+    started inside one: getsid answers 0), the parent process stands for the session instead ("p" before its id:
+    the shell or program that runs these commands). None where neither can be known."""
+    for prefix, pid in (("", os.getsid(0)), ("p", os.getppid())):
+        start = started(pid) if pid > 0 else None
+        if start is not None:
+            return f"{prefix}{pid}-{start}"
+    return None
 
 
 def first_in_session(home: Path, notice: str) -> bool:
@@ -118,7 +122,7 @@ def first_in_session(home: Path, notice: str) -> bool:
         return True
     for marker in folder.glob(f"{notice}-*-*"):
         sid, start = marker.name.rsplit("-", 2)[1:]
-        if sid.isdigit() and started(int(sid)) != start:
+        if sid.removeprefix("p").isdigit() and started(int(sid.removeprefix("p"))) != start:
             marker.unlink(missing_ok=True)
     return True
 
