@@ -200,6 +200,11 @@ SET LOCAL check_function_bodies = off;  -- the files of functions/ call each oth
 \if :pgml_pending
 \ir migrations/0043_worker_serving.sql
 \endif
+\set pgml_version 0044_embed_vectors
+\ir pending.psql
+\if :pgml_pending
+\ir migrations/0044_embed_vectors.sql
+\endif
 \ir functions/10_security.sql
 \ir functions/20_secrets.sql
 \ir functions/30_loopback.sql

@@ -396,6 +396,12 @@ SELECT pgml._request_finish(%(id)s, %(serving_id)s, %(result)s::jsonb, %(usage)s
 -- A whole batch's answers in one statement (ids[i] gets results[i]); the ids still owned come back.
 SELECT id FROM pgml._requests_answer(%(serving_id)s, %(ids)s::bigint[], %(results)s::jsonb[]) AS a (id);
 
+-- name: answer_vectors
+-- A batch of embed requests' vectors (0044): ids[i] gets counts[i] vectors of dim values, the next ones of flat
+-- (a real[] sent in PostgreSQL's binary format: %(flat)b).
+SELECT id FROM pgml._requests_answer(%(serving_id)s, %(ids)s::bigint[], NULL, %(counts)s::integer[], %(dim)s,
+                                     %(flat)b) AS a (id);
+
 -- name: unlock_requests
 -- The lane's advisory locks on these requests (taken by claim_requests), once their answers are committed.
 SELECT pg_catalog.pg_advisory_unlock(pgml._request_lock_space(), pgml._request_lock_key(i))

@@ -553,6 +553,7 @@ CREATE TABLE pgml.requests (
     created_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
     answered_at timestamp with time zone,
     n_inputs integer DEFAULT 1 NOT NULL,
+    vectors real[],
     CONSTRAINT requests_kind_check CHECK (kind = ANY (ARRAY['classify'::text, 'generate'::text, 'chat'::text, 'embed'::text, 'rank'::text])),
     CONSTRAINT requests_pkey PRIMARY KEY (id),
     CONSTRAINT requests_status_check CHECK (status = ANY (ARRAY['queued'::text, 'running'::text, 'done'::text, 'failed'::text]))
@@ -819,9 +820,9 @@ BEGIN
     RETURN true;
 END $function$;
 
--- FUNCTION pgml._await_request(p_id bigint, p_timeout double precision), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._await_request(p_id bigint, p_timeout double precision)
- RETURNS jsonb
+-- FUNCTION pgml._await_answer(p_id bigint, p_timeout double precision, OUT result jsonb, OUT vectors real[]), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._await_answer(p_id bigint, p_timeout double precision, OUT result jsonb, OUT vectors real[])
+ RETURNS record
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
@@ -832,7 +833,6 @@ DECLARE
     v_status  text;
     v_worker  text;
     v_answer  jsonb;
-    v_result  jsonb;
     v_error   text;
     v_elapsed double precision;
     v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
@@ -842,13 +842,13 @@ BEGIN
             IF v_local THEN
                 SELECT r.status, r.claimed_by INTO v_status, v_worker FROM pgml.requests r WHERE r.id = p_id;
             ELSE  -- a snapshot that cannot see the answer: ask through the loopback (a finished one is taken)
-                v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+                v_answer := pgml._loopback(pgml._quick(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id)));
                 v_status := v_answer ->> 'status';
             END IF;
             EXIT WHEN v_status IS NULL OR v_status IN ('done', 'failed');
             v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
             IF v_elapsed > p_timeout THEN
-                PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+                PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
                 IF v_status = 'queued' THEN
                     RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited % s and nobody took it',
                         round(v_elapsed::numeric, 1)
@@ -883,22 +883,23 @@ BEGIN
         END LOOP;
     EXCEPTION WHEN query_canceled THEN
         -- statement_timeout or a cancel: leave nothing behind
-        PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+        PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
         RAISE;
     END;
     IF v_local AND v_status IS NOT NULL THEN
         -- read here (this statement sees the serving process's commit), and only deleted through the
         -- loopback: an answer of 1,000 vectors is not printed, sent over the loopback and parsed again
-        SELECT r.status, r.result, r.error INTO v_status, v_result, v_error FROM pgml.requests r WHERE r.id = p_id;
+        SELECT r.status, r.result, r.vectors, r.error INTO v_status, result, vectors, v_error
+        FROM pgml.requests r WHERE r.id = p_id;
         IF FOUND THEN
-            PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+            PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
         END IF;
     ELSE
         IF v_local OR v_status IS NULL THEN
-            v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+            v_answer := pgml._loopback(pgml._quick(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id)));
         END IF;
         v_status := v_answer ->> 'status';
-        v_result := v_answer -> 'result';
+        result := v_answer -> 'result';
         v_error := v_answer ->> 'error';
     END IF;
     IF v_status IS NULL THEN
@@ -908,8 +909,17 @@ BEGIN
     IF v_status = 'failed' THEN
         RAISE EXCEPTION '%', v_error USING ERRCODE = 'data_exception';
     END IF;
-    RETURN v_result;
 END $function$;
+
+-- FUNCTION pgml._await_request(p_id bigint, p_timeout double precision), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._await_request(p_id bigint, p_timeout double precision)
+ RETURNS jsonb
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT a.result FROM pgml._await_answer(p_id, p_timeout) a
+$function$;
 
 -- FUNCTION pgml._bytea_to_numeric(b bytea), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._bytea_to_numeric(b bytea)
@@ -1994,6 +2004,34 @@ EXCEPTION
         RETURN false;
     WHEN undefined_table THEN
         RETURN true;  -- dropped meanwhile
+END $function$;
+
+-- FUNCTION pgml._embedded(transformer text, kwargs jsonb, inputs text[]), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._embedded(transformer text, kwargs jsonb, inputs text[])
+ RETURNS SETOF real[]
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_answer  record;
+    v_vectors real[];
+    v_dim     integer;
+BEGIN
+    SELECT a.result, a.vectors INTO v_answer
+    FROM pgml._await_answer(pgml._serve_submit('embed', transformer, kwargs, pg_catalog.to_jsonb(inputs)),
+                            pgml._request_timeout(kwargs)) a;
+    IF v_answer.vectors IS NULL THEN
+        RETURN QUERY SELECT v FROM pgml._vectors(v_answer.result) v;
+        RETURN;
+    END IF;
+    v_vectors := v_answer.vectors;
+    v_dim := pg_catalog.cardinality(v_vectors) OPERATOR(pg_catalog./) pg_catalog.cardinality(inputs);
+    RETURN QUERY
+    SELECT v_vectors[(i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) v_dim OPERATOR(pg_catalog.+) 1
+                     : i OPERATOR(pg_catalog.*) v_dim]
+    FROM pg_catalog.generate_series(1, pg_catalog.cardinality(inputs)) AS i
+    ORDER BY i;
 END $function$;
 
 -- FUNCTION pgml._fail(message text, hint text, code text), owner pgml_owner
@@ -3213,6 +3251,17 @@ AS $function$
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._own_project_ref(model text, who name) TO pgml_user;
 
+-- FUNCTION pgml._quick(stmt text), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._quick(stmt text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT pg_catalog.format('(SELECT %s FROM (SELECT pg_catalog.set_config(''synchronous_commit'', ''off'', true) '
+                             'OFFSET 0) AS quick)', stmt)
+$function$;
+
 -- FUNCTION pgml._random_bytes(count integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._random_bytes(count integer)
  RETURNS bytea
@@ -3286,7 +3335,7 @@ BEGIN
         DELETE FROM pgml.requests r
         WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id AND r.status IN ('done', 'failed')
           AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter())
-        RETURNING r.status, r.result, r.error, r.usage;
+        RETURNING r.status, coalesce(r.result, pgml._vector_literals(r.vectors, r.n_inputs)), r.error, r.usage;
         IF FOUND THEN
             RETURN;
         END IF;
@@ -3457,6 +3506,7 @@ CREATE OR REPLACE FUNCTION pgml._request_finish(id bigint, serving_id text, resu
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
+    PERFORM pgml._async_commit();  -- (since 0044) see pgml._requests_claim
     UPDATE pgml.requests r
     SET status = CASE WHEN _request_finish.error IS NULL THEN 'done' ELSE 'failed' END,
         result = _request_finish.result, usage = _request_finish.usage,
@@ -3680,8 +3730,19 @@ BEGIN
 END $function$;
 GRANT EXECUTE ON FUNCTION pgml._request_submit(submitter name, kind text, model text, args jsonb, inputs jsonb) TO pgml_admin;
 
--- FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]), owner pgml_owner
-CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[])
+-- FUNCTION pgml._request_timeout(args jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._request_timeout(args jsonb)
+ RETURNS double precision
+ LANGUAGE sql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT CASE WHEN pg_catalog.jsonb_typeof(args -> 'timeout') OPERATOR(pg_catalog.=) 'number'
+                THEN (args ->> 'timeout')::double precision ELSE 30 END
+$function$;
+
+-- FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[], counts integer[], dim integer, flat real[]), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[], counts integer[] DEFAULT NULL::integer[], dim integer DEFAULT NULL::integer, flat real[] DEFAULT NULL::real[])
  RETURNS SETOF bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -3690,12 +3751,25 @@ AS $function$
 DECLARE
     v_id bigint;
 BEGIN
+    IF flat IS NOT NULL AND (pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<>) pg_catalog.cardinality(counts)
+       OR dim IS NULL OR dim OPERATOR(pg_catalog.<) 1 OR pg_catalog.cardinality(flat) OPERATOR(pg_catalog.<>)
+          (dim OPERATOR(pg_catalog.*) (SELECT pg_catalog.sum(c) FROM pg_catalog.unnest(counts) AS c))) THEN
+        RAISE EXCEPTION 'pgml._requests_answer: % values are not % requests'' vectors of % values each',
+            pg_catalog.cardinality(flat), pg_catalog.cardinality(ids), dim USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgml._async_commit();  -- (since 0044) see pgml._requests_claim
     FOR v_id IN
         UPDATE pgml.requests r
-        SET status = 'done', result = a.result, answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
-        FROM unnest(ids, results) AS a (id, result)
+        SET status = 'done', result = a.result,
+            vectors = flat[a.first OPERATOR(pg_catalog.*) dim OPERATOR(pg_catalog.+) 1
+                           : (a.first OPERATOR(pg_catalog.+) a.n) OPERATOR(pg_catalog.*) dim],
+            answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
+        FROM (SELECT u.id, u.result, u.n,
+                     (pg_catalog.sum(u.n) OVER (ORDER BY u.i) OPERATOR(pg_catalog.-) u.n)::integer AS first
+              FROM unnest(ids, results, counts) WITH ORDINALITY AS u (id, result, n, i)) AS a
         WHERE r.id OPERATOR(pg_catalog.=) a.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
           AND r.status OPERATOR(pg_catalog.=) 'running'
+          AND (flat IS NULL OR (r.kind OPERATOR(pg_catalog.=) 'embed' AND r.n_inputs OPERATOR(pg_catalog.=) a.n))
         RETURNING r.id
     LOOP
         RETURN NEXT v_id;
@@ -3704,7 +3778,7 @@ BEGIN
         PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
     END IF;
 END $function$;
-GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[]) TO pgml_serving;
+GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[], counts integer[], dim integer, flat real[]) TO pgml_serving;
 
 -- FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer DEFAULT 512)
@@ -3757,7 +3831,12 @@ AS $function$
     )
     -- held by this session (the serving process's lane connection) until its answer is committed
     SELECT c.id, c.submitted_by, c.kind, c.model, c.args, c.inputs, c.stream, c.attempts
-    FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l
+    FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l,
+         -- (since 0044) the serving process's writes here (its claims and answers, each a transaction of its own)
+         -- commit without waiting for their WAL flush (pgml._async_commit): a lost claim is claimed again, a lost
+         -- answer's request is released when its lease runs out and answered again; a flush is a millisecond or more
+         -- of every one-text call
+         pgml._async_commit() AS quick
     ORDER BY c.rank
 $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer) TO pgml_serving;
@@ -4015,18 +4094,23 @@ AS $function$ SELECT ARRAY['token', 'hub_token', 'use_auth_token'] $function$;
 -- FUNCTION pgml._serve(kind text, model text, args jsonb, inputs jsonb), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._serve(kind text, model text, args jsonb, inputs jsonb)
  RETURNS jsonb
- LANGUAGE plpgsql
+ LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-DECLARE
-    v_id bigint;
-BEGIN
-    v_id := (pgml._loopback(format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
-                                   kind, model, args, inputs)) #>> '{}')::bigint;
-    RETURN pgml._await_request(v_id, CASE WHEN pg_catalog.jsonb_typeof(args -> 'timeout') = 'number'
-                                          THEN (args ->> 'timeout')::double precision ELSE 30 END);
-END $function$;
+    SELECT pgml._await_request(pgml._serve_submit(kind, model, args, inputs), pgml._request_timeout(args))
+$function$;
+
+-- FUNCTION pgml._serve_submit(kind text, model text, args jsonb, inputs jsonb), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._serve_submit(kind text, model text, args jsonb, inputs jsonb)
+ RETURNS bigint
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+    SELECT (pgml._loopback(pgml._quick(pg_catalog.format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
+                                                         kind, model, args, inputs))) OPERATOR(pg_catalog.#>>) '{}')::bigint
+$function$;
 
 -- FUNCTION pgml._serving_kinds(task text), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._serving_kinds(task text)
@@ -4796,6 +4880,25 @@ EXCEPTION WHEN OTHERS THEN
     RAISE EXCEPTION USING MESSAGE = v_msg, DETAIL = v_detail, HINT = v_hint, ERRCODE = v_code;
 END $function$;
 
+-- FUNCTION pgml._vector_literals(flat real[], n integer), owner pgml_owner
+CREATE OR REPLACE FUNCTION pgml._vector_literals(flat real[], n integer)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    v_dim integer;
+BEGIN
+    IF flat IS NULL OR n IS NULL OR n OPERATOR(pg_catalog.<) 1 THEN
+        RETURN NULL;
+    END IF;
+    v_dim := pg_catalog.cardinality(flat) OPERATOR(pg_catalog./) n;
+    RETURN (SELECT pg_catalog.jsonb_agg(flat[(i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) v_dim OPERATOR(pg_catalog.+) 1
+                                             : i OPERATOR(pg_catalog.*) v_dim]::text ORDER BY i)
+            FROM pg_catalog.generate_series(1, n) AS i);
+END $function$;
+
 -- FUNCTION pgml._vectors(result jsonb), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._vectors(result jsonb)
  RETURNS SETOF real[]
@@ -5172,7 +5275,7 @@ BEGIN
     IF pg_catalog.cardinality(inputs) OPERATOR(pg_catalog.=) 0 THEN
         RETURN;
     END IF;
-    RETURN QUERY SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs, pg_catalog.to_jsonb(inputs))) v;
+    RETURN QUERY SELECT v FROM pgml._embedded(transformer, kwargs, inputs) v;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
                             v_code = RETURNED_SQLSTATE;
@@ -5201,8 +5304,7 @@ BEGIN
     IF embed.text IS NULL THEN
         RETURN NULL;  -- a row with no text gets no vector (UPDATE ... SET embedding = pgml.embed(...))
     END IF;
-    RETURN (SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs,
-                                                    pg_catalog.jsonb_build_array(embed.text))) v LIMIT 1);
+    RETURN (SELECT v FROM pgml._embedded(transformer, kwargs, ARRAY[embed.text]) v LIMIT 1);
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
                             v_code = RETURNED_SQLSTATE;
@@ -6316,6 +6418,6 @@ GRANT USAGE ON SCHEMA pgml_staging TO pgml_child;
 
 -- ==== reference data (rows the migrations and functions write): count and md5 of the rows in key order ====
 
--- pgml.schema_migrations: 38 rows, md5 656625c20923ce576997181661756d22
+-- pgml.schema_migrations: 39 rows, md5 0bb59f618eaa125a3774b2cdbd791b5d
 -- pgml.tasks: 9 rows, md5 69955b4b04e1105a5ce1f95e198eee7c
 -- pgml.training_arg_types: 113 rows, md5 178ba75db15b9d624fbfd33fc4d75ce5

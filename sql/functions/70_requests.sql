@@ -80,7 +80,7 @@ BEGIN
         DELETE FROM pgml.requests r
         WHERE r.id OPERATOR(pg_catalog.=) _request_answer.id AND r.status IN ('done', 'failed')
           AND (v_trusted OR r.submitted_by OPERATOR(pg_catalog.=) pgml._submitter())
-        RETURNING r.status, r.result, r.error, r.usage;
+        RETURNING r.status, coalesce(r.result, pgml._vector_literals(r.vectors, r.n_inputs)), r.error, r.usage;
         IF FOUND THEN
             RETURN;
         END IF;
@@ -146,6 +146,7 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    PERFORM pgml._async_commit();  -- (since 0044) see pgml._requests_claim
     UPDATE pgml.requests r
     SET status = CASE WHEN _request_finish.error IS NULL THEN 'done' ELSE 'failed' END,
         result = _request_finish.result, usage = _request_finish.usage,
@@ -162,7 +163,12 @@ END $$;
 
 -- The answers of a whole batch in one statement (one commit, one NOTIFY for them all): ids[i] gets results[i];
 -- returns the ids this process still owned (the others were taken over and are not overwritten).
-CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[])
+-- (since 0044) Or a batch of embed requests' vectors: ids[i] gets counts[i] vectors of `dim` values each, the next
+-- ones of `flat` (sent in PostgreSQL's binary array format: no value printed nor parsed; results NULL), which
+-- pgml.embed cuts into its rows.
+CREATE OR REPLACE FUNCTION pgml._requests_answer(serving_id text, ids bigint[], results jsonb[],
+                                                 counts integer[] DEFAULT NULL, dim integer DEFAULT NULL,
+                                                 flat real[] DEFAULT NULL)
 RETURNS SETOF bigint
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -170,12 +176,25 @@ AS $$
 DECLARE
     v_id bigint;
 BEGIN
+    IF flat IS NOT NULL AND (pg_catalog.cardinality(ids) OPERATOR(pg_catalog.<>) pg_catalog.cardinality(counts)
+       OR dim IS NULL OR dim OPERATOR(pg_catalog.<) 1 OR pg_catalog.cardinality(flat) OPERATOR(pg_catalog.<>)
+          (dim OPERATOR(pg_catalog.*) (SELECT pg_catalog.sum(c) FROM pg_catalog.unnest(counts) AS c))) THEN
+        RAISE EXCEPTION 'pgml._requests_answer: % values are not % requests'' vectors of % values each',
+            pg_catalog.cardinality(flat), pg_catalog.cardinality(ids), dim USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pgml._async_commit();  -- (since 0044) see pgml._requests_claim
     FOR v_id IN
         UPDATE pgml.requests r
-        SET status = 'done', result = a.result, answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
-        FROM unnest(ids, results) AS a (id, result)
+        SET status = 'done', result = a.result,
+            vectors = flat[a.first OPERATOR(pg_catalog.*) dim OPERATOR(pg_catalog.+) 1
+                           : (a.first OPERATOR(pg_catalog.+) a.n) OPERATOR(pg_catalog.*) dim],
+            answered_at = pg_catalog.clock_timestamp(), lease_expires_at = NULL
+        FROM (SELECT u.id, u.result, u.n,
+                     (pg_catalog.sum(u.n) OVER (ORDER BY u.i) OPERATOR(pg_catalog.-) u.n)::integer AS first
+              FROM unnest(ids, results, counts) WITH ORDINALITY AS u (id, result, n, i)) AS a
         WHERE r.id OPERATOR(pg_catalog.=) a.id AND r.claimed_by OPERATOR(pg_catalog.=) serving_id
           AND r.status OPERATOR(pg_catalog.=) 'running'
+          AND (flat IS NULL OR (r.kind OPERATOR(pg_catalog.=) 'embed' AND r.n_inputs OPERATOR(pg_catalog.=) a.n))
         RETURNING r.id
     LOOP
         RETURN NEXT v_id;
@@ -183,6 +202,25 @@ BEGIN
     IF FOUND THEN
         PERFORM pg_catalog.pg_notify('pgml_answers', '{"type": "request_answered"}');
     END IF;
+END $$;
+
+-- (since 0044) An embed request's vectors (n of them, one after another in `flat`) as the JSON array of real[]
+-- literals its answer was before 0044, for the readers of a JSON answer (pgml._request_answer). PL/pgSQL: its
+-- argument is detoasted once, not at every slice.
+CREATE OR REPLACE FUNCTION pgml._vector_literals(flat real[], n integer) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_dim integer;
+BEGIN
+    IF flat IS NULL OR n IS NULL OR n OPERATOR(pg_catalog.<) 1 THEN
+        RETURN NULL;
+    END IF;
+    v_dim := pg_catalog.cardinality(flat) OPERATOR(pg_catalog./) n;
+    RETURN (SELECT pg_catalog.jsonb_agg(flat[(i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) v_dim OPERATOR(pg_catalog.+) 1
+                                             : i OPERATOR(pg_catalog.*) v_dim]::text ORDER BY i)
+            FROM pg_catalog.generate_series(1, n) AS i);
 END $$;
 
 -- Streamed pieces of a running request: texts[i] gets seq first_seq + i - 1.
@@ -341,17 +379,43 @@ END $$;
 -- pgml.rank): submitted through the loopback (committed at once, as the caller: pgml.request checks everything),
 -- then waited for (pgml._await_request); returns the answer's result.
 CREATE OR REPLACE FUNCTION pgml._serve(kind text, model text, args jsonb, inputs jsonb) RETURNS jsonb
-LANGUAGE plpgsql SECURITY DEFINER
+LANGUAGE sql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_id bigint;
-BEGIN
-    v_id := (pgml._loopback(format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
-                                   kind, model, args, inputs)) #>> '{}')::bigint;
-    RETURN pgml._await_request(v_id, CASE WHEN pg_catalog.jsonb_typeof(args -> 'timeout') = 'number'
-                                          THEN (args ->> 'timeout')::double precision ELSE 30 END);
-END $$;
+    SELECT pgml._await_request(pgml._serve_submit(kind, model, args, inputs), pgml._request_timeout(args))
+$$;
+
+-- (since 0044) The submitting half of pgml._serve: the request's id. The loopback's transaction commits without
+-- waiting for its WAL flush (pgml._quick): a request is worth nothing after a crash (its caller's session is gone
+-- with it), and each flush was a millisecond or more of a one-text pgml.embed's time.
+CREATE OR REPLACE FUNCTION pgml._serve_submit(kind text, model text, args jsonb, inputs jsonb) RETURNS bigint
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (pgml._loopback(pgml._quick(pg_catalog.format('to_jsonb(pgml.request(%L, %L, %L::jsonb, %L::jsonb))',
+                                                         kind, model, args, inputs))) OPERATOR(pg_catalog.#>>) '{}')::bigint
+$$;
+
+-- How long a synchronous call waits for its answer: args.timeout (seconds), else 30.
+CREATE OR REPLACE FUNCTION pgml._request_timeout(args jsonb) RETURNS double precision
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pg_catalog.jsonb_typeof(args -> 'timeout') OPERATOR(pg_catalog.=) 'number'
+                THEN (args ->> 'timeout')::double precision ELSE 30 END
+$$;
+
+-- (since 0044) A loopback statement (an expression, as pgml._loopback takes it) whose transaction commits without
+-- waiting for its WAL to be flushed: for the inference lane's own rows only (a request, its removal), which a crash
+-- may lose at no cost. set_config(..., true) holds to the end of the loopback's transaction, whatever the order in
+-- which the expression's parts run: the commit is what it changes.
+CREATE OR REPLACE FUNCTION pgml._quick(stmt text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.format('(SELECT %s FROM (SELECT pg_catalog.set_config(''synchronous_commit'', ''off'', true) '
+                             'OFFSET 0) AS quick)', stmt)
+$$;
 
 -- (since 0033) The args a request of each kind may carry: one row per (kind, key), with its JSON type and bounds.
 -- use: pipeline (the text-classification pipeline's call), generate (model.generate), lane (the lane's own:
@@ -725,11 +789,20 @@ AS $$
     )
     -- held by this session (the serving process's lane connection) until its answer is committed
     SELECT c.id, c.submitted_by, c.kind, c.model, c.args, c.inputs, c.stream, c.attempts
-    FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l
+    FROM claimed c, LATERAL pg_catalog.pg_try_advisory_lock(pgml._request_lock_space(), pgml._request_lock_key(c.id)) l,
+         -- (since 0044) the serving process's writes here (its claims and answers, each a transaction of its own)
+         -- commit without waiting for their WAL flush (pgml._async_commit): a lost claim is claimed again, a lost
+         -- answer's request is released when its lease runs out and answered again; a flush is a millisecond or more
+         -- of every one-text call
+         pgml._async_commit() AS quick
     ORDER BY c.rank
 $$;
 
-CREATE OR REPLACE FUNCTION pgml._await_request(p_id bigint, p_timeout double precision) RETURNS jsonb
+-- The answer of request p_id, once it is there: its result, or (since 0044) an embed request's vectors with result
+-- NULL; its error raised again. Read in the caller's own snapshot where it can see the answer (read committed), else
+-- taken through the loopback (then vectors come as result: pgml._request_answer's JSON).
+CREATE OR REPLACE FUNCTION pgml._await_answer(p_id bigint, p_timeout double precision, OUT result jsonb,
+                                              OUT vectors real[])
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -739,7 +812,6 @@ DECLARE
     v_status  text;
     v_worker  text;
     v_answer  jsonb;
-    v_result  jsonb;
     v_error   text;
     v_elapsed double precision;
     v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
@@ -749,13 +821,13 @@ BEGIN
             IF v_local THEN
                 SELECT r.status, r.claimed_by INTO v_status, v_worker FROM pgml.requests r WHERE r.id = p_id;
             ELSE  -- a snapshot that cannot see the answer: ask through the loopback (a finished one is taken)
-                v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+                v_answer := pgml._loopback(pgml._quick(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id)));
                 v_status := v_answer ->> 'status';
             END IF;
             EXIT WHEN v_status IS NULL OR v_status IN ('done', 'failed');
             v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
             IF v_elapsed > p_timeout THEN
-                PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+                PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
                 IF v_status = 'queued' THEN
                     RAISE EXCEPTION 'no pgml-tuned worker is serving: the request waited % s and nobody took it',
                         round(v_elapsed::numeric, 1)
@@ -790,22 +862,23 @@ BEGIN
         END LOOP;
     EXCEPTION WHEN query_canceled THEN
         -- statement_timeout or a cancel: leave nothing behind
-        PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+        PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
         RAISE;
     END;
     IF v_local AND v_status IS NOT NULL THEN
         -- read here (this statement sees the serving process's commit), and only deleted through the
         -- loopback: an answer of 1,000 vectors is not printed, sent over the loopback and parsed again
-        SELECT r.status, r.result, r.error INTO v_status, v_result, v_error FROM pgml.requests r WHERE r.id = p_id;
+        SELECT r.status, r.result, r.vectors, r.error INTO v_status, result, vectors, v_error
+        FROM pgml.requests r WHERE r.id = p_id;
         IF FOUND THEN
-            PERFORM pgml._loopback(format('to_jsonb(pgml._request_abandon(%s))', p_id));
+            PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
         END IF;
     ELSE
         IF v_local OR v_status IS NULL THEN
-            v_answer := pgml._loopback(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id));
+            v_answer := pgml._loopback(pgml._quick(format('(SELECT to_jsonb(a) FROM pgml._request_answer(%s) a)', p_id)));
         END IF;
         v_status := v_answer ->> 'status';
-        v_result := v_answer -> 'result';
+        result := v_answer -> 'result';
         v_error := v_answer ->> 'error';
     END IF;
     IF v_status IS NULL THEN
@@ -815,8 +888,15 @@ BEGIN
     IF v_status = 'failed' THEN
         RAISE EXCEPTION '%', v_error USING ERRCODE = 'data_exception';
     END IF;
-    RETURN v_result;
 END $$;
+
+-- The answer's result of request p_id, once it is there (pgml._await_answer).
+CREATE OR REPLACE FUNCTION pgml._await_request(p_id bigint, p_timeout double precision) RETURNS jsonb
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.result FROM pgml._await_answer(p_id, p_timeout) a
+$$;
 
 -- (since 0028) pgml.transform's errors as psql should show them — the message, its HINT and one CONTEXT
 -- line — as pgml.tune's since 0021. The three overloads were SQL functions over pgml._transform, and an error raised
@@ -913,6 +993,34 @@ AS $$
     ORDER BY v.n
 $$;
 
+-- (since 0044) The vectors of `inputs` by `transformer`, in order: one embed request through pgml._serve's two
+-- halves; the answer's flat float4 array cut into rows (a PL/pgSQL variable: detoasted once, each row a slice), or,
+-- for an answer read through the loopback (a repeatable-read caller), its JSON.
+CREATE OR REPLACE FUNCTION pgml._embedded(transformer text, kwargs jsonb, inputs text[]) RETURNS SETOF real[]
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_answer  record;
+    v_vectors real[];
+    v_dim     integer;
+BEGIN
+    SELECT a.result, a.vectors INTO v_answer
+    FROM pgml._await_answer(pgml._serve_submit('embed', transformer, kwargs, pg_catalog.to_jsonb(inputs)),
+                            pgml._request_timeout(kwargs)) a;
+    IF v_answer.vectors IS NULL THEN
+        RETURN QUERY SELECT v FROM pgml._vectors(v_answer.result) v;
+        RETURN;
+    END IF;
+    v_vectors := v_answer.vectors;
+    v_dim := pg_catalog.cardinality(v_vectors) OPERATOR(pg_catalog./) pg_catalog.cardinality(inputs);
+    RETURN QUERY
+    SELECT v_vectors[(i OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) v_dim OPERATOR(pg_catalog.+) 1
+                     : i OPERATOR(pg_catalog.*) v_dim]
+    FROM pg_catalog.generate_series(1, pg_catalog.cardinality(inputs)) AS i
+    ORDER BY i;
+END $$;
+
 -- A model name as the inference calls take it: the bare name of one of `who`'s projects is that project
 -- (pgml:<name>); anything else as given (a hub id, pgml:..., a directory). It runs with its caller's rights (row-level
 -- security: a user finds only its own projects): pgml._request_submit (as the owner) and pgml.embed_batch (as the
@@ -971,8 +1079,7 @@ BEGIN
     IF embed.text IS NULL THEN
         RETURN NULL;  -- a row with no text gets no vector (UPDATE ... SET embedding = pgml.embed(...))
     END IF;
-    RETURN (SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs,
-                                                    pg_catalog.jsonb_build_array(embed.text))) v LIMIT 1);
+    RETURN (SELECT v FROM pgml._embedded(transformer, kwargs, ARRAY[embed.text]) v LIMIT 1);
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
                             v_code = RETURNED_SQLSTATE;
@@ -998,7 +1105,7 @@ BEGIN
     IF pg_catalog.cardinality(inputs) OPERATOR(pg_catalog.=) 0 THEN
         RETURN;
     END IF;
-    RETURN QUERY SELECT v FROM pgml._vectors(pgml._serve('embed', transformer, kwargs, pg_catalog.to_jsonb(inputs))) v;
+    RETURN QUERY SELECT v FROM pgml._embedded(transformer, kwargs, inputs) v;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS v_msg = MESSAGE_TEXT, v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
                             v_code = RETURNED_SQLSTATE;

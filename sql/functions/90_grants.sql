@@ -192,7 +192,7 @@ GRANT EXECUTE ON ROUTINE
     pgml._request_finish(bigint,text,jsonb,jsonb,text),
     pgml._request_lock_key(bigint),
     pgml._request_lock_space(),
-    pgml._requests_answer(text,bigint[],jsonb[]),
+    pgml._requests_answer(text,bigint[],jsonb[],integer[],integer,real[]),
     pgml._requests_claim(text,integer,double precision,integer),
     pgml._requests_expire(),
     pgml._requests_release(text),

@@ -180,3 +180,39 @@ def test_a_user_reads_answers_and_chunks_of_its_own_requests_only(
         assert mine.execute("SELECT status FROM pgml._request_answer(%s)", (rid,)).fetchone()["status"] == "queued"
         own = mine.execute("SELECT pgml.request('classify', 'm/x', '{}', '[\"b\"]') AS id").fetchone()["id"]
         assert mine.execute("SELECT pgml._request_abandon(%s) AS gone", (own,)).fetchone()["gone"] is True
+
+
+def test_embed_answers_travel_as_binary_float4_arrays(
+    ops: psycopg.Connection[dict[str, Any]], su: psycopg.Connection[dict[str, Any]], worker_dsn: str
+) -> None:
+    """0044: the serving process sends a batch of embed answers as one real[] in binary (answer_vectors, Float4s);
+    each request keeps its own vectors bit for bit (the extreme float32 values too); a reader of JSON answers
+    (pgml._request_answer: the Python client, a repeatable-read caller) gets the same floats as real[] literals; a
+    batch whose sizes do not add up is refused, naming them, and answers nothing."""
+    import numpy as np
+
+    from pgml_tuned.db import q
+    from pgml_tuned.serving.requests import Float4s
+
+    a = submit(ops, "embed", "m/x", ["one", "two"])
+    b = submit(ops, "embed", "m/x", ["three"])
+    va = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    vb = np.array([[1e-45, -0.0, 3.4028235e38, -1.1754944e-38, 0.1]], dtype=np.float32)
+    params = {"serving_id": "w/s-1", "ids": [a, b], "counts": [2, 1], "dim": 5}
+    with connect(worker_dsn) as worker:
+        assert len(worker.execute("SELECT id FROM pgml._requests_claim('w/s-1', 10, 5)").fetchall()) == 2
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="11 values are not 2 requests' vectors of 5"):
+            worker.execute(q("answer_vectors"), {**params, "flat": Float4s(np.zeros(11, dtype=np.float32))})
+        assert su.execute("SELECT count(*) AS n FROM pgml.requests WHERE status = 'running'").fetchone() == {"n": 2}
+        # another serving process's answer is fenced off
+        got = worker.execute(q("answer_vectors"), {**params, "serving_id": "w/s-2", "flat": Float4s(np.zeros(15))})
+        assert got.fetchall() == []
+        got = worker.execute(q("answer_vectors"), {**params, "flat": Float4s(np.concatenate([va, vb]))})
+        assert sorted(r["id"] for r in got.fetchall()) == sorted([a, b])
+    stored = su.execute("SELECT vectors FROM pgml.requests WHERE id = %s", (a,)).fetchone()
+    assert stored is not None and np.array_equal(np.asarray(stored["vectors"], dtype=np.float32), va.ravel())
+    answer = ops.execute("SELECT status, result FROM pgml._request_answer(%s)", (b,)).fetchone()
+    assert answer is not None and answer["status"] == "done"
+    (literal,) = answer["result"]
+    parsed = np.array([float(x) for x in literal[1:-1].split(",")], dtype=np.float32)
+    assert parsed.tobytes() == vb.ravel().tobytes()  # bit for bit, the sign of -0.0 included

@@ -277,10 +277,6 @@ def usage(answers: list[Generated]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class Encoded(str):
-    """An answer already JSON (Requests.answer_all sends it as it is)."""
-
-
 def encode_args(args: dict[str, Any]) -> dict[str, Any]:
     """SentenceTransformer.encode's keyword arguments from an embed request's args."""
     allowed = ARGS["embed"]
@@ -290,8 +286,9 @@ def encode_args(args: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def embed(loaded: Loaded, texts: list[str], args: dict[str, Any], batch_size: int = 64) -> list[str]:
-    """One real[] literal per text (`batch_size` texts per forward pass; encode sorts them by length)."""
+def encode(loaded: Loaded, texts: list[str], args: dict[str, Any], batch_size: int = 64) -> Any:
+    """The texts' vectors, a float32 array of one row per text (`batch_size` texts per forward pass; encode sorts
+    them by length)."""
     import numpy as np
 
     kw = encode_args(args)
@@ -307,7 +304,12 @@ def embed(loaded: Loaded, texts: list[str], args: dict[str, Any], batch_size: in
     vectors = np.asarray(vectors, dtype=np.float32)
     if not np.isfinite(vectors).all():
         raise JobError(f"model {loaded.key.name!r} returned a vector that is not finite (NaN or infinity)")
-    return real_literals(vectors)
+    return vectors
+
+
+def embed(loaded: Loaded, texts: list[str], args: dict[str, Any], batch_size: int = 64) -> list[str]:
+    """One real[] literal per text (what pgml.embed_batch COPYs)."""
+    return real_literals(encode(loaded, texts, args, batch_size))
 
 
 _DIGITS: Any = None  # the three ASCII digits of 0..999 (a numpy table, made on first use)

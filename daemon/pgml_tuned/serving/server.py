@@ -350,10 +350,10 @@ class Server:
         await self._in_parts(reqs, answers)
 
     async def embed(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
-        def vectors(got: list[str]) -> inference.Encoded:  # real[] literals: JSON strings with nothing to escape
-            return inference.Encoded('["' + '","'.join(got) + '"]')
-
-        await self._in_parts(reqs, lambda part: self._per_text(inference.embed, loaded, part, vectors))
+        """Each request's vectors, a float32 array, sent back in binary (Requests.answer_vectors)."""
+        await self._in_parts(
+            reqs, lambda part: self._per_text(inference.encode, loaded, part), self.requests.answer_vectors
+        )
 
     async def rank(self, loaded: cache.Loaded, reqs: list[Request]) -> None:
         """inputs are [query, document, ...]: one score per document, in order (pgml.rank sorts and cuts)."""
@@ -366,20 +366,21 @@ class Server:
         await self._in_parts(reqs, scores)
 
     async def _per_text(
-        self,
-        run: Callable[[cache.Loaded, list[str], dict[str, Any]], list[Any]],
-        loaded: cache.Loaded,
-        part: list[Request],
-        pack: Callable[[list[Any]], Any],
+        self, run: Callable[[cache.Loaded, list[str], dict[str, Any]], Any], loaded: cache.Loaded, part: list[Request]
     ) -> list[Any]:
         """`run` over the texts of every request of `part` at once (they share their args); per request, its
-        texts' results packed."""
+        texts' results."""
         got = await anyio.to_thread.run_sync(run, loaded, [t for r in part for t in r.inputs], part[0].args)
-        return [pack(x) for x in split(got, [len(r.inputs) for r in part])]
+        return split(got, [len(r.inputs) for r in part])
 
-    async def _in_parts(self, reqs: list[Request], answer: Callable[[list[Request]], Awaitable[list[Any]]]) -> None:
-        """In claim order, a few hundred texts at a time, each part answered at once: a short request claimed with
-        a long one is not held until the long one is done."""
+    async def _in_parts(
+        self,
+        reqs: list[Request],
+        answer: Callable[[list[Request]], Awaitable[list[Any]]],
+        send: Callable[[list[tuple[int, Any]]], Awaitable[set[int]]] | None = None,
+    ) -> None:
+        """In claim order, a few hundred texts at a time, each part answered at once (`send`: answer_all, unless
+        given): a short request claimed with a long one is not held until the long one is done."""
         start = 0
         while start < len(reqs):
             end, n = start, 0
@@ -388,7 +389,7 @@ class Server:
                 end += 1
             part = reqs[start:end]
             results = await answer(part)
-            await self.requests.answer_all([(r.id, x) for r, x in zip(part, results, strict=True)])
+            await (send or self.requests.answer_all)([(r.id, x) for r, x in zip(part, results, strict=True)])
             start = end
 
     async def generate(self, loaded: cache.Loaded, reqs: list[Request], names: dict[int, str]) -> None:
@@ -455,8 +456,8 @@ def by_adapters(
     return parts
 
 
-def split(values: list[Any], sizes: list[int]) -> list[list[Any]]:
-    """`values` cut into consecutive lists of these sizes."""
+def split(values: Any, sizes: list[int]) -> list[Any]:
+    """`values` (a list, or an array's rows) cut into consecutive parts of these sizes."""
     out, at = [], 0
     for n in sizes:
         out.append(values[at : at + n])
