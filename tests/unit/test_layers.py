@@ -77,10 +77,11 @@ RANKS = {
     "worker.daemon": 7,
     # the serving process (beside the child and the worker: neither imports it)
     "serving": 4,
+    "serving.lora_rows": 4,  # mixed-adapter batches on stacked LoRA weights (torch and peft only)
     "serving.admission": 5,  # every request's submitter checked against its model, warm or not
     "serving.cache": 5,
     "serving.inference": 6,
-    "serving.requests": 7,  # the lane's statements, answers encoded by serving.inference
+    "serving.requests": 7,  # the lane's statements (embed answers as binary real[])
     "serving.server": 8,
     "serving.__main__": 9,
     # the front

@@ -33,6 +33,7 @@ from typing import Any
 
 from .. import db, files, logconfig, model_refs, models
 from ..errors import JobError
+from . import lora_rows
 
 log = logconfig.get("pgml_tuned.serving.cache")
 
@@ -40,7 +41,7 @@ CLASSIFY = "classify"
 GENERATE = "generate"
 EMBED = "embed"
 RANK = "rank"
-BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
+BASE = lora_rows.BASE  # the adapter name of a row with no adapter, in a mixed batch
 
 
 def family(kind: str) -> str:
@@ -77,6 +78,9 @@ class Loaded:
     hub_ids: tuple[str, ...] = ()  # the hub models a stored model was loaded onto (checked again when served warm)
     peft: Any = None  # the PeftModel around `model` once adapters are loaded onto it (multi), else None
     adapters: set[str] = field(default_factory=set)  # the peft names of the adapters loaded onto it
+    # its adapters' weights stacked for mixed batches (lora_rows.py), built at the first batch after a load or an
+    # unload; False: they cannot be (not plain LoRA on linear layers), peft's own mixed batches serve them
+    stacks: Any = None
 
 
 @dataclass
@@ -290,6 +294,7 @@ def load_adapter(key: ModelKey, base: Loaded, store: models.ModelStore, cache_di
             raise JobError(f"cannot load adapter {key.name!r} onto {key.base!r}: {type(e).__name__}: {e}") from e
         base.peft.to(base.device).eval()
     base.adapters.add(name)
+    base.stacks = None
     nbytes = sum(
         p.numel() * p.element_size() for n, p in base.peft.named_parameters() if f".{name}." in n or n.endswith(name)
     )
@@ -302,6 +307,7 @@ def unload_adapter(base: Loaded, name: str) -> None:
     if name not in base.adapters:
         return
     base.adapters.discard(name)
+    base.stacks = None
     if base.adapters:
         base.peft.delete_adapter(name)
     else:
@@ -322,6 +328,12 @@ def adapters_for_rows(loaded: Loaded, names: list[str] | None, num_beams: int | 
         return
     if not names:
         raise JobError(f"model {loaded.key.name!r} has adapters loaded: a batch on it names each row's adapter")
+    if loaded.stacks is None:
+        loaded.stacks = lora_rows.Stacks.build(loaded.peft, loaded.adapters) or False
+    if loaded.stacks:  # two batched matmuls a layer, whatever the adapters (lora_rows.py)
+        with lora_rows.rows(loaded.stacks, names):
+            yield
+        return
     with loaded.peft.base_model._enable_peft_forward_hooks(adapter_names=names, num_beams=num_beams):
         yield
 
