@@ -106,13 +106,17 @@ class Client:
             ]
         out: dict[int, tuple[float, dict[str, Any]]] = {}
         while len(out) < len(ids):
-            for i in ids:
-                if i in out:
-                    continue
-                row = self.conn.execute("SELECT * FROM pgml._request_answer(%s)", (i,)).fetchone()
-                if row and row["status"] in ("done", "failed"):
-                    out[i] = (time.monotonic() - started, row)
-            time.sleep(0.002)
+            # one statement a look for all the answers still awaited (32 statements every 2 ms took CPU the serving
+            # process needs, on two cores): an answer is seen within 5 ms of being there
+            pending = [i for i in ids if i not in out]
+            rows = self.conn.execute(
+                "SELECT i AS request_id, a.* FROM unnest(%s::bigint[]) AS i, LATERAL pgml._request_answer(i) a",
+                (pending,),
+            ).fetchall()
+            for row in rows:
+                if row["status"] in ("done", "failed"):
+                    out[row["request_id"]] = (time.monotonic() - started, row)
+            time.sleep(0.005)
         return [out[i] for i in ids]
 
 
