@@ -37,11 +37,12 @@ ARGS = {"max_tokens": 8, "temperature": 0, "repetition_penalty": 1.0}
 
 
 def random_lora(model: Any, seed: int) -> None:
-    """Non-zero B (a fresh adapter changes nothing), different for each seed."""
+    """Non-zero B (a fresh adapter changes nothing), different for each seed; a classifier's head of its own
+    (modules_to_save: a copy of the base's head, otherwise the same for every adapter) different too."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name or "modules_to_save" in name:
                 p.normal_(0, 0.5)
 
 

@@ -92,3 +92,35 @@ def test_each_row_through_its_own_adapter_as_alone(tmp_path: Path) -> None:
 def test_what_is_not_plain_lora_is_left_to_peft(tmp_path: Path) -> None:
     peft_model = adapters(llama(tmp_path), [SPECS[0], ("dora", 4, 8, ["q_proj"], True)])
     assert lora_rows.Stacks.build(peft_model, {"a", "dora"}) is None
+
+
+def test_a_head_of_each_adapters_own_serves_its_rows(tmp_path: Path) -> None:
+    """A classifier's adapters each train a head of their own (modules_to_save): each row gets its adapter's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    path = testing.build_tiny_llama(tmp_path / "llama", verify=False)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+    base.config.pad_token_id = 0
+    peft_model: Any = None
+    for i, name in enumerate(("x", "y")):
+        config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"])
+        if peft_model is None:
+            peft_model = get_peft_model(base, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+        torch.manual_seed(i)
+        for n, p in peft_model.named_parameters():
+            if f".{name}." in n and ("lora_B" in n or "modules_to_save" in n):
+                p.data = torch.randn(p.shape) * 0.5
+    peft_model.eval()
+    names = ["y", lora_rows.BASE, "x", "y"]
+    ids = torch.randint(3, 100, (len(names), 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = torch.stack([logits_alone(peft_model, ids[i : i + 1], n)[0] for i, n in enumerate(names)])
+        stacks = lora_rows.Stacks.build(peft_model, {"x", "y"})
+        assert stacks is not None and stacks.per_adapter
+        with lora_rows.rows(stacks, names):
+            got = peft_model(input_ids=ids).logits
+    assert not torch.allclose(want[0], want[2], atol=1e-3)  # the two adapters' heads answer differently
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

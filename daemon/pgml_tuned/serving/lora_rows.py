@@ -15,6 +15,8 @@ That is what this module does with plain torch:
   layer's output) and a forward hook on each that adds, for row i with slot k(i):
   ((x_i @ A[k(i)]^T) @ B[k(i)]^T) * s[k(i)]: two torch.bmm over the batch, whatever the adapters in it.
   Beam search repeats each row num_beams times: so do the row slots.
+- What peft trains beside LoRA layers, per adapter (a classifier's head of its own: modules_to_save) is not LoRA:
+  those modules are told each row's adapter name as peft's mixed batches tell them (`adapter_names`).
 
 Only plain LoRA on linear layers: an adapter with a variant (DoRA, ...), a bias of its own, or LoRA on an embedding
 or convolution makes `Stacks.build` answer None, and the batch goes through peft's mixed path (cache.py).
@@ -43,6 +45,7 @@ class Stack:
 class Stacks:
     names: tuple[str, ...]  # the adapters in slot order (slot 0: the base)
     layers: dict[Any, Stack]  # LoRA layer module → its stack
+    per_adapter: list[Any]  # modules peft keeps a copy of per adapter (modules_to_save, ...): each row's by name
 
     def slots(self, names: list[str]) -> list[int]:
         where = {n: i + 1 for i, n in enumerate(self.names)}
@@ -58,6 +61,7 @@ class Stacks:
         or None where a layer or an adapter is not plain LoRA on a linear layer."""
         import torch
         from peft.tuners.lora.layer import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
 
         names = tuple(sorted(adapters))
         lora_layers: list[Any] = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
@@ -93,7 +97,8 @@ class Stacks:
                     wa.data = a[slot, :r]  # held once: peft's parameter is a view of the stack
                     wb.data = b[slot, :, :r]
                 layers[m] = Stack(a, b, scale)
-        return cls(names, layers)
+        per_adapter = [m for m in peft_model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        return cls(names, layers, per_adapter)
 
 
 @contextlib.contextmanager
@@ -125,12 +130,19 @@ def rows(stacks: Stacks, names: list[str]) -> Iterator[None]:
         delta = delta * stack.scale.index_select(0, idx)[:, None, None]
         return output + delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
 
+    def name_rows(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        batch = (args[0] if args else next(iter(kwargs.values()))).shape[0]
+        repeat = batch // len(names) if batch % len(names) == 0 else 1
+        return args, {**kwargs, "adapter_names": [n for n in names for _ in range(repeat)]}
+
     layers = list(stacks.layers)
     before = [m._disable_adapters for m in layers]
     try:
         for m in layers:
             m._disable_adapters = True  # peft's layer returns its base layer's output; the hook adds each row's LoRA
             hooks.append(m.register_forward_hook(add_lora))
+        for m in stacks.per_adapter:
+            hooks.append(m.register_forward_pre_hook(name_rows, with_kwargs=True))
         yield
     finally:
         for h in hooks:
