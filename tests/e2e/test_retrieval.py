@@ -73,12 +73,19 @@ def encode(path: Path, texts: list[str], **kwargs: Any) -> np.ndarray:
     return np.asarray(SentenceTransformer(str(path), device="cpu").encode(texts, **kwargs), dtype=np.float32)
 
 
+# a serving process's first pgml.embed imports sentence-transformers and loads the model: on a busy 2-CPU machine
+# (four test workers and more) that has taken over the default 30 s; the kwargs a test gives win
+WAIT = '{"timeout": 300}'
+
+
 def embed_one(conn: Conn, model: str, text: str, kwargs: str = "{}") -> list[float]:
-    return conn.execute("SELECT pgml.embed(%s, %s, %s::jsonb) AS v", (model, text, kwargs)).fetchone()["v"]
+    query = "SELECT pgml.embed(%s, %s, %s::jsonb || %s::jsonb) AS v"
+    return conn.execute(query, (model, text, WAIT, kwargs)).fetchone()["v"]
 
 
 def embed_many(conn: Conn, model: str, texts: list[str], kwargs: str = "{}") -> np.ndarray:
-    rows = conn.execute("SELECT pgml.embed(%s, %s::text[], %s::jsonb) AS v", (model, texts, kwargs)).fetchall()
+    query = "SELECT pgml.embed(%s, %s::text[], %s::jsonb || %s::jsonb) AS v"
+    rows = conn.execute(query, (model, texts, WAIT, kwargs)).fetchall()
     return np.asarray([r["v"] for r in rows], dtype=np.float32)
 
 
