@@ -110,15 +110,18 @@ def rows(stacks: Stacks, names: list[str]) -> Iterator[None]:
     on_device: dict[Any, Any] = {}
     hooks = []
 
+    def repeat(batch: int) -> int:
+        """How many times a batch repeats each row (beam search: num_beams times, in order; else once)."""
+        if batch % len(names):
+            raise ValueError(f"a batch of {batch} rows for {len(names)} adapter names")
+        return batch // len(names)
+
     def row_slots(device: Any, batch: int) -> Any:
         idx = on_device.get(device)
         if idx is None:
             idx = on_device[device] = slots.to(device)
-        if batch != len(idx):  # beam search (or anything that repeats rows): each row num_beams times, in order
-            if batch % len(idx):
-                raise ValueError(f"a batch of {batch} rows for {len(idx)} adapter names")
-            idx = idx.repeat_interleave(batch // len(idx))
-        return idx
+        n = repeat(batch)
+        return idx if n == 1 else idx.repeat_interleave(n)
 
     def add_lora(module: Any, args: tuple[Any, ...], output: Any) -> Any:
         stack = stacks.layers[module]
@@ -131,9 +134,8 @@ def rows(stacks: Stacks, names: list[str]) -> Iterator[None]:
         return output + delta.reshape(*output.shape[:-1], delta.shape[-1]).to(output.dtype)
 
     def name_rows(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        batch = (args[0] if args else next(iter(kwargs.values()))).shape[0]
-        repeat = batch // len(names) if batch % len(names) == 0 else 1
-        return args, {**kwargs, "adapter_names": [n for n in names for _ in range(repeat)]}
+        n = repeat((args[0] if args else next(iter(kwargs.values()))).shape[0])
+        return args, {**kwargs, "adapter_names": [name for name in names for _ in range(n)]}
 
     layers = list(stacks.layers)
     before = [m._disable_adapters for m in layers]

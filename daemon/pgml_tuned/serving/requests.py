@@ -117,11 +117,7 @@ class Requests:
     async def answer_all(self, answers: list[tuple[int, Any]]) -> set[int]:
         """A batch's answers in one statement and one commit; the ids this process still owned."""
         ids = [i for i, _ in answers]
-        results = [json.dumps(r) for _, r in answers]
-        try:
-            rows = await self.lane.named("answer_requests", serving_id=self.serving_id, ids=ids, results=results)
-        finally:
-            await self._unlock(ids)
+        rows = await self._write("answer_requests", ids, ids=ids, results=[json.dumps(r) for _, r in answers])
         return {r["id"] for r in rows}
 
     async def answer_vectors(self, answers: list[tuple[int, Any]]) -> set[int]:
@@ -130,30 +126,30 @@ class Requests:
         import numpy as np
 
         ids = [i for i, _ in answers]
-        try:
-            rows = await self.lane.named(
-                "answer_vectors",
-                serving_id=self.serving_id,
-                ids=ids,
-                counts=[len(v) for _, v in answers],
-                dim=int(answers[0][1].shape[1]),
-                flat=Float4s(np.concatenate([v for _, v in answers])),
-            )
-        finally:
-            await self._unlock(ids)
+        rows = await self._write(
+            "answer_vectors",
+            ids,
+            ids=ids,
+            counts=[len(v) for _, v in answers],
+            dim=int(answers[0][1].shape[1]),
+            flat=Float4s(np.concatenate([v for _, v in answers])),
+        )
         return {r["id"] for r in rows}
 
     async def fail(self, request_id: int, error: str) -> bool:
         return await self._finish(request_id, None, None, error)
 
     async def _finish(self, request_id: int, result: str | None, usage: str | None, error: str | None) -> bool:
-        try:
-            rows = await self.lane.named(
-                "finish_request", id=request_id, serving_id=self.serving_id, result=result, usage=usage, error=error
-            )
-        finally:
-            await self._unlock([request_id])
+        rows = await self._write("finish_request", [request_id], id=request_id, result=result, usage=usage, error=error)
         return bool(rows and rows[0]["owned"])
+
+    async def _write(self, query: str, unlock: list[int], **params: Any) -> list[Row]:
+        """An answering statement of the lane (fenced on this process), then the locks of requests `unlock`
+        released: their callers wake up once the answers are committed."""
+        try:
+            return await self.lane.named(query, serving_id=self.serving_id, **params)
+        finally:
+            await self._unlock(unlock)
 
     async def chunk(self, request_id: int, first_seq: int, texts: list[str]) -> bool:
         rows = await self.pool.named(
