@@ -102,8 +102,6 @@ DECLARE
     v_schema name := pgml._dblink_schema();
     v_lb     pgml.loopback_login;
     v_pid    integer;
-    v_nonce  text;
-    v_sql    text;
     v_result text;
     v_try    integer := 0;
 BEGIN
@@ -118,19 +116,10 @@ BEGIN
     SELECT * INTO v_lb FROM pgml.loopback_login;
     LOOP
         v_try := v_try + 1;
-        v_pid := nullif(pg_catalog.current_setting('pgml.loopback_pid', true), '')::integer;
-        IF v_pid IS NULL OR NOT EXISTS (
-                SELECT 1 FROM pg_catalog.unnest(pgml._dblink_connections(v_schema)) c WHERE c = 'pgml_loopback') THEN
-            v_pid := pgml._loopback_connect(v_schema, v_lb);
-        END IF;
-        v_nonce := pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', '');
-        -- one statement: the proof is set (in the subquery, evaluated first) for the expression that follows
-        v_sql := format('SELECT (%3$s)::text FROM (SELECT pg_catalog.set_config(''pgml.on_behalf_of'', %1$L, true), '
-                        'pg_catalog.set_config(''pgml.loopback_proof'', %2$L, true) OFFSET 0) AS proof',
-                        session_user, v_nonce || ':' || pgml._loopback_proof(v_lb.secret, session_user, v_pid, v_nonce),
-                        stmt);
+        v_pid := pgml._loopback_ready(v_schema, v_lb);
         BEGIN
-            EXECUTE format('SELECT t.v FROM %I.dblink(%L, %L) AS t(v text)', v_schema, 'pgml_loopback', v_sql)
+            EXECUTE format('SELECT t.v FROM %I.dblink(%L, %L) AS t(v text)', v_schema, 'pgml_loopback',
+                           pgml._loopback_statement(v_lb, v_pid, stmt))
                 INTO v_result;
             RETURN v_result::jsonb;
         EXCEPTION WHEN connection_exception OR sqlclient_unable_to_establish_sqlconnection OR admin_shutdown
@@ -145,8 +134,91 @@ BEGIN
             EXCEPTION WHEN OTHERS THEN
                 NULL;
             END;
+        WHEN internal_error THEN
+            -- dblink's "another command is already in progress": the result of a pgml._loopback_send that
+            -- pgml._loopback_ready did not know of (its mark went with a rolled-back transaction); read, try again
+            IF v_try > 1 OR SQLERRM NOT LIKE '%another command is already in progress%' THEN
+                RAISE;
+            END IF;
+            PERFORM pg_catalog.set_config('pgml.loopback_pending', 'on', false);
         END;
     END LOOP;
+END $$;
+
+-- Sends `stmt` (as pgml._loopback takes it) through this session's loopback and returns at once,
+-- without its result: for a write whose outcome the caller does not need (an answer's removal: a request nobody
+-- removes is deleted 60 s after its answer by pgml._requests_expire). The result is read (and dropped) before the
+-- connection's next statement, by pgml._loopback_ready. A one-text pgml.embed returns without waiting for it.
+CREATE OR REPLACE FUNCTION pgml._loopback_send(stmt text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_schema name := pgml._dblink_schema();
+    v_lb     pgml.loopback_login;
+    v_pid    integer;
+BEGIN
+    IF v_schema IS NULL THEN
+        RETURN;  -- no loopback: nothing was submitted through one either
+    END IF;
+    SELECT * INTO v_lb FROM pgml.loopback_login;
+    BEGIN
+        v_pid := pgml._loopback_ready(v_schema, v_lb);
+        EXECUTE format('SELECT %I.dblink_send_query(%L, %L)', v_schema, 'pgml_loopback',
+                       pgml._loopback_statement(v_lb, v_pid, stmt));
+        PERFORM pg_catalog.set_config('pgml.loopback_pending', 'on', false);
+    EXCEPTION WHEN connection_exception OR sqlclient_unable_to_establish_sqlconnection OR admin_shutdown
+                   OR crash_shutdown OR insufficient_privilege OR internal_error THEN
+        NULL;  -- not sent: what it would have done is done later (see above); the next call connects again
+    END;
+END $$;
+
+-- This session's loopback connection, open and free for a statement: its backend's pid. A result that
+-- pgml._loopback_send left (the mark pgml.loopback_pending) is read first, waiting for it if it is still running,
+-- and dropped, its error too (dblink wants every result read before the next statement).
+CREATE OR REPLACE FUNCTION pgml._loopback_ready(v_schema name, v_lb pgml.loopback_login) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_pid integer := nullif(pg_catalog.current_setting('pgml.loopback_pid', true), '')::integer;
+BEGIN
+    IF v_pid IS NULL OR NOT EXISTS (
+            SELECT 1 FROM pg_catalog.unnest(pgml._dblink_connections(v_schema)) c WHERE c = 'pgml_loopback') THEN
+        PERFORM pg_catalog.set_config('pgml.loopback_pending', '', false);
+        RETURN pgml._loopback_connect(v_schema, v_lb);
+    END IF;
+    IF pg_catalog.current_setting('pgml.loopback_pending', true) = 'on' THEN
+        PERFORM pg_catalog.set_config('pgml.loopback_pending', '', false);
+        BEGIN  -- its rows, or its error: not the caller's (what it did not do is done later)
+            EXECUTE format('SELECT pg_catalog.count(*) FROM %I.dblink_get_result(%L) AS t(v text)', v_schema,
+                           'pgml_loopback');
+        EXCEPTION WHEN OTHERS THEN
+            NULL;
+        END;
+        BEGIN  -- the end of its results
+            EXECUTE format('SELECT pg_catalog.count(*) FROM %I.dblink_get_result(%L) AS t(v text)', v_schema,
+                           'pgml_loopback');
+        EXCEPTION WHEN OTHERS THEN  -- a connection in a state of its own: a new one
+            RETURN pgml._loopback_connect(v_schema, v_lb);
+        END;
+    END IF;
+    RETURN v_pid;
+END $$;
+
+-- `stmt` as the loopback runs it: one statement, the proof that this session sent it set (in the subquery,
+-- evaluated first) for the expression that follows, whose value comes back as text.
+CREATE OR REPLACE FUNCTION pgml._loopback_statement(v_lb pgml.loopback_login, v_pid integer, stmt text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_nonce text := pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', '');
+BEGIN
+    RETURN format('SELECT (%3$s)::text FROM (SELECT pg_catalog.set_config(''pgml.on_behalf_of'', %1$L, true), '
+                  'pg_catalog.set_config(''pgml.loopback_proof'', %2$L, true) OFFSET 0) AS proof',
+                  session_user, v_nonce || ':' || pgml._loopback_proof(v_lb.secret, session_user, v_pid, v_nonce),
+                  stmt);
 END $$;
 
 CREATE OR REPLACE FUNCTION pgml._dblink_connections(v_schema name) RETURNS text[]

@@ -867,11 +867,12 @@ BEGIN
     END;
     IF v_local AND v_status IS NOT NULL THEN
         -- read here (this statement sees the serving process's commit), and only deleted through the
-        -- loopback: an answer of 1,000 vectors is not printed, sent over the loopback and parsed again
+        -- loopback: an answer of 1,000 vectors is not printed, sent over the loopback and parsed again. The
+        -- deletion is sent without waiting for it (pgml._loopback_send): the caller has its answer now
         SELECT r.status, r.result, r.vectors, r.error INTO v_status, result, vectors, v_error
         FROM pgml.requests r WHERE r.id = p_id;
         IF FOUND THEN
-            PERFORM pgml._loopback(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
+            PERFORM pgml._loopback_send(pgml._quick(format('to_jsonb(pgml._request_abandon(%s))', p_id)));
         END IF;
     ELSE
         IF v_local OR v_status IS NULL THEN

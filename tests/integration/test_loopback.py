@@ -3,6 +3,7 @@ go through dblink, as a login of their own, and act only as the user whose sessi
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
@@ -16,7 +17,7 @@ def lb(su: psycopg.Connection[dict[str, Any]]) -> dict[str, Any]:
     """The loopback login of this database, and a probe: users may call _loopback, the loopback _submitter."""
     row = su.execute("SELECT login, password FROM pgml.loopback_login").fetchone()
     assert row is not None
-    su.execute("GRANT EXECUTE ON FUNCTION pgml._loopback(text) TO pgml_user")
+    su.execute("GRANT EXECUTE ON FUNCTION pgml._loopback(text), pgml._loopback_send(text) TO pgml_user")
     su.execute("GRANT EXECUTE ON FUNCTION pgml._submitter() TO pgml_loopback")
     return dict(row)
 
@@ -82,6 +83,48 @@ def test_users_cannot_reach_dblink_nor_the_loopbacks_password(
         conn.execute("SELECT password FROM pgml.loopback_login")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT pgml._setup_loopback()")
+
+
+def test_a_sent_statement_is_not_waited_for_and_the_next_one_reads_its_result_first(
+    lb: dict[str, Any], conn: psycopg.Connection[Any], su: psycopg.Connection[Any]
+) -> None:
+    """pgml._loopback_send (an answer's removal, once its caller has the answer): it returns before the statement
+    is done; the session's next loopback statement reads and drops its result first, on the same connection; its
+    error reaches nobody; a transaction rolled back after a send (which forgets that a result is waiting) costs no
+    new connection either."""
+    su.execute("CREATE TABLE public.lb_sent (v int)")
+    su.execute("GRANT INSERT, SELECT ON public.lb_sent TO pgml_loopback, pgml_user")
+    su.execute(
+        "CREATE FUNCTION public.lb_send(v int) RETURNS int LANGUAGE sql "
+        "AS 'INSERT INTO public.lb_sent VALUES (v) RETURNING v'"
+    )
+    pid = conn.execute("SELECT pgml._loopback('to_jsonb(pg_backend_pid())') AS p").fetchone()["p"]
+
+    def pid_now() -> int:
+        return int(conn.execute("SELECT pgml._loopback('to_jsonb(pg_backend_pid())') AS p").fetchone()["p"])
+
+    t0 = time.monotonic()
+    conn.execute(
+        "SELECT pgml._loopback_send('(SELECT to_jsonb(pg_sleep(0.5)) "
+        "FROM (SELECT 1 FROM (VALUES (1)) v, LATERAL (SELECT 1) w) x)')"
+    )
+    assert time.monotonic() - t0 < 0.4  # not waited for
+    assert pid_now() == pid
+    assert time.monotonic() - t0 >= 0.5  # the next statement waited for its result
+    # a write, committed on the loopback's own
+    conn.execute("SELECT pgml._loopback_send('to_jsonb(public.lb_send(1))')")
+    assert pid_now() == pid
+    assert su.execute("SELECT count(*) AS n FROM public.lb_sent").fetchone() == {"n": 1}
+    # a statement that fails: its error is nobody's, and the connection stays
+    conn.execute("SELECT pgml._loopback_send('to_jsonb(1 / 0)')")
+    assert pid_now() == pid
+    # sent in a transaction that rolls back: the mark is gone, the result is read all the same
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        with conn.transaction():
+            conn.execute("SELECT pgml._loopback_send('to_jsonb(2)')")
+            conn.execute("SELECT 1 / 0")
+    assert pid_now() == pid
+    assert conn.execute("SELECT pgml._loopback('to_jsonb(41 + 1)') AS v").fetchone()["v"] == 42
 
 
 def test_a_broken_loopback_connection_is_opened_again(

@@ -7,8 +7,9 @@
                 forward pass runs on (an unmerged LoRA adapter's base: requests for different adapters of one base
                 and for the base itself form one group, each row through its own adapter) and by compatible
                 args, run each group as one batch in a thread (the event loop stays free to renew
-                leases and to stream chunks), answer each request, claim again. Requests that arrive while a
-                batch runs form the next batch: dynamic batching without waiting on purpose.
+                leases and to stream chunks), answer each request, claim again if a request was queued
+                meanwhile (its NOTIFY woke the loop) or the claim was full. Requests that arrive while a batch
+                runs form the next batch: dynamic batching without waiting on purpose.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class Server:
         self.store = cache.SyncStore(config.dsn, config.cache_dir)
         self.admission = Admission(pool, model_refs.Places.from_env())
         self.wake = anyio.Event()
+        # LISTEN works: every request queued wakes the loop (otherwise it claims until a claim comes back empty)
+        self.listening = False
         self.inflight = False
         self.answered = 0
 
@@ -119,11 +122,15 @@ class Server:
                 async with await connect(dsn, app=f"pgml-tuned listen {self.config.serving_id}") as conn:
                     await listen(conn, dsn, (CHANNEL,))
                     delays = backoff_delays(first=0.05, cap=5.0)
+                    self.listening = True
                     self.wake.set()  # anything queued while we were not listening
-                    while True:
-                        async for _ in conn.notifies(timeout=10.0):
-                            self.wake.set()
-                        await conn.execute("SELECT 1")
+                    try:
+                        while True:
+                            async for _ in conn.notifies(timeout=10.0):
+                                self.wake.set()
+                            await conn.execute("SELECT 1")
+                    finally:
+                        self.listening = False
             except ListenUnavailable as e:  # the loop still claims every poll_seconds
                 polling_instead("serving.polling", e, self.config.poll_seconds)
                 return
@@ -149,8 +156,8 @@ class Server:
         while True:
             with anyio.move_on_after(self.config.poll_seconds):
                 await self.wake.wait()
-            self.wake = anyio.Event()
             while True:
+                self.wake = anyio.Event()  # set by every request queued from here on (the listener's NOTIFY)
                 try:
                     batch = await self.requests.claim(self.config.max_batch, self.config.max_batch_inputs)
                 except RETRYABLE as e:
@@ -165,6 +172,17 @@ class Server:
                     self.inflight = False
                 if len(batch) > 1:  # callers are concurrent: let those just answered join the next batch
                     await anyio.sleep(self.config.batch_window_seconds)
+                if self.listening and not self.wake.is_set() and not self.filled(batch):
+                    # nothing was queued since the claim (a request would have woken us), and the claim left
+                    # nothing behind: no claim until one is (it would cost the callers just answered, waking
+                    # up now, a millisecond of CPU on a small machine)
+                    break
+
+    def filled(self, batch: list[Request]) -> bool:
+        """Whether a claim took as much as it may (then more may be queued)."""
+        return len(batch) >= self.config.max_batch or (
+            sum(len(r.inputs) for r in batch) >= self.config.max_batch_inputs
+        )
 
     # ---- one batch ----
     async def serve_batch(self, batch: list[Request]) -> None:
