@@ -102,3 +102,47 @@ def test_the_loop_claims_when_woken_and_after_a_full_claim_only(
 
     anyio.run(run)
     assert su.execute("SELECT count(*) AS n FROM pgml.requests WHERE status <> 'done'").fetchone() == {"n": 0}
+
+
+def test_an_answers_lock_is_released_only_once_the_answer_is_committed(ops: Conn, su: Conn, worker_dsn: str) -> None:
+    """Requests._write sends the answer (BEGIN, answer, COMMIT) and the unlock in one round trip: a caller woken by
+    the lock always reads the answer (if the unlock ran first, some would read 'running')."""
+    from pgml_tuned.serving.requests import Requests
+
+    seen: list[str] = []
+
+    async def run() -> None:
+        pool = Pool(worker_dsn, app="test answer", max_size=1)
+        requests = Requests(pool, "w/answer", 5.0)
+        try:
+            for _ in range(40):
+                (rid,) = await anyio.to_thread.run_sync(submit, ops, 1)
+                (claimed,) = await requests.claim(1, 10)
+                assert claimed.id == rid
+
+                def wait_and_read(rid: int = rid) -> str:  # a caller: waits on the lock, then reads at once
+                    su.execute(
+                        "SELECT pg_advisory_lock_shared(pgml._request_lock_space(), pgml._request_lock_key(%s))", (rid,)
+                    )
+                    su.execute(
+                        "SELECT pg_advisory_unlock_shared(pgml._request_lock_space(), pgml._request_lock_key(%s))",
+                        (rid,),
+                    )
+                    return str(
+                        su.execute("SELECT status FROM pgml.requests WHERE id = %s", (rid,)).fetchone()["status"]
+                    )
+
+                async with anyio.create_task_group() as tg:
+
+                    async def caller() -> None:
+                        seen.append(await anyio.to_thread.run_sync(wait_and_read))
+
+                    tg.start_soon(caller)
+                    await anyio.sleep(0.01)  # the caller is waiting on the lock
+                    assert await requests.answer_all([(rid, {"n": 1})]) == {rid}
+        finally:
+            await requests.close()
+            await pool.close()
+
+    anyio.run(run)
+    assert seen == ["done"] * 40, seen
