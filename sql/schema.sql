@@ -3854,10 +3854,15 @@ GRANT EXECUTE ON FUNCTION pgml._requests_answer(serving_id text, ids bigint[], r
 -- FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer), owner pgml_owner
 CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer DEFAULT 512)
  RETURNS TABLE(id bigint, submitted_by name, kind text, model text, args jsonb, inputs jsonb, stream boolean, attempts integer)
- LANGUAGE sql
+ LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+#variable_conflict use_column
+BEGIN
+    -- PL/pgSQL, not SQL: its plan is kept for the session (before PostgreSQL 18 a SQL function's statement is planned
+    -- at every call, 0.4 ms of every claim on PostgreSQL 15)
+    RETURN QUERY
     WITH RECURSIVE submitters AS (
         (SELECT q.submitted_by FROM pgml.requests q
          WHERE q.status IN ('queued', 'running')
@@ -3908,8 +3913,8 @@ AS $function$
          -- answer's request is released when its lease runs out and answered again; a flush is a millisecond or more
          -- of every one-text call
          pgml._async_commit() AS quick
-    ORDER BY c.rank
-$function$;
+    ORDER BY c.rank;
+END $function$;
 GRANT EXECUTE ON FUNCTION pgml._requests_claim(serving_id text, max_n integer, lease_seconds double precision, max_inputs integer) TO pgml_serving;
 
 -- FUNCTION pgml._requests_expire(), owner pgml_owner

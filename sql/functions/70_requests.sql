@@ -742,9 +742,14 @@ CREATE OR REPLACE FUNCTION pgml._requests_claim(serving_id text, max_n integer, 
                                                 max_inputs integer DEFAULT 512)
 RETURNS TABLE (id bigint, submitted_by name, kind text, model text, args jsonb, inputs jsonb, stream boolean,
                attempts integer)
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+    -- PL/pgSQL, not SQL: its plan is kept for the session (before PostgreSQL 18 a SQL function's statement is planned
+    -- at every call, 0.4 ms of every claim on PostgreSQL 15)
+    RETURN QUERY
     WITH RECURSIVE submitters AS (
         (SELECT q.submitted_by FROM pgml.requests q
          WHERE q.status IN ('queued', 'running')
@@ -795,8 +800,8 @@ AS $$
          -- answer's request is released when its lease runs out and answered again; a flush is a millisecond or more
          -- of every one-text call
          pgml._async_commit() AS quick
-    ORDER BY c.rank
-$$;
+    ORDER BY c.rank;
+END $$;
 
 -- The answer of request p_id, once it is there: its result, or (since 0044) an embed request's vectors with result
 -- NULL; its error raised again. Read in the caller's own snapshot where it can see the answer (read committed), else
