@@ -836,6 +836,7 @@ DECLARE
     v_error   text;
     v_elapsed double precision;
     v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
+    v_got_lock boolean := false;  -- the last turn took the request's lock: if it is still running, nobody holds it
 BEGIN
     BEGIN
         LOOP
@@ -861,7 +862,7 @@ BEGIN
                     USING ERRCODE = 'query_canceled',
                           HINT = 'args => ''{"timeout": 300}'' waits longer (long generations need it)';
             END IF;
-            IF v_local AND v_status = 'running' THEN
+            IF v_local AND v_status = 'running' AND NOT v_got_lock THEN
                 -- the serving process holds this lock from its claim until its answer is committed: wait on it
                 -- instead of polling (no CPU spent, woken the moment the answer is there), a quarter of a second
                 -- at a time at most (then the status is read again: a request taken over after a lost lease has
@@ -871,13 +872,18 @@ BEGIN
                 BEGIN
                     PERFORM pg_catalog.pg_advisory_lock_shared(pgml._request_lock_space(), pgml._request_lock_key(p_id));
                     PERFORM pg_catalog.pg_advisory_unlock_shared(pgml._request_lock_space(), pgml._request_lock_key(p_id));
+                    v_got_lock := true;
                 EXCEPTION WHEN lock_not_available THEN
                     NULL;
                 END;
                 PERFORM pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
             ELSE
+                -- queued, or running with nobody holding its lock (its serving process's lane connection broke: the
+                -- locks went with it, and the lease runs out before another claims it): poll, then try the lock
+                -- again (a new holder's), rather than take a free lock in a tight loop
                 PERFORM pg_catalog.pg_sleep(CASE WHEN v_elapsed IS NULL OR v_elapsed < 0.05 THEN 0.001
                                                  WHEN v_elapsed < 1 THEN 0.005 ELSE 0.02 END);
+                v_got_lock := false;
             END IF;
             v_elapsed := extract(epoch FROM pg_catalog.clock_timestamp() - v_start);
         END LOOP;

@@ -146,3 +146,49 @@ def test_an_answers_lock_is_released_only_once_the_answer_is_committed(ops: Conn
 
     anyio.run(run)
     assert seen == ["done"] * 40, seen
+
+
+def test_a_caller_whose_request_lost_its_lock_polls_instead_of_spinning(conn: Conn, su: Conn, worker_dsn: str) -> None:
+    """A request stays `running` after its serving process's lane connection broke (its lock went with it) until the
+    lease runs out: its waiting caller sleeps between looks at it (pg_sleep), where it took the free lock and read
+    the status in a tight loop; the answer, once there, still reaches it."""
+    import threading
+
+    import numpy as np
+
+    from pgml_tuned.db import q
+    from pgml_tuned.serving.requests import Float4s
+    from tests.conftest import connect
+
+    got: list[Any] = []
+    pid = conn.execute("SELECT pg_backend_pid() AS p").fetchone()["p"]
+    caller = threading.Thread(
+        target=lambda: got.append(conn.execute("SELECT pgml.embed('m/x', 'lost') AS v").fetchone()["v"])
+    )
+    caller.start()
+    try:
+        with connect(worker_dsn) as lane:  # claims it, then goes: its lock with it
+            for _ in range(200):
+                if lane.execute("SELECT id FROM pgml._requests_claim('w/lost', 1, 60)").fetchall():
+                    break
+                anyio.run(anyio.sleep, 0.02)
+            else:
+                raise AssertionError("the call's request was never queued")
+        samples = []
+        for _ in range(40):
+            row = su.execute("SELECT state, wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            samples.append((row["state"], row["wait_event"]))
+            anyio.run(anyio.sleep, 0.025)
+        sleeping = sum(1 for state, event in samples if event == "PgSleep")
+        assert sleeping >= len(samples) // 2, samples
+        assert caller.is_alive()
+        rid = su.execute("SELECT id FROM pgml.requests WHERE status = 'running'").fetchone()["id"]
+        with connect(worker_dsn) as worker:
+            answered = worker.execute(
+                q("answer_vectors"),
+                {"serving_id": "w/lost", "ids": [rid], "counts": [1], "dim": 3, "flat": Float4s(np.ones(3))},
+            ).fetchall()
+            assert answered == [{"id": rid}]
+    finally:
+        caller.join(30)
+    assert got == [[1.0, 1.0, 1.0]]
