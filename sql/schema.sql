@@ -2913,9 +2913,10 @@ BEGIN
                 NULL;
             END;
         WHEN internal_error THEN
-            -- dblink's "another command is already in progress": the result of a pgml._loopback_send that
-            -- pgml._loopback_ready did not know of (its mark went with a rolled-back transaction); read, try again
-            IF v_try > 1 OR SQLERRM NOT LIKE '%another command is already in progress%' THEN
+            -- dblink's "could not send query: another command is already in progress" (its words depend on
+            -- lc_messages): the result of a pgml._loopback_send that pgml._loopback_ready did not know of (its mark
+            -- went with a rolled-back transaction); read it, try once more (any other such error comes back then)
+            IF v_try > 1 THEN
                 RAISE;
             END IF;
             PERFORM pg_catalog.set_config('pgml.loopback_pending', 'on', false);
