@@ -313,23 +313,35 @@ class Pool:
             return conn
         return await connect(self.dsn, app=self.app, read_only=self.read_only)
 
-    async def fetch(self, query: str, params: dict[str, Any] | None = None, *, retry: bool = True) -> list[Row]:
-        """Run one statement and return its rows; through a server restart when `retry` (the default)."""
+    async def _run(
+        self, statements: Callable[[psycopg.AsyncConnection[DictRow]], Awaitable[list[Row]]], retry: bool
+    ) -> list[Row]:
+        """`statements` on a free connection, which goes back to the idle ones after; through a server restart when
+        `retry`. A connection whose statements raised is in an unknown state (an aborted transaction, perhaps):
+        closed, never reused."""
 
         async def once() -> list[Row]:
             async with self._slots:
                 conn = await self._acquire()
                 try:
-                    cur = await conn.execute(query, params)
-                    rows = list(await cur.fetchall()) if cur.description else []
+                    rows = await statements(conn)
                 except BaseException:
                     with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                        await conn.close()  # in an unknown state: never reused
+                        await conn.close()
                     raise
                 self._idle.append((conn, time.monotonic()))
                 return rows
 
         return await retrying("statement", once) if retry else await once()
+
+    async def fetch(self, query: str, params: dict[str, Any] | None = None, *, retry: bool = True) -> list[Row]:
+        """Run one statement and return its rows; through a server restart when `retry` (the default)."""
+
+        async def one_statement(conn: psycopg.AsyncConnection[DictRow]) -> list[Row]:
+            cur = await conn.execute(query, params)
+            return list(await cur.fetchall()) if cur.description else []
+
+        return await self._run(one_statement, retry)
 
     async def fetch_then(
         self, query: str, params: dict[str, Any] | None, then: str, then_params: dict[str, Any] | None
@@ -339,25 +351,16 @@ class Pool:
         server restart as fetch(): a `query` that committed before its connection broke runs again, so it must be
         one whose second run changes nothing."""
 
-        async def once() -> list[Row]:
-            async with self._slots:
-                conn = await self._acquire()
-                try:
-                    async with conn.pipeline():
-                        await conn.execute("BEGIN")
-                        cur = conn.cursor()
-                        await cur.execute(query, params)
-                        await conn.execute("COMMIT")
-                        await conn.execute(then, then_params)
-                    rows = list(await cur.fetchall()) if cur.description else []
-                except BaseException:
-                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                        await conn.close()  # in an unknown state (an aborted transaction, perhaps): never reused
-                    raise
-                self._idle.append((conn, time.monotonic()))
-                return rows
+        async def pipelined(conn: psycopg.AsyncConnection[DictRow]) -> list[Row]:
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                cur = conn.cursor()
+                await cur.execute(query, params)
+                await conn.execute("COMMIT")
+                await conn.execute(then, then_params)
+            return list(await cur.fetchall()) if cur.description else []
 
-        return await retrying("statement", once)
+        return await self._run(pipelined, retry=True)
 
     async def one(self, query: str, params: dict[str, Any] | None = None) -> Row | None:
         rows = await self.fetch(query, params)

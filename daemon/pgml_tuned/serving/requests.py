@@ -3,7 +3,6 @@ which call the SECURITY DEFINER functions of 0014_serving.sql; each write is fen
 
 from __future__ import annotations
 
-import contextlib
 import json
 import struct
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from psycopg import adapters
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from ..db import RETRYABLE, Pool, Row, q
+from ..db import Pool, Row, q
 
 CHANNEL = "pgml_requests"  # {"type": "request_queued"}: only wakes the serving process
 
@@ -88,12 +87,6 @@ class Requests:
 
     async def close(self) -> None:
         await self.lane.close()
-
-    async def _unlock(self, ids: list[int]) -> None:
-        """After the answers are committed (whoever owns the requests now): their callers wake up. A lane
-        connection that broke since the claim took its locks with it."""
-        with contextlib.suppress(*RETRYABLE):
-            await self.lane.named("unlock_requests", retry=False, ids=ids)
 
     async def claim(self, max_n: int, max_inputs: int) -> list[Request]:
         """Up to `max_n` queued requests (and, past the first, `max_inputs` texts), fairly across submitters
