@@ -36,6 +36,29 @@ log = logconfig.get("pgml_tuned.worker.process")
 STDERR_TAIL = 40
 
 
+def send_signal(process: Process, sig: int) -> None:
+    """Signal `process` unless it has exited, without reaping it.
+
+    asyncio's child watcher, a thread per child blocked in waitpid(), reaps our children and reads their exit codes.
+    anyio's send_signal, terminate and kill call subprocess.Popen.send_signal, which first polls the child with a
+    waitpid() of its own: a child that has exited and that the watcher has not reaped yet is reaped there, and the
+    watcher then reports 255 for it ("Unknown child process pid"), not its exit code. That happens where the watcher
+    thread runs late: a worker resumed from a pause (SIGSTOP, a frozen VM) whose heartbeat at once stops a child that
+    exited meanwhile with its own verdict (ExitCode.LEASE_LOST at a fenced commit), or a loaded machine. So this
+    looks without reaping (waitid WNOWAIT) and leaves an exited child to the watcher; a running one gets the signal,
+    the check-then-kill that Popen itself does (its pid cannot be another process's until it is reaped)."""
+    if process.returncode is not None:
+        return
+    try:
+        exited = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return  # reaped by the watcher: its exit code is on its way to process.returncode
+    if exited is not None:
+        return  # exited, not reaped yet: the watcher reads its exit code
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, sig)
+
+
 @dataclass(frozen=True)
 class ChildUser:
     """The system user children run as (settings.child_user)."""
@@ -146,8 +169,7 @@ class Spare:
             return None
         if process.returncode is not None or self.base != self.base_of(env):
             self.stale.append(process)  # killed and reaped by the next refill (or close)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            send_signal(process, signal.SIGKILL)
             return None
         return process, {k: env.get(k) for k in PER_ATTEMPT}
 
@@ -193,8 +215,7 @@ async def _send(process: Process, payload: dict[str, Any]) -> bool:
 
 async def _discard(process: Process) -> None:
     with anyio.CancelScope(shield=True):
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        send_signal(process, signal.SIGKILL)
         await process.wait()
         await process.aclose()
 
@@ -289,11 +310,7 @@ class ChildProcess:
             log.debug("child.stderr", line=line)
 
     def signal(self, sig: signal.Signals) -> None:
-        if self.process.returncode is None:
-            try:
-                self.process.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        send_signal(self.process, sig)
 
     def terminate(self, sig: Signals = Signals.SIGTERM) -> None:
         """Ask it to stop (SIGTERM, or the SIGINT the daemon got: the child names it in the job's logs): it

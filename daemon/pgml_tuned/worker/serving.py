@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import anyio
 from .. import logconfig
 from ..config import Settings
 from ..db import Pool, pooled, q
-from .process import ChildUser, child_env, lines
+from .process import ChildUser, child_env, lines, send_signal
 
 log = logconfig.get("pgml_tuned.worker.serving")
 
@@ -213,11 +214,11 @@ class ServingSupervisor:
             self.loads.exited()
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:
-                    process.terminate()  # it puts its requests back in the queue and exits
+                    send_signal(process, signal.SIGTERM)  # it puts its requests back in the queue and exits
                     with anyio.move_on_after(5):
                         await process.wait()
                 if process.returncode is None:
-                    process.kill()
+                    send_signal(process, signal.SIGKILL)
                     await process.wait()
 
     def _seen(self, line: str) -> None:
