@@ -36,7 +36,7 @@ log = logconfig.get("pgml_tuned.worker.process")
 STDERR_TAIL = 40
 
 
-def send_signal(process: Process, sig: int) -> None:
+def send_signal(process: Process, sig: Signals) -> None:
     """Signal `process` unless it has exited, without reaping it.
 
     asyncio's child watcher, a thread per child blocked in waitpid(), reaps our children and reads their exit codes.
@@ -48,6 +48,10 @@ def send_signal(process: Process, sig: int) -> None:
     looks without reaping (waitid WNOWAIT) and leaves an exited child to the watcher; a running one gets the signal,
     the check-then-kill that Popen itself does (its pid cannot be another process's until it is reaped)."""
     if process.returncode is not None:
+        return
+    if not hasattr(os, "waitid"):  # macOS before Python 3.13: Popen's own check, with its race
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
         return
     try:
         exited = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
